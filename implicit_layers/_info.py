@@ -1,0 +1,129 @@
+"""Solver statistics, warnings and errors shared by every solver in the library."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SolveInfo",
+    "ConvergenceWarning",
+    "ConvergenceError",
+    "NonFiniteError",
+    "OnFailure",
+]
+
+OnFailure = Literal["warn", "raise", "ignore"]
+_ON_FAILURE_CHOICES = ("warn", "raise", "ignore")
+
+
+class ConvergenceWarning(UserWarning):
+    """A forward or backward solve stopped at ``max_steps`` before reaching its tolerance."""
+
+
+class ConvergenceError(RuntimeError):
+    """Raised instead of :class:`ConvergenceWarning` when a solver has ``on_failure="raise"``."""
+
+
+class NonFiniteError(FloatingPointError):
+    """An iterate or residual became NaN or Inf; the solve cannot produce a usable result."""
+
+
+@dataclass
+class SolveInfo:
+    """Statistics of one solve.
+
+    For batched problems every field holds one entry per batch element (shape ``(B,)``);
+    for unbatched problems the fields are 0-d tensors.
+
+    Attributes:
+        converged: bool tensor, whether the residual reached the tolerance.
+        steps: int64 tensor, iterations used (per sample: the step at which it converged).
+        residual: float tensor, final residual norm.
+        solver: name of the solver that produced these figures.
+        tolerance: float tensor, the threshold ``max(atol, rtol * scale)`` the residual was held to.
+        backward: for a forward solve, the :class:`SolveInfo` of the backward (adjoint) linear
+            solve once ``backward()`` has run through this layer; ``None`` before that, and for
+            backward modes that solve no linear system.
+    """
+
+    converged: Tensor
+    steps: Tensor
+    residual: Tensor
+    solver: str = ""
+    tolerance: Tensor | None = None
+    backward: SolveInfo | None = field(default=None, repr=False)
+
+    @property
+    def all_converged(self) -> bool:
+        """Whether every batch element converged (synchronises with the device)."""
+        return bool(self.converged.all())
+
+    def squeeze_batch(self) -> SolveInfo:
+        """Return a copy whose fields have their batch dimension of size 1 removed."""
+        def sq(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.reshape(())
+
+        return SolveInfo(
+            converged=sq(self.converged),
+            steps=sq(self.steps),
+            residual=sq(self.residual),
+            solver=self.solver,
+            tolerance=sq(self.tolerance),
+            backward=self.backward,
+        )
+
+
+def check_on_failure(value: str) -> str:
+    if value not in _ON_FAILURE_CHOICES:
+        raise ValueError(
+            f"on_failure must be one of {_ON_FAILURE_CHOICES}, got {value!r}."
+        )
+    return value
+
+
+def report_failure(info: SolveInfo, on_failure: str, what: str, advice: str) -> None:
+    """Warn or raise when some batch element of ``info`` did not converge.
+
+    Args:
+        info: statistics of the finished solve.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``.
+        what: which solve this was, e.g. ``"forward solve of fixed_point"``.
+        advice: what the user can change.
+    """
+    if on_failure == "ignore" or bool(info.converged.all()):
+        return
+    failed = ~info.converged
+    n_failed = int(failed.sum())
+    n_total = info.converged.numel()
+    worst = float(info.residual[failed].max()) if info.residual.dim() else float(info.residual)
+    tol = info.tolerance
+    if tol is not None and tol.dim():
+        tol_txt = f"{float(tol[failed].max()):.3e}"
+    elif tol is not None:
+        tol_txt = f"{float(tol):.3e}"
+    else:
+        tol_txt = "?"
+    steps = int(info.steps.max())
+    msg = (
+        f"{info.solver} did not converge in the {what}: {n_failed} of {n_total} problem(s) "
+        f"stopped after {steps} steps with residual {worst:.3e} > tolerance {tol_txt}. "
+        f"{advice}"
+    )
+    if on_failure == "raise":
+        raise ConvergenceError(msg)
+    warnings.warn(msg, ConvergenceWarning, stacklevel=4)
+
+
+def check_finite(t: Tensor, what: str, solver: str) -> None:
+    """Raise :class:`NonFiniteError` if ``t`` holds NaN or Inf (synchronises with the device)."""
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(
+            f"{solver}: the {what} became NaN or Inf. The problem may be diverging: for a fixed "
+            "point check that the map is contractive (or use damping / Anderson), for argmin "
+            "lower the step size, and check the inputs for NaN."
+        )
