@@ -107,7 +107,8 @@ class GMRES(LinearSolver):
                 hnorm = torch.linalg.vector_norm(w, dim=-1)
                 # Happy breakdown: the Krylov space is invariant, the solution lies in it.
                 breakdown = hnorm <= eps * torch.linalg.vector_norm(h, dim=-1)
-                scale = torch.where(breakdown | (hnorm == 0), zero, 1.0 / torch.where(hnorm > 0, hnorm, one))
+                inv = 1.0 / torch.where(hnorm > 0, hnorm, one)
+                scale = torch.where(breakdown | (hnorm == 0), zero, inv)
                 V[:, j + 1] = w * scale.unsqueeze(-1)
                 hnorm = torch.where(breakdown, zero, hnorm)
                 # Apply the previous rotations to the new column, then a new one to zero h_{j+1,j}.
