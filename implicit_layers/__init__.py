@@ -1,10 +1,24 @@
-"""implicit_layers: differentiable optimization layers for PyTorch."""
+"""implicit_layers: differentiable optimization layers for PyTorch.
 
-from . import linear
+Layers whose output is defined by an inner problem — a fixed point, a root or an argmin — solved
+in the forward pass and differentiated in the backward pass by the implicit function theorem.
+"""
+
+from . import backward, linear, solvers
 from ._info import ConvergenceError, ConvergenceWarning, NonFiniteError, SolveInfo
+from .functional import argmin, custom_fixed_point, custom_root, fixed_point, root
+
+__version__ = "0.1.0"
 
 __all__ = [
+    "fixed_point",
+    "root",
+    "argmin",
+    "custom_root",
+    "custom_fixed_point",
+    "backward",
     "linear",
+    "solvers",
     "SolveInfo",
     "ConvergenceWarning",
     "ConvergenceError",

@@ -64,18 +64,12 @@ class SolveInfo:
         return bool(self.converged.all())
 
     def squeeze_batch(self) -> SolveInfo:
-        """Return a copy whose fields have their batch dimension of size 1 removed."""
-        def sq(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.reshape(())
-
-        return SolveInfo(
-            converged=sq(self.converged),
-            steps=sq(self.steps),
-            residual=sq(self.residual),
-            solver=self.solver,
-            tolerance=sq(self.tolerance),
-            backward=self.backward,
-        )
+        """Remove the batch dimension (of size 1) from every field, in place; returns ``self``."""
+        for name in ("converged", "steps", "residual", "tolerance"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.reshape(()))
+        return self
 
 
 def check_on_failure(value: str) -> str:

@@ -1,0 +1,240 @@
+"""The one implicit core shared by fixed_point, root, argmin and custom_root.
+
+The forward solve runs without autograd. The residual is then evaluated once more, with
+autograd, at the detached solution ``z*``: ``out = z* - F(z*, θ)``, numerically ``z*``. ``out``
+passes through :class:`_AdjointHook`, whose forward is the identity and whose backward swaps
+the incoming cotangent ``g`` for the solution ``u`` of ``(∂F/∂z)ᵀ u = g``. Autograd then
+carries ``-(∂F/∂θ)ᵀ u`` — the implicit-function-theorem gradient — to every tensor and module
+parameter that ``F`` touched, without the user listing them.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import Tensor
+
+from ._info import ConvergenceWarning, NonFiniteError, SolveInfo
+from ._problem import Problem
+from .backward import BackwardMode, Implicit, Unrolled, _StepMode
+from .linear._base import LinearSolver
+from .linear._operator import FunctionOperator
+from .linear.cg import CG
+from .linear.gmres import GMRES
+from .linear.neumann import Neumann
+from .solvers._base import ForwardSolver
+
+
+def resolve_backward(backward: BackwardMode | LinearSolver | None) -> BackwardMode:
+    if backward is None:
+        return Implicit()
+    if isinstance(backward, LinearSolver):
+        return Implicit(backward)
+    if isinstance(backward, BackwardMode):
+        return backward
+    raise TypeError(
+        "backward must be a backward mode (il.backward.Implicit(), Unrolled(), Truncated(k), "
+        "JacobianFree(), Phantom(k, damping)) or a linear solver such as il.linear.CG(); got "
+        f"{type(backward).__name__}."
+    )
+
+
+def solve(
+    problem: Problem,
+    z0: Tensor,
+    solver: ForwardSolver,
+    backward: BackwardMode,
+) -> tuple[Tensor, SolveInfo]:
+    """Solve ``problem`` from ``z0`` and attach the gradient chosen by ``backward``."""
+    z0f = problem.flatten(z0)
+    grad_on = torch.is_grad_enabled()
+    if isinstance(backward, Unrolled) and grad_on:
+        if not solver.supports_unrolled:
+            raise ValueError(
+                f"backward=Unrolled() cannot differentiate through {solver.name}; use LBFGS, "
+                "GradientDescent, Picard, Anderson or Broyden as solver, or an implicit backward."
+            )
+        z, info = solver.solve(problem, z0f, differentiable=True)
+        if not problem.batched:
+            info.squeeze_batch()
+        return z, info
+    with torch.no_grad():
+        z, info = solver.solve(problem, z0f.detach(), differentiable=False)
+    if not problem.batched:
+        info.squeeze_batch()
+    z = z.detach()
+    if not grad_on:
+        return z, info
+    return attach(problem, z, backward, info, solver.resolved_rtol(z.dtype), solver), info
+
+
+def attach(
+    problem: Problem,
+    z: Tensor,
+    backward: BackwardMode,
+    info: SolveInfo | None,
+    forward_rtol: float,
+    solver: object = None,
+) -> Tensor:
+    """Return ``z`` (flat, detached solution) carrying the gradient of ``backward``."""
+    if isinstance(backward, _StepMode):
+        eta = backward.resolved_step_size(problem.kind, solver)
+        zk = z
+        for _ in range(backward.steps):
+            zk = zk - eta * problem.residual(zk, create_graph=True)
+        return zk
+    if isinstance(backward, Unrolled):
+        raise ValueError(
+            "backward=Unrolled() needs a forward solver to unroll; a black-box solver wrapped "
+            "by custom_root cannot be unrolled. Use an implicit backward."
+        )
+    if not isinstance(backward, Implicit):
+        raise TypeError(f"unsupported backward mode {type(backward).__name__}.")
+    with torch.enable_grad():
+        zr = z.detach().requires_grad_(True)
+        out = zr - problem.residual(zr, create_graph=True)
+    if not _depends_on_other_leaves(out, zr):
+        return z
+    hook = _Adjoint(problem, zr, out, backward, info, forward_rtol, solver)
+    return _AdjointHook.apply(out, hook)
+
+
+def _depends_on_other_leaves(out: Tensor, zr: Tensor) -> bool:
+    """Whether ``out``'s graph reaches any tensor requiring grad other than ``zr``."""
+    if out.grad_fn is None:
+        return False
+    seen = set()
+    stack = [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            if variable is not zr:
+                return True
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return False
+
+
+class _Adjoint:
+    """Everything the backward pass needs: the operator ``(∂F/∂z)ᵀ`` and the linear solver."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        zr: Tensor,
+        out: Tensor,
+        mode: Implicit,
+        info: SolveInfo | None,
+        forward_rtol: float,
+        solver: object,
+    ) -> None:
+        self.problem = problem
+        self.solver = solver
+        self.zr = zr
+        self.out = out
+        self.mode = mode
+        self.info = info
+        linear = mode.linear_solver
+        if linear is None:
+            linear = CG() if problem.symmetric else GMRES()
+        self.linear = linear.with_rtol(forward_rtol)
+
+    def _vjp(self, v: Tensor, batched: bool = False) -> Tensor:
+        (g,) = torch.autograd.grad(
+            self.out, self.zr, v, retain_graph=True, allow_unused=True,
+            is_grads_batched=batched,
+        )
+        return torch.zeros_like(v) if g is None else g
+
+    def rmv(self, v: Tensor) -> Tensor:
+        """``(∂F/∂z)ᵀ v``, from ``out = z - F``: ``v - vjp_out(v)``."""
+        return v - self._vjp(v)
+
+    def dense(self) -> Tensor:
+        """The ``(B, n, n)`` matrix ``(∂F/∂z)ᵀ``, by one vectorised batch of VJPs if possible."""
+        B, n = self.zr.shape
+        eye = torch.eye(n, dtype=self.zr.dtype, device=self.zr.device)
+        basis = eye.unsqueeze(1).expand(n, B, n)
+        try:
+            rows = self._vjp(basis, batched=True)  # rows[i] = vjp(e_i), shape (n, B, n)
+        except RuntimeError:
+            rows = torch.stack([self._vjp(basis[i]) for i in range(n)])
+        cols = basis - rows  # cols[i] = (∂F/∂z)ᵀ e_i
+        return cols.permute(1, 2, 0)
+
+    def operator(self) -> FunctionOperator:
+        B, n = self.zr.shape
+        return FunctionOperator(
+            self.rmv, B, n, self.zr.dtype, self.zr.device,
+            symmetric=self.problem.symmetric,
+            positive_definite=True if self.problem.kind == "argmin" else None,
+            dense=self.dense,
+        )
+
+    def solve(self, g: Tensor) -> Tensor:
+        problem = self.problem
+        gf = g.reshape(problem.batch, problem.size)
+        op = self.operator()
+        what = f"backward (adjoint) solve of {problem.kind}"
+        fallback = self.mode.fallback
+        if fallback is None:
+            u, binfo = self.linear.solve(op, gf, what=what)
+        else:
+            u, binfo = self._solve_with_fallback(op, gf, what, fallback)
+        if self.info is not None:
+            self.info.backward = binfo if problem.batched else binfo.squeeze_batch()
+        return u.reshape(g.shape)
+
+    def _solve_with_fallback(
+        self, op: FunctionOperator, gf: Tensor, what: str, fallback: _StepMode
+    ) -> tuple[Tensor, SolveInfo]:
+        quiet = copy.copy(self.linear)
+        quiet.on_failure = "ignore"
+        try:
+            u, binfo = quiet.solve(op, gf, what=what)
+            failed = ~binfo.converged
+        except NonFiniteError:
+            u, binfo, failed = None, None, None
+        if failed is not None and not bool(failed.any()):
+            return u, binfo
+        eta = fallback.resolved_step_size(self.problem.kind, self.solver)
+        neumann = Neumann(max_steps=fallback.steps, alpha=eta, rtol=0.0, on_failure="ignore")
+        u_fb, _ = neumann.solve(op, gf)
+        n_failed = gf.shape[0] if failed is None else int(failed.sum())
+        warnings.warn(
+            f"{self.linear.name} did not converge in the {what} for {n_failed} of "
+            f"{gf.shape[0]} sample(s); used the {type(fallback).__name__} gradient for them.",
+            ConvergenceWarning,
+            stacklevel=3,
+        )
+        if failed is None:
+            steps = torch.full((gf.shape[0],), fallback.steps, device=gf.device)
+            binfo = SolveInfo(
+                converged=torch.zeros(gf.shape[0], dtype=torch.bool, device=gf.device),
+                steps=steps,
+                residual=torch.full((gf.shape[0],), float("nan"), device=gf.device),
+                solver=f"{self.linear.name} -> {type(fallback).__name__}",
+            )
+            return u_fb, binfo
+        return torch.where(failed.unsqueeze(-1), u_fb, u), binfo
+
+
+class _AdjointHook(torch.autograd.Function):
+    """Identity forward; backward replaces the cotangent ``g`` by ``u = (∂F/∂z)⁻ᵀ g``."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, hook: _Adjoint) -> Tensor:  # type: ignore[override]
+        ctx.hook = hook
+        return out.detach().clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        with torch.enable_grad():
+            u = ctx.hook.solve(g)
+        return u, None

@@ -1,0 +1,259 @@
+"""The functional API: ``fixed_point``, ``root``, ``argmin``, ``custom_root``, ``custom_fixed_point``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _implicit
+from ._config import check_float_tensor
+from ._info import SolveInfo
+from ._problem import Kind, Problem
+from .backward import BackwardMode
+from .linear._base import LinearSolver
+from .solvers import LBFGS, Anderson, Broyden, ForwardSolver
+
+__all__ = ["fixed_point", "root", "argmin", "custom_root", "custom_fixed_point"]
+
+Backward = BackwardMode | LinearSolver | None
+
+
+def _check_common(fn: object, name: str, z0: object, z0_name: str, batched: object) -> Tensor:
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, got {type(fn).__name__}.")
+    z0 = check_float_tensor(z0, z0_name)
+    if not isinstance(batched, bool):
+        raise TypeError(f"batched must be True or False, got {batched!r}.")
+    if batched and z0.dim() < 1:
+        raise ValueError(
+            f"batched=True needs {z0_name} with a leading batch dimension, got a 0-d tensor."
+        )
+    if z0.numel() == 0:
+        raise ValueError(f"{z0_name} is empty (shape {tuple(z0.shape)}).")
+    return z0
+
+
+def _run(
+    kind: Kind,
+    fn: Callable[..., Tensor],
+    name: str,
+    z0: Tensor,
+    z0_name: str,
+    args: tuple,
+    solver: ForwardSolver | None,
+    default_solver: Callable[[], ForwardSolver],
+    backward: Backward,
+    batched: bool,
+    return_info: bool,
+) -> Tensor | tuple[Tensor, SolveInfo]:
+    z0 = _check_common(fn, name, z0, z0_name, batched)
+    if solver is None:
+        solver = default_solver()
+    if not isinstance(solver, ForwardSolver):
+        raise TypeError(
+            "solver must be a forward solver from il.solvers (e.g. il.solvers.Anderson()), got "
+            f"{type(solver).__name__}."
+            + (" Linear solvers go in backward=." if isinstance(solver, LinearSolver) else "")
+        )
+    solver.check_kind(kind)
+    mode = _implicit.resolve_backward(backward)
+    problem = Problem(kind, fn, args, z0, batched, name)
+    z, info = _implicit.solve(problem, z0, solver, mode)
+    z = problem.unflatten(z)
+    if not return_info:
+        return z
+    return z, info
+
+
+def fixed_point(
+    f: Callable[..., Tensor],
+    z0: Tensor,
+    *args: Any,
+    solver: ForwardSolver | None = None,
+    backward: Backward = None,
+    batched: bool = False,
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, SolveInfo]:
+    """Solve ``z = f(z, *args)`` and differentiate the solution.
+
+    Gradients reach every tensor in ``args`` that requires grad and every tensor or module
+    parameter ``f`` closes over.
+
+    Args:
+        f: the map, ``f(z, *args) -> tensor shaped like z``.
+        z0: initial guess; its shape is the solution's shape.
+        *args: extra arguments of ``f``.
+        solver: forward solver (default :class:`~implicit_layers.solvers.Anderson`).
+        backward: backward mode or linear solver (default
+            :class:`~implicit_layers.backward.Implicit` with GMRES at the forward tolerance).
+        batched: if ``True`` the leading dimension of ``z0`` indexes independent problems,
+            each with its own convergence test and statistics.
+        return_info: also return a :class:`~implicit_layers.SolveInfo`.
+
+    Returns:
+        ``z*`` shaped like ``z0`` (and the info if requested).
+
+    Example:
+        >>> W = 0.5 * torch.eye(3, dtype=torch.float64)
+        >>> x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+        >>> z = fixed_point(lambda z, x: torch.tanh(W @ z + x), torch.zeros(3, dtype=torch.float64), x)
+        >>> z.sum().backward()
+    """
+    return _run("fixed_point", f, "f", z0, "z0", args, solver, Anderson, backward, batched,
+                return_info)
+
+
+def root(
+    F: Callable[..., Tensor],
+    z0: Tensor,
+    *args: Any,
+    solver: ForwardSolver | None = None,
+    backward: Backward = None,
+    batched: bool = False,
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, SolveInfo]:
+    """Solve ``F(z, *args) = 0`` and differentiate the solution.
+
+    Args:
+        F: the residual, ``F(z, *args) -> tensor shaped like z``.
+        z0: initial guess.
+        *args: extra arguments of ``F``.
+        solver: forward solver (default :class:`~implicit_layers.solvers.Broyden`).
+        backward: backward mode or linear solver (default implicit with GMRES).
+        batched: leading dimension of ``z0`` indexes independent problems.
+        return_info: also return a :class:`~implicit_layers.SolveInfo`.
+
+    Returns:
+        ``z*`` shaped like ``z0`` (and the info if requested).
+    """
+    return _run("root", F, "F", z0, "z0", args, solver, Broyden, backward, batched, return_info)
+
+
+def argmin(
+    fun: Callable[..., Tensor],
+    w0: Tensor,
+    *args: Any,
+    solver: ForwardSolver | None = None,
+    backward: Backward = None,
+    batched: bool = False,
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, SolveInfo]:
+    """Minimise ``fun(w, *args)`` over ``w`` and differentiate the minimiser.
+
+    The implicit gradient solves ``H u = g`` with ``H`` the Hessian at the minimum (by
+    Hessian-vector products; the Hessian is never formed except by ``il.linear.Dense``).
+
+    Args:
+        fun: the objective: a scalar, or with ``batched=True`` one value per problem, shape
+            ``(B,)``.
+        w0: initial guess.
+        *args: extra arguments of ``fun``.
+        solver: forward solver (default :class:`~implicit_layers.solvers.LBFGS`).
+        backward: backward mode or linear solver (default implicit with CG at the forward
+            tolerance).
+        batched: leading dimension of ``w0`` indexes independent problems.
+        return_info: also return a :class:`~implicit_layers.SolveInfo`.
+
+    Returns:
+        ``w*`` shaped like ``w0`` (and the info if requested).
+    """
+    return _run("argmin", fun, "fun", w0, "w0", args, solver, LBFGS, backward, batched,
+                return_info)
+
+
+def _custom(
+    kind: Kind,
+    fn: Callable[..., Tensor],
+    name: str,
+    backward: Backward,
+    batched: bool,
+    symmetric: bool,
+    rtol: float | None,
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    if not callable(fn):
+        raise TypeError(f"{name} must be callable, got {type(fn).__name__}.")
+    mode = _implicit.resolve_backward(backward)
+
+    def decorator(solver_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if not callable(solver_fn):
+            raise TypeError(f"the decorated solver must be callable, got {type(solver_fn).__name__}.")
+
+        @functools.wraps(solver_fn)
+        def wrapped(z0: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            z0 = _check_common(fn, name, z0, "z0", batched)
+            detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+            z = solver_fn(z0.detach(), *detached, **kwargs)
+            if not isinstance(z, Tensor) or z.shape != z0.shape:
+                got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+                raise ValueError(
+                    f"the decorated solver {solver_fn.__name__} must return a tensor shaped like "
+                    f"z0 {tuple(z0.shape)}, got {got}."
+                )
+            problem = Problem(kind, fn, args, z0, batched, name)
+            problem.symmetric = symmetric or kind == "argmin"
+            z = problem.flatten(z.detach())
+            if torch.is_grad_enabled():
+                from ._config import default_rtol
+
+                tol = default_rtol(z.dtype) if rtol is None else rtol
+                z = _implicit.attach(problem, z, mode, None, tol, None)
+            return problem.unflatten(z)
+
+        return wrapped
+
+    return decorator
+
+
+def custom_root(
+    optimality_fn: Callable[..., Tensor],
+    backward: Backward = None,
+    *,
+    batched: bool = False,
+    symmetric: bool = False,
+    rtol: float | None = None,
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Decorate any solver ``solver(z0, *args) -> z*`` so that ``z*`` is differentiated implicitly.
+
+    ``optimality_fn(z, *args)`` must vanish at the solution (for a minimiser: the gradient of
+    the objective). The wrapped solver runs as a black box on detached inputs (autograd stays
+    enabled, so it may use ``torch.optim``); the gradient is then attached by the implicit
+    function theorem, reaching ``args`` and whatever ``optimality_fn`` closes over.
+
+    Args:
+        optimality_fn: the residual ``F(z, *args)``, shaped like ``z``.
+        backward: backward mode or linear solver (default implicit with GMRES, or CG when
+            ``symmetric``). ``Unrolled()`` is not possible for a black box.
+        batched: leading dimension indexes independent problems.
+        symmetric: declare ``∂F/∂z`` symmetric (true when ``F`` is a gradient), which lets the
+            default backward use CG.
+        rtol: tolerance of the backward solve when its linear solver has ``rtol=None``
+            (default: ``1e-10`` in float64, ``1e-5`` in float32).
+
+    Example:
+        >>> @custom_root(lambda w, lam: X.T @ (X @ w - y) + lam * w, symmetric=True)
+        ... def ridge(w0, lam):
+        ...     return torch.linalg.solve(X.T @ X + lam * torch.eye(X.shape[1]), X.T @ y)
+    """
+    return _custom("root", optimality_fn, "optimality_fn", backward, batched, symmetric, rtol)
+
+
+def custom_fixed_point(
+    T: Callable[..., Tensor],
+    backward: Backward = None,
+    *,
+    batched: bool = False,
+    rtol: float | None = None,
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Like :func:`custom_root` for a solver of ``z = T(z, *args)``.
+
+    Args:
+        T: the fixed-point map, ``T(z, *args) -> tensor shaped like z``.
+        backward: backward mode or linear solver (default implicit with GMRES).
+        batched: leading dimension indexes independent problems.
+        rtol: tolerance of the backward solve when its linear solver has ``rtol=None``.
+    """
+    return _custom("fixed_point", T, "T", backward, batched, False, rtol)

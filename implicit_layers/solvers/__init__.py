@@ -1,0 +1,16 @@
+"""Forward solvers: the algorithms that find ``z*`` in the forward pass.
+
+Fixed points and roots: :class:`Picard`, :class:`Anderson`, :class:`Broyden`.
+Argmin: :class:`LBFGS`, :class:`Newton`, :class:`GradientDescent` (and :class:`Picard`, which is
+gradient descent there).
+"""
+
+from ._base import ForwardSolver
+from .anderson import Anderson
+from .broyden import Broyden
+from .gradient_descent import GradientDescent
+from .lbfgs import LBFGS
+from .newton import Newton
+from .picard import Picard
+
+__all__ = ["ForwardSolver", "Picard", "Anderson", "Broyden", "GradientDescent", "LBFGS", "Newton"]

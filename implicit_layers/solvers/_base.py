@@ -1,0 +1,174 @@
+"""The base class of forward solvers and the per-sample convergence monitor."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._config import (
+    check_positive_int,
+    check_tolerance,
+    default_check_every,
+    default_rtol,
+)
+from .._info import NonFiniteError, SolveInfo, check_on_failure, report_failure
+from .._problem import Problem
+
+__all__ = ["ForwardSolver"]
+
+
+class ForwardSolver:
+    """Base class of the algorithms that find ``z*`` in the forward pass.
+
+    A sample has converged when its residual norm ``‖F(z)‖`` (``‖z - f(z)‖`` for a fixed point,
+    ``‖∇L(z)‖`` for argmin) is at most ``max(atol, rtol * scale)``, where ``scale`` is ``‖z‖``
+    for fixed points and the initial residual norm ``‖F(z0)‖`` for roots and argmin. Every
+    sample of a batch is monitored on its own; converged samples stop changing, and the
+    solver returns for each sample the iterate with the lowest residual it has seen.
+
+    Args:
+        rtol: relative tolerance; ``None`` means ``1e-10`` in float64 and ``1e-5`` in float32.
+        atol: absolute tolerance.
+        max_steps: iteration limit.
+        check_every: test for convergence (a device synchronisation) every this many steps;
+            ``None`` means every step on the CPU and every 8 steps on accelerators.
+        on_failure: ``"warn"`` (default) emits a :class:`~implicit_layers.ConvergenceWarning`
+            when a sample does not converge, ``"raise"`` raises
+            :class:`~implicit_layers.ConvergenceError`, ``"ignore"`` only reports it in the info.
+    """
+
+    name = "ForwardSolver"
+    kinds: tuple[str, ...] = ("fixed_point", "root", "argmin")
+    default_max_steps = 500
+    supports_unrolled = True
+
+    def __init__(
+        self,
+        rtol: float | None = None,
+        atol: float = 0.0,
+        max_steps: int | None = None,
+        check_every: int | None = None,
+        on_failure: str = "warn",
+    ) -> None:
+        self.rtol = check_tolerance(rtol, "rtol")
+        self.atol = check_tolerance(atol, "atol", allow_none=False)
+        self.max_steps = (
+            self.default_max_steps if max_steps is None else check_positive_int(max_steps, "max_steps")
+        )
+        self.check_every = None if check_every is None else check_positive_int(
+            check_every, "check_every"
+        )
+        self.on_failure = check_on_failure(on_failure)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+    def resolved_rtol(self, dtype: torch.dtype) -> float:
+        return default_rtol(dtype) if self.rtol is None else self.rtol
+
+    def check_kind(self, kind: str) -> None:
+        if kind not in self.kinds:
+            suggestions = {
+                "argmin": "LBFGS, Newton or GradientDescent",
+                "fixed_point": "Anderson, Picard or Broyden",
+                "root": "Broyden, Anderson or Picard",
+            }
+            raise ValueError(
+                f"solver {self.name} does not solve {kind} problems; use {suggestions[kind]}."
+            )
+
+    def solve(self, problem: Problem, z0: Tensor, differentiable: bool = False) -> tuple[Tensor, SolveInfo]:
+        """Find the solution for the flat initial guess ``z0`` of shape ``(B, n)``.
+
+        With ``differentiable=False`` the caller runs this under :func:`torch.no_grad`; with
+        ``True`` the iterations are recorded by autograd (the ``Unrolled`` backward).
+        """
+        z, info = self._solve(problem, z0, differentiable)
+        report_failure(
+            info, self.on_failure, f"forward solve of {problem.kind}", self._advice(problem)
+        )
+        return z, info
+
+    def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
+        raise NotImplementedError
+
+    def _advice(self, problem: Problem) -> str:
+        base = f"Raise max_steps (now {self.max_steps}) or loosen rtol/atol"
+        if problem.kind == "fixed_point":
+            return base + "; a map that is not contractive may need damping, Anderson or Broyden."
+        if problem.kind == "argmin":
+            return base + "; check that the objective is bounded below and smooth."
+        return base + "; check that a root exists near z0."
+
+
+class Monitor:
+    """Per-sample bookkeeping shared by the forward solvers.
+
+    Tracks the tolerance, which samples are done, the steps each used and the lowest-residual
+    iterate of each sample, without synchronising with the device except in :meth:`stop`.
+    """
+
+    def __init__(self, solver: ForwardSolver, problem: Problem, z0: Tensor, r0: Tensor) -> None:
+        self.solver = solver
+        self.problem = problem
+        self.rtol = solver.resolved_rtol(z0.dtype)
+        self.atol = solver.atol
+        self.check_every = solver.check_every or default_check_every(z0.device)
+        self.relative_to_z = problem.kind == "fixed_point"
+        res = torch.linalg.vector_norm(r0, dim=-1)
+        self.scale0 = None if self.relative_to_z else res
+        self.tol = self._tol(z0)
+        self.res = res
+        self.best_z = z0
+        self.best_res = res
+        self.done = res <= self.tol
+        self.steps = torch.zeros(z0.shape[0], dtype=torch.int64, device=z0.device)
+        self.k = 0
+
+    def _tol(self, z: Tensor) -> Tensor:
+        scale = torch.linalg.vector_norm(z, dim=-1) if self.relative_to_z else self.scale0
+        return torch.clamp(self.rtol * scale, min=self.atol)
+
+    @property
+    def active(self) -> Tensor:
+        return ~self.done
+
+    def record(self, z: Tensor, r: Tensor, stepped: Tensor) -> None:
+        """Register the new iterate ``z`` with residual ``r``; ``stepped`` marks who moved."""
+        res = torch.linalg.vector_norm(r, dim=-1)
+        if self.relative_to_z:
+            self.tol = self._tol(z.detach())
+        self.steps = self.steps + stepped.long()
+        better = stepped & (res <= self.best_res)
+        self.best_z = torch.where(better.unsqueeze(-1), z, self.best_z)
+        self.best_res = torch.where(better, res, self.best_res)
+        self.res = torch.where(stepped, res, self.res)
+        self.done = self.done | (self.res <= self.tol)
+
+    def stop(self, force: bool = False) -> bool:
+        """Every ``check_every`` steps (or if ``force``): True when all samples are done."""
+        self.k += 1
+        if not force and (self.k - 1) % self.check_every != 0:
+            return False
+        flags = torch.stack([self.done.all(), torch.isfinite(self.res).all()]).tolist()
+        if not flags[1]:
+            raise NonFiniteError(
+                f"{self.solver.name}: the residual of the {self.problem.kind} problem became NaN "
+                "or Inf during the forward solve. "
+                + self.solver._advice(self.problem)
+                + " Also check the inputs and parameters for NaN."
+            )
+        return bool(flags[0])
+
+    def finish(self) -> tuple[Tensor, SolveInfo]:
+        self.stop(force=True)
+        converged = self.best_res <= self.tol
+        info = SolveInfo(
+            converged=converged,
+            steps=self.steps,
+            residual=self.best_res.detach(),
+            solver=self.solver.name,
+            tolerance=self.tol.detach(),
+        )
+        return self.best_z, info

@@ -1,0 +1,40 @@
+"""Per-sample backtracking (Armijo) line search shared by the argmin solvers."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._problem import Problem
+
+
+def backtracking(
+    problem: Problem,
+    z: Tensor,
+    value: Tensor,
+    grad: Tensor,
+    direction: Tensor,
+    active: Tensor,
+    differentiable: bool,
+    *,
+    c1: float = 1e-4,
+    shrink: float = 0.5,
+    max_trials: int = 30,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Find per-sample steps ``t`` with ``L(z + t d) <= L(z) + c1 t ∇L·d``, starting at ``t = 1``.
+
+    Samples that are not ``active`` do not move. Returns the new iterate, its values and its
+    gradient. A sample that finds no acceptable step in ``max_trials`` halvings keeps the
+    smallest trial step (its residual then reports the lack of progress).
+    """
+    slope = (grad * direction).sum(-1)
+    t = active.to(z.dtype)
+    for _ in range(max_trials):
+        z_new = z + t.unsqueeze(-1) * direction
+        v_new, g_new = problem.value_and_grad(z_new, create_graph=differentiable)
+        ok = (v_new <= value + c1 * t * slope) & torch.isfinite(v_new)
+        ok = ok | ~active
+        if bool(ok.all()):
+            break
+        t = torch.where(ok, t, t * shrink)
+    return z_new, v_new, g_new

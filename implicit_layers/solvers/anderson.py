@@ -1,0 +1,95 @@
+"""Anderson acceleration (type II) with per-sample mixing weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._config import check_positive_int, check_tolerance
+from .._info import SolveInfo
+from .._problem import Problem
+from ._base import ForwardSolver, Monitor
+
+__all__ = ["Anderson"]
+
+
+class Anderson(ForwardSolver):
+    """Anderson acceleration of the map ``G(z) = z - F(z)`` (``= f(z)`` for fixed points).
+
+    Each step mixes the last ``memory`` map values with weights that minimise the norm of the
+    mixed residual, solved per batch element (every sample gets its own weights), then takes
+    ``z ← β Σ α_i G(z_i) + (1 - β) Σ α_i z_i``. One evaluation of ``f`` per step, plus a tiny
+    ``(memory × memory)`` solve per sample.
+
+    Args:
+        memory: number of past iterates mixed (``m``; default 5).
+        mixing: ``β`` in ``(0, 1]`` (default 1).
+        regularization: Tikhonov term relative to the largest diagonal of the Gram matrix,
+            keeping the mixing solve well posed (default: ``100 · eps`` of the dtype).
+        rtol, atol, max_steps, check_every, on_failure: see :class:`ForwardSolver`.
+    """
+
+    name = "Anderson"
+    kinds = ("fixed_point", "root")
+
+    def __init__(
+        self,
+        memory: int = 5,
+        mixing: float = 1.0,
+        regularization: float | None = None,
+        *,
+        rtol: float | None = None,
+        atol: float = 0.0,
+        max_steps: int | None = None,
+        check_every: int | None = None,
+        on_failure: str = "warn",
+    ) -> None:
+        super().__init__(rtol, atol, max_steps, check_every, on_failure)
+        self.memory = check_positive_int(memory, "memory")
+        self.mixing = check_tolerance(mixing, "mixing", allow_none=False)
+        if not 0 < self.mixing <= 1:
+            raise ValueError(f"mixing must lie in (0, 1], got {mixing}.")
+        self.regularization = check_tolerance(regularization, "regularization")
+
+    def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
+        reg = self.regularization
+        if reg is None:
+            reg = 100 * torch.finfo(z0.dtype).eps
+        beta = self.mixing
+        z = z0
+        r = problem.residual(z, create_graph=differentiable)
+        mon = Monitor(self, problem, z, r)
+        xs: list[Tensor] = []
+        gs: list[Tensor] = []
+        for _ in range(self.max_steps):
+            if mon.stop():
+                break
+            active = mon.active
+            xs.append(z)
+            gs.append(z - r)
+            if len(xs) > self.memory:
+                xs.pop(0)
+                gs.pop(0)
+            if len(xs) == 1:
+                z_new = z - beta * r
+            else:
+                X = torch.stack(xs, dim=1)
+                Gx = torch.stack(gs, dim=1)
+                R = Gx - X
+                H = R @ R.mT
+                m = H.shape[-1]
+                diag = H.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(z.dtype).tiny)
+                eye = torch.eye(m, dtype=z.dtype, device=z.device)
+                H = H + (reg * diag)[:, None, None] * eye
+                ones = torch.ones(z.shape[0], m, 1, dtype=z.dtype, device=z.device)
+                w = torch.linalg.solve(H, ones).squeeze(-1)
+                alpha = w / w.sum(-1, keepdim=True)
+                mixed_g = (alpha.unsqueeze(-1) * Gx).sum(1)
+                if beta == 1.0:
+                    z_new = mixed_g
+                else:
+                    z_new = beta * mixed_g + (1 - beta) * (alpha.unsqueeze(-1) * X).sum(1)
+            z = torch.where(active.unsqueeze(-1), z_new, z)
+            r = problem.residual(z, create_graph=differentiable)
+            mon.record(z, r, active)
+        return mon.finish()

@@ -1,0 +1,101 @@
+"""Gradient descent with a fixed (possibly learnable) step size."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._config import check_positive_int
+from .._info import SolveInfo
+from .._problem import Problem
+from ._base import ForwardSolver, Monitor
+
+__all__ = ["GradientDescent"]
+
+
+class GradientDescent(ForwardSolver):
+    """Gradient descent ``w ← w - η ∇L(w)`` on an argmin problem.
+
+    Args:
+        step_size: ``η``: a float, or a tensor (a scalar or one value per batch element). A
+            tensor that requires grad receives a gradient under ``backward=Unrolled()`` or
+            ``Truncated(k)`` (meta-descent: learning the learning rate). ``None`` (default)
+            takes ``1 / L`` with ``L`` the largest Hessian eigenvalue at ``w0``, estimated by
+            ``power_steps`` Hessian-vector products; for non-quadratic objectives whose
+            curvature grows away from ``w0``, pass a step size.
+        power_steps: power iterations used when ``step_size`` is ``None``.
+        rtol, atol, max_steps, check_every, on_failure: see :class:`ForwardSolver`.
+    """
+
+    name = "GradientDescent"
+    kinds = ("argmin",)
+    default_max_steps = 1000
+
+    def __init__(
+        self,
+        step_size: float | Tensor | None = None,
+        *,
+        power_steps: int = 20,
+        rtol: float | None = None,
+        atol: float = 0.0,
+        max_steps: int | None = None,
+        check_every: int | None = None,
+        on_failure: str = "warn",
+    ) -> None:
+        super().__init__(rtol, atol, max_steps, check_every, on_failure)
+        if step_size is not None:
+            if isinstance(step_size, bool) or not isinstance(step_size, (int, float, Tensor)):
+                raise TypeError(
+                    f"step_size must be a float, a tensor or None, got {type(step_size).__name__}."
+                )
+            if not isinstance(step_size, Tensor) and step_size <= 0:
+                raise ValueError(f"step_size must be > 0, got {step_size}.")
+        self.step_size = step_size
+        self.power_steps = check_positive_int(power_steps, "power_steps")
+
+    def step_for(self, problem: Problem, z: Tensor) -> Tensor | float:
+        """The step size as used on the flat ``(B, n)`` iterate ``z``."""
+        eta = self.step_size
+        if eta is None:
+            return 1.0 / lipschitz_estimate(problem, z, self.power_steps).unsqueeze(-1)
+        if isinstance(eta, Tensor):
+            if eta.dim() == 0:
+                return eta
+            if eta.shape == (problem.batch,):
+                return eta.unsqueeze(-1)
+            raise ValueError(
+                f"step_size must be a scalar or have shape ({problem.batch},), got "
+                f"{tuple(eta.shape)}."
+            )
+        return eta
+
+    def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
+        eta = self.step_for(problem, z0)
+        z = z0
+        g = problem.residual(z, create_graph=differentiable)
+        mon = Monitor(self, problem, z, g)
+        for _ in range(self.max_steps):
+            if mon.stop():
+                break
+            active = mon.active
+            z = torch.where(active.unsqueeze(-1), z - eta * g, z)
+            g = problem.residual(z, create_graph=differentiable)
+            mon.record(z, g, active)
+        return mon.finish()
+
+
+def lipschitz_estimate(problem: Problem, z: Tensor, steps: int) -> Tensor:
+    """Largest Hessian eigenvalue per sample at ``z`` by power iteration, shape ``(B,)``."""
+    with torch.enable_grad():
+        zz = z.detach().requires_grad_(True)
+        _, g = problem.value_and_grad(zz, create_graph=True)
+        gen = torch.Generator(device=z.device).manual_seed(0)
+        v = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=gen)
+        lam = torch.ones(z.shape[0], dtype=z.dtype, device=z.device)
+        for _ in range(steps):
+            v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-300)
+            (hv,) = torch.autograd.grad(g, zz, v, retain_graph=True)
+            lam = (v * hv).sum(-1).abs()
+            v = hv
+    # 10% margin: the power estimate approaches λ_max from below.
+    return (1.1 * lam).clamp_min(torch.finfo(z.dtype).eps).detach()

@@ -1,0 +1,57 @@
+"""Picard (fixed-point) iteration with optional damping."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._config import check_tolerance
+from .._info import SolveInfo
+from .._problem import Problem
+from ._base import ForwardSolver, Monitor
+
+__all__ = ["Picard"]
+
+
+class Picard(ForwardSolver):
+    """Damped fixed-point iteration ``z ← z - damping · F(z)``.
+
+    For a fixed point (``F(z) = z - f(z)``) this is ``z ← (1 - damping) z + damping f(z)``,
+    which converges linearly when ``f`` is contractive; for a root it is a Richardson step.
+    One evaluation of ``f`` per step. Also accepts argmin problems, where it is gradient
+    descent with step ``damping`` (prefer :class:`GradientDescent` there).
+
+    Args:
+        damping: step weight in ``(0, 1]`` for fixed points (default ``1``: plain iteration).
+        rtol, atol, max_steps, check_every, on_failure: see :class:`ForwardSolver`.
+    """
+
+    name = "Picard"
+
+    def __init__(
+        self,
+        damping: float = 1.0,
+        *,
+        rtol: float | None = None,
+        atol: float = 0.0,
+        max_steps: int | None = None,
+        check_every: int | None = None,
+        on_failure: str = "warn",
+    ) -> None:
+        super().__init__(rtol, atol, max_steps, check_every, on_failure)
+        self.damping = check_tolerance(damping, "damping", allow_none=False)
+        if self.damping == 0:
+            raise ValueError("damping must be > 0, got 0.")
+
+    def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
+        z = z0
+        r = problem.residual(z, create_graph=differentiable)
+        mon = Monitor(self, problem, z, r)
+        for _ in range(self.max_steps):
+            if mon.stop():
+                break
+            active = mon.active
+            z = torch.where(active.unsqueeze(-1), z - self.damping * r, z)
+            r = problem.residual(z, create_graph=differentiable)
+            mon.record(z, r, active)
+        return mon.finish()
