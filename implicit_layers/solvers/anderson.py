@@ -82,7 +82,9 @@ class Anderson(ForwardSolver):
                 eye = torch.eye(m, dtype=z.dtype, device=z.device)
                 H = H + (reg * diag)[:, None, None] * eye
                 ones = torch.ones(z.shape[0], m, 1, dtype=z.dtype, device=z.device)
-                w = torch.linalg.solve(H, ones).squeeze(-1)
+                # solve_ex without error checks: no device synchronisation per step; the
+                # regularisation keeps H invertible and NaN is caught by the monitor.
+                w = torch.linalg.solve_ex(H, ones, check_errors=False)[0].squeeze(-1)
                 alpha = w / w.sum(-1, keepdim=True)
                 mixed_g = (alpha.unsqueeze(-1) * Gx).sum(1)
                 if beta == 1.0:
