@@ -4,7 +4,7 @@ Layers whose output is defined by an inner problem — a fixed point, a root or 
 in the forward pass and differentiated in the backward pass by the implicit function theorem.
 """
 
-from . import backward, linear, nn, solvers
+from . import backward, hyper, linear, nn, solvers
 from ._info import ConvergenceError, ConvergenceWarning, NonFiniteError, SolveInfo
 from .functional import argmin, custom_fixed_point, custom_root, fixed_point, root
 
@@ -19,6 +19,7 @@ __all__ = [
     "backward",
     "linear",
     "solvers",
+    "hyper",
     "nn",
     "SolveInfo",
     "ConvergenceWarning",
