@@ -54,7 +54,9 @@ class LinearSolver:
         self.rtol = check_tolerance(rtol, "rtol")
         self.atol = check_tolerance(atol, "atol", allow_none=False)
         self.max_steps = (
-            self.default_max_steps if max_steps is None else check_positive_int(max_steps, "max_steps")
+            self.default_max_steps
+            if max_steps is None
+            else check_positive_int(max_steps, "max_steps")
         )
         self.check_every = None if check_every is None else check_positive_int(
             check_every, "check_every"

@@ -34,7 +34,9 @@ class Dense(LinearSolver):
                 "the linear system has no unique solution. Check that the problem's Jacobian is "
                 "invertible at the solution (a strict minimum, a contractive fixed point)."
             )
-        residual = torch.linalg.vector_norm(torch.bmm(matrix, x.unsqueeze(-1)).squeeze(-1) - b, dim=-1)
+        residual = torch.linalg.vector_norm(
+            torch.bmm(matrix, x.unsqueeze(-1)).squeeze(-1) - b, dim=-1
+        )
         # A direct solve is as exact as the conditioning allows; report it as converged unless
         # the residual is far (1e3x) above the requested tolerance.
         converged = residual <= torch.clamp(tol * 1e3, min=1e3 * torch.finfo(b.dtype).eps)

@@ -115,7 +115,9 @@ class GMRES(LinearSolver):
                 t = torch.bmm(omega[:, : j + 1, : j + 1], h.unsqueeze(-1)).squeeze(-1)
                 a = t[:, j]
                 d = torch.hypot(a, hnorm)
-                ok = active & ~(d <= 0)  # NaN stays "ok" so that should_stop sees it
+                # d ~ 0: the new column is in the span of the previous ones (singular operator);
+                # the step is dropped. NaN stays "ok" so that should_stop sees it.
+                ok = active & ~(d <= 10 * eps * torch.hypot(torch.linalg.vector_norm(h, dim=-1), hnorm))
                 cs = torch.where(ok, a / torch.where(d > 0, d, one), one)
                 sn = torch.where(ok, hnorm / torch.where(d > 0, d, one), zero)
                 row_j = omega[:, j, : j + 2].clone()
@@ -142,13 +144,18 @@ class GMRES(LinearSolver):
             Rk = Rk + torch.diag_embed((~mask).to(dtype))
             g = torch.where(mask, beta.unsqueeze(-1) * omega[:, :k, 0], zero)
             y = torch.linalg.solve_triangular(Rk, g.unsqueeze(-1), upper=True)
-            x = x + torch.bmm(y.mT, V[:, :k]).squeeze(1)
-            r = b - op.mv(x)
-            new_beta = torch.linalg.vector_norm(r, dim=-1)
-            # A sample that went through a cycle without reducing its true residual stagnates.
+            x_new = x + torch.bmm(y.mT, V[:, :k]).squeeze(1)
+            r_new = b - op.mv(x_new)
+            new_beta = torch.linalg.vector_norm(r_new, dim=-1)
+            # A sample that went through a cycle without reducing its true residual stagnates:
+            # it is stopped, and keeps its previous iterate if the cycle made it worse.
             worked = used > 0
-            bad = bad | (started & ~worked) | (worked & (new_beta >= beta) & (new_beta > tol))
-            beta = torch.where(worked, new_beta, beta)
+            stalled = worked & ~(new_beta < beta) & (new_beta > tol)
+            bad = bad | (started & ~worked) | stalled
+            keep = worked & ~(new_beta > beta)  # NaN is kept, for should_stop to see
+            x = torch.where(keep.unsqueeze(-1), x_new, x)
+            r = torch.where(keep.unsqueeze(-1), r_new, r)
+            beta = torch.where(keep, new_beta, beta)
             done = (beta <= tol) | bad
         converged = (beta <= tol) & ~bad
         return x, self._info(converged, steps, beta, tol)

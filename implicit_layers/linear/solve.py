@@ -62,7 +62,9 @@ def solve(
                 f"A is a batch of matrices {tuple(A.shape)} but b has shape {tuple(b.shape)}; "
                 "give b the shape (B, n)."
             )
-        op = MatrixOperator(A, batch=batch, symmetric=symmetric, positive_definite=positive_definite)
+        op = MatrixOperator(
+            A, batch=batch, symmetric=symmetric, positive_definite=positive_definite
+        )
     elif callable(A):
         def mv(v: Tensor) -> Tensor:
             out = A(v.squeeze(0) if unbatched else v)
