@@ -222,19 +222,27 @@ class _ProjectedGradientMap:
         keep = torch.is_grad_enabled()
         with torch.enable_grad():
             wr = w if w.requires_grad else w.detach().requires_grad_(True)
-            value = self.objective(wr, x)
-            if not isinstance(value, Tensor) or value.shape not in ((w.shape[0],), (w.shape[0], 1)):
-                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(
-                    f"objective must return one value per sample, shape ({w.shape[0]},), got "
-                    f"{got}. Reduce over every dimension but the batch dimension."
-                )
+            value = _objective_values(self.objective, wr, x)
             (g,) = torch.autograd.grad(value.sum(), wr, create_graph=keep)
         return g
 
     def __call__(self, w: Tensor, x: Tensor) -> Tensor:
         out = w - self.step * self.gradient(w, x)
         return project(out, self.lower, self.upper)
+
+
+def _objective_values(objective: Callable[[Tensor, Tensor], Tensor], w: Tensor, x: Tensor) -> Tensor:
+    """``objective(w, x)`` checked to hold one value per sample."""
+    value = objective(w, x)
+    if not isinstance(value, Tensor) or value.shape not in ((w.shape[0],), (w.shape[0], 1)):
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"objective must return one value per sample, shape ({w.shape[0]},), got {got}. "
+            "Reduce over every dimension but the batch dimension."
+        )
+    if not value.requires_grad:
+        raise ValueError("objective(w, x) does not depend on w; there is nothing to minimise.")
+    return value
 
 
 def project(w: Tensor, lower: float | Tensor | None, upper: float | Tensor | None) -> Tensor:
@@ -350,15 +358,20 @@ class ArgminLayer(torch.nn.Module):
         with torch.enable_grad():
             wr = w0.detach().requires_grad_(True)
             xd = x.detach()
-            (g,) = torch.autograd.grad(self.objective(wr, xd).sum(), wr, create_graph=True)
+            value = _objective_values(self.objective, wr, xd)
+            (g,) = torch.autograd.grad(value.sum(), wr, create_graph=True)
             # Fixed seed: the step size (hence the iterates) is reproducible from call to call.
             gen = torch.Generator(device=w0.device).manual_seed(0)
             v = torch.randn(w0.shape, dtype=w0.dtype, device=w0.device, generator=gen)
             dims = tuple(range(1, w0.dim()))
             lam = torch.ones(w0.shape[0], dtype=w0.dtype, device=w0.device)
             for _ in range(self.power_steps):
+                if not g.requires_grad:  # linear objective: zero Hessian
+                    break
                 v = v / torch.linalg.vector_norm(v, dim=dims, keepdim=True).clamp_min(1e-300)
-                (hv,) = torch.autograd.grad(g, wr, v, retain_graph=True)
+                (hv,) = torch.autograd.grad(g, wr, v, retain_graph=True, allow_unused=True)
+                if hv is None:
+                    break
                 lam = (v * hv).sum(dims).abs()
                 v = hv
         lam = (1.1 * lam.detach()).clamp_min(torch.finfo(w0.dtype).eps)
