@@ -28,11 +28,19 @@ def backtracking(
     smallest trial step (its residual then reports the lack of progress).
     """
     slope = (grad * direction).sum(-1)
+    # Near the minimum the decrease c1 t ∇L·d falls below the rounding error of L itself and
+    # the value test rejects every step, stalling the solver above its tolerance. There the
+    # "approximate Armijo" test of Hager & Zhang (2005) decides from the new slope, which stays
+    # accurate: L may not rise by more than eps_f and ∇L(z + t d)·d <= (2 c1 - 1) ∇L(z)·d.
+    eps_f = 1e-6 * value.abs()
     t = active.to(z.dtype)
     for _ in range(max_trials):
         z_new = z + t.unsqueeze(-1) * direction
         v_new, g_new = problem.value_and_grad(z_new, create_graph=differentiable)
-        ok = (v_new <= value + c1 * t * slope) & torch.isfinite(v_new)
+        armijo = v_new <= value + c1 * t * slope
+        slope_new = (g_new * direction).sum(-1)
+        approx = (v_new <= value + eps_f) & (slope_new <= (2 * c1 - 1) * slope)
+        ok = (armijo | approx) & torch.isfinite(v_new)
         ok = ok | ~active
         if bool(ok.all()):
             break
