@@ -91,6 +91,7 @@ CONFORMANCE = {
     "GMRES(3)": (lambda dt: GMRES(restart=3), ["spd", "nonsym", "contract"]),
     "BiCGStab": (lambda dt: BiCGStab(), ["spd", "nonsym", "contract"]),
     "Broyden": (lambda dt: Broyden(), ["spd", "nonsym", "contract"]),
+    "Broyden(4)": (lambda dt: Broyden(memory=4), ["nonsym", "contract"]),
     "Dense": (lambda dt: Dense(), ["spd", "indef", "nonsym", "contract"]),
     "Neumann": (lambda dt: Neumann(max_steps=2000), ["spd", "contract"]),
     "LiSSA": (lambda dt: LiSSA(rtol=default_rtol(dt), scale=6.0, depth=3000), ["spd"]),
@@ -261,6 +262,25 @@ def test_non_convergence_is_reported(name):
             a, b, make(max_steps=2, on_failure="ignore"), positive_definite=True
         )
     assert not bool(info.converged.any())
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_gmres_happy_breakdown(dtype):
+    # Two distinct eigenvalues: the Krylov space is invariant after 2 steps, so GMRES is exact
+    # there (h_{3,2} = 0) and must stop without dividing by zero.
+    g = torch.Generator().manual_seed(0)
+    eigs = torch.tensor([1.0] * 6 + [3.0] * 6, dtype=F64).expand(2, 12)
+    a = _sym_from_eigs(g, eigs)
+    a[1] = a[1] + 0.5 * torch.eye(12, dtype=F64)  # second sample: eigenvalues 1.5 and 3.5
+    b = torch.randn(2, 12, dtype=F64, generator=g)
+    a, b = a.to(dtype), b.to(dtype)
+    x, info = il.linear.solve(a, b, GMRES())
+    assert bool(info.converged.all()) and info.steps.tolist() == [2, 2]
+    assert rel_err(x.double(), torch.linalg.solve(a.double(), b.double())) < TOL[dtype]
+    a_id = torch.eye(5, dtype=dtype)
+    x, info = il.linear.solve(a_id, torch.ones(5, dtype=dtype), GMRES())
+    assert int(info.steps) == 1 and bool(info.converged)
+    assert bool((x == 1).all())
 
 
 def test_gmres_stagnation_is_reported_not_looped():

@@ -105,30 +105,28 @@ class GMRES(LinearSolver):
                 w = w - torch.bmm(basis.mT, h2).squeeze(-1)
                 h = (h + h2).squeeze(-1)
                 hnorm = torch.linalg.vector_norm(w, dim=-1)
+                colnorm = torch.hypot(torch.linalg.vector_norm(h, dim=-1), hnorm)
                 # Happy breakdown: the Krylov space is invariant, the solution lies in it.
-                breakdown = hnorm <= eps * torch.linalg.vector_norm(h, dim=-1)
-                inv = 1.0 / torch.where(hnorm > 0, hnorm, one)
-                scale = torch.where(breakdown | (hnorm == 0), zero, inv)
-                V[:, j + 1] = w * scale.unsqueeze(-1)
+                breakdown = hnorm <= eps * colnorm
                 hnorm = torch.where(breakdown, zero, hnorm)
+                V[:, j + 1] = w * torch.where(breakdown, zero, hnorm.reciprocal()).unsqueeze(-1)
                 # Apply the previous rotations to the new column, then a new one to zero h_{j+1,j}.
+                # Samples that are done keep rotating harmlessly: only their first `used`
+                # rows and columns enter their solution, and later rotations do not touch them.
                 t = torch.bmm(omega[:, : j + 1, : j + 1], h.unsqueeze(-1)).squeeze(-1)
-                a = t[:, j]
-                d = torch.hypot(a, hnorm)
+                d = torch.hypot(t[:, j], hnorm)
+                inv_d = torch.where(d > 0, d, one).reciprocal()
+                cs = torch.where(d > 0, t[:, j] * inv_d, one)
+                sn = hnorm * inv_d
+                rot = torch.stack([cs, sn, -sn, cs], dim=-1).view(batch, 2, 2)
+                omega[:, j : j + 2, : j + 2] = torch.bmm(rot, omega[:, j : j + 2, : j + 2])
+                t[:, j] = d
+                R[:, : j + 1, j] = t
+                new_res = beta * omega[:, j + 1, 0].abs()
                 # d ~ 0: the new column is in the span of the previous ones (singular operator);
                 # the step is dropped. NaN stays "ok" so that should_stop sees it.
-                ok = active & ~(d <= 10 * eps * torch.hypot(torch.linalg.vector_norm(h, dim=-1), hnorm))
-                cs = torch.where(ok, a / torch.where(d > 0, d, one), one)
-                sn = torch.where(ok, hnorm / torch.where(d > 0, d, one), zero)
-                row_j = omega[:, j, : j + 2].clone()
-                row_k = omega[:, j + 1, : j + 2].clone()
-                omega[:, j, : j + 2] = cs.unsqueeze(-1) * row_j + sn.unsqueeze(-1) * row_k
-                omega[:, j + 1, : j + 2] = cs.unsqueeze(-1) * row_k - sn.unsqueeze(-1) * row_j
-                R[:, :j, j] = t[:, :j]
-                R[:, j, j] = d
-                new_res = beta * omega[:, j + 1, 0].abs()
-                used = used + ok.long()
-                steps = steps + ok.long()
+                ok = active & ~(d <= 10 * eps * colnorm)
+                used = used + ok
                 res = torch.where(ok, new_res, res)
                 active = ok & (new_res > tol) & ~breakdown
                 total += 1
@@ -144,6 +142,7 @@ class GMRES(LinearSolver):
             Rk = Rk + torch.diag_embed((~mask).to(dtype))
             g = torch.where(mask, beta.unsqueeze(-1) * omega[:, :k, 0], zero)
             y = torch.linalg.solve_triangular(Rk, g.unsqueeze(-1), upper=True)
+            steps = steps + used
             x_new = x + torch.bmm(y.mT, V[:, :k]).squeeze(1)
             r_new = b - op.mv(x_new)
             new_beta = torch.linalg.vector_norm(r_new, dim=-1)
