@@ -244,8 +244,10 @@ def breast_cancer_part(args: argparse.Namespace) -> dict:
     # LiSSA, stochastic: minibatch Hessian-vector products, same test points.
     W = w_star.detach().expand(K, d).clone().requires_grad_(True)
     (g_test,) = torch.autograd.grad(test_loss(W).sum(), W)
+    # LiSSA's scale must bound the Hessian's spectrum: twice the largest eigenvalue of the full
+    # Hessian leaves room for minibatch Hessians, whose spectra are wider.
     lam_max = float(torch.linalg.eigvalsh(
-        torch.func.hessian(lambda w: J(w, ones))(w_star.detach()))[-1])
+        torch.autograd.functional.hessian(lambda w: J(w, ones), w_star.detach()))[-1])
     lissa = il.linear.LiSSA(scale=args.lissa_scale_factor * lam_max, damping=0.0,
                             depth=args.lissa_depth, repeats=args.lissa_repeats, rtol=0.0,
                             on_failure="ignore")
@@ -325,12 +327,12 @@ def digits_part(args: argparse.Namespace) -> dict:
 
 
 def plot(bc: dict, dg: dict, out: Path) -> Path:
-    p_sel, actual, pred_lissa, pred_cg = bc.pop("_plot")
-    pred, exact = dg.pop("_plot")
+    p_sel, actual, pred_lissa, pred_cg = (t.numpy() for t in bc.pop("_plot"))
+    pred, exact = (t.numpy() for t in dg.pop("_plot"))
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.6))
     for k in range(actual.shape[0]):
         ax[0].scatter(actual[k], p_sel[k], s=12, label=f"test point {k}")
-    lim = float(max(actual.abs().max(), p_sel.abs().max())) * 1.05
+    lim = float(max(abs(actual).max(), abs(p_sel).max())) * 1.05
     for a in ax[:2]:
         a.plot([-lim, lim], [-lim, lim], "k--", lw=0.8)
     ax[0].set(xlabel="actual change in test loss (leave-one-out retraining)",
