@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -53,6 +54,9 @@ import implicit_layers as il  # noqa: E402
 __all__ = ["main"]
 
 DTYPE = torch.float64
+Tensor = torch.Tensor
+Losses = Callable[[Tensor, Tensor, Tensor], Tensor]
+Objective = Callable[[Tensor, Tensor], Tensor]
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,7 +76,7 @@ def softmax_losses(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.T
     return torch.logsumexp(logits, -1) - picked
 
 
-def weighted_objective(losses, X, y, lam):
+def weighted_objective(losses: Losses, X: Tensor, y: Tensor, lam: float) -> Objective:
     """``J(w, eps) = sum_i eps_i loss_i(w) / n + lam/2 ||w||^2``; ``eps`` (..., n) -> (...)."""
     n = X.shape[0]
 
@@ -83,7 +87,8 @@ def weighted_objective(losses, X, y, lam):
     return J
 
 
-def influence(J, w_star: torch.Tensor, n: int, test_loss, K: int, backward) -> tuple[torch.Tensor, object]:
+def influence(J: Objective, w_star: Tensor, n: int, test_loss: Callable[[Tensor], Tensor], K: int,
+              backward: il.linear.LinearSolver) -> tuple[Tensor, il.SolveInfo]:
     """Predicted change of ``K`` test losses when each of ``n`` training points is removed.
 
     Args:
@@ -110,9 +115,9 @@ def influence(J, w_star: torch.Tensor, n: int, test_loss, K: int, backward) -> t
     return -eps.grad, info
 
 
-def lissa_influence(J, losses, Xtr, ytr, lam: float, w_star: torch.Tensor,
-                    grad_test: torch.Tensor, lissa, batch_size: int,
-                    seed: int) -> tuple[torch.Tensor, object]:
+def lissa_influence(J: Objective, losses: Losses, Xtr: Tensor, ytr: Tensor, lam: float,
+                    w_star: Tensor, grad_test: Tensor, lissa: il.linear.LiSSA, batch_size: int,
+                    seed: int) -> tuple[Tensor, il.SolveInfo]:
     """The same quantity with LiSSA over minibatch Hessian-vector products.
 
     Solves ``H u_k = grad test_loss_k`` with a stochastic operator (each product draws a fresh
