@@ -90,7 +90,10 @@ def lipschitz_estimate(problem: Problem, z: Tensor, steps: int) -> Tensor:
         zz = z.detach().requires_grad_(True)
         _, g = problem.value_and_grad(zz, create_graph=True)
         gen = torch.Generator(device=z.device).manual_seed(0)
-        v = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=gen)
+        # One start vector shared by every sample, so a sample's step size (and hence its
+        # iterates) does not depend on its position in the batch or on the batch size.
+        v = torch.randn(z.shape[-1], dtype=z.dtype, device=z.device, generator=gen)
+        v = v.expand(z.shape)
         lam = torch.ones(z.shape[0], dtype=z.dtype, device=z.device)
         for _ in range(steps):
             v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-300)
