@@ -220,7 +220,8 @@ def breast_cancer_part(args: argparse.Namespace) -> dict:
     Xq, yq = Xte[test_idx], yte[test_idx]
 
     def test_loss(W: torch.Tensor) -> torch.Tensor:  # W (K, d): model k on test point k
-        return torch.nn.functional.softplus((W * Xq).sum(-1)) - yq * (W * Xq).sum(-1)
+        z = (W * Xq).sum(-1)
+        return torch.nn.functional.softplus(z) - yq * z
 
     t0 = time.perf_counter()
     pred, info = influence(J, w_star, n, test_loss, K, il.linear.CG())
@@ -236,9 +237,10 @@ def breast_cancer_part(args: argparse.Namespace) -> dict:
     actual = torch.empty(K, len(chosen), dtype=DTYPE)
     t0 = time.perf_counter()
     for j, i in enumerate(tqdm(chosen.tolist(), desc="leave-one-out retraining", leave=False)):
+        # Point i gets weight 0 in the same objective (eps_i = 0, the rest unchanged): the
+        # model whose test loss the influence linearises. Cold start, as retraining would.
         mask = ones.clone()
         mask[i] = 0.0
-        # Cold start (from zero), as retraining from scratch would.
         actual[:, j] = logistic_losses(newton_logistic(Xtr, ytr, mask, lam), Xq, yq) - base
     t_retrain = (time.perf_counter() - t0) / len(chosen)
     p_sel = pred[:, chosen].detach()
