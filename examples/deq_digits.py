@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-max-steps", type=int, default=80, help="forward iteration limit (eval)")
     p.add_argument("--jac-reg", type=float, default=0.0,
                    help="weight of the Jacobian penalty (Bai et al. 2021), 0 = off")
+    p.add_argument("--clip-grad", type=float, default=0.0,
+                   help="clip the gradient norm to this value, 0 = off (helps --backward unrolled)")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads; the matrices are small, so 1 is fastest (and robust to load)")
     p.add_argument("--seed", type=int, default=0)
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
             peak_saved = max(peak_saved, counter.total)
             opt.zero_grad()
             loss.backward()
+            if args.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             opt.step()
             epoch_loss += float(loss.detach()) * len(idx)
             fwd_steps.append(float(info.steps.float().mean()))
@@ -191,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         "backward": args.backward,
         "epochs": args.epochs,
         "hidden": args.hidden,
+        "clip_grad": args.clip_grad,
         "test_accuracy": acc,
         "train_loss_first_epoch": losses[0],
         "train_loss_last_epoch": losses[-1],

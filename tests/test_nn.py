@@ -421,3 +421,28 @@ def test_user_errors_are_explained():
         il.nn.DEQ(Cell(2, 2), state_shape=2)(torch.randn(3, 2), z0=torch.zeros(4, 2))
     with pytest.raises(ValueError, match="one value per sample"):
         il.nn.ArgminLayer(lambda w, x: w.sum(), w_shape=2, lower=0.0)(torch.randn(3, 2))
+
+
+def load_example(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_deq_digits_example_tiny(capsys):
+    result = load_example("deq_digits").main(["--tiny", "--backward", "phantom"])
+    assert result["train_loss_last_epoch"] < result["train_loss_first_epoch"]
+    assert result["mean_backward_steps"] is None and result["mean_forward_steps_train"] > 1
+
+
+def test_optnet_example_tiny(capsys):
+    result = load_example("optnet_style").main(["--tiny"])
+    assert 0.2 < result["fraction_on_box"] < 0.8
+    # Only the box-constrained layer can represent box-QP targets.
+    assert result["box QP"]["test_mse"] < 0.5 * result["unconstrained"]["test_mse"]
+    assert result["box QP"]["test_mse"] < 0.5 * result["clipped linear"]["test_mse"]
