@@ -12,9 +12,9 @@ the equilibrium so the trade-off between the modes can be measured:
 Reported per run: test accuracy, seconds per epoch, mean forward steps per sample, mean
 backward (adjoint) steps per sample for the implicit mode, the largest number of bytes kept for
 backward by one training step (distinct tensor storages saved by autograd, counted with
-``torch.autograd.graph.saved_tensors_hooks``: deterministic, and the quantity that grows with
-unrolling), and the process's peak resident set size (``resource.getrusage``, includes the
-Python interpreter and libraries).
+``torch.autograd.graph.saved_tensors_hooks`` on the first batch of each epoch: deterministic,
+and the quantity that grows with unrolling), and the process's peak resident set size
+(``resource.getrusage``, includes the Python interpreter and libraries).
 
 Usage::
 
@@ -25,6 +25,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import resource
 import sys
@@ -168,20 +170,26 @@ def main(argv: list[str] | None = None) -> dict:
         epoch_loss = 0.0
         for i in range(0, len(Xtr), args.batch_size):
             idx = perm[i:i + args.batch_size]
-            counter = SavedBytes()
-            with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+            # Saved bytes are counted on the first batch of each epoch only: a pack hook that
+            # returns its tensor makes reference cycles for saved outputs, freed only by gc.
+            counter = SavedBytes() if i == 0 else None
+            with (torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack)
+                  if counter else contextlib.nullcontext()):
                 logits, z, info = model(Xtr[idx])
                 loss = torch.nn.functional.cross_entropy(logits, ytr[idx])
                 if args.jac_reg > 0:
                     pen = il.nn.jacobian_penalty(model.deq.f, z.detach(), Xtr[idx], normalize=True)
                     loss = loss + args.jac_reg * pen.mean()
-            peak_saved = max(peak_saved, counter.total)
             opt.zero_grad()
             loss.backward()
+            epoch_loss += float(loss.detach()) * len(idx)
+            if counter:
+                peak_saved = max(peak_saved, counter.total)
+                del logits, z, loss
+                gc.collect()
             if args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             opt.step()
-            epoch_loss += float(loss.detach()) * len(idx)
             fwd_steps.append(float(info.steps.float().mean()))
             if info.backward is not None:
                 bwd_steps.append(float(info.backward.steps.float().mean()))
