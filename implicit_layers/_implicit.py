@@ -231,7 +231,9 @@ class _AdjointHook(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: Tensor, hook: _Adjoint) -> Tensor:  # type: ignore[override]
         ctx.hook = hook
-        return out.detach().clone()
+        # The value is the solver's z, not out = z - F(z): they differ by the residual, which
+        # is not small when a black-box solver (custom_root) stops early.
+        return hook.zr.detach().clone()
 
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
