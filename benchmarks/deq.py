@@ -1,0 +1,213 @@
+"""Problem 2: deep-equilibrium layers, forward + backward, against torchdeq and jaxopt.
+
+``z* = tanh(W z* + U x + b)`` for a batch of 64 inputs, exactly as in the peers' measurements
+(``shared/PEERS.md``): numpy ``default_rng(0)`` draws ``G`` (hidden × hidden), then ``U``,
+``b``, ``x`` and the target ``t`` in that order; easy ``W = 0.9 G / ‖G‖₂``, hard
+``W = 0.95 Q`` (``Q`` the orthogonal factor of ``G``), ``U = s N(0,1) / √64`` with ``s = 1``
+(easy) or ``0.3`` (hard), ``b = 0.1 N(0,1)``; loss ``Σ (z* - t)² / 64``; gradients with
+respect to ``W`` and ``x``. Plus a small DEQ MLP block ``z = tanh(W₂ relu(W₁ z + V x) + c)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+import implicit_layers as il
+
+from ._common import Config, Section, add_failures, peer_or_note, rel_err, time_alternating
+
+TOL = 1e-10
+
+
+def make_deq(kind: str, hidden: int = 256, batch: int = 64, inp: int = 64) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    G = rng.standard_normal((hidden, hidden))
+    s = 1.0 if kind == "easy" else 0.3
+    U = s * rng.standard_normal((hidden, inp)) / np.sqrt(inp)
+    b = 0.1 * rng.standard_normal(hidden)
+    x = rng.standard_normal((batch, inp))
+    t = 0.5 * rng.standard_normal((batch, hidden))
+    if kind == "easy":
+        W = 0.9 * G / np.linalg.norm(G, 2)
+    else:
+        W = 0.95 * np.linalg.qr(G)[0]
+    return {"W": W, "U": U, "b": b, "x": x, "t": t}
+
+
+def f_tanh(z: torch.Tensor, x: torch.Tensor, W: torch.Tensor, U: torch.Tensor, b: torch.Tensor):
+    return torch.tanh(z @ W.T + x @ U.T + b)
+
+
+def reference(T: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Machine-precision fixed point (Picard) and the dense IFT gradient ``(dW, dx, z*)``."""
+    W, U, b, x, t = T["W"], T["U"], T["b"], T["x"], T["t"]
+    z = torch.zeros_like(t)
+    with torch.no_grad():
+        for _ in range(5000):
+            zn = f_tanh(z, x, W, U, b)
+            if float((zn - z).abs().max()) < 1e-15:
+                z = zn
+                break
+            z = zn
+    g = 2 * (z - t) / t.shape[0]
+    D = 1 - z**2  # (B, n): J_i = diag(D_i) W
+    n = z.shape[1]
+    A = torch.eye(n, dtype=z.dtype, device=z.device) - D[:, :, None] * W[None]  # I - J_i
+    u = torch.linalg.solve(A.mT, g.unsqueeze(-1)).squeeze(-1)
+    Wr, xr = W.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    fz = f_tanh(z, xr, Wr, U, b)
+    dW, dx = torch.autograd.grad((fz * u).sum(), (Wr, xr))
+    return dW, dx, z
+
+
+def _grads(z: torch.Tensor, t: torch.Tensor, W: torch.Tensor, x: torch.Tensor):
+    loss = ((z - t) ** 2).sum() / t.shape[0]
+    return torch.autograd.grad(loss, (W, x))
+
+
+def deq_methods(T: dict[str, torch.Tensor], cfg: Config, section: Section, full: bool = True):
+    """name -> callable returning ``((dW, dx), forward steps)``."""
+    W0, U, b, x0, t = T["W"], T["U"], T["b"], T["x"], T["t"]
+    fwd_cap = 2000
+
+    def ours(solver, backward):
+        def run():
+            W, x = W0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+            z, info = il.fixed_point(
+                f_tanh, torch.zeros_like(t), x, W, U, b, solver=solver, backward=backward,
+                batched=True, return_info=True,
+            )
+            return _grads(z, t, W, x), int(info.steps.max())
+
+        return run
+
+    A = functools.partial(il.solvers.Anderson, rtol=TOL, max_steps=fwd_cap)
+    methods = {
+        "ours Anderson+GMRES": ours(A(), il.linear.GMRES(rtol=TOL)),
+        "ours Anderson+Broyden": ours(A(), il.linear.Broyden(rtol=TOL, max_steps=fwd_cap)),
+    }
+    if full:
+        methods["ours Anderson+Neumann"] = ours(A(), il.linear.Neumann(rtol=TOL, max_steps=fwd_cap))
+        methods["ours Broyden+GMRES"] = ours(
+            il.solvers.Broyden(rtol=TOL, max_steps=fwd_cap), il.linear.GMRES(rtol=TOL)
+        )
+
+    def unrolled(K: int):
+        def run():
+            W, x = W0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+            z = torch.zeros_like(t)
+            for _ in range(K):
+                z = f_tanh(z, x, W, U, b)
+            return _grads(z, t, W, x), K
+
+        return run
+
+    methods["unrolled Picard K=30"] = unrolled(30)
+
+    peers = peer_or_note(section, "torchdeq")
+    if peers is not None:
+        (torchdeq,) = peers
+
+        def tdeq(**kw):
+            deq = torchdeq.get_deq(**kw)
+
+            def run():
+                W, x = W0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+                inj = x @ U.T + b
+                zs, info = deq(lambda z: torch.tanh(z @ W.T + inj), torch.zeros_like(t))
+                return _grads(zs[-1], t, W, x), int(info["nstep"].max())
+
+            return run
+
+        tight = dict(ift=True, f_tol=TOL, b_tol=TOL, f_max_iter=fwd_cap // 4, b_max_iter=fwd_cap // 4,
+                     f_stop_mode="rel", b_stop_mode="rel")
+        for name in (["anderson", "broyden", "fixed_point_iter"] if full else ["fixed_point_iter"]):
+            methods[f"torchdeq {name} IFT 1e-10"] = tdeq(f_solver=name, b_solver=name, **tight)
+        methods["torchdeq defaults"] = tdeq()
+        methods["torchdeq defaults + ift"] = tdeq(ift=True)
+    peers = peer_or_note(section, "jax", "jaxopt")
+    if peers is not None:
+        methods.update(_jax_deq(T, *peers, fwd_cap))
+    return methods
+
+
+def _jax_deq(T: dict[str, torch.Tensor], jax, jaxopt, maxiter: int) -> dict:
+    jnp = jax.numpy
+    W0, U, b, x0, t = (jnp.asarray(T[k].cpu().numpy()) for k in ("W", "U", "b", "x", "t"))
+    # jaxopt stops on the whole-batch norm ‖z_{k+1} - z_k‖ <= tol (absolute): scale it by ‖z*‖
+    # so that it matches a relative tolerance of 1e-10.
+    znorm = float(np.linalg.norm(T["_z"].cpu().numpy()))
+    solve = functools.partial(jaxopt.linear_solve.solve_gmres, tol=TOL)
+
+    def T_map(z, W, x):
+        return jnp.tanh(z @ W.T + x @ U.T + b)
+
+    out = {}
+    for name, cls in (("FixedPointIteration", jaxopt.FixedPointIteration),
+                      ("AndersonAcceleration", jaxopt.AndersonAcceleration)):
+        solver = cls(fixed_point_fun=T_map, tol=TOL * znorm, maxiter=maxiter, implicit_diff_solve=solve)
+
+        def loss(W, x, solver=solver):
+            z = solver.run(jnp.zeros_like(t), W, x).params
+            return jnp.sum((z - t) ** 2) / t.shape[0]
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        out[f"jaxopt {name} (jit)"] = functools.partial(lambda g: (g(W0, x0), -1), grad)
+    return out
+
+
+def run_deq(cfg: Config) -> Section:
+    section = Section("deq", "DEQ z = tanh(Wz + Ux + b): forward + backward at rtol 1e-10")
+    section.notes.append(
+        "Forward and backward tolerance 1e-10 (relative) for every tight configuration; "
+        "'torchdeq defaults' is get_deq() as shipped (40 Picard steps, tol 1e-3, no IFT). "
+        "Errors: relative error of (dL/dW, dL/dx) against the dense IFT gradient at a "
+        "machine-precision fixed point. 'steps' = forward steps of the worst sample."
+    )
+    cases = [("easy", 32, 16)] if cfg.tiny else [("easy", 256, 64), ("hard", 256, 64), ("easy", 1024, 64)]
+    for kind, hidden, batch in cases:
+        data = make_deq(kind, hidden=hidden, batch=batch)
+        T = {k: torch.as_tensor(v, dtype=torch.float64, device=cfg.torch_device) for k, v in data.items()}
+        dW_ref, dx_ref, zref = reference(T)
+        T["_z"] = zref
+        full = hidden <= 256
+        methods = deq_methods(T, cfg, section, full=full)
+        times, outs = time_alternating(methods, cfg, repeats=None if full else max(1, cfg.repeats // 2))
+        case = f"{kind} n={hidden} B={batch}"
+        for name, sec in times.items():
+            (dW, dx), steps = outs[name]
+            err = rel_err(np.concatenate([np.ravel(np.asarray(dW)), np.ravel(np.asarray(dx))]),
+                          np.concatenate([dW_ref.cpu().numpy().ravel(), dx_ref.cpu().numpy().ravel()]))
+            section.add(case=case, method=name, time_ms=1e3 * sec, grad_rel_err=err,
+                        fwd_steps=steps if steps >= 0 else None)
+        add_failures(section, case)
+        if hidden == (32 if cfg.tiny else 256):
+            _deq_targets(section, case, times, section.rows)
+    return section
+
+
+def _deq_targets(section: Section, case: str, times: dict, rows: list) -> None:
+    errs = {r["method"]: r["grad_rel_err"] for r in rows if r["case"] == case}
+    ours = {k: v for k, v in times.items() if k.startswith("ours") and errs[k] <= 1e-9}
+    if not ours and any(k.startswith("ours") for k in times):
+        section.target(f"DEQ {case}: ours grad err <= 1e-9", "<= 1e-9",
+                       min(errs[k] for k in times if k.startswith("ours")), False)
+        return
+    if not ours:
+        return
+    best_ours = min(ours, key=ours.get)
+    tdeq = {k: v for k, v in times.items() if k.startswith("torchdeq") and "1e-10" in k}
+    if tdeq:
+        best = min(tdeq, key=tdeq.get)
+        r = ours[best_ours] / tdeq[best]
+        section.target(f"DEQ {case}: ours/best torchdeq", "<= 0.5", r, r <= 0.5,
+                       f"{best_ours} vs {best} (torchdeq err {errs[best]:.1e})")
+    jx = {k: v for k, v in times.items() if k.startswith("jaxopt")}
+    if jx:
+        best = min(jx, key=jx.get)
+        r = ours[best_ours] / jx[best]
+        section.target(f"DEQ {case}: ours/best jaxopt", "<= 1.0", r, r <= 1.0,
+                       f"{best_ours} vs {best} (jaxopt err {errs[best]:.1e})")

@@ -1,0 +1,187 @@
+"""Problem 1: hypergradients of ridge regression (per-feature weight decay) and of
+L2-regularised multinomial logistic regression on the bundled digits dataset.
+
+Ridge: ``w*(θ) = argmin_w ‖X w - y‖² / (2n) + ½ Σ_j exp(θ_j) w_j²``, outer loss
+``‖X_val w* - y_val‖² / (2 n_val)``, gradient with respect to ``θ ∈ R^d``. The inner problem
+is solved exactly (Cholesky) by every method, so the comparison isolates the backward pass;
+the reference is autograd through the dense closed form, in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+import implicit_layers as il
+
+from ._common import Config, Section, add_failures, peer_or_note, rel_err, time_alternating
+
+TOL = 1e-10
+
+
+def make_ridge(d: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Ridge data with condition number about 17 (n = 2d samples, λ ≈ 0.1)."""
+    rng = np.random.default_rng(seed)
+    n = 2 * d
+    X = rng.standard_normal((n, d))
+    w_true = rng.standard_normal(d) / math.sqrt(d)
+    y = X @ w_true + 0.1 * rng.standard_normal(n)
+    Xv = rng.standard_normal((n, d))
+    yv = Xv @ w_true + 0.1 * rng.standard_normal(n)
+    theta = math.log(0.1) + 0.1 * rng.standard_normal(d)
+    return {"X": X, "y": y, "Xv": Xv, "yv": yv, "theta": theta}
+
+
+def _torch_ridge(data: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v, dtype=torch.float64, device=device) for k, v in data.items()}
+
+
+def ridge_methods(data: dict[str, np.ndarray], cfg: Config, section: Section) -> dict:
+    """name -> callable returning the hypergradient (d,)."""
+    t = _torch_ridge(data, cfg.torch_device)
+    X, y, Xv, yv, theta0 = t["X"], t["y"], t["Xv"], t["yv"], t["theta"]
+    n, d = X.shape
+    G = X.T @ X / n  # precomputed by every method alike
+    Xty = X.T @ y / n
+    L = float(torch.linalg.eigvalsh(G)[-1] + theta0.exp().max())
+
+    def outer(w: torch.Tensor) -> torch.Tensor:
+        r = Xv @ w - yv
+        return 0.5 * (r @ r) / Xv.shape[0]
+
+    def closed_form(lam: torch.Tensor) -> torch.Tensor:
+        H = G + torch.diag(lam)
+        return torch.cholesky_solve(Xty.unsqueeze(-1), torch.linalg.cholesky(H)).squeeze(-1)
+
+    def optimality(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return G @ w - Xty + theta.exp() * w
+
+    def dense_autograd() -> torch.Tensor:
+        theta = theta0.clone().requires_grad_(True)
+        w = closed_form(theta.exp())
+        return torch.autograd.grad(outer(w), theta)[0]
+
+    def ours(backward):
+        @il.custom_root(optimality, backward=backward, symmetric=True, rtol=TOL)
+        def inner(w0, theta):
+            return closed_form(theta.exp())
+
+        def run() -> torch.Tensor:
+            theta = theta0.clone().requires_grad_(True)
+            w = inner(torch.zeros(d, dtype=X.dtype, device=X.device), theta)
+            return torch.autograd.grad(outer(w), theta)[0]
+
+        return run
+
+    methods = {
+        "dense autograd": dense_autograd,
+        "ours default": ours(None),
+        "ours CG": ours(il.linear.CG(rtol=TOL)),
+        "ours Dense": ours(il.linear.Dense(rtol=TOL)),
+        "ours Neumann(1/L)": ours(
+            il.linear.Neumann(rtol=TOL, alpha=1.0 / L, max_steps=20000)
+        ),
+    }
+
+    def unrolled(K: int):
+        eta = 1.0 / L
+
+        def run() -> torch.Tensor:
+            theta = theta0.clone().requires_grad_(True)
+            lam = theta.exp()
+            w = torch.zeros(d, dtype=X.dtype, device=X.device)
+            for _ in range(K):
+                w = w - eta * (G @ w - Xty + lam * w)
+            return torch.autograd.grad(outer(w), theta)[0]
+
+        return run
+
+    # unrolled gradient descent: the fewest steps (of a doubling ladder) within 1e-6
+    ref = dense_autograd()
+    K = 25
+    while K < 3200 and rel_err(unrolled(K)(), ref) > 1e-6:
+        K *= 2
+    methods[f"unrolled GD K={K}"] = unrolled(K)
+
+    peers = peer_or_note(section, "torchopt")
+    if peers is not None:
+        (torchopt,) = peers
+
+        def topt(solve):
+            @torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=solve)
+            def inner(w0, theta):
+                return closed_form(theta.exp())
+
+            def run() -> torch.Tensor:
+                theta = theta0.clone().requires_grad_(True)
+                w = inner(torch.zeros(d, dtype=X.dtype, device=X.device), theta)
+                return torch.autograd.grad(outer(w), theta)[0]
+
+            return run
+
+        ls = torchopt.linear_solve
+        methods["torchopt CG"] = topt(ls.solve_cg(rtol=TOL, maxiter=10 * d))
+        methods["torchopt normal-CG"] = topt(ls.solve_normal_cg(rtol=TOL, maxiter=10 * d))
+        methods["torchopt default"] = topt(None)
+        methods["torchopt Neumann default"] = topt(ls.solve_inv(ns=True))
+    peers = peer_or_note(section, "jax", "jaxopt")
+    if peers is not None:
+        methods.update(_jax_ridge(data, peers[0], peers[1]))
+    return methods
+
+
+def _jax_ridge(data: dict[str, np.ndarray], jax, jaxopt) -> dict:
+    jnp = jax.numpy
+    X, y, Xv, yv = (jnp.asarray(data[k]) for k in ("X", "y", "Xv", "yv"))
+    theta0 = jnp.asarray(data["theta"])
+    n = X.shape[0]
+    G = X.T @ X / n
+    Xty = X.T @ y / n
+
+    def optimality(w, theta):
+        return G @ w - Xty + jnp.exp(theta) * w
+
+    def outer(w):
+        r = Xv @ w - yv
+        return 0.5 * (r @ r) / Xv.shape[0]
+
+    solve = functools.partial(jaxopt.linear_solve.solve_cg, tol=TOL, maxiter=10 * X.shape[1])
+
+    @jaxopt.implicit_diff.custom_root(optimality, solve=solve)
+    def inner(w0, theta):
+        H = G + jnp.diag(jnp.exp(theta))
+        return jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(H), Xty)
+
+    grad = jax.jit(jax.grad(lambda th: outer(inner(jnp.zeros(X.shape[1]), th))))
+    return {"jaxopt CG (jit)": lambda: grad(theta0)}
+
+
+def run_ridge(cfg: Config) -> Section:
+    section = Section("ridge", "Ridge hypergradient (per-feature weight decay), backward at rtol 1e-10")
+    sizes = [50] if cfg.tiny else [100, 200, 1000]
+    section.notes.append(
+        "Inner problem solved exactly (Cholesky) by every method; times are forward + backward. "
+        "Errors are relative to autograd through the dense closed form (float64)."
+    )
+    for d in sizes:
+        data = make_ridge(d)
+        methods = ridge_methods(data, cfg, section)
+        ref = methods["dense autograd"]()
+        times, outs = time_alternating(methods, cfg)
+        for name, sec in times.items():
+            section.add(
+                case=f"d={d}", method=name, time_ms=1e3 * sec, grad_rel_err=rel_err(outs[name], ref),
+            )
+        add_failures(section, f"d={d}")
+        if d == 200 or (cfg.tiny and d == sizes[0]):
+            ours_t = times["ours default"]
+            if "torchopt CG" in times:
+                r = ours_t / times["torchopt CG"]
+                section.target("ridge d=200: ours/torchopt CG", "<= 0.2", r, r <= 0.2)
+            if "jaxopt CG (jit)" in times:
+                r = ours_t / times["jaxopt CG (jit)"]
+                section.target("ridge d=200: ours/jaxopt CG", "<= 1.5", r, r <= 1.5)
+    return section

@@ -1,0 +1,174 @@
+"""Run the benchmark suite and write ``results.json`` and ``results.md``.
+
+Usage::
+
+    python -m benchmarks.run [--tiny] [--out DIR] [--device cpu|cuda] [--only NAME ...]
+
+Peers (torchopt, torchdeq, jax + jaxopt) are optional: a missing one is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "benchmarks"
+
+from benchmarks._common import Config, Section, restore_threads, set_threads  # noqa: E402
+
+PROBLEMS = ("ridge", "deq", "memory", "linsolve", "batched", "imaml")
+
+
+def _runner(name: str):
+    from benchmarks import batched, deq, imaml, linsolve, memory, ridge
+
+    return {
+        "ridge": ridge.run_ridge,
+        "deq": deq.run_deq,
+        "memory": memory.run_memory,
+        "linsolve": linsolve.run_linsolve,
+        "batched": batched.run_batched,
+        "imaml": imaml.run_imaml,
+    }[name]
+
+
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "numpy", "scipy", "torchopt", "torchdeq", "jax", "jaxlib", "jaxopt"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def run(cfg: Config, only: tuple[str, ...] = PROBLEMS) -> dict:
+    """Run the selected problems and return the results dictionary."""
+    sections: list[Section] = []
+    t0 = time.perf_counter()
+    prev = set_threads(cfg.threads)
+    try:
+        with warnings.catch_warnings():
+            # peers' deprecation chatter; our own ConvergenceWarnings stay visible
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module="torchdeq")
+            for name in only:
+                t1 = time.perf_counter()
+                print(f"[benchmarks] {name} ...", flush=True)
+                sec = _runner(name)(cfg)
+                sec.notes.append(f"section wall time {time.perf_counter() - t1:.1f} s")
+                sections.append(sec)
+    finally:
+        restore_threads(prev)
+    return {
+        "meta": {
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "cpu_count": __import__("os").cpu_count(),
+            "python": platform.python_version(),
+            "versions": _versions(),
+            "device": cfg.device,
+            "tiny": cfg.tiny,
+            "repeats": cfg.repeats,
+            "warmup": cfg.warmup,
+            "threads": cfg.threads,
+            "timing": "median process CPU time, one pinned core" if cfg.device == "cpu"
+            else "median wall time with device synchronisation",
+            "total_seconds": time.perf_counter() - t0,
+            "command": "python -m benchmarks.run" + (" --tiny" if cfg.tiny else "")
+            + ("" if cfg.device == "cpu" else f" --device {cfg.device}"),
+        },
+        "sections": [s.to_dict() for s in sections],
+    }
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        if abs(v) >= 1e4 or abs(v) < 1e-2:
+            return f"{v:.1e}"
+        return f"{v:.3g}"
+    return str(v)
+
+
+def to_markdown(results: dict) -> str:
+    m = results["meta"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"- date: {m['date']}; machine: {m['machine']}, {m['cpu_count']} CPUs; device: {m['device']}",
+        f"- timing: {m['timing']}; repeats {m['repeats']} after {m['warmup']} warm-up rounds",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
+        f"- reproduce: `{m['command']}`",
+        "",
+        "## Targets",
+        "",
+        "| target | goal | measured | met | detail |",
+        "|---|---|---|---|---|",
+    ]
+    for s in results["sections"]:
+        for t in s["targets"]:
+            lines.append(f"| {t['name']} | {t['goal']} | {_fmt(t['measured'])} | "
+                         f"{'yes' if t['met'] else 'NO'} | {t['detail']} |")
+    for s in results["sections"]:
+        lines += ["", f"## {s['title']}", ""]
+        cols: list[str] = []
+        for r in s["rows"]:
+            cols += [k for k in r if k not in cols]
+        if s["rows"]:
+            lines.append("| " + " | ".join(cols) + " |")
+            lines.append("|" + "---|" * len(cols))
+            for r in s["rows"]:
+                lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        for n in s["notes"]:
+            lines.append(f"\n- {n}")
+        for n in s["skipped"]:
+            lines.append(f"\n- {n}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true", help="small sizes, few repeats (seconds)")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                   help="output directory (default benchmarks/results)")
+    p.add_argument("--device", default="cpu", help="torch device for our and torch peers' runs")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per case")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 (default) also pins the process to one core; 0 leaves them")
+    p.add_argument("--only", nargs="*", choices=PROBLEMS, default=list(PROBLEMS))
+    a = p.parse_args(argv)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda requested but torch.cuda.is_available() is False")
+    cfg = Config(tiny=a.tiny, device=a.device, threads=a.threads or None)
+    if a.repeats:
+        cfg.repeats = a.repeats
+    results = run(cfg, tuple(a.only))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "results_tiny" if a.tiny else "results"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.md").write_text(to_markdown(results))
+    print(to_markdown(results))
+    print(f"[benchmarks] wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

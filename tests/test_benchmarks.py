@@ -1,0 +1,112 @@
+"""The benchmark suite runs in tiny mode and writes well-formed results; missing peers are skipped."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import implicit_layers as il
+from benchmarks import _common, run
+
+
+def _fail_jax(monkeypatch):
+    real = _common.import_peer
+
+    def fake(name):
+        if name in ("jax", "jaxopt"):
+            raise ImportError(f"{name} unavailable (simulated)")
+        return real(name)
+
+    monkeypatch.setattr(_common, "import_peer", fake)
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    _fail_jax(mp)  # also keeps the test fast: no XLA compilation
+    out = tmp_path_factory.mktemp("bench")
+    try:
+        res = run.main(["--tiny", "--out", str(out), "--repeats", "1"])
+    finally:
+        mp.undo()
+    return res, out
+
+
+def test_writes_json_and_markdown(tiny_results):
+    res, out = tiny_results
+    loaded = json.loads((out / "results_tiny.json").read_text())
+    assert loaded["meta"]["tiny"] is True
+    assert {s["name"] for s in loaded["sections"]} == set(run.PROBLEMS)
+    md = (out / "results_tiny.md").read_text()
+    assert "## Targets" in md and "reproduce" in md
+
+
+def test_rows_have_finite_times_and_errors(tiny_results):
+    res, _ = tiny_results
+    for s in res["sections"]:
+        assert s["rows"], s["name"]
+        for r in s["rows"]:
+            assert isinstance(r["case"], str) and isinstance(r["method"], str)
+            if "error" in r:  # a method that raised is reported with its message
+                assert r["error"]
+                continue
+            if "time_ms" in r and r["time_ms"] is not None:
+                assert math.isfinite(r["time_ms"]) and r["time_ms"] > 0
+        if s["name"] in ("ridge", "deq", "imaml"):
+            errs = [r["grad_rel_err"] for r in s["rows"] if r.get("grad_rel_err") is not None]
+            assert errs and all(e >= 0 and math.isfinite(e) for e in errs)
+
+
+def test_our_gradients_are_accurate_in_tiny_run(tiny_results):
+    res, _ = tiny_results
+    sec = {s["name"]: s for s in res["sections"]}
+    for name, method in (("ridge", "ours CG"), ("ridge", "ours Dense"), ("deq", "ours Anderson+GMRES"),
+                         ("imaml", "ours Dense")):
+        rows = [r for r in sec[name]["rows"] if r["method"] == method]
+        assert rows and all(r["grad_rel_err"] < 1e-6 for r in rows), (name, method, rows)
+
+
+def test_missing_peer_is_skipped_with_note(tiny_results):
+    res, _ = tiny_results
+    sec = {s["name"]: s for s in res["sections"]}
+    assert any("jax" in n and "skipped" in n for n in sec["ridge"]["skipped"])
+    assert not any(r["method"].startswith("jaxopt") for r in sec["ridge"]["rows"])
+
+
+def test_memory_rows_and_targets(tiny_results):
+    res, _ = tiny_results
+    mem = next(s for s in res["sections"] if s["name"] == "memory")
+    imp = [r["saved_MB"] for r in mem["rows"] if r["method"] == "implicit"]
+    unr = [r["saved_MB"] for r in mem["rows"] if r["method"] == "unrolled"]
+    assert imp[-1] <= 1.1 * imp[0] and unr[-1] > 1.5 * unr[0]
+    for s in res["sections"]:
+        for t in s["targets"]:
+            assert {"name", "goal", "measured", "met"} <= set(t)
+
+
+def test_all_peers_missing_does_not_crash(monkeypatch):
+    def fake(name):
+        raise ImportError(f"{name} unavailable (simulated)")
+
+    monkeypatch.setattr(_common, "import_peer", fake)
+    from benchmarks.ridge import run_ridge
+
+    sec = run_ridge(_common.Config(tiny=True, repeats=1, warmup=1, threads=None))
+    assert len(sec.skipped) == 2
+    assert all(r["method"].startswith(("ours", "dense", "unrolled")) for r in sec.rows)
+
+
+def test_custom_root_returns_solver_value_when_inexact():
+    # regression: the returned value is the solver's z even when F(z) != 0 (early stop)
+    A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+
+    @il.custom_root(lambda z, b: A @ z - b, symmetric=True)
+    def inexact(z0, b):
+        return torch.linalg.solve(A, b) + 0.1
+
+    b = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    z = inexact(torch.zeros(2, dtype=torch.float64), b)
+    torch.testing.assert_close(z.detach(), torch.linalg.solve(A, b.detach()) + 0.1)
