@@ -58,7 +58,11 @@ class Neumann(LinearSolver):
             return torch.full((b.shape[0], 1), self.alpha, dtype=b.dtype, device=b.device)
         if not op.symmetric:
             return torch.ones((b.shape[0], 1), dtype=b.dtype, device=b.device)
-        v = torch.randn(b.shape, dtype=b.dtype, device=b.device, generator=None)
+        # A fixed seed and one start vector for every sample: the step size must not depend on
+        # the global RNG (nor consume it) or on a sample's position in the batch.
+        gen = torch.Generator(device=b.device).manual_seed(0)
+        v = torch.randn(b.shape[-1], dtype=b.dtype, device=b.device, generator=gen)
+        v = v.expand(b.shape)
         lam = torch.ones(b.shape[0], dtype=b.dtype, device=b.device)
         for _ in range(self.power_steps):
             v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-300)
