@@ -90,7 +90,7 @@ def test_ridge_hypergradient_float64(linear, forward, device):
     assert rel(g, g_ref) < 1e-8
 
 
-@pytest.mark.parametrize("linear", ["CG", "GMRES", "MINRES", "Dense"])
+@pytest.mark.parametrize("linear", sorted(LINEAR_SOLVERS))
 def test_ridge_hypergradient_float32(linear, device):
     data64 = make_data(torch.float64, device)
     _, g_ref = closed_form_hypergradient(*data64)
@@ -98,8 +98,9 @@ def test_ridge_hypergradient_float32(linear, device):
     _, g, info = implicit_hypergradient(*data32, il.solvers.LBFGS(), LINEAR_SOLVERS[linear]())
     assert g.dtype == torch.float32
     assert bool(info.converged)
-    # float32 forward tolerance is 1e-5 relative; the hypergradient inherits it.
-    assert rel(g.double(), g_ref) < 1e-3
+    # float32 forward and backward tolerances are 1e-5 relative; the hypergradient inherits
+    # them, amplified by the conditioning of the Hessian.
+    assert rel(g.double(), g_ref) < 2e-4
 
 
 def test_ridge_default_solvers_match(device):
