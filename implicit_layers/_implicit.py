@@ -22,6 +22,7 @@ from .backward import BackwardMode, Implicit, Unrolled, _StepMode
 from .linear._base import LinearSolver
 from .linear._operator import FunctionOperator
 from .linear.cg import CG
+from .linear.dense import Dense
 from .linear.gmres import GMRES
 from .linear.neumann import Neumann
 from .solvers._base import ForwardSolver
@@ -101,6 +102,27 @@ def attach(
     return _AdjointHook.apply(out, hook)
 
 
+#: Largest system size ``n`` for which the default backward materialises the Jacobian and
+#: solves it directly. Measured on ridge hypergradients (CPU, float64): building and solving
+#: the dense system took 2 ms against 15 ms for CG at n = 100, but 23 ms against 13 ms at
+#: n = 200, where the n vector-Jacobian products dominate.
+DENSE_MAX_SIZE = 128
+#: ... as long as the batch of matrices stays below this many entries (32 MB in float64).
+DENSE_MAX_ENTRIES = 2**22
+
+
+def default_linear_solver(problem: Problem) -> LinearSolver:
+    """The adjoint solver used when none is given: for symmetric problems (argmin, a symmetric
+    custom_root) Dense when the system is small (the fastest exact method there), else CG;
+    GMRES for the others."""
+    if not problem.symmetric:
+        return GMRES()
+    n, B = problem.size, problem.batch
+    if n <= DENSE_MAX_SIZE and B * n * n <= DENSE_MAX_ENTRIES:
+        return Dense()
+    return CG()
+
+
 def _depends_on_other_leaves(out: Tensor, zr: Tensor) -> bool:
     """Whether ``out``'s graph reaches any tensor requiring grad other than ``zr``."""
     if out.grad_fn is None:
@@ -142,7 +164,7 @@ class _Adjoint:
         self.info = info
         linear = mode.linear_solver
         if linear is None:
-            linear = CG() if problem.symmetric else GMRES()
+            linear = default_linear_solver(problem)
         self.linear = linear.with_rtol(forward_rtol)
 
     def _vjp(self, v: Tensor, batched: bool = False) -> Tensor:
