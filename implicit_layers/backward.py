@@ -13,6 +13,8 @@ Passing a linear solver as ``backward=`` means ``Implicit(that solver)``.
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from ._config import check_positive_int, check_tolerance
 from .linear._base import LinearSolver
 
@@ -39,7 +41,7 @@ class _StepMode(BackwardMode):
     steps: int
     step_size: float | None
 
-    def resolved_step_size(self, kind: str, solver: object) -> float:
+    def resolved_step_size(self, kind: str, solver: object) -> float | Tensor:
         if self.step_size is not None:
             return self.step_size
         if kind != "argmin":
@@ -48,6 +50,11 @@ class _StepMode(BackwardMode):
 
         if isinstance(solver, GradientDescent) and isinstance(solver.step_size, (int, float)):
             return float(solver.step_size)
+        if isinstance(solver, GradientDescent) and isinstance(solver.step_size, Tensor):
+            # A learnable step size (meta-descent): the differentiated steps use it, so it gets
+            # a gradient. One value per sample broadcasts over the flat (B, n) iterate.
+            eta = solver.step_size
+            return eta.unsqueeze(-1) if eta.dim() == 1 else eta
         raise ValueError(
             f"{type(self).__name__} on an argmin problem needs a step size for its gradient "
             f"steps; got step_size=None and a forward solver ({type(solver).__name__}) without "
