@@ -229,9 +229,20 @@ class _Adjoint:
         neumann = Neumann(max_steps=fallback.steps, alpha=eta, rtol=0.0, on_failure="ignore")
         u_fb, _ = neumann.solve(op, gf)
         n_failed = gf.shape[0] if failed is None else int(failed.sum())
+        if failed is None:
+            reached = "its iterate became NaN or Inf"
+        else:
+            # Name the residual reached and the tolerance missed, as every non-convergence
+            # warning does.
+            worst = float(binfo.residual[failed].max())
+            tol = float(binfo.tolerance[failed].max()) if binfo.tolerance is not None else 0.0
+            reached = (f"stopped after {int(binfo.steps.max())} steps with residual "
+                       f"{worst:.3e} > tolerance {tol:.3e}")
         warnings.warn(
             f"{self.linear.name} did not converge in the {what} for {n_failed} of "
-            f"{gf.shape[0]} sample(s); used the {type(fallback).__name__} gradient for them.",
+            f"{gf.shape[0]} sample(s) ({reached}); used the {type(fallback).__name__} gradient "
+            f"for them. For the implicit gradient raise max_steps (now {self.linear.max_steps}) "
+            "or choose another linear solver.",
             ConvergenceWarning,
             stacklevel=3,
         )
