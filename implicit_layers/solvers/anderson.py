@@ -86,11 +86,13 @@ class Anderson(ForwardSolver):
                 # regularisation keeps H invertible and NaN is caught by the monitor.
                 w = torch.linalg.solve_ex(H, ones, check_errors=False)[0].squeeze(-1)
                 alpha = w / w.sum(-1, keepdim=True)
-                mixed_g = (alpha.unsqueeze(-1) * Gx).sum(1)
+                # row-vector batched products: one pass over the history, no (B, m, n) temporary
+                a_row = alpha.unsqueeze(1)
+                mixed_g = torch.bmm(a_row, Gx).squeeze(1)
                 if beta == 1.0:
                     z_new = mixed_g
                 else:
-                    z_new = beta * mixed_g + (1 - beta) * (alpha.unsqueeze(-1) * X).sum(1)
+                    z_new = beta * mixed_g + (1 - beta) * torch.bmm(a_row, X).squeeze(1)
             z = torch.where(active.unsqueeze(-1), z_new, z)
             r = problem.residual(z, create_graph=differentiable)
             mon.record(z, r, active)
