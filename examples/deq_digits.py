@@ -134,10 +134,10 @@ def evaluate(model: DEQClassifier, X: torch.Tensor, y: torch.Tensor) -> tuple[fl
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backward", choices=MODES, default="implicit")
-    p.add_argument("--epochs", type=int, default=25)
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--max-steps", type=int, default=40, help="forward iteration limit (train)")
     p.add_argument("--eval-max-steps", type=int, default=80, help="forward iteration limit (eval)")
     p.add_argument("--jac-reg", type=float, default=0.0,
