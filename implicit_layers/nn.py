@@ -77,14 +77,21 @@ def _check_backward(backward: object) -> Backward:
 
 
 def _initial_guess(
-    given: Tensor | None, given_name: str, x: Tensor, shape: tuple[int, ...] | None, shape_name: str
+    given: Tensor | None,
+    given_name: str,
+    x: Tensor,
+    shape: tuple[int, ...] | None,
+    shape_name: str,
+    module: torch.nn.Module,
 ) -> Tensor:
-    """``given`` checked against the batch of ``x``, or zeros of shape ``(B, *shape)``."""
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() < 1:
-        got = f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-        raise TypeError(
-            f"x must be a floating-point tensor with a leading batch dimension, got {got}."
-        )
+    """``given`` checked against the batch of ``x``, or zeros of shape ``(B, *shape)``.
+
+    The zeros take the dtype of ``x`` if it is floating point (else of the module's first
+    floating parameter, so that e.g. token ids can be the input) and the device of ``x``.
+    """
+    if not isinstance(x, Tensor) or x.dim() < 1:
+        got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"x must be a tensor with a leading batch dimension, got {got}.")
     if given is not None:
         if not isinstance(given, Tensor):
             raise TypeError(f"{given_name} must be a tensor or None, got {type(given).__name__}.")
@@ -100,8 +107,17 @@ def _initial_guess(
             )
         return given
     if shape is None:
+        if not x.is_floating_point():
+            raise ValueError(
+                f"without {shape_name} the state takes the shape of x, which must then be a "
+                f"floating-point tensor (got {x.dtype}); pass {shape_name}=... or {given_name}."
+            )
         return torch.zeros_like(x)
-    return torch.zeros((x.shape[0], *shape), dtype=x.dtype, device=x.device)
+    dtype = x.dtype
+    if not x.is_floating_point():
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()),
+                     torch.get_default_dtype())
+    return torch.zeros((x.shape[0], *shape), dtype=dtype, device=x.device)
 
 
 class DEQ(torch.nn.Module):
@@ -176,7 +192,8 @@ class DEQ(torch.nn.Module):
         """Solve ``z = f(z, x)`` per sample.
 
         Args:
-            x: input ``(B, ...)``, passed unchanged as the second argument of ``f``.
+            x: input ``(B, ...)``, passed unchanged as the second argument of ``f`` (any dtype,
+                e.g. token ids, when ``state_shape`` is set).
             z0: initial guess ``(B, *state_shape)`` (e.g. the previous equilibrium, for a warm
                 start); default zeros. It receives no gradient.
             return_info: also return the :class:`~implicit_layers.SolveInfo` (fields of shape
@@ -185,7 +202,7 @@ class DEQ(torch.nn.Module):
         Returns:
             ``z*`` of shape ``(B, *state_shape)``, and the info if ``return_info``.
         """
-        z0 = _initial_guess(z0, "z0", x, self.state_shape, "state_shape")
+        z0 = _initial_guess(z0, "z0", x, self.state_shape, "state_shape", self)
         z, info = _fixed_point(
             self.f, z0, x, solver=self.active_solver, backward=self.backward, batched=True,
             return_info=True,
@@ -272,7 +289,8 @@ class ArgminLayer(torch.nn.Module):
 
     Args:
         objective: ``L(w, x)``, an ``nn.Module`` (registered as a submodule, so its parameters
-            are trained and moved with the layer) or any callable, taking ``w`` of shape
+            are trained and moved with the layer) or any callable (a module-level function if
+            the layer is to be pickled), taking ``w`` of shape
             ``(B, *w_shape)`` and returning one value per sample, shape ``(B,)``. It must be
             twice differentiable in ``w`` (the implicit gradient uses Hessian-vector products).
         solver: forward solver: an argmin solver (``LBFGS``, ``Newton``, ``GradientDescent``;
@@ -396,7 +414,7 @@ class ArgminLayer(torch.nn.Module):
                 "ArgminLayer needs w0 or, to start from zeros, the per-sample shape w_shape in "
                 "the constructor; got neither."
             )
-        w0 = _initial_guess(w0, "w0", x, self.w_shape, "w_shape")
+        w0 = _initial_guess(w0, "w0", x, self.w_shape, "w_shape", self)
         if not self.constrained:
             w, info = _argmin(
                 self.objective, w0, x, solver=self.active_solver, backward=self.backward,

@@ -446,3 +446,27 @@ def test_optnet_example_tiny(capsys):
     # Only the box-constrained layer can represent box-QP targets.
     assert result["box QP"]["test_mse"] < 0.5 * result["unconstrained"]["test_mse"]
     assert result["box QP"]["test_mse"] < 0.5 * result["clipped linear"]["test_mse"]
+
+
+def test_deq_with_integer_input_and_warm_start(device):
+    """Token ids as input (the state takes the parameters' dtype); z0 warm start."""
+
+    class Embed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 6)
+            self.W = torch.nn.Linear(6, 6, bias=False)
+
+        def forward(self, z, tokens):
+            return torch.tanh(0.5 * self.W(z) + self.emb(tokens))
+
+    torch.manual_seed(12)
+    deq = il.nn.DEQ(Embed(), state_shape=6).to(device, F64)
+    tokens = torch.tensor([1, 4, 7], device=device)
+    z, info = deq(tokens, return_info=True)
+    assert z.dtype == F64 and z.shape == (3, 6)
+    z2, info2 = deq(tokens, z0=z.detach(), return_info=True)
+    assert int(info2.steps.max()) <= 1 < int(info.steps.min())  # warm start: already converged
+    torch.testing.assert_close(z2, z, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="state_shape"):
+        il.nn.DEQ(Embed())(tokens)
