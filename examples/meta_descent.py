@@ -247,7 +247,7 @@ def plot(prob: dict, sweep: dict, sched: dict, budget: int, out: str, name: str)
         ax2.plot(range(1, len(s["etas"]) + 1), s["etas"], color=c, ls=("-", "--", ":")[i % 3],
                  label=f"look-ahead {T}: final excess loss {s['losses'][-1]:.2e}")
     ax2.axhline(prob["eta_max"], color="k", lw=0.5)
-    ax2.set(title="online meta-descent: η schedule (re-tuned every 16 steps)", xlabel="GD step",
+    ax2.set(title="online: η re-tuned every 16 steps", xlabel="GD step",
             ylabel="η (line: stability limit 2/h_max)")
     if sched:
         ax2.legend(fontsize=7)
