@@ -59,24 +59,42 @@ class Anderson(ForwardSolver):
         z = z0
         r = problem.residual(z, create_graph=differentiable)
         mon = Monitor(self, problem, z, r)
+        # Without autograd the history lives in two preallocated ring buffers (iterates and
+        # residuals), written in place: no re-stacking of the whole history every step. The
+        # differentiable (unrolled) path keeps lists, as in-place writes would break autograd.
+        ring = not differentiable
+        if ring:
+            X_buf = z.new_empty(z.shape[0], self.memory, z.shape[1])
+            R_buf = torch.empty_like(X_buf)
         xs: list[Tensor] = []
-        gs: list[Tensor] = []
+        rs: list[Tensor] = []
+        count = 0
         for _ in range(self.max_steps):
             if mon.stop():
                 break
             active = mon.active
-            xs.append(z)
-            gs.append(z - r)
-            if len(xs) > self.memory:
-                xs.pop(0)
-                gs.pop(0)
-            if len(xs) == 1:
+            if ring:
+                slot = count % self.memory
+                X_buf[:, slot] = z
+                R_buf[:, slot] = r
+                count += 1
+                k = min(count, self.memory)
+                X, R = X_buf[:, :k], R_buf[:, :k]
+            else:
+                xs.append(z)
+                rs.append(r)
+                if len(xs) > self.memory:
+                    xs.pop(0)
+                    rs.pop(0)
+                k = len(xs)
+                if k > 1:
+                    X, R = torch.stack(xs, dim=1), torch.stack(rs, dim=1)
+            if k == 1:
                 z_new = z - beta * r
             else:
-                X = torch.stack(xs, dim=1)
-                Gx = torch.stack(gs, dim=1)
-                R = Gx - X
-                H = R @ R.mT
+                # The map values are G(z_i) = z_i - r_i; the mixing weights minimise
+                # ‖Σ α_i r_i‖ subject to Σ α_i = 1 (order of the history is irrelevant).
+                H = torch.bmm(R, R.mT)
                 m = H.shape[-1]
                 diag = H.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(z.dtype).tiny)
                 eye = torch.eye(m, dtype=z.dtype, device=z.device)
@@ -88,11 +106,9 @@ class Anderson(ForwardSolver):
                 alpha = w / w.sum(-1, keepdim=True)
                 # row-vector batched products: one pass over the history, no (B, m, n) temporary
                 a_row = alpha.unsqueeze(1)
-                mixed_g = torch.bmm(a_row, Gx).squeeze(1)
-                if beta == 1.0:
-                    z_new = mixed_g
-                else:
-                    z_new = beta * mixed_g + (1 - beta) * torch.bmm(a_row, X).squeeze(1)
+                mixed_x = torch.bmm(a_row, X).squeeze(1)
+                # β Σ α_i G(z_i) + (1 - β) Σ α_i z_i = Σ α_i z_i - β Σ α_i r_i
+                z_new = mixed_x - beta * torch.bmm(a_row, R).squeeze(1)
             z = torch.where(active.unsqueeze(-1), z_new, z)
             r = problem.residual(z, create_graph=differentiable)
             mon.record(z, r, active)
