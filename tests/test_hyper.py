@@ -296,6 +296,7 @@ def _train_ridge_stn(centered, lam0, X, y, max_steps, device):
         opt.step()
         if step % 10 == 0:
             _, jac = torch.func.jvp(w_of, (center,), (torch.ones_like(center),))
+            jac = jac.detach()
             err = float(torch.linalg.vector_norm(jac - jac_ift) / torch.linalg.vector_norm(jac_ift))
             if err < 0.05:
                 return step, jac.detach(), jac_ift
