@@ -18,33 +18,37 @@ from ._common import Config, Section, add_failures, peer_or_note, rel_err, time_
 
 LAM = 2.0
 SIZES = [(1, 40), (40, 40), (40, 1)]
+TINY_SIZES = [(1, 8), (8, 8), (8, 1)]
 
 
 def mlp(phi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The MLP whose flat parameter vector is ``phi`` (its length picks the width)."""
+    sizes = SIZES if phi.numel() == n_params(SIZES) else TINY_SIZES
     i = 0
     h = x
-    for k, (a, b) in enumerate(SIZES):
+    for k, (a, b) in enumerate(sizes):
         W = phi[i:i + a * b].view(b, a)
         i += a * b
         c = phi[i:i + b]
         i += b
         h = h @ W.T + c
-        if k < len(SIZES) - 1:
+        if k < len(sizes) - 1:
             h = torch.relu(h)
     return h
 
 
-def n_params() -> int:
-    return sum(a * b + b for a, b in SIZES)
+def n_params(sizes: list[tuple[int, int]] = SIZES) -> int:
+    return sum(a * b + b for a, b in sizes)
 
 
-def make_task(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+def make_task(seed: int, device: torch.device, tiny: bool = False) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(seed)
     amp, phase = rng.uniform(0.1, 5.0), rng.uniform(0, np.pi)
     xs = rng.uniform(-5, 5, (20, 1))
     ys = amp * np.sin(xs + phase)
     t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
-    theta = torch.as_tensor(rng.standard_normal(n_params()) * 0.1, device=device)
+    theta = torch.as_tensor(rng.standard_normal(n_params(TINY_SIZES if tiny else SIZES)) * 0.1,
+                            device=device)
     D = {"xs": t(xs[:10]), "ys": t(ys[:10]), "xq": t(xs[10:]), "yq": t(ys[10:])}
     # Meta-parameters pre-fit on the support set (a stand-in for a meta-trained θ): at a random
     # θ the training-loss Hessian has eigenvalues near -11 < -λ, the proximal problem is not
@@ -61,7 +65,7 @@ def make_task(seed: int, device: torch.device) -> dict[str, torch.Tensor]:
 
 def run_imaml(cfg: Config) -> Section:
     section = Section("imaml", "iMAML sinusoid meta-gradient per task (MLP 1-40-40-1, λ=2, 20 inner steps)")
-    D = make_task(0, cfg.torch_device)
+    D = make_task(0, cfg.torch_device, tiny=cfg.tiny)
     xs, ys, xq, yq, theta0 = D["xs"], D["ys"], D["xq"], D["yq"], D["theta"]
     inner_steps, lr = (5 if cfg.tiny else 20), 0.02
 
@@ -87,7 +91,7 @@ def run_imaml(cfg: Config) -> Section:
 
     # dense reference at the same φ
     phi = forward(theta0)
-    H = torch.autograd.functional.hessian(train_loss, phi)
+    H = torch.func.hessian(train_loss)(phi)
     gq = torch.func.grad(test_loss)(phi)
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     ref = LAM * torch.linalg.solve(H + LAM * eye, gq)
