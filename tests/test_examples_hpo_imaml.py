@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import implicit_layers as il
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -19,6 +21,15 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These problems are small: on a shared machine several intra-op threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +44,14 @@ def hpo_results(hpo, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def imaml_results(tmp_path_factory):
+def imaml():
+    return load_example("imaml")
+
+
+@pytest.fixture(scope="module")
+def imaml_results(imaml, tmp_path_factory):
     out = tmp_path_factory.mktemp("imaml")
-    return load_example("imaml").main(["--tiny", "--out", str(out)])
+    return imaml.main(["--tiny", "--out", str(out)])
 
 
 def _errors(rows, prefix):
@@ -86,6 +102,29 @@ def test_hpo_outer_optimisation_lowers_validation_loss(hpo_results):
 
 
 # --- iMAML ----------------------------------------------------------------------------------------
+def test_imaml_meta_gradient_matches_finite_differences(imaml):
+    """The example's iMAML meta-gradient (CG backward) against central differences in float64."""
+    gen = torch.Generator().manual_seed(0)
+    theta = imaml.init_params(gen).double()
+    tasks = {k: v.double() for k, v in imaml.sample_tasks(2, 10, 25, gen).items()}
+    lam = 2.0
+
+    def query_loss(th):
+        phi = il.argmin(imaml.proximal_objective, th.detach().expand(2, -1).clone(), th,
+                        tasks["xs"], tasks["ys"], lam, batched=True,
+                        solver=il.solvers.LBFGS(rtol=0.0, atol=1e-12, max_steps=3000),
+                        backward=il.linear.CG(rtol=1e-12, max_steps=3000))
+        return imaml.task_mse(phi, tasks["xq"], tasks["yq"]).sum()
+
+    th = theta.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(query_loss(th), th)
+    v = torch.randn(theta.shape, generator=gen, dtype=torch.float64)
+    eps = 1e-5
+    with torch.no_grad():
+        fd = float(query_loss(theta + eps * v) - query_loss(theta - eps * v)) / (2 * eps)
+    assert abs(fd - float(grad @ v)) <= 1e-6 * abs(fd), (fd, float(grad @ v))
+
+
 def test_imaml_meta_training_lowers_post_adaptation_loss(imaml_results):
     for method in ("iMAML", "MAML", "FOMAML"):
         mse = imaml_results["test_mse"][method]
