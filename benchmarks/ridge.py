@@ -160,7 +160,8 @@ def _jax_ridge(data: dict[str, np.ndarray], jax, jaxopt) -> dict:
 
 
 def run_ridge(cfg: Config) -> Section:
-    section = Section("ridge", "Ridge hypergradient (per-feature weight decay), backward at rtol 1e-10")
+    section = Section("ridge", "Ridge and logistic-regression hypergradients (per-feature weight decay), "
+                      "backward at rtol 1e-10")
     sizes = [50] if cfg.tiny else [100, 200, 1000]
     section.notes.append(
         "Inner problem solved exactly (Cholesky) by every method; times are forward + backward. "
@@ -184,4 +185,121 @@ def run_ridge(cfg: Config) -> Section:
             if "jaxopt CG (jit)" in times:
                 r = ours_t / times["jaxopt CG (jit)"]
                 section.target("ridge d=200: ours/jaxopt CG", "<= 1.5", r, r <= 1.5)
+    run_logistic(cfg, section)
+    section.notes.append(
+        "Digits logistic regression: every torch method uses the same LBFGS forward (rtol 1e-10); "
+        "jaxopt uses its own jitted LBFGS (tol 1e-9 on the gradient norm) with CG 1e-10."
+    )
     return section
+
+
+def make_digits(device: torch.device) -> dict[str, torch.Tensor]:
+    """Digits (bundled with scikit-learn), 1000 training / 797 validation images, bias column."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = np.hstack([X / 16.0, np.ones((len(y), 1))])
+    idx = np.random.default_rng(0).permutation(len(y))
+    tr, va = idx[:1000], idx[1000:]
+    t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+    return {"X": t(X[tr]), "y": t(y[tr]), "Xv": t(X[va]), "yv": t(y[va]),
+            "theta": t(np.full(X.shape[1], math.log(1e-2)))}
+
+
+def logistic_methods(D: dict[str, torch.Tensor], cfg: Config, section: Section) -> tuple[dict, torch.Tensor]:
+    """Multinomial logistic regression on digits, one weight decay per input feature (65),
+    650 weights. Returns ``(methods, dense reference gradient)``."""
+    X, y, Xv, yv, theta0 = D["X"], D["y"], D["Xv"], D["yv"], D["theta"]
+    p, c = X.shape[1], 10
+    ce = torch.nn.functional.cross_entropy
+
+    def inner(w, theta):
+        W = w.view(p, c)
+        return ce(X @ W, y) + 0.5 * (theta.exp().unsqueeze(-1) * W * W).sum()
+
+    def outer(w):
+        return ce(Xv @ w.view(p, c), yv)
+
+    w0 = torch.zeros(p * c, dtype=X.dtype, device=X.device)
+    lbfgs = il.solvers.LBFGS(rtol=TOL, max_steps=2000)
+
+    # reference: tight solve, dense Hessian, IFT by hand
+    with torch.no_grad():
+        w_ref = il.argmin(inner, w0, theta0, solver=il.solvers.LBFGS(rtol=1e-13, max_steps=5000,
+                                                                      on_failure="ignore"))
+    H = torch.func.hessian(inner)(w_ref, theta0)
+    u = torch.linalg.solve(H, torch.func.grad(outer)(w_ref))
+    theta = theta0.clone().requires_grad_(True)
+    wr = w_ref.clone().requires_grad_(True)
+    (gw,) = torch.autograd.grad(inner(wr, theta), wr, create_graph=True)
+    ref = -torch.autograd.grad(gw, theta, u)[0]
+
+    def ours(backward):
+        def run():
+            th = theta0.clone().requires_grad_(True)
+            w = il.argmin(inner, w0, th, solver=lbfgs, backward=backward)
+            return torch.autograd.grad(outer(w), th)[0]
+
+        return run
+
+    methods = {
+        "ours LBFGS + default": ours(None),
+        "ours LBFGS + CG": ours(il.linear.CG(rtol=TOL)),
+        "ours LBFGS + Dense": ours(il.linear.Dense()),
+        "ours LBFGS unrolled": ours(il.backward.Unrolled()),
+    }
+    peers = peer_or_note(section, "torchopt")
+    if peers is not None:
+        (torchopt,) = peers
+
+        def optimality(w, theta):
+            return torch.func.grad(inner)(w, theta)
+
+        @torchopt.diff.implicit.custom_root(
+            optimality, argnums=1, solve=torchopt.linear_solve.solve_cg(rtol=TOL, maxiter=2000))
+        def topt_solve(w_init, theta):
+            with torch.no_grad():  # the same forward solver as ours
+                return il.argmin(inner, w_init, theta, solver=lbfgs)
+
+        def topt():
+            th = theta0.clone().requires_grad_(True)
+            return torch.autograd.grad(outer(topt_solve(w0, th)), th)[0]
+
+        methods["torchopt CG (same LBFGS forward)"] = topt
+    peers = peer_or_note(section, "jax", "jaxopt")
+    if peers is not None:
+        jax, jaxopt = peers
+        jnp = jax.numpy
+        Xj, Xvj = jnp.asarray(X.cpu().numpy()), jnp.asarray(Xv.cpu().numpy())
+        yj, yvj = jnp.asarray(y.cpu().numpy()), jnp.asarray(yv.cpu().numpy())
+
+        def jce(logits, labels):
+            return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(labels.shape[0]), labels])
+
+        def jinner(w, theta):
+            W = w.reshape(p, c)
+            return jce(Xj @ W, yj) + 0.5 * jnp.sum(jnp.exp(theta)[:, None] * W * W)
+
+        solver = jaxopt.LBFGS(fun=jinner, tol=1e-9, maxiter=2000,
+                              implicit_diff_solve=functools.partial(jaxopt.linear_solve.solve_cg, tol=TOL))
+
+        def jloss(theta):
+            w = solver.run(jnp.zeros(p * c), theta).params
+            return jce(Xvj @ w.reshape(p, c), yvj)
+
+        jgrad = jax.jit(jax.grad(jloss))
+        th0 = jnp.asarray(theta0.cpu().numpy())
+        methods["jaxopt LBFGS + CG (jit)"] = lambda: jgrad(th0)
+    return methods, ref
+
+
+def run_logistic(cfg: Config, section: Section) -> None:
+    D = make_digits(cfg.torch_device)
+    if cfg.tiny:
+        D = {k: (v[:200] if k in ("X", "y") else v) for k, v in D.items()}
+    methods, ref = logistic_methods(D, cfg, section)
+    times, outs = time_alternating(methods, cfg, repeats=max(1, cfg.repeats // 2))
+    case = "digits logistic (650 weights)"
+    for name, sec in times.items():
+        section.add(case=case, method=name, time_ms=1e3 * sec, grad_rel_err=rel_err(outs[name], ref))
+    add_failures(section, case)
