@@ -1,6 +1,6 @@
 """iMAML meta-gradient on sinusoid regression (Rajeswaran et al., 2019), ours vs torchopt.
 
-MLP 1-40-40-1 (1761 parameters, one flat vector), proximal inner problem
+MLP 1-40-40-1 (1761 parameters, one flat vector; tanh, and ReLU as a second case), proximal inner problem
 ``φ*(θ) = argmin_φ L_train(φ) + λ/2 ‖φ - θ‖²`` with λ = 2, solved by 20 gradient steps that
 every method shares; the meta-gradient ``∇_θ L_test(φ*)`` is then obtained by implicit
 differentiation with CG. Reference: the dense solve ``λ (H + λ I)⁻¹ ∇L_test`` with the exact
@@ -21,7 +21,7 @@ SIZES = [(1, 40), (40, 40), (40, 1)]
 TINY_SIZES = [(1, 8), (8, 8), (8, 1)]
 
 
-def mlp(phi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def mlp(phi: torch.Tensor, x: torch.Tensor, act=torch.tanh) -> torch.Tensor:
     """The MLP whose flat parameter vector is ``phi`` (its length picks the width)."""
     sizes = SIZES if phi.numel() == n_params(SIZES) else TINY_SIZES
     i = 0
@@ -33,7 +33,7 @@ def mlp(phi: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         i += b
         h = h @ W.T + c
         if k < len(sizes) - 1:
-            h = torch.relu(h)
+            h = act(h)
     return h
 
 
@@ -41,7 +41,7 @@ def n_params(sizes: list[tuple[int, int]] = SIZES) -> int:
     return sum(a * b + b for a, b in sizes)
 
 
-def make_task(seed: int, device: torch.device, tiny: bool = False) -> dict[str, torch.Tensor]:
+def make_task(seed: int, device: torch.device, tiny: bool = False, act=torch.tanh) -> dict[str, torch.Tensor]:
     rng = np.random.default_rng(seed)
     amp, phase = rng.uniform(0.1, 5.0), rng.uniform(0, np.pi)
     xs = rng.uniform(-5, 5, (20, 1))
@@ -57,7 +57,7 @@ def make_task(seed: int, device: torch.device, tiny: bool = False) -> dict[str, 
     opt = torch.optim.Adam([theta], lr=1e-2)
     for _ in range(300):
         opt.zero_grad()
-        ((mlp(theta, D["xs"]) - D["ys"]) ** 2).mean().backward()
+        ((mlp(theta, D["xs"], act) - D["ys"]) ** 2).mean().backward()
         opt.step()
     D["theta"] = theta.detach()
     return D
@@ -65,15 +65,22 @@ def make_task(seed: int, device: torch.device, tiny: bool = False) -> dict[str, 
 
 def run_imaml(cfg: Config) -> Section:
     section = Section("imaml", "iMAML sinusoid meta-gradient per task (MLP 1-40-40-1, λ=2, 20 inner steps)")
-    D = make_task(0, cfg.torch_device, tiny=cfg.tiny)
+    for act_name in ("tanh",) if cfg.tiny else ("tanh", "relu"):
+        _imaml_case(cfg, section, act_name)
+    return section
+
+
+def _imaml_case(cfg: Config, section: Section, act_name: str) -> None:
+    act = getattr(torch, act_name)
+    D = make_task(0, cfg.torch_device, tiny=cfg.tiny, act=act)
     xs, ys, xq, yq, theta0 = D["xs"], D["ys"], D["xq"], D["yq"], D["theta"]
     inner_steps, lr = (5 if cfg.tiny else 20), 0.02
 
     def train_loss(phi):
-        return ((mlp(phi, xs) - ys) ** 2).mean()
+        return ((mlp(phi, xs, act) - ys) ** 2).mean()
 
     def test_loss(phi):
-        return ((mlp(phi, xq) - yq) ** 2).mean()
+        return ((mlp(phi, xq, act) - yq) ** 2).mean()
 
     def optimality(phi, theta):
         # torch.func.grad composes with both autograd (ours) and functorch.vjp (torchopt)
@@ -109,7 +116,7 @@ def run_imaml(cfg: Config) -> Section:
 
     lam_min = float(torch.linalg.eigvalsh(H)[0]) + LAM
     section.notes.append(
-        f"smallest eigenvalue of H + λI at φ: {lam_min:.3g}"
+        f"{act_name} MLP: smallest eigenvalue of H + λI at φ: {lam_min:.3g}"
         + (" (indefinite: CG is not guaranteed; ours CG stops at negative curvature and warns, "
            "MINRES is the matching solver)" if lam_min <= 0 else "")
     )
@@ -136,18 +143,21 @@ def run_imaml(cfg: Config) -> Section:
         methods["torchopt default (normal CG)"] = topt(None)
     times, outs = time_alternating(methods, cfg)
     for k, t in times.items():
-        section.add(case="one task", method=k, time_ms=1e3 * t, grad_rel_err=rel_err(outs[k], ref))
-    add_failures(section, "one task")
-    errs = {r["method"]: r["grad_rel_err"] for r in section.rows if r.get("time_ms") is not None}
+        section.add(case=f"{act_name} MLP, one task", method=k, time_ms=1e3 * t,
+                    grad_rel_err=rel_err(outs[k], ref))
+    add_failures(section, f"{act_name} MLP, one task")
+    errs = {r["method"]: r["grad_rel_err"] for r in section.rows
+            if r.get("time_ms") is not None and r["case"].startswith(act_name)}
     if "torchopt CG 1e-10" in times:
         bar = max(errs["torchopt CG 1e-10"], 1e-8)
         ok = {k: times[k] for k in times if k.startswith("ours") and errs[k] <= bar}
         if ok:
             best = min(ok, key=ok.get)
             r = ok[best] / times["torchopt CG 1e-10"]
-            section.target("iMAML: ours/torchopt CG 1e-10 (equal accuracy)", "<= 0.5", r, r <= 0.5,
+            section.target(f"iMAML ({act_name} MLP): ours/torchopt CG 1e-10 (equal accuracy)", "<= 0.5",
+                           r, r <= 0.5,
                            f"{best} (err {errs[best]:.1e}) vs torchopt (err {errs['torchopt CG 1e-10']:.1e})")
-    section.notes.append(
-        f"Forward (shared by all methods): {inner_steps} gradient steps of size {lr}; times include it."
-    )
-    return section
+    if act_name == "tanh":
+        section.notes.append(
+            f"Forward (shared by all methods): {inner_steps} gradient steps of size {lr}; times include it."
+        )
