@@ -80,6 +80,9 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                 loss_fn(model, x[shard], y[shard]).backward()
             grads = {n: p.grad for n, p in model.module.named_parameters()}
             torch.save(grads, os.path.join(out_dir, f"{kind}{rank}.pt"))
+            del model  # release DDP's reducer before the process group goes away
+        # Tearing gloo down while the peer is still exiting aborted a rank now and then.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
