@@ -248,6 +248,7 @@ def optimise(
     backward = il.backward.Implicit(il.linear.CG(max_steps=2000))
     w_prev, history, test_history = w0, [], []
     stats = {"inner_steps": 0, "cg_steps": 0}
+    t0 = time.perf_counter()
     for _ in tqdm(range(steps), desc="outer (Adam on log weight decays)"):
         w, info = il.argmin(inner_loss, w_prev, rho, data["X_train"], data["y_train"],
                             solver=solver, backward=backward, return_info=True)
@@ -260,6 +261,7 @@ def optimise(
         stats["inner_steps"] += int(info.steps)
         stats["cg_steps"] += int(info.backward.steps)
         w_prev = w.detach()
+    stats["seconds"] = time.perf_counter() - t0
     stats["test_history"] = test_history
     return rho.detach(), history, stats
 
@@ -342,8 +344,10 @@ def run(args: argparse.Namespace) -> dict:
 
     rho, history, stats = optimise(data, rho0, w_best, cfg["steps"], cfg["lr"])
     tuned = evaluate(solve_tight(rho, data, w0=w_best), data)
-    print(f"outer: {cfg['steps']} Adam steps, {stats['inner_steps']} L-BFGS steps and "
-          f"{stats['cg_steps']} CG steps in total")
+    best_test = min(stats["test_history"])
+    print(f"outer: {cfg['steps']} Adam steps in {stats['seconds']:.1f} s, {stats['inner_steps']} "
+          f"L-BFGS steps and {stats['cg_steps']} CG steps in total; lowest test loss on the path "
+          f"{best_test:.4f} at step {1 + stats['test_history'].index(best_test)}")
     for name, res in (("best shared decay (grid)", grid_best), ("per-weight decays (tuned)", tuned)):
         print(f"{name:>26}: val loss {res['val_loss']:.4f}  test loss {res['test_loss']:.4f}  "
               f"val acc {res['val_acc']:.3f}  test acc {res['test_acc']:.3f}")

@@ -18,7 +18,10 @@ of a meta-step and the memory autograd keeps for the meta-gradient: the bytes of
 tensors saved for backward, counted with ``torch.autograd.graph.saved_tensors_hooks`` (exact
 and deterministic, unlike process-level measures on a CPU).
 
-Run ``python examples/imaml.py`` (full) or with ``--tiny``.
+Run ``python examples/imaml.py`` (full) or with ``--tiny``; ``--imaml-solver lbfgs`` makes iMAML's
+K inner steps L-BFGS iterations (its gradient assumes a solved inner problem, which K small
+gradient steps do not deliver), ``--steps K`` changes K for every method. Measured results and
+their discussion: ``docs/hpo_imaml.md``.
 """
 
 from __future__ import annotations
@@ -273,7 +276,7 @@ def measure(method: str, theta: torch.Tensor, tasks: dict, cfg: dict, steps: int
 
 
 # --- report ------------------------------------------------------------------------------------
-def plot(eval_curves: dict[str, list], scan: dict, ks: list[int], out: Path) -> Path:
+def plot(eval_curves: dict[str, list], scan: dict, ks: list[int], out: Path, suffix: str = "") -> Path:
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(14, 3.8))
     for method, curve in eval_curves.items():
         ax1.plot(*zip(*curve, strict=True), "o-", ms=3, label=method)
@@ -291,7 +294,7 @@ def plot(eval_curves: dict[str, list], scan: dict, ks: list[int], out: Path) -> 
     for ax in (ax2, ax3):
         ax.legend()
     fig.tight_layout()
-    path = out / "imaml_sinusoid.png"
+    path = out / f"imaml_sinusoid{suffix}.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
@@ -336,8 +339,8 @@ def run(args: argparse.Namespace) -> dict:
         cfg.update(meta_batch=5, meta_steps=40, meta_lr=3e-3, eval_every=10, test_tasks=50,
                    scan_batch=2, repeats=1)
     else:
-        cfg.update(meta_batch=25, meta_steps=1500, meta_lr=1e-3, eval_every=100, test_tasks=500,
-                   scan_batch=25, repeats=3)
+        cfg.update(meta_batch=25, meta_steps=5000, meta_lr=1e-3, eval_every=250, test_tasks=500,
+                   scan_batch=25, repeats=5)
     ks = [5, 20, 100]
     print(f"MLP 1-40-40-1: {N_PARAMS} parameters; {cfg['shots']}-shot sinusoid tasks, meta-batch "
           f"{cfg['meta_batch']}, K = {cfg['steps']} inner steps of size {cfg['step_size']}, "
@@ -379,7 +382,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"(iMAML's θ without adaptation: test MSE {test_mse['no adaptation']:.3f}; before "
           "meta-training, after adaptation: "
           + ", ".join(f"{m} {v:.3f}" for m, v in test_mse_init.items()) + ")")
-    path = plot(eval_curves, scan, ks, args.out)
+    suffix = "" if args.imaml_solver == "gd" else f"_{args.imaml_solver}"
+    path = plot(eval_curves, scan, ks, args.out, suffix)
     print(f"plot: {path}")
     return {"losses": curves, "eval_curves": eval_curves, "test_mse": test_mse,
             "test_mse_init": test_mse_init,
