@@ -17,7 +17,7 @@ import torch
 
 import implicit_layers as il
 
-from ._common import Config, Section, add_failures, peer_or_note, rel_err, time_alternating
+from ._common import Config, Section, add_failures, peer_or_note, rel_err, time_alternating, to_numpy
 
 TOL = 1e-10
 
@@ -189,7 +189,7 @@ def run_deq(cfg: Config) -> Section:
         case = f"{kind} n={hidden} B={batch}"
         for name, sec in times.items():
             (dW, dx), steps = outs[name]
-            err = rel_err(np.concatenate([np.ravel(np.asarray(dW)), np.ravel(np.asarray(dx))]),
+            err = rel_err(np.concatenate([to_numpy(dW).ravel(), to_numpy(dx).ravel()]),
                           np.concatenate([dW_ref.cpu().numpy().ravel(), dx_ref.cpu().numpy().ravel()]))
             section.add(case=case, method=name, time_ms=1e3 * sec, grad_rel_err=err,
                         fwd_steps=steps if steps >= 0 else None)
