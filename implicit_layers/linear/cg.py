@@ -40,30 +40,53 @@ class CG(LinearSolver):
             r = b - op.mv(x)
         p = r.clone()
         rs = batched_dot(r, r)
-        done = rs.sqrt() <= tol
+        # Squared norms are compared with the squared tolerance: no square root per step.
+        tol2 = tol * tol
+        done = rs <= tol2
         bad = torch.zeros_like(done)
         steps = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device)
-        zero = torch.zeros((), dtype=b.dtype, device=b.device)
+        inplace: bool | None = None
         for k in range(self.max_steps):
-            if k % check_every == 0 and should_stop(done, rs, self.name):
+            # A NaN/Inf sample fails the curvature test below and stops as ``bad``, so the
+            # finiteness check can wait until after the loop (one synchronisation, not one
+            # per check).
+            if k % check_every == 0 and bool(done.all()):
                 break
             active = ~done
             Ap = op.mv(p)
+            if inplace is None:
+                # In-place updates unless autograd records the solve (a differentiable
+                # operator or right-hand side, e.g. a double backward); then every tensor the
+                # graph saves must stay intact.
+                inplace = not (torch.is_grad_enabled() and (
+                    b.requires_grad or Ap.requires_grad or x.requires_grad
+                ))
             pAp = batched_dot(p, Ap)
-            curvature_ok = pAp > 0
-            bad = bad | (active & ~curvature_ok)
-            step_ok = active & curvature_ok
-            alpha = torch.where(step_ok, rs / torch.where(curvature_ok, pAp, 1.0), zero)
-            x = x + alpha.unsqueeze(-1) * p
-            r = r - alpha.unsqueeze(-1) * Ap
-            rs_new = batched_dot(r, r)
-            beta = torch.where(step_ok, rs_new / torch.where(rs > 0, rs, 1.0), zero)
-            p = r + beta.unsqueeze(-1) * p
+            step_ok = active & (pAp > 0)
+            bad = bad | (active ^ step_ok)  # active with non-positive curvature
+            if inplace:
+                # Masked-out samples may divide by zero here; ``where`` discards those values.
+                alpha = torch.where(step_ok, rs / pAp, 0.0).unsqueeze(-1)
+                x.addcmul_(alpha, p)
+                r.addcmul_(alpha, Ap, value=-1.0)
+                rs_new = batched_dot(r, r)
+                beta = torch.where(step_ok, rs_new / rs, 0.0).unsqueeze(-1)
+                p.mul_(beta).add_(r)
+                steps += step_ok
+            else:
+                # Guarded divisions, so that no NaN reaches the gradient of a masked sample.
+                alpha = torch.where(step_ok, rs / torch.where(step_ok, pAp, 1.0), 0.0)
+                alpha = alpha.unsqueeze(-1)
+                x = x + alpha * p
+                r = r - alpha * Ap
+                rs_new = batched_dot(r, r)
+                beta = torch.where(step_ok, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
+                p = r + beta.unsqueeze(-1) * p
+                steps = steps + step_ok.long()
             rs = rs_new
-            steps = steps + step_ok.long()
-            done = done | (rs.sqrt() <= tol) | bad
-        else:
-            should_stop(done, rs, self.name)
+            # ``done | bad`` equals ``~step_ok``: a sample that did not step is done or bad.
+            done = ~step_ok | (rs <= tol2)
+        should_stop(done, rs, self.name)
         residual = rs.sqrt()
         converged = (residual <= tol) & ~bad
         return x, self._info(converged, steps, residual, tol)
