@@ -21,12 +21,14 @@ class Broyden(ForwardSolver):
     """Good Broyden's method on ``F(z) = 0``, per sample.
 
     Keeps an inverse-Jacobian estimate ``H = I + Σ u_i v_iᵀ`` (starting at the identity, which
-    is exact for a fixed point with ``f`` constant) and steps ``z ← z - H F(z)``. The rank-one
-    factors are kept for the last ``memory`` steps only, so memory stays at
-    ``2 · memory · B · n`` however many steps are taken. One evaluation of ``F`` per step.
+    is exact for a fixed point with ``f`` constant) and steps ``z ← z - H F(z)``. At most
+    ``memory`` rank-one factors are kept: when they are all used the estimate restarts from the
+    identity, so memory stays at ``2 · memory · B · n`` however many steps are taken. An update
+    whose denominator ``sᵀ H y`` is below ``sqrt(eps) ‖s‖ ‖H y‖`` is skipped for that sample.
+    One evaluation of ``F`` per step.
 
     Args:
-        memory: number of rank-one updates kept (default 30).
+        memory: number of rank-one updates kept before a restart (default 30).
         rtol, atol, max_steps, check_every, on_failure: see :class:`ForwardSolver`.
     """
 
@@ -67,7 +69,9 @@ class Broyden(ForwardSolver):
             V = torch.stack(vs, 1)
             return x + (V * (U @ x.unsqueeze(-1))).sum(1)
 
-        tiny = torch.finfo(z.dtype).tiny
+        # An update whose denominator sᵀHy is tiny relative to ‖s‖‖Hy‖ carries no reliable
+        # curvature information and would blow up the estimate: it is skipped (per sample).
+        guard = torch.finfo(z.dtype).eps ** 0.5
         for _ in range(self.max_steps):
             if mon.stop():
                 break
@@ -77,17 +81,21 @@ class Broyden(ForwardSolver):
             z = z + s
             r_new = problem.residual(z, create_graph=differentiable)
             y = r_new - r
+            if len(us) == self.memory:
+                # Restart from H = I when the memory is full. Dropping only the oldest update
+                # would leave the others, each built on the estimate that included it,
+                # inconsistent; on a slowly contracting map that made the iteration diverge.
+                us.clear()
+                vs.clear()
             Hy = apply_h(y)
             denom = _dot(s, Hy)
-            ok = active & (denom.abs() > tiny)
+            scale = torch.linalg.vector_norm(s, dim=-1) * torch.linalg.vector_norm(Hy, dim=-1)
+            ok = active & (denom.abs() > guard * scale)
             safe = torch.where(ok, denom, torch.ones_like(denom))
             u = torch.where(ok.unsqueeze(-1), (s - Hy) / safe.unsqueeze(-1), torch.zeros_like(s))
             v = apply_ht(s)
             us.append(u)
             vs.append(v)
-            if len(us) > self.memory:
-                us.pop(0)
-                vs.pop(0)
             r = r_new
             mon.record(z, r, active)
         return mon.finish()
