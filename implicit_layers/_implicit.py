@@ -103,9 +103,11 @@ def attach(
 
 
 #: Largest system size ``n`` for which the default backward materialises the Jacobian and
-#: solves it directly. Measured on ridge hypergradients (CPU, float64): building and solving
-#: the dense system took 2 ms against 15 ms for CG at n = 100, but 23 ms against 13 ms at
-#: n = 200, where the n vector-Jacobian products dominate.
+#: solves it directly. The crossover depends on how many CG iterations the problem needs
+#: (CPU, float64, one thread): on ridge hypergradients (condition number ~17, ~45 CG steps)
+#: Dense beats CG up to n ~ 400 (1.5 vs 4.0 ms at n = 200); on digits softmax regression
+#: (~15 CG steps) CG is faster already at n = 128 (1.6 vs 7.1 ms), the vectorised
+#: Hessian-vector products being costly there. 128 keeps the worst case of either choice small.
 DENSE_MAX_SIZE = 128
 #: ... as long as the batch of matrices stays below this many entries (32 MB in float64).
 DENSE_MAX_ENTRIES = 2**22
@@ -232,8 +234,23 @@ class _Adjoint:
         if failed is not None and not bool(failed.any()):
             return u, binfo
         eta = fallback.resolved_step_size(self.problem.kind, self.solver)
+        op_fb, g_fb = op, gf
+        if isinstance(eta, Tensor):
+            # A learnable step size of GradientDescent: the fallback only needs its value.
+            eta = eta.detach()
+            if eta.numel() == 1:
+                eta = float(eta)
+            else:
+                # One step per sample: Neumann with step 1 on the row-scaled system
+                # (η A) u = η g takes exactly the steps u ← u + η (g - A u).
+                eta_b = eta.reshape(-1, 1).to(gf.dtype)
+                op_fb = FunctionOperator(
+                    lambda v: eta_b * op.mv(v), op.batch, op.size, op.dtype, op.device
+                )
+                g_fb = eta_b * gf
+                eta = 1.0
         neumann = Neumann(max_steps=fallback.steps, alpha=eta, rtol=0.0, on_failure="ignore")
-        u_fb, _ = neumann.solve(op, gf)
+        u_fb, _ = neumann.solve(op_fb, g_fb)
         n_failed = gf.shape[0] if failed is None else int(failed.sum())
         if failed is None:
             reached = "its iterate became NaN or Inf"

@@ -69,9 +69,12 @@ class Implicit(BackwardMode):
 
     Args:
         linear_solver: the :class:`~implicit_layers.linear.LinearSolver` for the adjoint
-            system. ``None`` picks :class:`~implicit_layers.linear.CG` for argmin problems (the
-            Hessian is symmetric positive definite at a strict minimum) and
-            :class:`~implicit_layers.linear.GMRES` otherwise. A solver with ``rtol=None``
+            system. ``None`` picks, for symmetric problems (argmin, whose Hessian is symmetric
+            positive definite at a strict minimum, and ``custom_root(..., symmetric=True)``),
+            :class:`~implicit_layers.linear.Dense` when the system size ``n`` (elements of one
+            sample's solution) is at most 128 and ``B · n²`` (``B`` the batch, 1 unbatched) is at
+            most ``2**22``, else :class:`~implicit_layers.linear.CG`; for the others (fixed
+            points, roots) :class:`~implicit_layers.linear.GMRES`. A solver with ``rtol=None``
             inherits the forward solver's tolerance, so the gradient is as accurate as the
             solution it differentiates.
         fallback: optional :class:`JacobianFree`, :class:`Phantom` or :class:`Truncated` whose

@@ -218,3 +218,36 @@ def test_implicit_fallback_does_not_hide_a_nan_cotangent(device):
     cot = torch.full_like(x, float("nan"))
     with pytest.raises(il.NonFiniteError):
         torch.autograd.grad(z, x, cot)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_implicit_fallback_with_tensor_step_size(per_sample, device):
+    """Implicit(fallback=Truncated(k)) after GradientDescent with a tensor step size: the
+    fallback uses the step's value (no TypeError) and equals Truncated(k) with that float."""
+    problem = Quadratic(device)
+    B, k = 3, 5
+    thetas = torch.stack([problem.theta * s for s in (1.0, 0.5, -1.0)])
+    cot = torch.stack([problem.cot] * B)
+
+    def fun(w, theta):  # batched Quadratic: one value per row
+        quad = 0.5 * ((w @ problem.A) * w).sum(-1)
+        return quad - (theta * w).sum(-1) + torch.log(torch.cosh(w)).sum(-1)
+
+    def grad(backward, step):
+        theta = thetas.clone().requires_grad_(True)
+        solver = il.solvers.GradientDescent(step, max_steps=2000)
+        w = il.argmin(fun, torch.zeros_like(thetas), theta, solver=solver, backward=backward,
+                      batched=True)
+        return torch.autograd.grad(w, theta, cot)[0]
+
+    eta = 0.2
+    step = (torch.full((B,), eta, dtype=DT, device=device) if per_sample
+            else torch.tensor(eta, dtype=DT, device=device))
+    # CG limited to one step cannot converge: every sample takes the fallback.
+    mode = il.backward.Implicit(il.linear.CG(max_steps=1), fallback=il.backward.Truncated(k))
+    with pytest.warns(il.ConvergenceWarning, match="Truncated"):
+        got = grad(mode, step.requires_grad_(True))
+    expected = grad(il.backward.Truncated(k, step_size=eta), eta)
+    assert rel(got, expected) < 1e-10
+    exact = grad(il.linear.Dense(), eta)
+    assert rel(got, exact) > 1e-8  # really the truncated gradient, not the implicit one
