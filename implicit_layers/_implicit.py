@@ -95,7 +95,12 @@ def attach(
         raise TypeError(f"unsupported backward mode {type(backward).__name__}.")
     with torch.enable_grad():
         zr = z.detach().requires_grad_(True)
-        out = zr - problem.residual(zr, create_graph=True)
+        if problem.kind == "fixed_point":
+            # z - (z - f(z)) is f(z): record f alone, so that every adjoint VJP skips the
+            # two subtractions and the sum of the direct and the f branch.
+            out = problem.flatten(problem._call(zr))
+        else:
+            out = zr - problem.residual(zr, create_graph=True)
     if not _depends_on_other_leaves(out, zr):
         return z
     hook = _Adjoint(problem, zr, out, backward, info, forward_rtol, solver)

@@ -139,7 +139,13 @@ def batched_dot(a: Tensor, b: Tensor) -> Tensor:
 
 def should_stop(done: Tensor, watch: Tensor, solver: str) -> bool:
     """One synchronisation: are all samples done? Raises if ``watch`` is not finite."""
-    flags = torch.stack([done.all(), torch.isfinite(watch).all()]).tolist()
+    return check_done(done, watch, solver)[0]
+
+
+def check_done(done: Tensor, watch: Tensor, solver: str) -> tuple[bool, bool]:
+    """One synchronisation: ``(all samples done, any sample done)``; raises if ``watch`` is
+    not finite."""
+    flags = torch.stack([done.all(), torch.isfinite(watch).all(), done.any()]).tolist()
     if not flags[1]:
         from .._info import NonFiniteError
 
@@ -148,4 +154,4 @@ def should_stop(done: Tensor, watch: Tensor, solver: str) -> bool:
             "for NaN, and that the operator suits the solver (e.g. Neumann needs the step size "
             "times the largest eigenvalue below 2)."
         )
-    return bool(flags[0])
+    return bool(flags[0]), bool(flags[2])

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .._config import check_tolerance
 from .._info import SolveInfo
-from ._base import LinearSolver, batched_dot, should_stop
+from ._base import LinearSolver, batched_dot, check_done, should_stop
 from ._operator import LinearOperator
 
 __all__ = ["Neumann"]
@@ -80,15 +80,38 @@ class Neumann(LinearSolver):
         res = torch.linalg.vector_norm(r, dim=-1)
         done = res <= tol
         steps = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device)
+        unit = self.alpha == 1.0 or (self.alpha is None and not op.symmetric)
+        inplace: bool | None = None
         for k in range(self.max_steps):
-            if k % check_every == 0 and should_stop(done, res, self.name):
-                break
-            active = (~done).unsqueeze(-1)
-            step = alpha * r
-            x = torch.where(active, x + step, x)
-            r = torch.where(active, r - op.mv(step), r)
+            all_active = False
+            if k % check_every == 0:
+                all_done, any_done = check_done(done, res, self.name)
+                if all_done:
+                    break
+                all_active = not any_done
+            step = r if unit else alpha * r
+            Ms = op.mv(step)
+            if inplace is None:
+                # In place unless autograd records the solve (a differentiable operator or
+                # right-hand side), whose graph must keep every saved tensor intact.
+                inplace = not (torch.is_grad_enabled() and (
+                    b.requires_grad or Ms.requires_grad or x.requires_grad
+                ))
+            if all_active:
+                # No sample is done (known from this step's check): no masks.
+                if inplace:
+                    x.add_(step)
+                    r.sub_(Ms)
+                else:
+                    x = x + step
+                    r = r - Ms
+                steps += 1
+            else:
+                active = (~done).unsqueeze(-1)
+                x = torch.where(active, x + step, x)
+                r = torch.where(active, r - Ms, r)
+                steps = steps + active.squeeze(-1).long()
             res = torch.linalg.vector_norm(r, dim=-1)
-            steps = steps + active.squeeze(-1).long()
             done = done | (res <= tol)
         else:
             should_stop(done, res, self.name)

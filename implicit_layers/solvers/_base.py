@@ -125,6 +125,9 @@ class Monitor:
         self.done = res <= self.tol
         self.steps = torch.zeros(z0.shape[0], dtype=torch.int64, device=z0.device)
         self.k = 0
+        # True from a synchronisation that found no sample done until the next record(): the
+        # solvers then step every sample without masks.
+        self._all_active = False
 
     def _tol(self, z: Tensor) -> Tensor:
         scale = torch.linalg.vector_norm(z, dim=-1) if self.relative_to_z else self.scale0
@@ -134,11 +137,32 @@ class Monitor:
     def active(self) -> Tensor:
         return ~self.done
 
+    @property
+    def all_active(self) -> bool:
+        """Whether every sample is known (without a new synchronisation) to be still active."""
+        return self._all_active
+
     def record(self, z: Tensor, r: Tensor, stepped: Tensor) -> None:
         """Register the new iterate ``z`` with residual ``r``; ``stepped`` marks who moved."""
         res = torch.linalg.vector_norm(r, dim=-1)
         if self.relative_to_z:
             self.tol = self._tol(z.detach())
+        if self._all_active:
+            # Every sample stepped: the same updates without the masks.
+            self._all_active = False
+            self.steps = self.steps + 1
+            better = res <= self.best_res
+            # On the CPU (a check every step) a synchronisation is cheaper than a masked copy
+            # of the iterate, and the residual usually decreases for every sample.
+            if self.check_every == 1 and bool(better.all()):
+                self.best_z = z
+                self.best_res = res
+            else:
+                self.best_z = torch.where(better.unsqueeze(-1), z, self.best_z)
+                self.best_res = torch.where(better, res, self.best_res)
+            self.res = res
+            self.done = res <= self.tol
+            return
         self.steps = self.steps + stepped.long()
         better = stepped & (res <= self.best_res)
         self.best_z = torch.where(better.unsqueeze(-1), z, self.best_z)
@@ -151,7 +175,10 @@ class Monitor:
         self.k += 1
         if not force and (self.k - 1) % self.check_every != 0:
             return False
-        flags = torch.stack([self.done.all(), torch.isfinite(self.res).all()]).tolist()
+        flags = torch.stack(
+            [self.done.all(), torch.isfinite(self.res).all(), self.done.any()]
+        ).tolist()
+        self._all_active = not flags[2]
         if not flags[1]:
             raise NonFiniteError(
                 f"{self.solver.name}: the residual of the {self.problem.kind} problem became NaN "

@@ -45,13 +45,29 @@ class Picard(ForwardSolver):
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
         z = z0
-        r = problem.residual(z, create_graph=differentiable)
+        # Plain fixed-point iteration keeps f(z): the next iterate is f(z) itself rather than
+        # z - (z - f(z)), one subtraction less per step (and no rounding from it).
+        plain = problem.kind == "fixed_point" and self.damping == 1.0
+        fz = None
+        if plain:
+            fz = problem.flatten(problem._call(z))
+            r = z - fz
+        else:
+            r = problem.residual(z, create_graph=differentiable)
         mon = Monitor(self, problem, z, r)
         for _ in range(self.max_steps):
             if mon.stop():
                 break
             active = mon.active
-            z = torch.where(active.unsqueeze(-1), z - self.damping * r, z)
-            r = problem.residual(z, create_graph=differentiable)
+            if plain:
+                new = fz
+            else:
+                new = z - (r if self.damping == 1.0 else self.damping * r)
+            z = new if mon.all_active else torch.where(active.unsqueeze(-1), new, z)
+            if plain:
+                fz = problem.flatten(problem._call(z))
+                r = z - fz
+            else:
+                r = problem.residual(z, create_graph=differentiable)
             mon.record(z, r, active)
         return mon.finish()
