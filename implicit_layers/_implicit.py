@@ -95,15 +95,18 @@ def attach(
         raise TypeError(f"unsupported backward mode {type(backward).__name__}.")
     with torch.enable_grad():
         zr = z.detach().requires_grad_(True)
+        res = None
         if problem.kind == "fixed_point":
             # z - (z - f(z)) is f(z): record f alone, so that every adjoint VJP skips the
             # two subtractions and the sum of the direct and the f branch.
             out = problem.flatten(problem._call(zr))
         else:
-            out = zr - problem.residual(zr, create_graph=True)
+            # The adjoint products are VJPs of F itself (res); out only carries -∂F/∂θ.
+            res = problem.residual(zr, create_graph=True)
+            out = zr - res
     if not _depends_on_other_leaves(out, zr):
         return z
-    hook = _Adjoint(problem, zr, out, backward, info, forward_rtol, solver)
+    hook = _Adjoint(problem, zr, out, backward, info, forward_rtol, solver, res)
     return _AdjointHook.apply(out, hook)
 
 
@@ -162,11 +165,15 @@ class _Adjoint:
         info: SolveInfo | None,
         forward_rtol: float,
         solver: object,
+        res: Tensor | None = None,
     ) -> None:
         self.problem = problem
         self.solver = solver
         self.zr = zr
         self.out = out
+        # With the residual F(z) recorded, (∂F/∂z)ᵀ v is one VJP of it; without (fixed
+        # points, where out = f(z)), it is v - vjp_f(v).
+        self.res = res
         self.mode = mode
         self.info = info
         linear = mode.linear_solver
@@ -176,13 +183,16 @@ class _Adjoint:
 
     def _vjp(self, v: Tensor, batched: bool = False) -> Tensor:
         (g,) = torch.autograd.grad(
-            self.out, self.zr, v, retain_graph=True, allow_unused=True,
+            self.out if self.res is None else self.res, self.zr, v, retain_graph=True,
+            allow_unused=True,
             is_grads_batched=batched,
         )
         return torch.zeros_like(v) if g is None else g
 
     def rmv(self, v: Tensor) -> Tensor:
-        """``(∂F/∂z)ᵀ v``, from ``out = z - F``: ``v - vjp_out(v)``."""
+        """``(∂F/∂z)ᵀ v``: a VJP of ``F``, or ``v - vjp_f(v)`` for a fixed point ``F = z - f``."""
+        if self.res is not None:
+            return self._vjp(v)
         return v - self._vjp(v)
 
     def dense(self) -> Tensor:
@@ -200,7 +210,7 @@ class _Adjoint:
                 rows = self._vjp(basis, batched=True)
             except RuntimeError:
                 rows = torch.stack([self._vjp(basis[i]) for i in range(n)])
-        cols = basis - rows  # cols[i] = (∂F/∂z)ᵀ e_i
+        cols = rows if self.res is not None else basis - rows  # cols[i] = (∂F/∂z)ᵀ e_i
         return cols.permute(1, 2, 0)
 
     def operator(self) -> FunctionOperator:
