@@ -115,7 +115,8 @@ def attach(
 #: (CPU, float64, one thread): on ridge hypergradients (condition number ~17, ~45 CG steps)
 #: Dense beats CG up to n ~ 400 (1.5 vs 4.0 ms at n = 200); on digits softmax regression
 #: (~15 CG steps) CG is faster already at n = 128 (1.6 vs 7.1 ms), the vectorised
-#: Hessian-vector products being costly there. 128 keeps the worst case of either choice small.
+#: Hessian-vector products being costly there. 128 keeps the worst case of either choice small
+#: (figures: ``python -m benchmarks.dense_crossover``).
 DENSE_MAX_SIZE = 128
 #: ... as long as the batch of matrices stays below this many entries (32 MB in float64).
 DENSE_MAX_ENTRIES = 2**22
