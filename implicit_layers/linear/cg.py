@@ -50,9 +50,14 @@ class CG(LinearSolver):
             # A NaN/Inf sample fails the curvature test below and stops as ``bad``, so the
             # finiteness check can wait until after the loop (one synchronisation, not one
             # per check).
-            if k % check_every == 0 and bool(done.all()):
-                break
-            active = ~done
+            all_active = False
+            if k % check_every == 0:
+                # On the CPU (a check every step) one more synchronisation is cheaper than
+                # the masks it saves: while no sample is done and every curvature is positive
+                # the step below runs without them.
+                all_active = check_every == 1 and not bool(done.any())
+                if not all_active and bool(done.all()):
+                    break
             Ap = op.mv(p)
             if inplace is None:
                 # In-place updates unless autograd records the solve (a differentiable
@@ -62,6 +67,17 @@ class CG(LinearSolver):
                     b.requires_grad or Ap.requires_grad or x.requires_grad
                 ))
             pAp = batched_dot(p, Ap)
+            if all_active and inplace and bool((pAp > 0).all()):
+                alpha = (rs / pAp).unsqueeze(-1)
+                x.addcmul_(alpha, p)
+                r.addcmul_(alpha, Ap, value=-1.0)
+                rs_new = batched_dot(r, r)
+                p.mul_((rs_new / rs).unsqueeze(-1)).add_(r)
+                steps += 1
+                rs = rs_new
+                done = rs <= tol2
+                continue
+            active = ~done
             step_ok = active & (pAp > 0)
             bad = bad | (active ^ step_ok)  # active with non-positive curvature
             if inplace:
