@@ -1,7 +1,7 @@
 """Problem 2: deep-equilibrium layers, forward + backward, against torchdeq and jaxopt.
 
-``z* = tanh(W z* + U x + b)`` for a batch of 64 inputs, exactly as in the peers' measurements
-(``shared/PEERS.md``): numpy ``default_rng(0)`` draws ``G`` (hidden × hidden), then ``U``,
+``z* = tanh(W z* + U x + b)`` for a batch of 64 inputs, as in the team's reference
+measurements of the peers: numpy ``default_rng(0)`` draws ``G`` (hidden × hidden), then ``U``,
 ``b``, ``x`` and the target ``t`` in that order; easy ``W = 0.9 G / ‖G‖₂``, hard
 ``W = 0.95 Q`` (``Q`` the orthogonal factor of ``G``), ``U = s N(0,1) / √64`` with ``s = 1``
 (easy) or ``0.3`` (hard), ``b = 0.1 N(0,1)``; loss ``Σ (z* - t)² / 64``; gradients with

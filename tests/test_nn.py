@@ -196,7 +196,8 @@ def test_argmin_layer_learnable_bound(device):
 def test_tiny_deq_trains(device):
     """A DEQ inside a Sequential learns; the Jacobian penalty keeps its map contractive."""
     torch.manual_seed(0)
-    X = torch.randn(32, 4, dtype=F64, device=device)
+    # Data drawn on the CPU: the same problem on every device (device RNGs differ).
+    X = torch.randn(32, 4, dtype=F64).to(device)
     y = (X[:, 0] * X[:, 1] > 0).long()
     deq = il.nn.DEQ(Cell(16, 8, scale=0.3), state_shape=(16,),
                     solver=il.solvers.Anderson(max_steps=50))
