@@ -26,6 +26,10 @@ def backtracking(
     Samples that are not ``active`` do not move. Returns the new iterate, its values and its
     gradient. A sample that finds no acceptable step in ``max_trials`` halvings keeps the
     smallest trial step (its residual then reports the lack of progress).
+
+    Deciding whether another trial is needed synchronises with the device once per trial (on
+    well-scaled problems the first trial is accepted, so about once per solver step): the price
+    of an exact per-sample line search. :class:`GradientDescent` has none.
     """
     slope = (grad * direction).sum(-1)
     # Near the minimum the decrease c1 t ∇L·d falls below the rounding error of L itself and
