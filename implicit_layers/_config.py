@@ -52,3 +52,42 @@ def check_tolerance(value: object, name: str, *, allow_none: bool = True) -> flo
     if not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value}.")
     return float(value)
+
+
+class SolverSettings:
+    """The settings every iterative solver shares, validated once for forward and linear solvers.
+
+    Args:
+        rtol: relative tolerance, or ``None`` for the dtype's default.
+        atol: absolute tolerance.
+        max_steps: iteration limit, or ``None`` for the class's ``default_max_steps``.
+        check_every: steps between convergence checks, or ``None`` for the device's default.
+        on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``.
+    """
+
+    default_max_steps = 1000
+
+    def __init__(
+        self,
+        rtol: float | None = None,
+        atol: float = 0.0,
+        max_steps: int | None = None,
+        check_every: int | None = None,
+        on_failure: str = "warn",
+    ) -> None:
+        from ._info import check_on_failure
+
+        self.rtol = check_tolerance(rtol, "rtol")
+        self.atol = check_tolerance(atol, "atol", allow_none=False)
+        self.max_steps = (
+            self.default_max_steps if max_steps is None else check_positive_int(max_steps, "max_steps")
+        )
+        self.check_every = None if check_every is None else check_positive_int(
+            check_every, "check_every"
+        )
+        self.on_failure = check_on_failure(on_failure)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+

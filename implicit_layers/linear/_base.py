@@ -8,18 +8,17 @@ import torch
 from torch import Tensor
 
 from .._config import (
-    check_positive_int,
-    check_tolerance,
+    SolverSettings,
     default_check_every,
     default_rtol,
 )
-from .._info import SolveInfo, check_on_failure, report_failure
+from .._info import SolveInfo, report_failure
 from ._operator import LinearOperator
 
 __all__ = ["LinearSolver"]
 
 
-class LinearSolver:
+class LinearSolver(SolverSettings):
     """Base class: solves ``A x = b`` for a batch of systems, each to its own tolerance.
 
     A sample has converged when ``‖b - A x‖ <= max(atol, rtol * ‖b‖)`` (the criterion of
@@ -42,30 +41,6 @@ class LinearSolver:
     default_max_steps = 1000
     needs_symmetric = False
     needs_positive_definite = False
-
-    def __init__(
-        self,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: str = "warn",
-    ) -> None:
-        self.rtol = check_tolerance(rtol, "rtol")
-        self.atol = check_tolerance(atol, "atol", allow_none=False)
-        self.max_steps = (
-            self.default_max_steps
-            if max_steps is None
-            else check_positive_int(max_steps, "max_steps")
-        )
-        self.check_every = None if check_every is None else check_positive_int(
-            check_every, "check_every"
-        )
-        self.on_failure = check_on_failure(on_failure)
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({fields})"
 
     def with_rtol(self, rtol: float) -> LinearSolver:
         """Return a copy whose unset ``rtol`` is ``rtol`` (used to tie backward to forward)."""

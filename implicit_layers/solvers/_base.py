@@ -6,18 +6,17 @@ import torch
 from torch import Tensor
 
 from .._config import (
-    check_positive_int,
-    check_tolerance,
+    SolverSettings,
     default_check_every,
     default_rtol,
 )
-from .._info import NonFiniteError, SolveInfo, check_on_failure, report_failure
+from .._info import NonFiniteError, SolveInfo, report_failure
 from .._problem import Problem
 
 __all__ = ["ForwardSolver"]
 
 
-class ForwardSolver:
+class ForwardSolver(SolverSettings):
     """Base class of the algorithms that find ``z*`` in the forward pass.
 
     A sample has converged when its residual norm ``‖F(z)‖`` (``‖z - f(z)‖`` for a fixed point,
@@ -41,28 +40,6 @@ class ForwardSolver:
     kinds: tuple[str, ...] = ("fixed_point", "root", "argmin")
     default_max_steps = 500
     supports_unrolled = True
-
-    def __init__(
-        self,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: str = "warn",
-    ) -> None:
-        self.rtol = check_tolerance(rtol, "rtol")
-        self.atol = check_tolerance(atol, "atol", allow_none=False)
-        self.max_steps = (
-            self.default_max_steps if max_steps is None else check_positive_int(max_steps, "max_steps")
-        )
-        self.check_every = None if check_every is None else check_positive_int(
-            check_every, "check_every"
-        )
-        self.on_failure = check_on_failure(on_failure)
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({fields})"
 
     def resolved_rtol(self, dtype: torch.dtype) -> float:
         return default_rtol(dtype) if self.rtol is None else self.rtol
