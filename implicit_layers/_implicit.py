@@ -51,20 +51,19 @@ def solve(
     """Solve ``problem`` from ``z0`` and attach the gradient chosen by ``backward``."""
     z0f = problem.flatten(z0)
     grad_on = torch.is_grad_enabled()
-    if isinstance(backward, Unrolled) and grad_on:
-        if not solver.supports_unrolled:
-            raise ValueError(
-                f"backward=Unrolled() cannot differentiate through {solver.name}; use LBFGS, "
-                "GradientDescent, Picard, Anderson or Broyden as solver, or an implicit backward."
-            )
-        z, info = solver.solve(problem, z0f, differentiable=True)
-        if not problem.batched:
-            info.squeeze_batch()
-        return z, info
-    with torch.no_grad():
-        z, info = solver.solve(problem, z0f.detach(), differentiable=False)
+    unrolled = isinstance(backward, Unrolled) and grad_on
+    if unrolled and not solver.supports_unrolled:
+        raise ValueError(
+            f"backward=Unrolled() cannot differentiate through {solver.name}; use LBFGS, "
+            "GradientDescent, Picard, Anderson or Broyden as solver, or an implicit backward."
+        )
+    # Unrolled: autograd records every step; otherwise the solve runs without a graph.
+    with torch.set_grad_enabled(unrolled):
+        z, info = solver.solve(problem, z0f if unrolled else z0f.detach(), differentiable=unrolled)
     if not problem.batched:
         info.squeeze_batch()
+    if unrolled:
+        return z, info
     z = z.detach()
     if not grad_on:
         return z, info
@@ -99,7 +98,7 @@ def attach(
         if problem.kind == "fixed_point":
             # z - (z - f(z)) is f(z): record f alone, so that every adjoint VJP skips the
             # two subtractions and the sum of the direct and the f branch.
-            out = problem.flatten(problem._call(zr))
+            out = problem.fixed_point_map(zr)
         else:
             # The adjoint products are VJPs of F itself (res); out only carries -∂F/∂θ.
             res = problem.residual(zr, create_graph=True)
@@ -182,11 +181,10 @@ class _Adjoint:
             linear = default_linear_solver(problem)
         self.linear = linear.with_rtol(forward_rtol)
 
-    def _vjp(self, v: Tensor, batched: bool = False) -> Tensor:
+    def _vjp(self, v: Tensor) -> Tensor:
         (g,) = torch.autograd.grad(
             self.out if self.res is None else self.res, self.zr, v, retain_graph=True,
             allow_unused=True,
-            is_grads_batched=batched,
         )
         return torch.zeros_like(v) if g is None else g
 
@@ -202,15 +200,13 @@ class _Adjoint:
         eye = torch.eye(n, dtype=self.zr.dtype, device=self.zr.device)
         basis = eye.unsqueeze(1).expand(n, B, n)
         try:
-            # torch.func.vmap batches the backward formulas with its own batching rules; the
-            # legacy vmap behind is_grads_batched expands matrix-vector products into an
-            # (n, n, n) bmm (12x slower at n = 200 for a residual ``G @ w``).
+            # torch.func.vmap batches the backward formulas with its own batching rules
+            # (autograd.grad's is_grads_batched expands a residual ``G @ w`` into an (n, n, n)
+            # bmm, 12x slower at n = 200). Operations without a batching rule fall back to one
+            # VJP per column.
             rows = torch.func.vmap(self._vjp)(basis)  # rows[i] = vjp(e_i), shape (n, B, n)
         except RuntimeError:
-            try:
-                rows = self._vjp(basis, batched=True)
-            except RuntimeError:
-                rows = torch.stack([self._vjp(basis[i]) for i in range(n)])
+            rows = torch.stack([self._vjp(basis[i]) for i in range(n)])
         cols = rows if self.res is not None else basis - rows  # cols[i] = (∂F/∂z)ᵀ e_i
         return cols.permute(1, 2, 0)
 

@@ -108,6 +108,10 @@ class Problem:
         """Objective values ``(B,)`` (argmin only)."""
         return self._call(z).reshape(self.batch)
 
+    def fixed_point_map(self, z: Tensor) -> Tensor:
+        """``f(z)`` of shape ``(B, n)`` (fixed points only: the residual is ``z - f(z)``)."""
+        return self.flatten(self._call(z))
+
     def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
         """The residual ``F(z)`` of shape ``(B, n)``; differentiable if ``create_graph``."""
         if self.kind == "argmin":
@@ -116,9 +120,3 @@ class Problem:
         if self.kind == "fixed_point":
             return z - out
         return out
-
-    def scale(self, z: Tensor, r: Tensor) -> Tensor:
-        """Per-sample scale for the relative tolerance: ``‖z‖`` for fixed points, else ``‖F(z0)‖``."""
-        if self.kind == "fixed_point":
-            return torch.linalg.vector_norm(z, dim=-1)
-        return torch.linalg.vector_norm(r, dim=-1)

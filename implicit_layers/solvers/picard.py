@@ -50,7 +50,7 @@ class Picard(ForwardSolver):
         plain = problem.kind == "fixed_point" and self.damping == 1.0
         fz = None
         if plain:
-            fz = problem.flatten(problem._call(z))
+            fz = problem.fixed_point_map(z)
             r = z - fz
         else:
             r = problem.residual(z, create_graph=differentiable)
@@ -65,7 +65,7 @@ class Picard(ForwardSolver):
                 new = z - (r if self.damping == 1.0 else self.damping * r)
             z = new if mon.all_active else torch.where(active.unsqueeze(-1), new, z)
             if plain:
-                fz = problem.flatten(problem._call(z))
+                fz = problem.fixed_point_map(z)
                 r = z - fz
             else:
                 r = problem.residual(z, create_graph=differentiable)
