@@ -107,6 +107,15 @@ class LinearSolver(SolverSettings):
         )
 
 
+def initial_residual(op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The starting iterate and its residual ``b - A x0`` (``x0 = 0`` when not given), as new
+    tensors the solver may update in place."""
+    if x0 is None:
+        return torch.zeros_like(b), b.clone()
+    x = x0.clone()
+    return x, b - op.mv(x)
+
+
 def batched_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample dot product of two ``(B, n)`` tensors (one fused kernel, not mul + sum)."""
     return torch.linalg.vecdot(a, b)

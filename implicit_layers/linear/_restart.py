@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .._info import SolveInfo
-from ._base import LinearSolver, should_stop
+from ._base import LinearSolver, initial_residual, should_stop
 from ._operator import LinearOperator
 
 # inner(x, r, beta, active, tol, check_every, total) -> (x, used, total)
@@ -33,12 +33,7 @@ def run_in_rounds(
 ) -> tuple[Tensor, SolveInfo]:
     _, tol, check_every = solver._setup(op, b)
     batch = b.shape[0]
-    if x0 is None:
-        x = torch.zeros_like(b)
-        r = b.clone()
-    else:
-        x = x0.clone()
-        r = b - op.mv(x)
+    x, r = initial_residual(op, b, x0)
     beta = torch.linalg.vector_norm(r, dim=-1)
     bad = torch.zeros(batch, dtype=torch.bool, device=b.device)
     done = beta <= tol

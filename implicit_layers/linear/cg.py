@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .._info import SolveInfo
-from ._base import LinearSolver, batched_dot, should_stop
+from ._base import LinearSolver, batched_dot, initial_residual, should_stop
 from ._operator import LinearOperator
 
 __all__ = ["CG"]
@@ -32,12 +32,7 @@ class CG(LinearSolver):
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
         _, tol, check_every = self._setup(op, b)
-        if x0 is None:
-            x = torch.zeros_like(b)
-            r = b.clone()
-        else:
-            x = x0.clone()
-            r = b - op.mv(x)
+        x, r = initial_residual(op, b, x0)
         p = r.clone()
         rs = batched_dot(r, r)
         # Squared norms are compared with the squared tolerance: no square root per step.

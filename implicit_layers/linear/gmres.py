@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .._config import check_positive_int
 from .._info import SolveInfo
-from ._base import LinearSolver, should_stop
+from ._base import LinearSolver, initial_residual, should_stop
 from ._operator import LinearOperator
 
 __all__ = ["GMRES"]
@@ -64,12 +64,7 @@ class GMRES(LinearSolver):
         _, tol, check_every = self._setup(op, b)
         batch, n = b.shape
         dtype, device = b.dtype, b.device
-        if x0 is None:
-            x = torch.zeros_like(b)
-            r = b.clone()
-        else:
-            x = x0.clone()
-            r = b - op.mv(x)
+        x, r = initial_residual(op, b, x0)
         beta = torch.linalg.vector_norm(r, dim=-1)
         bad = torch.zeros(batch, dtype=torch.bool, device=device)
         done = beta <= tol

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .._config import check_tolerance
 from .._info import SolveInfo
-from ._base import LinearSolver, batched_dot, check_done, should_stop
+from ._base import LinearSolver, batched_dot, check_done, initial_residual, should_stop
 from ._operator import LinearOperator
 
 __all__ = ["Neumann"]
@@ -75,8 +75,7 @@ class Neumann(LinearSolver):
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
         _, tol, check_every = self._setup(op, b)
         alpha = self._step_size(op, b)
-        x = torch.zeros_like(b) if x0 is None else x0.clone()
-        r = b.clone() if x0 is None else b - op.mv(x)
+        x, r = initial_residual(op, b, x0)
         res = torch.linalg.vector_norm(r, dim=-1)
         done = res <= tol
         steps = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device)
