@@ -41,6 +41,11 @@ class ForwardSolver(SolverSettings):
     default_max_steps = 500
     supports_unrolled = True
 
+    def gradient_step_size(self) -> float | Tensor | None:
+        """The step size ``η`` of the solver's gradient steps, if it has a fixed one (used by the
+        step backward modes on argmin problems); ``None`` otherwise."""
+        return None
+
     def resolved_rtol(self, dtype: torch.dtype) -> float:
         return default_rtol(dtype) if self.rtol is None else self.rtol
 

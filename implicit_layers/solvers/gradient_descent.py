@@ -53,6 +53,9 @@ class GradientDescent(ForwardSolver):
         self.step_size = step_size
         self.power_steps = check_positive_int(power_steps, "power_steps")
 
+    def gradient_step_size(self) -> float | Tensor | None:
+        return self.step_size
+
     def step_for(self, problem: Problem, z: Tensor) -> Tensor | float:
         """The step size as used on the flat ``(B, n)`` iterate ``z``."""
         eta = self.step_size
