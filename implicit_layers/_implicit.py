@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 
 from ._capture import is_wrapped, transforms_active
+from ._folded import FoldedProblem
 from ._info import ConvergenceWarning, NonFiniteError, SolveInfo
-from ._linearize import Linearization, RecordedLinearization
+from ._linearize import Linearization, RecordedLinearization, transpose_of_vjp
 from ._problem import Problem
 from .linear._base import LinearSolver
 from .linear._operator import FunctionOperator
@@ -109,12 +110,21 @@ class ImplicitCore:
             linear = _replaced(linear, rtol=forward_rtol)
         self.linear = linear
         self.info: SolveInfo | None = None
+        # Whether the forward records F at z* for a first-order backward (eager autograd only).
+        self.record = torch.is_grad_enabled() and not transforms_active()
+        self.recorded: RecordedLinearization | None = None
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, z0: Tensor, values: Sequence[Tensor]) -> Tensor:
-        z, info = self._forward(self.problem.bind(values), z0)
+        problem = self.problem.bind(values)
+        z, info = self._forward(problem, z0)
         if self.info is None:
             self.info = info
+        if self.record:
+            # Record F at z* now, while the function sees the tensors it saw when called (a
+            # functional_call swaps module parameters back when it returns); an ordinary
+            # backward reuses this graph for every product.
+            self.recorded = RecordedLinearization(problem, z)
         return z.clone() if z is z0 else z
 
     # -- linear solves -----------------------------------------------------------------
@@ -205,25 +215,45 @@ class ImplicitCore:
             return u_fb, binfo
         return torch.where(failed.unsqueeze(-1), u_fb, u), binfo
 
+    def fold(self, V: int, dims: Sequence[int | None], values: Sequence[Tensor]) -> ImplicitCore:
+        """The core of ``V`` vmapped copies of this problem solved as one batch."""
+        folded = FoldedProblem(self.problem, V, dims, values)  # type: ignore[arg-type]
+        core = ImplicitCore(folded, self.mode, self._forward, 0.0, self.solver)  # type: ignore[arg-type]
+        core.linear = self.linear
+        core.record = False
+        return core
+
     # -- derivatives -------------------------------------------------------------------
     def vjp(self, z: Tensor, values: Sequence[Tensor], g: Tensor) -> tuple[Tensor, ...]:
         """``-(∂F/∂θ)ᵀ u`` with ``(∂F/∂z)ᵀ u = g``, one entry per parameter."""
         values = tuple(values)
+        if _legacy_batched(g):
+            raise RuntimeError(
+                "implicit layers do not support the legacy batched gradients of "
+                "torch.autograd.grad(..., is_grads_batched=True) and "
+                "torch.autograd.functional.jacobian(..., vectorize=True) (their solver loops "
+                "stop on data, which the legacy vmap cannot batch). Use torch.func.jacrev or "
+                "torch.func.vmap(torch.func.vjp(...)), which the layer supports, or "
+                "vectorize=False."
+            )
         if not torch.is_grad_enabled() and not transforms_active() and not is_wrapped(g):
             # An ordinary backward: no graph of the gradient is needed.
-            lin: Linearization | RecordedLinearization = RecordedLinearization(self.problem, z)
+            lin: Linearization | RecordedLinearization = (
+                self.recorded if self.recorded is not None
+                else RecordedLinearization(self.problem.bind(values, deferred=True), z)
+            )
             u = self.linear_solve(lin, g, transpose=True)
             grads = lin.param_vjp(-u)
         else:
             u = _LinearSolve.apply(g, z, self, True, *values)
             lin = Linearization(self.problem.bind(values), z, values)
             grads = lin.param_vjp(-u)
-        return tuple(torch.zeros_like(v) if d is None else d for d, v in zip(grads, values))
+        return tuple(torch.zeros_like(v) if d is None else d for d, v in zip(grads, values, strict=False))
 
     def jvp(self, z: Tensor, values: Sequence[Tensor], tangents: Sequence[Tensor | None]) -> Tensor:
         """``ż`` with ``(∂F/∂z) ż = -(∂F/∂θ) θ̇``."""
         values = tuple(values)
-        tangents = tuple(torch.zeros_like(v) if t is None else t for t, v in zip(tangents, values))
+        tangents = tuple(torch.zeros_like(v) if t is None else t for t, v in zip(tangents, values, strict=False))
         lin = Linearization(self.problem.bind(values), z, values)
         rhs = -lin.param_jvp(tangents)
         return _LinearSolve.apply(rhs, z, self, False, *values)
@@ -235,7 +265,7 @@ class ImplicitCore:
         problem = self.problem
 
         def pairing(zz: Tensor, *vals: Tensor) -> Tensor:
-            F = problem.bind(vals).pure_residual
+            F = problem.bind(vals, deferred=True).pure_residual
             _, vjp = torch.func.vjp(F, zz)
             return (vjp(left)[0] * right).sum()
 
@@ -250,16 +280,25 @@ class ImplicitCore:
         problem = self.problem
 
         def product(zz: Tensor, *vals: Tensor) -> Tensor:
-            F = problem.bind(vals).pure_residual
+            F = problem.bind(vals, deferred=True).pure_residual
+            out, vjp = torch.func.vjp(F, zz)
             if transpose or problem.symmetric:
-                return torch.func.vjp(F, zz)[1](u)[0]
-            return torch.func.jvp(F, (zz,), (u,))[1]
+                return vjp(u)[0]
+            return transpose_of_vjp(lambda w: vjp(w)[0], out, u)
 
-        return torch.func.jvp(product, (z, *values), (z_t, *values_t))[1]
+        out, vjp = torch.func.vjp(product, z, *values)
+        return transpose_of_vjp(vjp, out, (z_t, *values_t))
+
+
+def _legacy_batched(t: Tensor) -> bool:
+    """Whether ``t`` is batched by the legacy vmap of ``is_grads_batched`` (not ``torch.func``)."""
+    return not is_wrapped(t) and "Batched" in str(torch._C._dispatch_keys(t)).replace(
+        "FuncTorchBatched", ""
+    )
 
 
 def _zeros_for(tangents: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    return tuple(torch.zeros_like(v) if t is None else t for t, v in zip(tangents, like))
+    return tuple(torch.zeros_like(v) if t is None else t for t, v in zip(tangents, like, strict=False))
 
 
 class _Solution(torch.autograd.Function):
@@ -285,6 +324,33 @@ class _Solution(torch.autograd.Function):
     def jvp(ctx: Any, z0_t: Tensor | None, core_t: None, *values_t: Tensor | None) -> Tensor:  # type: ignore[override]
         z, *values = ctx.saved_tensors
         return ctx.core.jvp(z, values, values_t)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, z0: Tensor, core: ImplicitCore, *values: Tensor) -> tuple:  # type: ignore[override]
+        z0_dim, _, *value_dims = in_dims
+        if z0_dim is None and all(d is None for d in value_dims):
+            return _Solution.apply(z0, core, *values), None
+        V = info.batch_size
+        dims, values = _move_to_front(V, value_dims, values)
+        folded = core.fold(V, dims, values)
+        z = _Solution.apply(_fold_state(V, z0_dim, z0), folded, *values)
+        if core.info is None:
+            core.info = folded.info
+        return z.reshape(V, -1, z.shape[-1]), 0
+
+
+def _move_to_front(
+    V: int, dims: Sequence[int | None], tensors: Sequence[Tensor]
+) -> tuple[list[int | None], list[Tensor]]:
+    """Vmapped dimensions moved to the front (``0``) or absent (``None``)."""
+    moved = [t if d is None else t.movedim(d, 0) for t, d in zip(tensors, dims, strict=False)]
+    return [None if d is None else 0 for d in dims], moved
+
+
+def _fold_state(V: int, dim: int | None, z: Tensor) -> Tensor:
+    """A ``(B, n)`` state, vmapped along ``dim`` or shared, as ``(V · B, n)``."""
+    z = z.unsqueeze(0).expand(V, *z.shape) if dim is None else z.movedim(dim, 0)
+    return z.reshape(V * z.shape[1], z.shape[2])
 
 
 class _LinearSolve(torch.autograd.Function):
@@ -328,6 +394,22 @@ class _LinearSolve(torch.autograd.Function):
         change = core.product_jvp(z, values, u, transpose, z_t, values_t)
         rhs_t = -change if rhs_t is None else rhs_t - change
         return _LinearSolve.apply(rhs_t, z, core, transpose, *values)
+
+    @staticmethod
+    def vmap(  # type: ignore[override]
+        info: Any, in_dims: tuple, rhs: Tensor, z: Tensor, core: ImplicitCore, transpose: bool,
+        *values: Tensor,
+    ) -> tuple:
+        rhs_dim, z_dim, _, _, *value_dims = in_dims
+        if rhs_dim is None and z_dim is None and all(d is None for d in value_dims):
+            return _LinearSolve.apply(rhs, z, core, transpose, *values), None
+        V = info.batch_size
+        dims, values = _move_to_front(V, value_dims, values)
+        folded = core.fold(V, dims, values)
+        u = _LinearSolve.apply(
+            _fold_state(V, rhs_dim, rhs), _fold_state(V, z_dim, z), folded, transpose, *values
+        )
+        return u.reshape(V, -1, u.shape[-1]), 0
 
 
 def implicit_solution(core: ImplicitCore, z0: Tensor) -> Tensor:

@@ -14,12 +14,23 @@ product (the fast path of an ordinary first-order backward).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ._problem import Problem
+
+
+def transpose_of_vjp(vjp: Callable[[Tensor], Any], like: Tensor, tangent: Any) -> Tensor:
+    """``J t`` from the linear map ``w ↦ Jᵀ w`` (a VJP) by differentiating it in ``w``.
+
+    Reverse over reverse rather than ``torch.func.jvp``: forward-mode AD does not nest, and
+    the tangent solves run inside ``torch.autograd.forward_ad``'s own level.
+    """
+    _, transpose = torch.func.vjp(vjp, torch.zeros_like(like))
+    return transpose(tangent)[0]
 
 
 def _basis(z: Tensor) -> Tensor:
@@ -45,7 +56,7 @@ class Linearization:
 
     def F(self, z: Tensor, *values: Tensor) -> Tensor:
         """The residual as a pure function of the point and the parameters."""
-        return self.problem.bind(values).pure_residual(z)
+        return self.problem.bind(values, deferred=True).pure_residual(z)
 
     def rmv(self, v: Tensor) -> Tensor:
         return self._vjp(v)[0]
@@ -53,13 +64,13 @@ class Linearization:
     def mv(self, v: Tensor) -> Tensor:
         if self.problem.symmetric:
             return self.rmv(v)
-        return torch.func.jvp(lambda zz: self.F(zz, *self.values), (self.z,), (v,))[1]
+        return transpose_of_vjp(lambda w: self._vjp(w)[0], self.residual, v)
 
     def param_vjp(self, u: Tensor) -> tuple[Tensor, ...]:
         return tuple(self._vjp(u)[1:])
 
     def param_jvp(self, tangents: Sequence[Tensor]) -> Tensor:
-        return torch.func.jvp(lambda *vals: self.F(self.z, *vals), self.values, tuple(tangents))[1]
+        return transpose_of_vjp(lambda w: tuple(self._vjp(w)[1:]), self.residual, tuple(tangents))
 
     def dense(self, transpose: bool = True) -> Tensor:
         rows = torch.func.vmap(self.rmv)(_basis(self.z))  # rows[i] = Aᵀ e_i, shape (n, B, n)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map_only, tree_unflatten
 
 from ._capture import Substitute
 
@@ -86,14 +86,19 @@ class Problem:
         self.device = leaves[0].device
         self.params = tuple(params)
         self.values = self.params if values is None else tuple(values)
-        self._substitute = any(a is not b for a, b in zip(self.params, self.values))
+        self._substitute = any(a is not b for a, b in zip(self.params, self.values, strict=False))
 
-    def bind(self, values: Sequence[Tensor]) -> Problem:
-        """The same problem with ``values[i]`` in place of ``params[i]`` wherever ``fn`` uses it."""
+    def bind(self, values: Sequence[Tensor], *, deferred: bool = False) -> Problem:
+        """The same problem with ``values[i]`` in place of ``params[i]`` wherever ``fn`` uses it.
+
+        ``deferred=True`` marks a call after the layer's forward (a backward, a transform),
+        when ``fn`` may see other tensors than it did (see
+        :class:`~implicit_layers._capture.Substitute`); it always goes through the substitution.
+        """
         new = object.__new__(Problem)
         new.__dict__.update(self.__dict__)
         new.values = tuple(values)
-        new._substitute = any(a is not b for a, b in zip(self.params, new.values))
+        new._substitute = deferred or any(a is not b for a, b in zip(self.params, new.values, strict=False))
         return new
 
     def with_params(self, params: Sequence[Tensor]) -> Problem:
@@ -119,7 +124,7 @@ class Problem:
         parts = torch.split(z, self.leaf_sizes, dim=-1)
         leaves = [
             p.reshape(s).to(d) if dtype else p.reshape(s)
-            for p, s, d in zip(parts, self.leaf_shapes, self.leaf_dtypes)
+            for p, s, d in zip(parts, self.leaf_shapes, self.leaf_dtypes, strict=False)
         ]
         return tree_unflatten(leaves, self.spec)
 
@@ -128,13 +133,8 @@ class Problem:
         state = self.unflatten(z)
         if not self._substitute:
             return self.fn(state, *self.args, **self.kwargs)
-        mode = Substitute(self.params, self.values)
-        mapping = mode.mapping
-        args, kwargs = self.args, self.kwargs
-        if mapping:
-            args = tuple(mapping.get(id(a), a) if isinstance(a, Tensor) else a for a in args)
-            kwargs = {k: mapping.get(id(v), v) if isinstance(v, Tensor) else v
-                      for k, v in kwargs.items()}
+        mode = Substitute(self.params, self.values, exclude=(z, state))
+        args, kwargs = tree_map_only(Tensor, mode._resolve, (self.args, self.kwargs))
         with mode:
             return self.fn(state, *args, **kwargs)
 

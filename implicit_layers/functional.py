@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
 from torch.autograd import forward_ad
 from torch.utils._pytree import tree_flatten, tree_map_only
 
@@ -101,7 +100,7 @@ def _run(
     z0f = problem.flatten(z0)
     problem = _bind(problem, z0f.detach())
     z, info = mode.solve(problem, z0f, solver)
-    if not problem.batched:
+    if not problem.batched and info.converged.numel() == 1:  # (V,) fields under vmap
         info.squeeze_batch()
     z = problem.unflatten(z)
     if not return_info:
