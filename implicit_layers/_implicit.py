@@ -253,7 +253,7 @@ class ImplicitCore:
     def jvp(self, z: Tensor, values: Sequence[Tensor], tangents: Sequence[Tensor | None]) -> Tensor:
         """``ż`` with ``(∂F/∂z) ż = -(∂F/∂θ) θ̇``."""
         values = tuple(values)
-        tangents = tuple(torch.zeros_like(v) if t is None else t for t, v in zip(tangents, values, strict=False))
+        tangents = _zeros_for(tangents, values)
         lin = Linearization(self.problem.bind(values), z, values)
         rhs = -lin.param_jvp(tangents)
         return _LinearSolve.apply(rhs, z, self, False, *values)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map_only, tree_unflatten
 
-from ._capture import Substitute
+from ._capture import Substitute, transforms_active
 
 Kind = Literal["fixed_point", "root", "argmin"]
 
@@ -78,12 +78,16 @@ class Problem:
         per_sample = [math.prod(s[1:]) if batched else math.prod(s) for s in self.leaf_shapes]
         self.leaf_sizes = tuple(per_sample)
         self.size = sum(per_sample)
-        dtype = torch.promote_types(leaves[0].dtype, leaves[0].dtype)
+        dtype = leaves[0].dtype
         for t in leaves[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
         self.io_dtype = dtype
         self.dtype = torch.float32 if dtype in HALF_DTYPES else dtype
         self.device = leaves[0].device
+        # The precision the map computes in: a half-precision state, or autocast's dtype.
+        self.precision = dtype
+        if dtype not in HALF_DTYPES and torch.is_autocast_enabled(self.device.type):
+            self.precision = torch.get_autocast_dtype(self.device.type)
         self.params = tuple(params)
         self.values = self.params if values is None else tuple(values)
         self._substitute = any(a is not b for a, b in zip(self.params, self.values, strict=False))
@@ -197,10 +201,11 @@ class Problem:
     def value_and_grad(self, z: Tensor, create_graph: bool = False) -> tuple[Tensor, Tensor]:
         """Objective values ``(B,)`` and gradient ``(B, n)`` (argmin only).
 
-        Under ``torch.inference_mode`` autograd cannot record the objective, so the gradient
-        comes from ``torch.func.grad``, which can.
+        Under ``torch.inference_mode`` autograd cannot record the objective, and under
+        ``torch.func`` transforms it may not be used, so the gradient then comes from
+        ``torch.func.grad`` (differentiable by the enclosing transforms).
         """
-        if torch.is_inference_mode_enabled() and not create_graph:
+        if torch.is_inference_mode_enabled() or transforms_active():
             def total(zz: Tensor) -> tuple[Tensor, Tensor]:
                 value = self.objective(zz)
                 return value.sum(), value

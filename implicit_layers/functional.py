@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor
@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from ._capture import capture, transforms_active
 from ._config import check_float_tensor, default_rtol
+from ._implicit import _replaced
 from ._info import SolveInfo
 from ._problem import Kind, Problem
 from .backward import BackwardMode, resolve_backward
@@ -99,6 +100,10 @@ def _run(
     # z0 stays attached: Unrolled() differentiates through the initial guess too (MAML).
     z0f = problem.flatten(z0)
     problem = _bind(problem, z0f.detach())
+    if solver.rtol is None and problem.precision != problem.dtype:
+        # The state is iterated in float32 but the map computes in half precision: hold the
+        # solve (and the backward, which inherits it) to what that precision can reach.
+        solver = _replaced(solver, rtol=default_rtol(problem.precision))
     z, info = mode.solve(problem, z0f, solver)
     if not problem.batched and info.converged.numel() == 1:  # (V,) fields under vmap
         info.squeeze_batch()
@@ -108,33 +113,53 @@ def _run(
     return z, info
 
 
+@overload
 def fixed_point(
-    f: Callable[..., Tensor],
-    z0: Tensor,
+    f: Callable[..., Any], z0: Any, *args: Any, solver: ForwardSolver | None = ...,
+    backward: Backward = ..., batched: bool = ..., return_info: Literal[False] = ...,
+) -> Any: ...
+@overload
+def fixed_point(
+    f: Callable[..., Any], z0: Any, *args: Any, solver: ForwardSolver | None = ...,
+    backward: Backward = ..., batched: bool = ..., return_info: Literal[True],
+) -> tuple[Any, SolveInfo]: ...
+def fixed_point(
+    f: Callable[..., Any],
+    z0: Any,
     *args: Any,
     solver: ForwardSolver | None = None,
     backward: Backward = None,
     batched: bool = False,
     return_info: bool = False,
-) -> Tensor | tuple[Tensor, SolveInfo]:
+) -> Any:
     """Solve ``z = f(z, *args)`` and differentiate the solution.
 
-    Gradients reach every tensor in ``args`` that requires grad and every tensor or module
-    parameter ``f`` closes over.
+    Derivatives reach every tensor in ``args`` and every tensor or module parameter the
+    function closes over, without listing them. With the implicit backward they are exact to
+    every order: ``create_graph=True`` and ``torch.autograd.functional.hessian``, forward mode
+    (``torch.func.jvp``, ``torch.autograd.forward_ad``) and ``torch.func`` transforms
+    (``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``hessian``, ``vmap``, ``functional_call``).
 
     Args:
-        f: the map, ``f(z, *args) -> tensor shaped like z``.
-        z0: initial guess; its shape is the solution's shape.
+        f: the map, ``f(z, *args)``, returning a state shaped like ``z``.
+        z0: initial guess: a tensor, or a tuple/list/dict of tensors (a structured state such
+            as a multi-resolution DEQ's); the solution has its structure and shapes.
         *args: extra arguments of ``f``.
         solver: forward solver (default :class:`~implicit_layers.solvers.Anderson`).
-        backward: backward mode or linear solver (default
-            :class:`~implicit_layers.backward.Implicit` with GMRES at the forward tolerance).
-        batched: if ``True`` the leading dimension of ``z0`` indexes independent problems,
-            each with its own convergence test and statistics.
+        backward: backward mode or linear solver (default implicit with
+            :class:`~implicit_layers.linear.GMRES` at the forward tolerance). Passing a linear
+            solver means :class:`~implicit_layers.backward.Implicit` with it.
+        batched: if ``True`` the leading dimension of ``z0`` (of each of its tensors)
+            indexes independent problems, each with its own convergence test and statistics.
         return_info: also return a :class:`~implicit_layers.SolveInfo`.
 
     Returns:
-        ``z*`` shaped like ``z0`` (and the info if requested).
+        ``z*`` shaped like ``z0`` (and the info if requested; per sample when ``batched``).
+
+    Raises:
+        TypeError, ValueError: a bad argument, or ``f`` returning the wrong shape or dtype.
+        ConvergenceError: the solve did not converge and the solver has ``on_failure="raise"``.
+        NonFiniteError: an iterate became NaN or Inf.
 
     Example:
         >>> W = 0.5 * torch.eye(3, dtype=torch.float64)
@@ -146,59 +171,121 @@ def fixed_point(
                 return_info)
 
 
+@overload
 def root(
-    F: Callable[..., Tensor],
-    z0: Tensor,
+    F: Callable[..., Any], z0: Any, *args: Any, solver: ForwardSolver | None = ...,
+    backward: Backward = ..., batched: bool = ..., return_info: Literal[False] = ...,
+) -> Any: ...
+@overload
+def root(
+    F: Callable[..., Any], z0: Any, *args: Any, solver: ForwardSolver | None = ...,
+    backward: Backward = ..., batched: bool = ..., return_info: Literal[True],
+) -> tuple[Any, SolveInfo]: ...
+def root(
+    F: Callable[..., Any],
+    z0: Any,
     *args: Any,
     solver: ForwardSolver | None = None,
     backward: Backward = None,
     batched: bool = False,
     return_info: bool = False,
-) -> Tensor | tuple[Tensor, SolveInfo]:
+) -> Any:
     """Solve ``F(z, *args) = 0`` and differentiate the solution.
 
+    Derivatives reach every tensor in ``args`` and every tensor or module parameter the
+    function closes over, without listing them. With the implicit backward they are exact to
+    every order: ``create_graph=True`` and ``torch.autograd.functional.hessian``, forward mode
+    (``torch.func.jvp``, ``torch.autograd.forward_ad``) and ``torch.func`` transforms
+    (``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``hessian``, ``vmap``, ``functional_call``).
+
     Args:
-        F: the residual, ``F(z, *args) -> tensor shaped like z``.
-        z0: initial guess.
+        F: the residual, ``F(z, *args)``, returning a state shaped like ``z``.
+        z0: initial guess: a tensor or a tuple/list/dict of tensors.
         *args: extra arguments of ``F``.
         solver: forward solver (default :class:`~implicit_layers.solvers.Broyden`).
-        backward: backward mode or linear solver (default implicit with GMRES).
-        batched: leading dimension of ``z0`` indexes independent problems.
+        backward: backward mode or linear solver (default implicit with
+            :class:`~implicit_layers.linear.GMRES` at the forward tolerance). Passing a linear
+            solver means :class:`~implicit_layers.backward.Implicit` with it.
+        batched: if ``True`` the leading dimension of ``z0`` (of each of its tensors)
+            indexes independent problems, each with its own convergence test and statistics.
         return_info: also return a :class:`~implicit_layers.SolveInfo`.
 
     Returns:
         ``z*`` shaped like ``z0`` (and the info if requested).
+
+    Raises:
+        TypeError, ValueError: a bad argument, or ``F`` returning the wrong shape or dtype.
+        ConvergenceError: the solve did not converge and the solver has ``on_failure="raise"``.
+        NonFiniteError: an iterate became NaN or Inf.
+
+    Example:
+        >>> a = torch.tensor([2.0, 3.0], dtype=torch.float64, requires_grad=True)
+        >>> z = root(lambda z, a: z**3 - a, torch.ones(2, dtype=torch.float64), a)  # cube roots
+        >>> z.sum().backward()  # a.grad = 1 / (3 z²)
     """
     return _run("root", F, "F", z0, "z0", args, solver, Broyden, backward, batched, return_info)
 
 
+@overload
+def argmin(
+    fun: Callable[..., Tensor], w0: Any, *args: Any, solver: ForwardSolver | None = ...,
+    backward: Backward = ..., batched: bool = ..., return_info: Literal[False] = ...,
+) -> Any: ...
+@overload
+def argmin(
+    fun: Callable[..., Tensor], w0: Any, *args: Any, solver: ForwardSolver | None = ...,
+    backward: Backward = ..., batched: bool = ..., return_info: Literal[True],
+) -> tuple[Any, SolveInfo]: ...
 def argmin(
     fun: Callable[..., Tensor],
-    w0: Tensor,
+    w0: Any,
     *args: Any,
     solver: ForwardSolver | None = None,
     backward: Backward = None,
     batched: bool = False,
     return_info: bool = False,
-) -> Tensor | tuple[Tensor, SolveInfo]:
+) -> Any:
     """Minimise ``fun(w, *args)`` over ``w`` and differentiate the minimiser.
 
     The implicit gradient solves ``H u = g`` with ``H`` the Hessian at the minimum (by
-    Hessian-vector products; the Hessian is never formed except by ``il.linear.Dense``).
+    Hessian-vector products; the Hessian is only formed by ``il.linear.Dense``, the default
+    for small problems).
+
+    Derivatives reach every tensor in ``args`` and every tensor or module parameter the
+    function closes over, without listing them. With the implicit backward they are exact to
+    every order: ``create_graph=True`` and ``torch.autograd.functional.hessian``, forward mode
+    (``torch.func.jvp``, ``torch.autograd.forward_ad``) and ``torch.func`` transforms
+    (``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``hessian``, ``vmap``, ``functional_call``).
 
     Args:
         fun: the objective: a scalar, or with ``batched=True`` one value per problem, shape
             ``(B,)``.
-        w0: initial guess.
+        w0: initial guess: a tensor or a tuple/list/dict of tensors.
         *args: extra arguments of ``fun``.
         solver: forward solver (default :class:`~implicit_layers.solvers.LBFGS`).
-        backward: backward mode or linear solver (default implicit with CG at the forward
-            tolerance).
-        batched: leading dimension of ``w0`` indexes independent problems.
+        backward: backward mode or linear solver (default implicit with
+            :class:`~implicit_layers.linear.Dense` for at most 128 unknowns, else
+            :class:`~implicit_layers.linear.CG`, at the forward tolerance). Passing a linear
+            solver means :class:`~implicit_layers.backward.Implicit` with it.
+        batched: if ``True`` the leading dimension of ``w0`` (of each of its tensors)
+            indexes independent problems, each with its own convergence test and statistics.
         return_info: also return a :class:`~implicit_layers.SolveInfo`.
 
     Returns:
         ``w*`` shaped like ``w0`` (and the info if requested).
+
+    Raises:
+        TypeError, ValueError: a bad argument, an objective of the wrong shape, or one that
+            does not depend on ``w``.
+        ConvergenceError: the solve did not converge and the solver has ``on_failure="raise"``.
+        NonFiniteError: an iterate became NaN or Inf.
+
+    Example:
+        >>> X, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, dtype=torch.float64)
+        >>> lam = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+        >>> w = argmin(lambda w, lam: (X @ w - y).square().sum() + lam * w.square().sum(),
+        ...            torch.zeros(3, dtype=torch.float64), lam)
+        >>> w.sum().backward()  # d sum(w*) / d lam in lam.grad
     """
     return _run("argmin", fun, "fun", w0, "w0", args, solver, LBFGS, backward, batched,
                 return_info)
@@ -294,6 +381,18 @@ def custom_root(
             default backward use CG.
         rtol: tolerance of the backward solve when its linear solver has ``rtol=None``
             (default: ``1e-10`` in float64, ``1e-5`` in float32).
+        has_aux: the solver returns ``(z*, aux)``; the decorated function then returns
+            ``(z*, aux)`` too, ``aux`` passed through without an implicit gradient.
+
+    The decorated function is called as ``solver(z0, *args, **kwargs)``; ``optimality_fn``
+    receives the same ``*args`` and ``**kwargs``. ``z0`` may be a tuple/list/dict of tensors.
+
+    Returns:
+        The decorator. The decorated solver returns ``z*`` (and ``aux``), differentiable to
+        every order in ``args``, ``kwargs`` and what ``optimality_fn`` closes over.
+
+    Raises:
+        ValueError: the solver returns a solution not shaped like ``z0``.
 
     Example:
         >>> @custom_root(lambda w, lam: X.T @ (X @ w - y) + lam * w, symmetric=True)
@@ -319,5 +418,17 @@ def custom_fixed_point(
         backward: backward mode or linear solver (default implicit with GMRES).
         batched: leading dimension indexes independent problems.
         rtol: tolerance of the backward solve when its linear solver has ``rtol=None``.
+        has_aux: the solver returns ``(z*, aux)`` (see :func:`custom_root`).
+
+    Returns:
+        The decorator (see :func:`custom_root`).
+
+    Example:
+        >>> @custom_fixed_point(lambda z, a: 0.5 * torch.cos(z) + a)
+        ... def solve(z0, a):
+        ...     z = z0
+        ...     for _ in range(100):
+        ...         z = 0.5 * torch.cos(z) + a
+        ...     return z
     """
     return _custom("fixed_point", T, "T", backward, batched, False, rtol, has_aux)
