@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
 from ._info import SolveInfo
 from .backward import BackwardMode
@@ -92,6 +93,18 @@ def _initial_guess(
     if not isinstance(x, Tensor) or x.dim() < 1:
         got = f"a tensor of shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise TypeError(f"x must be a tensor with a leading batch dimension, got {got}.")
+    if given is not None and isinstance(given, (tuple, list, dict)):
+        # A structured state (e.g. a multi-resolution DEQ's): every tensor is batched like x.
+        leaves = tree_flatten(given)[0]
+        if not leaves or not all(isinstance(t, Tensor) for t in leaves):
+            raise TypeError(f"{given_name} must be a tensor, a tuple/list/dict of tensors or None.")
+        for t in leaves:
+            if t.dim() < 1 or t.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"every tensor of {given_name} must have the batch size of x ({x.shape[0]}) "
+                    f"as leading dimension, got shape {tuple(t.shape)}."
+                )
+        return given
     if given is not None:
         if not isinstance(given, Tensor):
             raise TypeError(f"{given_name} must be a tensor or None, got {type(given).__name__}.")
