@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
+from ._capture import transforms_active
 from ._info import SolveInfo
 from .backward import BackwardMode
 from .functional import argmin as _argmin
@@ -249,6 +250,12 @@ class _ProjectedGradientMap:
     def gradient(self, w: Tensor, x: Tensor) -> Tensor:
         # The gradient is needed even inside the no-grad forward solve; the graph of the
         # gradient itself is kept only when the caller records one (backward / unrolling).
+        if torch.is_inference_mode_enabled() or transforms_active():
+            # Autograd cannot record here; torch.func.grad can (and nests in the transforms).
+            def total(ww: Tensor) -> Tensor:
+                return _objective_values(self.objective, ww, x, recorded=False).sum()
+
+            return torch.func.grad(total)(w)
         keep = torch.is_grad_enabled()
         with torch.enable_grad():
             wr = w if w.requires_grad else w.detach().requires_grad_(True)
@@ -261,8 +268,11 @@ class _ProjectedGradientMap:
         return project(out, self.lower, self.upper)
 
 
-def _objective_values(objective: Callable[[Tensor, Tensor], Tensor], w: Tensor, x: Tensor) -> Tensor:
-    """``objective(w, x)`` checked to hold one value per sample."""
+def _objective_values(
+    objective: Callable[[Tensor, Tensor], Tensor], w: Tensor, x: Tensor, recorded: bool = True
+) -> Tensor:
+    """``objective(w, x)`` checked to hold one value per sample (and, if autograd ``recorded``
+    it, to depend on ``w``)."""
     value = objective(w, x)
     if not isinstance(value, Tensor) or value.shape not in ((w.shape[0],), (w.shape[0], 1)):
         got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -270,7 +280,7 @@ def _objective_values(objective: Callable[[Tensor, Tensor], Tensor], w: Tensor, 
             f"objective must return one value per sample, shape ({w.shape[0]},), got {got}. "
             "Reduce over every dimension but the batch dimension."
         )
-    if not value.requires_grad:
+    if recorded and not value.requires_grad:
         raise ValueError("objective(w, x) does not depend on w; there is nothing to minimise.")
     return value
 
