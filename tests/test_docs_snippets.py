@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
@@ -106,7 +107,14 @@ def test_page_snippets_run(page: Path) -> None:
         pytest.skip("no Python blocks on this page")
     namespace: dict[str, object] = {"__name__": f"docs_snippet_{page.stem}"}
     out = io.StringIO()
-    for block in blocks:
-        code = compile(block.code, f"{_page_id(page)}:{block.line}", "exec")
-        with contextlib.redirect_stdout(out):
-            exec(code, namespace)  # noqa: S102 - running the documentation is the point
+    # The snippets' problems are tiny: on a small shared CPU one intra-op thread is several
+    # times faster than two (see docs/testing.md), and it keeps this test's run time low.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for block in blocks:
+            code = compile(block.code, f"{_page_id(page)}:{block.line}", "exec")
+            with contextlib.redirect_stdout(out):
+                exec(code, namespace)  # noqa: S102 - running the documentation is the point
+    finally:
+        torch.set_num_threads(threads)
