@@ -10,6 +10,8 @@ never executed. Warnings keep the suite's filters, so a snippet that emits an un
 from __future__ import annotations
 
 import contextlib
+import doctest
+import importlib
 import io
 import re
 from dataclasses import dataclass
@@ -21,6 +23,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 SKIP_COMMENT = "<!-- skip -->"
+# Modules whose docstring examples are written as doctests with their expected output; the API
+# reference shows them, so they run here too.
+DOCTEST_MODULES = [
+    "implicit_layers._info",
+    "implicit_layers.nn",
+    "implicit_layers.hyper.layers",
+    "implicit_layers.hyper.trainer",
+    "implicit_layers.hyper.transforms",
+]
 FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 
 
@@ -118,3 +129,23 @@ def test_page_snippets_run(page: Path) -> None:
                 exec(code, namespace)  # noqa: S102 - running the documentation is the point
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("module", DOCTEST_MODULES)
+def test_docstring_examples_run(module: str) -> None:
+    import implicit_layers as il
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = doctest.testmod(
+            importlib.import_module(module),
+            extraglobs={"torch": torch, "il": il},
+            optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
+            report=True,
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert result.attempted > 0, f"{module} has no docstring examples"
+    assert result.failed == 0, f"{result.failed} docstring example(s) of {module} failed (see the output)"
