@@ -1,8 +1,11 @@
-"""Griffe extension: render the Sphinx roles of the docstrings (``:class:`~pkg.Name```) as links.
+"""Griffe extension: two markups of the docstrings that mkdocstrings would render badly.
 
-The docstrings use Sphinx cross-reference roles, which mkdocstrings would print verbatim. Each
-role becomes an optional autorefs link: a link where the target is documented on the site,
-plain code otherwise, so an undocumented target never breaks the strict build.
+* Sphinx cross-reference roles (``:class:`~pkg.Name```) would be printed verbatim. Each role
+  becomes an optional autorefs link: a link where the target is documented on the site, plain
+  code otherwise, so an undocumented target never breaks the strict build.
+* A singular ``Example:`` section is a Google-style admonition, whose ``>>>`` lines Markdown
+  turns into nested quotes. When it holds doctest lines it is read as ``Examples:``, the
+  section that renders them as code.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import griffe
 
 ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|exc|obj|data):`(~?)([^`]+)`")
+EXAMPLE = re.compile(r"^Example:[ \t]*\n(?=(?:[ \t]*\n)*[ \t]+>>>)", re.MULTILINE)
 
 
 def _identifier(obj: griffe.Object, target: str) -> str:
@@ -40,11 +44,11 @@ def _rewrite(obj: griffe.Object) -> None:
         ident = html.escape(_identifier(obj, target), quote=True)
         return f'<autoref identifier="{ident}" optional><code>{html.escape(shown)}</code></autoref>'
 
-    obj.docstring.value = ROLE.sub(link, obj.docstring.value)
+    obj.docstring.value = EXAMPLE.sub("Examples:\n", ROLE.sub(link, obj.docstring.value))
 
 
-class SphinxRoles(griffe.Extension):
-    """Rewrite Sphinx roles in every docstring of the loaded package."""
+class DocstringMarkup(griffe.Extension):
+    """Rewrite the markup above in every docstring of the loaded package."""
 
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
         stack: list[griffe.Object] = [pkg]
