@@ -33,6 +33,9 @@ DOCTEST_MODULES = [
     "implicit_layers.hyper.transforms",
 ]
 FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
+# A ```text block that quotes a message, "SomeWarning: text" or "SomeError: text", claims that
+# the page's snippets print that text: it is checked against what they print.
+QUOTED_MESSAGE = re.compile(r"^\w+(?:Warning|Error): (?P<text>.*)$", re.DOTALL)
 
 
 @dataclass
@@ -129,6 +132,22 @@ def test_page_snippets_run(page: Path) -> None:
                 exec(code, namespace)  # noqa: S102 - running the documentation is the point
     finally:
         torch.set_num_threads(threads)
+    printed = " ".join(out.getvalue().split())
+    for block in parse_blocks(page.read_text(encoding="utf-8")):
+        m = QUOTED_MESSAGE.match(block.code.strip()) if block.info == "text" else None
+        if m:
+            quoted = " ".join(m["text"].split())
+            assert quoted in printed, (
+                f"{_page_id(page)}:{block.line} quotes a message that its snippets do not print "
+                f"(any more): {quoted!r}"
+            )
+
+
+def test_quoted_message_pattern() -> None:
+    assert QUOTED_MESSAGE.match("ConvergenceWarning: Picard did not\nconverge.")["text"] == (
+        "Picard did not\nconverge."
+    )
+    assert QUOTED_MESSAGE.match("pip install -e .") is None
 
 
 @pytest.mark.parametrize("module", DOCTEST_MODULES)
