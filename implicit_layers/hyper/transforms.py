@@ -27,7 +27,24 @@ def _as_tensor(value: float | Tensor) -> Tensor:
 
 
 class Transform:
-    """Maps an unconstrained ``u`` to a constrained hyperparameter value (elementwise)."""
+    """Maps an unconstrained ``u`` to a constrained hyperparameter value (elementwise).
+
+    Subclasses define ``forward(u)`` and its inverse ``inverse(value)`` (which raises
+    ``ValueError`` outside the domain); both keep the shape of their argument.
+
+    Examples:
+        A transform for hyperparameters above 1:
+
+        >>> class AboveOne(il.hyper.Transform):
+        ...     def forward(self, u):
+        ...         return 1 + torch.nn.functional.softplus(u)
+        ...     def inverse(self, value):
+        ...         v = torch.as_tensor(float(value))
+        ...         return torch.log(torch.expm1(v - 1))
+        >>> hp = il.hyper.Hyperparameters({"momentum_scale": (AboveOne(), 2.0)})
+        >>> round(hp.values()["momentum_scale"], 6)
+        2.0
+    """
 
     def __call__(self, u: Tensor) -> Tensor:
         return self.forward(u)
@@ -46,7 +63,12 @@ class Transform:
 
 
 class Identity(Transform):
-    """No constraint: ``value = u``."""
+    """No constraint: ``value = u``.
+
+    Examples:
+        >>> float(il.hyper.Identity()(torch.tensor(-3.0)))
+        -3.0
+    """
 
     def forward(self, u: Tensor) -> Tensor:
         return u
