@@ -49,6 +49,16 @@ class SolveInfo:
         backward: for a forward solve, the :class:`SolveInfo` of the backward (adjoint) linear
             solve once ``backward()`` has run through this layer; ``None`` before that, and for
             backward modes that solve no linear system.
+
+    Examples:
+        >>> z, info = il.fixed_point(lambda z: torch.cos(z), torch.zeros(3, dtype=torch.float64),
+        ...                          return_info=True)
+        >>> bool(info.converged), info.solver, info.backward is None
+        (True, 'Anderson', True)
+        >>> z, info = il.fixed_point(lambda z: torch.cos(z), torch.zeros(2, 3, dtype=torch.float64),
+        ...                          batched=True, return_info=True)
+        >>> info.steps.shape                           # one entry per batch element
+        torch.Size([2])
     """
 
     converged: Tensor

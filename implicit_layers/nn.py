@@ -161,15 +161,26 @@ class DEQ(torch.nn.Module):
     Shapes:
         ``x``: ``(B, ...)``; output ``z*``: ``(B, *state_shape)``.
 
-    Example:
+    Raises:
+        TypeError: ``f`` is not an ``nn.Module``, ``solver`` or ``eval_solver`` is not a
+            forward solver of :mod:`implicit_layers.solvers`, or ``backward`` is neither a
+            backward mode nor a linear solver.
+        ValueError: ``state_shape`` is not a sequence of positive ints.
+
+    Examples:
         >>> class Cell(torch.nn.Module):
         ...     def __init__(self):
         ...         super().__init__()
         ...         self.lin = torch.nn.Linear(16, 16)
         ...     def forward(self, z, x):
         ...         return torch.tanh(0.5 * self.lin(z) + x)
-        >>> deq = DEQ(Cell(), solver=il.solvers.Anderson(max_steps=30))
-        >>> z, info = deq(torch.randn(8, 16), return_info=True)   # info.steps: shape (8,)
+        >>> deq = il.nn.DEQ(Cell(), solver=il.solvers.Anderson(max_steps=30))
+        >>> z, info = deq(torch.randn(8, 16), return_info=True)
+        >>> z.shape, info.steps.shape, bool(info.converged.all())
+        (torch.Size([8, 16]), torch.Size([8]), True)
+        >>> z.sum().backward()          # implicit gradients to the parameters of Cell
+        >>> info.backward.steps.shape   # the adjoint solve's steps, per sample
+        torch.Size([8])
     """
 
     def __init__(
@@ -335,6 +346,24 @@ class ArgminLayer(torch.nn.Module):
 
     Shapes:
         ``x``: ``(B, ...)``; output ``w*``: ``(B, *w_shape)``.
+
+    Raises:
+        TypeError: ``objective`` is not callable, or a solver or backward has the wrong type.
+        ValueError: invalid bounds (``lower >= upper``), ``step_size`` or ``w_shape``.
+
+    Examples:
+        A non-negative least-squares layer, ``w*(x) = argmin_{w >= 0} ½‖A w - x‖²``:
+
+        >>> A = torch.randn(5, 3, dtype=torch.float64)
+        >>> layer = il.nn.ArgminLayer(
+        ...     lambda w, x: 0.5 * (w @ A.T - x).square().sum(1), w_shape=(3,), lower=0.0)
+        >>> x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+        >>> w = layer(x)
+        >>> w.shape, bool((w >= 0).all())
+        (torch.Size([4, 3]), True)
+        >>> w.sum().backward()          # gradient of the constrained minimiser
+        >>> x.grad.shape
+        torch.Size([4, 5])
     """
 
     def __init__(
@@ -502,6 +531,23 @@ def jacobian_penalty(
 
     Returns:
         The per-sample estimate, shape ``(B,)``; reduce it with ``.mean()``.
+
+    Raises:
+        TypeError: ``f`` is not callable, or ``z_star`` is not a floating-point tensor with a
+            leading batch dimension.
+        ValueError: ``n_samples < 1``, an unknown ``probe``, or ``f(z_star, x)`` not shaped
+            like ``z_star``.
+
+    Examples:
+        For a linear map the Jacobian is the matrix, and the estimate averages to its squared
+        Frobenius norm:
+
+        >>> W = torch.randn(6, 6, dtype=torch.float64)
+        >>> f = lambda z, x: z @ W.T + x
+        >>> z = torch.zeros(2, 6, dtype=torch.float64)
+        >>> est = il.nn.jacobian_penalty(f, z, z, n_samples=4000)
+        >>> est.shape, bool(((est - W.square().sum()).abs() < 0.2 * W.square().sum()).all())
+        (torch.Size([2]), True)
     """
     if not callable(f):
         raise TypeError(f"f must be callable as f(z, x), got {type(f).__name__}.")

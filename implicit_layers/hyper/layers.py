@@ -155,9 +155,23 @@ class STNLinear(_STNBase):
             (``σ(V u + c) ⊙_row W0``).
         bias: whether to add a bias.
 
-    Shapes: ``x`` is ``(B, in_features)``; ``hyper`` is a :class:`HyperSample` or a tensor of
-    shape ``(B, H)`` (one perturbed hyperparameter per example) or ``(H,)``; output
-    ``(B, out_features)``.
+    Shapes:
+        ``x`` is ``(B, in_features)``; ``hyper`` is a :class:`HyperSample` or a tensor of
+        shape ``(B, H)`` (one perturbed hyperparameter per example) or ``(H,)``; output
+        ``(B, out_features)``. ``forward(x, hyper, center=None)``: ``center`` is the ``λ0`` of
+        the centered layer when ``hyper`` is a plain tensor (a sample carries its own).
+
+    Raises:
+        ValueError: a size below 1, or an unknown ``modulation``.
+        TypeError: ``centered`` is not a bool.
+
+    Examples:
+        >>> layer = il.hyper.STNLinear(3, 2, n_hyper=1)
+        >>> x, lam = torch.randn(4, 3), torch.randn(4, 1)     # one hyperparameter per example
+        >>> layer(x, lam, center=torch.zeros(1)).shape
+        torch.Size([4, 2])
+        >>> layer.effective_weight(lam, center=torch.zeros(1)).shape   # W(λ_i) per example
+        torch.Size([4, 2, 3])
     """
 
     def __init__(
@@ -199,8 +213,18 @@ class STNConv2d(_STNBase):
         in_channels, out_channels, kernel_size, stride, padding: as :class:`torch.nn.Conv2d`.
         n_hyper, centered, modulation, bias: see :class:`STNLinear`.
 
-    Shapes: ``x`` is ``(B, C_in, H, W)``; ``hyper`` as for :class:`STNLinear`; output
-    ``(B, C_out, H', W')``.
+    Shapes:
+        ``x`` is ``(B, C_in, H, W)``; ``hyper`` as for :class:`STNLinear`; output
+        ``(B, C_out, H', W')``.
+
+    Raises:
+        ValueError: a size below 1, or an unknown ``modulation``.
+        TypeError: ``centered`` is not a bool.
+
+    Examples:
+        >>> conv = il.hyper.STNConv2d(1, 4, 3, n_hyper=2, padding=1)
+        >>> conv(torch.randn(5, 1, 8, 8), torch.randn(5, 2), center=torch.zeros(2)).shape
+        torch.Size([5, 4, 8, 8])
     """
 
     def __init__(

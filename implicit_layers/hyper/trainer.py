@@ -32,6 +32,15 @@ class HyperSample:
             the centered (Δ-STN) layers.
         training: True in the weight steps (apply the regularisers: dropout, weight decay),
             False in the hyperparameter steps (evaluate the plain validation loss).
+
+    ``sample["name"]`` returns the constrained value of one hyperparameter, shape ``(B,)`` or
+    ``()``, and raises ``KeyError`` for an unknown name.
+
+    Examples:
+        >>> hp = il.hyper.Hyperparameters({"wd": (il.hyper.Log(), 1e-3)})
+        >>> s = hp.sample(4)
+        >>> s.raw.shape, s["wd"].shape, bool((s["wd"] > 0).all())
+        (torch.Size([4, 1]), torch.Size([4]), True)
     """
 
     def __init__(self, raw: Tensor, center: Tensor, names: list[str], transforms: list[Transform],
@@ -64,7 +73,22 @@ class Hyperparameters(nn.Module):
             all hyperparameters, or a mapping ``name -> float``). ``σ`` is stored as
             ``log σ``, hence stays positive.
 
-    Shapes: with ``H = len(spec)``, ``raw`` and ``log_sigma`` are ``(H,)``.
+    Shapes:
+        With ``H = len(spec)``, ``raw`` and ``log_sigma`` are ``(H,)``; ``sample(B)`` draws a
+        :class:`HyperSample` with ``raw`` of shape ``(B, H)``.
+
+    Raises:
+        TypeError: ``spec`` is not a mapping of names to ``(transform, value)`` or values.
+        ValueError: an initial value outside its transform's domain, or a ``sigma`` that is not
+            positive or names unknown hyperparameters.
+
+    Examples:
+        >>> hp = il.hyper.Hyperparameters(
+        ...     {"wd": (il.hyper.Log(), 1e-4), "p": (il.hyper.Logit(0.0, 0.9), 0.1)}, sigma=0.5)
+        >>> hp.n, sorted(hp.values())
+        (2, ['p', 'wd'])
+        >>> round(hp.values()["wd"], 8)
+        0.0001
     """
 
     def __init__(self, spec: Mapping[str, Any], sigma: float | Mapping[str, float] = 0.5) -> None:
@@ -212,6 +236,27 @@ class STNTrainer:
         tau: entropy weight ``τ >= 0``.
         per_example: one perturbation per example (needs tensor batches) instead of per batch.
         perturb_valid: perturb ``λ`` in the hyperparameter step too (as Algorithm 1).
+
+    Raises:
+        TypeError: ``hparams``, a loss or ``optimizer`` of the wrong type.
+        ValueError: ``optimizer`` holds ``hparams``' parameters, or a negative step count,
+            learning rate or ``tau``.
+
+    Examples:
+        Tune a weight decay ``wd`` of a one-unit linear model by its validation loss:
+
+        >>> hp = il.hyper.Hyperparameters({"wd": (il.hyper.Log(), 1e-2)})
+        >>> layer = il.hyper.STNLinear(3, 1, hp.n)
+        >>> X, y = torch.randn(32, 3), torch.randn(32)
+        >>> def train_loss(batch, s):
+        ...     return ((layer(X, s)[:, 0] - y).square() + s["wd"] * layer.weight_sq_norm(s)).mean()
+        >>> def val_loss(batch, s):
+        ...     return (layer(X, s)[:, 0] - y).square().mean()
+        >>> trainer = il.hyper.STNTrainer(hp, train_loss, val_loss,
+        ...                               torch.optim.SGD(layer.parameters(), lr=0.1))
+        >>> records = trainer.fit(lambda: X, lambda: X, steps=3)
+        >>> len(records), sorted(records[-1])[:3]
+        (3, ['sigma', 'time', 'train_loss'])
     """
 
     def __init__(

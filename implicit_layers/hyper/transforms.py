@@ -27,7 +27,24 @@ def _as_tensor(value: float | Tensor) -> Tensor:
 
 
 class Transform:
-    """Maps an unconstrained ``u`` to a constrained hyperparameter value (elementwise)."""
+    """Maps an unconstrained ``u`` to a constrained hyperparameter value (elementwise).
+
+    Subclasses define ``forward(u)`` and its inverse ``inverse(value)`` (which raises
+    ``ValueError`` outside the domain); both keep the shape of their argument.
+
+    Examples:
+        A transform for hyperparameters above 1:
+
+        >>> class AboveOne(il.hyper.Transform):
+        ...     def forward(self, u):
+        ...         return 1 + torch.nn.functional.softplus(u)
+        ...     def inverse(self, value):
+        ...         v = torch.as_tensor(float(value))
+        ...         return torch.log(torch.expm1(v - 1))
+        >>> hp = il.hyper.Hyperparameters({"momentum_scale": (AboveOne(), 2.0)})
+        >>> round(hp.values()["momentum_scale"], 6)
+        2.0
+    """
 
     def __call__(self, u: Tensor) -> Tensor:
         return self.forward(u)
@@ -46,7 +63,12 @@ class Transform:
 
 
 class Identity(Transform):
-    """No constraint: ``value = u``."""
+    """No constraint: ``value = u``.
+
+    Examples:
+        >>> float(il.hyper.Identity()(torch.tensor(-3.0)))
+        -3.0
+    """
 
     def forward(self, u: Tensor) -> Tensor:
         return u
@@ -59,7 +81,12 @@ class Log(Transform):
     """Positive hyperparameters (weight decay, noise scales): ``value = exp(u)``.
 
     The constraint ``value > 0`` holds for every finite ``u``; perturbations act
-    multiplicatively on the value.
+    multiplicatively on the value. ``inverse`` raises ``ValueError`` for a value ``<= 0``.
+
+    Examples:
+        >>> t = il.hyper.Log()
+        >>> round(float(t(t.inverse(1e-3))), 6)
+        0.001
     """
 
     def forward(self, u: Tensor) -> Tensor:
@@ -81,6 +108,17 @@ class Logit(Transform):
         low: lower end of the interval (default 0).
         high: upper end (default 1). For a dropout rate an upper end below 1 (e.g. 0.9)
             keeps the ``1 / (1 - p)`` rescaling of dropout bounded.
+
+    Raises:
+        TypeError: ``low`` or ``high`` is not a finite float.
+        ValueError: ``low >= high``; ``inverse`` of a value outside ``(low, high)``.
+
+    Examples:
+        >>> t = il.hyper.Logit(0.0, 0.9)
+        >>> round(float(t(t.inverse(0.25))), 6)
+        0.25
+        >>> float(t(torch.tensor(100.0))) < 0.9
+        True
     """
 
     def __init__(self, low: float = 0.0, high: float = 1.0) -> None:
@@ -132,6 +170,18 @@ def concrete_dropout(
 
     Returns:
         A tensor shaped like ``x``.
+
+    Raises:
+        ValueError: ``temperature <= 0``, or ``rate`` neither a scalar nor of shape ``(B,)``.
+
+    Examples:
+        >>> rate = torch.tensor(0.3, requires_grad=True)
+        >>> out = il.hyper.concrete_dropout(torch.ones(1000, 8), rate)
+        >>> out.shape, abs(out.mean().item() - 1.0) < 0.05     # unbiased on average
+        (torch.Size([1000, 8]), True)
+        >>> out.square().mean().backward()                     # differentiable in the rate
+        >>> rate.grad is not None
+        True
     """
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
         raise ValueError(f"temperature must be a float > 0, got {temperature!r}.")
