@@ -642,3 +642,48 @@ def test_first_order_gradcheck_still_holds_with_create_graph_paths(device):
     """The first-order gradient stays exact (a regression guard for the rewritten backward)."""
     p = Ridge(device, m=12, d=3)
     assert gradcheck(p.layer(il.linear.CG()), (leaf(p.lam),))
+
+
+# --------------------------------------------------------------------------------------------
+# Composability: graphs only on request, float32, NaN never returned as a second derivative.
+# --------------------------------------------------------------------------------------------
+def test_gradient_carries_a_graph_only_with_create_graph(device):
+    p = Ridge(device)
+    layer = p.layer()
+    lam = leaf(p.lam)
+    (g,) = torch.autograd.grad(p.outer(layer(lam)), lam)
+    assert not g.requires_grad
+    (g2,) = torch.autograd.grad(p.outer(layer(lam)), lam, create_graph=True)
+    assert g2.requires_grad
+    assert rel(g2.detach(), g) < 1e-10
+
+
+def test_argmin_hessian_float32_matches_float64_closed_form(device):
+    p = Ridge(device)
+    X32, y32, lam32 = p.X.float(), p.y.float(), p.lam.float()
+
+    def fun(w, lam):
+        return 0.5 * (X32 @ w - y32).square().sum() + 0.5 * (lam * w.square()).sum()
+
+    w0 = torch.zeros(p.d, dtype=torch.float32, device=device)
+    layer = lambda lam: il.argmin(fun, w0, lam, solver=il.solvers.LBFGS(max_steps=200))  # noqa: E731
+    H = torch.autograd.functional.hessian(lambda lam: p.outer(layer(lam)), lam32)
+    H_ref = torch.autograd.functional.hessian(lambda lam: p.outer(p.closed_form(lam)), p.lam)
+    assert H.dtype == torch.float32
+    assert rel(H.double(), H_ref) < 1e-3
+
+
+@pytest.mark.parametrize("problem", ["argmin", "fixed_point"])
+def test_nan_second_order_cotangent_raises_instead_of_nan(problem, device):
+    """A NaN reaching the second-order solve stops it with NonFiniteError, as in first order."""
+    if problem == "argmin":
+        p = Ridge(device)
+        theta, layer, outer = p.lam, p.layer(), p.outer
+    else:
+        p = FixedPoint(device)
+        theta, layer, outer = p.x, p.layer(), p.outer
+    theta = leaf(theta)
+    (g,) = torch.autograd.grad(outer(layer(theta)), theta, create_graph=True)
+    nan = torch.full_like(g, float("nan"))
+    with pytest.raises(il.NonFiniteError):
+        torch.autograd.grad(g, theta, nan)
