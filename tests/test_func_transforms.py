@@ -8,6 +8,7 @@ gradients in eager autograd without being listed.
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -294,3 +295,21 @@ def test_closed_over_tensors_and_parameters_receive_gradients(device):
     for prm, r in zip(cell.parameters(), ref, strict=True):
         assert prm.grad is not None
         assert rel(prm.grad, r) < 1e-8
+
+
+def test_vmap_with_unrolled_backward_is_exact_or_refused(device):
+    """An unrolled forward stops on data, which vmap cannot trace: the library either solves the
+    vmapped batch correctly or refuses with an error naming the combination."""
+    cell = Cell(4).to(device)
+    xs = randn_factory(13, device)(3, 4)
+    z0 = torch.zeros(4, dtype=DT, device=device)
+    f = lambda z, x: cell(z.unsqueeze(0), x.unsqueeze(0)).squeeze(0)  # noqa: E731
+    solver = il.solvers.Picard(rtol=1e-12, max_steps=500)
+    layer = lambda x: il.fixed_point(f, z0, x, solver=solver,  # noqa: E731
+                                     backward=il.backward.Unrolled())
+    try:
+        got = vmap(layer)(xs)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        assert re.search(r"(?i)unrolled", str(exc)) and re.search(r"(?i)vmap", str(exc)), exc
+        return
+    assert rel(got, torch.stack([layer(x) for x in xs])) < 1e-9

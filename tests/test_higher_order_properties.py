@@ -10,7 +10,7 @@ transpose identity ``⟨u, J v⟩ = ⟨Jᵀ u, v⟩``. Each property runs a few 
 import math
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import implicit_layers as il
@@ -20,6 +20,8 @@ PROPERTY = settings(
     max_examples=6,
     deadline=None,
     derandomize=True,
+    # No shrinking: a failing example is reported as found, so a failure stays fast.
+    phases=[Phase.explicit, Phase.generate],
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 sizes = st.integers(min_value=2, max_value=5)
