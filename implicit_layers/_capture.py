@@ -52,6 +52,21 @@ def from_inner_transform(t: Tensor, level: int) -> bool:
     return is_wrapped(t) and int(torch._C._functorch.maybe_get_level(t)) > level
 
 
+def outer_tensor(t: Tensor, level: int) -> Tensor:
+    """``t`` without the wrappers of transforms entered above ``level``."""
+    while from_inner_transform(t, level):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
+def vmap_active() -> bool:
+    """Whether a ``torch.func.vmap`` is active (its batched tensors cannot steer a loop)."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
 def transforms_active() -> bool:
     """Whether a ``torch.func`` transform is active at this point of the program."""
     return bool(torch._C._functorch.peek_interpreter_stack() is not None)
@@ -68,7 +83,12 @@ class _Capture(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         for t in tree_flatten((args, kwargs))[0]:
-            if isinstance(t, Tensor) and id(t) not in self.inside and id(t) not in self.found:
+            if isinstance(t, Tensor):
+                # An argument of a transform the function runs itself (torch.func.grad(g)(w,
+                # lam)) arrives wrapped; the dependency is the tensor underneath.
+                t = outer_tensor(t, self.level)
+                if id(t) in self.inside or id(t) in self.found:
+                    continue
                 if carries_derivatives(t) and not from_inner_transform(t, self.level):
                     self.found[id(t)] = t
         out = func(*args, **kwargs)

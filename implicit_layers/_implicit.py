@@ -129,17 +129,12 @@ class ImplicitCore:
 
     # -- linear solves -----------------------------------------------------------------
     def linear_solve(
-        self, lin: Linearization | RecordedLinearization, rhs: Tensor, transpose: bool
+        self, lin: Linearization | RecordedLinearization | _Repeated, rhs: Tensor, transpose: bool
     ) -> Tensor:
         """Solve ``Aᵀ u = rhs`` (``transpose``) or ``A u = rhs`` with the adjoint's solver."""
         problem = self.problem
         B, n = rhs.shape
-        if transpose or problem.symmetric:
-            mv = lin.rmv
-        elif isinstance(lin, Linearization):
-            mv = lin.mv
-        else:  # the recorded graph has no forward products; never needed on that path
-            raise RuntimeError("a non-transposed solve needs a torch.func linearization")
+        mv = lin.rmv if transpose or problem.symmetric else lin.mv
         op = FunctionOperator(
             mv, B, n, rhs.dtype, rhs.device,
             symmetric=problem.symmetric,
@@ -153,7 +148,7 @@ class ImplicitCore:
             u, binfo = self.linear.solve(op, rhs, what=what)
         else:
             u, binfo = self._solve_with_fallback(op, rhs, what, fallback)
-        if self.info is not None and transpose:
+        if self.info is not None and transpose and B == problem.batch:
             self.info.backward = binfo if problem.batched else binfo.squeeze_batch()
         return u
 
@@ -228,14 +223,7 @@ class ImplicitCore:
         """``-(∂F/∂θ)ᵀ u`` with ``(∂F/∂z)ᵀ u = g``, one entry per parameter."""
         values = tuple(values)
         if _legacy_batched(g):
-            raise RuntimeError(
-                "implicit layers do not support the legacy batched gradients of "
-                "torch.autograd.grad(..., is_grads_batched=True) and "
-                "torch.autograd.functional.jacobian(..., vectorize=True) (their solver loops "
-                "stop on data, which the legacy vmap cannot batch). Use torch.func.jacrev or "
-                "torch.func.vmap(torch.func.vjp(...)), which the layer supports, or "
-                "vectorize=False."
-            )
+            return self._legacy_batched_vjp(z, values, g)
         if not torch.is_grad_enabled() and not transforms_active() and not is_wrapped(g):
             # An ordinary backward: no graph of the gradient is needed.
             lin: Linearization | RecordedLinearization = (
@@ -250,9 +238,46 @@ class ImplicitCore:
             grads = lin.param_vjp(-u)
         return tuple(torch.zeros_like(v) if d is None else d for d, v in zip(grads, values, strict=False))
 
+    def _legacy_batched_vjp(
+        self, z: Tensor, values: tuple[Tensor, ...], g: Tensor
+    ) -> tuple[Tensor, ...]:
+        """The vjp for the ``V`` cotangents that ``is_grads_batched=True`` (and
+        ``jacobian(vectorize=True)``) pass as one legacy batched tensor: they become ``V · B``
+        samples of one adjoint solve, since a solver loop cannot run under the legacy vmap."""
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "is_grads_batched=True with create_graph=True is not supported by implicit "
+                "layers; use torch.func (e.g. torch.func.jacrev of torch.func.grad), which is."
+            )
+        level = torch._C._vmapmode_increment_nesting() - 1
+        torch._C._vmapmode_decrement_nesting()
+        gs = torch._remove_batch_dim(g, level, 1, 0)  # (V, B, n)
+        V = gs.shape[0]
+        # The solve runs outside the legacy vmap mode (which refuses every host-side test),
+        # on plain tensors; the results are batched again for the caller.
+        torch._C._vmapmode_decrement_nesting()
+        try:
+            lin = (self.recorded if self.recorded is not None
+                   else RecordedLinearization(self.problem.bind(values, deferred=True), z))
+            u = self.linear_solve(_Repeated(lin, V), gs.reshape(-1, gs.shape[-1]), transpose=True)
+            grads = torch.func.vmap(lin.param_vjp)(-u.reshape(gs.shape))
+        finally:
+            torch._C._vmapmode_increment_nesting()
+        return tuple(
+            torch.zeros_like(v) if d is None else torch._add_batch_dim(d, 0, level)
+            for d, v in zip(grads, values, strict=True)
+        )
+
     def jvp(self, z: Tensor, values: Sequence[Tensor], tangents: Sequence[Tensor | None]) -> Tensor:
         """``ż`` with ``(∂F/∂z) ż = -(∂F/∂θ) θ̇``."""
         values = tuple(values)
+        if any(t is not None and _legacy_batched(t) for t in tangents):
+            raise NotImplementedError(
+                "torch.autograd.functional.jacobian(..., vectorize=True, "
+                "strategy='forward-mode') cannot batch the tangents of an implicit layer (the "
+                "legacy vmap it uses has no rule for custom functions). Use torch.func.jacfwd, "
+                "or jacobian(..., vectorize=True) with the default strategy='reverse-mode'."
+            )
         tangents = _zeros_for(tangents, values)
         lin = Linearization(self.problem.bind(values), z, values)
         rhs = -lin.param_jvp(tangents)
@@ -290,11 +315,26 @@ class ImplicitCore:
         return transpose_of_vjp(vjp, out, (z_t, *values_t))
 
 
+class _Repeated:
+    """``V`` stacked copies of a linearization, acting on ``(V · B, n)``."""
+
+    def __init__(self, lin: Linearization | RecordedLinearization, V: int) -> None:
+        self.lin = lin
+        self.V = V
+
+    def rmv(self, v: Tensor) -> Tensor:
+        return torch.func.vmap(self.lin.rmv)(v.reshape(self.V, -1, v.shape[-1])).reshape(v.shape)
+
+    def mv(self, v: Tensor) -> Tensor:
+        return torch.func.vmap(self.lin.mv)(v.reshape(self.V, -1, v.shape[-1])).reshape(v.shape)
+
+    def dense(self, transpose: bool = True) -> Tensor:
+        return self.lin.dense(transpose).repeat(self.V, 1, 1)
+
+
 def _legacy_batched(t: Tensor) -> bool:
     """Whether ``t`` is batched by the legacy vmap of ``is_grads_batched`` (not ``torch.func``)."""
-    return not is_wrapped(t) and "Batched" in str(torch._C._dispatch_keys(t)).replace(
-        "FuncTorchBatched", ""
-    )
+    return bool(torch._C._functorch.is_legacy_batchedtensor(t))
 
 
 def _zeros_for(tangents: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple[Tensor, ...]:

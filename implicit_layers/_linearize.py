@@ -108,6 +108,12 @@ class RecordedLinearization:
             return v - self._vjp(v)
         return self._vjp(v)
 
+    def mv(self, v: Tensor) -> Tensor:
+        if self.problem.symmetric:
+            return self.rmv(v)
+        # One recorded graph gives transposed products only.
+        raise RuntimeError("a non-transposed product needs a torch.func Linearization")
+
     def param_vjp(self, u: Tensor) -> tuple[Tensor | None, ...]:
         params = self.problem.params
         if not self.out.requires_grad:

@@ -137,7 +137,7 @@ class Problem:
         state = self.unflatten(z)
         if not self._substitute:
             return self.fn(state, *self.args, **self.kwargs)
-        mode = Substitute(self.params, self.values, exclude=(z, state))
+        mode = Substitute(self.params, self.values, exclude=(z, *tree_flatten(state)[0]))
         args, kwargs = tree_map_only(Tensor, mode._resolve, (self.args, self.kwargs))
         with mode:
             return self.fn(state, *args, **kwargs)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._capture import vmap_active
 from ._config import check_positive_int, check_tolerance
 from ._implicit import ImplicitCore, implicit_solution
 from ._info import SolveInfo
@@ -87,8 +88,13 @@ class BackwardMode:
 
         The default solves without a graph, then calls :meth:`attach` if gradients are on.
         """
-        with torch.no_grad():
-            z, info = solver.solve(problem, z0.detach())
+        if problem.params and vmap_active():
+            # Under vmap the solve runs as the implicit layer does (the vmapped dimension
+            # folded into the solver's batch); its own gradient is not used.
+            z, info = Implicit().solve(problem, z0, solver)
+        else:
+            with torch.no_grad():
+                z, info = solver.solve(problem, z0.detach())
         z = z.detach()
         if torch.is_grad_enabled():
             z = self.attach(problem, z, solver.resolved_rtol(problem.dtype), solver, info)
@@ -219,7 +225,7 @@ class Implicit(BackwardMode):
                 return solver.solve(bound, start)
 
         core = ImplicitCore(problem, self, forward, solver.resolved_rtol(problem.dtype), solver)
-        z = implicit_solution(core, z0.detach())
+        z = implicit_solution(core, z0.detach().clone())
         assert core.info is not None  # set by the forward solve
         return z, core.info
 
@@ -253,6 +259,13 @@ class Unrolled(BackwardMode):
     def solve(self, problem: Problem, z0: Tensor, solver: Any) -> tuple[Tensor, SolveInfo]:
         if not torch.is_grad_enabled():
             return super().solve(problem, z0, solver)
+        if vmap_active():
+            raise ValueError(
+                "backward=Unrolled() cannot run under torch.func.vmap: the recorded solver loop "
+                "stops on data, which vmap cannot batch. Use an implicit backward (the default) "
+                "or a step mode (Truncated, JacobianFree, Phantom) under vmap, or loop over the "
+                "batch."
+            )
         if not solver.supports_unrolled:
             raise ValueError(
                 f"backward=Unrolled() cannot differentiate through {solver.name}; use LBFGS, "

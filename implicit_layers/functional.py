@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from ._capture import capture, transforms_active
+from ._capture import capture, carries_derivatives, transforms_active
 from ._config import check_float_tensor, default_rtol
 from ._implicit import _replaced
 from ._info import SolveInfo
@@ -66,6 +66,11 @@ def _bind(problem: Problem, z: Tensor) -> Problem:
     tensors, module parameters included)."""
     if _derivatives_requested():
         out, params = capture(lambda: problem._call(z), exclude=(z,))
+        # An explicit argument that carries derivatives makes the solution carry them too,
+        # even where the function ignores it (its derivative is then zero), as for torch ops.
+        explicit = [t for t in tree_flatten((problem.args, problem.kwargs))[0]
+                    if isinstance(t, Tensor) and carries_derivatives(t)]
+        params = explicit + [t for t in params if all(t is not e for e in explicit)]
     else:
         out, params = problem._call(z), []
     problem.check_output(out)
