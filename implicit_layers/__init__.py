@@ -5,7 +5,13 @@ in the forward pass and differentiated in the backward pass by the implicit func
 """
 
 from . import backward, hyper, linear, nn, solvers
-from ._info import ConvergenceError, ConvergenceWarning, NonFiniteError, SolveInfo
+from ._info import (
+    ConvergenceError,
+    ConvergenceWarning,
+    NonFiniteError,
+    SolveInfo,
+    StructureWarning,
+)
 from .functional import argmin, custom_fixed_point, custom_root, fixed_point, root
 
 __version__ = "0.1.0"
@@ -25,4 +31,5 @@ __all__ = [
     "ConvergenceWarning",
     "ConvergenceError",
     "NonFiniteError",
+    "StructureWarning",
 ]

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .._config import check_tolerance
-from .._info import SolveInfo
+from .._info import OnFailure, SolveInfo
 from .._problem import Problem
 from ._base import ForwardSolver, Monitor
 
@@ -36,9 +36,12 @@ class Picard(ForwardSolver):
         atol: float = 0.0,
         max_steps: int | None = None,
         check_every: int | None = None,
-        on_failure: str = "warn",
+        on_failure: OnFailure = "warn",
     ) -> None:
-        super().__init__(rtol, atol, max_steps, check_every, on_failure)
+        super().__init__(
+            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
+            on_failure=on_failure,
+        )
         self.damping = check_tolerance(damping, "damping", allow_none=False)
         if self.damping == 0:
             raise ValueError("damping must be > 0, got 0.")
