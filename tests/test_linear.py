@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.linalg
 import scipy.sparse.linalg as sla
 import torch
 from hypothesis import given, settings
@@ -458,6 +459,45 @@ def test_solve_callable():
     assert info2.solver == "CG"
     assert rel_err(x, torch.linalg.solve(a[0], b[0])) < 1e-8
     assert rel_err(x2, torch.linalg.solve(a[0], b[0])) < 1e-8
+
+
+def test_callable_on_a_tensor_is_one_system():
+    # A (5, 3) unknown of a callable operator is one system of 15 unknowns (as in jaxopt), not
+    # 5 systems: the operator mixes the rows.
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(15, 15, dtype=F64, generator=g) / 15**0.5 + 3 * torch.eye(15, dtype=F64)
+    b = torch.randn(5, 3, dtype=F64, generator=g)
+    x, info = il.linear.solve(lambda v: (m @ v.reshape(15)).reshape(5, 3), b)
+    assert x.shape == (5, 3) and info.converged.shape == ()
+    x_ref = scipy.linalg.solve(m.numpy(), b.reshape(15).numpy())
+    assert np.linalg.norm(x.reshape(15).numpy() - x_ref) <= 1e-8 * np.linalg.norm(x_ref)
+
+
+def test_callable_batched_leading_dimension_indexes_systems():
+    g = torch.Generator().manual_seed(1)
+    a = _sym_from_eigs(g, 1 + 4 * torch.rand(4, 6, dtype=F64, generator=g))  # (4, 6, 6) SPD
+    b = torch.randn(4, 2, 3, dtype=F64, generator=g)
+
+    def mv(v):  # v: (4, 2, 3), one 6-vector per system
+        return (a @ v.reshape(4, 6, 1)).reshape(4, 2, 3)
+
+    x, info = il.linear.solve(mv, b, CG(), batched=True)
+    assert x.shape == (4, 2, 3) and info.steps.shape == (4,) and bool(info.converged.all())
+    x_ref = torch.linalg.solve(a, b.reshape(4, 6))
+    assert rel_err(x.reshape(4, 6), x_ref) < 1e-8
+    x0 = torch.zeros_like(b)
+    x2, _ = il.linear.solve(mv, b, CG(), batched=True, x0=x0)
+    torch.testing.assert_close(x2, x)
+
+
+def test_batched_flag_is_checked():
+    a = torch.eye(3, dtype=F64)
+    with pytest.raises(ValueError, match="batched=True disagrees with b of shape"):
+        il.linear.solve(a, torch.ones(3, dtype=F64), batched=True)
+    with pytest.raises(TypeError, match="batched must be True, False or None"):
+        il.linear.solve(a, torch.ones(3, dtype=F64), batched="yes")
+    with pytest.raises(ValueError, match="batched=True needs b with a leading batch dimension"):
+        il.linear.solve(lambda v: v, torch.tensor(1.0, dtype=F64), batched=True)
 
 
 def test_solve_default_solver_choice():
