@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, overload
 
 import torch
 from typing_extensions import Self
@@ -51,6 +51,10 @@ def check_positive_int(value: object, name: str, *, allow_zero: bool = False) ->
     return value
 
 
+@overload
+def check_tolerance(value: object, name: str, *, allow_none: Literal[False]) -> float: ...
+@overload
+def check_tolerance(value: object, name: str, *, allow_none: bool = True) -> float | None: ...
 def check_tolerance(value: object, name: str, *, allow_none: bool = True) -> float | None:
     if value is None and allow_none:
         return None
@@ -78,6 +82,9 @@ class Settings:
     """
 
     _aliases: ClassVar[tuple[str, ...]] = ()
+    # Per-class caches, filled on first use.
+    _field_names: ClassVar[tuple[str, ...]]
+    _default_values: ClassVar[dict[str, object]]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -96,7 +103,7 @@ class Settings:
             if outermost:
                 object.__setattr__(self, "_frozen", True)
 
-        cls.__init__ = __init__  # type: ignore[method-assign]
+        cls.__init__ = __init__  # type: ignore[method-assign,assignment]
 
     def __setattr__(self, name: str, value: object) -> None:
         if self.__dict__.get("_frozen", False):
@@ -232,8 +239,7 @@ class SolverSettings(Settings):
         on_failure: OnFailure = "warn",
     ) -> None:
         self.rtol = check_tolerance(rtol, "rtol")
-        # allow_none=False: a float, never None.
-        self.atol = check_tolerance(atol, "atol", allow_none=False) or 0.0
+        self.atol = check_tolerance(atol, "atol", allow_none=False)
         self.max_steps = (
             self.default_max_steps if max_steps is None else check_positive_int(max_steps, "max_steps")
         )

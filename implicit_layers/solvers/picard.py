@@ -51,7 +51,7 @@ class Picard(ForwardSolver):
         # Plain fixed-point iteration keeps f(z): the next iterate is f(z) itself rather than
         # z - (z - f(z)), one subtraction less per step (and no rounding from it).
         plain = problem.kind == "fixed_point" and self.damping == 1.0
-        fz = None
+        fz = z  # f(z), used only by plain iteration
         if plain:
             fz = problem.fixed_point_map(z)
             r = z - fz
