@@ -4,7 +4,7 @@ Layers whose output is defined by an inner problem — a fixed point, a root or 
 in the forward pass and differentiated in the backward pass by the implicit function theorem.
 """
 
-from . import backward, hyper, linear, nn, solvers
+from . import backward, hyper, linear, memory, nn, solvers
 from ._info import (
     ConvergenceError,
     ConvergenceWarning,
@@ -26,6 +26,7 @@ __all__ = [
     "linear",
     "solvers",
     "hyper",
+    "memory",
     "nn",
     "SolveInfo",
     "ConvergenceWarning",
