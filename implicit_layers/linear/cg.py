@@ -44,15 +44,17 @@ class CG(LinearSolver):
         loop.done = rs <= tol2
         # A NaN/Inf sample fails the curvature test below and stops as ``bad``, so the
         # finiteness test can wait until the end (finite=False: one synchronisation per check).
+        # On the CPU (a check every step) one more synchronisation is cheaper than the masks
+        # it saves: while no sample is done and every curvature is positive the step runs
+        # without them.
+        unmasked = loop.check_every == 1
+        inplace: bool | None = None
         while loop.proceed(rs, finite=False):
             Ap = op.mv(p)
-            inplace = loop.inplace(b, Ap, x)
+            if inplace is None:
+                inplace = loop.inplace(b, Ap, x)
             pAp = batched_dot(p, Ap)
-            # On the CPU (a check every step) one more synchronisation is cheaper than the
-            # masks it saves: while no sample is done and every curvature is positive the
-            # step runs without them.
-            if (loop.all_active and loop.check_every == 1 and inplace
-                    and bool((pAp > 0).all())):
+            if unmasked and loop.all_active and inplace and bool((pAp > 0).all()):
                 alpha = (rs / pAp).unsqueeze(-1)
                 x.addcmul_(alpha, p)
                 r.addcmul_(alpha, Ap, value=-1.0)
