@@ -1,113 +1,46 @@
 """The one implicit core shared by fixed_point, root, argmin and custom_root.
 
-The forward solve runs without autograd. The residual is then evaluated once more, with
-autograd, at the detached solution ``z*``: ``out = z* - F(z*, θ)``, numerically ``z*``. ``out``
-passes through :class:`_AdjointHook`, whose forward is the identity and whose backward swaps
-the incoming cotangent ``g`` for the solution ``u`` of ``(∂F/∂z)ᵀ u = g``. Autograd then
-carries ``-(∂F/∂θ)ᵀ u`` — the implicit-function-theorem gradient — to every tensor and module
-parameter that ``F`` touched, without the user listing them.
+The whole layer is one ``torch.autograd.Function``, :class:`_Solution`, whose inputs are the
+initial guess and every tensor the problem depends on (explicit arguments and the closed-over
+tensors found by :func:`~implicit_layers._capture.capture`), and whose output is ``z*``:
+
+* ``forward`` runs the forward solver without a graph;
+* ``backward`` solves the adjoint system ``(∂F/∂z)ᵀ u = g`` and returns ``-(∂F/∂θ)ᵀ u``;
+* ``jvp`` solves the tangent system ``(∂F/∂z) ż = -(∂F/∂θ) θ̇`` (forward mode).
+
+An ordinary first-order backward records ``F`` once at the detached ``z*`` and reuses that graph
+for every product (:class:`~implicit_layers._linearize.RecordedLinearization`). When a graph of
+the backward is requested (``create_graph=True``, ``torch.func`` transforms), every step is
+differentiable instead: ``z*`` is the layer's saved output, so the ``z*(θ)`` dependence of the
+Jacobians is kept, and the adjoint solve is itself a linear implicit layer,
+:class:`_LinearSolve`, whose backward solves with ``∂F/∂z`` (not its transpose). Derivatives of
+every order follow by recursion.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from ._capture import is_wrapped, transforms_active
+from ._folded import FoldedProblem
 from ._info import ConvergenceWarning, NonFiniteError, SolveInfo
+from ._linearize import Linearization, RecordedLinearization, transpose_of_vjp
 from ._problem import Problem
-from .backward import BackwardMode, Implicit, Unrolled, _StepMode
 from .linear._base import LinearSolver
 from .linear._operator import FunctionOperator
 from .linear.cg import CG
 from .linear.dense import Dense
 from .linear.gmres import GMRES
 from .linear.neumann import Neumann
-from .solvers._base import ForwardSolver
 
-
-def resolve_backward(backward: BackwardMode | LinearSolver | None) -> BackwardMode:
-    if backward is None:
-        return Implicit()
-    if isinstance(backward, LinearSolver):
-        return Implicit(backward)
-    if isinstance(backward, BackwardMode):
-        return backward
-    raise TypeError(
-        "backward must be a backward mode (il.backward.Implicit(), Unrolled(), Truncated(k), "
-        "JacobianFree(), Phantom(k, damping)) or a linear solver such as il.linear.CG(); got "
-        f"{type(backward).__name__}."
-    )
-
-
-def solve(
-    problem: Problem,
-    z0: Tensor,
-    solver: ForwardSolver,
-    backward: BackwardMode,
-) -> tuple[Tensor, SolveInfo]:
-    """Solve ``problem`` from ``z0`` and attach the gradient chosen by ``backward``."""
-    z0f = problem.flatten(z0)
-    grad_on = torch.is_grad_enabled()
-    unrolled = isinstance(backward, Unrolled) and grad_on
-    if unrolled and not solver.supports_unrolled:
-        raise ValueError(
-            f"backward=Unrolled() cannot differentiate through {solver.name}; use LBFGS, "
-            "GradientDescent, Picard, Anderson or Broyden as solver, or an implicit backward."
-        )
-    # Unrolled: autograd records every step; otherwise the solve runs without a graph.
-    with torch.set_grad_enabled(unrolled):
-        z, info = solver.solve(problem, z0f if unrolled else z0f.detach(), differentiable=unrolled)
-    if not problem.batched:
-        info.squeeze_batch()
-    if unrolled:
-        return z, info
-    z = z.detach()
-    if not grad_on:
-        return z, info
-    return attach(problem, z, backward, info, solver.resolved_rtol(z.dtype), solver), info
-
-
-def attach(
-    problem: Problem,
-    z: Tensor,
-    backward: BackwardMode,
-    info: SolveInfo | None,
-    forward_rtol: float,
-    solver: object = None,
-) -> Tensor:
-    """Return ``z`` (flat, detached solution) carrying the gradient of ``backward``."""
-    if isinstance(backward, _StepMode):
-        eta = backward.resolved_step_size(problem.kind, solver)
-        zk = z
-        for _ in range(backward.steps):
-            zk = zk - eta * problem.residual(zk, create_graph=True)
-        return zk
-    if isinstance(backward, Unrolled):
-        raise ValueError(
-            "backward=Unrolled() needs a forward solver to unroll; a black-box solver wrapped "
-            "by custom_root cannot be unrolled. Use an implicit backward."
-        )
-    if not isinstance(backward, Implicit):
-        raise TypeError(f"unsupported backward mode {type(backward).__name__}.")
-    with torch.enable_grad():
-        zr = z.detach().requires_grad_(True)
-        res = None
-        if problem.kind == "fixed_point":
-            # z - (z - f(z)) is f(z): record f alone, so that every adjoint VJP skips the
-            # two subtractions and the sum of the direct and the f branch.
-            out = problem.fixed_point_map(zr)
-        else:
-            # The adjoint products are VJPs of F itself (res); out only carries -∂F/∂θ.
-            res = problem.residual(zr, create_graph=True)
-            out = zr - res
-    if not _depends_on_other_leaves(out, zr):
-        return z
-    hook = _Adjoint(problem, zr, out, backward, info, forward_rtol, solver, res)
-    return _AdjointHook.apply(out, hook)
-
+if TYPE_CHECKING:
+    from .backward import Implicit
 
 #: Largest system size ``n`` for which the default backward materialises the Jacobian and
 #: solves it directly. The crossover depends on how many CG iterations the problem needs
@@ -133,111 +66,101 @@ def default_linear_solver(problem: Problem) -> LinearSolver:
     return CG()
 
 
-def _depends_on_other_leaves(out: Tensor, zr: Tensor) -> bool:
-    """Whether ``out``'s graph reaches any tensor requiring grad other than ``zr``."""
-    if out.grad_fn is None:
-        return False
-    seen = set()
-    stack = [out.grad_fn]
-    while stack:
-        fn = stack.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        variable = getattr(fn, "variable", None)
-        if variable is not None:
-            if variable is not zr:
-                return True
-            continue
-        stack.extend(nxt for nxt, _ in fn.next_functions)
-    return False
+def _replaced(solver: LinearSolver, **changes: Any) -> LinearSolver:
+    replace = getattr(solver, "replace", None)
+    if replace is not None:
+        return replace(**changes)
+    new = copy.copy(solver)
+    for name, value in changes.items():
+        setattr(new, name, value)
+    return new
 
 
-class _Adjoint:
-    """Everything the backward pass needs: the operator ``(∂F/∂z)ᵀ`` and the linear solver."""
+Forward = Callable[[Problem, Tensor], "tuple[Tensor, SolveInfo | None]"]
+
+
+class ImplicitCore:
+    """What the implicit layer's forward and backward need: the problem, the forward solve, the
+    linear solver of the adjoint system, the fallback, and where to put the statistics.
+
+    Args:
+        problem: the problem, with its ``params`` captured.
+        mode: the :class:`~implicit_layers.backward.Implicit` backward mode.
+        forward: ``forward(problem, z0) -> (z*, info)``, run without a graph.
+        forward_rtol: the forward tolerance, inherited by a linear solver with ``rtol=None``.
+        solver: the forward solver (for a fallback's step size), or ``None``.
+    """
 
     def __init__(
         self,
         problem: Problem,
-        zr: Tensor,
-        out: Tensor,
         mode: Implicit,
-        info: SolveInfo | None,
+        forward: Forward,
         forward_rtol: float,
-        solver: object,
-        res: Tensor | None = None,
+        solver: object = None,
     ) -> None:
         self.problem = problem
-        self.solver = solver
-        self.zr = zr
-        self.out = out
-        # With the residual F(z) recorded, (∂F/∂z)ᵀ v is one VJP of it; without (fixed
-        # points, where out = f(z)), it is v - vjp_f(v).
-        self.res = res
         self.mode = mode
-        self.info = info
+        self._forward = forward
+        self.solver = solver
         linear = mode.linear_solver
         if linear is None:
             linear = default_linear_solver(problem)
-        self.linear = linear.with_rtol(forward_rtol)
+        if linear.rtol is None:
+            linear = _replaced(linear, rtol=forward_rtol)
+        self.linear = linear
+        self.info: SolveInfo | None = None
+        # Whether the forward records F at z* for a first-order backward (eager autograd only).
+        self.record = torch.is_grad_enabled() and not transforms_active()
+        self.recorded: RecordedLinearization | None = None
 
-    def _vjp(self, v: Tensor) -> Tensor:
-        (g,) = torch.autograd.grad(
-            self.out if self.res is None else self.res, self.zr, v, retain_graph=True,
-            allow_unused=True,
-        )
-        return torch.zeros_like(v) if g is None else g
+    # -- forward -----------------------------------------------------------------------
+    def forward(self, z0: Tensor, values: Sequence[Tensor]) -> Tensor:
+        problem = self.problem.bind(values)
+        z, info = self._forward(problem, z0)
+        if self.info is None:
+            self.info = info
+        if self.record:
+            # Record F at z* now, while the function sees the tensors it saw when called (a
+            # functional_call swaps module parameters back when it returns); an ordinary
+            # backward reuses this graph for every product.
+            self.recorded = RecordedLinearization(problem, z)
+        return z.clone() if z is z0 else z
 
-    def rmv(self, v: Tensor) -> Tensor:
-        """``(∂F/∂z)ᵀ v``: a VJP of ``F``, or ``v - vjp_f(v)`` for a fixed point ``F = z - f``."""
-        if self.res is not None:
-            return self._vjp(v)
-        return v - self._vjp(v)
-
-    def dense(self) -> Tensor:
-        """The ``(B, n, n)`` matrix ``(∂F/∂z)ᵀ``, by one vectorised batch of VJPs if possible."""
-        B, n = self.zr.shape
-        eye = torch.eye(n, dtype=self.zr.dtype, device=self.zr.device)
-        basis = eye.unsqueeze(1).expand(n, B, n)
-        try:
-            # torch.func.vmap batches the backward formulas with its own batching rules
-            # (autograd.grad's is_grads_batched expands a residual ``G @ w`` into an (n, n, n)
-            # bmm, 12x slower at n = 200). Operations without a batching rule fall back to one
-            # VJP per column.
-            rows = torch.func.vmap(self._vjp)(basis)  # rows[i] = vjp(e_i), shape (n, B, n)
-        except RuntimeError:
-            rows = torch.stack([self._vjp(basis[i]) for i in range(n)])
-        cols = rows if self.res is not None else basis - rows  # cols[i] = (∂F/∂z)ᵀ e_i
-        return cols.permute(1, 2, 0)
-
-    def operator(self) -> FunctionOperator:
-        B, n = self.zr.shape
-        return FunctionOperator(
-            self.rmv, B, n, self.zr.dtype, self.zr.device,
-            symmetric=self.problem.symmetric,
-            positive_definite=True if self.problem.kind == "argmin" else None,
-            dense=self.dense,
-        )
-
-    def solve(self, g: Tensor) -> Tensor:
+    # -- linear solves -----------------------------------------------------------------
+    def linear_solve(
+        self, lin: Linearization | RecordedLinearization, rhs: Tensor, transpose: bool
+    ) -> Tensor:
+        """Solve ``Aᵀ u = rhs`` (``transpose``) or ``A u = rhs`` with the adjoint's solver."""
         problem = self.problem
-        gf = g.reshape(problem.batch, problem.size)
-        op = self.operator()
-        what = f"backward (adjoint) solve of {problem.kind}"
+        B, n = rhs.shape
+        if transpose or problem.symmetric:
+            mv = lin.rmv
+        elif isinstance(lin, Linearization):
+            mv = lin.mv
+        else:  # the recorded graph has no forward products; never needed on that path
+            raise RuntimeError("a non-transposed solve needs a torch.func linearization")
+        op = FunctionOperator(
+            mv, B, n, rhs.dtype, rhs.device,
+            symmetric=problem.symmetric,
+            positive_definite=True if problem.kind == "argmin" else None,
+            dense=lambda: lin.dense(transpose),
+        )
+        kind = "backward (adjoint)" if transpose else "tangent"
+        what = f"{kind} solve of {problem.kind}"
         fallback = self.mode.fallback
-        if fallback is None:
-            u, binfo = self.linear.solve(op, gf, what=what)
+        if fallback is None or not transpose:
+            u, binfo = self.linear.solve(op, rhs, what=what)
         else:
-            u, binfo = self._solve_with_fallback(op, gf, what, fallback)
-        if self.info is not None:
+            u, binfo = self._solve_with_fallback(op, rhs, what, fallback)
+        if self.info is not None and transpose:
             self.info.backward = binfo if problem.batched else binfo.squeeze_batch()
-        return u.reshape(g.shape)
+        return u
 
     def _solve_with_fallback(
-        self, op: FunctionOperator, gf: Tensor, what: str, fallback: _StepMode
+        self, op: FunctionOperator, gf: Tensor, what: str, fallback: Any
     ) -> tuple[Tensor, SolveInfo]:
-        quiet = copy.copy(self.linear)
-        quiet.on_failure = "ignore"
+        quiet = _replaced(self.linear, on_failure="ignore")
         try:
             u, binfo = quiet.solve(op, gf, what=what)
             failed = ~binfo.converged
@@ -245,7 +168,7 @@ class _Adjoint:
             u, binfo, failed = None, None, None
         if failed is not None and not bool(failed.any()):
             return u, binfo
-        eta = fallback.resolved_step_size(self.problem.kind, self.solver)
+        eta = fallback.step_size_for(self.problem.kind, self.solver)
         op_fb, g_fb = op, gf
         if isinstance(eta, Tensor):
             # A learnable step size of GradientDescent: the fallback only needs its value.
@@ -292,19 +215,203 @@ class _Adjoint:
             return u_fb, binfo
         return torch.where(failed.unsqueeze(-1), u_fb, u), binfo
 
+    def fold(self, V: int, dims: Sequence[int | None], values: Sequence[Tensor]) -> ImplicitCore:
+        """The core of ``V`` vmapped copies of this problem solved as one batch."""
+        folded = FoldedProblem(self.problem, V, dims, values)  # type: ignore[arg-type]
+        core = ImplicitCore(folded, self.mode, self._forward, 0.0, self.solver)  # type: ignore[arg-type]
+        core.linear = self.linear
+        core.record = False
+        return core
 
-class _AdjointHook(torch.autograd.Function):
-    """Identity forward; backward replaces the cotangent ``g`` by ``u = (∂F/∂z)⁻ᵀ g``."""
+    # -- derivatives -------------------------------------------------------------------
+    def vjp(self, z: Tensor, values: Sequence[Tensor], g: Tensor) -> tuple[Tensor, ...]:
+        """``-(∂F/∂θ)ᵀ u`` with ``(∂F/∂z)ᵀ u = g``, one entry per parameter."""
+        values = tuple(values)
+        if _legacy_batched(g):
+            raise RuntimeError(
+                "implicit layers do not support the legacy batched gradients of "
+                "torch.autograd.grad(..., is_grads_batched=True) and "
+                "torch.autograd.functional.jacobian(..., vectorize=True) (their solver loops "
+                "stop on data, which the legacy vmap cannot batch). Use torch.func.jacrev or "
+                "torch.func.vmap(torch.func.vjp(...)), which the layer supports, or "
+                "vectorize=False."
+            )
+        if not torch.is_grad_enabled() and not transforms_active() and not is_wrapped(g):
+            # An ordinary backward: no graph of the gradient is needed.
+            lin: Linearization | RecordedLinearization = (
+                self.recorded if self.recorded is not None
+                else RecordedLinearization(self.problem.bind(values, deferred=True), z)
+            )
+            u = self.linear_solve(lin, g, transpose=True)
+            grads = lin.param_vjp(-u)
+        else:
+            u = _LinearSolve.apply(g, z, self, True, *values)
+            lin = Linearization(self.problem.bind(values), z, values)
+            grads = lin.param_vjp(-u)
+        return tuple(torch.zeros_like(v) if d is None else d for d, v in zip(grads, values, strict=False))
+
+    def jvp(self, z: Tensor, values: Sequence[Tensor], tangents: Sequence[Tensor | None]) -> Tensor:
+        """``ż`` with ``(∂F/∂z) ż = -(∂F/∂θ) θ̇``."""
+        values = tuple(values)
+        tangents = tuple(torch.zeros_like(v) if t is None else t for t, v in zip(tangents, values, strict=False))
+        lin = Linearization(self.problem.bind(values), z, values)
+        rhs = -lin.param_jvp(tangents)
+        return _LinearSolve.apply(rhs, z, self, False, *values)
+
+    def curvature_vjp(
+        self, z: Tensor, values: Sequence[Tensor], left: Tensor, right: Tensor
+    ) -> tuple[Tensor, ...]:
+        """The gradient of ``⟨(∂F/∂z)ᵀ left, right⟩`` with respect to ``z`` and each value."""
+        problem = self.problem
+
+        def pairing(zz: Tensor, *vals: Tensor) -> Tensor:
+            F = problem.bind(vals, deferred=True).pure_residual
+            _, vjp = torch.func.vjp(F, zz)
+            return (vjp(left)[0] * right).sum()
+
+        argnums = tuple(range(1 + len(values)))
+        return torch.func.grad(pairing, argnums=argnums)(z, *values)
+
+    def product_jvp(
+        self, z: Tensor, values: Sequence[Tensor], u: Tensor, transpose: bool,
+        z_t: Tensor, values_t: Sequence[Tensor],
+    ) -> Tensor:
+        """The change of ``Aᵀ u`` (``transpose``) or ``A u`` along ``(ż, θ̇)`` at fixed ``u``."""
+        problem = self.problem
+
+        def product(zz: Tensor, *vals: Tensor) -> Tensor:
+            F = problem.bind(vals, deferred=True).pure_residual
+            out, vjp = torch.func.vjp(F, zz)
+            if transpose or problem.symmetric:
+                return vjp(u)[0]
+            return transpose_of_vjp(lambda w: vjp(w)[0], out, u)
+
+        out, vjp = torch.func.vjp(product, z, *values)
+        return transpose_of_vjp(vjp, out, (z_t, *values_t))
+
+
+def _legacy_batched(t: Tensor) -> bool:
+    """Whether ``t`` is batched by the legacy vmap of ``is_grads_batched`` (not ``torch.func``)."""
+    return not is_wrapped(t) and "Batched" in str(torch._C._dispatch_keys(t)).replace(
+        "FuncTorchBatched", ""
+    )
+
+
+def _zeros_for(tangents: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return tuple(torch.zeros_like(v) if t is None else t for t, v in zip(tangents, like, strict=False))
+
+
+class _Solution(torch.autograd.Function):
+    """``z* = solve(z0; θ)``, differentiated by the implicit function theorem."""
 
     @staticmethod
-    def forward(ctx, out: Tensor, hook: _Adjoint) -> Tensor:  # type: ignore[override]
-        ctx.hook = hook
-        # The value is the solver's z, not out = z - F(z): they differ by the residual, which
-        # is not small when a black-box solver (custom_root) stops early.
-        return hook.zr.detach().clone()
+    def forward(z0: Tensor, core: ImplicitCore, *values: Tensor) -> Tensor:  # type: ignore[override]
+        return core.forward(z0, values)
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        with torch.enable_grad():
-            u = ctx.hook.solve(g)
-        return u, None
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:  # type: ignore[override]
+        _, core, *values = inputs
+        ctx.core = core
+        ctx.save_for_backward(output, *values)
+        ctx.save_for_forward(output, *values)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple:  # type: ignore[override]
+        z, *values = ctx.saved_tensors
+        return (None, None, *ctx.core.vjp(z, values, g))
+
+    @staticmethod
+    def jvp(ctx: Any, z0_t: Tensor | None, core_t: None, *values_t: Tensor | None) -> Tensor:  # type: ignore[override]
+        z, *values = ctx.saved_tensors
+        return ctx.core.jvp(z, values, values_t)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, z0: Tensor, core: ImplicitCore, *values: Tensor) -> tuple:  # type: ignore[override]
+        z0_dim, _, *value_dims = in_dims
+        if z0_dim is None and all(d is None for d in value_dims):
+            return _Solution.apply(z0, core, *values), None
+        V = info.batch_size
+        dims, values = _move_to_front(V, value_dims, values)
+        folded = core.fold(V, dims, values)
+        z = _Solution.apply(_fold_state(V, z0_dim, z0), folded, *values)
+        if core.info is None:
+            core.info = folded.info
+        return z.reshape(V, -1, z.shape[-1]), 0
+
+
+def _move_to_front(
+    V: int, dims: Sequence[int | None], tensors: Sequence[Tensor]
+) -> tuple[list[int | None], list[Tensor]]:
+    """Vmapped dimensions moved to the front (``0``) or absent (``None``)."""
+    moved = [t if d is None else t.movedim(d, 0) for t, d in zip(tensors, dims, strict=False)]
+    return [None if d is None else 0 for d in dims], moved
+
+
+def _fold_state(V: int, dim: int | None, z: Tensor) -> Tensor:
+    """A ``(B, n)`` state, vmapped along ``dim`` or shared, as ``(V · B, n)``."""
+    z = z.unsqueeze(0).expand(V, *z.shape) if dim is None else z.movedim(dim, 0)
+    return z.reshape(V * z.shape[1], z.shape[2])
+
+
+class _LinearSolve(torch.autograd.Function):
+    """``u = A⁻ᵀ rhs`` (``transpose``) or ``A⁻¹ rhs`` with ``A = ∂F/∂z`` at ``(z, θ)``: a linear
+    implicit layer, differentiable in ``rhs``, ``z`` and ``θ`` to every order."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        rhs: Tensor, z: Tensor, core: ImplicitCore, transpose: bool, *values: Tensor
+    ) -> Tensor:
+        lin = Linearization(core.problem.bind(values), z, values)
+        return core.linear_solve(lin, rhs, transpose)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:  # type: ignore[override]
+        _, z, core, transpose, *values = inputs
+        ctx.core = core
+        ctx.transpose = transpose
+        ctx.save_for_backward(z, output, *values)
+        ctx.save_for_forward(z, output, *values)
+
+    @staticmethod
+    def backward(ctx: Any, u_bar: Tensor) -> tuple:  # type: ignore[override]
+        z, u, *values = ctx.saved_tensors
+        core, transpose = ctx.core, ctx.transpose
+        # A u = r  =>  du = A⁻¹ (dr - dA u); Aᵀ u = g  =>  du = A⁻ᵀ (dg - dAᵀ u).
+        w = _LinearSolve.apply(u_bar, z, core, not transpose, *values)
+        left, right = (u, w) if transpose else (w, u)
+        grads = core.curvature_vjp(z, values, left, right)
+        return (w, -grads[0], None, None, *(-d for d in grads[1:]))
+
+    @staticmethod
+    def jvp(  # type: ignore[override]
+        ctx: Any, rhs_t: Tensor | None, z_t: Tensor | None, core_t: None, transpose_t: None,
+        *values_t: Tensor | None,
+    ) -> Tensor:
+        z, u, *values = ctx.saved_tensors
+        core, transpose = ctx.core, ctx.transpose
+        z_t = torch.zeros_like(z) if z_t is None else z_t
+        values_t = _zeros_for(values_t, values)
+        change = core.product_jvp(z, values, u, transpose, z_t, values_t)
+        rhs_t = -change if rhs_t is None else rhs_t - change
+        return _LinearSolve.apply(rhs_t, z, core, transpose, *values)
+
+    @staticmethod
+    def vmap(  # type: ignore[override]
+        info: Any, in_dims: tuple, rhs: Tensor, z: Tensor, core: ImplicitCore, transpose: bool,
+        *values: Tensor,
+    ) -> tuple:
+        rhs_dim, z_dim, _, _, *value_dims = in_dims
+        if rhs_dim is None and z_dim is None and all(d is None for d in value_dims):
+            return _LinearSolve.apply(rhs, z, core, transpose, *values), None
+        V = info.batch_size
+        dims, values = _move_to_front(V, value_dims, values)
+        folded = core.fold(V, dims, values)
+        u = _LinearSolve.apply(
+            _fold_state(V, rhs_dim, rhs), _fold_state(V, z_dim, z), folded, transpose, *values
+        )
+        return u.reshape(V, -1, u.shape[-1]), 0
+
+
+def implicit_solution(core: ImplicitCore, z0: Tensor) -> Tensor:
+    """``z*`` as a differentiable function of ``core.problem.params``."""
+    return _Solution.apply(z0, core, *core.problem.params)

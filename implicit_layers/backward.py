@@ -1,7 +1,8 @@
 """Backward modes: how gradients flow through the solution of an implicit layer.
 
 * :class:`Implicit` — the implicit function theorem with a linear solver (exact at convergence,
-  memory independent of the number of forward steps).
+  memory independent of the number of forward steps, derivatives of every order, forward mode
+  and ``torch.func`` transforms).
 * :class:`Unrolled` — autograd through every forward iteration (memory grows with the steps).
 * :class:`Truncated` — autograd through ``steps`` iterations of the basic step map
   ``z ← z - η F(z)`` started at the solution.
@@ -9,24 +10,108 @@
 * :class:`Phantom` — ``steps`` damped steps (Geng et al., 2021, "phantom gradients").
 
 Passing a linear solver as ``backward=`` means ``Implicit(that solver)``.
+
+Each mode owns its behaviour: :meth:`BackwardMode.solve` runs the forward solver and attaches
+the mode's gradient, :meth:`BackwardMode.attach` attaches it to a solution found elsewhere (a
+black-box solver wrapped by :func:`~implicit_layers.custom_root`). A new mode subclasses
+:class:`BackwardMode` and overrides :meth:`~BackwardMode.attach` (and :meth:`~BackwardMode.solve`
+if it must see the forward iterations).
+
+Every mode gives the exact derivatives, of every order, of what it computes: ``Implicit`` those
+of the exact solution map ``θ ↦ z*(θ)``; ``Unrolled`` those of the recorded iterations; the step
+modes those of ``θ ↦ S_θ^k(z*)`` with the solution ``z*`` held fixed (``S_θ`` the step map).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor
 
 from ._config import check_positive_int, check_tolerance
+from ._implicit import ImplicitCore, implicit_solution
+from ._info import SolveInfo
+from ._problem import Kind, Problem
 from .linear._base import LinearSolver
 
 __all__ = ["BackwardMode", "Implicit", "Unrolled", "Truncated", "JacobianFree", "Phantom"]
 
 
 class BackwardMode:
-    """Base class of the backward modes."""
+    """Base class of the backward modes: immutable settings plus how to attach a gradient.
+
+    Subclasses set their fields in ``__init__`` (validated) and implement :meth:`attach`.
+    """
+
+    _fields: tuple[str, ...] = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if getattr(self, "_frozen", False):
+            raise AttributeError(
+                f"{type(self).__name__} is immutable; use .replace({name}=...) for a copy with "
+                "other settings."
+            )
+        object.__setattr__(self, name, value)
+
+    def _freeze(self) -> None:
+        object.__setattr__(self, "_frozen", True)
+
+    def replace(self, **changes: Any) -> BackwardMode:
+        """A validated copy with some settings changed."""
+        unknown = sorted(set(changes) - set(self._fields))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} has no setting(s) {unknown}; its settings are "
+                f"{list(self._fields)}."
+            )
+        kwargs = {name: getattr(self, name) for name in self._fields}
+        kwargs.update(changes)
+        return type(self)(**kwargs)
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._fields)
         return f"{type(self).__name__}({fields})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, k) == getattr(other, k) for k in self._fields)
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(getattr(self, k) for k in self._fields)))
+
+    # -- behaviour ---------------------------------------------------------------------
+    def solve(self, problem: Problem, z0: Tensor, solver: Any) -> tuple[Tensor, SolveInfo]:
+        """Run ``solver`` from the flat ``z0`` ``(B, n)`` and attach this mode's gradient.
+
+        The default solves without a graph, then calls :meth:`attach` if gradients are on.
+        """
+        with torch.no_grad():
+            z, info = solver.solve(problem, z0.detach())
+        z = z.detach()
+        if torch.is_grad_enabled():
+            z = self.attach(problem, z, solver.resolved_rtol(problem.dtype), solver, info)
+        return z, info
+
+    def attach(
+        self,
+        problem: Problem,
+        z: Tensor,
+        forward_rtol: float,
+        solver: Any = None,
+        info: SolveInfo | None = None,
+    ) -> Tensor:
+        """Return the detached flat solution ``z`` ``(B, n)`` carrying this mode's gradient.
+
+        Args:
+            problem: the problem (its ``params`` are the tensors to differentiate).
+            z: the solution, ``(B, n)``, detached.
+            forward_rtol: the tolerance the solution was found to.
+            solver: the forward solver, or ``None`` for a black box.
+            info: the forward statistics (its ``backward`` field may be filled in later).
+        """
+        raise NotImplementedError
 
 
 class _StepMode(BackwardMode):
@@ -41,31 +126,48 @@ class _StepMode(BackwardMode):
     steps: int
     step_size: float | None
 
-    def resolved_step_size(self, kind: str, solver: object) -> float | Tensor:
+    def step_size_for(self, kind: Kind, solver: Any) -> float | Tensor:
+        """``η``: the mode's own, 1 for fixed points and roots, or the forward solver's step."""
         if self.step_size is not None:
             return self.step_size
         if kind != "argmin":
             return 1.0
-        from .solvers.gradient_descent import GradientDescent
-
-        if isinstance(solver, GradientDescent) and isinstance(solver.step_size, (int, float)):
-            return float(solver.step_size)
-        if isinstance(solver, GradientDescent) and isinstance(solver.step_size, Tensor):
+        eta = solver.gradient_step_size() if solver is not None else None
+        if isinstance(eta, Tensor):
             # A learnable step size (meta-descent): the differentiated steps use it, so it gets
             # a gradient. One value per sample broadcasts over the flat (B, n) iterate.
-            eta = solver.step_size
             return eta.unsqueeze(-1) if eta.dim() == 1 else eta
+        if eta is not None:
+            return float(eta)
         raise ValueError(
             f"{type(self).__name__} on an argmin problem needs a step size for its gradient "
             f"steps; got step_size=None and a forward solver ({type(solver).__name__}) without "
-            "a fixed float step_size. Pass e.g. step_size=0.1 (about 1 / largest Hessian "
-            "eigenvalue)."
+            "a fixed step size. Pass e.g. step_size=0.1 (about 1 / largest Hessian eigenvalue)."
         )
+
+    def attach(
+        self,
+        problem: Problem,
+        z: Tensor,
+        forward_rtol: float,
+        solver: Any = None,
+        info: SolveInfo | None = None,
+    ) -> Tensor:
+        eta = self.step_size_for(problem.kind, solver)
+        zk = z
+        for _ in range(self.steps):
+            zk = zk - eta * problem.residual(zk, create_graph=True)
+        return zk
 
 
 class Implicit(BackwardMode):
     """Implicit differentiation: solve ``(∂F/∂z)ᵀ u = g`` at the solution, then
     ``∂ℓ/∂θ = -(∂F/∂θ)ᵀ u``.
+
+    Derivatives of every order are exact: under ``create_graph=True`` (and ``torch.func``
+    transforms) the adjoint solve is itself differentiated implicitly, with a second linear
+    solve with ``∂F/∂z``. Forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``)
+    solves ``(∂F/∂z) ż = -(∂F/∂θ) θ̇`` with the same linear solver.
 
     Args:
         linear_solver: the :class:`~implicit_layers.linear.LinearSolver` for the adjoint
@@ -81,7 +183,12 @@ class Implicit(BackwardMode):
             gradient replaces the implicit one for the samples whose adjoint solve did not
             converge (or diverged), with a :class:`~implicit_layers.ConvergenceWarning`, so one
             bad batch does not hand a garbage gradient to the optimizer.
+
+    Example:
+        >>> mode = Implicit(il.linear.CG(rtol=1e-8), fallback=Phantom(steps=5))
     """
+
+    _fields = ("linear_solver", "fallback")
 
     def __init__(
         self,
@@ -100,6 +207,35 @@ class Implicit(BackwardMode):
             )
         self.linear_solver = linear_solver
         self.fallback = fallback
+        self._freeze()
+
+    def solve(self, problem: Problem, z0: Tensor, solver: Any) -> tuple[Tensor, SolveInfo]:
+        if not problem.params:
+            with torch.no_grad():
+                return solver.solve(problem, z0.detach())
+
+        def forward(bound: Problem, start: Tensor) -> tuple[Tensor, SolveInfo]:
+            with torch.no_grad():
+                return solver.solve(bound, start)
+
+        core = ImplicitCore(problem, self, forward, solver.resolved_rtol(problem.dtype), solver)
+        z = implicit_solution(core, z0.detach())
+        assert core.info is not None  # set by the forward solve
+        return z, core.info
+
+    def attach(
+        self,
+        problem: Problem,
+        z: Tensor,
+        forward_rtol: float,
+        solver: Any = None,
+        info: SolveInfo | None = None,
+    ) -> Tensor:
+        if not problem.params:
+            return z
+        core = ImplicitCore(problem, self, lambda bound, start: (start, info), forward_rtol, solver)
+        core.info = info
+        return implicit_solution(core, z)
 
 
 class Unrolled(BackwardMode):
@@ -107,8 +243,35 @@ class Unrolled(BackwardMode):
 
     Exact for the computation performed, including non-converged solves and learnable solver
     settings (a tensor step size of :class:`~implicit_layers.solvers.GradientDescent`), but its
-    memory grows linearly with the number of forward steps.
+    memory grows linearly with the number of forward steps. Higher derivatives are those of the
+    recorded iterations.
     """
+
+    def __init__(self) -> None:
+        self._freeze()
+
+    def solve(self, problem: Problem, z0: Tensor, solver: Any) -> tuple[Tensor, SolveInfo]:
+        if not torch.is_grad_enabled():
+            return super().solve(problem, z0, solver)
+        if not solver.supports_unrolled:
+            raise ValueError(
+                f"backward=Unrolled() cannot differentiate through {solver.name}; use LBFGS, "
+                "GradientDescent, Picard, Anderson or Broyden as solver, or an implicit backward."
+            )
+        return solver.solve(problem, z0, differentiable=True)
+
+    def attach(
+        self,
+        problem: Problem,
+        z: Tensor,
+        forward_rtol: float,
+        solver: Any = None,
+        info: SolveInfo | None = None,
+    ) -> Tensor:
+        raise ValueError(
+            "backward=Unrolled() needs a forward solver to unroll; a black-box solver wrapped "
+            "by custom_root cannot be unrolled. Use an implicit backward."
+        )
 
 
 class Truncated(_StepMode):
@@ -119,13 +282,16 @@ class Truncated(_StepMode):
 
     Args:
         steps: number of differentiated steps (``K``).
-        step_size: ``η``; ``None`` means 1 for fixed points and roots, and for argmin the
+        step_size: ``η > 0``; ``None`` means 1 for fixed points and roots, and for argmin the
             ``step_size`` of a :class:`~implicit_layers.solvers.GradientDescent` forward solver.
     """
 
-    def __init__(self, steps: int, step_size: float | None = None) -> None:
+    _fields = ("steps", "step_size")
+
+    def __init__(self, steps: int, *, step_size: float | None = None) -> None:
         self.steps = check_positive_int(steps, "steps")
-        self.step_size = check_tolerance(step_size, "step_size")
+        self.step_size = _positive_step(step_size, "step_size")
+        self._freeze()
 
 
 class JacobianFree(_StepMode):
@@ -135,12 +301,15 @@ class JacobianFree(_StepMode):
     ``(I - J)⁻¹`` is replaced by ``I``. Cheap, biased, often good enough for training DEQs.
 
     Args:
-        step_size: ``η`` of the step (see :class:`Truncated`).
+        step_size: ``η > 0`` of the step (see :class:`Truncated`).
     """
 
-    def __init__(self, step_size: float | None = None) -> None:
+    _fields = ("step_size",)
+
+    def __init__(self, *, step_size: float | None = None) -> None:
         self.steps = 1
-        self.step_size = check_tolerance(step_size, "step_size")
+        self.step_size = _positive_step(step_size, "step_size")
+        self._freeze()
 
 
 class Phantom(_StepMode):
@@ -148,16 +317,43 @@ class Phantom(_StepMode):
 
     Args:
         steps: number of differentiated steps (default 5).
-        damping: ``λ`` in ``z ← (1 - λ) z + λ f(z)`` (default 0.5); for argmin the step size
-            of the gradient steps.
+        damping: ``λ > 0`` in ``z ← (1 - λ) z + λ f(z)`` (default 0.5); for argmin the step
+            size of the gradient steps.
     """
 
-    def __init__(self, steps: int = 5, damping: float = 0.5) -> None:
+    _fields = ("steps", "damping")
+
+    def __init__(self, steps: int = 5, *, damping: float = 0.5) -> None:
         self.steps = check_positive_int(steps, "steps")
-        self.step_size = check_tolerance(damping, "damping", allow_none=False)
-        if self.step_size == 0:
-            raise ValueError("damping must be > 0, got 0.")
+        step = _positive_step(damping, "damping")
+        if step is None:
+            raise TypeError("damping must be a float > 0, got None.")
+        self.step_size = step
+        self._freeze()
 
     @property
     def damping(self) -> float:
+        assert self.step_size is not None
         return self.step_size
+
+
+def _positive_step(value: object, name: str) -> float | None:
+    step = check_tolerance(value, name)
+    if step == 0:
+        raise ValueError(f"{name} must be > 0, got 0.0 (a zero step gives zero gradients).")
+    return step
+
+
+def resolve_backward(backward: BackwardMode | LinearSolver | None) -> BackwardMode:
+    """The backward mode meant by ``backward=`` (a mode, a linear solver, or ``None``)."""
+    if backward is None:
+        return Implicit()
+    if isinstance(backward, LinearSolver):
+        return Implicit(backward)
+    if isinstance(backward, BackwardMode):
+        return backward
+    raise TypeError(
+        "backward must be a backward mode (il.backward.Implicit(), Unrolled(), Truncated(k), "
+        "JacobianFree(), Phantom(k, damping=...)) or a linear solver such as il.linear.CG(); got "
+        f"{type(backward).__name__}."
+    )

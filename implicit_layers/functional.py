@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
+from torch.utils._pytree import tree_flatten, tree_map_only
 
-from . import _implicit
-from ._config import check_float_tensor
+from ._capture import capture, transforms_active
+from ._config import check_float_tensor, default_rtol
 from ._info import SolveInfo
 from ._problem import Kind, Problem
-from .backward import BackwardMode
+from .backward import BackwardMode, resolve_backward
 from .linear._base import LinearSolver
 from .solvers import LBFGS, Anderson, Broyden, ForwardSolver
 
@@ -22,26 +24,58 @@ __all__ = ["fixed_point", "root", "argmin", "custom_root", "custom_fixed_point"]
 Backward = BackwardMode | LinearSolver | None
 
 
-def _check_common(fn: object, name: str, z0: object, z0_name: str, batched: object) -> Tensor:
+def _check_common(fn: object, name: str, z0: object, z0_name: str, batched: object) -> Any:
     if not callable(fn):
         raise TypeError(f"{name} must be callable, got {type(fn).__name__}.")
-    z0 = check_float_tensor(z0, z0_name)
     if not isinstance(batched, bool):
         raise TypeError(f"batched must be True or False, got {batched!r}.")
-    if batched and z0.dim() < 1:
-        raise ValueError(
-            f"batched=True needs {z0_name} with a leading batch dimension, got a 0-d tensor."
-        )
-    if z0.numel() == 0:
-        raise ValueError(f"{z0_name} is empty (shape {tuple(z0.shape)}).")
+    leaves, _ = tree_flatten(z0)
+    if isinstance(z0, Tensor) or not leaves:
+        check_float_tensor(z0, z0_name)
+    for i, leaf in enumerate(leaves):
+        if not isinstance(leaf, Tensor):
+            raise TypeError(
+                f"{z0_name} must be a torch.Tensor, got {type(z0).__name__} (a tuple, list or dict "
+                f"of tensors is also accepted, but its leaf {i} is a {type(leaf).__name__})."
+            )
+        check_float_tensor(leaf, z0_name if isinstance(z0, Tensor) else f"{z0_name} leaf {i}")
+        if batched and leaf.dim() < 1:
+            raise ValueError(
+                f"batched=True needs {z0_name} with a leading batch dimension, got a 0-d tensor."
+            )
+        if batched and leaf.shape[0] != leaves[0].shape[0]:
+            raise ValueError(
+                f"batched=True needs every leaf of {z0_name} to have the same leading (batch) "
+                f"dimension, got {leaves[0].shape[0]} and {leaf.shape[0]}."
+            )
+        if leaf.numel() == 0:
+            raise ValueError(f"{z0_name} is empty (shape {tuple(leaf.shape)}).")
     return z0
+
+
+def _derivatives_requested() -> bool:
+    return (
+        torch.is_grad_enabled() or forward_ad._current_level >= 0 or transforms_active()
+    )
+
+
+def _bind(problem: Problem, z: Tensor) -> Problem:
+    """Evaluate the user's function once at the flat state ``z``: check its output, and find
+    the tensors it depends on that carry derivatives (explicit arguments and closed-over
+    tensors, module parameters included)."""
+    if _derivatives_requested():
+        out, params = capture(lambda: problem._call(z), exclude=(z,))
+    else:
+        out, params = problem._call(z), []
+    problem.check_output(out)
+    return problem.with_params(params)
 
 
 def _run(
     kind: Kind,
-    fn: Callable[..., Tensor],
+    fn: Callable[..., Any],
     name: str,
-    z0: Tensor,
+    z0: Any,
     z0_name: str,
     args: tuple,
     solver: ForwardSolver | None,
@@ -49,7 +83,7 @@ def _run(
     backward: Backward,
     batched: bool,
     return_info: bool,
-) -> Tensor | tuple[Tensor, SolveInfo]:
+) -> Any:
     z0 = _check_common(fn, name, z0, z0_name, batched)
     if solver is None:
         solver = default_solver()
@@ -60,9 +94,14 @@ def _run(
             + (" Linear solvers go in backward=." if isinstance(solver, LinearSolver) else "")
         )
     solver.check_kind(kind)
-    mode = _implicit.resolve_backward(backward)
-    problem = Problem(kind, fn, args, z0, batched, name)
-    z, info = _implicit.solve(problem, z0, solver, mode)
+    mode = resolve_backward(backward)
+    problem = Problem(kind, fn, args, z0, batched=batched, name=name)
+    # z0 stays attached: Unrolled() differentiates through the initial guess too (MAML).
+    z0f = problem.flatten(z0)
+    problem = _bind(problem, z0f.detach())
+    z, info = mode.solve(problem, z0f, solver)
+    if not problem.batched and info.converged.numel() == 1:  # (V,) fields under vmap
+        info.squeeze_batch()
     z = problem.unflatten(z)
     if not return_info:
         return z
@@ -167,45 +206,67 @@ def argmin(
 
 def _custom(
     kind: Kind,
-    fn: Callable[..., Tensor],
+    fn: Callable[..., Any],
     name: str,
     backward: Backward,
     batched: bool,
     symmetric: bool,
     rtol: float | None,
-) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    has_aux: bool,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     if not callable(fn):
         raise TypeError(f"{name} must be callable, got {type(fn).__name__}.")
-    mode = _implicit.resolve_backward(backward)
+    mode = resolve_backward(backward)
 
-    def decorator(solver_fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def decorator(solver_fn: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(solver_fn):
             raise TypeError(f"the decorated solver must be callable, got {type(solver_fn).__name__}.")
 
         @functools.wraps(solver_fn)
-        def wrapped(z0: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        def wrapped(z0: Any, *args: Any, **kwargs: Any) -> Any:
             z0 = _check_common(fn, name, z0, "z0", batched)
-            detached = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
-            z = solver_fn(z0.detach(), *detached, **kwargs)
-            if not isinstance(z, Tensor) or z.shape != z0.shape:
-                got = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            detach = functools.partial(tree_map_only, Tensor, lambda t: t.detach())
+            result = solver_fn(detach(z0), *detach(args), **detach(kwargs))
+            aux = None
+            if has_aux:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise ValueError(
+                        f"with has_aux=True the decorated solver {solver_fn.__name__} must return "
+                        f"a pair (z, aux), got {type(result).__name__}."
+                    )
+                result, aux = result
+            problem = Problem(kind, fn, args, z0, batched=batched, name=name,
+                              symmetric=symmetric, kwargs=kwargs)
+            try:
+                z = problem.flatten(result).detach()
+            except (AttributeError, RuntimeError, TypeError, ValueError):
+                z = None
+            if z is None or tree_flatten(result)[1] != problem.spec or z.shape != (
+                problem.batch, problem.size
+            ):
                 raise ValueError(
-                    f"the decorated solver {solver_fn.__name__} must return a tensor shaped like "
-                    f"z0 {tuple(z0.shape)}, got {got}."
+                    f"the decorated solver {solver_fn.__name__} must return a solution shaped like "
+                    f"z0 ({_describe(z0)}), got {_describe(result)}."
                 )
-            problem = Problem(kind, fn, args, z0, batched, name)
-            problem.symmetric = symmetric or kind == "argmin"
-            z = problem.flatten(z.detach())
-            if torch.is_grad_enabled():
-                from ._config import default_rtol
-
-                tol = default_rtol(z.dtype) if rtol is None else rtol
-                z = _implicit.attach(problem, z, mode, None, tol, None)
-            return problem.unflatten(z)
+            problem = _bind(problem, z)
+            tol = default_rtol(problem.dtype) if rtol is None else rtol
+            if _derivatives_requested():
+                z = mode.attach(problem, z, tol)
+            out = problem.unflatten(z)
+            return (out, aux) if has_aux else out
 
         return wrapped
 
     return decorator
+
+
+def _describe(state: object) -> str:
+    if isinstance(state, Tensor):
+        return f"shape {tuple(state.shape)}"
+    leaves, spec = tree_flatten(state)
+    if leaves and all(isinstance(t, Tensor) for t in leaves):
+        return f"{spec} with shapes {[tuple(t.shape) for t in leaves]}"
+    return type(state).__name__
 
 
 def custom_root(
@@ -215,6 +276,7 @@ def custom_root(
     batched: bool = False,
     symmetric: bool = False,
     rtol: float | None = None,
+    has_aux: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Decorate any solver ``solver(z0, *args) -> z*`` so that ``z*`` is differentiated implicitly.
 
@@ -238,7 +300,8 @@ def custom_root(
         ... def ridge(w0, lam):
         ...     return torch.linalg.solve(X.T @ X + lam * torch.eye(X.shape[1]), X.T @ y)
     """
-    return _custom("root", optimality_fn, "optimality_fn", backward, batched, symmetric, rtol)
+    return _custom("root", optimality_fn, "optimality_fn", backward, batched, symmetric, rtol,
+                   has_aux)
 
 
 def custom_fixed_point(
@@ -247,6 +310,7 @@ def custom_fixed_point(
     *,
     batched: bool = False,
     rtol: float | None = None,
+    has_aux: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Like :func:`custom_root` for a solver of ``z = T(z, *args)``.
 
@@ -256,4 +320,4 @@ def custom_fixed_point(
         batched: leading dimension indexes independent problems.
         rtol: tolerance of the backward solve when its linear solver has ``rtol=None``.
     """
-    return _custom("fixed_point", T, "T", backward, batched, False, rtol)
+    return _custom("fixed_point", T, "T", backward, batched, False, rtol, has_aux)

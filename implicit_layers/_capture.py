@@ -1,0 +1,164 @@
+"""Find the tensors a user function depends on, and call it with other tensors in their place.
+
+An implicit layer's map closes over tensors (module parameters, hyperparameters) that the user
+does not list. Two tools make such closures behave like explicit arguments:
+
+* :func:`capture` runs the function once and returns the tensors from outside it that entered a
+  torch operation and carry derivative information (``requires_grad``, a forward-mode tangent, or
+  a ``torch.func`` wrapper). They become explicit inputs of the layer's ``autograd.Function``.
+* :class:`Substitute` calls the function with each captured tensor replaced by another one (for
+  example the unwrapped or batched version a ``torch.func`` transform hands to a custom
+  function), so that derivatives flow to the inputs the transform tracks.
+
+Both work on every torch operation through a ``TorchFunctionMode``; Python-level attribute reads
+(``x.shape``) see the original tensors, which have the same metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map_only
+
+
+def is_wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` transform's wrapper (grad, jvp or vmap level)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def carries_derivatives(t: Tensor) -> bool:
+    """Whether a derivative may have to flow to ``t`` (reverse, forward mode or ``torch.func``)."""
+    if not t.is_floating_point() and not t.is_complex():
+        return False
+    if t.requires_grad or is_wrapped(t):
+        return True
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(t).tangent is not None
+
+
+def current_level() -> int:
+    """The level of the innermost active ``torch.func`` transform (0 when none is active)."""
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    return 0 if interpreter is None else int(interpreter.level())
+
+
+def from_inner_transform(t: Tensor, level: int) -> bool:
+    """Whether ``t`` is wrapped by a transform entered inside the function (above ``level``):
+    such tensors are the function's own intermediates, never outside dependencies."""
+    return is_wrapped(t) and int(torch._C._functorch.maybe_get_level(t)) > level
+
+
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform is active at this point of the program."""
+    return bool(torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+class _Capture(TorchFunctionMode):
+    def __init__(self, exclude: Sequence[Tensor]) -> None:
+        super().__init__()
+        self.inside: set[int] = {id(t) for t in exclude}
+        self.keep: list[Tensor] = []  # keeps produced tensors alive, so their ids stay unique
+        self.found: dict[int, Tensor] = {}
+        self.level = current_level()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        for t in tree_flatten((args, kwargs))[0]:
+            if isinstance(t, Tensor) and id(t) not in self.inside and id(t) not in self.found:
+                if carries_derivatives(t) and not from_inner_transform(t, self.level):
+                    self.found[id(t)] = t
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                self.inside.add(id(t))
+                self.keep.append(t)
+        return out
+
+
+def capture(fn: Callable[[], Any], exclude: Sequence[Tensor] = ()) -> tuple[Any, list[Tensor]]:
+    """Call ``fn()`` and return its output and the outside tensors it used that carry derivatives.
+
+    Args:
+        fn: a function of no arguments (the user's map bound to its inputs).
+        exclude: tensors not to report (the state the map is evaluated at).
+
+    Returns:
+        ``(output, tensors)``, the tensors in order of first use, each once.
+    """
+    mode = _Capture(exclude)
+    with mode:
+        out = fn()
+    return out, list(mode.found.values())
+
+
+class Substitute(TorchFunctionMode):
+    """Within the mode, every torch operation sees ``replacement[i]`` where it gets ``original[i]``.
+
+    A function called again later may no longer use the very tensors it used when they were
+    captured: ``torch.func.functional_call`` swaps a module's parameters in only for the duration
+    of the call, and the implicit backward runs after it returns. An outside tensor that carries
+    derivatives and is not among ``original`` therefore takes the place of the first unused
+    ``original`` of the same shape and dtype (the function uses its tensors in the same order
+    every time); if there is none, a clear error is raised rather than a derivative lost.
+
+    Args:
+        original: the tensors captured at the first call, in order of first use.
+        replacement: what stands for each of them now.
+        exclude: tensors that are not parameters (the state the function is evaluated at).
+    """
+
+    def __init__(
+        self,
+        original: Sequence[Tensor],
+        replacement: Sequence[Tensor],
+        exclude: Sequence[Tensor] = (),
+    ) -> None:
+        super().__init__()
+        self.original = tuple(original)
+        self.replacement = tuple(replacement)
+        self.mapping = {id(a): b for a, b in zip(self.original, self.replacement, strict=False)}
+        self.used = {id(a): False for a in self.original}
+        self.inside: set[int] = {id(t) for t in exclude}
+        self.inside.update(id(b) for b in self.replacement)
+        self.keep: list[Tensor] = []
+        self.level = current_level()
+
+    def _resolve(self, t: Tensor) -> Tensor:
+        key = id(t)
+        hit = self.mapping.get(key)
+        if hit is not None:
+            self.used[key] = True
+            return hit
+        if key in self.inside or not carries_derivatives(t) or from_inner_transform(t, self.level):
+            return t
+        for a, b in zip(self.original, self.replacement, strict=False):
+            if not self.used[id(a)] and a.shape == t.shape and a.dtype == t.dtype:
+                self.used[id(a)] = True
+                self.mapping[key] = b
+                return b
+        raise RuntimeError(
+            "the function of an implicit layer used a tensor that carries derivatives (shape "
+            f"{tuple(t.shape)}, dtype {t.dtype}) that it did not use when the layer was called, "
+            "so its derivative cannot be attributed. Keep the tensors the function closes over "
+            "unchanged between the forward and the backward pass (e.g. call backward() inside "
+            "the torch.func.functional_call that built the layer, or pass the tensors as "
+            "explicit arguments)."
+        )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        args, kwargs = tree_map_only(Tensor, self._resolve, (args, kwargs))
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                self.inside.add(id(t))
+                self.keep.append(t)
+        return out
+
+
+def needs_substitution(original: Sequence[Tensor], replacement: Sequence[Tensor]) -> bool:
+    return any(a is not b for a, b in zip(original, replacement, strict=False))

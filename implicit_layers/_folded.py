@@ -1,0 +1,78 @@
+"""``V`` copies of a problem solved as one batch: how the implicit layer runs under ``vmap``.
+
+A solver loop stops on data (``residual < tol``), which ``torch.func.vmap`` cannot batch. The
+layer's ``vmap`` rules instead move the vmapped dimension into the solver's batch: ``V`` vmapped
+copies of a problem with ``B`` samples become one problem with ``V · B`` samples, each with its
+own convergence test, whose residual is the user's function under ``torch.func.vmap``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ._problem import Problem
+
+
+class FoldedProblem:
+    """``V`` copies of ``base`` (one per vmapped index) as one problem of ``V · B`` samples.
+
+    Args:
+        base: the problem being vmapped.
+        V: the vmapped size.
+        dims: for each of ``values``, ``0`` if it is batched along its leading dimension,
+            ``None`` if shared by every copy.
+        values: the tensors standing for ``base.params``, batched per ``dims``; they are the
+            folded problem's own ``params``.
+    """
+
+    def __init__(
+        self, base: Problem, V: int, dims: Sequence[int | None], values: Sequence[Tensor]
+    ) -> None:
+        self.base = base
+        self.V = V
+        self.dims = tuple(dims)
+        self.kind = base.kind
+        self.symmetric = base.symmetric
+        self.name = base.name
+        self.batch = V * base.batch
+        self.size = base.size
+        self.batched = True
+        self.dtype = base.dtype
+        self.device = base.device
+        self.params = tuple(values)
+        self.values = tuple(values)
+
+    def bind(self, values: Sequence[Tensor], *, deferred: bool = False) -> FoldedProblem:
+        new = FoldedProblem(self.base, self.V, self.dims, values)
+        new.params = self.params
+        return new
+
+    def _map(self, fn: Callable[[Problem, Tensor], Tensor], z: Tensor) -> Tensor:
+        V, B = self.V, self.base.batch
+
+        def one(zi: Tensor, *vals: Tensor) -> Tensor:
+            return fn(self.base.bind(vals, deferred=True), zi)
+
+        out = torch.func.vmap(one, in_dims=(0, *self.dims))(z.reshape(V, B, -1), *self.values)
+        return out.reshape(V * B, *out.shape[2:])
+
+    def pure_residual(self, z: Tensor) -> Tensor:
+        return self._map(lambda p, zi: p.pure_residual(zi), z)
+
+    def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
+        with torch.set_grad_enabled(create_graph or torch.is_grad_enabled()):
+            return self.pure_residual(z)
+
+    def fixed_point_map(self, z: Tensor) -> Tensor:
+        return self._map(lambda p, zi: p.fixed_point_map(zi), z)
+
+    def objective(self, z: Tensor) -> Tensor:
+        return self._map(lambda p, zi: p.objective(zi), z)
+
+    def value_and_grad(self, z: Tensor, create_graph: bool = False) -> tuple[Tensor, Tensor]:
+        with torch.set_grad_enabled(create_graph):
+            value, grad = self.objective(z), self.pure_residual(z)
+        return value, grad
