@@ -315,6 +315,10 @@ class ArgminLayer(torch.nn.Module):
         ``x``: ``(B, ...)``; output ``w*``: ``(B, *w_shape)``.
     """
 
+    # A float, or a tensor registered as a buffer or parameter (see _set_bound).
+    lower: float | Tensor | None
+    upper: float | Tensor | None
+
     def __init__(
         self,
         objective: Callable[[Tensor, Tensor], Tensor],
