@@ -109,8 +109,3 @@ def test_gradient_step_size_contract():
     for case in registry.FORWARD:
         if case.cls is not il.solvers.GradientDescent:
             assert case.make().gradient_step_size() is None
-
-
-def test_with_rtol_fills_only_an_unset_rtol():
-    assert il.linear.CG().with_rtol(1e-7) == il.linear.CG(rtol=1e-7)
-    assert il.linear.CG(rtol=1e-3).with_rtol(1e-7).rtol == 1e-3

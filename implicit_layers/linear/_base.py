@@ -50,10 +50,6 @@ class LinearSolver(SolverSettings):
     needs_symmetric: ClassVar[bool] = False
     needs_positive_definite: ClassVar[bool] = False
 
-    def with_rtol(self, rtol: float) -> LinearSolver:
-        """Deprecated: ``self if self.rtol is not None else self.replace(rtol=rtol)``."""
-        return self if self.rtol is not None else self.replace(rtol=rtol)
-
     # -- to be implemented -------------------------------------------------------------
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
         """Solve ``op x = b`` for ``b`` of shape ``(B, n)``: return ``x`` and the info."""
