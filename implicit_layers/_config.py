@@ -124,7 +124,7 @@ class Settings:
             takes = f"only {', '.join(positional)}" if positional else "no argument"
             raise TypeError(
                 f"{cls.__name__}() takes {takes} positionally, got {given} positional "
-                f"arguments; pass the settings by keyword, e.g. {cls.__name__}(rtol=1e-6)."
+                f"argument(s); pass the settings by keyword, e.g. {cls.__name__}(rtol=1e-6)."
             )
 
     @classmethod
@@ -145,7 +145,7 @@ class Settings:
                 # The settings of a default-constructed object (``max_steps=None`` resolves to
                 # the class default): the repr leaves these out.
                 cached = cls().settings()
-            except TypeError:  # required arguments: fall back to the signature's defaults
+            except (TypeError, ValueError):  # required arguments: the signature's defaults
                 params = inspect.signature(cls.__init__).parameters
                 cached = {
                     name: params[name].default for name in cls._fields()
