@@ -1,27 +1,26 @@
 """Measure the worst relative errors that the core tests (``tests/test_core_*.py``) bound.
 
-Run ``python benchmarks/core_accuracy.py``; it prints one line per check with the worst
-relative error observed over the same problems the tests use (and, for the property checks,
-over 30 random problems per type). The figures in ``docs/testing.md`` come from this script.
+Run ``python -m benchmarks.core_accuracy`` from the repository root; it prints one line per
+check with the worst relative error observed over the same problems the tests use (and, for
+the property checks, over 30 random problems per type). The figures in ``docs/testing.md``
+come from this script.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import implicit_layers as il
 
-import test_core_backward_modes as modes  # noqa: E402
-import test_core_deq as deq  # noqa: E402
-import test_core_properties as props  # noqa: E402
-import test_core_ridge as ridge  # noqa: E402
-
-import implicit_layers as il  # noqa: E402
+# The problems and solver lists are the tests' own (so the figures are the tests' bounds),
+# imported as modules of the repository's tests package, not through sys.path.
+from tests import test_core_backward_modes as modes
+from tests import test_core_deq as deq
+from tests import test_core_properties as props
+from tests import test_core_ridge as ridge
 
 CPU = torch.device("cpu")
 

@@ -11,45 +11,12 @@ them anyway. On CUDA the peak allocated memory is reported too.
 
 from __future__ import annotations
 
-import gc
-import weakref
-
 import numpy as np
 import torch
 
 import implicit_layers as il
 
 from ._common import Config, Section, rel_err
-
-
-class SavedBytes:
-    """Bytes of the distinct storages that autograd graphs still hold.
-
-    Every saved tensor is registered through a weak reference; :attr:`total` counts those still
-    alive, so graphs built and freed inside a solver loop do not count.
-    """
-
-    def __init__(self, exclude: tuple[torch.Tensor, ...] = ()) -> None:
-        self.refs: list[weakref.ref] = []
-        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        # Keep a detached alias: returning ``t`` itself would, for a saved *output*, make its
-        # node reference itself through ``t.grad_fn`` and keep the graph alive forever.
-        t = t.detach()
-        if t.untyped_storage().data_ptr() not in self.exclude:
-            self.refs.append(weakref.ref(t))
-        return t
-
-    @property
-    def total(self) -> int:
-        gc.collect()
-        alive = {}
-        for r in self.refs:
-            t = r()
-            if t is not None:
-                alive[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return sum(alive.values())
 
 
 def make_logistic(device: torch.device) -> dict[str, torch.Tensor]:
@@ -87,11 +54,11 @@ def run_memory(cfg: Config) -> Section:
     per_mode: dict[str, dict[int, float]] = {"implicit": {}, "unrolled": {}}
     for K in steps_list:
         for mode, backward in (("implicit", il.linear.CG(rtol=1e-10)), ("unrolled", il.backward.Unrolled())):
-            meter = SavedBytes(exclude=(X, y, Xv, yv))
+            meter = il.memory.SavedTensorBytes(exclude=(X, y, Xv, yv))
             if torch.device(cfg.device).type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             theta = theta0.clone().requires_grad_(True)
-            with torch.autograd.graph.saved_tensors_hooks(meter.pack, lambda t: t):
+            with meter:
                 w = il.argmin(
                     inner, torch.zeros(X.shape[1], dtype=X.dtype, device=X.device), theta,
                     solver=il.solvers.GradientDescent(step_size=step, max_steps=K, rtol=0.0,
@@ -99,9 +66,9 @@ def run_memory(cfg: Config) -> Section:
                     backward=backward,
                 )
                 loss = logistic_loss(w, Xv, yv)
-                held = meter.total
+                held = meter.collect()
                 (g,) = torch.autograd.grad(loss, theta, retain_graph=True)
-                after = meter.total
+                after = meter.collect()
             peak_cuda = (torch.cuda.max_memory_allocated() / 2**20
                          if torch.device(cfg.device).type == "cuda" else None)
             per_mode[mode][K] = held

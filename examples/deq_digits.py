@@ -93,26 +93,6 @@ def make_backward(name: str) -> object:
     raise ValueError(f"--backward must be one of {MODES}, got {name!r}.")
 
 
-class SavedBytes:
-    """Counts the bytes of distinct tensor storages autograd saves for backward."""
-
-    def __init__(self) -> None:
-        self.storages: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        self.storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    @staticmethod
-    def unpack(t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
-
-
 def load_data(tiny: bool, seed: int) -> tuple[torch.Tensor, ...]:
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X / 16.0, dtype=torch.float32)
@@ -172,9 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
             idx = perm[i:i + args.batch_size]
             # Saved bytes are counted on the first batch of each epoch only: a pack hook that
             # returns its tensor makes reference cycles for saved outputs, freed only by gc.
-            counter = SavedBytes() if i == 0 else None
-            with (torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack)
-                  if counter else contextlib.nullcontext()):
+            counter = il.memory.SavedTensorBytes() if i == 0 else None
+            with counter if counter else contextlib.nullcontext():
                 logits, z, info = model(Xtr[idx])
                 loss = torch.nn.functional.cross_entropy(logits, ytr[idx])
                 if args.jac_reg > 0:

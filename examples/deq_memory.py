@@ -43,18 +43,11 @@ def saved_bytes(backward: il.backward.BackwardMode, steps: int, batch: int, hidd
     solver = il.solvers.Picard(max_steps=steps, rtol=0.0, on_failure="ignore")
     deq = il.nn.DEQ(Cell(hidden, 64), state_shape=hidden, solver=solver, backward=backward)
     x = torch.randn(batch, 64)
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with il.memory.SavedTensorBytes() as saved:
         z, info = deq(x, return_info=True)
     assert int(info.steps.min()) == steps
     z.pow(2).sum().backward()
-    return sum(storages.values())
+    return saved.total
 
 
 def main(argv: list[str] | None = None) -> dict:

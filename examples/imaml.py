@@ -30,7 +30,6 @@ import argparse
 import math
 import statistics
 import time
-import weakref
 from pathlib import Path
 
 import matplotlib
@@ -42,7 +41,7 @@ from tqdm import tqdm  # noqa: E402
 
 import implicit_layers as il  # noqa: E402
 
-__all__ = ["main", "mlp", "sample_tasks", "adapt", "SavedTensorBytes", "METHODS"]
+__all__ = ["main", "mlp", "sample_tasks", "adapt", "METHODS"]
 
 METHODS = ("iMAML", "MAML", "FOMAML")
 HIDDEN = 40
@@ -196,61 +195,6 @@ def train(method: str, cfg: dict, seed: int, held_out: dict) -> tuple[torch.Tens
 
 
 # --- memory and time per meta-step ------------------------------------------------------------
-class SavedTensorBytes:
-    """Context manager: memory that autograd holds in tensors saved for backward.
-
-    Every tensor an autograd node keeps for its backward pass goes through the pack hook of
-    :func:`torch.autograd.graph.saved_tensors_hooks`. The hook wraps it in a small holder whose
-    finalizer runs when the graph drops it, so the count follows the *live* saved storages
-    (each counted once, however many nodes or views refer to it). Temporary graphs, such as the
-    ones a solver builds to take a gradient and frees at once, enter and leave the count.
-
-    Attributes:
-        live: bytes saved and still held (after the forward: what waits for backward).
-        peak: the largest value ``live`` reached inside the context.
-    """
-
-    def __init__(self) -> None:
-        self.live = 0
-        self.peak = 0
-        self._refs: dict[int, int] = {}
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self._refs[key] -= 1
-        if self._refs[key] == 0:
-            del self._refs[key]
-            self.live -= nbytes
-
-    def _pack(self, t: torch.Tensor) -> _Held:
-        storage = t.untyped_storage()
-        key, nbytes = storage.data_ptr(), storage.nbytes()
-        if key not in self._refs:
-            self._refs[key] = 0
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-        self._refs[key] += 1
-        held = _Held(t)
-        weakref.finalize(held, self._release, key, nbytes)
-        return held
-
-    def __enter__(self) -> SavedTensorBytes:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda h: h.tensor)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__(*exc)
-
-
-class _Held:
-    """A saved tensor as the graph holds it; garbage-collected when the graph lets go."""
-
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-
 def measure(method: str, theta: torch.Tensor, tasks: dict, cfg: dict, steps: int,
             repeats: int) -> dict[str, float]:
     """Memory held for one meta-gradient and the median time of a full meta-step.
@@ -265,7 +209,7 @@ def measure(method: str, theta: torch.Tensor, tasks: dict, cfg: dict, steps: int
         th = theta.detach().clone().requires_grad_(True)
         t0 = time.perf_counter()
         if r == 0:
-            with SavedTensorBytes() as saved:
+            with il.memory.SavedTensorBytes() as saved:
                 loss = meta_loss(method, th, tasks, cfg, steps)
             held, peak = saved.live, saved.peak
         else:

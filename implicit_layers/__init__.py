@@ -4,8 +4,14 @@ Layers whose output is defined by an inner problem — a fixed point, a root or 
 in the forward pass and differentiated in the backward pass by the implicit function theorem.
 """
 
-from . import backward, hyper, linear, nn, solvers
-from ._info import ConvergenceError, ConvergenceWarning, NonFiniteError, SolveInfo
+from . import backward, hyper, linear, memory, nn, solvers
+from ._info import (
+    ConvergenceError,
+    ConvergenceWarning,
+    NonFiniteError,
+    SolveInfo,
+    StructureWarning,
+)
 from .functional import argmin, custom_fixed_point, custom_root, fixed_point, root
 
 __version__ = "0.1.0"
@@ -20,9 +26,11 @@ __all__ = [
     "linear",
     "solvers",
     "hyper",
+    "memory",
     "nn",
     "SolveInfo",
     "ConvergenceWarning",
     "ConvergenceError",
     "NonFiniteError",
+    "StructureWarning",
 ]

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from typing import Any, ClassVar, Literal, overload
+
 import torch
+from typing_extensions import Self
+
+from ._info import OnFailure, check_on_failure
 
 
 def default_rtol(dtype: torch.dtype) -> float:
@@ -44,6 +51,10 @@ def check_positive_int(value: object, name: str, *, allow_zero: bool = False) ->
     return value
 
 
+@overload
+def check_tolerance(value: object, name: str, *, allow_none: Literal[False]) -> float: ...
+@overload
+def check_tolerance(value: object, name: str, *, allow_none: bool = True) -> float | None: ...
 def check_tolerance(value: object, name: str, *, allow_none: bool = True) -> float | None:
     if value is None and allow_none:
         return None
@@ -54,8 +65,152 @@ def check_tolerance(value: object, name: str, *, allow_none: bool = True) -> flo
     return float(value)
 
 
-class SolverSettings:
+class Settings:
+    """Base of the library's settings objects: small immutable values.
+
+    A subclass validates its arguments in ``__init__`` and stores each under the name of the
+    argument; once the outermost ``__init__`` returns, the object is frozen (setting or
+    deleting an attribute raises :class:`AttributeError`). The constructor's parameters are
+    the object's settings: :meth:`replace` returns a validated copy with some of them changed,
+    ``repr`` shows those that differ from the defaults and evaluates back to an equal object,
+    and ``==`` / ``hash`` compare the settings by value (a tensor setting, such as a learnable
+    step size, by identity).
+
+    Attributes:
+        _aliases: constructor parameters that are not settings of their own (another name for
+            one that is), left out of :meth:`replace`, ``repr`` and ``==``.
+    """
+
+    _aliases: ClassVar[tuple[str, ...]] = ()
+    # Per-class caches, filled on first use.
+    _field_names: ClassVar[tuple[str, ...]]
+    _default_values: ClassVar[dict[str, object]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+
+        @functools.wraps(init)
+        def __init__(self: Settings, *args: Any, **kw: Any) -> None:
+            outermost = type(self).__init__ is __init__
+            if outermost and args:
+                self._check_positional(len(args))
+            init(self, *args, **kw)
+            # Only the constructor of the object's own class freezes it: a subclass's
+            # __init__ still sets its attributes after calling super().__init__().
+            if outermost:
+                object.__setattr__(self, "_frozen", True)
+
+        cls.__init__ = __init__  # type: ignore[method-assign,assignment]
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if self.__dict__.get("_frozen", False):
+            raise AttributeError(
+                f"{type(self).__name__} is immutable: cannot set {name!r}. Use "
+                f".replace({name}=...) to get a validated copy with a changed setting."
+            )
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot delete {name!r}.")
+
+    @classmethod
+    def _check_positional(cls, given: int) -> None:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        positional = [p.name for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+        if given > len(positional):
+            takes = f"only {', '.join(positional)}" if positional else "no argument"
+            raise TypeError(
+                f"{cls.__name__}() takes {takes} positionally, got {given} positional "
+                f"argument(s); pass the settings by keyword, e.g. {cls.__name__}(rtol=1e-6)."
+            )
+
+    @classmethod
+    def _fields(cls) -> tuple[str, ...]:
+        cached = cls.__dict__.get("_field_names")
+        if cached is None:
+            params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+            kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+            cached = tuple(p.name for p in params if p.kind in kinds and p.name not in cls._aliases)
+            cls._field_names = cached
+        return cached
+
+    @classmethod
+    def _defaults(cls) -> dict[str, object]:
+        cached = cls.__dict__.get("_default_values")
+        if cached is None:
+            try:
+                # The settings of a default-constructed object (``max_steps=None`` resolves to
+                # the class default): the repr leaves these out.
+                cached = cls().settings()
+            except (TypeError, ValueError):  # required arguments: the signature's defaults
+                params = inspect.signature(cls.__init__).parameters
+                cached = {
+                    name: params[name].default for name in cls._fields()
+                    if params[name].default is not inspect.Parameter.empty
+                }
+            cls._default_values = cached
+        return cached
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as a dict ``{name: value}``, in constructor order."""
+        return {name: getattr(self, name) for name in self._fields()}
+
+    def replace(self, **changes: Any) -> Self:
+        """Return a copy with the given settings changed, validated like the constructor's.
+
+        Raises:
+            TypeError: for a name that is not a setting of this class.
+        """
+        fields = self._fields()
+        unknown = sorted(set(changes) - set(fields))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.replace() got unknown setting(s) {', '.join(unknown)}; "
+                f"its settings are: {', '.join(fields)}."
+            )
+        return type(self)(**{**self.settings(), **changes})
+
+    def __repr__(self) -> str:
+        defaults = self._defaults()
+        shown = [
+            f"{name}={value!r}" for name, value in self.settings().items()
+            if name not in defaults or not _same(value, defaults[name])
+        ]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Settings):
+            return NotImplemented
+        if type(self) is not type(other):
+            return False
+        return all(_same(getattr(self, f), getattr(other, f)) for f in self._fields())
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(_hashable(v) for v in self.settings().values())))
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, (torch.Tensor, bool)) or isinstance(b, (torch.Tensor, bool)):
+        return a is b
+    return bool(a == b)
+
+
+def _hashable(value: object) -> object:
+    return id(value) if isinstance(value, torch.Tensor) else value
+
+
+class SolverSettings(Settings):
     """The settings every iterative solver shares, validated once for forward and linear solvers.
+
+    Every setting is keyword-only; a solver class may take one *algorithm parameter*
+    positionally, where it is the obvious one (the textbook name of the method). They are:
+    ``Picard(damping)``, ``Anderson(memory)``, ``Broyden(memory)``, ``LBFGS(memory)``,
+    ``GradientDescent(step_size)`` (forward solvers); ``GMRES(restart)``, ``Broyden(memory)``,
+    ``Neumann(max_steps)`` (the number of terms ``k``; linear solvers). All other solvers take
+    keyword arguments only.
 
     Args:
         rtol: relative tolerance, or ``None`` for the dtype's default.
@@ -65,18 +220,24 @@ class SolverSettings:
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``.
     """
 
-    default_max_steps = 1000
+    default_max_steps: ClassVar[int] = 1000
+    name: ClassVar[str] = "Solver"
+
+    rtol: float | None
+    atol: float
+    max_steps: int
+    check_every: int | None
+    on_failure: OnFailure
 
     def __init__(
         self,
+        *,
         rtol: float | None = None,
         atol: float = 0.0,
         max_steps: int | None = None,
         check_every: int | None = None,
-        on_failure: str = "warn",
+        on_failure: OnFailure = "warn",
     ) -> None:
-        from ._info import check_on_failure
-
         self.rtol = check_tolerance(rtol, "rtol")
         self.atol = check_tolerance(atol, "atol", allow_none=False)
         self.max_steps = (
@@ -87,7 +248,7 @@ class SolverSettings:
         )
         self.on_failure = check_on_failure(on_failure)
 
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({fields})"
+    def resolved_rtol(self, dtype: torch.dtype) -> float:
+        """``rtol``, or the default of ``dtype`` when it is ``None``."""
+        return default_rtol(dtype) if self.rtol is None else self.rtol
 

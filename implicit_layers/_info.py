@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
-import torch
 from torch import Tensor
 
 __all__ = [
@@ -14,6 +13,7 @@ __all__ = [
     "ConvergenceWarning",
     "ConvergenceError",
     "NonFiniteError",
+    "StructureWarning",
     "OnFailure",
 ]
 
@@ -23,6 +23,10 @@ _ON_FAILURE_CHOICES = ("warn", "raise", "ignore")
 
 class ConvergenceWarning(UserWarning):
     """A forward or backward solve stopped at ``max_steps`` before reaching its tolerance."""
+
+
+class StructureWarning(UserWarning):
+    """An operator lacks the structure its linear solver assumes (CG on a non-symmetric one)."""
 
 
 class ConvergenceError(RuntimeError):
@@ -82,15 +86,15 @@ class SolveInfo:
         return self
 
 
-def check_on_failure(value: str) -> str:
+def check_on_failure(value: object) -> OnFailure:
     if value not in _ON_FAILURE_CHOICES:
         raise ValueError(
             f"on_failure must be one of {_ON_FAILURE_CHOICES}, got {value!r}."
         )
-    return value
+    return cast(OnFailure, value)
 
 
-def report_failure(info: SolveInfo, on_failure: str, what: str, advice: str) -> None:
+def report_failure(info: SolveInfo, on_failure: OnFailure, what: str, advice: str) -> None:
     """Warn or raise when some batch element of ``info`` did not converge.
 
     Args:
@@ -122,12 +126,3 @@ def report_failure(info: SolveInfo, on_failure: str, what: str, advice: str) -> 
         raise ConvergenceError(msg)
     warnings.warn(msg, ConvergenceWarning, stacklevel=4)
 
-
-def check_finite(t: Tensor, what: str, solver: str) -> None:
-    """Raise :class:`NonFiniteError` if ``t`` holds NaN or Inf (synchronises with the device)."""
-    if not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(
-            f"{solver}: the {what} became NaN or Inf. The problem may be diverging: for a fixed "
-            "point check that the map is contractive (or use damping / Anderson), for argmin "
-            "lower the step size, and check the inputs for NaN."
-        )

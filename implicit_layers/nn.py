@@ -29,6 +29,7 @@ from .backward import BackwardMode
 from .functional import argmin as _argmin
 from .functional import fixed_point as _fixed_point
 from .linear._base import LinearSolver
+from .linear._power import power_iteration
 from .solvers import LBFGS, Anderson, ForwardSolver
 
 __all__ = ["DEQ", "ArgminLayer", "jacobian_penalty"]
@@ -366,6 +367,10 @@ class ArgminLayer(torch.nn.Module):
         torch.Size([4, 5])
     """
 
+    # A float, or a tensor registered as a buffer or parameter (see _set_bound).
+    lower: float | Tensor | None
+    upper: float | Tensor | None
+
     def __init__(
         self,
         objective: Callable[[Tensor, Tensor], Tensor],
@@ -430,20 +435,19 @@ class ArgminLayer(torch.nn.Module):
             xd = x.detach()
             value = _objective_values(self.objective, wr, xd)
             (g,) = torch.autograd.grad(value.sum(), wr, create_graph=True)
-            # Fixed seed: the step size (hence the iterates) is reproducible from call to call.
-            gen = torch.Generator(device=w0.device).manual_seed(0)
-            v = torch.randn(w0.shape, dtype=w0.dtype, device=w0.device, generator=gen)
-            dims = tuple(range(1, w0.dim()))
-            lam = torch.ones(w0.shape[0], dtype=w0.dtype, device=w0.device)
-            for _ in range(self.power_steps):
-                if not g.requires_grad:  # linear objective: zero Hessian
-                    break
-                v = v / torch.linalg.vector_norm(v, dim=dims, keepdim=True).clamp_min(1e-300)
-                (hv,) = torch.autograd.grad(g, wr, v, retain_graph=True, allow_unused=True)
-                if hv is None:
-                    break
-                lam = (v * hv).sum(dims).abs()
-                v = hv
+            if g.requires_grad:
+
+                def hvp(v: Tensor) -> Tensor:
+                    (hv,) = torch.autograd.grad(
+                        g, wr, v.reshape(wr.shape), retain_graph=True, allow_unused=True
+                    )
+                    return torch.zeros_like(v) if hv is None else hv.reshape(v.shape)
+
+                lam = power_iteration(hvp, wr.detach().flatten(1), self.power_steps)
+                # Zero curvature (a linear objective): no scale to take the step from.
+                lam = torch.where(lam > 0, lam, torch.ones_like(lam))
+            else:  # linear objective: zero Hessian
+                lam = torch.ones(w0.shape[0], dtype=w0.dtype, device=w0.device)
         lam = (1.1 * lam.detach()).clamp_min(torch.finfo(w0.dtype).eps)
         return (1.0 / lam).reshape(shape)
 

@@ -11,3 +11,16 @@ DEVICE = torch.device(os.environ.get("IL_TEST_DEVICE", "cpu"))
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for the test, restored afterwards.
+
+    The test problems are tiny: on a shared machine more threads only add OpenMP overhead and
+    contention. A module opts in with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

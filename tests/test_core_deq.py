@@ -4,10 +4,13 @@ solution (Jacobian materialised by ``torch.autograd.functional.jacobian``, adjoi
 ``(I - J)ᵀ u = g`` solved by ``torch.linalg.solve``).
 """
 
+import functools
+
 import pytest
 import torch
 
 import implicit_layers as il
+from tests import registry
 
 B, N, P = 4, 6, 3
 
@@ -62,17 +65,17 @@ def rel(a, b):
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
-LINEAR_SOLVERS = {
-    "GMRES": lambda: il.linear.GMRES(),
-    "Broyden": lambda: il.linear.Broyden(),
-    "Neumann": lambda: il.linear.Neumann(max_steps=500),
-    "Dense": lambda: il.linear.Dense(),
-}
+#: Settings the DEQ problem needs beyond the registry's.
+SETTINGS = {"Neumann": {"max_steps": 500}, "Picard": {"max_steps": 2000}}
 
+# Every fixed-point solver, and every accurate linear solver of non-symmetric systems.
+LINEAR_SOLVERS = {
+    c.name: functools.partial(c.make, **SETTINGS.get(c.name, {}))
+    for c in registry.linear("contract", estimator=False)
+}
 FORWARD_SOLVERS = {
-    "Anderson": lambda: il.solvers.Anderson(),
-    "Picard": lambda: il.solvers.Picard(max_steps=2000),
-    "Broyden": lambda: il.solvers.Broyden(),
+    c.name: functools.partial(c.make, **SETTINGS.get(c.name, {}))
+    for c in registry.forward("fixed_point")
 }
 
 

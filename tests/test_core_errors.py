@@ -2,10 +2,13 @@
 with ``on_failure="raise"``), NaN raises :class:`il.NonFiniteError` instead of returning NaN
 gradients, and bad arguments raise ``TypeError``/``ValueError`` naming the argument."""
 
+import functools
+
 import pytest
 import torch
 
 import implicit_layers as il
+from tests import registry
 
 DT = torch.float64
 
@@ -28,8 +31,8 @@ def quartic(w, x):
 
 # -- non-convergence ---------------------------------------------------------------------
 
-FIXED_POINT_SOLVERS = [il.solvers.Picard, il.solvers.Anderson, il.solvers.Broyden]
-ARGMIN_SOLVERS = [il.solvers.GradientDescent, il.solvers.LBFGS, il.solvers.Newton]
+FIXED_POINT_SOLVERS = [c.cls for c in registry.forward("fixed_point")]
+ARGMIN_SOLVERS = [c.cls for c in registry.forward("argmin") if c.cls not in FIXED_POINT_SOLVERS]
 
 
 @pytest.mark.parametrize("solver_cls", FIXED_POINT_SOLVERS + ARGMIN_SOLVERS,
@@ -69,11 +72,11 @@ def test_forward_on_failure_ignore_reports_in_info(device):
     assert not bool(info.converged)
 
 
+# The iterative solvers of a fixed point's non-symmetric adjoint (GMRES restarted every step,
+# so that one step cannot solve the system).
 BACKWARD_SOLVERS = {
-    "GMRES": lambda **kw: il.linear.GMRES(restart=1, **kw),
-    "Broyden": lambda **kw: il.linear.Broyden(**kw),
-    "Neumann": lambda **kw: il.linear.Neumann(**kw),
-    "BiCGStab": lambda **kw: il.linear.BiCGStab(**kw),
+    c.name: functools.partial(c.make, **({"restart": 1} if c.name == "GMRES" else {}))
+    for c in registry.linear("contract", iterative=True)
 }
 
 
@@ -139,7 +142,7 @@ def test_nan_in_one_sample_of_a_batch_raises(device):
                        batched=True)
 
 
-@pytest.mark.parametrize("name", ["GMRES", "Broyden", "Neumann", "BiCGStab", "Dense"])
+@pytest.mark.parametrize("name", [c.name for c in registry.linear("contract")])
 def test_nan_cotangent_raises_instead_of_nan_gradient(name, device):
     W, x0 = contractive(device)
     x = x0.clone().requires_grad_(True)
@@ -149,7 +152,9 @@ def test_nan_cotangent_raises_instead_of_nan_gradient(name, device):
         torch.autograd.grad(z, x, nan_vector(device))
 
 
-@pytest.mark.parametrize("name", ["CG", "MINRES", "Dense"])
+@pytest.mark.parametrize(
+    "name", [c.name for c in registry.linear("spd") if c.symmetric_only or not c.iterative]
+)
 def test_nan_cotangent_raises_argmin(name, device):
     _, x0 = contractive(device)
     x = x0.clone().requires_grad_(True)

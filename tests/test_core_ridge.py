@@ -6,10 +6,13 @@ Outer loss: validation MSE ``mean((X_val w* - y_val)²)``; its gradient w.r.t. `
 the hypergradient.
 """
 
+import functools
+
 import pytest
 import torch
 
 import implicit_layers as il
+from tests import registry
 
 N_TRAIN, N_VAL, D = 40, 30, 8
 
@@ -58,21 +61,19 @@ def rel(a, b):
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
-LINEAR_SOLVERS = {
-    "CG": lambda: il.linear.CG(),
-    "MINRES": lambda: il.linear.MINRES(),
-    "GMRES": lambda: il.linear.GMRES(),
-    "BiCGStab": lambda: il.linear.BiCGStab(),
-    "Broyden": lambda: il.linear.Broyden(),
-    # Enough terms for the series (step 1/λ_max) to reach the forward tolerance.
-    "Neumann": lambda: il.linear.Neumann(max_steps=5000),
-    "Dense": lambda: il.linear.Dense(),
-}
+#: Settings the ridge problem needs beyond the registry's: enough terms for the series (step
+#: 1/λ_max) and gradient steps to reach the forward tolerance.
+SETTINGS = {"Neumann": {"max_steps": 5000}, "GradientDescent": {"max_steps": 20000}}
 
+# Every argmin solver but Picard (GradientDescent is the same iteration), and every accurate
+# linear solver of symmetric positive-definite systems.
+LINEAR_SOLVERS = {
+    c.name: functools.partial(c.make, **SETTINGS.get(c.name, {}))
+    for c in registry.linear("spd", estimator=False)
+}
 FORWARD_SOLVERS = {
-    "LBFGS": lambda: il.solvers.LBFGS(),
-    "Newton": lambda: il.solvers.Newton(),
-    "GradientDescent": lambda: il.solvers.GradientDescent(max_steps=20000),
+    c.name: functools.partial(c.make, **SETTINGS.get(c.name, {}))
+    for c in registry.forward("argmin") if c.name != "Picard"
 }
 
 

@@ -23,13 +23,7 @@ def load_example(name: str):
     return module
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are small: on a shared machine several intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,7 @@ from implicit_layers import hyper
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small models: a second thread only adds contention on a shared CPU. Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def load_example(name: str):

@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.linalg
 import scipy.sparse.linalg as sla
 import torch
 from hypothesis import given, settings
@@ -20,24 +21,16 @@ from implicit_layers.linear import (
     MINRES,
     BiCGStab,
     Broyden,
-    Dense,
     FunctionOperator,
     LiSSA,
     MatrixOperator,
-    Neumann,
 )
+from tests import registry
 
 F64, F32 = torch.float64, torch.float32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These problems are tiny: one intra-op thread avoids OpenMP overhead (and spinning when
-    # the machine is shared), which otherwise dominates the run time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ----------------------------------------------------------------------------------------------
 # Problem generators. Every spectrum is kept in a known range so that the error of a solution
@@ -82,53 +75,52 @@ def rel_err(x: torch.Tensor, x_ref: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Conformance table: (solver factory, problem kinds it handles).
+# Conformance: every linear solver of the registry on every kind of system it handles.
 
-CONFORMANCE = {
-    "CG": (lambda dt: CG(), ["spd"]),
-    "MINRES": (lambda dt: MINRES(), ["spd", "indef"]),
-    "GMRES": (lambda dt: GMRES(), ["spd", "indef", "nonsym", "contract"]),
-    "GMRES(3)": (lambda dt: GMRES(restart=3), ["spd", "nonsym", "contract"]),
-    "BiCGStab": (lambda dt: BiCGStab(), ["spd", "nonsym", "contract"]),
-    "Broyden": (lambda dt: Broyden(), ["spd", "nonsym", "contract"]),
-    "Broyden(4)": (lambda dt: Broyden(memory=4), ["nonsym", "contract"]),
-    "Dense": (lambda dt: Dense(), ["spd", "indef", "nonsym", "contract"]),
-    "Neumann": (lambda dt: Neumann(max_steps=2000), ["spd", "contract"]),
-    "LiSSA": (lambda dt: LiSSA(rtol=default_rtol(dt), scale=6.0, depth=3000), ["spd"]),
-}
+#: Settings the conformance problems need beyond the registry's.
+CONFORMANCE_SETTINGS = {"Neumann": {"max_steps": 2000}, "LiSSA": {"max_steps": 3000}}
+
+
+def conformance_solver(case: registry.SolverCase, dtype: torch.dtype):
+    extra = dict(CONFORMANCE_SETTINGS.get(case.name, {}))
+    if case.estimator:  # LiSSA's own default rtol is loose (1e-2)
+        extra["rtol"] = default_rtol(dtype)
+    return case.make(**extra)
+
+
 CASES = [
-    pytest.param(name, kind, dt, id=f"{name}-{kind}-{str(dt)[6:]}")
-    for name, (_, kinds) in CONFORMANCE.items()
-    for kind in kinds
+    pytest.param(case, kind, dt, id=f"{case.name}-{kind}-{str(dt)[6:]}")
+    for case in registry.linear(variants=True)
+    for kind in case.handles
     for dt in (F64, F32)
 ]
 TOL = {F64: 1e-8, F32: 1e-4}
 
 
-@pytest.mark.parametrize("name,kind,dtype", CASES)
+@pytest.mark.parametrize("case,kind,dtype", CASES)
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 4), n=st.integers(1, 24))
-def test_conformance_against_torch_solve(name, kind, dtype, seed, batch, n):
-    factory, _ = CONFORMANCE[name]
+def test_conformance_against_torch_solve(case, kind, dtype, seed, batch, n):
+    solver = conformance_solver(case, dtype)
     a, b = make_problem(kind, batch, n, seed, dtype)
-    x, info = il.linear.solve(a, b, factory(dtype))
+    x, info = il.linear.solve(a, b, solver)
     x_ref = torch.linalg.solve(a.double(), b.double())
     assert x.shape == b.shape and x.dtype == dtype
     assert info.converged.shape == (batch,) and bool(info.converged.all())
-    assert info.solver == factory(dtype).name
+    assert info.solver == solver.name
     assert rel_err(x.double(), x_ref) < TOL[dtype]
     # The reported residual is the true residual of the returned solution.
     true_res = torch.linalg.vector_norm(b - (a @ x.unsqueeze(-1)).squeeze(-1), dim=-1)
     torch.testing.assert_close(info.residual, true_res, rtol=1e-2, atol=10 * float(info.tolerance.max()))
-    assert bool((info.residual <= info.tolerance * (1e3 if name == "Dense" else 1)).all())
+    assert bool((info.residual <= info.tolerance * (1 if case.iterative else 1e3)).all())
 
 
-@pytest.mark.parametrize("name", ["CG", "MINRES", "GMRES", "BiCGStab", "Broyden", "Neumann"])
-def test_warm_start_at_solution_takes_no_steps(name):
-    kind = "spd" if name in ("CG", "MINRES", "Neumann") else "nonsym"
+@pytest.mark.parametrize("case", registry.params(registry.linear(iterative=True, estimator=False)))
+def test_warm_start_at_solution_takes_no_steps(case):
+    kind = "nonsym" if "nonsym" in case.handles else "spd"
     a, b = make_problem(kind, 3, 10, 0, F64)
     x_ref = torch.linalg.solve(a, b)
-    x, info = il.linear.solve(a, b, CONFORMANCE[name][0](F64), x0=x_ref)
+    x, info = il.linear.solve(a, b, conformance_solver(case, F64), x0=x_ref)
     assert bool(info.converged.all()) and int(info.steps.max()) == 0
     assert rel_err(x, x_ref) < 1e-12
 
@@ -190,20 +182,17 @@ def test_solutions_agree_with_scipy(scipy_fn, solver, kind):
 # ----------------------------------------------------------------------------------------------
 # Per-sample convergence: one hard system does not change the others.
 
-PER_SAMPLE = {
-    "CG": lambda: CG(max_steps=3000),
-    "MINRES": lambda: MINRES(max_steps=3000),
-    "GMRES": lambda: GMRES(max_steps=3000),
-    "BiCGStab": lambda: BiCGStab(max_steps=3000),
-    "Broyden": lambda: Broyden(max_steps=3000),
-    "Neumann": lambda: Neumann(max_steps=20000, alpha=0.5),
-    "LiSSA": lambda: LiSSA(rtol=1e-10, scale=2.0, depth=20000),
+#: Step budgets (and a step size for the series) that let the hard system converge.
+PER_SAMPLE_SETTINGS = {
+    "Neumann": {"max_steps": 20000, "alpha": 0.5},
+    "LiSSA": {"rtol": 1e-10, "scale": 2.0, "max_steps": 20000},
 }
 
 
-@pytest.mark.parametrize("name", list(PER_SAMPLE))
+@pytest.mark.parametrize("case", registry.params(registry.linear(iterative=True)))
 @pytest.mark.parametrize("dtype", [F64, F32])
-def test_per_sample_convergence(name, dtype):
+def test_per_sample_convergence(case, dtype):
+    name = case.name
     n = 30
     g = torch.Generator().manual_seed(3)
     easy = 1 + 0.5 * torch.rand(3, n, dtype=F64, generator=g)  # eigenvalues in [1, 1.5]
@@ -213,21 +202,20 @@ def test_per_sample_convergence(name, dtype):
     b = torch.randn(4, n, dtype=F64, generator=g).to(dtype)
     if dtype == F32 and name in ("Neumann", "LiSSA"):
         pytest.skip("the slow series does not reach float32 rtol on the hard system")
-    x, info = il.linear.solve(a, b, PER_SAMPLE[name](), positive_definite=True)
+    solver = case.make(**PER_SAMPLE_SETTINGS.get(name, {"max_steps": 3000}))
+    x, info = il.linear.solve(a, b, solver, positive_definite=True)
     assert bool(info.converged.all())
     hard_steps = int(info.steps[1])
     for i in (0, 2, 3):
         assert int(info.steps[i]) < hard_steps
         for check_every in (1, 7):
-            solver = PER_SAMPLE[name]()
-            solver.check_every = check_every
-            xi, infoi = il.linear.solve(a[i], b[i], solver, positive_definite=True)
+            xi, infoi = il.linear.solve(
+                a[i], b[i], solver.replace(check_every=check_every), positive_definite=True
+            )
             assert int(infoi.steps) == int(info.steps[i])
             torch.testing.assert_close(xi, x[i], rtol=1e-12 if dtype == F64 else 1e-5, atol=0.0)
     # The result does not depend on how often the loop synchronises (check_every).
-    solver = PER_SAMPLE[name]()
-    solver.check_every = 5
-    x5, info5 = il.linear.solve(a, b, solver, positive_definite=True)
+    x5, info5 = il.linear.solve(a, b, solver.replace(check_every=5), positive_definite=True)
     assert torch.equal(info5.steps, info.steps)
     torch.testing.assert_close(x5, x, rtol=1e-12 if dtype == F64 else 1e-5, atol=0.0)
 
@@ -235,21 +223,11 @@ def test_per_sample_convergence(name, dtype):
 # ----------------------------------------------------------------------------------------------
 # Failure reporting.
 
-ITERATIVE = {
-    "CG": lambda **kw: CG(**kw),
-    "MINRES": lambda **kw: MINRES(**kw),
-    "GMRES": lambda **kw: GMRES(**kw),
-    "BiCGStab": lambda **kw: BiCGStab(**kw),
-    "Broyden": lambda **kw: Broyden(**kw),
-    "Neumann": lambda **kw: Neumann(**kw),
-    "LiSSA": lambda **kw: LiSSA(scale=6.0, **kw),
-}
-
-
-@pytest.mark.parametrize("name", list(ITERATIVE))
-def test_non_convergence_is_reported(name):
+@pytest.mark.parametrize("case", registry.params(registry.linear(iterative=True)))
+def test_non_convergence_is_reported(case):
+    name = case.name
     a, b = make_problem("spd", 3, 30, 5, F64)
-    make = ITERATIVE[name]
+    make = case.make
     with pytest.warns(ConvergenceWarning, match=f"{name} did not converge"):
         x, info = il.linear.solve(a, b, make(max_steps=2), positive_definite=True)
     assert not bool(info.converged.any())
@@ -293,17 +271,14 @@ def test_gmres_stagnation_is_reported_not_looped():
     torch.testing.assert_close(x[:2], torch.tensor([1.0, 0.5], dtype=F64))
 
 
-ALL = {**{k: (lambda f: (lambda: f()))(v) for k, v in ITERATIVE.items()}, "Dense": Dense}
-
-
-@pytest.mark.parametrize("name", list(ALL))
+@pytest.mark.parametrize("case", registry.params(registry.linear()))
 @pytest.mark.parametrize("where", ["b", "operator"])
-def test_nan_raises_non_finite_error(name, where):
+def test_nan_raises_non_finite_error(case, where):
     a, b = make_problem("spd", 2, 8, 2, F64)
     if where == "b":
         b[1, 3] = float("nan")
         with pytest.raises(NonFiniteError):
-            il.linear.solve(a, b, ALL[name](), positive_definite=True)
+            il.linear.solve(a, b, case.make(), positive_definite=True)
     else:
         def mv(v):
             out = (a @ v.unsqueeze(-1)).squeeze(-1)
@@ -311,17 +286,44 @@ def test_nan_raises_non_finite_error(name, where):
 
         op = FunctionOperator(mv, 2, 8, F64, "cpu", symmetric=True, positive_definite=True)
         with pytest.raises(NonFiniteError):
-            il.linear.solve(op, b, ALL[name]())
+            il.linear.solve(op, b, case.make())
 
 
 # ----------------------------------------------------------------------------------------------
 # Error paths.
 
 
-def test_cg_rejects_untagged_callable():
+def test_choosing_cg_declares_an_untagged_operator_symmetric():
     a, b = make_problem("spd", 1, 5, 0, F64)
-    with pytest.raises(ValueError, match=r"CG needs a symmetric operator.*GMRES"):
-        il.linear.solve(lambda v: a[0] @ v, b[0], CG())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a symmetric operator passes the probe silently
+        x, info = il.linear.solve(lambda v: a[0] @ v, b[0], CG())
+    assert bool(info.converged) and info.solver == "CG"
+    assert rel_err(x.unsqueeze(0), torch.linalg.solve(a, b)) < 1e-8
+    d = torch.linspace(1.0, 3.0, 7, dtype=F64)
+    x, info = il.linear.solve(lambda v: d * v, torch.ones(7, dtype=F64), solver=CG())
+    torch.testing.assert_close(x, 1 / d)
+
+
+def test_cg_rejects_operator_tagged_non_symmetric():
+    a, b = make_problem("spd", 1, 5, 0, F64)
+    with pytest.raises(ValueError, match=r"CG needs a symmetric operator.*symmetric=False.*GMRES"):
+        il.linear.solve(lambda v: a[0] @ v, b[0], CG(), symmetric=False)
+    op = FunctionOperator(lambda v: v @ a[0], 1, 5, F64, "cpu", symmetric=False)
+    with pytest.raises(ValueError, match="MINRES needs a symmetric operator"):
+        il.linear.solve(op, b, MINRES())
+
+
+def test_cg_probe_warns_on_a_clearly_non_symmetric_operator():
+    a, b = make_problem("nonsym", 1, 8, 0, F64)
+    with pytest.warns(il.StructureWarning, match=r"CG assumes a symmetric operator.*GMRES"):
+        il.linear.solve(lambda v: a[0] @ v, b[0], CG(on_failure="ignore"))
+    # The probe draws from its own generator: the global random state is left alone.
+    state = torch.random.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        il.linear.solve(lambda v: a[0] @ v, b[0], CG(on_failure="ignore"))
+    assert torch.equal(state, torch.random.get_rng_state())
 
 
 def test_cg_rejects_indefinite_tag():
@@ -394,7 +396,7 @@ def test_lissa_deterministic_solves_documented_system():
 
 def test_lissa_default_rtol_and_scale():
     assert LiSSA().rtol == 1e-2
-    assert LiSSA().with_rtol(1e-10).rtol == 1e-2  # not inherited from a forward solver
+    assert LiSSA().rtol is not None  # so a backward solve does not inherit the forward's
     assert LiSSA(depth=7).max_steps == 7 == LiSSA(max_steps=7).depth
     a, b = make_problem("spd", 2, 15, 4, F64)
     y, info = il.linear.solve(a, b, LiSSA(rtol=1e-6))  # scale estimated by power iteration
@@ -459,6 +461,45 @@ def test_solve_callable():
     assert rel_err(x2, torch.linalg.solve(a[0], b[0])) < 1e-8
 
 
+def test_callable_on_a_tensor_is_one_system():
+    # A (5, 3) unknown of a callable operator is one system of 15 unknowns (as in jaxopt), not
+    # 5 systems: the operator mixes the rows.
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(15, 15, dtype=F64, generator=g) / 15**0.5 + 3 * torch.eye(15, dtype=F64)
+    b = torch.randn(5, 3, dtype=F64, generator=g)
+    x, info = il.linear.solve(lambda v: (m @ v.reshape(15)).reshape(5, 3), b)
+    assert x.shape == (5, 3) and info.converged.shape == ()
+    x_ref = scipy.linalg.solve(m.numpy(), b.reshape(15).numpy())
+    assert np.linalg.norm(x.reshape(15).numpy() - x_ref) <= 1e-8 * np.linalg.norm(x_ref)
+
+
+def test_callable_batched_leading_dimension_indexes_systems():
+    g = torch.Generator().manual_seed(1)
+    a = _sym_from_eigs(g, 1 + 4 * torch.rand(4, 6, dtype=F64, generator=g))  # (4, 6, 6) SPD
+    b = torch.randn(4, 2, 3, dtype=F64, generator=g)
+
+    def mv(v):  # v: (4, 2, 3), one 6-vector per system
+        return (a @ v.reshape(4, 6, 1)).reshape(4, 2, 3)
+
+    x, info = il.linear.solve(mv, b, CG(), batched=True)
+    assert x.shape == (4, 2, 3) and info.steps.shape == (4,) and bool(info.converged.all())
+    x_ref = torch.linalg.solve(a, b.reshape(4, 6))
+    assert rel_err(x.reshape(4, 6), x_ref) < 1e-8
+    x0 = torch.zeros_like(b)
+    x2, _ = il.linear.solve(mv, b, CG(), batched=True, x0=x0)
+    torch.testing.assert_close(x2, x)
+
+
+def test_batched_flag_is_checked():
+    a = torch.eye(3, dtype=F64)
+    with pytest.raises(ValueError, match="batched=True disagrees with b of shape"):
+        il.linear.solve(a, torch.ones(3, dtype=F64), batched=True)
+    with pytest.raises(TypeError, match="batched must be True, False or None"):
+        il.linear.solve(a, torch.ones(3, dtype=F64), batched="yes")
+    with pytest.raises(ValueError, match="batched=True needs b with a leading batch dimension"):
+        il.linear.solve(lambda v: v, torch.tensor(1.0, dtype=F64), batched=True)
+
+
 def test_solve_default_solver_choice():
     a, b = make_problem("spd", 2, 6, 9, F64)
     assert il.linear.solve(a, b, positive_definite=True)[1].solver == "CG"
@@ -477,12 +518,12 @@ def test_gmres_restart_is_clamped_and_max_steps_counts_inner_steps():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["CG", "MINRES", "GMRES", "BiCGStab", "Broyden", "Neumann"])
-def test_cuda(name):
+@pytest.mark.parametrize("case", registry.params(registry.linear(iterative=True, estimator=False)))
+def test_cuda(case):
     kind = "spd"
     a, b = make_problem(kind, 3, 40, 0, F32)
     a, b = a.cuda(), b.cuda()
-    x, info = il.linear.solve(a, b, CONFORMANCE[name][0](F32), positive_definite=True)
+    x, info = il.linear.solve(a, b, conformance_solver(case, F32), positive_definite=True)
     assert x.device.type == "cuda" and info.steps.device.type == "cuda"
     assert bool(info.converged.all())
     assert rel_err(x.double().cpu(), torch.linalg.solve(a.double(), b.double()).cpu()) < 1e-4

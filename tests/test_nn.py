@@ -12,13 +12,7 @@ import implicit_layers as il
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These problems are tiny: intra-op threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class Cell(torch.nn.Module):
@@ -363,22 +357,6 @@ def test_jacobian_penalty_matches_frobenius_norm(device):
     assert torch.allclose(5 * a, b)
 
 
-class SavedBytes:
-    """Bytes of the distinct storages autograd saves for backward (deterministic)."""
-
-    def __init__(self) -> None:
-        self.storages: dict[int, int] = {}
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        self.storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    @property
-    def total(self) -> int:
-        return sum(self.storages.values())
-
-
 def saved_bytes_of_step(backward, steps: int, device) -> tuple[int, int]:
     torch.manual_seed(11)
     cell = Cell(32, 8, scale=0.95).to(device, F64)
@@ -386,8 +364,7 @@ def saved_bytes_of_step(backward, steps: int, device) -> tuple[int, int]:
     solver = il.solvers.Picard(max_steps=steps, rtol=0.0, on_failure="ignore")
     deq = il.nn.DEQ(cell, state_shape=32, solver=solver, backward=backward)
     x = torch.randn(16, 8, dtype=F64, device=device)
-    counter = SavedBytes()
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+    with il.memory.SavedTensorBytes() as counter:
         z, info = deq(x, return_info=True)
         loss = z.pow(2).sum()
     loss.backward()

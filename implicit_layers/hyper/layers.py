@@ -25,6 +25,7 @@ and two parameterisations of the input ``u``:
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,10 @@ class _STNBase(nn.Module):
     n_hyper: int
     centered: bool
     modulation: str
+    weight: Tensor
+    bias: Tensor | None
+    hyper_weight: Tensor
+    hyper_bias: Tensor | None
 
     def _init_modulation(self, out_rows: int, n_hyper: int, centered: bool, modulation: str) -> None:
         if isinstance(n_hyper, bool) or not isinstance(n_hyper, int) or n_hyper < 1:
@@ -137,7 +142,7 @@ class _STNBase(nn.Module):
         if self.modulation == "sigmoid":
             out = sv * base
         else:
-            out = base + sv * hyper_out
+            out = base + sv * cast(Tensor, hyper_out)  # linear modulation computes it
         if bias is not None:
             out = out + self._row_view(bias, base.dim())
         return out
@@ -245,7 +250,7 @@ class STNConv2d(_STNBase):
         self.stride = base.stride
         self.padding = base.padding
         self.weight = nn.Parameter(base.weight.detach().clone())
-        self.bias = nn.Parameter(base.bias.detach().clone()) if bias else None
+        self.bias = nn.Parameter(cast(Tensor, base.bias).detach().clone()) if bias else None
         self._init_modulation(out_channels, n_hyper, centered, modulation)
         if modulation == "linear":
             hyper_base = nn.Conv2d(in_channels, out_channels, kernel_size, bias=False)

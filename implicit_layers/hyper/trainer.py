@@ -291,9 +291,9 @@ class STNTrainer:
         for name, val in (("t_train", t_train), ("t_valid", t_valid)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {val!r}.")
-        for name, val in (("hyper_lr", hyper_lr), ("tau", tau)):
-            if isinstance(val, bool) or not isinstance(val, (int, float)) or val < 0:
-                raise ValueError(f"{name} must be a float >= 0, got {val!r}.")
+        for name, rate in (("hyper_lr", hyper_lr), ("tau", tau)):
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate < 0:
+                raise ValueError(f"{name} must be a float >= 0, got {rate!r}.")
         sigma_lr = hyper_lr if sigma_lr is None else sigma_lr
         if isinstance(sigma_lr, bool) or not isinstance(sigma_lr, (int, float)) or sigma_lr < 0:
             raise ValueError(f"sigma_lr must be a float >= 0, got {sigma_lr!r}.")
@@ -306,7 +306,7 @@ class STNTrainer:
         self.tau = float(tau)
         self.per_example = per_example
         self.perturb_valid = perturb_valid
-        groups = [{"params": [hparams.raw], "lr": float(hyper_lr)}]
+        groups: list[dict[str, Any]] = [{"params": [hparams.raw], "lr": float(hyper_lr)}]
         if sigma_lr > 0:
             groups.append({"params": [hparams.log_sigma], "lr": float(sigma_lr)})
         self.hyper_optimizer = torch.optim.Adam(groups)

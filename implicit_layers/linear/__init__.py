@@ -4,6 +4,7 @@ All solvers share the interface of :class:`LinearSolver`: ``rtol``, ``atol``, ``
 ``check_every``, ``on_failure``; batched, per-sample convergence; a :class:`SolveInfo` result.
 """
 
+from . import base
 from ._base import LinearSolver
 from ._operator import FunctionOperator, LinearOperator, MatrixOperator
 from .bicgstab import BiCGStab
@@ -17,6 +18,7 @@ from .neumann import Neumann
 from .solve import solve
 
 __all__ = [
+    "base",
     "LinearSolver",
     "LinearOperator",
     "MatrixOperator",

@@ -1,21 +1,18 @@
-"""The base class of linear solvers and the shared convergence bookkeeping."""
+"""The base class of linear solvers and the helpers they share."""
 
 from __future__ import annotations
 
-import copy
+import warnings
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from .._config import (
-    SolverSettings,
-    default_check_every,
-    default_rtol,
-)
-from .._info import SolveInfo, report_failure
+from .._config import SolverSettings
+from .._info import SolveInfo, StructureWarning, report_failure
 from ._operator import LinearOperator
 
-__all__ = ["LinearSolver"]
+__all__ = ["LinearSolver", "initial_residual", "batched_dot", "symmetry_gap"]
 
 
 class LinearSolver(SolverSettings):
@@ -24,6 +21,10 @@ class LinearSolver(SolverSettings):
     A sample has converged when ``‖b - A x‖ <= max(atol, rtol * ‖b‖)`` (the criterion of
     ``scipy.sparse.linalg``). Converged samples stop changing; the loop ends when every sample
     has converged or after ``max_steps`` iterations.
+
+    Settings are keyword-only and immutable; ``replace(**changes)`` returns a validated copy
+    (see :class:`~implicit_layers.linear.base.SolverSettings` for the few positional
+    algorithm parameters).
 
     Args:
         rtol: relative tolerance. ``None`` means: inherit the forward solver's tolerance when
@@ -35,23 +36,23 @@ class LinearSolver(SolverSettings):
         on_failure: ``"warn"`` (default) emits a :class:`ConvergenceWarning` when a sample
             does not converge, ``"raise"`` raises :class:`ConvergenceError`, ``"ignore"`` does
             neither (the result is still reported in the returned :class:`SolveInfo`).
+
+    Class attributes:
+        needs_symmetric: choosing this solver declares the operator symmetric: an untagged
+            operator (``symmetric=None``) is taken as symmetric (after a cheap probe that warns
+            when it clearly is not), one tagged ``symmetric=False`` is an error.
+        needs_positive_definite: likewise for positive definiteness (checked as the
+            iteration goes; ``positive_definite=False`` is an error).
     """
 
-    name = "LinearSolver"
-    default_max_steps = 1000
-    needs_symmetric = False
-    needs_positive_definite = False
-
-    def with_rtol(self, rtol: float) -> LinearSolver:
-        """Return a copy whose unset ``rtol`` is ``rtol`` (used to tie backward to forward)."""
-        if self.rtol is not None:
-            return self
-        new = copy.copy(self)
-        new.rtol = rtol
-        return new
+    name: ClassVar[str] = "LinearSolver"
+    default_max_steps: ClassVar[int] = 1000
+    needs_symmetric: ClassVar[bool] = False
+    needs_positive_definite: ClassVar[bool] = False
 
     # -- to be implemented -------------------------------------------------------------
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
+        """Solve ``op x = b`` for ``b`` of shape ``(B, n)``: return ``x`` and the info."""
         raise NotImplementedError
 
     # -- public ------------------------------------------------------------------------
@@ -69,7 +70,7 @@ class LinearSolver(SolverSettings):
         Returns:
             ``(x, info)`` with ``x`` of shape ``(B, n)`` and per-sample :class:`SolveInfo`.
         """
-        self._check_structure(op)
+        self._check_structure(op, b)
         x, info = self._solve(op, b, x0)
         report_failure(info, self.on_failure, what, self._advice())
         return x, info
@@ -80,31 +81,58 @@ class LinearSolver(SolverSettings):
             "solver (Dense is exact for small problems)."
         )
 
-    def _check_structure(self, op: LinearOperator) -> None:
-        if self.needs_symmetric and not op.symmetric:
-            raise ValueError(
-                f"{self.name} needs a symmetric operator, but the operator is not tagged "
-                "symmetric. Pass symmetric=True if it is, or use GMRES, BiCGStab or Dense for a "
-                "non-symmetric system."
-            )
+    def _check_structure(self, op: LinearOperator, b: Tensor) -> None:
+        if self.needs_symmetric:
+            if op.symmetric is False:
+                raise ValueError(
+                    f"{self.name} needs a symmetric operator, but the operator is tagged "
+                    "symmetric=False. Use GMRES, BiCGStab or Dense for a non-symmetric system, "
+                    "or tag the operator symmetric=True if it is symmetric after all."
+                )
+            if op.symmetric is None:
+                # Choosing the solver declares the operator symmetric (as scipy and jaxopt
+                # do); two products catch an operator that clearly is not.
+                gap = float(symmetry_gap(op, b).max())
+                if gap > 10 * torch.finfo(b.dtype).eps ** 0.5:
+                    warnings.warn(
+                        f"{self.name} assumes a symmetric operator, but the operator given is "
+                        f"not symmetric: <u, A v> and <A u, v> differ by {gap:.1e} (relative) "
+                        "for random u, v. Use GMRES, BiCGStab or Dense for a non-symmetric "
+                        "system; tag the operator symmetric=True to skip this check.",
+                        StructureWarning,
+                        stacklevel=3,
+                    )
         if self.needs_positive_definite and op.positive_definite is False:
             raise ValueError(
                 f"{self.name} needs a positive-definite operator, but the operator is tagged "
                 "positive_definite=False. Use MINRES for symmetric indefinite systems, or GMRES."
             )
 
-    # -- helpers shared by subclasses --------------------------------------------------
-    def _setup(self, op: LinearOperator, b: Tensor) -> tuple[float, Tensor, int]:
-        rtol = default_rtol(b.dtype) if self.rtol is None else self.rtol
-        bnorm = torch.linalg.vector_norm(b, dim=-1)
-        tol = torch.clamp(rtol * bnorm, min=self.atol)
-        check_every = self.check_every or default_check_every(b.device)
-        return rtol, tol, check_every
 
-    def _info(self, converged: Tensor, steps: Tensor, residual: Tensor, tol: Tensor) -> SolveInfo:
-        return SolveInfo(
-            converged=converged, steps=steps, residual=residual, solver=self.name, tolerance=tol
-        )
+def symmetry_gap(op: LinearOperator, like: Tensor, *, seed: int = 0) -> Tensor:
+    """Relative asymmetry ``|<u, A v> - <A u, v>| / (‖u‖ ‖A v‖ + ‖A u‖ ‖v‖)`` per sample.
+
+    Two operator products with random ``u``, ``v`` from a local generator (the global random
+    state is left alone). Rounding makes it about ``eps`` for a symmetric operator; a clearly
+    non-symmetric one gives a value near ``‖A - Aᵀ‖ / (‖A‖ √n)``.
+
+    Args:
+        op: the operator, acting on ``(B, n)``.
+        like: a ``(B, n)`` tensor giving the shape, dtype and device.
+        seed: seed of the local generator.
+
+    Returns:
+        The gaps, shape ``(B,)``.
+    """
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    u = torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=gen)
+    v = torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=gen)
+    with torch.no_grad():
+        Au, Av = op.mv(u), op.mv(v)
+        norm = torch.linalg.vector_norm
+        scale = norm(u, dim=-1) * norm(Av, dim=-1) + norm(Au, dim=-1) * norm(v, dim=-1)
+        gap = (batched_dot(u, Av) - batched_dot(Au, v)).abs()
+        return gap / scale.clamp_min(torch.finfo(like.dtype).tiny)
 
 
 def initial_residual(op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -119,23 +147,3 @@ def initial_residual(op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[
 def batched_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample dot product of two ``(B, n)`` tensors (one fused kernel, not mul + sum)."""
     return torch.linalg.vecdot(a, b)
-
-
-def should_stop(done: Tensor, watch: Tensor, solver: str) -> bool:
-    """One synchronisation: are all samples done? Raises if ``watch`` is not finite."""
-    return check_done(done, watch, solver)[0]
-
-
-def check_done(done: Tensor, watch: Tensor, solver: str) -> tuple[bool, bool]:
-    """One synchronisation: ``(all samples done, any sample done)``; raises if ``watch`` is
-    not finite."""
-    flags = torch.stack([done.all(), torch.isfinite(watch).all(), done.any()]).tolist()
-    if not flags[1]:
-        from .._info import NonFiniteError
-
-        raise NonFiniteError(
-            f"{solver}: the residual became NaN or Inf. Check the operator and right-hand side "
-            "for NaN, and that the operator suits the solver (e.g. Neumann needs the step size "
-            "times the largest eigenvalue below 2)."
-        )
-    return bool(flags[0]), bool(flags[2])

@@ -13,13 +13,15 @@ __all__ = ["LinearOperator", "MatrixOperator", "FunctionOperator"]
 class LinearOperator:
     """A batch of ``B`` linear maps on ``R^n``, applied to tensors of shape ``(B, n)``.
 
-    Subclasses implement :meth:`mv`; :meth:`rmv` (the transpose product) is optional.
-    Structure tags tell solvers what they may assume:
+    Subclasses implement :meth:`mv` (every solver needs only ``A v``). Structure tags tell
+    solvers what they may assume:
 
     Attributes:
         batch: number of independent systems ``B``.
         size: dimension ``n`` of each system.
-        symmetric: ``True`` if every map equals its transpose.
+        symmetric: ``True`` if every map equals its transpose, ``False`` if known not to,
+            ``None`` if untagged (a solver that needs symmetry, such as CG, then takes its
+            choice as the declaration).
         positive_definite: ``True`` if known to be positive definite, ``False`` if known not to
             be, ``None`` if unknown (solvers that need it check curvature at run time).
     """
@@ -28,21 +30,12 @@ class LinearOperator:
     size: int
     dtype: torch.dtype
     device: torch.device
-    symmetric: bool
+    symmetric: bool | None
     positive_definite: bool | None
 
     def mv(self, v: Tensor) -> Tensor:
         """Return ``A v`` for ``v`` of shape ``(B, n)``."""
         raise NotImplementedError
-
-    def rmv(self, v: Tensor) -> Tensor:
-        """Return ``Aᵀ v`` for ``v`` of shape ``(B, n)``."""
-        if self.symmetric:
-            return self.mv(v)
-        raise NotImplementedError(
-            f"{type(self).__name__} provides no transpose product; use a solver that needs only "
-            "matrix-vector products (CG, MINRES, GMRES, BiCGStab, Neumann, Broyden, Dense)."
-        )
 
     def to_dense(self) -> Tensor:
         """Materialise the batch of matrices, shape ``(B, n, n)``, with ``n`` products."""
@@ -85,11 +78,6 @@ class MatrixOperator(LinearOperator):
             return v @ self.matrix.mT
         return torch.bmm(self.matrix, v.unsqueeze(-1)).squeeze(-1)
 
-    def rmv(self, v: Tensor) -> Tensor:
-        if self.matrix.dim() == 2:
-            return v @ self.matrix
-        return torch.bmm(self.matrix.mT, v.unsqueeze(-1)).squeeze(-1)
-
     def to_dense(self) -> Tensor:
         return self.matrix.expand(self.batch, self.size, self.size)
 
@@ -103,8 +91,7 @@ class FunctionOperator(LinearOperator):
         size: ``n``.
         dtype: dtype of the vectors.
         device: device of the vectors.
-        rmv: optional transpose product.
-        symmetric: structure tag; default ``False``.
+        symmetric: structure tag; default ``None`` (untagged: see :class:`LinearOperator`).
         positive_definite: structure tag; default ``None`` (unknown).
         dense: optional callable returning the ``(B, n, n)`` matrix faster than ``n`` products.
     """
@@ -117,13 +104,11 @@ class FunctionOperator(LinearOperator):
         dtype: torch.dtype,
         device: torch.device | str,
         *,
-        rmv: Callable[[Tensor], Tensor] | None = None,
-        symmetric: bool = False,
+        symmetric: bool | None = None,
         positive_definite: bool | None = None,
         dense: Callable[[], Tensor] | None = None,
     ) -> None:
         self._mv = mv
-        self._rmv = rmv
         self._dense = dense
         self.batch = batch
         self.size = size
@@ -134,11 +119,6 @@ class FunctionOperator(LinearOperator):
 
     def mv(self, v: Tensor) -> Tensor:
         return self._mv(v)
-
-    def rmv(self, v: Tensor) -> Tensor:
-        if self._rmv is not None:
-            return self._rmv(v)
-        return super().rmv(v)
 
     def to_dense(self) -> Tensor:
         if self._dense is not None:

@@ -17,40 +17,52 @@ import torch
 from torch import Tensor
 
 from .._info import SolveInfo
-from ._base import LinearSolver, initial_residual, should_stop
+from ._base import LinearSolver, initial_residual
+from ._loop import LinearLoop
 from ._operator import LinearOperator
 
-# inner(x, r, beta, active, tol, check_every, total) -> (x, used, total)
+# inner(x, r, beta, active, loop) -> (x, used)
 #   x, r: current iterate and its true residual b - A x, shape (B, n)
 #   beta: ‖r‖, shape (B,); active: samples to iterate, shape (B,)
-#   total: steps used so far by the batch (the round may use max_steps - total more)
-#   returns the new iterate, per-sample steps used in the round, and the new batch total.
-Inner = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, int, int], tuple[Tensor, Tensor, int]]
+#   loop: the solve's LinearLoop; the round steps while loop.proceed(...) allows (which counts
+#   the batch's steps against max_steps), and tests loop.tol.
+#   returns the new iterate and the per-sample steps used in the round.
+Inner = Callable[[Tensor, Tensor, Tensor, Tensor, LinearLoop], tuple[Tensor, Tensor]]
 
 
 def run_in_rounds(
     solver: LinearSolver, op: LinearOperator, b: Tensor, x0: Tensor | None, inner: Inner
 ) -> tuple[Tensor, SolveInfo]:
-    _, tol, check_every = solver._setup(op, b)
-    batch = b.shape[0]
+    """Run ``inner`` in rounds until every sample converged, stagnated or the budget is spent.
+
+    Args:
+        solver: the solver (its settings and name).
+        op: the operator, acting on ``(B, n)``.
+        b: right-hand side ``(B, n)``.
+        x0: initial guess ``(B, n)`` or ``None`` (zeros).
+        inner: one round, see ``Inner`` above.
+
+    Returns:
+        ``(x, info)``, with the true residual of ``x`` in the info.
+    """
     x, r = initial_residual(op, b, x0)
     beta = torch.linalg.vector_norm(r, dim=-1)
-    bad = torch.zeros(batch, dtype=torch.bool, device=b.device)
-    done = beta <= tol
-    steps = torch.zeros(batch, dtype=torch.int64, device=b.device)
-    total = 0
-    while not should_stop(done, beta, solver.name) and total < solver.max_steps:
-        started = ~done
-        x_new, used, total = inner(x, r, beta, started, tol, check_every, total)
-        steps = steps + used
+    loop = LinearLoop(solver, b, beta)
+    tol = loop.tol
+    while loop.next_round(beta):
+        started = ~loop.done
+        x_new, used = inner(x, r, beta, started, loop)
+        loop.steps = loop.steps + used
         r_new = b - op.mv(x_new)
         new_beta = torch.linalg.vector_norm(r_new, dim=-1)
+        # A sample that went through a round without reducing its true residual stagnates:
+        # it is stopped, and keeps its previous iterate if the round made it worse.
         worked = used > 0
-        bad = bad | (started & ~worked) | (worked & ~(new_beta < beta) & (new_beta > tol))
-        keep = worked & ~(new_beta > beta)  # a round that made things worse is undone
+        stalled = worked & ~(new_beta < beta) & (new_beta > tol)
+        loop.bad = loop.bad | (started & ~worked) | stalled
+        keep = worked & ~(new_beta > beta)  # NaN is kept, for the next check to see
         x = torch.where(keep.unsqueeze(-1), x_new, x)
         r = torch.where(keep.unsqueeze(-1), r_new, r)
         beta = torch.where(keep, new_beta, beta)
-        done = (beta <= tol) | bad
-    converged = (beta <= tol) & ~bad
-    return x, solver._info(converged, steps, beta, tol)
+        loop.done = (beta <= tol) | loop.bad
+    return x, loop.info(beta)

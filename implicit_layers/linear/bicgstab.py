@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from .._info import SolveInfo
-from ._base import LinearSolver, batched_dot, should_stop
+from ._base import LinearSolver, batched_dot
+from ._loop import LinearLoop
 from ._operator import LinearOperator
 from ._restart import run_in_rounds
 
@@ -39,13 +40,12 @@ class BiCGStab(LinearSolver):
     name = "BiCGStab"
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
-        name, max_steps = self.name, self.max_steps
         eps = torch.finfo(b.dtype).eps
 
         def inner(
-            x: Tensor, r: Tensor, beta1: Tensor, active: Tensor, tol: Tensor,
-            check_every: int, total: int,
-        ) -> tuple[Tensor, Tensor, int]:
+            x: Tensor, r: Tensor, beta1: Tensor, active: Tensor, loop: LinearLoop
+        ) -> tuple[Tensor, Tensor]:
+            tol = loop.tol
             one = torch.ones((), dtype=b.dtype, device=b.device)
             zero = torch.zeros((), dtype=b.dtype, device=b.device)
             r_hat = r.clone()
@@ -57,10 +57,8 @@ class BiCGStab(LinearSolver):
             v = torch.zeros_like(r)
             res = beta1.clone()
             used = torch.zeros(beta1.shape, dtype=torch.int64, device=b.device)
-            first = True
-            while total < max_steps:
-                if not first and total % check_every == 0 and should_stop(~active, res, name):
-                    break
+            first = True  # the round starts right after a check
+            while loop.proceed(res, done=~active, check=not first):
                 first = False
                 rho_new = batched_dot(r_hat, r)
                 beta = (rho_new / torch.where(rho != 0, rho, one)) * (
@@ -92,7 +90,6 @@ class BiCGStab(LinearSolver):
                 # omega = 0 without convergence: the next step would divide by zero; restart.
                 stalled = (omega == 0) & ~half
                 active = valid & (res > tol) & ~stalled
-                total += 1
-            return x, used, total
+            return x, used
 
         return run_in_rounds(self, op, b, x0, inner)

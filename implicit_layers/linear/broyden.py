@@ -6,8 +6,9 @@ import torch
 from torch import Tensor
 
 from .._config import check_positive_int
-from .._info import SolveInfo
-from ._base import LinearSolver, batched_dot, should_stop
+from .._info import OnFailure, SolveInfo
+from ._base import LinearSolver, batched_dot
+from ._loop import LinearLoop
 from ._operator import LinearOperator
 from ._restart import run_in_rounds
 
@@ -45,7 +46,8 @@ class Broyden(LinearSolver):
     Args:
         rtol, atol, check_every, on_failure: see :class:`LinearSolver`.
         max_steps: limit on the number of steps (operator products in steps), default 1000.
-        memory: number of rank-one updates kept before restarting (default 30).
+        memory: number of rank-one updates kept before restarting (default 30); the one
+            positional argument.
         line_search: scale each step to minimise the residual along it (default ``False``:
             plain quasi-Newton steps ``s = H r``).
     """
@@ -54,16 +56,19 @@ class Broyden(LinearSolver):
 
     def __init__(
         self,
+        memory: int = 30,
+        *,
+        line_search: bool = False,
         rtol: float | None = None,
         atol: float = 0.0,
         max_steps: int | None = None,
         check_every: int | None = None,
-        on_failure: str = "warn",
-        *,
-        memory: int = 30,
-        line_search: bool = False,
+        on_failure: OnFailure = "warn",
     ) -> None:
-        super().__init__(rtol, atol, max_steps, check_every, on_failure)
+        super().__init__(
+            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
+            on_failure=on_failure,
+        )
         self.memory = check_positive_int(memory, "memory")
         if not isinstance(line_search, bool):
             raise TypeError(
@@ -73,15 +78,15 @@ class Broyden(LinearSolver):
         self.line_search = line_search
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
-        name, max_steps, line_search = self.name, self.max_steps, self.line_search
+        line_search = self.line_search
         mem = min(self.memory, self.max_steps)
         batch, n = b.shape
         eps = torch.finfo(b.dtype).eps
 
         def inner(
-            x: Tensor, r: Tensor, beta1: Tensor, active: Tensor, tol: Tensor,
-            check_every: int, total: int,
-        ) -> tuple[Tensor, Tensor, int]:
+            x: Tensor, r: Tensor, beta1: Tensor, active: Tensor, loop: LinearLoop
+        ) -> tuple[Tensor, Tensor]:
+            tol = loop.tol
             one = torch.ones((), dtype=b.dtype, device=b.device)
             zero = torch.zeros((), dtype=b.dtype, device=b.device)
             U = torch.zeros(batch, mem, n, dtype=b.dtype, device=b.device)
@@ -90,8 +95,9 @@ class Broyden(LinearSolver):
             res = beta1.clone()
             x_best, res_best = x, beta1.clone()
             used = torch.zeros(batch, dtype=torch.int64, device=b.device)
-            for k in range(min(mem, max_steps - total)):
-                if k > 0 and total % check_every == 0 and should_stop(~active, res, name):
+            for k in range(mem):
+                # k == 0: the round starts right after a check.
+                if not loop.proceed(res, done=~active, check=k > 0):
                     break
                 if k == 0:
                     direction = r
@@ -143,8 +149,7 @@ class Broyden(LinearSolver):
                 x_best = torch.where(better.unsqueeze(-1), x, x_best)
                 res_best = torch.where(better, res, res_best)
                 active = valid & (res > tol)
-                total += 1
-            return x_best, used, total
+            return x_best, used
 
         return run_in_rounds(self, op, b, x0, inner)
 

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from .._info import SolveInfo
-from ._base import LinearSolver, batched_dot, initial_residual, should_stop
+from ._base import LinearSolver, batched_dot, initial_residual
+from ._loop import LinearLoop
 from ._operator import LinearOperator
 
 __all__ = ["CG"]
@@ -16,9 +17,12 @@ class CG(LinearSolver):
     """Conjugate gradients, batched, with per-sample step sizes and stopping.
 
     Needs a symmetric positive-definite operator (the Hessian at a strict minimum, an SPD
-    matrix). The operator must be tagged ``symmetric``; positive definiteness is checked as the
-    iteration goes: a sample meeting non-positive curvature stops and is reported as not
-    converged (use :class:`MINRES` for symmetric indefinite systems).
+    matrix). Choosing CG declares it, as in scipy and jaxopt: an untagged operator is taken as
+    symmetric positive definite (two products probe it, and a
+    :class:`~implicit_layers.StructureWarning` says so when it is clearly not symmetric); one
+    tagged ``symmetric=False`` or ``positive_definite=False`` is an error. Positive
+    definiteness is checked as the iteration goes: a sample meeting non-positive curvature stops
+    and is reported as not converged (use :class:`MINRES` for symmetric indefinite systems).
 
     Each iteration costs one operator product. Iterations to a relative tolerance grow like
     ``sqrt(cond(A))``.
@@ -31,50 +35,38 @@ class CG(LinearSolver):
     needs_positive_definite = True
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
-        _, tol, check_every = self._setup(op, b)
+        loop = LinearLoop(self, b)
         x, r = initial_residual(op, b, x0)
         p = r.clone()
         rs = batched_dot(r, r)
         # Squared norms are compared with the squared tolerance: no square root per step.
-        tol2 = tol * tol
-        done = rs <= tol2
-        bad = torch.zeros_like(done)
-        steps = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device)
+        tol2 = loop.tol * loop.tol
+        loop.done = rs <= tol2
+        # A NaN/Inf sample fails the curvature test below and stops as ``bad``, so the
+        # finiteness test can wait until the end (finite=False: one synchronisation per check).
+        # On the CPU (a check every step) one more synchronisation is cheaper than the masks
+        # it saves: while no sample is done and every curvature is positive the step runs
+        # without them.
+        unmasked = loop.check_every == 1
         inplace: bool | None = None
-        for k in range(self.max_steps):
-            # A NaN/Inf sample fails the curvature test below and stops as ``bad``, so the
-            # finiteness check can wait until after the loop (one synchronisation, not one
-            # per check).
-            all_active = False
-            if k % check_every == 0:
-                # On the CPU (a check every step) one more synchronisation is cheaper than
-                # the masks it saves: while no sample is done and every curvature is positive
-                # the step below runs without them.
-                all_active = check_every == 1 and not bool(done.any())
-                if not all_active and bool(done.all()):
-                    break
+        while loop.proceed(rs, finite=False):
             Ap = op.mv(p)
             if inplace is None:
-                # In-place updates unless autograd records the solve (a differentiable
-                # operator or right-hand side, e.g. a double backward); then every tensor the
-                # graph saves must stay intact.
-                inplace = not (torch.is_grad_enabled() and (
-                    b.requires_grad or Ap.requires_grad or x.requires_grad
-                ))
+                inplace = loop.inplace(b, Ap, x)
             pAp = batched_dot(p, Ap)
-            if all_active and inplace and bool((pAp > 0).all()):
+            if unmasked and loop.all_active and inplace and bool((pAp > 0).all()):
                 alpha = (rs / pAp).unsqueeze(-1)
                 x.addcmul_(alpha, p)
                 r.addcmul_(alpha, Ap, value=-1.0)
                 rs_new = batched_dot(r, r)
                 p.mul_((rs_new / rs).unsqueeze(-1)).add_(r)
-                steps += 1
+                loop.steps += 1
                 rs = rs_new
-                done = rs <= tol2
+                loop.done = rs <= tol2
                 continue
-            active = ~done
+            active = ~loop.done
             step_ok = active & (pAp > 0)
-            bad = bad | (active ^ step_ok)  # active with non-positive curvature
+            loop.bad = loop.bad | (active ^ step_ok)  # active with non-positive curvature
             if inplace:
                 # Masked-out samples may divide by zero here; ``where`` discards those values.
                 alpha = torch.where(step_ok, rs / pAp, 0.0).unsqueeze(-1)
@@ -83,7 +75,7 @@ class CG(LinearSolver):
                 rs_new = batched_dot(r, r)
                 beta = torch.where(step_ok, rs_new / rs, 0.0).unsqueeze(-1)
                 p.mul_(beta).add_(r)
-                steps += step_ok
+                loop.steps += step_ok
             else:
                 # Guarded divisions, so that no NaN reaches the gradient of a masked sample.
                 alpha = torch.where(step_ok, rs / torch.where(step_ok, pAp, 1.0), 0.0)
@@ -93,14 +85,11 @@ class CG(LinearSolver):
                 rs_new = batched_dot(r, r)
                 beta = torch.where(step_ok, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
                 p = r + beta.unsqueeze(-1) * p
-                steps = steps + step_ok.long()
+                loop.steps = loop.steps + step_ok.long()
             rs = rs_new
             # ``done | bad`` equals ``~step_ok``: a sample that did not step is done or bad.
-            done = ~step_ok | (rs <= tol2)
-        should_stop(done, rs, self.name)
-        residual = rs.sqrt()
-        converged = (residual <= tol) & ~bad
-        return x, self._info(converged, steps, residual, tol)
+            loop.done = ~step_ok | (rs <= tol2)
+        return x, loop.info(rs.sqrt(), watch=rs)
 
     def _advice(self) -> str:
         return (

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .._info import NonFiniteError, SolveInfo
 from ._base import LinearSolver
+from ._loop import LinearLoop
 from ._operator import LinearOperator
 
 __all__ = ["Dense"]
@@ -25,7 +26,7 @@ class Dense(LinearSolver):
     default_max_steps = 1
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
-        _, tol, _ = self._setup(op, b)
+        tol = LinearLoop(self, b).tol
         matrix = op.to_dense()
         x, err = torch.linalg.solve_ex(matrix, b)
         if bool((err != 0).any()) or not bool(torch.isfinite(x).all()):
@@ -41,4 +42,6 @@ class Dense(LinearSolver):
         # the residual is far (1e3x) above the requested tolerance.
         converged = residual <= torch.clamp(tol * 1e3, min=1e3 * torch.finfo(b.dtype).eps)
         steps = torch.ones(b.shape[0], dtype=torch.int64, device=b.device)
-        return x, self._info(converged, steps, residual, tol)
+        return x, SolveInfo(
+            converged=converged, steps=steps, residual=residual, solver=self.name, tolerance=tol
+        )

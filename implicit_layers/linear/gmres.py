@@ -6,9 +6,11 @@ import torch
 from torch import Tensor
 
 from .._config import check_positive_int
-from .._info import SolveInfo
-from ._base import LinearSolver, initial_residual, should_stop
+from .._info import OnFailure, SolveInfo
+from ._base import LinearSolver
+from ._loop import LinearLoop
 from ._operator import LinearOperator
+from ._restart import run_in_rounds
 
 __all__ = ["GMRES"]
 
@@ -40,7 +42,8 @@ class GMRES(LinearSolver):
         max_steps: limit on the total number of inner steps (Arnoldi products) over all cycles
             (default 1000). ``info.steps`` counts the inner steps each sample used.
         check_every, on_failure: see :class:`LinearSolver`.
-        restart: Krylov dimension ``m`` of each cycle (default 20; clamped to ``n``). Larger
+        restart: Krylov dimension ``m`` of each cycle (default 20; clamped to ``n``); the one
+            positional argument, as in the textbook name GMRES(m). Larger
             values converge in fewer products on hard problems at the price of memory
             ``O(B m n)`` and ``O(m n)`` work per step.
     """
@@ -49,36 +52,33 @@ class GMRES(LinearSolver):
 
     def __init__(
         self,
+        restart: int = 20,
+        *,
         rtol: float | None = None,
         atol: float = 0.0,
         max_steps: int | None = None,
         check_every: int | None = None,
-        on_failure: str = "warn",
-        *,
-        restart: int = 20,
+        on_failure: OnFailure = "warn",
     ) -> None:
-        super().__init__(rtol, atol, max_steps, check_every, on_failure)
+        super().__init__(
+            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
+            on_failure=on_failure,
+        )
         self.restart = check_positive_int(restart, "restart")
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
-        _, tol, check_every = self._setup(op, b)
         batch, n = b.shape
         dtype, device = b.dtype, b.device
-        x, r = initial_residual(op, b, x0)
-        beta = torch.linalg.vector_norm(r, dim=-1)
-        bad = torch.zeros(batch, dtype=torch.bool, device=device)
-        done = beta <= tol
-        steps = torch.zeros(batch, dtype=torch.int64, device=device)
         eps = torch.finfo(dtype).eps
         one = torch.ones((), dtype=dtype, device=device)
         zero = torch.zeros((), dtype=dtype, device=device)
         m_max = min(self.restart, n)
-        total = 0
-        while True:
-            if should_stop(done, beta, self.name) or total >= self.max_steps:
-                break
-            m = min(m_max, self.max_steps - total)
-            started = ~done
+
+        def cycle(
+            x: Tensor, r: Tensor, beta: Tensor, started: Tensor, loop: LinearLoop
+        ) -> tuple[Tensor, Tensor]:
+            tol = loop.tol
+            m = min(m_max, loop.max_steps - loop.k)
             active = started.clone()
             V = torch.zeros(batch, m + 1, n, dtype=dtype, device=device)
             V[:, 0] = r / torch.where(beta > 0, beta, one).unsqueeze(-1)
@@ -89,7 +89,8 @@ class GMRES(LinearSolver):
             res = beta.clone()
             j_end = 0
             for j in range(m):
-                if j > 0 and total % check_every == 0 and should_stop(~active, res, self.name):
+                # j == 0: the cycle starts right after a check.
+                if not loop.proceed(res, done=~active, check=j > 0):
                     break
                 w = op.mv(V[:, j])
                 basis = V[:, : j + 1]
@@ -120,15 +121,14 @@ class GMRES(LinearSolver):
                 R[:, : j + 1, j] = t
                 new_res = beta * omega[:, j + 1, 0].abs()
                 # d ~ 0: the new column is in the span of the previous ones (singular operator);
-                # the step is dropped. NaN stays "ok" so that should_stop sees it.
+                # the step is dropped. NaN stays "ok" so that the next check sees it.
                 ok = active & ~(d <= 10 * eps * colnorm)
                 used = used + ok
                 res = torch.where(ok, new_res, res)
                 active = ok & (new_res > tol) & ~breakdown
-                total += 1
                 j_end = j + 1
             if j_end == 0:
-                break
+                return x, used
             # Per sample, solve the triangular system of its first `used` steps only.
             k = j_end
             idx = torch.arange(k, device=device)
@@ -138,22 +138,9 @@ class GMRES(LinearSolver):
             Rk = Rk + torch.diag_embed((~mask).to(dtype))
             g = torch.where(mask, beta.unsqueeze(-1) * omega[:, :k, 0], zero)
             y = torch.linalg.solve_triangular(Rk, g.unsqueeze(-1), upper=True)
-            steps = steps + used
-            x_new = x + torch.bmm(y.mT, V[:, :k]).squeeze(1)
-            r_new = b - op.mv(x_new)
-            new_beta = torch.linalg.vector_norm(r_new, dim=-1)
-            # A sample that went through a cycle without reducing its true residual stagnates:
-            # it is stopped, and keeps its previous iterate if the cycle made it worse.
-            worked = used > 0
-            stalled = worked & ~(new_beta < beta) & (new_beta > tol)
-            bad = bad | (started & ~worked) | stalled
-            keep = worked & ~(new_beta > beta)  # NaN is kept, for should_stop to see
-            x = torch.where(keep.unsqueeze(-1), x_new, x)
-            r = torch.where(keep.unsqueeze(-1), r_new, r)
-            beta = torch.where(keep, new_beta, beta)
-            done = (beta <= tol) | bad
-        converged = (beta <= tol) & ~bad
-        return x, self._info(converged, steps, beta, tol)
+            return x + torch.bmm(y.mT, V[:, :k]).squeeze(1), used
+
+        return run_in_rounds(self, op, b, x0, cycle)
 
     def _advice(self) -> str:
         return (

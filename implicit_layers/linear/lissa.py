@@ -6,9 +6,11 @@ import torch
 from torch import Tensor
 
 from .._config import check_positive_int, check_tolerance
-from .._info import SolveInfo
-from ._base import LinearSolver, batched_dot, should_stop
+from .._info import OnFailure, SolveInfo
+from ._base import LinearSolver
+from ._loop import LinearLoop, check_done
 from ._operator import LinearOperator
+from ._power import power_iteration
 
 __all__ = ["LiSSA"]
 
@@ -68,14 +70,16 @@ class LiSSA(LinearSolver):
 
     name = "LiSSA"
 
+    _aliases = ("depth",)
+
     def __init__(
         self,
+        *,
         rtol: float | None = None,
         atol: float = 0.0,
         max_steps: int | None = None,
         check_every: int | None = None,
-        on_failure: str = "warn",
-        *,
+        on_failure: OnFailure = "warn",
         scale: float | None = None,
         damping: float = 0.0,
         depth: int | None = None,
@@ -91,7 +95,8 @@ class LiSSA(LinearSolver):
                 )
             max_steps = depth
         super().__init__(
-            _DEFAULT_RTOL if rtol is None else rtol, atol, max_steps, check_every, on_failure
+            rtol=_DEFAULT_RTOL if rtol is None else rtol, atol=atol, max_steps=max_steps,
+            check_every=check_every, on_failure=on_failure,
         )
         self.scale = check_tolerance(scale, "scale")
         if self.scale == 0:
@@ -114,44 +119,38 @@ class LiSSA(LinearSolver):
     def _scale(self, op: LinearOperator, b: Tensor) -> Tensor:
         if self.scale is not None:
             return torch.full((b.shape[0],), self.scale, dtype=b.dtype, device=b.device)
-        v = torch.randn(b.shape, dtype=b.dtype, device=b.device)
-        lam = torch.ones(b.shape[0], dtype=b.dtype, device=b.device)
-        for _ in range(self.power_steps):
-            v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(
-                torch.finfo(b.dtype).tiny
-            )
-            Av = op.mv(v)
-            lam = batched_dot(v, Av).abs()
-            v = Av
+        lam = power_iteration(op.mv, b, self.power_steps)
         return 1.1 * lam.clamp_min(torch.finfo(b.dtype).tiny)
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
-        _, tol, check_every = self._setup(op, b)
         scale = self._scale(op, b)
         s = scale.unsqueeze(-1)
         keep = 1.0 - self.damping
         steps = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device)
         total = torch.zeros_like(b)
         for _ in range(self.repeats):
+            # One loop per repeat: each recursion restarts with every sample active.
+            loop = LinearLoop(self, b)
             x = torch.zeros_like(b) if x0 is None else x0 * s
-            done = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
             res = torch.linalg.vector_norm(b, dim=-1)
-            for k in range(self.max_steps):
-                if k % check_every == 0 and should_stop(done, res, self.name):
-                    break
+            while loop.proceed(res):
                 x_new = b + keep * x - op.mv(x) / s
-                res = torch.where(done, res, torch.linalg.vector_norm(x_new - x, dim=-1))
-                active = ~done
+                res = torch.where(loop.done, res, torch.linalg.vector_norm(x_new - x, dim=-1))
+                active = ~loop.done
                 x = torch.where(active.unsqueeze(-1), x_new, x)
-                steps = steps + active.long()
-                done = done | (res <= tol)
-            else:
-                should_stop(done, res, self.name)
+                loop.steps = loop.steps + active.long()
+                loop.done = loop.done | (res <= loop.tol)
+            loop.info(res)  # the finiteness test, unless the last check made it
+            steps = steps + loop.steps
             total = total + x
         y = total / (self.repeats * s)
         residual = torch.linalg.vector_norm(b - op.mv(y) - (self.damping * s) * y, dim=-1)
-        should_stop(residual <= tol, residual, self.name)
-        return y, self._info(residual <= tol, steps, residual, tol)
+        tol = loop.tol
+        check_done(residual <= tol, residual, self.name)
+        return y, SolveInfo(
+            converged=residual <= tol, steps=steps, residual=residual, solver=self.name,
+            tolerance=tol,
+        )
 
     def _advice(self) -> str:
         return (

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from .._info import SolveInfo
-from ._base import LinearSolver, batched_dot, should_stop
+from ._base import LinearSolver, batched_dot
+from ._loop import LinearLoop
 from ._operator import LinearOperator
 from ._restart import run_in_rounds
 
@@ -37,13 +38,12 @@ class MINRES(LinearSolver):
     needs_symmetric = True
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
-        name, max_steps = self.name, self.max_steps
         eps = torch.finfo(b.dtype).eps
 
         def inner(
-            x: Tensor, r: Tensor, beta1: Tensor, active: Tensor, tol: Tensor,
-            check_every: int, total: int,
-        ) -> tuple[Tensor, Tensor, int]:
+            x: Tensor, r: Tensor, beta1: Tensor, active: Tensor, loop: LinearLoop
+        ) -> tuple[Tensor, Tensor]:
+            tol = loop.tol
             one = torch.ones((), dtype=b.dtype, device=b.device)
             v_prev = torch.zeros_like(r)
             v = r / torch.where(beta1 > 0, beta1, one).unsqueeze(-1)
@@ -57,10 +57,8 @@ class MINRES(LinearSolver):
             w_old = torch.zeros_like(r)
             w = torch.zeros_like(r)
             used = torch.zeros(beta1.shape, dtype=torch.int64, device=b.device)
-            first = True
-            while total < max_steps:
-                if not first and total % check_every == 0 and should_stop(~active, res, name):
-                    break
+            first = True  # the round starts right after a check
+            while loop.proceed(res, done=~active, check=not first):
                 first = False
                 # Lanczos step.
                 y = op.mv(v) - beta.unsqueeze(-1) * v_prev
@@ -90,8 +88,7 @@ class MINRES(LinearSolver):
                 # beta_next ~ 0: the Krylov space is invariant (exact solution reached).
                 breakdown = beta_next <= eps * alfa.abs()
                 active = active & (res > tol) & ~breakdown
-                total += 1
-            return x, used, total
+            return x, used
 
         return run_in_rounds(self, op, b, x0, inner)
 

@@ -20,65 +20,104 @@ def solve(
     solver: LinearSolver | None = None,
     *,
     x0: Tensor | None = None,
+    batched: bool | None = None,
     symmetric: bool | None = None,
     positive_definite: bool | None = None,
 ) -> tuple[Tensor, SolveInfo]:
     """Solve the linear system ``A x = b`` (or a batch of them).
 
+    What ``b`` holds depends on ``A``:
+
+    * a matrix ``(n, n)`` or a :class:`LinearOperator`: ``b`` is ``(n,)`` (one system) or
+      ``(B, n)`` (``B`` systems with the same matrix, or the operator's batch);
+    * a batch of matrices ``(B, n, n)``: ``b`` is ``(B, n)``;
+    * a callable ``v -> A v``: it acts on tensors shaped like ``b``, whatever their shape, and
+      ``b`` is **one** system with ``b.numel()`` unknowns (as in jaxopt), unless
+      ``batched=True``: then the leading dimension of ``b`` indexes independent systems, each
+      solved to its own tolerance, and the callable maps ``(B, ...)`` to ``(B, ...)``.
+
     Args:
-        A: a matrix of shape ``(n, n)``, a batch of matrices ``(B, n, n)``, a
-            :class:`LinearOperator`, or a callable ``mv(v) -> A v`` acting on ``b``'s shape.
-        b: right-hand side, shape ``(n,)`` or ``(B, n)`` (with a batched matrix or operator).
+        A: a matrix, a batch of matrices, a :class:`LinearOperator`, or a callable.
+        b: right-hand side (see above).
         solver: a :class:`LinearSolver`; default :class:`GMRES`, or :class:`CG` when ``A`` is
-            tagged symmetric positive definite.
+            tagged symmetric positive definite. Choosing CG (or MINRES) declares ``A``
+            symmetric: an untagged callable is taken as such.
         x0: initial guess shaped like ``b``.
-        symmetric: structure tag for ``A`` (auto-detected for matrices; ``False`` by default for
-            callables).
+        batched: for a callable, whether the leading dimension of ``b`` indexes systems
+            (default ``False``); for a matrix or operator it follows from ``b``'s shape and
+            may be given to assert it.
+        symmetric: structure tag for ``A`` (auto-detected for matrices; untagged, ``None``, by
+            default for callables).
         positive_definite: structure tag for ``A`` (``None``: unknown).
 
     Returns:
         ``(x, info)``: ``x`` shaped like ``b``; ``info`` a :class:`SolveInfo` whose fields have
-        shape ``(B,)`` for a batched ``b`` and ``()`` otherwise.
+        shape ``(B,)`` for batched systems and ``()`` for one system.
 
     Example:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> x, info = solve(A, torch.ones(2, dtype=torch.float64), solver=CG())
+        >>> d = torch.rand(5, 3, dtype=torch.float64) + 1
+        >>> X, info = solve(lambda v: d * v, torch.ones(5, 3, dtype=torch.float64), CG())
     """
     check_float_tensor(b, "b")
+    if batched is not None and not isinstance(batched, bool):
+        raise TypeError(f"batched must be True, False or None, got {batched!r}.")
+    if callable(A) and not isinstance(A, (Tensor, LinearOperator)):
+        op, bb, one = _callable_operator(A, b, bool(batched), symmetric, positive_definite)
+    else:
+        op, bb, one = _matrix_operator(A, b, batched, symmetric, positive_definite)
+    if solver is None:
+        from .cg import CG
+        from .gmres import GMRES
+
+        solver = CG() if (op.symmetric and op.positive_definite) else GMRES()
+    if not isinstance(solver, LinearSolver):
+        raise TypeError(
+            f"solver must be a LinearSolver such as il.linear.CG(), got {type(solver).__name__}."
+        )
+    x0f = None
+    if x0 is not None:
+        check_float_tensor(x0, "x0")
+        if x0.shape != b.shape:
+            raise ValueError(f"x0 must be shaped like b {tuple(b.shape)}, got {tuple(x0.shape)}.")
+        x0f = x0.reshape(bb.shape)
+    x, info = solver.solve(op, bb, x0f)
+    if one:
+        return x.reshape(b.shape), info.squeeze_batch()
+    return x.reshape(b.shape), info
+
+
+def _matrix_operator(
+    A: object, b: Tensor, batched: bool | None, symmetric: bool | None,
+    positive_definite: bool | None,
+) -> tuple[LinearOperator, Tensor, bool]:
     if b.dim() not in (1, 2):
         raise ValueError(
-            f"b must have shape (n,) or (B, n), got shape {tuple(b.shape)}. Flatten each "
-            "right-hand side to a vector first."
+            f"b must have shape (n,) or (B, n) for a matrix or LinearOperator, got shape "
+            f"{tuple(b.shape)}. Flatten each right-hand side to a vector first, or pass A as "
+            "a callable acting on b's shape."
         )
-    unbatched = b.dim() == 1
-    bb = b.unsqueeze(0) if unbatched else b
+    one = b.dim() == 1
+    if batched is not None and batched == one:
+        raise ValueError(
+            f"batched={batched} disagrees with b of shape {tuple(b.shape)}: with a matrix or "
+            "operator, b is (n,) for one system and (B, n) for a batch."
+        )
+    bb = b.unsqueeze(0) if one else b
     batch, n = bb.shape
+    op: LinearOperator
     if isinstance(A, LinearOperator):
         op = A
     elif isinstance(A, Tensor):
         check_float_tensor(A, "A")
-        if A.dim() == 3 and unbatched:
+        if A.dim() == 3 and one:
             raise ValueError(
                 f"A is a batch of matrices {tuple(A.shape)} but b has shape {tuple(b.shape)}; "
                 "give b the shape (B, n)."
             )
         op = MatrixOperator(
             A, batch=batch, symmetric=symmetric, positive_definite=positive_definite
-        )
-    elif callable(A):
-        def mv(v: Tensor) -> Tensor:
-            out = A(v.squeeze(0) if unbatched else v)
-            if not isinstance(out, Tensor) or out.shape != (v.shape[1:] if unbatched else v.shape):
-                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-                raise ValueError(
-                    f"A (a callable) must return a tensor shaped like its input "
-                    f"{tuple(b.shape)}, got {got}."
-                )
-            return out.unsqueeze(0) if unbatched else out
-
-        op = FunctionOperator(
-            mv, batch, n, b.dtype, b.device,
-            symmetric=bool(symmetric), positive_definite=positive_definite,
         )
     else:
         raise TypeError(
@@ -90,21 +129,30 @@ def solve(
             f"A acts on vectors of size {op.size} (batch {op.batch}) but b has shape "
             f"{tuple(b.shape)}."
         )
-    if solver is None:
-        from .cg import CG
-        from .gmres import GMRES
+    return op, bb, one
 
-        solver = CG() if (op.symmetric and op.positive_definite) else GMRES()
-    if not isinstance(solver, LinearSolver):
-        raise TypeError(
-            f"solver must be a LinearSolver such as il.linear.CG(), got {type(solver).__name__}."
-        )
-    if x0 is not None:
-        check_float_tensor(x0, "x0")
-        if x0.shape != b.shape:
-            raise ValueError(f"x0 must be shaped like b {tuple(b.shape)}, got {tuple(x0.shape)}.")
-        x0 = x0.unsqueeze(0) if unbatched else x0
-    x, info = solver.solve(op, bb, x0)
-    if unbatched:
-        return x.squeeze(0), info.squeeze_batch()
-    return x, info
+
+def _callable_operator(
+    A: Callable[[Tensor], Tensor], b: Tensor, batched: bool, symmetric: bool | None,
+    positive_definite: bool | None,
+) -> tuple[LinearOperator, Tensor, bool]:
+    if batched and b.dim() < 1:
+        raise ValueError("batched=True needs b with a leading batch dimension, got a 0-d tensor.")
+    shape = b.shape
+    bb = b.reshape(shape[0], -1) if batched else b.reshape(1, -1)
+
+    def mv(v: Tensor) -> Tensor:
+        out = A(v.reshape(shape))
+        if not isinstance(out, Tensor) or out.shape != shape:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(
+                f"A (a callable) must return a tensor shaped like its input {tuple(shape)}, "
+                f"got {got}."
+            )
+        return out.reshape(v.shape)
+
+    op = FunctionOperator(
+        mv, bb.shape[0], bb.shape[1], b.dtype, b.device,
+        symmetric=symmetric, positive_definite=positive_definite,
+    )
+    return op, bb, not batched

@@ -5,6 +5,7 @@ Argmin: :class:`LBFGS`, :class:`Newton`, :class:`GradientDescent` (and :class:`P
 gradient descent there).
 """
 
+from . import base
 from ._base import ForwardSolver
 from .anderson import Anderson
 from .broyden import Broyden
@@ -13,4 +14,4 @@ from .lbfgs import LBFGS
 from .newton import Newton
 from .picard import Picard
 
-__all__ = ["ForwardSolver", "Picard", "Anderson", "Broyden", "GradientDescent", "LBFGS", "Newton"]
+__all__ = ["base", "ForwardSolver", "Picard", "Anderson", "Broyden", "GradientDescent", "LBFGS", "Newton"]

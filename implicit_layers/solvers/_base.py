@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
-from .._config import (
-    SolverSettings,
-    default_check_every,
-    default_rtol,
-)
+from .._config import SolverSettings, default_check_every
 from .._info import NonFiniteError, SolveInfo, report_failure
-from .._problem import Problem
+from .._problem import Kind, Problem
 
 __all__ = ["ForwardSolver"]
 
@@ -36,20 +34,23 @@ class ForwardSolver(SolverSettings):
             :class:`~implicit_layers.ConvergenceError`, ``"ignore"`` only reports it in the info.
     """
 
-    name = "ForwardSolver"
-    kinds: tuple[str, ...] = ("fixed_point", "root", "argmin")
-    default_max_steps = 500
-    supports_unrolled = True
+    name: ClassVar[str] = "ForwardSolver"
+    kinds: ClassVar[tuple[Kind, ...]] = ("fixed_point", "root", "argmin")
+    default_max_steps: ClassVar[int] = 500
+    supports_unrolled: ClassVar[bool] = True
 
     def gradient_step_size(self) -> float | Tensor | None:
-        """The step size ``η`` of the solver's gradient steps, if it has a fixed one (used by the
-        step backward modes on argmin problems); ``None`` otherwise."""
+        """The fixed step ``η`` of this solver's iteration ``z ← z - η F(z)``, or ``None``.
+
+        Backward modes that differentiate a few such steps from the solution (``Truncated``,
+        ``JacobianFree``, ``Phantom`` on argmin problems) borrow it when they are given no
+        step size of their own. A float, or a tensor (a scalar, or one value per sample of
+        shape ``(B,)``; a tensor that requires grad then receives a gradient). ``None`` (the
+        default) when the solver has no fixed step.
+        """
         return None
 
-    def resolved_rtol(self, dtype: torch.dtype) -> float:
-        return default_rtol(dtype) if self.rtol is None else self.rtol
-
-    def check_kind(self, kind: str) -> None:
+    def check_kind(self, kind: Kind) -> None:
         if kind not in self.kinds:
             suggestions = {
                 "argmin": "LBFGS, Newton or GradientDescent",

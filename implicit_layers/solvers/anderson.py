@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .._config import check_positive_int, check_tolerance
-from .._info import SolveInfo
+from .._info import OnFailure, SolveInfo
 from .._problem import Problem
 from ._base import ForwardSolver, Monitor
 
@@ -35,16 +35,19 @@ class Anderson(ForwardSolver):
     def __init__(
         self,
         memory: int = 5,
+        *,
         mixing: float = 1.0,
         regularization: float | None = None,
-        *,
         rtol: float | None = None,
         atol: float = 0.0,
         max_steps: int | None = None,
         check_every: int | None = None,
-        on_failure: str = "warn",
+        on_failure: OnFailure = "warn",
     ) -> None:
-        super().__init__(rtol, atol, max_steps, check_every, on_failure)
+        super().__init__(
+            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
+            on_failure=on_failure,
+        )
         self.memory = check_positive_int(memory, "memory")
         self.mixing = check_tolerance(mixing, "mixing", allow_none=False)
         if not 0 < self.mixing <= 1:

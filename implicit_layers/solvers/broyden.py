@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .._config import check_positive_int
-from .._info import SolveInfo
+from .._info import OnFailure, SolveInfo
 from .._problem import Problem
 from ._base import ForwardSolver, Monitor
 
@@ -43,9 +43,12 @@ class Broyden(ForwardSolver):
         atol: float = 0.0,
         max_steps: int | None = None,
         check_every: int | None = None,
-        on_failure: str = "warn",
+        on_failure: OnFailure = "warn",
     ) -> None:
-        super().__init__(rtol, atol, max_steps, check_every, on_failure)
+        super().__init__(
+            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
+            on_failure=on_failure,
+        )
         self.memory = check_positive_int(memory, "memory")
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:

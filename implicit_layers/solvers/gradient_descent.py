@@ -6,8 +6,9 @@ import torch
 from torch import Tensor
 
 from .._config import check_positive_int
-from .._info import SolveInfo
+from .._info import OnFailure, SolveInfo
 from .._problem import Problem
+from ..linear._power import power_iteration
 from ._base import ForwardSolver, Monitor
 
 __all__ = ["GradientDescent"]
@@ -40,9 +41,12 @@ class GradientDescent(ForwardSolver):
         atol: float = 0.0,
         max_steps: int | None = None,
         check_every: int | None = None,
-        on_failure: str = "warn",
+        on_failure: OnFailure = "warn",
     ) -> None:
-        super().__init__(rtol, atol, max_steps, check_every, on_failure)
+        super().__init__(
+            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
+            on_failure=on_failure,
+        )
         if step_size is not None:
             if isinstance(step_size, bool) or not isinstance(step_size, (int, float, Tensor)):
                 raise TypeError(
@@ -54,6 +58,7 @@ class GradientDescent(ForwardSolver):
         self.power_steps = check_positive_int(power_steps, "power_steps")
 
     def gradient_step_size(self) -> float | Tensor | None:
+        """The fixed ``step_size`` (``None`` when it is estimated at ``w0``)."""
         return self.step_size
 
     def step_for(self, problem: Problem, z: Tensor) -> Tensor | float:
@@ -92,16 +97,10 @@ def lipschitz_estimate(problem: Problem, z: Tensor, steps: int) -> Tensor:
     with torch.enable_grad():
         zz = z.detach().requires_grad_(True)
         _, g = problem.value_and_grad(zz, create_graph=True)
-        gen = torch.Generator(device=z.device).manual_seed(0)
-        # One start vector shared by every sample, so a sample's step size (and hence its
-        # iterates) does not depend on its position in the batch or on the batch size.
-        v = torch.randn(z.shape[-1], dtype=z.dtype, device=z.device, generator=gen)
-        v = v.expand(z.shape)
-        lam = torch.ones(z.shape[0], dtype=z.dtype, device=z.device)
-        for _ in range(steps):
-            v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-300)
-            (hv,) = torch.autograd.grad(g, zz, v, retain_graph=True)
-            lam = (v * hv).sum(-1).abs()
-            v = hv
+
+        def hvp(v: Tensor) -> Tensor:
+            return torch.autograd.grad(g, zz, v, retain_graph=True)[0]
+
+        lam = power_iteration(hvp, z, steps)
     # 10% margin: the power estimate approaches λ_max from below.
     return (1.1 * lam).clamp_min(torch.finfo(z.dtype).eps).detach()

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .._config import check_positive_int
-from .._info import SolveInfo
+from .._info import OnFailure, SolveInfo
 from .._problem import Problem
 from ..linear._operator import FunctionOperator
 from ..linear.cg import CG
@@ -37,15 +37,18 @@ class Newton(ForwardSolver):
 
     def __init__(
         self,
-        cg_max_steps: int = 50,
         *,
+        cg_max_steps: int = 50,
         rtol: float | None = None,
         atol: float = 0.0,
         max_steps: int | None = None,
         check_every: int | None = None,
-        on_failure: str = "warn",
+        on_failure: OnFailure = "warn",
     ) -> None:
-        super().__init__(rtol, atol, max_steps, check_every, on_failure)
+        super().__init__(
+            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
+            on_failure=on_failure,
+        )
         self.cg_max_steps = check_positive_int(cg_max_steps, "cg_max_steps")
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:

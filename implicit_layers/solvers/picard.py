@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .._config import check_tolerance
-from .._info import SolveInfo
+from .._info import OnFailure, SolveInfo
 from .._problem import Problem
 from ._base import ForwardSolver, Monitor
 
@@ -36,9 +36,12 @@ class Picard(ForwardSolver):
         atol: float = 0.0,
         max_steps: int | None = None,
         check_every: int | None = None,
-        on_failure: str = "warn",
+        on_failure: OnFailure = "warn",
     ) -> None:
-        super().__init__(rtol, atol, max_steps, check_every, on_failure)
+        super().__init__(
+            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
+            on_failure=on_failure,
+        )
         self.damping = check_tolerance(damping, "damping", allow_none=False)
         if self.damping == 0:
             raise ValueError("damping must be > 0, got 0.")
@@ -48,7 +51,7 @@ class Picard(ForwardSolver):
         # Plain fixed-point iteration keeps f(z): the next iterate is f(z) itself rather than
         # z - (z - f(z)), one subtraction less per step (and no rounding from it).
         plain = problem.kind == "fixed_point" and self.damping == 1.0
-        fz = None
+        fz = z  # f(z), used only by plain iteration
         if plain:
             fz = problem.fixed_point_map(z)
             r = z - fz

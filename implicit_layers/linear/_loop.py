@@ -1,0 +1,143 @@
+"""The bookkeeping loop shared by the iterative linear solvers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .._config import default_check_every
+from .._info import NonFiniteError, SolveInfo
+
+if TYPE_CHECKING:
+    from ._base import LinearSolver
+
+__all__ = ["LinearLoop", "check_done"]
+
+
+class LinearLoop:
+    """Per-sample tolerance, flags and step counts of one linear solve, and its stopping rule.
+
+    A solver builds one from its settings and the right-hand side, then calls
+    :meth:`proceed` before every step: it counts the batch's steps against ``max_steps`` and,
+    every ``check_every`` steps, synchronises with the device once to learn whether every
+    sample is ``done`` (and whether the watched residual is finite). The solver updates
+    :attr:`done`, :attr:`bad` and :attr:`steps` as its samples progress and ends with
+    :meth:`info`. Nothing else synchronises, so a GPU runs ``check_every`` steps ahead.
+
+    Args:
+        solver: the solver whose ``rtol``, ``atol``, ``max_steps``, ``check_every`` and
+            ``name`` apply.
+        b: the right-hand side, shape ``(B, n)``.
+        residual: the initial residual norms ``(B,)``; samples already within tolerance start
+            ``done``. ``None``: no sample starts done.
+
+    Attributes:
+        tol: per-sample tolerance ``max(atol, rtol ‖b‖)``, shape ``(B,)``.
+        done: samples that take no more steps, shape ``(B,)`` (the solver keeps it current).
+        bad: samples stopped without converging (breakdown, stagnation, negative curvature).
+        steps: steps each sample took, int64 ``(B,)``.
+        k: steps the batch has taken (calls of :meth:`proceed` that returned ``True``).
+        all_active: ``True`` during a step that directly follows a check that found no sample
+            done: the step may then skip its per-sample masks.
+    """
+
+    def __init__(self, solver: LinearSolver, b: Tensor, residual: Tensor | None = None) -> None:
+        self.name = solver.name
+        self.max_steps = solver.max_steps
+        self.check_every = solver.check_every or default_check_every(b.device)
+        bnorm = torch.linalg.vector_norm(b, dim=-1)
+        self.tol = torch.clamp(solver.resolved_rtol(b.dtype) * bnorm, min=solver.atol)
+        batch = b.shape[0]
+        self.done = (
+            torch.zeros(batch, dtype=torch.bool, device=b.device) if residual is None
+            else residual <= self.tol
+        )
+        self.bad = torch.zeros(batch, dtype=torch.bool, device=b.device)
+        self.steps = torch.zeros(batch, dtype=torch.int64, device=b.device)
+        self.k = 0
+        self.all_active = False
+        self._inplace: bool | None = None
+        self._stopped_at_check = False
+
+    def proceed(
+        self, watch: Tensor, *, done: Tensor | None = None, check: bool = True,
+        finite: bool = True,
+    ) -> bool:
+        """Whether the batch takes another step; call it once before each step.
+
+        Args:
+            watch: the per-sample residual (or its square) tested for NaN and Inf at a check.
+            done: the flags tested instead of :attr:`done` (an inner loop's own).
+            check: ``False`` skips the check this step (the caller has just made one).
+            finite: ``False`` skips the finiteness test at the checks (for a solver whose
+                samples stop by themselves on NaN); :meth:`info` still makes it once.
+
+        Returns:
+            ``False`` once ``max_steps`` steps were taken, or when a check finds every sample
+            done. Raises :class:`~implicit_layers.NonFiniteError` when a check finds ``watch``
+            not finite.
+        """
+        self.all_active = False
+        if self.k >= self.max_steps:
+            return False
+        if check and self.k % self.check_every == 0:
+            flags = self.done if done is None else done
+            if finite:
+                all_done, any_done = check_done(flags, watch, self.name)
+            else:
+                # One synchronisation for both answers (count_nonzero is cheaper than a sum).
+                n_done = int(torch.count_nonzero(flags))
+                all_done, any_done = n_done == flags.numel(), n_done > 0
+            if all_done:
+                self._stopped_at_check = finite
+                return False
+            self.all_active = not any_done
+        self.k += 1
+        return True
+
+    def next_round(self, watch: Tensor) -> bool:
+        """For solvers that run in rounds: a check now; ``False`` when every sample is done or
+        the step budget is spent."""
+        all_done, _ = check_done(self.done, watch, self.name)
+        self._stopped_at_check = all_done or self.k >= self.max_steps
+        return not self._stopped_at_check
+
+    def inplace(self, *tensors: Tensor) -> bool:
+        """Whether the solver may update its vectors in place, decided once per solve: yes
+        unless autograd records the solve (a differentiable operator or right-hand side, e.g.
+        in a double backward), whose graph must keep every saved tensor intact."""
+        if self._inplace is None:
+            self._inplace = not (
+                torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            )
+        return self._inplace
+
+    def info(self, residual: Tensor, watch: Tensor | None = None) -> SolveInfo:
+        """The result: converged where ``residual <= tol`` and not ``bad``.
+
+        ``watch`` (default ``residual``) is tested for NaN and Inf unless the last check did.
+        """
+        if not self._stopped_at_check:
+            check_done(self.done, residual if watch is None else watch, self.name)
+        return SolveInfo(
+            converged=(residual <= self.tol) & ~self.bad,
+            steps=self.steps,
+            residual=residual,
+            solver=self.name,
+            tolerance=self.tol,
+        )
+
+
+def check_done(done: Tensor, watch: Tensor, solver: str) -> tuple[bool, bool]:
+    """One synchronisation: ``(all samples done, any sample done)``; raises
+    :class:`~implicit_layers.NonFiniteError` if ``watch`` is not finite."""
+    flags = torch.stack([done.all(), torch.isfinite(watch).all(), done.any()]).tolist()
+    if not flags[1]:
+        raise NonFiniteError(
+            f"{solver}: the residual became NaN or Inf. Check the operator and right-hand side "
+            "for NaN, and that the operator suits the solver (e.g. Neumann needs the step size "
+            "times the largest eigenvalue below 2)."
+        )
+    return bool(flags[0]), bool(flags[2])

@@ -1,0 +1,36 @@
+"""The public extension API for forward solvers: what a new solver needs, nothing private.
+
+A forward solver subclasses :class:`ForwardSolver`, sets ``name`` and ``kinds``, takes its
+settings in ``__init__`` (keyword-only apart from at most one obvious algorithm parameter;
+validated, stored under the parameter's name, frozen afterwards) and implements
+``_solve(problem, z0, differentiable) -> (z, info)``. It reads the problem through
+:class:`Problem` (flat ``(B, n)`` iterates: ``residual``, ``fixed_point_map``,
+``value_and_grad``) and keeps its per-sample bookkeeping in a :class:`Monitor`. See
+``docs/extending.md`` for a complete example.
+
+Names:
+    ForwardSolver: the base class (settings, ``solve``, failure reporting).
+    Monitor: per-sample tolerance, done flags, step counts and the best iterate.
+    Problem: the problem as a solver sees it; ``Kind`` the literal of its ``kind``.
+    SolverSettings, Settings: the settings bases (``replace``, ``repr``, ``==``).
+    SolveInfo: the result statistics; OnFailure the literal of ``on_failure``.
+    power_iteration: a seeded estimate of the largest eigenvalue, e.g. for a step size.
+"""
+
+from .._config import Settings, SolverSettings
+from .._info import OnFailure, SolveInfo
+from .._problem import Kind, Problem
+from ..linear._power import power_iteration
+from ._base import ForwardSolver, Monitor
+
+__all__ = [
+    "ForwardSolver",
+    "Monitor",
+    "Problem",
+    "Kind",
+    "Settings",
+    "SolverSettings",
+    "SolveInfo",
+    "OnFailure",
+    "power_iteration",
+]
