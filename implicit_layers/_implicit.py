@@ -19,7 +19,6 @@ every order follow by recursion.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,7 @@ from torch import Tensor
 from ._capture import is_wrapped, transforms_active
 from ._folded import FoldedProblem
 from ._info import ConvergenceWarning, NonFiniteError, SolveInfo
-from ._linearize import Linearization, RecordedLinearization, transpose_of_vjp
+from ._linearize import Linearization, RecordedLinearization, func_vjp, transpose_of_vjp
 from ._problem import Problem
 from .linear._base import LinearSolver
 from .linear._operator import FunctionOperator
@@ -66,16 +65,6 @@ def default_linear_solver(problem: Problem) -> LinearSolver:
     return CG()
 
 
-def _replaced(solver: LinearSolver, **changes: Any) -> LinearSolver:
-    replace = getattr(solver, "replace", None)
-    if replace is not None:
-        return replace(**changes)
-    new = copy.copy(solver)
-    for name, value in changes.items():
-        setattr(new, name, value)
-    return new
-
-
 Forward = Callable[[Problem, Tensor], "tuple[Tensor, SolveInfo | None]"]
 
 
@@ -107,7 +96,7 @@ class ImplicitCore:
         if linear is None:
             linear = default_linear_solver(problem)
         if linear.rtol is None:
-            linear = _replaced(linear, rtol=forward_rtol)
+            linear = linear.replace(rtol=forward_rtol)
         self.linear = linear
         self.info: SolveInfo | None = None
         # Whether the forward records F at z* for a first-order backward (eager autograd only).
@@ -137,7 +126,11 @@ class ImplicitCore:
         mv = lin.rmv if transpose or problem.symmetric else lin.mv
         op = FunctionOperator(
             mv, B, n, rhs.dtype, rhs.device,
-            symmetric=problem.symmetric,
+            # A fixed point's Jacobian I - J is not symmetric; a root's is unknown unless
+            # declared (choosing CG for it is the declaration).
+            symmetric=True if problem.symmetric else (
+                False if problem.kind == "fixed_point" else None
+            ),
             positive_definite=True if problem.kind == "argmin" else None,
             dense=lambda: lin.dense(transpose),
         )
@@ -155,14 +148,14 @@ class ImplicitCore:
     def _solve_with_fallback(
         self, op: FunctionOperator, gf: Tensor, what: str, fallback: Any
     ) -> tuple[Tensor, SolveInfo]:
-        quiet = _replaced(self.linear, on_failure="ignore")
+        quiet = self.linear.replace(on_failure="ignore")
+        solved: tuple[Tensor, SolveInfo] | None
         try:
-            u, binfo = quiet.solve(op, gf, what=what)
-            failed = ~binfo.converged
+            solved = quiet.solve(op, gf, what=what)
         except NonFiniteError:
-            u, binfo, failed = None, None, None
-        if failed is not None and not bool(failed.any()):
-            return u, binfo
+            solved = None
+        if solved is not None and bool(solved[1].converged.all()):
+            return solved
         eta = fallback.step_size_for(self.problem.kind, self.solver)
         op_fb, g_fb = op, gf
         if isinstance(eta, Tensor):
@@ -181,12 +174,15 @@ class ImplicitCore:
                 eta = 1.0
         neumann = Neumann(max_steps=fallback.steps, alpha=eta, rtol=0.0, on_failure="ignore")
         u_fb, _ = neumann.solve(op_fb, g_fb)
-        n_failed = gf.shape[0] if failed is None else int(failed.sum())
-        if failed is None:
+        if solved is None:
+            n_failed = gf.shape[0]
             reached = "its iterate became NaN or Inf"
         else:
             # Name the residual reached and the tolerance missed, as every non-convergence
             # warning does.
+            u, binfo = solved
+            failed = ~binfo.converged
+            n_failed = int(failed.sum())
             worst = float(binfo.residual[failed].max())
             tol = float(binfo.tolerance[failed].max()) if binfo.tolerance is not None else 0.0
             reached = (f"stopped after {int(binfo.steps.max())} steps with residual "
@@ -199,7 +195,7 @@ class ImplicitCore:
             ConvergenceWarning,
             stacklevel=3,
         )
-        if failed is None:
+        if solved is None:
             steps = torch.full((gf.shape[0],), fallback.steps, device=gf.device)
             binfo = SolveInfo(
                 converged=torch.zeros(gf.shape[0], dtype=torch.bool, device=gf.device),
@@ -291,7 +287,7 @@ class ImplicitCore:
 
         def pairing(zz: Tensor, *vals: Tensor) -> Tensor:
             F = problem.bind(vals, deferred=True).pure_residual
-            _, vjp = torch.func.vjp(F, zz)
+            _, vjp = func_vjp(F, zz)
             return (vjp(left)[0] * right).sum()
 
         argnums = tuple(range(1 + len(values)))
@@ -306,12 +302,12 @@ class ImplicitCore:
 
         def product(zz: Tensor, *vals: Tensor) -> Tensor:
             F = problem.bind(vals, deferred=True).pure_residual
-            out, vjp = torch.func.vjp(F, zz)
+            out, vjp = func_vjp(F, zz)
             if transpose or problem.symmetric:
                 return vjp(u)[0]
             return transpose_of_vjp(lambda w: vjp(w)[0], out, u)
 
-        out, vjp = torch.func.vjp(product, z, *values)
+        out, vjp = func_vjp(product, z, *values)
         return transpose_of_vjp(vjp, out, (z_t, *values_t))
 
 
@@ -371,9 +367,9 @@ class _Solution(torch.autograd.Function):
         if z0_dim is None and all(d is None for d in value_dims):
             return _Solution.apply(z0, core, *values), None
         V = info.batch_size
-        dims, values = _move_to_front(V, value_dims, values)
-        folded = core.fold(V, dims, values)
-        z = _Solution.apply(_fold_state(V, z0_dim, z0), folded, *values)
+        dims, moved = _move_to_front(V, value_dims, values)
+        folded = core.fold(V, dims, moved)
+        z = _Solution.apply(_fold_state(V, z0_dim, z0), folded, *moved)
         if core.info is None:
             core.info = folded.info
         return z.reshape(V, -1, z.shape[-1]), 0
@@ -444,10 +440,10 @@ class _LinearSolve(torch.autograd.Function):
         if rhs_dim is None and z_dim is None and all(d is None for d in value_dims):
             return _LinearSolve.apply(rhs, z, core, transpose, *values), None
         V = info.batch_size
-        dims, values = _move_to_front(V, value_dims, values)
-        folded = core.fold(V, dims, values)
+        dims, moved = _move_to_front(V, value_dims, values)
+        folded = core.fold(V, dims, moved)
         u = _LinearSolve.apply(
-            _fold_state(V, rhs_dim, rhs), _fold_state(V, z_dim, z), folded, transpose, *values
+            _fold_state(V, rhs_dim, rhs), _fold_state(V, z_dim, z), folded, transpose, *moved
         )
         return u.reshape(V, -1, u.shape[-1]), 0
 

@@ -23,13 +23,19 @@ from torch import Tensor
 from ._problem import Problem
 
 
+def func_vjp(f: Callable[..., Any], *primals: Tensor) -> tuple[Any, Callable[..., Any]]:
+    """``torch.func.vjp`` without ``has_aux``: ``(output, vjp_fn)``."""
+    result = torch.func.vjp(f, *primals)
+    return result[0], result[1]
+
+
 def transpose_of_vjp(vjp: Callable[[Tensor], Any], like: Tensor, tangent: Any) -> Tensor:
     """``J t`` from the linear map ``w ↦ Jᵀ w`` (a VJP) by differentiating it in ``w``.
 
     Reverse over reverse rather than ``torch.func.jvp``: forward-mode AD does not nest, and
     the tangent solves run inside ``torch.autograd.forward_ad``'s own level.
     """
-    _, transpose = torch.func.vjp(vjp, torch.zeros_like(like))
+    _, transpose = func_vjp(vjp, torch.zeros_like(like))
     return transpose(tangent)[0]
 
 
@@ -52,7 +58,7 @@ class Linearization:
         self.problem = problem
         self.z = z
         self.values = tuple(values)
-        self.residual, self._vjp = torch.func.vjp(self.F, z, *self.values)
+        self.residual, self._vjp = func_vjp(self.F, z, *self.values)
 
     def F(self, z: Tensor, *values: Tensor) -> Tensor:
         """The residual as a pure function of the point and the parameters."""

@@ -125,7 +125,7 @@ class Problem:
         if self.single:
             out = z.reshape(self.leaf_shapes[0])
             return out.to(self.leaf_dtypes[0]) if dtype else out
-        parts = torch.split(z, self.leaf_sizes, dim=-1)
+        parts = torch.split(z, list(self.leaf_sizes), dim=-1)
         leaves = [
             p.reshape(s).to(d) if dtype else p.reshape(s)
             for p, s, d in zip(parts, self.leaf_shapes, self.leaf_dtypes, strict=False)

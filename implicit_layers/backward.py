@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._capture import vmap_active
-from ._config import check_positive_int, check_tolerance
+from ._config import Settings, check_positive_int, check_tolerance
 from ._implicit import ImplicitCore, implicit_solution
 from ._info import SolveInfo
 from ._problem import Kind, Problem
@@ -39,48 +39,13 @@ from .linear._base import LinearSolver
 __all__ = ["BackwardMode", "Implicit", "Unrolled", "Truncated", "JacobianFree", "Phantom"]
 
 
-class BackwardMode:
+class BackwardMode(Settings):
     """Base class of the backward modes: immutable settings plus how to attach a gradient.
 
-    Subclasses set their fields in ``__init__`` (validated) and implement :meth:`attach`.
+    Subclasses take their settings as constructor arguments (validated, stored under the same
+    names; see :class:`~implicit_layers.solvers.base.Settings` for ``replace``, ``repr`` and
+    ``==``) and implement :meth:`attach`.
     """
-
-    _fields: tuple[str, ...] = ()
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if getattr(self, "_frozen", False):
-            raise AttributeError(
-                f"{type(self).__name__} is immutable; use .replace({name}=...) for a copy with "
-                "other settings."
-            )
-        object.__setattr__(self, name, value)
-
-    def _freeze(self) -> None:
-        object.__setattr__(self, "_frozen", True)
-
-    def replace(self, **changes: Any) -> BackwardMode:
-        """A validated copy with some settings changed."""
-        unknown = sorted(set(changes) - set(self._fields))
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__} has no setting(s) {unknown}; its settings are "
-                f"{list(self._fields)}."
-            )
-        kwargs = {name: getattr(self, name) for name in self._fields}
-        kwargs.update(changes)
-        return type(self)(**kwargs)
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._fields)
-        return f"{type(self).__name__}({fields})"
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return all(getattr(self, k) == getattr(other, k) for k in self._fields)
-
-    def __hash__(self) -> int:
-        return hash((type(self), tuple(getattr(self, k) for k in self._fields)))
 
     # -- behaviour ---------------------------------------------------------------------
     def solve(self, problem: Problem, z0: Tensor, solver: Any) -> tuple[Tensor, SolveInfo]:
@@ -194,7 +159,6 @@ class Implicit(BackwardMode):
         >>> mode = Implicit(il.linear.CG(rtol=1e-8), fallback=Phantom(steps=5))
     """
 
-    _fields = ("linear_solver", "fallback")
 
     def __init__(
         self,
@@ -213,7 +177,6 @@ class Implicit(BackwardMode):
             )
         self.linear_solver = linear_solver
         self.fallback = fallback
-        self._freeze()
 
     def solve(self, problem: Problem, z0: Tensor, solver: Any) -> tuple[Tensor, SolveInfo]:
         if not problem.params:
@@ -252,9 +215,6 @@ class Unrolled(BackwardMode):
     memory grows linearly with the number of forward steps. Higher derivatives are those of the
     recorded iterations.
     """
-
-    def __init__(self) -> None:
-        self._freeze()
 
     def solve(self, problem: Problem, z0: Tensor, solver: Any) -> tuple[Tensor, SolveInfo]:
         if not torch.is_grad_enabled():
@@ -299,12 +259,10 @@ class Truncated(_StepMode):
             ``step_size`` of a :class:`~implicit_layers.solvers.GradientDescent` forward solver.
     """
 
-    _fields = ("steps", "step_size")
 
     def __init__(self, steps: int, *, step_size: float | None = None) -> None:
         self.steps = check_positive_int(steps, "steps")
         self.step_size = _positive_step(step_size, "step_size")
-        self._freeze()
 
 
 class JacobianFree(_StepMode):
@@ -317,12 +275,10 @@ class JacobianFree(_StepMode):
         step_size: ``η > 0`` of the step (see :class:`Truncated`).
     """
 
-    _fields = ("step_size",)
 
     def __init__(self, *, step_size: float | None = None) -> None:
         self.steps = 1
         self.step_size = _positive_step(step_size, "step_size")
-        self._freeze()
 
 
 class Phantom(_StepMode):
@@ -334,7 +290,6 @@ class Phantom(_StepMode):
             size of the gradient steps.
     """
 
-    _fields = ("steps", "damping")
 
     def __init__(self, steps: int = 5, *, damping: float = 0.5) -> None:
         self.steps = check_positive_int(steps, "steps")
@@ -342,7 +297,6 @@ class Phantom(_StepMode):
         if step is None:
             raise TypeError("damping must be a float > 0, got None.")
         self.step_size = step
-        self._freeze()
 
     @property
     def damping(self) -> float:

@@ -13,7 +13,6 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from ._capture import capture, carries_derivatives, transforms_active
 from ._config import check_float_tensor, default_rtol
-from ._implicit import _replaced
 from ._info import SolveInfo
 from ._problem import Kind, Problem
 from .backward import BackwardMode, resolve_backward
@@ -108,7 +107,7 @@ def _run(
     if solver.rtol is None and problem.precision != problem.dtype:
         # The state is iterated in float32 but the map computes in half precision: hold the
         # solve (and the backward, which inherits it) to what that precision can reach.
-        solver = _replaced(solver, rtol=default_rtol(problem.precision))
+        solver = solver.replace(rtol=default_rtol(problem.precision))
     z, info = mode.solve(problem, z0f, solver)
     if not problem.batched and info.converged.numel() == 1:  # (V,) fields under vmap
         info.squeeze_batch()
