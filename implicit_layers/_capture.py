@@ -16,14 +16,13 @@ Both work on every torch operation through a ``TorchFunctionMode``; Python-level
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map_only
 
 
 def is_wrapped(t: Tensor) -> bool:
@@ -72,6 +71,35 @@ def transforms_active() -> bool:
     return bool(torch._C._functorch.peek_interpreter_stack() is not None)
 
 
+def _tensors(tree: Any) -> Iterator[Tensor]:
+    """The tensors in nested tuples, lists and dicts (a cheaper ``tree_flatten`` for the
+    argument lists of torch operations, walked once per operation)."""
+    if isinstance(tree, Tensor):
+        yield tree
+    elif isinstance(tree, (tuple, list)):
+        for item in tree:
+            if isinstance(item, Tensor):
+                yield item
+            elif isinstance(item, (tuple, list, dict)):
+                yield from _tensors(item)
+    elif isinstance(tree, dict):
+        for item in tree.values():
+            yield from _tensors(item)
+
+
+def _map_tensors(tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``tree`` with ``fn`` applied to every tensor in nested tuples, lists and dicts."""
+    if isinstance(tree, Tensor):
+        return fn(tree)
+    if isinstance(tree, tuple):
+        return tuple(_map_tensors(item, fn) for item in tree)
+    if isinstance(tree, list):
+        return [_map_tensors(item, fn) for item in tree]
+    if isinstance(tree, dict):
+        return {key: _map_tensors(item, fn) for key, item in tree.items()}
+    return tree
+
+
 class _Capture(TorchFunctionMode):
     def __init__(self, exclude: Sequence[Tensor]) -> None:
         super().__init__()
@@ -82,20 +110,20 @@ class _Capture(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
-        for t in tree_flatten((args, kwargs))[0]:
-            if isinstance(t, Tensor):
-                # An argument of a transform the function runs itself (torch.func.grad(g)(w,
-                # lam)) arrives wrapped; the dependency is the tensor underneath.
-                t = outer_tensor(t, self.level)
-                if id(t) in self.inside or id(t) in self.found:
-                    continue
-                if carries_derivatives(t) and not from_inner_transform(t, self.level):
-                    self.found[id(t)] = t
+        for t in _tensors((args, kwargs)):
+            if id(t) in self.inside or id(t) in self.found:
+                continue
+            # An argument of a transform the function runs itself (torch.func.grad(g)(w,
+            # lam)) arrives wrapped; the dependency is the tensor underneath.
+            t = outer_tensor(t, self.level)
+            if id(t) in self.inside or id(t) in self.found:
+                continue
+            if carries_derivatives(t) and not from_inner_transform(t, self.level):
+                self.found[id(t)] = t
         out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor):
-                self.inside.add(id(t))
-                self.keep.append(t)
+        for t in _tensors(out):
+            self.inside.add(id(t))
+            self.keep.append(t)
         return out
 
 
@@ -170,13 +198,12 @@ class Substitute(TorchFunctionMode):
         )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        args, kwargs = tree_map_only(Tensor, self._resolve, (args, kwargs))
+        args = _map_tensors(args, self._resolve)
+        kwargs = _map_tensors(kwargs, self._resolve) if kwargs else {}
         out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor):
-                self.inside.add(id(t))
-                self.keep.append(t)
+        for t in _tensors(out):
+            self.inside.add(id(t))
+            self.keep.append(t)
         return out
 
 
