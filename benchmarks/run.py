@@ -26,11 +26,11 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
 
 from benchmarks._common import Config, Section, restore_threads, set_threads  # noqa: E402
 
-PROBLEMS = ("ridge", "deq", "memory", "linsolve", "batched", "imaml")
+PROBLEMS = ("ridge", "deq", "memory", "linsolve", "batched", "imaml", "higher_order")
 
 
 def _runner(name: str):
-    from benchmarks import batched, deq, imaml, linsolve, memory, ridge
+    from benchmarks import batched, deq, higher_order, imaml, linsolve, memory, ridge
 
     return {
         "ridge": ridge.run_ridge,
@@ -39,6 +39,7 @@ def _runner(name: str):
         "linsolve": linsolve.run_linsolve,
         "batched": batched.run_batched,
         "imaml": imaml.run_imaml,
+        "higher_order": higher_order.run_higher_order,
     }[name]
 
 
