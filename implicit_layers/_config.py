@@ -16,7 +16,11 @@ def default_rtol(dtype: torch.dtype) -> float:
     """Relative tolerance used when a solver is given ``rtol=None``."""
     if dtype == torch.float64:
         return 1e-10
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype == torch.bfloat16:
+        # Unit roundoff 2**-8 ≈ 3.9e-3: a map evaluated in bfloat16 cannot hold a residual
+        # much below 1e-2 of its scale.
+        return 1e-2
+    if dtype == torch.float16:
         return 1e-3
     return 1e-5
 
