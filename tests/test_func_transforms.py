@@ -320,3 +320,44 @@ def test_vmap_with_unrolled_backward_is_exact_or_refused(device):
         assert re.search(r"(?i)unrolled", str(exc)) and re.search(r"(?i)vmap", str(exc)), exc
         return
     assert rel(got, torch.stack([layer(x) for x in xs])) < 1e-9
+
+
+def test_is_grads_batched_with_create_graph_is_refused_with_the_alternative(device):
+    p = Ridge(device)
+    lam = leaf(p.lam)
+    w = p.solve(lam)
+    with pytest.raises(RuntimeError, match="is_grads_batched=True with create_graph=True"):
+        torch.autograd.grad(w, lam, torch.eye(p.d, dtype=DT, device=device),
+                            is_grads_batched=True, create_graph=True)
+
+
+def test_functional_call_backward_after_the_call_uses_the_swapped_parameters(device):
+    """The backward runs after functional_call has put the module's own parameters back; the
+    gradient still belongs to (and is computed at) the parameters the call used."""
+    lin = torch.nn.Linear(3, 3).double().to(device)
+    with torch.no_grad():
+        lin.weight.mul_(0.3)
+    x = randn_factory(5, device)(3)
+    params = {k: leaf(v) for k, v in lin.named_parameters()}
+    z = il.fixed_point(lambda z: torch.tanh(functional_call(lin, params, (z,)) + x),
+                       torch.zeros(3, dtype=DT, device=device))
+    z.square().sum().backward(create_graph=True)  # double-backward path: a deferred call
+    W, b = leaf(params["weight"]), leaf(params["bias"])
+    zr = torch.zeros(3, dtype=DT, device=device)
+    for _ in range(200):
+        zr = torch.tanh(zr @ W.T + b + x)
+    gW, gb = torch.autograd.grad(zr.square().sum(), (W, b))
+    assert rel(params["weight"].grad, gW) < 1e-8 and rel(params["bias"].grad, gb) < 1e-8
+    assert lin.weight.grad is None
+
+
+def test_a_function_that_uses_new_tensors_in_the_backward_is_refused(device):
+    """A deferred call that meets a tensor carrying derivatives which no captured tensor can
+    stand for raises instead of dropping its derivative."""
+    a = leaf(torch.tensor(0.5, dtype=DT, device=device))
+    state = {"scale": a}
+    z = il.fixed_point(lambda z: 0.5 * torch.cos(z) * state["scale"],
+                       torch.zeros(2, dtype=DT, device=device))
+    state["scale"] = leaf(torch.ones(2, 2, dtype=DT, device=device))[0]  # another shape
+    with pytest.raises(RuntimeError, match="did not use when the layer was called"):
+        torch.autograd.grad(z.sum(), a, create_graph=True)
