@@ -42,3 +42,10 @@ class Dense(LinearSolver):
         converged = residual <= torch.clamp(tol * 1e3, min=1e3 * torch.finfo(b.dtype).eps)
         steps = torch.ones(b.shape[0], dtype=torch.int64, device=b.device)
         return x, self._info(converged, steps, residual, tol)
+
+    def _advice(self) -> str:
+        # A direct solve has no steps to add: a large residual means an ill-conditioned matrix.
+        return (
+            "The matrix is ill-conditioned at the solution (nearly singular): compute in "
+            "float64, regularise the problem (e.g. a small ridge term), or loosen rtol/atol."
+        )
