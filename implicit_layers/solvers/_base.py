@@ -89,6 +89,15 @@ class ForwardSolver(SolverSettings):
         return base + "; check that a root exists near z0."
 
 
+def _norm(x: Tensor) -> Tensor:
+    """Per-sample Euclidean norm of ``(B, n)``, without overflow for float32 iterates: the
+    squares of entries above ~1e19 overflow float32 (a fixed point at 2e30 would read as Inf),
+    so the sum runs in float64 and the norm comes back in ``x``'s dtype."""
+    if x.dtype == torch.float64:
+        return torch.linalg.vector_norm(x, dim=-1)
+    return torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float64).to(x.dtype)
+
+
 class Monitor:
     """Per-sample bookkeeping shared by the forward solvers.
 
@@ -103,11 +112,11 @@ class Monitor:
         self.atol = solver.atol
         self.check_every = solver.check_every or default_check_every(z0.device)
         self.relative_to_z = problem.kind == "fixed_point"
-        res = torch.linalg.vector_norm(r0, dim=-1)
+        res = _norm(r0)
         # Fixed points: the floor of the scale is ‖f(z0)‖ (f(z0) = z0 - r0), so that a fixed
         # point at 0 meets an absolute tolerance instead of chasing ‖z‖ down to underflow.
         self.scale0 = (
-            torch.linalg.vector_norm(z0 - r0, dim=-1) if self.relative_to_z else res
+            _norm(z0 - r0) if self.relative_to_z else res
         ).detach()
         self.tol = self._tol(z0)
         self.res = res
@@ -126,7 +135,7 @@ class Monitor:
     def _tol(self, z: Tensor) -> Tensor:
         scale = self.scale0
         if self.relative_to_z:
-            scale = torch.maximum(torch.linalg.vector_norm(z, dim=-1), scale)
+            scale = torch.maximum(_norm(z), scale)
         return torch.clamp(self.rtol * scale, min=self.atol)
 
     @property
@@ -140,7 +149,7 @@ class Monitor:
 
     def record(self, z: Tensor, r: Tensor, stepped: Tensor) -> None:
         """Register the new iterate ``z`` with residual ``r``; ``stepped`` marks who moved."""
-        res = torch.linalg.vector_norm(r, dim=-1)
+        res = _norm(r)
         if self.relative_to_z:
             self.tol = self._tol(z.detach())
         met = res <= self.tol
@@ -182,9 +191,16 @@ class Monitor:
         ).tolist()
         self._all_active = not flags[2]
         if not flags[1]:
+            bad = (~torch.isfinite(self.res)).nonzero().flatten().tolist()
+            which = ""
+            if self.problem.batched:
+                listed = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+                # One bad sample fails the whole batch: a batch is one call, and returning the
+                # other samples while one holds garbage would be silent.
+                which = f" (batch sample(s) {listed} of {self.res.numel()}; the whole batch fails)"
             raise NonFiniteError(
                 f"{self.solver.name}: the residual of the {self.problem.kind} problem became NaN "
-                "or Inf during the forward solve. "
+                f"or Inf during the forward solve{which}. "
                 + self.solver._advice(self.problem)
                 + " Also check the inputs and parameters for NaN."
             )

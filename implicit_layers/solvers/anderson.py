@@ -95,10 +95,9 @@ class Anderson(ForwardSolver):
                 # The map values are G(z_i) = z_i - r_i; the mixing weights minimise
                 # ‖Σ α_i r_i‖ subject to Σ α_i = 1 (order of the history is irrelevant).
                 # The weights do not depend on the scale of the residuals: dividing them by
-                # their largest norm keeps the Gram matrix away from underflow (residuals of
+                # their largest entry keeps the Gram matrix away from underflow (residuals of
                 # 1e-160 have a Gram matrix of 0 in float64) and from overflow.
-                rscale = torch.linalg.vector_norm(R, dim=-1).amax(-1)
-                rscale = rscale.clamp_min(torch.finfo(z.dtype).tiny)
+                rscale = R.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(z.dtype).tiny)
                 Rn = R / rscale[:, None, None]
                 H = torch.bmm(Rn, Rn.mT)
                 m = H.shape[-1]

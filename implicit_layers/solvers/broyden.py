@@ -8,7 +8,7 @@ from torch import Tensor
 from .._config import check_positive_int
 from .._info import SolveInfo
 from .._problem import Problem
-from ._base import ForwardSolver, Monitor
+from ._base import ForwardSolver, Monitor, _norm
 
 __all__ = ["Broyden"]
 
@@ -82,7 +82,7 @@ class Broyden(ForwardSolver):
         # a constant map, until a restart rescales it) and the length t of the next trial step.
         gamma = z.new_ones(B, 1)
         t = z.new_ones(B, 1)
-        rnorm = torch.linalg.vector_norm(r, dim=-1)
+        rnorm = _norm(r)
 
         def factors() -> tuple[Tensor, Tensor]:
             if buffered:
@@ -127,7 +127,7 @@ class Broyden(ForwardSolver):
             s = -t * Hr if mon.all_active else torch.where(mask, -t * Hr, torch.zeros_like(r))
             z_trial = z + s
             r_trial = problem.residual(z_trial, create_graph=differentiable)
-            trial_norm = torch.linalg.vector_norm(r_trial, dim=-1)
+            trial_norm = _norm(r_trial)
             finite = torch.isfinite(trial_norm)
             accept = active & finite & (trial_norm <= rnorm)
             # On the CPU (a check every step) one synchronisation finds the usual case, every
