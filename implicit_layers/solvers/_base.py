@@ -90,12 +90,14 @@ class ForwardSolver(SolverSettings):
 
 
 def _norm(x: Tensor) -> Tensor:
-    """Per-sample Euclidean norm of ``(B, n)``, without overflow for float32 iterates: the
-    squares of entries above ~1e19 overflow float32 (a fixed point at 2e30 would read as Inf),
-    so the sum runs in float64 and the norm comes back in ``x``'s dtype."""
+    """Per-sample Euclidean norm of ``(B, n)``, for the convergence test only (detached: an
+    unrolled solve does not save the residuals for it). Without overflow for float32 iterates:
+    the squares of entries above ~1e19 overflow float32 (a fixed point at 2e30 would read as
+    Inf), so the sum runs in float64 and the norm comes back in ``x``'s dtype."""
+    x = x.detach()
     if x.dtype == torch.float64:
         return torch.linalg.vector_norm(x, dim=-1)
-    return torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float64).to(x.dtype)
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).to(x.dtype)
 
 
 class Monitor:
