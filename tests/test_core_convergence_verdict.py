@@ -171,3 +171,22 @@ def test_broyden_heat_residual_batched_mixed_signs():
     ref = _newton_reference(lambda y, s: f(y, s) - y, torch.zeros(N, dtype=F64), source)
     for k in range(3):
         assert float((y[k] - ref).norm() / ref.norm()) < 1e-8
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["f(z)-z", "z-f(z)"])
+def test_unrolled_broyden_equals_implicit_in_either_sign(sign):
+    # The globalised iteration (rejected trials, history kept in lists) stays differentiable:
+    # autograd through every step gives the implicit gradient at convergence.
+    g = torch.Generator().manual_seed(0)
+    A = 0.3 * torch.randn(6, 6, generator=g, dtype=F64)
+    c = torch.randn(6, generator=g, dtype=F64, requires_grad=True)
+
+    def F(z, c):
+        return sign * (torch.tanh(A @ z + c) - z)
+
+    solver = il.solvers.Broyden(rtol=1e-13)
+    z_imp = il.root(F, torch.zeros(6, dtype=F64), c, solver=solver)
+    z_unr = il.root(F, torch.zeros(6, dtype=F64), c, solver=solver, backward=il.backward.Unrolled())
+    (g_imp,) = torch.autograd.grad(z_imp.sum(), c)
+    (g_unr,) = torch.autograd.grad(z_unr.sum(), c)
+    torch.testing.assert_close(g_unr, g_imp, rtol=1e-9, atol=0)

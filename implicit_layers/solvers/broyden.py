@@ -118,6 +118,7 @@ class Broyden(ForwardSolver):
         rejections = torch.zeros(B, dtype=torch.int64, device=z.device)
         Hr = apply_h(r)
         first = True
+        shortened = False  # whether some sample's t may be below 1
         step = 0
         for _ in range(self.max_steps):
             if mon.stop():
@@ -172,8 +173,9 @@ class Broyden(ForwardSolver):
                 # The updated estimate H + u vᵀ applied to the new residual, for the next step.
                 Hr = h + u * _dot(v, r_trial).unsqueeze(-1)
                 z, r, rnorm = z_trial, r_trial, trial_norm
-                if not bool((t == 1).all()):
+                if shortened:
                     t = torch.ones_like(t)
+                    shortened = False
                 rejections.zero_()
                 mon.record(z, r, active)
                 continue
@@ -186,6 +188,7 @@ class Broyden(ForwardSolver):
             rnorm = torch.where(accept, trial_norm, rnorm)
             rejections = torch.where(accept | ~active, 0, rejections + 1)
             t = torch.where(acc, torch.ones_like(t), 0.5 * t)
+            shortened = True
             restart = (rejections >= max_halvings).unsqueeze(-1)
             step += 1
             # Whether any sample must restart is asked only as often as the monitor
