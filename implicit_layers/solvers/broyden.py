@@ -96,14 +96,14 @@ class Broyden(ForwardSolver):
                 return gamma * x
             U, V = factors()
             row = x.unsqueeze(1)
-            return gamma * x + ((row @ V.mT) @ U).squeeze(1)
+            return torch.addcmul(((row @ V.mT) @ U).squeeze(1), gamma, x)
 
         def apply_ht(x: Tensor) -> Tensor:  # Hᵀ x = gamma x + Vᵀ (U x)
             if not us:
                 return gamma * x
             U, V = factors()
             row = x.unsqueeze(1)
-            return gamma * x + ((row @ U.mT) @ V).squeeze(1)
+            return torch.addcmul(((row @ U.mT) @ V).squeeze(1), gamma, x)
 
         # An update whose denominator sᵀHy is tiny relative to ‖s‖‖Hy‖ carries no reliable
         # curvature information and would blow up the estimate: it is skipped (per sample).
@@ -125,7 +125,8 @@ class Broyden(ForwardSolver):
                 break
             active = mon.active
             mask = active.unsqueeze(-1)
-            s = -t * Hr if mon.all_active else torch.where(mask, -t * Hr, torch.zeros_like(r))
+            step_dir = -t * Hr if shortened else -Hr
+            s = step_dir if mon.all_active else torch.where(mask, step_dir, torch.zeros_like(r))
             z_trial = z + s
             r_trial = problem.residual(z_trial, create_graph=differentiable)
             trial_norm = _norm(r_trial)
