@@ -12,7 +12,10 @@ whose residual becomes NaN or Inf fails the whole call with ``NonFiniteError`` n
 index (returning the other samples would hide the bad one). A sample that merely does not
 converge is reported per sample in ``info.converged`` with one warning for the call.
 
-The classes below follow the failure classes of the issue that introduced this file.
+The classes below follow the failure classes of the issue that introduced this file. Its
+numbered problems are covered here and in ``test_core_convergence_verdict.py`` (false
+convergence, fixed points at 0, the default root solver on ``F`` and ``-F``),
+``test_examples_outputs.py``, ``test_docs_snippets.py`` and ``test_nn_fsdp.py``.
 """
 
 from __future__ import annotations
