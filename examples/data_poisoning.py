@@ -18,7 +18,8 @@ against central finite differences of the retrained validation loss.
 
 Usage::
 
-    python examples/data_poisoning.py            # full mode, writes docs/img/poisoning_*.png
+    python examples/data_poisoning.py            # full mode, writes out/data_poisoning/poisoning_*.png
+    python examples/data_poisoning.py --write-docs   # the same, into docs/img (tracked)
     python examples/data_poisoning.py --tiny     # seconds, for tests
 """
 
@@ -72,16 +73,32 @@ def newton_retrain(X: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor
     return w
 
 
+def output_dir(out: str | None, write_docs: bool, name: str) -> Path:
+    """Where the outputs go: ``--out`` if given, ``docs/img`` with ``--write-docs`` (tracked
+    figures of the documentation), else the untracked ``out/{name}`` of the repository."""
+    root = Path(__file__).resolve().parents[1]
+    if out is not None and write_docs:
+        raise SystemExit("give either --out or --write-docs, not both")
+    path = Path(out) if out is not None else root / ("docs/img" if write_docs else f"out/{name}")
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"outputs go to {path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Craft the poisoned point; return the measured losses (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="small sizes, runs in seconds")
-    parser.add_argument("--out", type=Path, default=Path("docs/img"), help="plot directory")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: out/data_poisoning, untracked)")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="write the documentation's figures in docs/img (tracked files)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the problem is small, and thread "
                              "synchronisation dominates small products on a busy machine)")
     args = parser.parse_args(argv)
+    args.out = output_dir(args.out, args.write_docs, "data_poisoning")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

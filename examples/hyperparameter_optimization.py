@@ -288,6 +288,18 @@ def plot(history: list[float], test_history: list[float], grid_best: dict,
     return path
 
 
+def output_dir(out: str | None, write_docs: bool, name: str) -> Path:
+    """Where the outputs go: ``--out`` if given, ``docs/img`` with ``--write-docs`` (tracked
+    figures of the documentation), else the untracked ``out/{name}`` of the repository."""
+    root = Path(__file__).resolve().parents[1]
+    if out is not None and write_docs:
+        raise SystemExit("give either --out or --write-docs, not both")
+    path = Path(out) if out is not None else root / ("docs/img" if write_docs else f"out/{name}")
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"outputs go to {path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the example; returns the measured results (also printed and saved under ``--out``).
 
@@ -298,11 +310,15 @@ def main(argv: list[str] | None = None) -> dict:
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="small sizes, runs in seconds")
-    parser.add_argument("--out", type=Path, default=Path("docs/img"), help="folder for plot and table")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: out/hyperparameter_optimization, untracked)")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="write the documentation's figures in docs/img (tracked files)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: these small problems are faster serial)")
     args = parser.parse_args(argv)
+    args.out = output_dir(args.out, args.write_docs, "hyperparameter_optimization")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

@@ -244,6 +244,18 @@ def plot(eval_curves: dict[str, list], scan: dict, ks: list[int], out: Path, suf
     return path
 
 
+def output_dir(out: str | None, write_docs: bool, name: str) -> Path:
+    """Where the outputs go: ``--out`` if given, ``docs/img`` with ``--write-docs`` (tracked
+    figures of the documentation), else the untracked ``out/{name}`` of the repository."""
+    root = Path(__file__).resolve().parents[1]
+    if out is not None and write_docs:
+        raise SystemExit("give either --out or --write-docs, not both")
+    path = Path(out) if out is not None else root / ("docs/img" if write_docs else f"out/{name}")
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"outputs go to {path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the example; returns the measured results (also printed; the plot goes to ``--out``).
 
@@ -257,7 +269,10 @@ def main(argv: list[str] | None = None) -> dict:
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="small sizes, runs in seconds")
-    parser.add_argument("--out", type=Path, default=Path("docs/img"), help="folder for the plot")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: out/imaml, untracked)")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="write the documentation's figures in docs/img (tracked files)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=5,
                         help="inner steps K used for meta-training and evaluation (all methods)")
@@ -266,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: these small problems are faster serial)")
     args = parser.parse_args(argv)
+    args.out = output_dir(args.out, args.write_docs, "imaml")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:

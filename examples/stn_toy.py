@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -63,6 +64,18 @@ def run(centered: bool, steps: int, seed: int = 0, progress: bool = False) -> di
     return {"lam": lam, "w": w, "phi": phi, "seconds": time.perf_counter() - start}
 
 
+def output_dir(out: str | None, write_docs: bool, name: str) -> Path:
+    """Where the outputs go: ``--out`` if given, ``docs/img`` with ``--write-docs`` (tracked
+    figures of the documentation), else the untracked ``out/{name}`` of the repository."""
+    root = Path(__file__).resolve().parents[1]
+    if out is not None and write_docs:
+        raise SystemExit("give either --out or --write-docs, not both")
+    path = Path(out) if out is not None else root / ("docs/img" if write_docs else f"out/{name}")
+    path.mkdir(parents=True, exist_ok=True)
+    print(f"outputs go to {path}")
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the example; returns the measured results."""
     # These models are tiny: one thread avoids the heavy thread-contention slowdown seen on a
@@ -80,9 +93,13 @@ def _main(argv: list[str] | None) -> dict:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="short run for tests")
-    parser.add_argument("--out", default=os.path.join("docs", "img"))
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: out/stn_toy, untracked)")
+    parser.add_argument("--write-docs", action="store_true",
+                        help="write the documentation's figures in docs/img (tracked files)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
+    args.out = output_dir(args.out, args.write_docs, "stn_toy")
     steps = 300 if args.tiny else args.steps
     runs = {
         "uncentered": run(False, steps, args.seed, progress=not args.tiny),

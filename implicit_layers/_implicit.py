@@ -49,18 +49,24 @@ if TYPE_CHECKING:
 #: Hessian-vector products being costly there. 128 keeps the worst case of either choice small
 #: (figures: ``python -m benchmarks.dense_crossover``).
 DENSE_MAX_SIZE = 128
-#: ... as long as the batch of matrices stays below this many entries (32 MB in float64).
-DENSE_MAX_ENTRIES = 2**22
+#: ... as long as ``B n³`` stays below this. Dense builds the matrix from ``n`` vectorised
+#: operator products over the whole batch; with per-sample data (a per-sample Hessian) each
+#: product touches ``B n²`` numbers, so the build holds and computes ``~ B n³``, against CG's
+#: ``k B n²`` for ``k`` iterations. Measured (``python -m benchmarks.default_backward``, batched
+#: quadratics, condition number 100): unbatched up to n = 128 Dense is 5-10x faster than CG at
+#: the same memory; at B n³ = 2^21 (B = 64, n = 32; B = 8, n = 64) the two are even; beyond,
+#: Dense loses (B = 32, n = 64: 4.7x CG's time; B = 256, n = 128: 13x its time and memory).
+DENSE_MAX_ENTRIES = 2**21
 
 
 def default_linear_solver(problem: Problem) -> LinearSolver:
     """The adjoint solver used when none is given: for symmetric problems (argmin, a symmetric
-    custom_root) Dense when the system is small (the fastest exact method there), else CG;
-    GMRES for the others."""
+    custom_root) Dense when the system is small (the fastest exact method there, mostly for
+    unbatched problems), else CG; GMRES for the others."""
     if not problem.symmetric:
         return GMRES()
     n, B = problem.size, problem.batch
-    if n <= DENSE_MAX_SIZE and B * n * n <= DENSE_MAX_ENTRIES:
+    if n <= DENSE_MAX_SIZE and B * n**3 <= DENSE_MAX_ENTRIES:
         return Dense()
     return CG()
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal, cast
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -124,5 +127,28 @@ def report_failure(info: SolveInfo, on_failure: OnFailure, what: str, advice: st
     )
     if on_failure == "raise":
         raise ConvergenceError(msg)
-    warnings.warn(msg, ConvergenceWarning, stacklevel=4)
+    warnings.warn(msg, ConvergenceWarning, stacklevel=user_stacklevel())
+
+
+# Frames in these directories are not the user's: the library itself and torch (whose
+# nn.Module.__call__ and autograd engine sit between a user's call and the library).
+_INTERNAL_DIRS = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller point at the first frame
+    outside this package and torch: the user's line (``z = deq(x)``, ``loss.backward()``).
+
+    ``warnings.warn(..., skip_file_prefixes=...)`` does this from Python 3.12 on; walking the
+    stack works on every supported version.
+    """
+    frame = sys._getframe(1)  # the function that will call warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame = frame.f_back
+        level += 1
+    return level
 

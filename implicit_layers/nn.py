@@ -229,6 +229,10 @@ class DEQ(torch.nn.Module):
             ``z*`` of shape ``(B, *state_shape)``, and the info if ``return_info``.
         """
         z0 = _initial_guess(z0, "z0", x, self.state_shape, "state_shape", self)
+        if z0.shape[0] == 0:
+            # An empty batch has nothing to solve; like nn.Linear, return an empty batch
+            # (through f, so that the parameters still receive their zero gradients).
+            return _empty_result(self.f(z0, x), self.active_solver, return_info)
         z, info = _fixed_point(
             self.f, z0, x, solver=self.active_solver, backward=self.backward, batched=True,
             return_info=True,
@@ -242,6 +246,37 @@ class DEQ(torch.nn.Module):
         if self.state_shape is not None:
             parts.append(f"state_shape={self.state_shape}")
         return ", ".join(parts)
+
+
+def _empty_result(
+    z: Tensor, solver: ForwardSolver, return_info: bool
+) -> Tensor | tuple[Tensor, SolveInfo]:
+    if not return_info:
+        return z
+    empty = z.new_empty(0)
+    info = SolveInfo(
+        converged=torch.zeros(0, dtype=torch.bool, device=z.device),
+        steps=torch.zeros(0, dtype=torch.int64, device=z.device),
+        residual=empty, solver=solver.name, tolerance=empty,
+    )
+    return z, info
+
+
+class _CheckedObjective:
+    """``objective(w, x)`` checked once per call to hold one value per sample of ``w``'s dtype,
+    so that the layer's errors name ``objective`` (the functional core calls it ``fun``)."""
+
+    def __init__(self, objective: Callable[[Tensor, Tensor], Tensor]) -> None:
+        self.objective = objective
+
+    def __call__(self, w: Tensor, x: Tensor) -> Tensor:
+        value = _objective_values(self.objective, w, x)
+        if value.dtype != w.dtype:
+            raise TypeError(
+                f"objective returned dtype {value.dtype} but w has dtype {w.dtype}; make them "
+                "agree (e.g. call .double() on the layer and the inputs)."
+            )
+        return value
 
 
 class _ProjectedGradientMap:
@@ -265,7 +300,7 @@ class _ProjectedGradientMap:
         if torch.is_inference_mode_enabled() or transforms_active():
             # Autograd cannot record here; torch.func.grad can (and nests in the transforms).
             def total(ww: Tensor) -> Tensor:
-                return _objective_values(self.objective, ww, x, recorded=False).sum()
+                return _objective_values(self.objective, ww, x).sum()
 
             return torch.func.grad(total)(w)
         keep = torch.is_grad_enabled()
@@ -280,11 +315,8 @@ class _ProjectedGradientMap:
         return project(out, self.lower, self.upper)
 
 
-def _objective_values(
-    objective: Callable[[Tensor, Tensor], Tensor], w: Tensor, x: Tensor, recorded: bool = True
-) -> Tensor:
-    """``objective(w, x)`` checked to hold one value per sample (and, if autograd ``recorded``
-    it, to depend on ``w``)."""
+def _objective_values(objective: Callable[[Tensor, Tensor], Tensor], w: Tensor, x: Tensor) -> Tensor:
+    """``objective(w, x)`` checked to hold one value per sample and to depend on ``w``."""
     value = objective(w, x)
     if not isinstance(value, Tensor) or value.shape not in ((w.shape[0],), (w.shape[0], 1)):
         got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
@@ -292,8 +324,11 @@ def _objective_values(
             f"objective must return one value per sample, shape ({w.shape[0]},), got {got}. "
             "Reduce over every dimension but the batch dimension."
         )
-    if recorded and not value.requires_grad:
-        raise ValueError("objective(w, x) does not depend on w; there is nothing to minimise.")
+    if w.requires_grad and not value.requires_grad:
+        raise ValueError(
+            "objective(w, x) does not depend on w (its value has no gradient with respect to "
+            "w); there is nothing to minimise. Check that objective uses w."
+        )
     return value
 
 
@@ -399,6 +434,7 @@ class ArgminLayer(torch.nn.Module):
         self._set_bound("upper", upper)
         if isinstance(lower, (int, float)) and isinstance(upper, (int, float)) and not lower < upper:
             raise ValueError(f"lower must be < upper, got lower={lower}, upper={upper}.")
+        self._check_box()
         if step_size is not None:
             if isinstance(step_size, bool) or not isinstance(step_size, (int, float)) or not step_size > 0:
                 raise ValueError(f"step_size must be a positive float or None, got {step_size!r}.")
@@ -424,6 +460,23 @@ class ArgminLayer(torch.nn.Module):
         if not self.training and self.eval_solver is not None:
             return self.eval_solver
         return self.solver
+
+    def _check_box(self) -> None:
+        """Raise if a coordinate has ``lower > upper`` (an empty box: the projection would
+        silently return ``upper`` there). Tensor bounds are checked at every call, since a
+        learnable bound may cross during training."""
+        lower, upper = self.lower, self.upper
+        if lower is None or upper is None:
+            return
+        if not isinstance(lower, Tensor) and not isinstance(upper, Tensor):
+            return  # two floats: checked in the constructor
+        crossed = torch.as_tensor(lower) > torch.as_tensor(upper)
+        if bool(crossed.any()):
+            raise ValueError(
+                f"lower must not exceed upper, but lower > upper at {int(crossed.sum())} of "
+                f"{crossed.numel()} coordinates (the box is empty there). Pass bounds with "
+                "lower <= upper."
+            )
 
     def _step(self, w0: Tensor, x: Tensor) -> Tensor:
         """Per-sample step ``(B, 1, ...)``: the fixed one, or ``1 / (1.1 λ_max)`` at ``w0``."""
@@ -473,12 +526,19 @@ class ArgminLayer(torch.nn.Module):
         w0 = _initial_guess(w0, "w0", x, self.w_shape, "w_shape", self)
         if not self.constrained:
             w, info = _argmin(
-                self.objective, w0, x, solver=self.active_solver, backward=self.backward,
-                batched=True, return_info=True,
+                _CheckedObjective(self.objective), w0, x, solver=self.active_solver,
+                backward=self.backward, batched=True, return_info=True,
             )
         else:
+            self._check_box()
             w0 = project(w0.detach(), self.lower, self.upper)
-            T = _ProjectedGradientMap(self.objective, self._step(w0, x), self.lower, self.upper)
+            if torch.is_inference_mode_enabled():
+                # The step size needs Hessian-vector products: autograd outside inference mode.
+                with torch.inference_mode(False):
+                    step = self._step(w0.clone(), x.clone())
+            else:
+                step = self._step(w0, x)
+            T = _ProjectedGradientMap(self.objective, step, self.lower, self.upper)
             w, info = _fixed_point(
                 T, w0, x, solver=self.active_solver, backward=self.backward, batched=True,
                 return_info=True,

@@ -168,3 +168,23 @@ def test_docstring_examples_run(module: str) -> None:
         torch.set_num_threads(threads)
     assert result.attempted > 0, f"{module} has no docstring examples"
     assert result.failed == 0, f"{result.failed} docstring example(s) of {module} failed (see the output)"
+
+
+def _python_block_after(path: Path, heading: str) -> str:
+    text = path.read_text()
+    start = text.index(heading)
+    match = re.search(r"```python\n(.*?)```", text[start:], re.S)
+    assert match is not None, heading
+    return match.group(1)
+
+
+def test_layers_deq_snippet_trains_with_per_sample_info():
+    """Beyond running, the DEQ snippet of docs/layers.md reports per-sample forward and backward
+    statistics and gives every parameter a finite gradient."""
+    code = _python_block_after(ROOT / "docs" / "layers.md", "## `DEQ`")
+    namespace: dict = {}
+    exec(compile(code, "docs/layers.md", "exec"), namespace)
+    info = namespace["info"]
+    assert info.converged.shape == (32,) and info.backward is not None
+    grads = [p.grad for p in namespace["deq"].parameters()]
+    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)

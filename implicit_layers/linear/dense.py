@@ -45,3 +45,10 @@ class Dense(LinearSolver):
         return x, SolveInfo(
             converged=converged, steps=steps, residual=residual, solver=self.name, tolerance=tol
         )
+
+    def _advice(self) -> str:
+        # A direct solve has no steps to add: a large residual means an ill-conditioned matrix.
+        return (
+            "The matrix is ill-conditioned at the solution (nearly singular): compute in "
+            "float64, regularise the problem (e.g. a small ridge term), or loosen rtol/atol."
+        )

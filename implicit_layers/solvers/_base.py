@@ -17,11 +17,21 @@ __all__ = ["ForwardSolver"]
 class ForwardSolver(SolverSettings):
     """Base class of the algorithms that find ``z*`` in the forward pass.
 
-    A sample has converged when its residual norm ``‖F(z)‖`` (``‖z - f(z)‖`` for a fixed point,
-    ``‖∇L(z)‖`` for argmin) is at most ``max(atol, rtol * scale)``, where ``scale`` is ``‖z‖``
-    for fixed points and the initial residual norm ``‖F(z0)‖`` for roots and argmin. Every
-    sample of a batch is monitored on its own; converged samples stop changing, and the
-    solver returns for each sample the iterate with the lowest residual it has seen.
+    What the tolerance means: a sample has converged when its residual norm ``‖F(z)‖``
+    (``‖z - f(z)‖`` for a fixed point, ``‖∇L(z)‖`` for argmin) is at most
+    ``max(atol, rtol * scale)``, with residual and scale taken at the same iterate ``z``:
+
+    * fixed points: ``scale = max(‖z‖, ‖f(z0)‖)``. Far from 0 this is the relative test
+      ``‖z - f(z)‖ <= rtol ‖z‖``; the floor ``‖f(z0)‖`` (the size of the map's output at the
+      start) turns it into an absolute test when the fixed point is at or near 0 (``z = θ z``,
+      ``z = 0.5 sin z``), where no relative accuracy can be reached;
+    * roots and argmin: ``scale = ‖F(z0)‖``, the initial residual norm.
+
+    Every sample of a batch is monitored on its own; converged samples stop changing, and the
+    solver returns for each sample the iterate with the lowest residual it has seen (or the
+    first that met its tolerance). A sample is reported converged only if that returned
+    iterate meets the tolerance computed at that iterate, so a diverging map is never reported
+    converged.
 
     Args:
         rtol: relative tolerance; ``None`` means ``1e-10`` in float64 and ``1e-5`` in float32.
@@ -85,6 +95,17 @@ class ForwardSolver(SolverSettings):
         return base + "; check that a root exists near z0."
 
 
+def _norm(x: Tensor) -> Tensor:
+    """Per-sample Euclidean norm of ``(B, n)``, for the convergence test only (detached: an
+    unrolled solve does not save the residuals for it). Without overflow for float32 iterates:
+    the squares of entries above ~1e19 overflow float32 (a fixed point at 2e30 would read as
+    Inf), so the sum runs in float64 and the norm comes back in ``x``'s dtype."""
+    x = x.detach()
+    if x.dtype == torch.float64:
+        return torch.linalg.vector_norm(x, dim=-1)
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).to(x.dtype)
+
+
 class Monitor:
     """Per-sample bookkeeping shared by the forward solvers.
 
@@ -99,12 +120,19 @@ class Monitor:
         self.atol = solver.atol
         self.check_every = solver.check_every or default_check_every(z0.device)
         self.relative_to_z = problem.kind == "fixed_point"
-        res = torch.linalg.vector_norm(r0, dim=-1)
-        self.scale0 = None if self.relative_to_z else res
+        res = _norm(r0)
+        # Fixed points: the floor of the scale is ‖f(z0)‖ (f(z0) = z0 - r0), so that a fixed
+        # point at 0 meets an absolute tolerance instead of chasing ‖z‖ down to underflow.
+        self.scale0 = (
+            _norm(z0 - r0) if self.relative_to_z else res
+        ).detach()
         self.tol = self._tol(z0)
         self.res = res
         self.best_z = z0
         self.best_res = res
+        # The tolerance of the best iterate itself: the convergence verdict must compare the
+        # residual and the tolerance of one and the same iterate.
+        self.best_tol = self.tol
         self.done = res <= self.tol
         self.steps = torch.zeros(z0.shape[0], dtype=torch.int64, device=z0.device)
         self.k = 0
@@ -113,7 +141,9 @@ class Monitor:
         self._all_active = False
 
     def _tol(self, z: Tensor) -> Tensor:
-        scale = torch.linalg.vector_norm(z, dim=-1) if self.relative_to_z else self.scale0
+        scale = self.scale0
+        if self.relative_to_z:
+            scale = torch.maximum(_norm(z), scale)
         return torch.clamp(self.rtol * scale, min=self.atol)
 
     @property
@@ -127,31 +157,37 @@ class Monitor:
 
     def record(self, z: Tensor, r: Tensor, stepped: Tensor) -> None:
         """Register the new iterate ``z`` with residual ``r``; ``stepped`` marks who moved."""
-        res = torch.linalg.vector_norm(r, dim=-1)
+        res = _norm(r)
         if self.relative_to_z:
             self.tol = self._tol(z.detach())
+        met = res <= self.tol
         if self._all_active:
             # Every sample stepped: the same updates without the masks.
             self._all_active = False
             self.steps = self.steps + 1
-            better = res <= self.best_res
+            # An iterate that meets its tolerance is kept even if an earlier one had a lower
+            # residual (possible when the tolerance moves with ‖z‖).
+            better = (res <= self.best_res) | met
             # On the CPU (a check every step) a synchronisation is cheaper than a masked copy
             # of the iterate, and the residual usually decreases for every sample.
             if self.check_every == 1 and bool(better.all()):
                 self.best_z = z
                 self.best_res = res
+                self.best_tol = self.tol
             else:
                 self.best_z = torch.where(better.unsqueeze(-1), z, self.best_z)
                 self.best_res = torch.where(better, res, self.best_res)
+                self.best_tol = torch.where(better, self.tol, self.best_tol)
             self.res = res
-            self.done = res <= self.tol
+            self.done = met
             return
         self.steps = self.steps + stepped.long()
-        better = stepped & (res <= self.best_res)
+        better = stepped & ((res <= self.best_res) | met)
         self.best_z = torch.where(better.unsqueeze(-1), z, self.best_z)
         self.best_res = torch.where(better, res, self.best_res)
+        self.best_tol = torch.where(better, self.tol, self.best_tol)
         self.res = torch.where(stepped, res, self.res)
-        self.done = self.done | (self.res <= self.tol)
+        self.done = self.done | (stepped & met)
 
     def stop(self, force: bool = False) -> bool:
         """Every ``check_every`` steps (or if ``force``): True when all samples are done."""
@@ -163,9 +199,16 @@ class Monitor:
         ).tolist()
         self._all_active = not flags[2]
         if not flags[1]:
+            bad = (~torch.isfinite(self.res)).nonzero().flatten().tolist()
+            which = ""
+            if self.problem.batched:
+                listed = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+                # One bad sample fails the whole batch: a batch is one call, and returning the
+                # other samples while one holds garbage would be silent.
+                which = f" (batch sample(s) {listed} of {self.res.numel()}; the whole batch fails)"
             raise NonFiniteError(
                 f"{self.solver.name}: the residual of the {self.problem.kind} problem became NaN "
-                "or Inf during the forward solve. "
+                f"or Inf during the forward solve{which}. "
                 + self.solver._advice(self.problem)
                 + " Also check the inputs and parameters for NaN."
             )
@@ -173,12 +216,12 @@ class Monitor:
 
     def finish(self) -> tuple[Tensor, SolveInfo]:
         self.stop(force=True)
-        converged = self.best_res <= self.tol
+        converged = self.best_res <= self.best_tol
         info = SolveInfo(
             converged=converged,
             steps=self.steps,
             residual=self.best_res.detach(),
             solver=self.solver.name,
-            tolerance=self.tol.detach(),
+            tolerance=self.best_tol.detach(),
         )
         return self.best_z, info

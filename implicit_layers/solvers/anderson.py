@@ -13,6 +13,13 @@ from ._base import ForwardSolver, Monitor
 __all__ = ["Anderson"]
 
 
+def _extreme(norms: Tensor, safe: tuple[float, float]) -> bool:
+    """Whether some norm lies outside ``safe`` (or is NaN); one synchronisation."""
+    low, high = torch.aminmax(norms)
+    low, high = float(low), float(high)
+    return not (safe[0] <= low and high <= safe[1])
+
+
 class Anderson(ForwardSolver):
     """Anderson acceleration of the map ``G(z) = z - F(z)`` (``= f(z)`` for fixed points).
 
@@ -59,6 +66,9 @@ class Anderson(ForwardSolver):
         if reg is None:
             reg = 100 * torch.finfo(z0.dtype).eps
         beta = self.mixing
+        finfo = torch.finfo(z0.dtype)
+        # Residual norms in this range have Gram entries far from under- and overflow.
+        safe = (finfo.tiny**0.25, finfo.max**0.25)
         z = z0
         r = problem.residual(z, create_graph=differentiable)
         mon = Monitor(self, problem, z, r)
@@ -97,7 +107,15 @@ class Anderson(ForwardSolver):
             else:
                 # The map values are G(z_i) = z_i - r_i; the mixing weights minimise
                 # ‖Σ α_i r_i‖ subject to Σ α_i = 1 (order of the history is irrelevant).
-                H = torch.bmm(R, R.mT)
+                # The weights do not depend on the scale of the residuals: dividing them by
+                # their largest entry keeps the Gram matrix away from underflow (residuals of
+                # 1e-160 have a Gram matrix of 0 in float64) and from overflow. On the CPU one
+                # look at the residual norms skips this (B, m, n) pass when it is not needed.
+                Rn = R
+                if mon.check_every != 1 or _extreme(mon.res, safe):
+                    rscale = R.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(z.dtype).tiny)
+                    Rn = R / rscale[:, None, None]
+                H = torch.bmm(Rn, Rn.mT)
                 m = H.shape[-1]
                 diag = H.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(z.dtype).tiny)
                 eye = torch.eye(m, dtype=z.dtype, device=z.device)

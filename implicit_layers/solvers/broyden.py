@@ -8,7 +8,7 @@ from torch import Tensor
 from .._config import check_positive_int
 from .._info import OnFailure, SolveInfo
 from .._problem import Problem
-from ._base import ForwardSolver, Monitor
+from ._base import ForwardSolver, Monitor, _norm
 
 __all__ = ["Broyden"]
 
@@ -17,15 +17,31 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(-1)
 
 
+def _secant_scale(s: Tensor, y: Tensor, fallback: Tensor) -> Tensor:
+    """Per sample ``sᵀy / yᵀy`` (a scalar inverse Jacobian along the secant pair), shape
+    ``(B, 1)``, or ``fallback`` where the pair is degenerate."""
+    yy = _dot(y, y).unsqueeze(-1)
+    bb = _dot(s, y).unsqueeze(-1) / yy.clamp_min(torch.finfo(y.dtype).tiny)
+    return torch.where((yy > 0) & torch.isfinite(bb) & (bb != 0), bb, fallback)
+
+
 class Broyden(ForwardSolver):
     """Good Broyden's method on ``F(z) = 0``, per sample.
 
-    Keeps an inverse-Jacobian estimate ``H = I + Σ u_i v_iᵀ`` (starting at the identity, which
-    is exact for a fixed point with ``f`` constant) and steps ``z ← z - H F(z)``. At most
-    ``memory`` rank-one factors are kept: when they are all used the estimate restarts from the
-    identity, so memory stays at ``2 · memory · B · n`` however many steps are taken. An update
-    whose denominator ``sᵀ H y`` is below ``sqrt(eps) ‖s‖ ‖H y‖`` is skipped for that sample.
-    One evaluation of ``F`` per step.
+    Keeps an inverse-Jacobian estimate ``H = γ I + Σ u_i v_iᵀ`` and tries the step
+    ``z ← z - t H F(z)``. ``γ`` starts at 1 (exact for a fixed point with ``f`` constant) and is
+    rescaled after the first step to ``sᵀy / yᵀy`` of the first secant pair, which also finds
+    its sign: ``F(z) = f(z) - z`` (``∂F/∂z ≈ -I``) and ``z - f(z)`` are solved alike.
+    At most ``memory`` rank-one factors are kept: when they are all used the estimate restarts
+    from ``γ I``, so memory stays at ``2 · memory · B · n`` however many steps are taken. An
+    update whose denominator ``sᵀ H y`` is below ``sqrt(eps) ‖s‖ ‖H y‖`` is skipped for that
+    sample.
+
+    Globalisation, per sample: a trial step that increases ``‖F‖`` (or overflows) is rejected;
+    the sample stays where it was, its estimate still learns from the trial's secant pair, and
+    the next trial is half as long. After 6 rejections in a row the sample's estimate restarts
+    from ``γ I`` with ``γ`` from its last secant pair. One evaluation of ``F`` per step, trial
+    or not; ``steps`` counts them.
 
     Args:
         memory: number of rank-one updates kept before a restart (default 30).
@@ -55,6 +71,7 @@ class Broyden(ForwardSolver):
         z = z0
         r = problem.residual(z, create_graph=differentiable)
         mon = Monitor(self, problem, z, r)
+        B, n = z.shape
         us: list[Tensor] = []
         vs: list[Tensor] = []
         # Without autograd the factors live in preallocated (B, memory, n) buffers, filled in
@@ -62,9 +79,13 @@ class Broyden(ForwardSolver):
         # (differentiable) solves keep lists, since autograd forbids overwriting saved tensors.
         buffered = not differentiable
         if buffered:
-            B, n = z.shape
             Ubuf = z.new_empty(B, self.memory, n)
             Vbuf = z.new_empty(B, self.memory, n)
+        # Per sample: the initial estimate H0 = gamma I (gamma = 1, exact for a fixed point of
+        # a constant map, until a restart rescales it) and the length t of the next trial step.
+        gamma = z.new_ones(B, 1)
+        t = z.new_ones(B, 1)
+        rnorm = _norm(r)
 
         def factors() -> tuple[Tensor, Tensor]:
             if buffered:
@@ -73,48 +94,77 @@ class Broyden(ForwardSolver):
 
         # Products with the history as row vectors, (B, 1, n) @ (B, n, k) and (B, 1, k) @
         # (B, k, n): several times faster on the CPU than the column form (B, k, n) @ (B, n, 1).
-        def apply_h(x: Tensor) -> Tensor:  # H x = x + Uᵀ (V x)
+        def apply_h(x: Tensor) -> Tensor:  # H x = gamma x + Uᵀ (V x)
             if not us:
-                return x
+                return gamma * x
             U, V = factors()
             row = x.unsqueeze(1)
-            return (row + (row @ V.mT) @ U).squeeze(1)
+            return torch.addcmul(((row @ V.mT) @ U).squeeze(1), gamma, x)
 
-        def apply_ht(x: Tensor) -> Tensor:  # Hᵀ x = x + Vᵀ (U x)
+        def apply_ht(x: Tensor) -> Tensor:  # Hᵀ x = gamma x + Vᵀ (U x)
             if not us:
-                return x
+                return gamma * x
             U, V = factors()
             row = x.unsqueeze(1)
-            return (row + (row @ U.mT) @ V).squeeze(1)
+            return torch.addcmul(((row @ U.mT) @ V).squeeze(1), gamma, x)
 
         # An update whose denominator sᵀHy is tiny relative to ‖s‖‖Hy‖ carries no reliable
         # curvature information and would blow up the estimate: it is skipped (per sample).
         guard = torch.finfo(z.dtype).eps ** 0.5
-        Hr = r  # H r with H = I
+        # Globalisation: a trial step z + t d (d = -H F(z)) is accepted only if it does not
+        # increase ‖F‖. A rejected trial still gives a valid secant pair at z, so it updates H
+        # (the estimate learns, e.g., that ∂F/∂z ≈ -I where H0 = I points the wrong way) and
+        # the sample retries from z with a halved t: no extra synchronisation, one evaluation
+        # of F per step as before. After `max_halvings` rejections in a row the sample's
+        # estimate restarts from gamma I with the scale (and sign) of the last secant pair.
+        max_halvings = 6
+        rejections = torch.zeros(B, dtype=torch.int64, device=z.device)
+        Hr = apply_h(r)
+        first = True
+        shortened = False  # whether some sample's t may be below 1
+        step = 0
         for _ in range(self.max_steps):
             if mon.stop():
                 break
             active = mon.active
             mask = active.unsqueeze(-1)
-            s = torch.where(mask, -Hr, torch.zeros_like(r))
-            z = z + s
-            r_new = problem.residual(z, create_graph=differentiable)
+            step_dir = -t * Hr if shortened else -Hr
+            s = step_dir if mon.all_active else torch.where(mask, step_dir, torch.zeros_like(r))
+            z_trial = z + s
+            r_trial = problem.residual(z_trial, create_graph=differentiable)
+            trial_norm = _norm(r_trial)
+            finite = torch.isfinite(trial_norm)
+            accept = active & finite & (trial_norm <= rnorm)
+            # On the CPU (a check every step) one synchronisation finds the usual case, every
+            # sample accepting its step, and skips the masked updates below.
+            easy = mon.check_every == 1 and bool(accept.all())
+            if not easy:
+                # A non-finite trial (overflow far from z) teaches nothing: no update.
+                fin = finite.unsqueeze(-1)
+                r_trial = torch.where(fin, r_trial, r)
+                s = torch.where(fin, s, torch.zeros_like(s))
+            if first:
+                # Scale H0 = gamma I by the first secant pair (sᵀy / yᵀy, as L-BFGS scales its
+                # initial Hessian): this gets the sign right when ∂F/∂z ≈ -I (F(z) = f(z) - z
+                # rather than z - f(z)), where H0 = I steps away from the root.
+                first = False
+                gamma = torch.where(finite.unsqueeze(-1), _secant_scale(s, r_trial - r, gamma), gamma)
+                Hr = gamma * r
             if len(us) == self.memory:
-                # Restart from H = I when the memory is full. Dropping only the oldest update
-                # would leave the others, each built on the estimate that included it,
+                # Restart from H = gamma I when the memory is full. Dropping only the oldest
+                # update would leave the others, each built on the estimate that included it,
                 # inconsistent; on a slowly contracting map that made the iteration diverge.
                 us.clear()
                 vs.clear()
-                h = r_new
-                Hy = r_new - r
+                h = gamma * r_trial
+                Hr = gamma * r
             else:
-                # H y = H r_new - H r reuses H r from the step: one product with H per step
-                # fewer, and H r_new serves the next step too.
-                h = apply_h(r_new)
-                Hy = h - Hr
+                h = apply_h(r_trial)
+            # H y = H r_trial - H r reuses H r from the step.
+            Hy = h - Hr
             denom = _dot(s, Hy)
             scale = torch.linalg.vector_norm(s, dim=-1) * torch.linalg.vector_norm(Hy, dim=-1)
-            ok = active & (denom.abs() > guard * scale)
+            ok = active & finite & (denom.abs() > guard * scale) & (scale > 0)
             safe = torch.where(ok, denom, torch.ones_like(denom))
             u = torch.where(ok.unsqueeze(-1), (s - Hy) / safe.unsqueeze(-1), torch.zeros_like(s))
             v = apply_ht(s)
@@ -123,8 +173,39 @@ class Broyden(ForwardSolver):
                 Vbuf[:, len(us)] = v
             us.append(u)
             vs.append(v)
-            # The updated estimate H + u vᵀ applied to r_new, for the next step.
-            Hr = h + u * _dot(v, r_new).unsqueeze(-1)
-            r = r_new
+            if easy:
+                # The updated estimate H + u vᵀ applied to the new residual, for the next step.
+                Hr = h + u * _dot(v, r_trial).unsqueeze(-1)
+                z, r, rnorm = z_trial, r_trial, trial_norm
+                if shortened:
+                    t = torch.ones_like(t)
+                    shortened = False
+                rejections.zero_()
+                mon.record(z, r, active)
+                continue
+            acc = accept.unsqueeze(-1)
+            r_next = torch.where(acc, r_trial, r)
+            Hr = torch.where(acc, h, Hr) + u * _dot(v, r_next).unsqueeze(-1)
+            y = r_trial - r
+            z = torch.where(acc, z_trial, z)
+            r = r_next
+            rnorm = torch.where(accept, trial_norm, rnorm)
+            rejections = torch.where(accept | ~active, 0, rejections + 1)
+            t = torch.where(acc, torch.ones_like(t), 0.5 * t)
+            shortened = True
+            restart = (rejections >= max_halvings).unsqueeze(-1)
+            step += 1
+            # Whether any sample must restart is asked only as often as the monitor
+            # synchronises (every step on the CPU); meanwhile such a sample keeps halving t.
+            if step % mon.check_every == 0 and bool(restart.any()):
+                keep = (~restart).to(z.dtype)
+                gamma = torch.where(restart, _secant_scale(s, y, gamma), gamma)
+                if buffered:
+                    Ubuf[:, : len(us)] *= keep.unsqueeze(-1)
+                else:
+                    us[:] = [uu * keep for uu in us]
+                t = torch.where(restart, torch.ones_like(t), t)
+                rejections = torch.where(restart.squeeze(-1), 0, rejections)
+                Hr = torch.where(restart, gamma * r, Hr)
             mon.record(z, r, active)
         return mon.finish()
