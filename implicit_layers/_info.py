@@ -6,6 +6,7 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Literal, cast
 
 import torch
@@ -145,7 +146,7 @@ def user_stacklevel() -> int:
     ``warnings.warn(..., skip_file_prefixes=...)`` does this from Python 3.12 on; walking the
     stack works on every supported version.
     """
-    frame = sys._getframe(1)  # the function that will call warnings.warn: stacklevel 1
+    frame: FrameType | None = sys._getframe(1)  # the caller of warnings.warn: stacklevel 1
     level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
         frame = frame.f_back

@@ -229,7 +229,7 @@ class DEQ(torch.nn.Module):
             ``z*`` of shape ``(B, *state_shape)``, and the info if ``return_info``.
         """
         z0 = _initial_guess(z0, "z0", x, self.state_shape, "state_shape", self)
-        if z0.shape[0] == 0:
+        if x.shape[0] == 0:
             # An empty batch has nothing to solve; like nn.Linear, return an empty batch
             # (through f, so that the parameters still receive their zero gradients).
             return _empty_result(self.f(z0, x), self.active_solver, return_info)

@@ -485,7 +485,7 @@ class TestDefaultBackward:
     def test_dense_only_where_it_is_cheap(self, B, n, expected):
         # Measured by benchmarks/default_backward.py: Dense costs ~B n³ against CG's k B n².
         z0 = torch.zeros(B, n, dtype=F64)
-        problem = Problem("argmin", lambda w: (w**2).sum(-1), (), z0, True, "fun")
+        problem = Problem("argmin", lambda w: (w**2).sum(-1), (), z0, batched=True, name="fun")
         assert _implicit.default_linear_solver(problem).name == expected
 
     def test_default_backward_on_a_batch_of_per_sample_hessians(self):

@@ -1,13 +1,14 @@
-"""A model containing ``il.nn.DEQ`` under FSDP2 (``fully_shard``): 2 CPU processes, gloo.
+"""Models containing ``il.nn.DEQ`` or ``il.nn.ArgminLayer`` under FSDP2 (``fully_shard``): 2 CPU
+processes, gloo.
 
 FSDP2 shards every parameter across the ranks and gathers them around the forward and the
 backward of each module it wraps. The DEQ's forward solve calls ``f`` many times without a
 graph, and its implicit backward runs vector-Jacobian products (``torch.autograd.grad`` with
 respect to the equilibrium only) inside a custom ``autograd.Function.backward``. The parameter
-gradients still arrive once, through the graph of the final evaluation of ``f``, and FSDP2
-reduce-scatters them as for any module. The test checks that the gathered gradients of every
-rank equal the single-process gradients on the union of the shards, with FSDP2 units at three
-levels: the whole model, the DEQ module, and the DEQ's map ``f``.
+gradients still arrive once, as outputs of that function, and FSDP2 reduce-scatters them as for
+any module. The test checks that the gathered gradients of every rank equal the single-process
+gradients on the union of the shards, with FSDP2 units at three levels (the whole model, the
+DEQ module, and the DEQ's map ``f``), and for a box-constrained ``ArgminLayer``.
 
 Each unit's forward gathers its parameters (a collective every rank must join equally often),
 and the solver calls ``f`` a data-dependent number of times per rank. ``f`` as its own unit
@@ -28,7 +29,7 @@ import implicit_layers as il
 
 F64 = torch.float64
 WORLD = 2
-WRAPS = ("root", "deq", "map")
+WRAPS = ("root", "deq", "map", "argmin")
 
 try:
     from torch.distributed.device_mesh import init_device_mesh
@@ -47,8 +48,22 @@ class Cell(torch.nn.Module):
         return torch.tanh(z @ self.W.T + self.U(x))
 
 
-def build() -> torch.nn.Module:
+class Quadratic(torch.nn.Module):
+    def __init__(self, n: int, p: int) -> None:
+        super().__init__()
+        self.L = torch.nn.Parameter(torch.randn(n, n) / n**0.5)
+        self.P = torch.nn.Parameter(torch.randn(n, p))
+
+    def forward(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        Q = self.L @ self.L.T + 0.5 * torch.eye(self.L.shape[0], dtype=w.dtype)
+        return 0.5 * ((w @ Q) * w).sum(-1) - (w * (x @ self.P.T)).sum(-1)
+
+
+def build(wrap: str = "root") -> torch.nn.Module:
     torch.manual_seed(0)
+    if wrap == "argmin":
+        layer = il.nn.ArgminLayer(Quadratic(4, 3), w_shape=4, lower=-0.3, upper=0.3)
+        return torch.nn.Sequential(layer, torch.nn.Linear(4, 2)).to(F64)
     return torch.nn.Sequential(il.nn.DEQ(Cell(6, 3), state_shape=6), torch.nn.Linear(6, 2)).to(F64)
 
 
@@ -69,8 +84,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
         for wrap in WRAPS:
-            model = build()
-            if wrap == "deq":
+            model = build(wrap)
+            if wrap in ("deq", "argmin"):
                 fully_shard(model[0], mesh=mesh)
             elif wrap == "map":
                 # f as its own unit: its parameters must stay gathered for the whole forward,
@@ -100,10 +115,10 @@ def free_port() -> int:
                     reason="needs torch.distributed with gloo and FSDP2 (fully_shard)")
 def test_fsdp2_gradients_equal_single_process(tmp_path):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    model = build()
-    x, y = data()
-    loss_fn(model, x, y).backward()
     for wrap in WRAPS:
+        model = build(wrap)
+        x, y = data()
+        loss_fn(model, x, y).backward()
         for rank in range(WORLD):
             grads = torch.load(tmp_path / f"{wrap}{rank}.pt")
             assert set(grads) == {n for n, _ in model.named_parameters()}

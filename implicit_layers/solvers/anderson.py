@@ -15,8 +15,8 @@ __all__ = ["Anderson"]
 
 def _extreme(norms: Tensor, safe: tuple[float, float]) -> bool:
     """Whether some norm lies outside ``safe`` (or is NaN); one synchronisation."""
-    low, high = torch.aminmax(norms)
-    low, high = float(low), float(high)
+    bounds = torch.aminmax(norms)
+    low, high = float(bounds.min), float(bounds.max)
     return not (safe[0] <= low and high <= safe[1])
 
 
