@@ -64,7 +64,9 @@ def _bind(problem: Problem, z: Tensor) -> Problem:
     the tensors it depends on that carry derivatives (explicit arguments and closed-over
     tensors, module parameters included)."""
     if _derivatives_requested():
-        out, params = capture(lambda: problem._call(z), exclude=(z,))
+        # No graph: the capture only looks at which tensors enter the operations.
+        with torch.no_grad():
+            out, params = capture(lambda: problem._call(z), exclude=(z,))
         # An explicit argument that carries derivatives makes the solution carry them too,
         # even where the function ignores it (its derivative is then zero), as for torch ops.
         explicit = [t for t in tree_flatten((problem.args, problem.kwargs))[0]

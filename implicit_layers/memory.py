@@ -46,13 +46,16 @@ class SavedTensorBytes:
         self.live = 0
         self.peak = 0
         self._seen: dict[int, int] = {}
+        # Bytes of saved storages the graphs have let go of: their addresses may be reused by
+        # later storages, which must count again.
+        self._freed = 0
         self._refs: dict[int, int] = {}
         self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
 
     @property
     def total(self) -> int:
-        return sum(self._seen.values())
+        return self._freed + sum(self._seen.values())
 
     def collect(self) -> int:
         """Run the garbage collector, then return :attr:`live`."""
@@ -64,6 +67,7 @@ class SavedTensorBytes:
         if self._refs[key] == 0:
             del self._refs[key]
             self.live -= nbytes
+            self._freed += self._seen.pop(key, 0)
 
     def _pack(self, t: Tensor) -> object:
         storage = t.untyped_storage()
