@@ -26,11 +26,22 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
 
 from benchmarks._common import Config, Section, restore_threads, set_threads  # noqa: E402
 
-PROBLEMS = ("ridge", "deq", "memory", "linsolve", "batched", "imaml", "higher_order")
+PROBLEMS = (
+    "ridge", "deq", "memory", "linsolve", "batched", "imaml", "higher_order", "ops_per_iteration",
+)
 
 
 def _runner(name: str):
-    from benchmarks import batched, deq, higher_order, imaml, linsolve, memory, ridge
+    from benchmarks import (
+        batched,
+        deq,
+        higher_order,
+        imaml,
+        linsolve,
+        memory,
+        ops_per_iteration,
+        ridge,
+    )
 
     return {
         "ridge": ridge.run_ridge,
@@ -40,6 +51,7 @@ def _runner(name: str):
         "batched": batched.run_batched,
         "imaml": imaml.run_imaml,
         "higher_order": higher_order.run_higher_order,
+        "ops_per_iteration": ops_per_iteration.run_ops_per_iteration,
     }[name]
 
 
