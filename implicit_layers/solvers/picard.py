@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
 from .._config import check_tolerance
 from .._info import OnFailure, SolveInfo
 from .._problem import Problem
-from ._base import ForwardSolver, Monitor
+from ._base import ForwardSolver
+from ._window import WindowMonitor
 
-__all__ = ["Picard"]
+__all__ = ["Picard", "picard_step", "damped_step"]
 
 
 class Picard(ForwardSolver):
@@ -47,30 +50,44 @@ class Picard(ForwardSolver):
             raise ValueError("damping must be > 0, got 0.")
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
-        z = z0
         # Plain fixed-point iteration keeps f(z): the next iterate is f(z) itself rather than
         # z - (z - f(z)), one subtraction less per step (and no rounding from it).
         plain = problem.kind == "fixed_point" and self.damping == 1.0
-        fz = z  # f(z), used only by plain iteration
+        z = z0
         if plain:
-            fz = problem.fixed_point_map(z)
+            fmap = problem.fixed_point_map
+            fz = fmap(z)
             r = z - fz
         else:
-            r = problem.residual(z, create_graph=differentiable)
-        mon = Monitor(self, problem, z, r)
+            def residual(v: Tensor) -> Tensor:
+                return problem.residual(v, create_graph=differentiable)
+
+            r = residual(z)
+        # The bookkeeping runs at the checks only: a step is the map and one subtraction.
+        mon = WindowMonitor(self, problem, z, r)
         for _ in range(self.max_steps):
             if mon.stop():
                 break
-            active = mon.active
             if plain:
-                new = fz
+                z, fz, r = picard_step(fmap, fz)
             else:
-                new = z - (r if self.damping == 1.0 else self.damping * r)
-            z = new if mon.all_active else torch.where(active.unsqueeze(-1), new, z)
-            if plain:
-                fz = problem.fixed_point_map(z)
-                r = z - fz
-            else:
-                r = problem.residual(z, create_graph=differentiable)
-            mon.record(z, r, active)
+                z, r = damped_step(residual, z, r, self.damping)
+            mon.record(z, r)
         return mon.finish()
+
+
+def picard_step(f: Callable[[Tensor], Tensor], fz: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One plain step from ``z`` given ``f(z)``: the new iterate ``z' = f(z)``, ``f(z')`` and
+    the residual ``z' - f(z')``, all ``(B, n)``. Free of host synchronisation and Python
+    branches on data (it compiles with ``torch.compile(fullgraph=True)``)."""
+    z = fz
+    fz = f(z)
+    return z, fz, z - fz
+
+
+def damped_step(
+    residual: Callable[[Tensor], Tensor], z: Tensor, r: Tensor, damping: float
+) -> tuple[Tensor, Tensor]:
+    """One damped step ``z' = z - damping · r`` and its residual, both ``(B, n)``."""
+    z = z - r if damping == 1.0 else torch.add(z, r, alpha=-damping)
+    return z, residual(z)

@@ -1,0 +1,255 @@
+"""A convergence monitor that does its per-sample bookkeeping only at the checks.
+
+:class:`Monitor` updates tolerances, done flags, step counts and the best iterate after every
+step (about twenty small ops, each a kernel launch on a GPU). :class:`WindowMonitor` gives the
+same answers with no work per step: the solver hands it each new iterate and residual, which it
+keeps (references, no copies) until the next check; the check then judges the whole window at
+once with :func:`judge_window`. Samples keep iterating after they converge (their map values
+are computed anyway, as the map runs on the whole batch); the monitor ignores every iterate of
+a sample after its first one that met the tolerance, so the returned iterate, the step counts
+and the verdicts equal a loop that froze each sample the moment it converged.
+
+Solvers that use it must treat samples independently (every batched problem does), and accept
+that a converged sample's later iterates may be anything (even NaN): they are never returned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .._config import default_check_every
+from .._info import NonFiniteError, SolveInfo
+from .._problem import Problem
+from ._base import ForwardSolver
+
+__all__ = ["WindowMonitor", "judge_window"]
+
+
+def judge_window(
+    res: Tensor, tol: Tensor, done: Tensor, best_res: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The per-step bookkeeping of a window of ``W`` steps, replayed at once (no host sync).
+
+    Step ``j`` of a sample counts while the sample is alive (not done before the window, and
+    no earlier step of the window met its tolerance). An alive step becomes the sample's best
+    iterate when its residual is at most the lowest seen so far, or when it meets its
+    tolerance; the last such step wins, as in a step-by-step loop.
+
+    Args:
+        res: residual norms of the window's iterates, shape ``(B, W)``.
+        tol: their tolerances, ``(B, W)`` (or ``(B, 1)``: the same for every step).
+        done: samples done before the window, ``(B, 1)`` bool.
+        best_res: lowest residual before the window, ``(B, 1)``.
+
+    Returns:
+        ``(pick, met, dead, chosen_any, worst)``: ``pick`` ``(B, 1)`` int64, the index in the
+        window of each sample's new best iterate (valid where ``chosen_any``, ``(B, 1)``
+        bool); ``met`` and ``dead`` (the steps that do not count) ``(B, W)`` bool; ``worst``,
+        a 0-dim tensor that is finite exactly when every alive residual is.
+    """
+    met = res <= tol
+    # dead: done before, or an earlier step of the window met the tolerance
+    dead = (torch.cumsum(met, dim=-1) + done) > met
+    masked = res.masked_fill(dead, torch.inf)
+    low = torch.minimum(masked.amin(-1, keepdim=True), best_res)
+    chosen = (masked <= low) | (met > dead)
+    top = (chosen * _arange(res.shape[-1], res.device, 1)).amax(-1, keepdim=True)
+    worst = res.masked_fill(dead, 0.0).amax()
+    return (top - 1).clamp_min(0), met, dead, top > 0, worst
+
+
+_ARANGE: dict[tuple[int, torch.device, int], Tensor] = {}
+
+
+def _arange(n: int, device: torch.device, start: int = 0) -> Tensor:
+    """``arange(start, start + n)`` on ``device``, made once (the loops reuse it)."""
+    key = (n, device, start)
+    out = _ARANGE.get(key)
+    if out is None:
+        if len(_ARANGE) > 64:
+            _ARANGE.clear()
+        out = _ARANGE[key] = torch.arange(start, start + n, device=device)
+    return out
+
+
+def _norm(x: Tensor) -> Tensor:
+    """Per-sample norm of the last dimension for the convergence test (detached), accumulated
+    in float64 for narrower dtypes (see :func:`~implicit_layers.solvers._base._norm`)."""
+    if x.requires_grad:
+        x = x.detach()
+    if x.dtype == torch.float64:
+        return torch.linalg.vector_norm(x, dim=-1)
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).to(x.dtype)
+
+
+class WindowMonitor:
+    """Per-sample bookkeeping of a forward solve, done only at the convergence checks.
+
+    Same contract as :class:`~implicit_layers.solvers.base.Monitor` (tolerance, per-sample
+    verdicts, step counts, the lowest-residual iterate or the first that met its tolerance),
+    with no ops between checks: :meth:`record` only keeps references to the iterate and its
+    residual. Samples are not frozen when they converge: the solver keeps stepping the whole
+    batch (no masks) and the monitor ignores what a sample does after converging.
+
+    Args:
+        solver: the solver (its tolerances, ``check_every`` and name).
+        problem: the problem (its kind decides the tolerance, see ``ForwardSolver``).
+        z0: the initial iterate ``(B, n)``.
+        r0: its residual ``(B, n)``.
+    """
+
+    def __init__(self, solver: ForwardSolver, problem: Problem, z0: Tensor, r0: Tensor) -> None:
+        self.solver = solver
+        self.problem = problem
+        rtol = solver.resolved_rtol(z0.dtype)
+        self.rtol = rtol
+        self.atol = solver.atol
+        self.check_every = solver.check_every or default_check_every(z0.device)
+        self.relative_to_z = problem.kind == "fixed_point"
+        res = _norm(r0).unsqueeze(-1)
+        # Fixed points: the floor of the scale is ‖f(z0)‖ (f(z0) = z0 - r0); see Monitor.
+        scale0 = _norm(z0 - r0).unsqueeze(-1) if self.relative_to_z else res
+        # tol = max(atol, rtol · max(‖z‖, scale0)) = max(rtol ‖z‖, tol0), exactly (rounding is
+        # monotone): one multiply and one clamp per iterate.
+        self.tol0 = torch.clamp(rtol * scale0, min=self.atol)
+        tol = self._tol(_norm(z0).unsqueeze(-1)) if self.relative_to_z else self.tol0
+        # Per-sample state as (B, 1) columns: they broadcast against a window's (B, W).
+        self.res = res
+        self.best_z = z0
+        self.best_res = res
+        self.best_tol = tol
+        self.done = res <= tol
+        self.steps = torch.zeros(z0.shape[0], 1, dtype=torch.int64, device=z0.device)
+        self.k = 0
+        self._zs: list[Tensor] = []
+        self._rs: list[Tensor] = []
+        # Known from the last check: no sample was done (the one-step window then needs no
+        # masks).
+        self._none_done = False
+        self._dead: Tensor | None = None
+        self._window_res: Tensor | None = None
+
+    def _tol(self, znorm: Tensor) -> Tensor:
+        return torch.clamp(znorm * self.rtol, min=self.tol0)
+
+    def record(self, z: Tensor, r: Tensor) -> None:
+        """Register the new iterate ``z`` (every sample stepped) and its residual ``r``."""
+        self._zs.append(z)
+        self._rs.append(r)
+
+    def _judge_one(self) -> list[bool]:
+        """A window of one step (``check_every=1``, the CPU default): the step-by-step rule
+        with one synchronisation, and no masks while no sample is done."""
+        z, r = self._zs[0], self._rs[0]
+        self._zs, self._rs = [], []
+        res = _norm(r).unsqueeze(-1)
+        tol = self._tol(_norm(z).unsqueeze(-1)) if self.relative_to_z else self.tol0
+        met = res <= tol
+        if self._none_done:
+            better = (res <= self.best_res) | met
+            flags = torch.stack([met.all(), torch.isfinite(res).all(), met.any(), better.all()])
+            all_done, finite, any_done, all_better = flags.tolist()
+            self.steps = self.steps + 1
+            if all_better:
+                # On the CPU a synchronisation is cheaper than a masked copy of the iterate.
+                self.best_z, self.best_res, self.best_tol = z, res, tol
+            else:
+                self.best_z = torch.where(better, z, self.best_z)
+                self.best_res = torch.where(better, res, self.best_res)
+                self.best_tol = torch.where(better, tol, self.best_tol)
+            self.res, self.done = res, met
+        else:
+            alive = ~self.done
+            better = alive & ((res <= self.best_res) | met)
+            self.steps = self.steps + alive
+            self.best_z = torch.where(better, z, self.best_z)
+            self.best_res = torch.where(better, res, self.best_res)
+            self.best_tol = torch.where(better, tol, self.best_tol)
+            self.res = torch.where(alive, res, self.res)
+            self.done = self.done | met
+            flags = torch.stack([self.done.all(), torch.isfinite(self.res).all(), self.done.any()])
+            all_done, finite, any_done = flags.tolist()
+        self._none_done = not any_done
+        self._dead = None
+        return [all_done, finite]
+
+    def _judge(self) -> list[bool]:
+        """Fold the window into the bookkeeping; one synchronisation for
+        ``[all samples done, every alive residual finite]``."""
+        zs, rs = self._zs, self._rs
+        self._zs, self._rs = [], []
+        Z, R = torch.stack(zs, dim=1), torch.stack(rs, dim=1)
+        res = _norm(R)
+        tol = self._tol(_norm(Z)) if self.relative_to_z else self.tol0
+        pick, met, dead, chosen, worst = judge_window(res, tol, self.done, self.best_res)
+        self.best_res = torch.where(chosen, res.gather(-1, pick), self.best_res)
+        self.best_tol = torch.where(
+            chosen, tol.gather(-1, pick) if tol.shape[-1] > 1 else tol, self.best_tol
+        )
+        rows = _arange(Z.shape[0], Z.device)
+        self.best_z = torch.where(chosen, Z[rows, pick.squeeze(-1)], self.best_z)
+        self.steps = self.steps + (res.shape[-1] - dead.sum(-1, keepdim=True))
+        self.done = self.done | met.any(-1, keepdim=True)
+        self._dead, self._window_res = dead, res
+        self._none_done = False  # not known without another flag; the masked path is exact
+        # one synchronisation; a NaN or Inf in `worst` means an alive residual was not finite
+        all_done, worst_v = torch.stack([self.done.all().to(worst.dtype), worst]).tolist()
+        return [bool(all_done), math.isfinite(worst_v)]
+
+    def stop(self, force: bool = False) -> bool:
+        """Every ``check_every`` steps (or if ``force``): True when all samples are done.
+
+        The only host synchronisation of the loop. Raises
+        :class:`~implicit_layers.NonFiniteError` when a sample that has not converged has a
+        NaN or Inf residual.
+        """
+        self.k += 1
+        if not force and (self.k - 1) % self.check_every != 0:
+            return False
+        if not self._zs:
+            flags = torch.stack(
+                [self.done.all(), torch.isfinite(self.res).all(), self.done.any()]
+            ).tolist()
+            self._none_done = not flags[2]
+        elif len(self._zs) == 1:
+            flags = self._judge_one()
+        else:
+            flags = self._judge()
+        if not flags[1]:
+            self._raise_non_finite()
+        return bool(flags[0])
+
+    def _raise_non_finite(self) -> None:
+        which = ""
+        if self.problem.batched:
+            if self._dead is not None and self._window_res is not None:
+                nonfinite = (~self._dead & ~torch.isfinite(self._window_res)).any(-1)
+            else:
+                nonfinite = ~torch.isfinite(self.res).squeeze(-1)
+            bad = nonfinite.nonzero().flatten().tolist()
+            listed = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+            # One bad sample fails the whole batch: a batch is one call, and returning the
+            # other samples while one holds garbage would be silent.
+            which = f" (batch sample(s) {listed} of {self.res.numel()}; the whole batch fails)"
+        raise NonFiniteError(
+            f"{self.solver.name}: the residual of the {self.problem.kind} problem became NaN "
+            f"or Inf during the forward solve{which}. "
+            + self.solver._advice(self.problem)
+            + " Also check the inputs and parameters for NaN."
+        )
+
+    def finish(self) -> tuple[Tensor, SolveInfo]:
+        """Judge the last window and return the best iterate and the info."""
+        self.stop(force=True)
+        best_res, best_tol = self.best_res.squeeze(-1), self.best_tol.squeeze(-1)
+        info = SolveInfo(
+            converged=best_res <= best_tol,
+            steps=self.steps.squeeze(-1),
+            residual=best_res.detach(),
+            solver=self.solver.name,
+            tolerance=best_tol.detach(),
+        )
+        return self.best_z, info
