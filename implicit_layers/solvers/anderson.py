@@ -8,15 +8,15 @@ from torch import Tensor
 from .._config import check_positive_int, check_tolerance
 from .._info import OnFailure, SolveInfo
 from .._problem import Problem
-from ._base import ForwardSolver, Monitor
+from ._base import ForwardSolver
+from ._window import WindowMonitor
 
-__all__ = ["Anderson"]
+__all__ = ["Anderson", "anderson_step"]
 
 
 def _extreme(norms: Tensor, safe: tuple[float, float]) -> bool:
     """Whether some norm lies outside ``safe`` (or is NaN); one synchronisation."""
-    bounds = torch.aminmax(norms)
-    low, high = float(bounds.min), float(bounds.max)
+    low, high = torch.stack(torch.aminmax(norms)).tolist()
     return not (safe[0] <= low and high <= safe[1])
 
 
@@ -71,66 +71,97 @@ class Anderson(ForwardSolver):
         safe = (finfo.tiny**0.25, finfo.max**0.25)
         z = z0
         r = problem.residual(z, create_graph=differentiable)
-        mon = Monitor(self, problem, z, r)
-        # Without autograd the history lives in two preallocated ring buffers (iterates and
-        # residuals), written in place: no re-stacking of the whole history every step. The
-        # differentiable (unrolled) path keeps lists, as in-place writes would break autograd.
+        # Bookkeeping at the checks only; converged samples keep mixing (every sample has its
+        # own weights, so they do not disturb the others) and are never returned past the
+        # iterate that met the tolerance.
+        mon = WindowMonitor(self, problem, z, r)
+        # The history: residuals r_i and mixed map values g_i = z_i - β r_i (the next iterate
+        # is Σ α_i g_i). Without autograd they live in two preallocated ring buffers written in
+        # place; the differentiable (unrolled) path keeps lists, as in-place writes would break
+        # autograd.
         ring = not differentiable
         if ring:
-            X_buf = z.new_empty(z.shape[0], self.memory, z.shape[1])
-            R_buf = torch.empty_like(X_buf)
-        xs: list[Tensor] = []
+            G_buf = z.new_empty(z.shape[0], self.memory, z.shape[1])
+            R_buf = torch.empty_like(G_buf)
+            # the views of every slot, made once (a view is an op too)
+            G_slots, R_slots = G_buf.unbind(1), R_buf.unbind(1)
+        gs: list[Tensor] = []
         rs: list[Tensor] = []
+        ones = torch.ones(z.shape[0], 1, self.memory, dtype=z.dtype, device=z.device)
         count = 0
         for _ in range(self.max_steps):
             if mon.stop():
                 break
-            active = mon.active
             if ring:
                 slot = count % self.memory
-                X_buf[:, slot] = z
-                R_buf[:, slot] = r
+                g = G_slots[slot]
+                torch.sub(z, r, alpha=beta, out=g)
+                R_slots[slot].copy_(r)
                 count += 1
                 k = min(count, self.memory)
-                X, R = X_buf[:, :k], R_buf[:, :k]
+                G, R = (G_buf, R_buf) if k == self.memory else (G_buf[:, :k], R_buf[:, :k])
             else:
-                xs.append(z)
+                g = z - r if beta == 1.0 else torch.sub(z, r, alpha=beta)
+                gs.append(g)
                 rs.append(r)
-                if len(xs) > self.memory:
-                    xs.pop(0)
+                if len(gs) > self.memory:
+                    gs.pop(0)
                     rs.pop(0)
-                k = len(xs)
-                if k > 1:
-                    X, R = torch.stack(xs, dim=1), torch.stack(rs, dim=1)
+                k = len(gs)
+                G = torch.stack(gs, dim=1) if k > 1 else None
+                R = torch.stack(rs, dim=1) if k > 1 else None
             if k == 1:
-                z_new = z - beta * r
+                # a copy: the ring slot is overwritten later, the monitor keeps the iterate
+                z = g.clone() if ring else g
             else:
-                # The map values are G(z_i) = z_i - r_i; the mixing weights minimise
-                # ‖Σ α_i r_i‖ subject to Σ α_i = 1 (order of the history is irrelevant).
-                # The weights do not depend on the scale of the residuals: dividing them by
-                # their largest entry keeps the Gram matrix away from underflow (residuals of
-                # 1e-160 have a Gram matrix of 0 in float64) and from overflow. On the CPU one
-                # look at the residual norms skips this (B, m, n) pass when it is not needed.
-                Rn = R
-                if mon.check_every != 1 or _extreme(mon.res, safe):
-                    rscale = R.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(z.dtype).tiny)
-                    Rn = R / rscale[:, None, None]
-                H = torch.bmm(Rn, Rn.mT)
-                m = H.shape[-1]
-                diag = H.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(torch.finfo(z.dtype).tiny)
-                eye = torch.eye(m, dtype=z.dtype, device=z.device)
-                H = H + (reg * diag)[:, None, None] * eye
-                ones = torch.ones(z.shape[0], m, 1, dtype=z.dtype, device=z.device)
-                # solve_ex without error checks: no device synchronisation per step; the
-                # regularisation keeps H invertible and NaN is caught by the monitor.
-                w = torch.linalg.solve_ex(H, ones, check_errors=False)[0].squeeze(-1)
-                alpha = w / w.sum(-1, keepdim=True)
-                # row-vector batched products: one pass over the history, no (B, m, n) temporary
-                a_row = alpha.unsqueeze(1)
-                mixed_x = torch.bmm(a_row, X).squeeze(1)
-                # β Σ α_i G(z_i) + (1 - β) Σ α_i z_i = Σ α_i z_i - β Σ α_i r_i
-                z_new = mixed_x - beta * torch.bmm(a_row, R).squeeze(1)
-            z = torch.where(active.unsqueeze(-1), z_new, z)
+                # On the CPU one look at the residual norms skips the rescaling pass when it
+                # is not needed.
+                rescale = mon.check_every != 1 or _extreme(mon.res, safe)
+                z = anderson_step(G, R, ones[..., :k], reg, rescale)
             r = problem.residual(z, create_graph=differentiable)
-            mon.record(z, r, active)
+            mon.record(z, r)
         return mon.finish()
+
+
+def anderson_step(G: Tensor, R: Tensor, ones: Tensor, reg: float, rescale: bool = True) -> Tensor:
+    """The next Anderson iterate from a history of ``m`` steps, per sample.
+
+    The mixing weights minimise ``‖Σ α_i r_i‖`` subject to ``Σ α_i = 1`` (the order of the
+    history is irrelevant); the next iterate is ``Σ α_i g_i``. Free of host synchronisation
+    and of Python branches on data (it compiles with ``torch.compile(fullgraph=True)``).
+
+    Args:
+        G: mixed map values ``g_i = z_i - β r_i``, shape ``(B, m, n)``.
+        R: residuals ``r_i``, shape ``(B, m, n)``.
+        ones: ``(B, 1, m)`` ones (the right-hand side of the mixing system, as a row).
+        reg: Tikhonov term relative to the largest diagonal entry of the Gram matrix.
+        rescale: divide the residuals by their largest entry first. The weights do not depend
+            on the scale of the residuals; this keeps the Gram matrix away from underflow
+            (residuals of 1e-160 have a Gram matrix of 0 in float64) and from overflow.
+
+    Returns:
+        The next iterate, ``(B, n)``.
+    """
+    tiny = torch.finfo(R.dtype).tiny
+    if rescale:
+        # max |R| per sample in one op (the infinity norm over both dimensions)
+        top = torch.linalg.vector_norm(R, ord=float("inf"), dim=(-2, -1), keepdim=True)
+        R = R / top.clamp_min(tiny)
+    H = torch.bmm(R, R.mT)
+    if H.dtype != ones.dtype:  # autocast ran the product in lower precision: solve in z's
+        H = H.to(ones.dtype)
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    peak = diag.amax(-1, keepdim=True).clamp_min(tiny)
+    if H.requires_grad:
+        H = H + torch.diag_embed((reg * peak).expand_as(diag))
+    else:
+        # H + reg · max_i H_ii · I, added to the diagonal in place
+        diag.add_(peak, alpha=reg)
+    # The weights as a row: w H = 1 (H is symmetric). solve_ex without error checks: no
+    # device synchronisation per step; the regularisation keeps H invertible and NaN is
+    # caught by the monitor.
+    w = torch.linalg.solve_ex(H, ones, left=False, check_errors=False)[0]
+    # row-vector batched product: one pass over the history, no (B, m, n) temporary
+    z = torch.bmm(w / w.sum(-1, keepdim=True), G).squeeze(1)
+    # under autocast the product comes back in lower precision; the iterate keeps its dtype
+    return z if z.dtype == G.dtype else z.to(G.dtype)
