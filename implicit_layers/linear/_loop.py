@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -13,7 +14,7 @@ from .._info import NonFiniteError, SolveInfo
 if TYPE_CHECKING:
     from ._base import LinearSolver
 
-__all__ = ["LinearLoop", "check_done"]
+__all__ = ["LinearLoop", "check_done", "check_active"]
 
 
 class LinearLoop:
@@ -62,14 +63,16 @@ class LinearLoop:
         self._stopped_at_check = False
 
     def proceed(
-        self, watch: Tensor, *, done: Tensor | None = None, check: bool = True,
-        finite: bool = True,
+        self, watch: Tensor, *, done: Tensor | None = None, active: Tensor | None = None,
+        check: bool = True, finite: bool = True,
     ) -> bool:
         """Whether the batch takes another step; call it once before each step.
 
         Args:
             watch: the per-sample residual (or its square) tested for NaN and Inf at a check.
             done: the flags tested instead of :attr:`done` (an inner loop's own).
+            active: the complement of ``done`` (nonzero: still stepping; bool or a float
+                mask), tested instead; costs nothing at the steps without a check.
             check: ``False`` skips the check this step (the caller has just made one).
             finite: ``False`` skips the finiteness test at the checks (for a solver whose
                 samples stop by themselves on NaN); :meth:`info` still makes it once.
@@ -83,13 +86,16 @@ class LinearLoop:
         if self.k >= self.max_steps:
             return False
         if check and self.k % self.check_every == 0:
-            flags = self.done if done is None else done
-            if finite:
-                all_done, any_done = check_done(flags, watch, self.name)
+            if active is not None:
+                all_done, any_done = check_active(active, watch if finite else None, self.name)
             else:
-                # One synchronisation for both answers (count_nonzero is cheaper than a sum).
-                n_done = int(torch.count_nonzero(flags))
-                all_done, any_done = n_done == flags.numel(), n_done > 0
+                flags = self.done if done is None else done
+                if finite:
+                    all_done, any_done = check_done(flags, watch, self.name)
+                else:
+                    # One synchronisation for both answers (count_nonzero is cheaper than a sum).
+                    n_done = int(torch.count_nonzero(flags))
+                    all_done, any_done = n_done == flags.numel(), n_done > 0
             if all_done:
                 self._stopped_at_check = finite
                 return False
@@ -135,9 +141,33 @@ def check_done(done: Tensor, watch: Tensor, solver: str) -> tuple[bool, bool]:
     :class:`~implicit_layers.NonFiniteError` if ``watch`` is not finite."""
     flags = torch.stack([done.all(), torch.isfinite(watch).all(), done.any()]).tolist()
     if not flags[1]:
-        raise NonFiniteError(
-            f"{solver}: the residual became NaN or Inf. Check the operator and right-hand side "
-            "for NaN, and that the operator suits the solver (e.g. Neumann needs the step size "
-            "times the largest eigenvalue below 2)."
-        )
+        _raise_non_finite(solver)
     return bool(flags[0]), bool(flags[2])
+
+
+def check_active(active: Tensor, watch: Tensor | None, solver: str) -> tuple[bool, bool]:
+    """One synchronisation: ``(no sample active, some sample not active)``; raises
+    :class:`~implicit_layers.NonFiniteError` if ``watch`` (non-negative norms; ``None``: not
+    tested) is not finite.
+
+    Three ops: the count of active samples and the largest watched value travel together.
+    """
+    if watch is None or watch.numel() == 0:
+        n = int(torch.count_nonzero(active))
+    else:
+        wide = torch.float32 if watch.device.type == "mps" else torch.float64
+        count = torch.count_nonzero(active).to(wide)
+        # the infinity norm is NaN or Inf exactly when some entry is
+        top = torch.linalg.vector_norm(watch, ord=float("inf"), dtype=wide)
+        n, top_v = torch.stack([count, top]).tolist()
+        if not math.isfinite(top_v):
+            _raise_non_finite(solver)
+    return n == 0, n < active.numel()
+
+
+def _raise_non_finite(solver: str) -> None:
+    raise NonFiniteError(
+        f"{solver}: the residual became NaN or Inf. Check the operator and right-hand side "
+        "for NaN, and that the operator suits the solver (e.g. Neumann needs the step size "
+        "times the largest eigenvalue below 2)."
+    )

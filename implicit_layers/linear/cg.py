@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -10,7 +12,7 @@ from ._base import LinearSolver, batched_dot, initial_residual
 from ._loop import LinearLoop
 from ._operator import LinearOperator
 
-__all__ = ["CG"]
+__all__ = ["CG", "cg_step"]
 
 
 class CG(LinearSolver):
@@ -42,53 +44,54 @@ class CG(LinearSolver):
         # Squared norms are compared with the squared tolerance: no square root per step.
         tol2 = loop.tol * loop.tol
         loop.done = rs <= tol2
+        if not torch.is_grad_enabled():  # nothing records: in-place updates are safe
+            return self._lean(op, x, r, p, rs, tol2, loop)
         # A NaN/Inf sample fails the curvature test below and stops as ``bad``, so the
         # finiteness test can wait until the end (finite=False: one synchronisation per check).
-        # On the CPU (a check every step) one more synchronisation is cheaper than the masks
-        # it saves: while no sample is done and every curvature is positive the step runs
-        # without them.
-        unmasked = loop.check_every == 1
-        inplace: bool | None = None
         while loop.proceed(rs, finite=False):
             Ap = op.mv(p)
-            if inplace is None:
-                inplace = loop.inplace(b, Ap, x)
             pAp = batched_dot(p, Ap)
-            if unmasked and loop.all_active and inplace and bool((pAp > 0).all()):
-                alpha = (rs / pAp).unsqueeze(-1)
-                x.addcmul_(alpha, p)
-                r.addcmul_(alpha, Ap, value=-1.0)
-                rs_new = batched_dot(r, r)
-                p.mul_((rs_new / rs).unsqueeze(-1)).add_(r)
-                loop.steps += 1
-                rs = rs_new
-                loop.done = rs <= tol2
-                continue
             active = ~loop.done
             step_ok = active & (pAp > 0)
             loop.bad = loop.bad | (active ^ step_ok)  # active with non-positive curvature
-            if inplace:
-                # Masked-out samples may divide by zero here; ``where`` discards those values.
-                alpha = torch.where(step_ok, rs / pAp, 0.0).unsqueeze(-1)
-                x.addcmul_(alpha, p)
-                r.addcmul_(alpha, Ap, value=-1.0)
-                rs_new = batched_dot(r, r)
-                beta = torch.where(step_ok, rs_new / rs, 0.0).unsqueeze(-1)
-                p.mul_(beta).add_(r)
-                loop.steps += step_ok
-            else:
-                # Guarded divisions, so that no NaN reaches the gradient of a masked sample.
-                alpha = torch.where(step_ok, rs / torch.where(step_ok, pAp, 1.0), 0.0)
-                alpha = alpha.unsqueeze(-1)
-                x = x + alpha * p
-                r = r - alpha * Ap
-                rs_new = batched_dot(r, r)
-                beta = torch.where(step_ok, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
-                p = r + beta.unsqueeze(-1) * p
-                loop.steps = loop.steps + step_ok.long()
+            # Guarded divisions, so that no NaN reaches the gradient of a masked sample.
+            alpha = torch.where(step_ok, rs / torch.where(step_ok, pAp, 1.0), 0.0)
+            alpha = alpha.unsqueeze(-1)
+            x = x + alpha * p
+            r = r - alpha * Ap
+            rs_new = batched_dot(r, r)
+            beta = torch.where(step_ok, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
+            p = r + beta.unsqueeze(-1) * p
+            loop.steps = loop.steps + step_ok.long()
             rs = rs_new
             # ``done | bad`` equals ``~step_ok``: a sample that did not step is done or bad.
             loop.done = ~step_ok | (rs <= tol2)
+        return x, loop.info(rs.sqrt(), watch=rs)
+
+    def _lean(
+        self, op: LinearOperator, x: Tensor, r: Tensor, p: Tensor, rs: Tensor, tol2: Tensor,
+        loop: LinearLoop,
+    ) -> tuple[Tensor, SolveInfo]:
+        """The loop without autograd: in-place updates, masks folded into the step sizes, no
+        synchronisation between checks (a NaN/Inf sample fails the curvature test and stops;
+        the finiteness test waits until the end)."""
+        batch, n = x.shape
+        # Column views (B, n, 1) and rows (B, 1, n), made once (the updates are in place, so
+        # they stay current): the dot products are single batched products of shape
+        # (B, 1, 1), which broadcast against the columns without further views.
+        xc, rc, pc = x.view(batch, n, 1), r.view(batch, n, 1), p.view(batch, n, 1)
+        pr, rr = p.view(batch, 1, n), r.view(batch, 1, n)
+        rs = rs.view(batch, 1, 1)
+        active = (~loop.done).view(batch, 1, 1)
+        steps = loop.steps.view(batch, 1, 1)
+        tol2 = tol2.view(batch, 1, 1)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        while loop.proceed(rs, active=active, finite=False):
+            rs, active = cg_step(op.mv, p, xc, rc, pc, pr, rr, rs, active, steps, tol2, zero)
+        rs, active, tol2 = rs.view(batch), active.view(batch), tol2.view(batch)
+        # stopped without converging: non-positive curvature (or NaN)
+        loop.bad = ~active & (rs > tol2)
+        loop.done = ~active
         return x, loop.info(rs.sqrt(), watch=rs)
 
     def _advice(self) -> str:
@@ -97,3 +100,42 @@ class CG(LinearSolver):
             "indefinite (a saddle point rather than a minimum), use MINRES or GMRES; for small "
             "ill-conditioned problems Dense is exact."
         )
+
+
+def cg_step(
+    mv: Callable[[Tensor], Tensor], p: Tensor, xc: Tensor, rc: Tensor, pc: Tensor,
+    pr: Tensor, rr: Tensor, rs: Tensor, active: Tensor, steps: Tensor, tol2: Tensor,
+    zero: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """One conjugate-gradient step for the ``active`` samples, in place (no autograd).
+
+    Updates the iterate, residual and search direction (through their views) and ``steps``;
+    a sample with non-positive curvature ``pᵀ A p`` stops. Free of host synchronisation and
+    of Python branches on data (it compiles with ``torch.compile(fullgraph=True)``).
+
+    Args:
+        mv: the operator product on ``(B, n)``.
+        p: the search direction ``(B, n)`` (``pc`` and ``pr`` are views of it).
+        xc, rc, pc: iterate, residual and search direction as columns ``(B, n, 1)``.
+        pr, rr: search direction and residual as rows ``(B, 1, n)``.
+        rs: ``‖r‖²``, ``(B, 1, 1)``.
+        active: ``(B, 1, 1)`` bool, the samples that step.
+        steps: ``(B, 1, 1)`` int64 step counts.
+        tol2: ``(B, 1, 1)`` squared tolerances.
+        zero: a 0-dim zero of the dtype.
+
+    Returns:
+        ``(rs, active)``: the new squared residual norms and the samples still stepping.
+    """
+    Ap = mv(p).unsqueeze(-1)
+    pAp = torch.bmm(pr, Ap)
+    ok = (pAp > 0) & active
+    # Masked-out samples may divide by zero here; ``where`` discards those values.
+    alpha = torch.where(ok, rs / pAp, zero)
+    xc.addcmul_(alpha, pc)
+    rc.addcmul_(alpha, Ap, value=-1.0)
+    rs_new = torch.bmm(rr, rc)
+    # p ← r + β p (β = 0 for the samples that stopped)
+    torch.addcmul(rc, pc, torch.where(ok, rs_new / rs, zero), out=pc)
+    steps.add_(ok)
+    return rs_new, ok & (rs_new > tol2)
