@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -12,7 +14,7 @@ from ._loop import LinearLoop
 from ._operator import LinearOperator
 from ._restart import run_in_rounds
 
-__all__ = ["GMRES"]
+__all__ = ["GMRES", "arnoldi_step"]
 
 
 class GMRES(LinearSolver):
@@ -140,6 +142,8 @@ class GMRES(LinearSolver):
             y = torch.linalg.solve_triangular(Rk, g.unsqueeze(-1), upper=True)
             return x + torch.bmm(y.mT, V[:, :k]).squeeze(1), used
 
+        if not torch.is_grad_enabled():  # nothing records: buffers written in place
+            return run_in_rounds(self, op, b, x0, _LeanCycles(b, m_max, op.mv))
         return run_in_rounds(self, op, b, x0, cycle)
 
     def _advice(self) -> str:
@@ -147,3 +151,143 @@ class GMRES(LinearSolver):
             f"Raise max_steps (now {self.max_steps}) or restart (now {self.restart}), or loosen "
             "rtol/atol; for small ill-conditioned problems Dense is exact."
         )
+
+
+class _LeanCycles:
+    """GMRES cycles without autograd: the basis, the rotations and the triangular factor live
+    in buffers allocated once per solve and written in place, through views made once, so
+    that an Arnoldi step (:func:`arnoldi_step`) is about 34 ops besides the product and
+    nothing synchronises between checks."""
+
+    def __init__(self, b: Tensor, m_max: int, mv: Callable[[Tensor], Tensor]) -> None:
+        batch, n = b.shape
+        dtype, device = b.dtype, b.device
+        self.mv = mv
+        self.m_max = m_max
+        self.eps = torch.finfo(dtype).eps
+        self.V = torch.zeros(batch, m_max + 1, n, dtype=dtype, device=device)
+        self.omega = torch.zeros(batch, m_max + 1, m_max + 1, dtype=dtype, device=device)
+        self.eye = torch.eye(m_max + 1, dtype=dtype, device=device).expand_as(self.omega)
+        self.R = torch.zeros(batch, m_max, m_max, dtype=dtype, device=device)
+        V, omega, R = self.V, self.omega, self.R
+        self.rows = V.unbind(1)
+        self.rows3 = [V[:, j : j + 1] for j in range(m_max + 1)]
+        self.basis = [V[:, : j + 1] for j in range(m_max)]
+        self.basisT = [v.mT for v in self.basis]
+        self.omegaT = [omega[:, : j + 1, : j + 1].mT for j in range(m_max)]
+        self.pair = [omega[:, j : j + 2, : j + 2] for j in range(m_max)]
+        self.next0 = [omega[:, j + 1 : j + 2, 0:1] for j in range(m_max)]
+        self.col = [R[:, : j + 1, j].unsqueeze(1) for j in range(m_max)]
+        self.diag = [R[:, j : j + 1, j : j + 1] for j in range(m_max)]
+        self.c = {
+            "zero": torch.zeros((), dtype=dtype, device=device),
+            "one": torch.ones((), dtype=dtype, device=device),
+            "inf": torch.full((), torch.inf, dtype=dtype, device=device),
+            # a rotation [[c, s], [-s, c]] is c · I + s · J
+            "I2": torch.eye(2, dtype=dtype, device=device),
+            "J2": torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=dtype, device=device),
+        }
+
+    def __call__(
+        self, x: Tensor, r: Tensor, beta: Tensor, started: Tensor, loop: LinearLoop
+    ) -> tuple[Tensor, Tensor]:
+        batch = x.shape[0]
+        c = self.c
+        m = min(self.m_max, loop.max_steps - loop.k)
+        beta3 = beta.view(batch, 1, 1)
+        tol = loop.tol.view(batch, 1, 1)
+        torch.div(r.unsqueeze(1), torch.where(beta3 > 0, beta3, c["one"]), out=self.rows3[0])
+        self.omega.copy_(self.eye)
+        active = started.view(batch, 1, 1)
+        used = torch.zeros(batch, 1, 1, dtype=torch.int64, device=x.device)
+        res = beta3
+        j_end = 0
+        for j in range(m):
+            # j == 0: the cycle starts right after a check.
+            if not loop.proceed(res, active=active, check=j > 0):
+                break
+            res, active = arnoldi_step(
+                self.mv, j, self.rows[j], self.rows3[j + 1], self.basis[j], self.basisT[j],
+                self.omegaT[j], self.pair[j], self.next0[j], self.col[j], self.diag[j],
+                beta3, tol, res, active, used, self.eps, c,
+            )
+            j_end = j + 1
+        used = used.view(batch)
+        if j_end == 0:
+            return x, used
+        # Per sample, solve the triangular system of its first `used` steps only.
+        k = j_end
+        zero = c["zero"]
+        idx = torch.arange(k, device=x.device)
+        mask = idx.unsqueeze(0) < used.unsqueeze(-1)  # (B, k)
+        Rk = self.R[:, :k, :k]
+        Rk = torch.where(mask.unsqueeze(-1) & mask.unsqueeze(-2), Rk, zero)
+        Rk = Rk + torch.diag_embed((~mask).to(x.dtype))
+        g = torch.where(mask, beta.unsqueeze(-1) * self.omega[:, :k, 0], zero)
+        y = torch.linalg.solve_triangular(Rk, g.unsqueeze(-1), upper=True)
+        return x + torch.bmm(y.mT, self.V[:, :k]).squeeze(1), used
+
+
+def arnoldi_step(
+    mv: Callable[[Tensor], Tensor], j: int, v: Tensor, v_next: Tensor, basis: Tensor,
+    basisT: Tensor, omegaT: Tensor, pair: Tensor, next0: Tensor, col: Tensor, diag: Tensor,
+    beta: Tensor, tol: Tensor, res: Tensor, active: Tensor, used: Tensor, eps: float,
+    c: dict[str, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Step ``j`` of a GMRES cycle, in place (no autograd): the next basis vector, the new
+    Hessenberg column reduced by Givens rotations, and each sample's residual estimate.
+
+    Classical Gram-Schmidt twice; a happy breakdown (an invariant Krylov space) ends the
+    sample; a new column in the span of the previous ones (``d ≈ 0``, a singular operator)
+    drops the step. Samples that are done keep rotating harmlessly: only their first ``used``
+    rows and columns enter their solution (their later rotations may even hold NaN). Free of
+    host synchronisation and of Python branches on data (it compiles with
+    ``torch.compile(fullgraph=True)``).
+
+    Args:
+        mv: the operator product on ``(B, n)``.
+        j: the step within the cycle.
+        v: basis vector ``j``, ``(B, n)``; ``v_next``: the view ``(B, 1, n)`` of vector ``j+1``.
+        basis, basisT: the first ``j + 1`` basis vectors ``(B, j+1, n)`` and their transpose.
+        omegaT: the transposed accumulated rotations ``(B, j+1, j+1)``; ``pair``: rows ``j``
+            and ``j + 1`` of the rotations ``(B, 2, j+2)``; ``next0``: their entry
+            ``(j + 1, 0)``, ``(B, 1, 1)``.
+        col: column ``j`` of the triangular factor, ``(B, 1, j+1)``; ``diag``: its entry
+            ``(j, j)``, ``(B, 1, 1)``.
+        beta: the initial residual norms of the cycle; ``tol``: the tolerances, ``(B, 1, 1)``.
+        res: the residual estimates; ``active``: the samples stepping, ``(B, 1, 1)``.
+        used: the steps each sample took in the cycle, ``(B, 1, 1)`` int64 (updated).
+        eps: the dtype's machine epsilon.
+        c: constants ``zero``, ``inf``, ``I2``, ``J2`` of the dtype.
+
+    Returns:
+        ``(res, active)`` after the step.
+    """
+    w0 = mv(v).unsqueeze(1)
+    # ‖A v‖ bounds the Hessenberg column's norm (Gram-Schmidt keeps it up to rounding)
+    scale = torch.linalg.vector_norm(w0, dim=-1, keepdim=True) * eps
+    h = torch.bmm(w0, basisT)
+    w = torch.baddbmm(w0, h, basis, alpha=-1.0)
+    h2 = torch.bmm(w, basisT)
+    w = torch.baddbmm(w, h2, basis, alpha=-1.0)
+    h = h + h2
+    hnorm = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
+    # Happy breakdown: the Krylov space is invariant, the solution lies in it.
+    breakdown = hnorm <= scale
+    torch.div(w, torch.where(breakdown, c["inf"], hnorm), out=v_next)
+    hnorm = torch.where(breakdown, c["zero"], hnorm)
+    # The previous rotations applied to the new column, written into the factor's column;
+    # then a new rotation zeroes h_{j+1,j}.
+    torch.bmm(h, omegaT, out=col)
+    d = torch.hypot(diag, hnorm)
+    inv_d = d.reciprocal()
+    rot = torch.addcmul((diag * inv_d) * c["I2"], hnorm * inv_d, c["J2"])
+    pair.copy_(torch.bmm(rot, pair))
+    diag.copy_(d)
+    new_res = next0.abs() * beta
+    # d ~ 0: the new column is in the span of the previous ones (singular operator); the
+    # step is dropped. NaN stays "ok" so that the next check sees it.
+    ok = active > (d <= scale * 10)
+    used.add_(ok)
+    res = torch.where(ok, new_res, res)
+    return res, (ok & (new_res > tol)) > breakdown
