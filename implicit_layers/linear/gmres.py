@@ -195,12 +195,13 @@ class _LeanCycles:
         c = self.c
         m = min(self.m_max, loop.max_steps - loop.k)
         beta3 = beta.view(batch, 1, 1)
-        tol = loop.tol.view(batch, 1, 1)
-        torch.div(r.unsqueeze(1), torch.where(beta3 > 0, beta3, c["one"]), out=self.rows3[0])
+        # The steps track residuals relative to beta (the rotations' entry |omega_{j+1,0}|).
+        rel_tol = loop.tol.view(batch, 1, 1) / beta3
+        self.rows3[0].copy_(r.unsqueeze(1) / torch.where(beta3 > 0, beta3, c["one"]))
         self.omega.copy_(self.eye)
         active = started.view(batch, 1, 1)
         used = torch.zeros(batch, 1, 1, dtype=torch.int64, device=x.device)
-        res = beta3
+        res = torch.ones_like(beta3)
         j_end = 0
         for j in range(m):
             # j == 0: the cycle starts right after a check.
@@ -209,7 +210,7 @@ class _LeanCycles:
             res, active = arnoldi_step(
                 self.mv, j, self.rows[j], self.rows3[j + 1], self.basis[j], self.basisT[j],
                 self.omegaT[j], self.pair[j], self.next0[j], self.col[j], self.diag[j],
-                beta3, tol, res, active, used, self.eps, c,
+                rel_tol, res, active, used, self.eps, c,
             )
             j_end = j + 1
         used = used.view(batch)
@@ -231,7 +232,7 @@ class _LeanCycles:
 def arnoldi_step(
     mv: Callable[[Tensor], Tensor], j: int, v: Tensor, v_next: Tensor, basis: Tensor,
     basisT: Tensor, omegaT: Tensor, pair: Tensor, next0: Tensor, col: Tensor, diag: Tensor,
-    beta: Tensor, tol: Tensor, res: Tensor, active: Tensor, used: Tensor, eps: float,
+    rel_tol: Tensor, res: Tensor, active: Tensor, used: Tensor, eps: float,
     c: dict[str, Tensor],
 ) -> tuple[Tensor, Tensor]:
     """Step ``j`` of a GMRES cycle, in place (no autograd): the next basis vector, the new
@@ -254,14 +255,15 @@ def arnoldi_step(
             ``(j + 1, 0)``, ``(B, 1, 1)``.
         col: column ``j`` of the triangular factor, ``(B, 1, j+1)``; ``diag``: its entry
             ``(j, j)``, ``(B, 1, 1)``.
-        beta: the initial residual norms of the cycle; ``tol``: the tolerances, ``(B, 1, 1)``.
-        res: the residual estimates; ``active``: the samples stepping, ``(B, 1, 1)``.
+        rel_tol: the tolerances divided by the cycle's initial residual norms, ``(B, 1, 1)``.
+        res: the residual estimates relative to the cycle's initial residual norms;
+            ``active``: the samples stepping, ``(B, 1, 1)``.
         used: the steps each sample took in the cycle, ``(B, 1, 1)`` int64 (updated).
         eps: the dtype's machine epsilon.
         c: constants ``zero``, ``inf``, ``I2``, ``J2`` of the dtype.
 
     Returns:
-        ``(res, active)`` after the step.
+        ``(res, active)`` after the step (``res`` relative, as given).
     """
     w0 = mv(v).unsqueeze(1)
     # ‖A v‖ bounds the Hessenberg column's norm (Gram-Schmidt keeps it up to rounding)
@@ -274,20 +276,23 @@ def arnoldi_step(
     hnorm = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
     # Happy breakdown: the Krylov space is invariant, the solution lies in it.
     breakdown = hnorm <= scale
-    torch.div(w, torch.where(breakdown, c["inf"], hnorm), out=v_next)
+    v_next.copy_(w / torch.where(breakdown, c["inf"], hnorm))
     hnorm = torch.where(breakdown, c["zero"], hnorm)
     # The previous rotations applied to the new column, written into the factor's column;
     # then a new rotation zeroes h_{j+1,j}.
-    torch.bmm(h, omegaT, out=col)
+    col.copy_(torch.bmm(h, omegaT))
     d = torch.hypot(diag, hnorm)
-    inv_d = d.reciprocal()
-    rot = torch.addcmul((diag * inv_d) * c["I2"], hnorm * inv_d, c["J2"])
+    # [[c, s], [-s, c]] with c = t_j / d, s = h_{j+1,j} / d (NaN where d = 0: such a step
+    # is dropped below, and a dropped or done sample's later rotations never enter its
+    # solution)
+    rot = torch.addcmul(diag * c["I2"], hnorm, c["J2"]) * d.reciprocal()
     pair.copy_(torch.bmm(rot, pair))
     diag.copy_(d)
-    new_res = next0.abs() * beta
+    # the residual estimate relative to the cycle's initial residual norm
+    new_res = next0.abs()
     # d ~ 0: the new column is in the span of the previous ones (singular operator); the
     # step is dropped. NaN stays "ok" so that the next check sees it.
     ok = active > (d <= scale * 10)
     used.add_(ok)
     res = torch.where(ok, new_res, res)
-    return res, (ok & (new_res > tol)) > breakdown
+    return res, (ok & (new_res > rel_tol)) > breakdown
