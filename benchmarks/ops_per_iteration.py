@@ -52,7 +52,7 @@ from benchmarks.deq import make_deq  # noqa: E402
 TARGETS = {"Picard": 8, "Neumann": 8, "CG": 15, "Anderson": 25, "GMRES": 35}
 SYNC = torch.ops.aten._local_scalar_dense.default
 #: The functions that hold the convergence checks (the intended graph breaks).
-CHECKS = {"stop", "check_done", "proceed", "next_round", "converged_now"}
+CHECKS = {"stop", "_judge", "_judge_one", "check_done", "check_active", "proceed", "next_round"}
 
 
 class OpCounter(TorchDispatchMode):
@@ -330,6 +330,9 @@ def _deq_configs():
     return {
         "Picard + Neumann": (S.Picard(max_steps=200), L.Neumann(200)),
         "Anderson + GMRES": (S.Anderson(max_steps=100), L.GMRES()),
+        "Anderson + GMRES, check_every=8": (
+            S.Anderson(max_steps=100, check_every=8), L.GMRES(check_every=8)
+        ),
     }
 
 

@@ -116,7 +116,12 @@ class Anderson(ForwardSolver):
             else:
                 # On the CPU one look at the residual norms skips the rescaling pass when it
                 # is not needed.
-                rescale = mon.check_every != 1 or _extreme(mon.res, safe)
+                # (Compiled, the rescaling always runs: no synchronisation outside a check.)
+                rescale = (
+                    mon.check_every != 1
+                    or torch.compiler.is_compiling()
+                    or _extreme(mon.res, safe)
+                )
                 z = anderson_step(G, R, ones[..., :k], reg, rescale)
             r = problem.residual(z, create_graph=differentiable)
             mon.record(z, r)
