@@ -50,6 +50,30 @@ from benchmarks.deq import make_deq  # noqa: E402
 
 #: Targets of ops per iteration beyond the map / VJP / operator product.
 TARGETS = {"Picard": 8, "Neumann": 8, "CG": 15, "Anderson": 25, "GMRES": 35}
+#: The same counts on the code before the lean loops (commit 26629c9), full size: (ops, syncs)
+#: per iteration for (loop, check_every), printed beside the new figures.
+BEFORE = {
+    ("Picard", 1): (27.25, 2.0),
+    ("Picard", 8): (27.25, 0.125),
+    ("Picard (damped 0.8)", 1): (29.0, 2.0),
+    ("Picard (damped 0.8)", 8): (29.25, 0.125),
+    ("Anderson", 1): (61.75, 4.0),
+    ("Anderson", 8): (62.5, 0.125),
+    ("Broyden", 1): (107.25, 3.062),
+    ("Broyden", 8): (124.44, 0.25),
+    ("Neumann", 1): (15.0, 1.0),
+    ("Neumann", 8): (12.38, 0.125),
+    ("GMRES", 1): (81.0, 1.0),
+    ("GMRES", 8): (73.12, 0.125),
+    ("BiCGStab", 1): (80.0, 1.0),
+    ("BiCGStab", 8): (72.12, 0.125),
+    ("Broyden (linear)", 1): (90.88, 1.0),
+    ("Broyden (linear)", 8): (83.56, 0.188),
+    ("CG", 1): (19.0, 2.0),
+    ("CG", 8): (25.25, 0.125),
+    ("MINRES", 1): (62.0, 1.0),
+    ("MINRES", 8): (54.12, 0.125),
+}
 SYNC = torch.ops.aten._local_scalar_dense.default
 #: The functions that hold the convergence checks (the intended graph breaks).
 CHECKS = {"stop", "_judge", "_judge_one", "check_done", "check_active", "proceed", "next_round"}
@@ -227,9 +251,11 @@ def count_ops(tiny: bool = False, k: int = 16) -> list[dict]:
                 continue
             target = TARGETS.get(name)
             top = ", ".join(f"{n} {v:g}" for n, v in list(names.items())[:6])
+            before = BEFORE.get((name, ce), (None, None)) if not tiny else (None, None)
             rows.append({
                 "case": problem, "method": name, "check_every": ce,
-                "ops_per_iter": round(ops, 2), "syncs_per_iter": round(syncs, 3),
+                "ops_before": before[0], "ops_per_iter": round(ops, 2),
+                "syncs_before": before[1], "syncs_per_iter": round(syncs, 3),
                 "target": target, "met": None if target is None else ops <= target,
                 "top_ops": top,
             })

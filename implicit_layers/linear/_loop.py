@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -14,7 +15,7 @@ from .._info import NonFiniteError, SolveInfo
 if TYPE_CHECKING:
     from ._base import LinearSolver
 
-__all__ = ["LinearLoop", "check_done", "check_active"]
+__all__ = ["LinearLoop", "check_done", "check_active", "first_product", "records"]
 
 
 class LinearLoop:
@@ -171,3 +172,22 @@ def _raise_non_finite(solver: str) -> None:
         "for NaN, and that the operator suits the solver (e.g. Neumann needs the step size "
         "times the largest eigenvalue below 2)."
     )
+
+
+class first_product:  # noqa: N801 (used like a function)
+    """The operator product ``mv`` whose first call returns ``first`` (computed ahead, e.g. to
+    learn whether autograd records the products) instead of computing it again."""
+
+    def __init__(self, mv: Callable[[Tensor], Tensor], first: Tensor) -> None:
+        self.mv = mv
+        self.first: Tensor | None = first
+        self._pending: Tensor | None = first
+
+    def __call__(self, v: Tensor) -> Tensor:
+        out, self._pending = self._pending, None
+        return self.mv(v) if out is None else out
+
+
+def records(*tensors: Tensor | None) -> bool:
+    """Whether autograd records operations on any of ``tensors`` (then no in-place updates)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .._info import SolveInfo
 from ._base import LinearSolver, batched_dot, initial_residual
-from ._loop import LinearLoop
+from ._loop import LinearLoop, first_product, records
 from ._operator import LinearOperator
 
 __all__ = ["CG", "cg_step"]
@@ -44,12 +44,18 @@ class CG(LinearSolver):
         # Squared norms are compared with the squared tolerance: no square root per step.
         tol2 = loop.tol * loop.tol
         loop.done = rs <= tol2
-        if not torch.is_grad_enabled():  # nothing records: in-place updates are safe
-            return self._lean(op, x, r, p, rs, tol2, loop)
+        mv = op.mv
+        if torch.is_grad_enabled() and not b.requires_grad and not x.requires_grad:
+            # Whether autograd records the solve depends on the operator too (a product
+            # that closes over tensors requiring grad): the first product tells, and is
+            # reused by the first step.
+            mv = first_product(op.mv, op.mv(p))
+        if not records(b, x, getattr(mv, "first", None)):
+            return self._lean(mv, x, r, p, rs, tol2, loop)
         # A NaN/Inf sample fails the curvature test below and stops as ``bad``, so the
         # finiteness test can wait until the end (finite=False: one synchronisation per check).
         while loop.proceed(rs, finite=False):
-            Ap = op.mv(p)
+            Ap = mv(p)
             pAp = batched_dot(p, Ap)
             active = ~loop.done
             step_ok = active & (pAp > 0)
@@ -69,8 +75,8 @@ class CG(LinearSolver):
         return x, loop.info(rs.sqrt(), watch=rs)
 
     def _lean(
-        self, op: LinearOperator, x: Tensor, r: Tensor, p: Tensor, rs: Tensor, tol2: Tensor,
-        loop: LinearLoop,
+        self, mv: Callable[[Tensor], Tensor], x: Tensor, r: Tensor, p: Tensor, rs: Tensor,
+        tol2: Tensor, loop: LinearLoop,
     ) -> tuple[Tensor, SolveInfo]:
         """The loop without autograd: in-place updates, masks folded into the step sizes, no
         synchronisation between checks (a NaN/Inf sample fails the curvature test and stops;
@@ -87,7 +93,7 @@ class CG(LinearSolver):
         tol2 = tol2.view(batch, 1, 1)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         while loop.proceed(rs, active=active, finite=False):
-            rs, active = cg_step(op.mv, p, xc, rc, pc, pr, rr, rs, active, steps, tol2, zero)
+            rs, active = cg_step(mv, p, xc, rc, pc, pr, rr, rs, active, steps, tol2, zero)
         rs, active, tol2 = rs.view(batch), active.view(batch), tol2.view(batch)
         # stopped without converging: non-positive curvature (or NaN)
         loop.bad = ~active & (rs > tol2)
