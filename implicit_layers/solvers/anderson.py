@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 from .._config import check_positive_int, check_tolerance
@@ -18,6 +19,14 @@ def _extreme(norms: Tensor, safe: tuple[float, float]) -> bool:
     """Whether some norm lies outside ``safe`` (or is NaN); one synchronisation."""
     low, high = torch.stack(torch.aminmax(norms)).tolist()
     return not (safe[0] <= low and high <= safe[1])
+
+
+def _plain(t: Tensor) -> bool:
+    """Whether ``t`` carries no forward-mode tangent (``torch.func`` or a dual tensor)."""
+    return (
+        not torch._C._functorch.is_functorch_wrapped_tensor(t)
+        and forward_ad.unpack_dual(t).tangent is None
+    )
 
 
 class Anderson(ForwardSolver):
@@ -85,6 +94,8 @@ class Anderson(ForwardSolver):
             R_buf = torch.empty_like(G_buf)
             # the views of every slot, made once (a view is an op too)
             G_slots, R_slots = G_buf.unbind(1), R_buf.unbind(1)
+            # out= writes have no forward-mode derivative: not with tangents (jvp, dual)
+            fused = _plain(z) and _plain(r)
         gs: list[Tensor] = []
         rs: list[Tensor] = []
         ones = torch.ones(z.shape[0], 1, self.memory, dtype=z.dtype, device=z.device)
@@ -95,7 +106,10 @@ class Anderson(ForwardSolver):
             if ring:
                 slot = count % self.memory
                 g = G_slots[slot]
-                torch.sub(z, r, alpha=beta, out=g)
+                if fused:
+                    torch.sub(z, r, alpha=beta, out=g)
+                else:
+                    g.copy_(torch.sub(z, r, alpha=beta))
                 R_slots[slot].copy_(r)
                 count += 1
                 k = min(count, self.memory)
