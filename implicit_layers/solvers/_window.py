@@ -99,9 +99,15 @@ class WindowMonitor:
         problem: the problem (its kind decides the tolerance, see ``ForwardSolver``).
         z0: the initial iterate ``(B, n)``.
         r0: its residual ``(B, n)``.
+        safe: ``(low, high)``: with ``check_every=1``, each check also tells (in the same
+            synchronisation) whether every residual norm lies in this range, as
+            :attr:`res_in_safe_range`.
     """
 
-    def __init__(self, solver: ForwardSolver, problem: Problem, z0: Tensor, r0: Tensor) -> None:
+    def __init__(
+        self, solver: ForwardSolver, problem: Problem, z0: Tensor, r0: Tensor,
+        safe: tuple[float, float] | None = None,
+    ) -> None:
         self.solver = solver
         self.problem = problem
         rtol = solver.resolved_rtol(z0.dtype)
@@ -130,6 +136,9 @@ class WindowMonitor:
         # masks).
         self._none_done = False
         self._dead: Tensor | None = None
+        self.safe = safe
+        #: From the last one-step check with ``safe`` given: every residual norm in range.
+        self.res_in_safe_range = False
         self._window_res: Tensor | None = None
 
     def _tol(self, znorm: Tensor) -> Tensor:
@@ -150,8 +159,8 @@ class WindowMonitor:
         met = res <= tol
         if self._none_done:
             better = (res <= self.best_res) | met
-            flags = torch.stack([met.all(), torch.isfinite(res).all(), met.any(), better.all()])
-            all_done, finite, any_done, all_better = flags.tolist()
+            flags = [met.all(), torch.isfinite(res).all(), met.any(), better.all()]
+            all_done, finite, any_done, all_better, *rest = self._sync(flags, res)
             self.steps = self.steps + 1
             if all_better:
                 # On the CPU a synchronisation is cheaper than a masked copy of the iterate.
@@ -170,11 +179,21 @@ class WindowMonitor:
             self.best_tol = torch.where(better, tol, self.best_tol)
             self.res = torch.where(alive, res, self.res)
             self.done = self.done | met
-            flags = torch.stack([self.done.all(), torch.isfinite(self.res).all(), self.done.any()])
-            all_done, finite, any_done = flags.tolist()
+            flags = [self.done.all(), torch.isfinite(self.res).all(), self.done.any()]
+            all_done, finite, any_done, *rest = self._sync(flags, self.res)
         self._none_done = not any_done
         self._dead = None
+        if rest:
+            self.res_in_safe_range = bool(rest[0])
         return [all_done, finite]
+
+    def _sync(self, flags: list[Tensor], res: Tensor) -> list[bool]:
+        """The flags (0-dim bool tensors) in one synchronisation, with the range test of
+        ``safe`` appended when it is given."""
+        if self.safe is not None:
+            low, high = torch.aminmax(res)
+            flags.append((low >= self.safe[0]) & (high <= self.safe[1]))
+        return torch.stack(flags).tolist()
 
     def _judge(self) -> list[bool]:
         """Fold the window into the bookkeeping; one synchronisation for

@@ -15,12 +15,6 @@ from ._window import WindowMonitor
 __all__ = ["Anderson", "anderson_step"]
 
 
-def _extreme(norms: Tensor, safe: tuple[float, float]) -> bool:
-    """Whether some norm lies outside ``safe`` (or is NaN); one synchronisation."""
-    low, high = torch.stack(torch.aminmax(norms)).tolist()
-    return not (safe[0] <= low and high <= safe[1])
-
-
 def _plain(t: Tensor) -> bool:
     """Whether ``t`` carries no forward-mode tangent (``torch.func`` or a dual tensor)."""
     return (
@@ -83,7 +77,7 @@ class Anderson(ForwardSolver):
         # Bookkeeping at the checks only; converged samples keep mixing (every sample has its
         # own weights, so they do not disturb the others) and are never returned past the
         # iterate that met the tolerance.
-        mon = WindowMonitor(self, problem, z, r)
+        mon = WindowMonitor(self, problem, z, r, safe=safe)
         # The history: residuals r_i and mixed map values g_i = z_i - β r_i (the next iterate
         # is Σ α_i g_i). Without autograd they live in two preallocated ring buffers written in
         # place; the differentiable (unrolled) path keeps lists, as in-place writes would break
@@ -95,7 +89,8 @@ class Anderson(ForwardSolver):
             # the views of every slot, made once (a view is an op too)
             G_slots, R_slots = G_buf.unbind(1), R_buf.unbind(1)
             # out= writes have no forward-mode derivative: not with tangents (jvp, dual)
-            fused = _plain(z) and _plain(r)
+            # (nor when compiled: the compiler writes the history as it sees fit)
+            fused = not torch.compiler.is_compiling() and _plain(z) and _plain(r)
         gs: list[Tensor] = []
         rs: list[Tensor] = []
         ones = torch.ones(z.shape[0], 1, self.memory, dtype=z.dtype, device=z.device)
@@ -128,14 +123,9 @@ class Anderson(ForwardSolver):
                 # a copy: the ring slot is overwritten later, the monitor keeps the iterate
                 z = g.clone() if ring else g
             else:
-                # On the CPU one look at the residual norms skips the rescaling pass when it
-                # is not needed.
-                # (Compiled, the rescaling always runs: no synchronisation outside a check.)
-                rescale = (
-                    mon.check_every != 1
-                    or torch.compiler.is_compiling()
-                    or _extreme(mon.res, safe)
-                )
+                # On the CPU (a check every step) the check also tells whether the residual
+                # norms are in the safe range, which skips the rescaling pass.
+                rescale = mon.check_every != 1 or not mon.res_in_safe_range
                 z = anderson_step(G, R, ones[..., :k], reg, rescale)
             r = problem.residual(z, create_graph=differentiable)
             mon.record(z, r)
