@@ -15,6 +15,7 @@ from ._window import WindowMonitor
 __all__ = ["Anderson", "anderson_step"]
 
 
+@torch.compiler.disable  # a host-side question, never part of a graph
 def _plain(t: Tensor) -> bool:
     """Whether ``t`` carries no forward-mode tangent (``torch.func`` or a dual tensor)."""
     return (
