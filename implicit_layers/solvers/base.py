@@ -11,6 +11,8 @@ validated, stored under the parameter's name, frozen afterwards) and implements
 Names:
     ForwardSolver: the base class (settings, ``solve``, failure reporting).
     Monitor: per-sample tolerance, done flags, step counts and the best iterate.
+    WindowMonitor: the same bookkeeping done only at the convergence checks (no ops between
+        them), for solvers that step every sample of the batch without masks.
     Problem: the problem as a solver sees it; ``Kind`` the literal of its ``kind``.
     SolverSettings, Settings: the settings bases (``replace``, ``repr``, ``==``).
     SolveInfo: the result statistics; OnFailure the literal of ``on_failure``.
@@ -22,10 +24,12 @@ from .._info import OnFailure, SolveInfo
 from .._problem import Kind, Problem
 from ..linear._power import power_iteration
 from ._base import ForwardSolver, Monitor
+from ._window import WindowMonitor
 
 __all__ = [
     "ForwardSolver",
     "Monitor",
+    "WindowMonitor",
     "Problem",
     "Kind",
     "Settings",
