@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ._capture import is_wrapped, transforms_active
 from ._folded import FoldedProblem
-from ._info import ConvergenceWarning, NonFiniteError, SolveInfo
+from ._info import ConvergenceWarning, NonFiniteError, SolveInfo, user_stacklevel
 from ._linearize import Linearization, RecordedLinearization, func_vjp, transpose_of_vjp
 from ._problem import Problem
 from .linear._base import LinearSolver
@@ -199,7 +199,7 @@ class ImplicitCore:
             f"for them. For the implicit gradient raise max_steps (now {self.linear.max_steps}) "
             "or choose another linear solver.",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         if solved is None:
             steps = torch.full((gf.shape[0],), fallback.steps, device=gf.device)
