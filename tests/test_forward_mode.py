@@ -18,22 +18,11 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import jacfwd, jacrev, jvp
 
 import implicit_layers as il
+from tests.helpers import DT, randn_factory, rel
 
-DT = torch.float64
 TOL = 1e-7
 
 
-def randn_factory(seed, device):
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=DT).to(device)
-
-    return randn
-
-
-def rel(a, b):
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
 def ift_jacobian(F, z_star, theta):
