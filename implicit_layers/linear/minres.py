@@ -30,8 +30,30 @@ class MINRES(LinearSolver):
 
     Cost: one operator product and a few vector operations per step; memory for six vectors.
 
-    Args: see :class:`LinearSolver` (``max_steps`` defaults to 1000 and limits the number of
-        operator products spent in Lanczos steps).
+    Solves ``(B, n)`` right-hand sides (:meth:`LinearSolver.solve`) and returns ``(x, info)``
+    with ``x`` of shape ``(B, n)`` and per-sample :class:`~implicit_layers.SolveInfo`.
+
+    Args:
+        rtol: relative tolerance. ``None`` (default) inherits the forward solver's tolerance
+            when used as ``backward=``, else ``1e-10`` in float64 and ``1e-5`` in float32.
+        atol: absolute tolerance (default ``0.0``).
+        max_steps: limit on the number of operator products spent in Lanczos steps (default
+            1000); ``info.steps`` counts each sample's steps.
+        check_every: steps between convergence checks (each a device synchronisation); ``None``
+            (default) means every step on the CPU, every 8 on accelerators.
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
+            sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+    Raises:
+        TypeError: if a setting has the wrong type or is passed positionally.
+        ValueError: if a setting is out of range (e.g. ``rtol < 0``, ``max_steps < 1``).
+
+    Examples:
+        A symmetric indefinite system, where CG would stop at the negative eigenvalue:
+
+        >>> A = torch.diag(torch.tensor([-1.0, 2.0, 3.0], dtype=torch.float64))
+        >>> x, info = il.linear.solve(A, torch.ones(3, dtype=torch.float64), il.linear.MINRES())
+        >>> x, bool(info.converged)
+        (tensor([-1.0000,  0.5000,  0.3333], dtype=torch.float64), True)
     """
 
     name = "MINRES"
