@@ -106,7 +106,7 @@ class NonFiniteError(FloatingPointError):
         ...     il.fixed_point(lambda z, x: 0.5 * torch.cos(z) + x,
         ...                    torch.zeros(2, dtype=torch.float64), x)
         ... except il.NonFiniteError as err:
-        ...     print(str(err)[:66])
+        ...     print(str(err)[:67])
         Anderson: the residual of the fixed_point problem became NaN or Inf
     """
 
