@@ -77,7 +77,7 @@ class BackwardMode(Settings):
 
         Returns:
             ``(z, info)``: the flat solution ``(B, n)`` carrying this mode's gradient, and the
-            forward :class:`~implicit_layers.SolveInfo` (fields of shape ``(B,)``).
+                forward :class:`~implicit_layers.SolveInfo` (fields of shape ``(B,)``).
 
         Raises:
             ValueError: if the mode cannot differentiate this solver or problem (the message
@@ -114,7 +114,7 @@ class BackwardMode(Settings):
 
         Returns:
             A tensor equal to ``z``, shape ``(B, n)``, whose autograd graph (or custom
-            backward) gives the mode's gradient with respect to ``problem.params``.
+                backward) gives the mode's gradient with respect to ``problem.params``.
 
         Raises:
             ValueError: if the mode cannot attach a gradient here (e.g. ``Unrolled`` on a

@@ -88,19 +88,19 @@ class LinearSolver(SolverSettings):
 
         Returns:
             ``(x, info)``: ``x`` of shape ``(B, n)``, and a :class:`~implicit_layers.SolveInfo`
-            whose fields have shape ``(B,)``.
+                whose fields have shape ``(B,)``.
 
         Raises:
             ValueError: if the solver needs a structure (symmetric, positive definite) that
                 the operator is tagged as lacking.
-            ~implicit_layers.ConvergenceError: if a sample does not converge and
+            implicit_layers.ConvergenceError: if a sample does not converge and
                 ``on_failure="raise"``.
-            ~implicit_layers.NonFiniteError: if the residual becomes NaN or Inf.
+            implicit_layers.NonFiniteError: if the residual becomes NaN or Inf.
 
         Warns:
-            ~implicit_layers.ConvergenceWarning: if a sample does not converge and
+            implicit_layers.ConvergenceWarning: if a sample does not converge and
                 ``on_failure="warn"``.
-            ~implicit_layers.StructureWarning: if the solver needs symmetry, the operator is
+            implicit_layers.StructureWarning: if the solver needs symmetry, the operator is
                 untagged and a probe finds it clearly non-symmetric.
 
         Examples:

@@ -95,10 +95,10 @@ class LinearLoop:
 
         Returns:
             ``False`` once ``max_steps`` steps were taken, or when a check finds every sample
-            done; else ``True``.
+                done; else ``True``.
 
         Raises:
-            ~implicit_layers.NonFiniteError: when a check finds ``watch`` not finite.
+            implicit_layers.NonFiniteError: when a check finds ``watch`` not finite.
         """
         self.all_active = False
         if self.k >= self.max_steps:
@@ -128,7 +128,7 @@ class LinearLoop:
             ``False`` when every sample is done or the step budget is spent, else ``True``.
 
         Raises:
-            ~implicit_layers.NonFiniteError: if ``watch`` is not finite.
+            implicit_layers.NonFiniteError: if ``watch`` is not finite.
         """
         all_done, _ = check_done(self.done, watch, self.name)
         self._stopped_at_check = all_done or self.k >= self.max_steps
@@ -163,7 +163,7 @@ class LinearLoop:
             The :class:`~implicit_layers.SolveInfo`, fields of shape ``(B,)``.
 
         Raises:
-            ~implicit_layers.NonFiniteError: if ``watch`` is not finite.
+            implicit_layers.NonFiniteError: if ``watch`` is not finite.
         """
         if not self._stopped_at_check:
             check_done(self.done, residual if watch is None else watch, self.name)
@@ -188,7 +188,7 @@ def check_done(done: Tensor, watch: Tensor, solver: str) -> tuple[bool, bool]:
         ``(all done, any done)`` as Python bools.
 
     Raises:
-        ~implicit_layers.NonFiniteError: if ``watch`` is not finite.
+        implicit_layers.NonFiniteError: if ``watch`` is not finite.
 
     Examples:
         >>> from implicit_layers.linear.base import check_done

@@ -50,7 +50,7 @@ def run_in_rounds(
         ``(x, info)``: ``x`` of shape ``(B, n)``, with the true residual of ``x`` in the info.
 
     Raises:
-        ~implicit_layers.NonFiniteError: if a residual becomes NaN or Inf.
+        implicit_layers.NonFiniteError: if a residual becomes NaN or Inf.
 
     Examples:
         Rounds of at most three Richardson steps ``x ← x + r / 4`` on ``2 x = b``:

@@ -46,6 +46,7 @@ class BiCGStab(LinearSolver):
             (default) means every step on the CPU, every 8 on accelerators.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
             sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+
     Raises:
         TypeError: if a setting has the wrong type or is passed positionally.
         ValueError: if a setting is out of range (e.g. ``rtol < 0``, ``max_steps < 1``).

@@ -39,7 +39,7 @@ class Dense(LinearSolver):
     Raises:
         TypeError: if a setting has the wrong type or is passed positionally.
         ValueError: if a setting is out of range.
-        ~implicit_layers.NonFiniteError: from :meth:`~LinearSolver.solve`, when the matrix is
+        implicit_layers.NonFiniteError: from :meth:`~LinearSolver.solve`, when the matrix is
             singular or holds NaN/Inf for some sample.
 
     Examples:

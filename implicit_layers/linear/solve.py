@@ -56,7 +56,7 @@ def solve(
 
     Returns:
         ``(x, info)``: ``x`` shaped like ``b``; ``info`` a :class:`~implicit_layers.SolveInfo`
-        whose fields have shape ``(B,)`` for batched systems and ``()`` for one system.
+            whose fields have shape ``(B,)`` for batched systems and ``()`` for one system.
 
     Raises:
         TypeError: if ``A``, ``b``, ``x0``, ``solver`` or ``batched`` has the wrong type
@@ -64,14 +64,14 @@ def solve(
         ValueError: if the shapes of ``A``, ``b`` and ``x0`` do not fit together (the message
             gives them), a callable ``A`` returns a tensor of another shape, or the solver
             needs a structure ``A`` is tagged as lacking.
-        ~implicit_layers.ConvergenceError: if a system does not converge and the solver has
+        implicit_layers.ConvergenceError: if a system does not converge and the solver has
             ``on_failure="raise"``.
-        ~implicit_layers.NonFiniteError: if the residual becomes NaN or Inf.
+        implicit_layers.NonFiniteError: if the residual becomes NaN or Inf.
 
     Warns:
-        ~implicit_layers.ConvergenceWarning: if a system does not converge (the default
+        implicit_layers.ConvergenceWarning: if a system does not converge (the default
             ``on_failure="warn"``).
-        ~implicit_layers.StructureWarning: if CG or MINRES is given an untagged operator that
+        implicit_layers.StructureWarning: if CG or MINRES is given an untagged operator that
             a probe finds clearly non-symmetric.
 
     Examples:

@@ -129,15 +129,15 @@ class ForwardSolver(SolverSettings):
 
         Returns:
             ``(z, info)``: for each sample the lowest-residual iterate seen, shape ``(B, n)``,
-            and a :class:`~implicit_layers.SolveInfo` with fields of shape ``(B,)``.
+                and a :class:`~implicit_layers.SolveInfo` with fields of shape ``(B,)``.
 
         Raises:
-            ~implicit_layers.ConvergenceError: if a sample does not converge and
+            implicit_layers.ConvergenceError: if a sample does not converge and
                 ``on_failure="raise"``.
-            ~implicit_layers.NonFiniteError: if the residual becomes NaN or Inf.
+            implicit_layers.NonFiniteError: if the residual becomes NaN or Inf.
 
         Warns:
-            ~implicit_layers.ConvergenceWarning: if a sample does not converge and
+            implicit_layers.ConvergenceWarning: if a sample does not converge and
                 ``on_failure="warn"``.
 
         Examples:
@@ -304,7 +304,7 @@ class Monitor:
             ``True`` when a check finds every sample done, else ``False``.
 
         Raises:
-            ~implicit_layers.NonFiniteError: if a check finds a residual NaN or Inf.
+            implicit_layers.NonFiniteError: if a check finds a residual NaN or Inf.
         """
         self.k += 1
         if not force and (self.k - 1) % self.check_every != 0:
@@ -334,10 +334,10 @@ class Monitor:
 
         Returns:
             ``(z, info)``: ``z`` of shape ``(B, n)``, ``info`` with fields of shape ``(B,)``;
-            a sample is converged when its best iterate meets its own tolerance.
+                a sample is converged when its best iterate meets its own tolerance.
 
         Raises:
-            ~implicit_layers.NonFiniteError: if a residual is NaN or Inf.
+            implicit_layers.NonFiniteError: if a residual is NaN or Inf.
         """
         self.stop(force=True)
         converged = self.best_res <= self.best_tol

@@ -97,7 +97,7 @@ class GradientDescent(ForwardSolver):
 
         Returns:
             The ``step_size`` given (a float, or a tensor of shape ``()`` or ``(B,)``), or
-            ``None`` when it is estimated at ``w0``.
+                ``None`` when it is estimated at ``w0``.
 
         Examples:
             >>> il.solvers.GradientDescent(0.1).gradient_step_size()
@@ -114,7 +114,7 @@ class GradientDescent(ForwardSolver):
 
         Returns:
             A float, a 0-d tensor, or a ``(B, 1)`` tensor that broadcasts over ``z``
-            (``1 / L`` per sample when ``step_size`` is ``None``).
+                (``1 / L`` per sample when ``step_size`` is ``None``).
 
         Raises:
             ValueError: if a tensor ``step_size`` is neither a scalar nor of shape ``(B,)``.

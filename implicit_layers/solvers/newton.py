@@ -41,6 +41,7 @@ class Newton(ForwardSolver):
             (default) means every step on the CPU, every 8 on accelerators.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
             sample does not converge (see :class:`ForwardSolver`).
+
     Raises:
         TypeError: if a setting has the wrong type or any setting is passed positionally.
         ValueError: if a setting is out of range (``rtol < 0``, ``max_steps < 1``, ...).
