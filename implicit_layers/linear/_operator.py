@@ -59,6 +59,12 @@ class LinearOperator:
 
         Returns:
             ``A v``, shape ``(B, n)``: sample ``i`` is the ``i``-th map applied to ``v[i]``.
+
+        Examples:
+            >>> A = torch.tensor([[[2.0, 0.0], [0.0, 3.0]], [[0.0, 1.0], [1.0, 0.0]]])
+            >>> il.linear.MatrixOperator(A).mv(torch.tensor([[1.0, 1.0], [1.0, 2.0]]))
+            tensor([[2., 3.],
+                    [2., 1.]])
         """
         raise NotImplementedError
 
@@ -68,6 +74,13 @@ class LinearOperator:
 
         Returns:
             The matrices, shape ``(B, n, n)``.
+
+        Examples:
+            >>> d = torch.tensor([[1.0, 2.0]])
+            >>> op = il.linear.FunctionOperator(lambda v: d * v, 1, 2, torch.float32, "cpu")
+            >>> op.to_dense()
+            tensor([[[1., 0.],
+                     [0., 2.]]])
         """
         eye = torch.eye(self.size, dtype=self.dtype, device=self.device)
         cols = [self.mv(eye[i].expand(self.batch, self.size)) for i in range(self.size)]

@@ -20,8 +20,11 @@ class MINRES(LinearSolver):
     For symmetric operators that may be indefinite: the Hessian at a saddle point, KKT systems
     of equality-constrained problems, ``H - σ I`` shifts. Like CG it uses a three-term Lanczos
     recurrence (constant memory), but it minimises ``‖b - A x‖`` over the Krylov subspace, so it
-    needs no positive definiteness. On SPD systems it takes about as many steps as CG. The
-    operator must be tagged ``symmetric``; for non-symmetric systems use :class:`GMRES`.
+    needs no positive definiteness. On SPD systems it takes about as many steps as CG.
+    Choosing MINRES declares the operator symmetric, as choosing CG does: an untagged operator
+    is taken as symmetric (two products probe it, and a
+    :class:`~implicit_layers.StructureWarning` says so when it is clearly not); one tagged
+    ``symmetric=False`` is an error. For non-symmetric systems use :class:`GMRES`.
 
     The residual norm is tracked by the recurrence at every step (no extra product); when every
     sample's estimate meets its tolerance the true residual ``b - A x`` is recomputed, and
