@@ -216,6 +216,7 @@ class Implicit(BackwardMode):
     def __init__(
         self,
         linear_solver: LinearSolver | None = None,
+        *,
         fallback: BackwardMode | None = None,
     ) -> None:
         if linear_solver is not None and not isinstance(linear_solver, LinearSolver):

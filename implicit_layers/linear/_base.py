@@ -142,7 +142,9 @@ class LinearSolver(SolverSettings):
                         f"{self.name} assumes a symmetric operator, but the operator given is "
                         f"not symmetric: <u, A v> and <A u, v> differ by {gap:.1e} (relative) "
                         "for random u, v. Use GMRES, BiCGStab or Dense for a non-symmetric "
-                        "system; tag the operator symmetric=True to skip this check.",
+                        "system (backward=il.linear.GMRES() for a layer); if it is symmetric, "
+                        "say so to skip this check (symmetric=True on the operator, or "
+                        "custom_root(..., symmetric=True)).",
                         StructureWarning,
                         stacklevel=3,
                     )

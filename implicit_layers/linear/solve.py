@@ -49,9 +49,9 @@ def solve(
             (default ``None``, read as ``False``); for a matrix or operator it follows from
             ``b``'s shape and may be given to assert it.
         symmetric: structure tag for ``A`` (auto-detected for matrices; untagged, ``None``, by
-            default for callables; ignored for a :class:`LinearOperator`, which carries its
-            own tags).
-        positive_definite: structure tag for ``A`` (``None``: unknown; ignored for a
+            default for callables; a TypeError for a :class:`LinearOperator`, which carries
+            its own tags).
+        positive_definite: structure tag for ``A`` (``None``: unknown; a TypeError for a
             :class:`LinearOperator`).
 
     Returns:
@@ -93,6 +93,13 @@ def solve(
     check_float_tensor(b, "b")
     if batched is not None and not isinstance(batched, bool):
         raise TypeError(f"batched must be True, False or None, got {batched!r}.")
+    if isinstance(A, LinearOperator) and (symmetric is not None or positive_definite is not None):
+        raise TypeError(
+            "symmetric= and positive_definite= describe a matrix or a callable A; a "
+            f"LinearOperator carries its own tags (got {type(A).__name__} with symmetric="
+            f"{A.symmetric!r}, positive_definite={A.positive_definite!r}). Set them on the "
+            "operator instead."
+        )
     if callable(A) and not isinstance(A, (Tensor, LinearOperator)):
         op, bb, one = _callable_operator(A, b, bool(batched), symmetric, positive_definite)
     else:
