@@ -22,6 +22,7 @@ def randn_factory(seed: int, device: torch.device | str) -> Callable[..., torch.
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """``‖a - b‖ / ‖b‖`` (as a float, ``b`` the reference)."""
+    a, b = a.detach(), b.detach()
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300))
 
 
