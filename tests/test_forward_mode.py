@@ -264,7 +264,7 @@ def test_jvp_and_vjp_satisfy_the_transpose_identity(name, device):
     _, Jv = jvp(c.fn, (c.theta,), (v,))
     theta = c.theta.detach().clone().requires_grad_(True)
     (JTu,) = torch.autograd.grad(c.fn(theta), theta, u)
-    lhs, rhs = float((u * Jv).sum()), float((JTu * v).sum())
+    lhs, rhs = float((u * Jv).sum().detach()), float((JTu * v).sum())
     assert abs(lhs - rhs) < TOL * float(u.norm() * v.norm() * torch.linalg.matrix_norm(c.J, 2))
 
 
