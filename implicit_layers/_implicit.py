@@ -98,6 +98,7 @@ class ImplicitCore:
         self.mode = mode
         self._forward = forward
         self.solver = solver
+        self.forward_rtol = forward_rtol
         linear = mode.linear_solver
         if linear is None:
             linear = default_linear_solver(problem)
@@ -115,6 +116,14 @@ class ImplicitCore:
         z, info = self._forward(problem, z0)
         if self.info is None:
             self.info = info
+        if self.mode.linear_solver is None:
+            # A forward solver that observed the problem may pick the adjoint's solver
+            # (Adaptive: Neumann after a good contraction, GMRES otherwise).
+            choose = getattr(self.solver, "adjoint_solver", None)
+            chosen = choose(info) if choose is not None else None
+            if chosen is not None:
+                self.linear = chosen if chosen.rtol is not None else chosen.replace(
+                    rtol=self.forward_rtol)
         if self.record:
             # Record F at z* now, while the function sees the tensors it saw when called (a
             # functional_call swaps module parameters back when it returns); an ordinary
@@ -215,7 +224,7 @@ class ImplicitCore:
     def fold(self, V: int, dims: Sequence[int | None], values: Sequence[Tensor]) -> ImplicitCore:
         """The core of ``V`` vmapped copies of this problem solved as one batch."""
         folded = FoldedProblem(self.problem, V, dims, values)  # type: ignore[arg-type]
-        core = ImplicitCore(folded, self.mode, self._forward, 0.0, self.solver)  # type: ignore[arg-type]
+        core = ImplicitCore(folded, self.mode, self._forward, self.forward_rtol, self.solver)  # type: ignore[arg-type]
         core.linear = self.linear
         core.record = False
         return core

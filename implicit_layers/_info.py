@@ -57,6 +57,9 @@ class SolveInfo:
         backward: for a forward solve, the :class:`SolveInfo` of the backward (adjoint) linear
             solve once ``backward()`` has run through this layer; ``None`` before that, and for
             backward modes that solve no linear system.
+        contraction: float tensor, the contraction factor the forward solver observed (ratio of
+            successive residual norms; :class:`~implicit_layers.solvers.Adaptive` fills it and
+            picks the backward from it), else ``None``.
 
     Examples:
         >>> z, info = il.fixed_point(lambda z: torch.cos(z), torch.zeros(3, dtype=torch.float64),
@@ -75,6 +78,7 @@ class SolveInfo:
     solver: str = ""
     tolerance: Tensor | None = None
     backward: SolveInfo | None = field(default=None, repr=False)
+    contraction: Tensor | None = field(default=None, repr=False)
 
     @property
     def all_converged(self) -> bool:
@@ -83,7 +87,7 @@ class SolveInfo:
 
     def squeeze_batch(self) -> SolveInfo:
         """Remove the batch dimension (of size 1) from every field, in place; returns ``self``."""
-        for name in ("converged", "steps", "residual", "tolerance"):
+        for name in ("converged", "steps", "residual", "tolerance", "contraction"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.reshape(()))
