@@ -65,7 +65,7 @@ class SolveInfo:
         >>> z, info = il.fixed_point(lambda z: torch.cos(z), torch.zeros(3, dtype=torch.float64),
         ...                          return_info=True)
         >>> bool(info.converged), info.solver, info.backward is None
-        (True, 'Anderson', True)
+        (True, 'Adaptive (Picard)', True)
         >>> z, info = il.fixed_point(lambda z: torch.cos(z), torch.zeros(2, 3, dtype=torch.float64),
         ...                          batched=True, return_info=True)
         >>> info.steps.shape                           # one entry per batch element
