@@ -28,6 +28,7 @@ SKIP_COMMENT = "<!-- skip -->"
 DOCTEST_MODULES = [
     "implicit_layers._info",
     "implicit_layers.nn",
+    "implicit_layers.solvers.adaptive",
     "implicit_layers.hyper.layers",
     "implicit_layers.hyper.trainer",
     "implicit_layers.hyper.transforms",
