@@ -137,12 +137,15 @@ class SolveInfo:
         backward: for a forward solve, the :class:`SolveInfo` of the backward (adjoint) linear
             solve once ``backward()`` has run through this layer; ``None`` before that, and for
             backward modes that solve no linear system.
+        contraction: float tensor, the contraction factor the forward solver observed (ratio of
+            successive residual norms; :class:`~implicit_layers.solvers.Adaptive` fills it and
+            picks the backward from it), else ``None``.
 
     Examples:
         >>> z, info = il.fixed_point(lambda z: torch.cos(z), torch.zeros(3, dtype=torch.float64),
         ...                          return_info=True)
         >>> bool(info.converged), info.solver, info.backward is None
-        (True, 'Anderson', True)
+        (True, 'Adaptive (Picard)', True)
         >>> z, info = il.fixed_point(lambda z: torch.cos(z), torch.zeros(2, 3, dtype=torch.float64),
         ...                          batched=True, return_info=True)
         >>> info.steps.shape                           # one entry per batch element
@@ -155,6 +158,7 @@ class SolveInfo:
     solver: str = ""
     tolerance: Tensor | None = None
     backward: SolveInfo | None = field(default=None, repr=False)
+    contraction: Tensor | None = field(default=None, repr=False)
 
     @property
     def all_converged(self) -> bool:
@@ -183,7 +187,7 @@ class SolveInfo:
             >>> info.squeeze_batch().steps
             tensor(3)
         """
-        for name in ("converged", "steps", "residual", "tolerance"):
+        for name in ("converged", "steps", "residual", "tolerance", "contraction"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.reshape(()))

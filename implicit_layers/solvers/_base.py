@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -10,6 +10,9 @@ from torch import Tensor
 from .._config import SolverSettings, default_check_every
 from .._info import NonFiniteError, SolveInfo, report_failure
 from .._problem import Kind, Problem
+
+if TYPE_CHECKING:
+    from ..linear._base import LinearSolver
 
 __all__ = ["ForwardSolver"]
 
@@ -84,6 +87,19 @@ class ForwardSolver(SolverSettings):
         step size of their own. A float, or a tensor (a scalar, or one value per sample of
         shape ``(B,)``; a tensor that requires grad then receives a gradient). ``None`` (the
         default) when the solver has no fixed step.
+        """
+        return None
+
+    def adjoint_solver(self, info: SolveInfo | None) -> LinearSolver | None:
+        """The linear solver this solver recommends for the implicit backward, from what its
+        forward solve observed (``info``), or ``None`` (the default) to leave the choice to the
+        layer. Used only when the backward's linear solver was not given.
+
+        Args:
+            info: the statistics of the forward solve that just ran.
+
+        Returns:
+            A linear solver (its ``rtol=None`` inherits the forward tolerance), or ``None``.
         """
         return None
 
