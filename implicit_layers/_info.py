@@ -107,7 +107,7 @@ class NonFiniteError(FloatingPointError):
         ...                    torch.zeros(2, dtype=torch.float64), x)
         ... except il.NonFiniteError as err:
         ...     print(str(err)[:67])
-        Anderson: the residual of the fixed_point problem became NaN or Inf
+        Adaptive: the residual of the fixed_point problem became NaN or Inf
     """
 
 
