@@ -26,6 +26,7 @@ import torch
 import implicit_layers as il
 
 from ._common import Config, Section, add_failures, peer_or_note, rel_err, time_alternating, to_numpy
+from .deq_reuse import run_reuse
 
 TOL = 1e-10
 
@@ -100,14 +101,16 @@ def deq_methods(T: dict[str, torch.Tensor], cfg: Config, section: Section, full:
 
     A = functools.partial(il.solvers.Anderson, rtol=TOL, max_steps=fwd_cap)
     methods = {
+        # the defaults: float64's default tolerance is TOL
+        "ours default": ours(None, None),
         "ours Anderson+GMRES": ours(A(), il.linear.GMRES(rtol=TOL)),
         "ours Anderson+Broyden": ours(A(), il.linear.Broyden(rtol=TOL, max_steps=fwd_cap)),
         "ours Anderson+Neumann": ours(A(), il.linear.Neumann(rtol=TOL, max_steps=fwd_cap)),
+        "ours Picard+Neumann": ours(
+            il.solvers.Picard(rtol=TOL, max_steps=fwd_cap), il.linear.Neumann(rtol=TOL, max_steps=fwd_cap)
+        ),
     }
     if full:
-        methods["ours Picard+Neumann"] = ours(
-            il.solvers.Picard(rtol=TOL, max_steps=fwd_cap), il.linear.Neumann(rtol=TOL, max_steps=fwd_cap)
-        )
         methods["ours Broyden+GMRES"] = ours(
             il.solvers.Broyden(rtol=TOL, max_steps=fwd_cap), il.linear.GMRES(rtol=TOL)
         )
@@ -269,6 +272,7 @@ def mlp_methods(T: dict[str, torch.Tensor], cfg: Config, section: Section, full:
 
     A = functools.partial(il.solvers.Anderson, rtol=TOL, max_steps=fwd_cap)
     methods = {
+        "ours default": ours(None, None),
         "ours Picard+Neumann": ours(il.solvers.Picard(rtol=TOL, max_steps=fwd_cap),
                                     il.linear.Neumann(rtol=TOL, max_steps=fwd_cap)),
         "ours Anderson+GMRES": ours(A(), il.linear.GMRES(rtol=TOL)),
@@ -348,9 +352,11 @@ def run_deq(cfg: Config) -> Section:
             section.add(case=case, method=name, time_ms=1e3 * sec, grad_rel_err=err,
                         fwd_steps=steps if steps >= 0 else None)
         add_failures(section, case)
+        _default_target(section, case, times, section.rows)
         if hidden == (32 if cfg.tiny else 256):
             _deq_targets(section, case, times, section.rows)
     _run_mlp(cfg, section)
+    run_reuse(cfg, section)
     return section
 
 
@@ -377,8 +383,25 @@ def _run_mlp(cfg: Config, section: Section) -> None:
             section.add(case=case, method=name, time_ms=1e3 * sec, grad_rel_err=err,
                         fwd_steps=steps if steps >= 0 else None)
         add_failures(section, case)
+        _default_target(section, case, times, section.rows)
         if hidden == (32 if cfg.tiny else 256):
             _deq_targets(section, case, times, section.rows)
+
+
+def _default_target(section: Section, case: str, times: dict, rows: list) -> None:
+    """The defaults against the fastest of our configurations at the same accuracy."""
+    errs = {r["method"]: r["grad_rel_err"] for r in rows if r["case"] == case}
+    if "ours default" not in times:
+        return
+    # equal accuracy: within 10x of the default's error (all are ~1e-10 at rtol 1e-10)
+    ok = {k: v for k, v in times.items() if k.startswith("ours") and k != "ours default"
+          and errs[k] <= 10 * max(errs["ours default"], 1e-12)}
+    if not ok:
+        return
+    best = min(ok, key=ok.get)
+    r = times["ours default"] / ok[best]
+    section.target(f"DEQ {case}: ours default/best ours", "<= 1.1", r, r <= 1.1,
+                   f"vs {best} (default err {errs['ours default']:.1e}, {best} {errs[best]:.1e})")
 
 
 def _deq_targets(section: Section, case: str, times: dict, rows: list) -> None:

@@ -211,10 +211,10 @@ class SolverSettings(Settings):
 
     Every setting is keyword-only; a solver class may take one *algorithm parameter*
     positionally, where it is the obvious one (the textbook name of the method). They are:
-    ``Picard(damping)``, ``Anderson(memory)``, ``Broyden(memory)``, ``LBFGS(memory)``,
-    ``GradientDescent(step_size)`` (forward solvers); ``GMRES(restart)``, ``Broyden(memory)``,
-    ``Neumann(max_steps)`` (the number of terms ``k``; linear solvers). All other solvers take
-    keyword arguments only.
+    ``Adaptive(switch_ratio)``, ``Picard(damping)``, ``Anderson(memory)``, ``Broyden(memory)``,
+    ``LBFGS(memory)``, ``GradientDescent(step_size)`` (forward solvers); ``GMRES(restart)``,
+    ``Broyden(memory)``, ``Neumann(max_steps)`` (the number of terms ``k``; linear solvers). All
+    other solvers take keyword arguments only.
 
     Args:
         rtol: relative tolerance, or ``None`` for the dtype's default.

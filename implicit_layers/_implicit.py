@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ._capture import is_wrapped, transforms_active
 from ._folded import FoldedProblem
-from ._info import ConvergenceWarning, NonFiniteError, SolveInfo
+from ._info import ConvergenceWarning, NonFiniteError, SolveInfo, user_stacklevel
 from ._linearize import Linearization, RecordedLinearization, func_vjp, transpose_of_vjp
 from ._problem import Problem
 from .linear._base import LinearSolver
@@ -40,6 +40,7 @@ from .linear.neumann import Neumann
 
 if TYPE_CHECKING:
     from .backward import Implicit
+    from .solvers._base import ForwardSolver
 
 #: Largest system size ``n`` for which the default backward materialises the Jacobian and
 #: solves it directly. The crossover depends on how many CG iterations the problem needs
@@ -92,12 +93,13 @@ class ImplicitCore:
         mode: Implicit,
         forward: Forward,
         forward_rtol: float,
-        solver: object = None,
+        solver: ForwardSolver | None = None,
     ) -> None:
         self.problem = problem
         self.mode = mode
         self._forward = forward
         self.solver = solver
+        self.forward_rtol = forward_rtol
         linear = mode.linear_solver
         if linear is None:
             linear = default_linear_solver(problem)
@@ -115,6 +117,13 @@ class ImplicitCore:
         z, info = self._forward(problem, z0)
         if self.info is None:
             self.info = info
+        if self.mode.linear_solver is None and self.solver is not None:
+            # A forward solver that observed the problem may pick the adjoint's solver
+            # (Adaptive: Neumann after a good contraction, GMRES otherwise).
+            chosen = self.solver.adjoint_solver(info)
+            if chosen is not None:
+                self.linear = chosen if chosen.rtol is not None else chosen.replace(
+                    rtol=self.forward_rtol)
         if self.record:
             # Record F at z* now, while the function sees the tensors it saw when called (a
             # functional_call swaps module parameters back when it returns); an ordinary
@@ -199,7 +208,7 @@ class ImplicitCore:
             f"for them. For the implicit gradient raise max_steps (now {self.linear.max_steps}) "
             "or choose another linear solver.",
             ConvergenceWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         if solved is None:
             steps = torch.full((gf.shape[0],), fallback.steps, device=gf.device)
@@ -215,7 +224,7 @@ class ImplicitCore:
     def fold(self, V: int, dims: Sequence[int | None], values: Sequence[Tensor]) -> ImplicitCore:
         """The core of ``V`` vmapped copies of this problem solved as one batch."""
         folded = FoldedProblem(self.problem, V, dims, values)  # type: ignore[arg-type]
-        core = ImplicitCore(folded, self.mode, self._forward, 0.0, self.solver)  # type: ignore[arg-type]
+        core = ImplicitCore(folded, self.mode, self._forward, self.forward_rtol, self.solver)  # type: ignore[arg-type]
         core.linear = self.linear
         core.record = False
         return core

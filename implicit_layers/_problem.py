@@ -123,7 +123,9 @@ class Problem:
     def unflatten(self, z: Tensor, dtype: bool = True) -> Any:
         """The ``(B, n)`` state in the structure, shapes (and, if ``dtype``, dtypes) of ``z0``."""
         if self.single:
-            out = z.reshape(self.leaf_shapes[0])
+            # The layer's own output rather than a view of it when no reshape is needed (FSDP2
+            # and in-place ops treat views of a custom function's output specially).
+            out = z if z.shape == self.leaf_shapes[0] else z.reshape(self.leaf_shapes[0])
             return out.to(self.leaf_dtypes[0]) if dtype else out
         parts = torch.split(z, list(self.leaf_sizes), dim=-1)
         leaves = [

@@ -44,7 +44,23 @@ class BackwardMode(Settings):
 
     Subclasses take their settings as constructor arguments (validated, stored under the same
     names; see :class:`~implicit_layers.solvers.base.Settings` for ``replace``, ``repr`` and
-    ``==``) and implement :meth:`attach`.
+    ``==``) and implement :meth:`attach`; they override :meth:`solve` only if they must see
+    the forward iterations. An instance is passed as ``backward=`` to
+    :func:`~implicit_layers.fixed_point`, :func:`~implicit_layers.root`,
+    :func:`~implicit_layers.argmin`, the ``custom_*`` decorators and the layers of
+    :mod:`implicit_layers.nn`.
+
+    Examples:
+        A mode that stops the gradient at the solution (the solution is a constant):
+
+        >>> class Detached(il.backward.BackwardMode):
+        ...     def attach(self, problem, z, forward_rtol, solver=None, info=None):
+        ...         return z
+        >>> x = torch.ones(2, dtype=torch.float64, requires_grad=True)
+        >>> z = il.fixed_point(lambda z, x: 0.5 * torch.cos(z) + x,
+        ...                    torch.zeros(2, dtype=torch.float64), x, backward=Detached())
+        >>> z.requires_grad
+        False
     """
 
     # -- behaviour ---------------------------------------------------------------------
@@ -52,6 +68,20 @@ class BackwardMode(Settings):
         """Run ``solver`` from the flat ``z0`` ``(B, n)`` and attach this mode's gradient.
 
         The default solves without a graph, then calls :meth:`attach` if gradients are on.
+
+        Args:
+            problem: the problem (:class:`~implicit_layers.solvers.base.Problem`); its
+                ``params`` are the tensors to differentiate.
+            z0: flat initial guess, shape ``(B, n)``.
+            solver: the forward solver (a :class:`~implicit_layers.solvers.ForwardSolver`).
+
+        Returns:
+            ``(z, info)``: the flat solution ``(B, n)`` carrying this mode's gradient, and the
+                forward :class:`~implicit_layers.SolveInfo` (fields of shape ``(B,)``).
+
+        Raises:
+            ValueError: if the mode cannot differentiate this solver or problem (the message
+                names what to use instead).
         """
         if problem.params and vmap_active():
             # Under vmap the solve runs as the implicit layer does (the vmapped dimension
@@ -81,6 +111,14 @@ class BackwardMode(Settings):
             forward_rtol: the tolerance the solution was found to.
             solver: the forward solver, or ``None`` for a black box.
             info: the forward statistics (its ``backward`` field may be filled in later).
+
+        Returns:
+            A tensor equal to ``z``, shape ``(B, n)``, whose autograd graph (or custom
+                backward) gives the mode's gradient with respect to ``problem.params``.
+
+        Raises:
+            ValueError: if the mode cannot attach a gradient here (e.g. ``Unrolled`` on a
+                black-box solver, a step mode on argmin without a step size).
         """
         raise NotImplementedError
 
@@ -142,27 +180,43 @@ class Implicit(BackwardMode):
 
     Args:
         linear_solver: the :class:`~implicit_layers.linear.LinearSolver` for the adjoint
-            system. ``None`` picks, for symmetric problems (argmin, whose Hessian is symmetric
-            positive definite at a strict minimum, and ``custom_root(..., symmetric=True)``),
-            :class:`~implicit_layers.linear.Dense` when the system size ``n`` (elements of one
-            sample's solution) is at most 128 and ``B · n²`` (``B`` the batch, 1 unbatched) is at
-            most ``2**22``, else :class:`~implicit_layers.linear.CG`; for the others (fixed
-            points, roots) :class:`~implicit_layers.linear.GMRES`. A solver with ``rtol=None``
-            inherits the forward solver's tolerance, so the gradient is as accurate as the
-            solution it differentiates.
+            system. ``None`` (default) picks, for symmetric problems (argmin, whose Hessian is
+            symmetric positive definite at a strict minimum, and
+            ``custom_root(..., symmetric=True)``), :class:`~implicit_layers.linear.Dense` when
+            the system size ``n`` (elements of one sample's solution) is at most 128 and
+            ``B · n²`` (``B`` the batch, 1 unbatched) is at most ``2**22``, else
+            :class:`~implicit_layers.linear.CG`; for the others (fixed points, roots)
+            :class:`~implicit_layers.linear.GMRES`. A solver with ``rtol=None`` inherits the
+            forward solver's tolerance, so the gradient is as accurate as the solution it
+            differentiates.
         fallback: optional :class:`JacobianFree`, :class:`Phantom` or :class:`Truncated` whose
             gradient replaces the implicit one for the samples whose adjoint solve did not
             converge (or diverged), with a :class:`~implicit_layers.ConvergenceWarning`, so one
-            bad batch does not hand a garbage gradient to the optimizer.
+            bad batch does not hand a garbage gradient to the optimizer. Default ``None``.
 
-    Example:
-        >>> mode = Implicit(il.linear.CG(rtol=1e-8), fallback=Phantom(steps=5))
+    Raises:
+        TypeError: if ``linear_solver`` is not an :mod:`implicit_layers.linear` solver, or
+            ``fallback`` is not a step mode.
+
+    Examples:
+        The gradient of a fixed point ``z = A z + b`` is ``(I - A)⁻ᵀ g``:
+
+        >>> A = torch.tensor([[0.5, 0.2], [-0.1, 0.3]], dtype=torch.float64)
+        >>> b = torch.ones(2, dtype=torch.float64, requires_grad=True)
+        >>> mode = il.backward.Implicit(il.linear.GMRES(), fallback=il.backward.Phantom(steps=5))
+        >>> z = il.fixed_point(lambda z, b: A @ z + b, torch.zeros(2, dtype=torch.float64), b,
+        ...                    backward=mode)
+        >>> z.sum().backward()
+        >>> expected = torch.linalg.solve((torch.eye(2, dtype=torch.float64) - A).T,
+        ...                               torch.ones(2, dtype=torch.float64))
+        >>> torch.allclose(b.grad, expected)
+        True
     """
-
 
     def __init__(
         self,
         linear_solver: LinearSolver | None = None,
+        *,
         fallback: BackwardMode | None = None,
     ) -> None:
         if linear_solver is not None and not isinstance(linear_solver, LinearSolver):
@@ -213,7 +267,21 @@ class Unrolled(BackwardMode):
     Exact for the computation performed, including non-converged solves and learnable solver
     settings (a tensor step size of :class:`~implicit_layers.solvers.GradientDescent`), but its
     memory grows linearly with the number of forward steps. Higher derivatives are those of the
-    recorded iterations.
+    recorded iterations. Takes no settings.
+
+    Raises:
+        ValueError: when solving, if the forward solver cannot be differentiated through
+            (``Newton``), under :func:`torch.func.vmap`, or for a black-box solver wrapped by
+            :func:`~implicit_layers.custom_root`.
+
+    Examples:
+        >>> t = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+        >>> w = il.argmin(lambda w, t: ((w - t) ** 2).sum(), torch.zeros(2, dtype=torch.float64),
+        ...               t, solver=il.solvers.GradientDescent(0.25, max_steps=100),
+        ...               backward=il.backward.Unrolled())
+        >>> w.sum().backward()
+        >>> torch.allclose(t.grad, torch.ones(2, dtype=torch.float64))
+        True
     """
 
     def solve(self, problem: Problem, z0: Tensor, solver: Any) -> tuple[Tensor, SolveInfo]:
@@ -254,11 +322,28 @@ class Truncated(_StepMode):
     truncated backpropagation through its last ``steps`` steps.
 
     Args:
-        steps: number of differentiated steps (``K``).
-        step_size: ``η > 0``; ``None`` means 1 for fixed points and roots, and for argmin the
-            ``step_size`` of a :class:`~implicit_layers.solvers.GradientDescent` forward solver.
-    """
+        steps: number of differentiated steps ``K >= 1``; the one positional argument.
+        step_size: ``η > 0``; ``None`` (default) means 1 for fixed points and roots, and for
+            argmin the ``step_size`` of a :class:`~implicit_layers.solvers.GradientDescent`
+            forward solver.
 
+    Raises:
+        TypeError: if ``steps`` is not an int or ``step_size`` not a float.
+        ValueError: if ``steps < 1`` or ``step_size <= 0``; when solving an argmin problem,
+            if neither this mode nor the forward solver has a step size.
+
+    Examples:
+        For ``z = A z + b`` the gradient is the ``K``-term Neumann sum ``Σ_{j<K} (Aᵀ)ʲ g``:
+
+        >>> A = torch.tensor([[0.5, 0.2], [-0.1, 0.3]], dtype=torch.float64)
+        >>> b = torch.ones(2, dtype=torch.float64, requires_grad=True)
+        >>> z = il.fixed_point(lambda z, b: A @ z + b, torch.zeros(2, dtype=torch.float64), b,
+        ...                    backward=il.backward.Truncated(3))
+        >>> z.sum().backward()
+        >>> g = torch.ones(2, dtype=torch.float64)
+        >>> torch.allclose(b.grad, g + A.T @ g + A.T @ A.T @ g)
+        True
+    """
 
     def __init__(self, steps: int, *, step_size: float | None = None) -> None:
         self.steps = check_positive_int(steps, "steps")
@@ -272,9 +357,24 @@ class JacobianFree(_StepMode):
     ``(I - J)⁻¹`` is replaced by ``I``. Cheap, biased, often good enough for training DEQs.
 
     Args:
-        step_size: ``η > 0`` of the step (see :class:`Truncated`).
-    """
+        step_size: ``η > 0`` of the step; ``None`` (default) means 1 for fixed points and
+            roots, and for argmin the ``step_size`` of a
+            :class:`~implicit_layers.solvers.GradientDescent` forward solver. Keyword-only.
 
+    Raises:
+        TypeError: if ``step_size`` is not a float, or is passed positionally.
+        ValueError: if ``step_size <= 0``; when solving an argmin problem, if neither this
+            mode nor the forward solver has a step size.
+
+    Examples:
+        >>> A = torch.tensor([[0.5, 0.2], [-0.1, 0.3]], dtype=torch.float64)
+        >>> b = torch.ones(2, dtype=torch.float64, requires_grad=True)
+        >>> z = il.fixed_point(lambda z, b: A @ z + b, torch.zeros(2, dtype=torch.float64), b,
+        ...                    backward=il.backward.JacobianFree())
+        >>> z.sum().backward()
+        >>> b.grad                                     # (∂f/∂b)ᵀ g = g
+        tensor([1., 1.], dtype=torch.float64)
+    """
 
     def __init__(self, *, step_size: float | None = None) -> None:
         self.steps = 1
@@ -285,11 +385,26 @@ class Phantom(_StepMode):
     """Phantom gradient (Geng et al., 2021): ``steps`` damped steps from the solution.
 
     Args:
-        steps: number of differentiated steps (default 5).
+        steps: number of differentiated steps (default 5); the one positional argument.
         damping: ``λ > 0`` in ``z ← (1 - λ) z + λ f(z)`` (default 0.5); for argmin the step
-            size of the gradient steps.
-    """
+            size of the gradient steps. Keyword-only.
 
+    Raises:
+        TypeError: if ``steps`` is not an int or ``damping`` not a float (``None`` included).
+        ValueError: if ``steps < 1`` or ``damping <= 0``.
+
+    Examples:
+        >>> A = torch.tensor([[0.5, 0.2], [-0.1, 0.3]], dtype=torch.float64)
+        >>> b = torch.ones(2, dtype=torch.float64, requires_grad=True)
+        >>> mode = il.backward.Phantom(10, damping=0.8)
+        >>> z = il.fixed_point(lambda z, b: A @ z + b, torch.zeros(2, dtype=torch.float64), b,
+        ...                    backward=mode)
+        >>> z.sum().backward()
+        >>> exact = torch.linalg.solve((torch.eye(2, dtype=torch.float64) - A).T,
+        ...                            torch.ones(2, dtype=torch.float64))
+        >>> bool((b.grad - exact).abs().max() < 1e-2), mode.damping
+        (True, 0.8)
+    """
 
     def __init__(self, steps: int = 5, *, damping: float = 0.5) -> None:
         self.steps = check_positive_int(steps, "steps")
@@ -300,6 +415,7 @@ class Phantom(_StepMode):
 
     @property
     def damping(self) -> float:
+        """``λ``, the step weight of the damped steps (stored as ``step_size``)."""
         assert self.step_size is not None
         return self.step_size
 

@@ -17,7 +17,7 @@ from ._info import SolveInfo
 from ._problem import Kind, Problem
 from .backward import BackwardMode, resolve_backward
 from .linear._base import LinearSolver
-from .solvers import LBFGS, Anderson, Broyden, ForwardSolver
+from .solvers import LBFGS, Adaptive, Broyden, ForwardSolver
 
 __all__ = ["fixed_point", "root", "argmin", "custom_root", "custom_fixed_point"]
 
@@ -151,10 +151,14 @@ def fixed_point(
         z0: initial guess: a tensor, or a tuple/list/dict of tensors (a structured state such
             as a multi-resolution DEQ's); the solution has its structure and shapes.
         *args: extra arguments of ``f``.
-        solver: forward solver (default :class:`~implicit_layers.solvers.Anderson`).
-        backward: backward mode or linear solver (default implicit with
-            :class:`~implicit_layers.linear.GMRES` at the forward tolerance). Passing a linear
-            solver means :class:`~implicit_layers.backward.Implicit` with it.
+        solver: forward solver (default :class:`~implicit_layers.solvers.Adaptive`: plain
+            iteration, switching to Anderson acceleration when the observed contraction factor
+            exceeds 0.95 or a residual grows).
+        backward: backward mode or linear solver (default implicit at the forward tolerance,
+            with the linear solver the default forward solver picks from what it observed: a
+            Neumann series, finished by GMRES if needed, after plain iteration; GMRES after a
+            switch to Anderson, and with any other forward solver). Passing a linear solver
+            means :class:`~implicit_layers.backward.Implicit` with it.
         batched: if ``True`` the leading dimension of ``z0`` (of each of its tensors)
             indexes independent problems, each with its own convergence test and statistics.
         return_info: also return a :class:`~implicit_layers.SolveInfo`.
@@ -173,7 +177,7 @@ def fixed_point(
         >>> z = fixed_point(lambda z, x: torch.tanh(W @ z + x), torch.zeros(3, dtype=torch.float64), x)
         >>> z.sum().backward()
     """
-    return _run("fixed_point", f, "f", z0, "z0", args, solver, Anderson, backward, batched,
+    return _run("fixed_point", f, "f", z0, "z0", args, solver, Adaptive, backward, batched,
                 return_info)
 
 

@@ -30,7 +30,7 @@ from .functional import argmin as _argmin
 from .functional import fixed_point as _fixed_point
 from .linear._base import LinearSolver
 from .linear._power import power_iteration
-from .solvers import LBFGS, Anderson, ForwardSolver
+from .solvers import LBFGS, Adaptive, Anderson, ForwardSolver
 
 __all__ = ["DEQ", "ArgminLayer", "jacobian_penalty"]
 
@@ -147,11 +147,14 @@ class DEQ(torch.nn.Module):
             ``(B, *state_shape)``, returning a tensor of that shape. Registered as a
             submodule, so ``.to()``, ``.double()``, ``state_dict()`` and ``parameters()`` see it.
         solver: forward solver used in training mode (default
-            ``il.solvers.Anderson(max_steps=50)``).
+            ``il.solvers.Adaptive(max_steps=50)``: plain iteration, Anderson once the observed
+            contraction is slow).
         backward: how gradients flow: a mode from :mod:`implicit_layers.backward`
             (``Implicit(linear_solver, fallback=...)``, ``Unrolled()``, ``Truncated(k)``,
             ``JacobianFree()``, ``Phantom(k, damping)``) or a linear solver, meaning
-            ``Implicit(that solver)``. Default: implicit with GMRES at the forward tolerance.
+            ``Implicit(that solver)``. Default: implicit at the forward tolerance, with
+            the linear solver the default forward solver picks (Neumann, finished by GMRES if
+            needed, after plain iteration; GMRES after Anderson or with other solvers).
             ``Implicit(..., fallback=il.backward.Phantom())`` replaces the gradient of samples
             whose adjoint solve fails by the phantom gradient, with a warning.
         eval_solver: forward solver used in eval mode (``module.eval()``), e.g. with a
@@ -200,7 +203,7 @@ class DEQ(torch.nn.Module):
                 f"registered), got {type(f).__name__}. Wrap a function in an nn.Module."
             )
         self.f = f
-        self.solver = _check_solver(solver, "solver", "fixed_point") or Anderson(max_steps=50)
+        self.solver = _check_solver(solver, "solver", "fixed_point") or Adaptive(max_steps=50)
         self.eval_solver = _check_solver(eval_solver, "eval_solver", "fixed_point")
         self.backward = _check_backward(backward)
         self.state_shape = _check_shape(state_shape, "state_shape")

@@ -57,6 +57,7 @@ def _settings(**kw: Any) -> Mapping[str, Any]:
 
 
 FORWARD = (
+    SolverCase("Adaptive", il.solvers.Adaptive, ("fixed_point", "root")),
     SolverCase("Picard", il.solvers.Picard, ("fixed_point", "root", "argmin")),
     SolverCase("Anderson", il.solvers.Anderson, ("fixed_point", "root")),
     SolverCase("Broyden", il.solvers.Broyden, ("fixed_point", "root")),

@@ -64,7 +64,7 @@ def test_our_gradients_are_accurate_in_tiny_run(tiny_results):
     res, _ = tiny_results
     sec = {s["name"]: s for s in res["sections"]}
     for name, method in (("ridge", "ours CG"), ("ridge", "ours Dense"), ("deq", "ours Anderson+GMRES"),
-                         ("imaml", "ours Dense")):
+                         ("deq", "ours default"), ("imaml", "ours Dense")):
         rows = [r for r in sec[name]["rows"] if r["method"] == method]
         assert rows and all(r["grad_rel_err"] < 1e-6 for r in rows), (name, method, rows)
 
@@ -110,3 +110,15 @@ def test_custom_root_returns_solver_value_when_inexact():
     b = torch.tensor([1.0, 2.0], dtype=torch.float64, requires_grad=True)
     z = inexact(torch.zeros(2, dtype=torch.float64), b)
     torch.testing.assert_close(z.detach(), torch.linalg.solve(A, b.detach()) + 0.1)
+
+
+def test_backward_reuse_rows(tiny_results):
+    # The backward the forward picked (Neumann from its contraction) against GMRES, both to
+    # the forward tolerance: equal accuracy, and the VJP counts reported.
+    res, _ = tiny_results
+    sec = {s["name"]: s for s in res["sections"]}
+    rows = [r for r in sec["deq"]["rows"] if r["case"].startswith("backward only")]
+    assert {r["method"].split(":")[0] for r in rows} == {"before", "after"}
+    for r in rows:
+        assert r["grad_rel_err"] < 1e-6 and r["bwd_vjps"] > 0 and 0 < r["forward_rho"] < 1
+    assert any("Neumann" in r["method"] for r in rows if r["method"].startswith("after"))

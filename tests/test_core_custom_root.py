@@ -1,6 +1,8 @@
 """``custom_root`` / ``custom_fixed_point`` around black-box solvers, gradients reaching closed-
 over ``nn.Module`` parameters and ``*args``, and no graph under ``torch.no_grad()``."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -199,3 +201,24 @@ def test_no_parameters_requiring_grad_gives_plain_tensor(device):
     x = torch.linspace(-1, 1, 4, dtype=DT, device=device)
     z = il.fixed_point(lambda z, x: torch.tanh(0.5 * z + x), torch.zeros_like(x), x)
     assert not z.requires_grad
+
+
+def test_cg_backward_on_an_undeclared_custom_root_is_the_declaration(device):
+    """Choosing CG for a custom_root that was not declared symmetric treats its Jacobian as
+    symmetric positive definite (as scipy, jaxopt and torchopt do): no error, the exact
+    hypergradient, and no warning when it is indeed symmetric."""
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(20, 4, generator=gen, dtype=DT).to(device)
+    y = torch.randn(20, generator=gen, dtype=DT).to(device)
+    eye = torch.eye(4, dtype=DT, device=device)
+
+    @il.custom_root(lambda w, lam: X.T @ (X @ w - y) + lam * w, backward=il.linear.CG())
+    def ridge(w0, lam):
+        return torch.linalg.solve(X.T @ X + lam * eye, X.T @ y)
+
+    lam = torch.tensor(0.3, dtype=DT, device=device, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (got,) = torch.autograd.grad(ridge(torch.zeros(4, dtype=DT, device=device), lam).sum(), lam)
+    ref = torch.func.grad(lambda t: torch.linalg.solve(X.T @ X + t * eye, X.T @ y).sum())(lam.detach())
+    assert abs(float(got - ref)) < 1e-9 * abs(float(ref))

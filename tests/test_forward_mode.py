@@ -18,22 +18,11 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import jacfwd, jacrev, jvp
 
 import implicit_layers as il
+from tests.helpers import DT, randn_factory, rel
 
-DT = torch.float64
 TOL = 1e-7
 
 
-def randn_factory(seed, device):
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=DT).to(device)
-
-    return randn
-
-
-def rel(a, b):
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
 def ift_jacobian(F, z_star, theta):
@@ -275,7 +264,7 @@ def test_jvp_and_vjp_satisfy_the_transpose_identity(name, device):
     _, Jv = jvp(c.fn, (c.theta,), (v,))
     theta = c.theta.detach().clone().requires_grad_(True)
     (JTu,) = torch.autograd.grad(c.fn(theta), theta, u)
-    lhs, rhs = float((u * Jv).sum()), float((JTu * v).sum())
+    lhs, rhs = float((u * Jv).sum().detach()), float((JTu * v).sum())
     assert abs(lhs - rhs) < TOL * float(u.norm() * v.norm() * torch.linalg.matrix_norm(c.J, 2))
 
 

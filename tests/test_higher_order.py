@@ -17,25 +17,7 @@ import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import implicit_layers as il
-
-DT = torch.float64
-
-
-def randn_factory(seed, device):
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=DT).to(device)
-
-    return randn
-
-
-def rel(a, b):
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_(True)
+from tests.helpers import DT, leaf, randn_factory, rel
 
 
 def derivatives(phi, t0, order):

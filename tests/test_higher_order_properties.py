@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import implicit_layers as il
+from tests.helpers import DT, leaf, randn_factory, rel
 
-DT = torch.float64
 PROPERTY = settings(
     max_examples=6,
     deadline=None,
@@ -30,21 +30,7 @@ seeds = st.integers(min_value=0, max_value=2**16)
 contractions = st.floats(min_value=0.05, max_value=0.85)
 
 
-def randn_factory(seed, device):
-    gen = torch.Generator().manual_seed(seed)
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=DT).to(device)
-
-    return randn
-
-
-def rel(a, b):
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300))
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_(True)
 
 
 def spd(randn, n, cond):

@@ -527,3 +527,17 @@ def test_cuda(case):
     assert x.device.type == "cuda" and info.steps.device.type == "cuda"
     assert bool(info.converged.all())
     assert rel_err(x.double().cpu(), torch.linalg.solve(a.double(), b.double()).cpu()) < 1e-4
+
+
+def test_solve_refuses_structure_tags_for_an_operator_that_has_its_own():
+    op = il.linear.MatrixOperator(torch.eye(3, dtype=torch.float64) * 2)
+    b = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="carries its own tags"):
+        il.linear.solve(op, b, il.linear.CG(), symmetric=True)
+
+
+def test_implicit_takes_only_the_linear_solver_positionally():
+    with pytest.raises(TypeError, match="positionally"):
+        il.backward.Implicit(il.linear.GMRES(), il.backward.Phantom())  # type: ignore[misc]
+    mode = il.backward.Implicit(il.linear.GMRES(), fallback=il.backward.Phantom())
+    assert mode.fallback == il.backward.Phantom()

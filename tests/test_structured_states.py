@@ -17,26 +17,12 @@ import pytest
 import torch
 
 import implicit_layers as il
+from tests.helpers import DT, leaf, randn_factory, rel
 
-DT = torch.float64
 CONTAINERS = ["tuple", "list", "dict"]
 
 
-def randn_factory(seed, device):
-    gen = torch.Generator().manual_seed(seed)
 
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=DT).to(device)
-
-    return randn
-
-
-def rel(a, b):
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_(True)
 
 
 def pack(kind, a, b):

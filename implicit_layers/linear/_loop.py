@@ -43,6 +43,25 @@ class LinearLoop:
         k: steps the batch has taken (calls of :meth:`proceed` that returned ``True``).
         all_active: ``True`` during a step that directly follows a check that found no sample
             done: the step may then skip its per-sample masks.
+
+    Examples:
+        Richardson iteration ``x ← x + r / 4`` on ``2 x = b``, one loop step per iteration:
+
+        >>> from implicit_layers.linear.base import LinearLoop
+        >>> b = torch.ones(3, 2, dtype=torch.float64)
+        >>> x, r = torch.zeros_like(b), b.clone()
+        >>> res = torch.linalg.vector_norm(r, dim=-1)
+        >>> loop = LinearLoop(il.linear.Neumann(rtol=1e-8), b, res)
+        >>> while loop.proceed(res):
+        ...     active = ~loop.done
+        ...     x = torch.where(active.unsqueeze(-1), x + r / 4, x)  # done samples stay put
+        ...     r = b - 2 * x
+        ...     loop.steps = loop.steps + active.long()
+        ...     res = torch.linalg.vector_norm(r, dim=-1)
+        ...     loop.done = loop.done | (res <= loop.tol)
+        >>> info = loop.info(res)
+        >>> info.converged, info.steps
+        (tensor([True, True, True]), tensor([27, 27, 27]))
     """
 
     def __init__(self, solver: LinearSolver, b: Tensor, residual: Tensor | None = None) -> None:
@@ -80,8 +99,10 @@ class LinearLoop:
 
         Returns:
             ``False`` once ``max_steps`` steps were taken, or when a check finds every sample
-            done. Raises :class:`~implicit_layers.NonFiniteError` when a check finds ``watch``
-            not finite.
+                done; else ``True``.
+
+        Raises:
+            implicit_layers.NonFiniteError: when a check finds ``watch`` not finite.
         """
         self.all_active = False
         if self.k >= self.max_steps:
@@ -105,8 +126,17 @@ class LinearLoop:
         return True
 
     def next_round(self, watch: Tensor) -> bool:
-        """For solvers that run in rounds: a check now; ``False`` when every sample is done or
-        the step budget is spent."""
+        """For solvers that run in rounds: a check now.
+
+        Args:
+            watch: the per-sample residual ``(B,)`` tested for NaN and Inf.
+
+        Returns:
+            ``False`` when every sample is done or the step budget is spent, else ``True``.
+
+        Raises:
+            implicit_layers.NonFiniteError: if ``watch`` is not finite.
+        """
         all_done, _ = check_done(self.done, watch, self.name)
         self._stopped_at_check = all_done or self.k >= self.max_steps
         return not self._stopped_at_check
@@ -114,7 +144,15 @@ class LinearLoop:
     def inplace(self, *tensors: Tensor) -> bool:
         """Whether the solver may update its vectors in place, decided once per solve: yes
         unless autograd records the solve (a differentiable operator or right-hand side, e.g.
-        in a double backward), whose graph must keep every saved tensor intact."""
+        in a double backward), whose graph must keep every saved tensor intact.
+
+        Args:
+            *tensors: tensors of the solve (right-hand side, a first product, the iterate);
+                only looked at on the first call.
+
+        Returns:
+            The decision of the first call.
+        """
         if self._inplace is None:
             self._inplace = not (
                 torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -124,7 +162,15 @@ class LinearLoop:
     def info(self, residual: Tensor, watch: Tensor | None = None) -> SolveInfo:
         """The result: converged where ``residual <= tol`` and not ``bad``.
 
-        ``watch`` (default ``residual``) is tested for NaN and Inf unless the last check did.
+        Args:
+            residual: final residual norms, shape ``(B,)``.
+            watch: tested for NaN and Inf unless the last check did (default ``residual``).
+
+        Returns:
+            The :class:`~implicit_layers.SolveInfo`, fields of shape ``(B,)``.
+
+        Raises:
+            implicit_layers.NonFiniteError: if ``watch`` is not finite.
         """
         if not self._stopped_at_check:
             check_done(self.done, residual if watch is None else watch, self.name)
@@ -138,8 +184,24 @@ class LinearLoop:
 
 
 def check_done(done: Tensor, watch: Tensor, solver: str) -> tuple[bool, bool]:
-    """One synchronisation: ``(all samples done, any sample done)``; raises
-    :class:`~implicit_layers.NonFiniteError` if ``watch`` is not finite."""
+    """One synchronisation: whether all samples and whether any sample is done.
+
+    Args:
+        done: per-sample flags, bool ``(B,)``.
+        watch: per-sample values tested for NaN and Inf, ``(B,)``.
+        solver: the solver's name, for the error message.
+
+    Returns:
+        ``(all done, any done)`` as Python bools.
+
+    Raises:
+        implicit_layers.NonFiniteError: if ``watch`` is not finite.
+
+    Examples:
+        >>> from implicit_layers.linear.base import check_done
+        >>> check_done(torch.tensor([True, False]), torch.tensor([0.0, 1.0]), "CG")
+        (False, True)
+    """
     flags = torch.stack([done.all(), torch.isfinite(watch).all(), done.any()]).tolist()
     if not flags[1]:
         _raise_non_finite(solver)

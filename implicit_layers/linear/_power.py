@@ -29,6 +29,13 @@ def power_iteration(
 
     Returns:
         The estimates, shape ``(B,)`` (ones when ``steps`` is 0).
+
+    Examples:
+        >>> from implicit_layers.linear.base import power_iteration
+        >>> d = torch.tensor([[1.0, 3.0], [2.0, 0.5]], dtype=torch.float64)
+        >>> lam = power_iteration(lambda v: d * v, d, steps=50)
+        >>> torch.allclose(lam, torch.tensor([3.0, 2.0], dtype=torch.float64))
+        True
     """
     batch, n = like.shape
     gen = torch.Generator(device=like.device).manual_seed(seed)

@@ -40,10 +40,36 @@ def run_in_rounds(
         op: the operator, acting on ``(B, n)``.
         b: right-hand side ``(B, n)``.
         x0: initial guess ``(B, n)`` or ``None`` (zeros).
-        inner: one round, see ``Inner`` above.
+        inner: one round, ``inner(x, r, beta, active, loop) -> (x, used)``: ``x`` and its
+            true residual ``r`` ``(B, n)``, ``beta = ‖r‖`` ``(B,)``, the samples to iterate
+            ``active`` ``(B,)``, and the solve's :class:`LinearLoop`; it steps while
+            ``loop.proceed(...)`` allows and returns the new iterate and the steps each sample
+            used ``(B,)``.
 
     Returns:
-        ``(x, info)``, with the true residual of ``x`` in the info.
+        ``(x, info)``: ``x`` of shape ``(B, n)``, with the true residual of ``x`` in the info.
+
+    Raises:
+        implicit_layers.NonFiniteError: if a residual becomes NaN or Inf.
+
+    Examples:
+        Rounds of at most three Richardson steps ``x ← x + r / 4`` on ``2 x = b``:
+
+        >>> from implicit_layers.linear.base import run_in_rounds
+        >>> def inner(x, r, beta, active, loop):
+        ...     used = torch.zeros_like(beta, dtype=torch.int64)
+        ...     for k in range(3):
+        ...         if not loop.proceed(beta, done=~active, check=k > 0):
+        ...             break
+        ...         x = torch.where(active.unsqueeze(-1), x + r / 4, x)
+        ...         r = b - 2 * x
+        ...         used = used + active.long()
+        ...     return x, used
+        >>> b = torch.ones(2, 3, dtype=torch.float64)
+        >>> op = il.linear.MatrixOperator(2 * torch.eye(3, dtype=torch.float64), batch=2)
+        >>> x, info = run_in_rounds(il.linear.Neumann(rtol=1e-8), op, b, None, inner)
+        >>> torch.allclose(x, b / 2), info.converged
+        (True, tensor([True, True]))
     """
     x, r = initial_residual(op, b, x0)
     beta = torch.linalg.vector_norm(r, dim=-1)

@@ -32,9 +32,31 @@ class BiCGStab(LinearSolver):
 
     Cost: two operator products and a few vector operations per step; memory for eight vectors.
 
-    Args: see :class:`LinearSolver`. ``max_steps`` (default 1000) counts BiCGStab steps, each of
-        two operator products; ``info.steps`` counts the steps each sample used (a sample that
-        converges at the half step counts a full step).
+    Solves ``(B, n)`` right-hand sides (:meth:`LinearSolver.solve`) and returns ``(x, info)``
+    with ``x`` of shape ``(B, n)`` and per-sample :class:`~implicit_layers.SolveInfo`.
+
+    Args:
+        rtol: relative tolerance. ``None`` (default) inherits the forward solver's tolerance
+            when used as ``backward=``, else ``1e-10`` in float64 and ``1e-5`` in float32.
+        atol: absolute tolerance (default ``0.0``).
+        max_steps: limit on the number of BiCGStab steps, each of two operator products (default
+            1000); ``info.steps`` counts the steps each sample used (a sample that converges at
+            the half step counts a full step).
+        check_every: steps between convergence checks (each a device synchronisation); ``None``
+            (default) means every step on the CPU, every 8 on accelerators.
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
+            sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+
+    Raises:
+        TypeError: if a setting has the wrong type or is passed positionally.
+        ValueError: if a setting is out of range (e.g. ``rtol < 0``, ``max_steps < 1``).
+
+    Examples:
+        >>> A = torch.tensor([[3.0, 1.0], [-1.0, 2.0]], dtype=torch.float64)
+        >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> x, info = il.linear.solve(A, b, il.linear.BiCGStab())
+        >>> torch.allclose(x, torch.linalg.solve(A, b)), bool(info.converged)
+        (True, True)
     """
 
     name = "BiCGStab"

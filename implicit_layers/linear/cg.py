@@ -29,7 +29,36 @@ class CG(LinearSolver):
     Each iteration costs one operator product. Iterations to a relative tolerance grow like
     ``sqrt(cond(A))``.
 
-    Args: see :class:`LinearSolver` (``max_steps`` defaults to 1000).
+    Solves ``(B, n)`` right-hand sides (:meth:`LinearSolver.solve`) and returns ``(x, info)``
+    with ``x`` of shape ``(B, n)`` and per-sample :class:`~implicit_layers.SolveInfo`.
+
+    Args:
+        rtol: relative tolerance. ``None`` (default) inherits the forward solver's tolerance
+            when used as ``backward=``, else ``1e-10`` in float64 and ``1e-5`` in float32.
+        atol: absolute tolerance (default ``0.0``).
+        max_steps: iteration limit (default 1000).
+        check_every: steps between convergence checks (each a device synchronisation); ``None``
+            (default) means every step on the CPU, every 8 on accelerators.
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
+            sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+
+    Raises:
+        TypeError: if a setting has the wrong type or is passed positionally.
+        ValueError: if a setting is out of range (e.g. ``rtol < 0``, ``max_steps < 1``).
+
+    Examples:
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> x, info = il.linear.solve(A, torch.tensor([1.0, 2.0], dtype=torch.float64),
+        ...                           il.linear.CG(rtol=1e-12))
+        >>> x, int(info.steps)
+        (tensor([0.0909, 0.6364], dtype=torch.float64), 2)
+
+        As the backward solver of an argmin layer (its Hessian is symmetric positive definite):
+
+        >>> theta = torch.tensor([1.0, -2.0], dtype=torch.float64, requires_grad=True)
+        >>> w = il.argmin(lambda w, t: ((w - t) ** 2).sum() + (w**4).sum(),
+        ...               torch.zeros(2, dtype=torch.float64), theta, backward=il.linear.CG())
+        >>> w.sum().backward()
     """
 
     name = "CG"

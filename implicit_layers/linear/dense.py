@@ -19,7 +19,35 @@ class Dense(LinearSolver):
     Exact up to rounding and the fastest choice for small ``n`` (a few hundred); memory grows
     as ``B n²``, so do not use it for large problems. Building the matrix costs ``n`` operator
     products (vectorised where the operator allows). ``rtol``/``atol`` only decide whether the
-    residual of the computed solution is reported as converged.
+    residual of the computed solution is reported as converged: it is, unless the residual
+    exceeds ``1e3`` times the tolerance (and ``1e3 eps``).
+
+    Solves ``(B, n)`` right-hand sides (:meth:`LinearSolver.solve`) and returns ``(x, info)``
+    with ``x`` of shape ``(B, n)`` and per-sample :class:`~implicit_layers.SolveInfo`
+    (``steps`` is 1).
+
+    Args:
+        rtol: relative tolerance. ``None`` (default) inherits the forward solver's tolerance
+            when used as ``backward=``, else ``1e-10`` in float64 and ``1e-5`` in float32.
+        atol: absolute tolerance (default ``0.0``).
+        max_steps: unused (default 1): a direct solve takes one step.
+        check_every: unused (default ``None``): a direct solve has no loop to check.
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
+            sample's residual is reported not converged (see
+            :class:`~implicit_layers.linear.LinearSolver`).
+
+    Raises:
+        TypeError: if a setting has the wrong type or is passed positionally.
+        ValueError: if a setting is out of range.
+        implicit_layers.NonFiniteError: from :meth:`~LinearSolver.solve`, when the matrix is
+            singular or holds NaN/Inf for some sample.
+
+    Examples:
+        >>> A = torch.tensor([[3.0, 1.0], [-1.0, 2.0]], dtype=torch.float64)
+        >>> x, info = il.linear.solve(A, torch.tensor([4.0, 1.0], dtype=torch.float64),
+        ...                           il.linear.Dense())
+        >>> torch.allclose(x, torch.ones(2, dtype=torch.float64)), int(info.steps)
+        (True, 1)
     """
 
     name = "Dense"

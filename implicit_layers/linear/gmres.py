@@ -38,16 +38,44 @@ class GMRES(LinearSolver):
     vector; each cycle adds one operator product for the true residual. Memory holds
     ``B (restart + 1) n`` numbers for the basis.
 
+    Solves ``(B, n)`` right-hand sides (:meth:`LinearSolver.solve`) and returns ``(x, info)``
+    with ``x`` of shape ``(B, n)`` and per-sample :class:`~implicit_layers.SolveInfo`.
+
     Args:
-        rtol, atol: tolerance ``‖b - A x‖ <= max(atol, rtol ‖b‖)`` per sample (see
-            :class:`LinearSolver`).
-        max_steps: limit on the total number of inner steps (Arnoldi products) over all cycles
-            (default 1000). ``info.steps`` counts the inner steps each sample used.
-        check_every, on_failure: see :class:`LinearSolver`.
         restart: Krylov dimension ``m`` of each cycle (default 20; clamped to ``n``); the one
-            positional argument, as in the textbook name GMRES(m). Larger
-            values converge in fewer products on hard problems at the price of memory
-            ``O(B m n)`` and ``O(m n)`` work per step.
+            positional argument, as in the textbook name GMRES(m). Larger values converge in
+            fewer products on hard problems at the price of memory ``O(B m n)`` and ``O(m n)``
+            work per step.
+        rtol: relative tolerance. ``None`` (default) inherits the forward solver's tolerance
+            when used as ``backward=``, else ``1e-10`` in float64 and ``1e-5`` in float32.
+        atol: absolute tolerance (default ``0.0``).
+        max_steps: limit on the total number of inner steps (Arnoldi products) over all cycles
+            (default 1000); ``info.steps`` counts the inner steps each sample used.
+        check_every: steps between convergence checks (each a device synchronisation); ``None``
+            (default) means every step on the CPU, every 8 on accelerators.
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
+            sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+
+    Raises:
+        TypeError: if a setting has the wrong type (``restart=2.5``) or a setting other than
+            ``restart`` is passed positionally.
+        ValueError: if a setting is out of range (``restart < 1``, ``rtol < 0``, ...).
+
+    Examples:
+        >>> A = torch.tensor([[3.0, 1.0], [-1.0, 2.0]], dtype=torch.float64)
+        >>> b = torch.tensor([4.0, 1.0], dtype=torch.float64)
+        >>> x, info = il.linear.solve(A, b, il.linear.GMRES(10, rtol=1e-12))
+        >>> torch.allclose(x, torch.ones(2, dtype=torch.float64)), int(info.steps)
+        (True, 2)
+
+        As the backward of a fixed-point layer (its default there):
+
+        >>> W = torch.tensor([[0.5, 0.2], [-0.1, 0.3]], dtype=torch.float64, requires_grad=True)
+        >>> z = il.fixed_point(lambda z: torch.tanh(W @ z + 1), torch.zeros(2, dtype=torch.float64),
+        ...                    backward=il.linear.GMRES(restart=5))
+        >>> z.sum().backward()
+        >>> W.grad.shape
+        torch.Size([2, 2])
     """
 
     name = "GMRES"

@@ -51,21 +51,48 @@ class LiSSA(LinearSolver):
     Cost: ``depth · repeats`` operator products at most, plus one (``scale=None`` adds
     ``power_steps``); memory for three vectors.
 
+    Solves ``(B, n)`` right-hand sides (:meth:`LinearSolver.solve`) and returns ``(x, info)``
+    with ``x`` of shape ``(B, n)`` and per-sample :class:`~implicit_layers.SolveInfo`.
+
     Args:
-        rtol: relative tolerance; default ``1e-2`` (not the float64 default, and not inherited
-            from a forward solver: LiSSA is an estimator and rarely meets tight tolerances).
-        atol, check_every, on_failure: see :class:`LinearSolver`.
+        rtol: relative tolerance; ``None`` (default) means ``1e-2`` (not the float64 default,
+            and not inherited from a forward solver: LiSSA is an estimator and rarely meets
+            tight tolerances).
+        atol: absolute tolerance (default ``0.0``).
         max_steps: the recursion depth (the base-class name for ``depth``); give one of the
             two, default 1000.
+        check_every: steps between convergence checks (each a device synchronisation);
+            ``None`` (default) means every step on the CPU, every 8 on accelerators.
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when the
+            final residual misses the tolerance (see
+            :class:`~implicit_layers.linear.LinearSolver`).
         scale: ``scale`` above; must exceed the largest eigenvalue of ``A`` (an upper bound on
-            the Hessian's spectral norm). ``None`` estimates it as ``1.1 λ_max`` with
-            ``power_steps`` power iterations (on a stochastic operator the estimate is noisy:
-            pass a safe value instead).
+            the Hessian's spectral norm). ``None`` (default) estimates it as ``1.1 λ_max``
+            with ``power_steps`` power iterations (on a stochastic operator the estimate is
+            noisy: pass a safe value instead).
         damping: ``damping`` above, in ``[0, 1)``; adds ``damping · scale`` to the diagonal of
             the system (a ridge that regularises a non-convex Hessian). Default ``0.0``.
-        depth: number of recursion steps per repeat; alias of ``max_steps``.
+        depth: number of recursion steps per repeat; alias of ``max_steps`` (default
+            ``None``: use ``max_steps``).
         repeats: number of independent recursions averaged (default 1).
         power_steps: power iterations used when ``scale`` is ``None`` (default 20).
+
+    Raises:
+        TypeError: if a setting has the wrong type, or any setting is passed positionally.
+        ValueError: if a setting is out of range (``scale <= 0``, ``damping`` outside
+            ``[0, 1)``, ``repeats < 1``, ...), or ``depth`` and ``max_steps`` disagree.
+
+    Examples:
+        A deterministic operator, so that the estimate is exact to the tolerance:
+
+        >>> A = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+        >>> b = torch.ones(3, dtype=torch.float64)
+        >>> lissa = il.linear.LiSSA(scale=5.0, depth=200, rtol=1e-6)
+        >>> x, info = il.linear.solve(A, b, lissa)
+        >>> torch.allclose(x, torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64), atol=1e-5)
+        True
+        >>> lissa.depth == lissa.max_steps == 200
+        True
     """
 
     name = "LiSSA"

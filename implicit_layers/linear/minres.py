@@ -20,8 +20,11 @@ class MINRES(LinearSolver):
     For symmetric operators that may be indefinite: the Hessian at a saddle point, KKT systems
     of equality-constrained problems, ``H - σ I`` shifts. Like CG it uses a three-term Lanczos
     recurrence (constant memory), but it minimises ``‖b - A x‖`` over the Krylov subspace, so it
-    needs no positive definiteness. On SPD systems it takes about as many steps as CG. The
-    operator must be tagged ``symmetric``; for non-symmetric systems use :class:`GMRES`.
+    needs no positive definiteness. On SPD systems it takes about as many steps as CG.
+    Choosing MINRES declares the operator symmetric, as choosing CG does: an untagged operator
+    is taken as symmetric (two products probe it, and a
+    :class:`~implicit_layers.StructureWarning` says so when it is clearly not); one tagged
+    ``symmetric=False`` is an error. For non-symmetric systems use :class:`GMRES`.
 
     The residual norm is tracked by the recurrence at every step (no extra product); when every
     sample's estimate meets its tolerance the true residual ``b - A x`` is recomputed, and
@@ -30,8 +33,31 @@ class MINRES(LinearSolver):
 
     Cost: one operator product and a few vector operations per step; memory for six vectors.
 
-    Args: see :class:`LinearSolver` (``max_steps`` defaults to 1000 and limits the number of
-        operator products spent in Lanczos steps).
+    Solves ``(B, n)`` right-hand sides (:meth:`LinearSolver.solve`) and returns ``(x, info)``
+    with ``x`` of shape ``(B, n)`` and per-sample :class:`~implicit_layers.SolveInfo`.
+
+    Args:
+        rtol: relative tolerance. ``None`` (default) inherits the forward solver's tolerance
+            when used as ``backward=``, else ``1e-10`` in float64 and ``1e-5`` in float32.
+        atol: absolute tolerance (default ``0.0``).
+        max_steps: limit on the number of operator products spent in Lanczos steps (default
+            1000); ``info.steps`` counts each sample's steps.
+        check_every: steps between convergence checks (each a device synchronisation); ``None``
+            (default) means every step on the CPU, every 8 on accelerators.
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
+            sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+
+    Raises:
+        TypeError: if a setting has the wrong type or is passed positionally.
+        ValueError: if a setting is out of range (e.g. ``rtol < 0``, ``max_steps < 1``).
+
+    Examples:
+        A symmetric indefinite system, where CG would stop at the negative eigenvalue:
+
+        >>> A = torch.diag(torch.tensor([-1.0, 2.0, 3.0], dtype=torch.float64))
+        >>> x, info = il.linear.solve(A, torch.ones(3, dtype=torch.float64), il.linear.MINRES())
+        >>> x, bool(info.converged)
+        (tensor([-1.0000,  0.5000,  0.3333], dtype=torch.float64), True)
     """
 
     name = "MINRES"

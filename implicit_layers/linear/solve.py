@@ -37,32 +37,69 @@ def solve(
       solved to its own tolerance, and the callable maps ``(B, ...)`` to ``(B, ...)``.
 
     Args:
-        A: a matrix, a batch of matrices, a :class:`LinearOperator`, or a callable.
-        b: right-hand side (see above).
+        A: a matrix ``(n, n)``, a batch of matrices ``(B, n, n)``, a :class:`LinearOperator`,
+            or a callable ``v -> A v``.
+        b: right-hand side, a float tensor (shapes above).
         solver: a :class:`LinearSolver`; default :class:`GMRES`, or :class:`CG` when ``A`` is
             tagged symmetric positive definite. Choosing CG (or MINRES) declares ``A``
-            symmetric: an untagged callable is taken as such.
-        x0: initial guess shaped like ``b``.
+            symmetric: an untagged callable is taken as such (after a cheap probe that warns
+            with :class:`~implicit_layers.StructureWarning` when it clearly is not).
+        x0: initial guess shaped like ``b``; default zeros.
         batched: for a callable, whether the leading dimension of ``b`` indexes systems
-            (default ``False``); for a matrix or operator it follows from ``b``'s shape and
-            may be given to assert it.
+            (default ``None``, read as ``False``); for a matrix or operator it follows from
+            ``b``'s shape and may be given to assert it.
         symmetric: structure tag for ``A`` (auto-detected for matrices; untagged, ``None``, by
-            default for callables).
-        positive_definite: structure tag for ``A`` (``None``: unknown).
+            default for callables; a TypeError for a :class:`LinearOperator`, which carries
+            its own tags).
+        positive_definite: structure tag for ``A`` (``None``: unknown; a TypeError for a
+            :class:`LinearOperator`).
 
     Returns:
-        ``(x, info)``: ``x`` shaped like ``b``; ``info`` a :class:`SolveInfo` whose fields have
-        shape ``(B,)`` for batched systems and ``()`` for one system.
+        ``(x, info)``: ``x`` shaped like ``b``; ``info`` a :class:`~implicit_layers.SolveInfo`
+            whose fields have shape ``(B,)`` for batched systems and ``()`` for one system.
 
-    Example:
+    Raises:
+        TypeError: if ``A``, ``b``, ``x0``, ``solver`` or ``batched`` has the wrong type
+            (``b`` and ``x0`` must be floating-point tensors).
+        ValueError: if the shapes of ``A``, ``b`` and ``x0`` do not fit together (the message
+            gives them), a callable ``A`` returns a tensor of another shape, or the solver
+            needs a structure ``A`` is tagged as lacking.
+        implicit_layers.ConvergenceError: if a system does not converge and the solver has
+            ``on_failure="raise"``.
+        implicit_layers.NonFiniteError: if the residual becomes NaN or Inf.
+
+    Warns:
+        implicit_layers.ConvergenceWarning: if a system does not converge (the default
+            ``on_failure="warn"``).
+        implicit_layers.StructureWarning: if CG or MINRES is given an untagged operator that
+            a probe finds clearly non-symmetric.
+
+    Examples:
+        One system with a matrix:
+
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
-        >>> x, info = solve(A, torch.ones(2, dtype=torch.float64), solver=CG())
+        >>> x, info = il.linear.solve(A, torch.ones(2, dtype=torch.float64), il.linear.CG())
+        >>> x, info.converged.shape
+        (tensor([0.1818, 0.2727], dtype=torch.float64), torch.Size([]))
+
+        Five systems given by a callable, each solved to its own tolerance:
+
         >>> d = torch.rand(5, 3, dtype=torch.float64) + 1
-        >>> X, info = solve(lambda v: d * v, torch.ones(5, 3, dtype=torch.float64), CG())
+        >>> X, info = il.linear.solve(lambda v: d * v, torch.ones(5, 3, dtype=torch.float64),
+        ...                           il.linear.CG(), batched=True, symmetric=True)
+        >>> torch.allclose(X, 1 / d), info.steps.shape
+        (True, torch.Size([5]))
     """
     check_float_tensor(b, "b")
     if batched is not None and not isinstance(batched, bool):
         raise TypeError(f"batched must be True, False or None, got {batched!r}.")
+    if isinstance(A, LinearOperator) and (symmetric is not None or positive_definite is not None):
+        raise TypeError(
+            "symmetric= and positive_definite= describe a matrix or a callable A; a "
+            f"LinearOperator carries its own tags (got {type(A).__name__} with symmetric="
+            f"{A.symmetric!r}, positive_definite={A.positive_definite!r}). Set them on the "
+            "operator instead."
+        )
     if callable(A) and not isinstance(A, (Tensor, LinearOperator)):
         op, bb, one = _callable_operator(A, b, bool(batched), symmetric, positive_definite)
     else:

@@ -1,12 +1,14 @@
 """Forward solvers: the algorithms that find ``z*`` in the forward pass.
 
-Fixed points and roots: :class:`Picard`, :class:`Anderson`, :class:`Broyden`.
+Fixed points and roots: :class:`Adaptive` (the default for fixed points: Picard, then Anderson
+when the contraction is slow), :class:`Picard`, :class:`Anderson`, :class:`Broyden`.
 Argmin: :class:`LBFGS`, :class:`Newton`, :class:`GradientDescent` (and :class:`Picard`, which is
 gradient descent there).
 """
 
 from . import base
 from ._base import ForwardSolver
+from .adaptive import Adaptive
 from .anderson import Anderson
 from .broyden import Broyden
 from .gradient_descent import GradientDescent
@@ -14,4 +16,7 @@ from .lbfgs import LBFGS
 from .newton import Newton
 from .picard import Picard
 
-__all__ = ["base", "ForwardSolver", "Picard", "Anderson", "Broyden", "GradientDescent", "LBFGS", "Newton"]
+__all__ = [
+    "base", "ForwardSolver", "Adaptive", "Picard", "Anderson", "Broyden", "GradientDescent", "LBFGS",
+    "Newton",
+]

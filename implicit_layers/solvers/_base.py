@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
@@ -10,6 +10,9 @@ from torch import Tensor
 from .._config import SolverSettings, default_check_every
 from .._info import NonFiniteError, SolveInfo, report_failure
 from .._problem import Kind, Problem
+
+if TYPE_CHECKING:
+    from ..linear._base import LinearSolver
 
 __all__ = ["ForwardSolver"]
 
@@ -33,15 +36,42 @@ class ForwardSolver(SolverSettings):
     iterate meets the tolerance computed at that iterate, so a diverging map is never reported
     converged.
 
+    Solvers iterate on flat ``(B, n)`` states (``B = 1`` for an unbatched problem); the
+    functional entry points (:func:`~implicit_layers.fixed_point`,
+    :func:`~implicit_layers.root`, :func:`~implicit_layers.argmin`) flatten ``z0`` and shape the
+    solution back. Settings are keyword-only and immutable (``replace(**changes)`` returns a
+    validated copy); a subclass may take one algorithm parameter positionally.
+
     Args:
-        rtol: relative tolerance; ``None`` means ``1e-10`` in float64 and ``1e-5`` in float32.
-        atol: absolute tolerance.
-        max_steps: iteration limit.
+        rtol: relative tolerance; ``None`` (default) means ``1e-10`` in float64, ``1e-5`` in
+            float32, ``1e-3`` in float16 and ``1e-2`` in bfloat16.
+        atol: absolute tolerance (default ``0.0``).
+        max_steps: iteration limit; ``None`` (default) picks the class's ``default_max_steps``
+            (500 unless the solver says otherwise).
         check_every: test for convergence (a device synchronisation) every this many steps;
-            ``None`` means every step on the CPU and every 8 steps on accelerators.
+            ``None`` (default) means every step on the CPU and every 8 steps on accelerators.
         on_failure: ``"warn"`` (default) emits a :class:`~implicit_layers.ConvergenceWarning`
             when a sample does not converge, ``"raise"`` raises
             :class:`~implicit_layers.ConvergenceError`, ``"ignore"`` only reports it in the info.
+
+    Raises:
+        TypeError: if a setting has the wrong type, is passed positionally where it is
+            keyword-only, or (in :meth:`replace`) is unknown.
+        ValueError: if a setting is out of range (``rtol < 0``, ``max_steps < 1``, an
+            ``on_failure`` other than the three above).
+
+    Class attributes:
+        name: the name used in messages and in :attr:`SolveInfo.solver`.
+        kinds: the problem kinds it solves (``"fixed_point"``, ``"root"``, ``"argmin"``).
+        default_max_steps: the ``max_steps`` of ``max_steps=None``.
+        supports_unrolled: whether ``backward=Unrolled()`` can differentiate its iterations.
+
+    Examples:
+        >>> solver = il.solvers.Anderson(rtol=1e-8)
+        >>> solver.replace(max_steps=50)
+        Anderson(rtol=1e-08, max_steps=50)
+        >>> solver.kinds
+        ('fixed_point', 'root')
     """
 
     name: ClassVar[str] = "ForwardSolver"
@@ -60,7 +90,35 @@ class ForwardSolver(SolverSettings):
         """
         return None
 
+    def adjoint_solver(self, info: SolveInfo | None) -> LinearSolver | None:
+        """The linear solver this solver recommends for the implicit backward, from what its
+        forward solve observed (``info``), or ``None`` (the default) to leave the choice to the
+        layer. Used only when the backward's linear solver was not given.
+
+        Args:
+            info: the statistics of the forward solve that just ran.
+
+        Returns:
+            A linear solver (its ``rtol=None`` inherits the forward tolerance), or ``None``.
+        """
+        return None
+
     def check_kind(self, kind: Kind) -> None:
+        """Check that this solver solves problems of kind ``kind``.
+
+        Args:
+            kind: ``"fixed_point"``, ``"root"`` or ``"argmin"``.
+
+        Raises:
+            ValueError: if ``kind`` is not in :attr:`kinds`; the message names the solvers
+                that do solve it.
+
+        Examples:
+            >>> il.solvers.LBFGS().check_kind("fixed_point")
+            Traceback (most recent call last):
+                ...
+            ValueError: solver LBFGS does not solve fixed_point problems; use Anderson, Picard or Broyden.
+        """
         if kind not in self.kinds:
             suggestions = {
                 "argmin": "LBFGS, Newton or GradientDescent",
@@ -75,7 +133,36 @@ class ForwardSolver(SolverSettings):
         """Find the solution for the flat initial guess ``z0`` of shape ``(B, n)``.
 
         With ``differentiable=False`` the caller runs this under :func:`torch.no_grad`; with
-        ``True`` the iterations are recorded by autograd (the ``Unrolled`` backward).
+        ``True`` the iterations are recorded by autograd (the ``Unrolled`` backward). Most
+        users call :func:`~implicit_layers.fixed_point` and friends instead, which flatten the
+        state and attach the gradient.
+
+        Args:
+            problem: the problem as a solver sees it
+                (:class:`~implicit_layers.solvers.base.Problem`).
+            z0: flat initial guess, shape ``(B, n)``.
+            differentiable: record the iterations for autograd (default ``False``).
+
+        Returns:
+            ``(z, info)``: for each sample the lowest-residual iterate seen, shape ``(B, n)``,
+                and a :class:`~implicit_layers.SolveInfo` with fields of shape ``(B,)``.
+
+        Raises:
+            implicit_layers.ConvergenceError: if a sample does not converge and
+                ``on_failure="raise"``.
+            implicit_layers.NonFiniteError: if the residual becomes NaN or Inf.
+
+        Warns:
+            implicit_layers.ConvergenceWarning: if a sample does not converge and
+                ``on_failure="warn"``.
+
+        Examples:
+            >>> from implicit_layers.solvers.base import Problem
+            >>> z0 = torch.zeros(3, dtype=torch.float64)
+            >>> problem = Problem("fixed_point", torch.cos, (), z0, batched=False, name="f")
+            >>> z, info = il.solvers.Picard().solve(problem, problem.flatten(z0))
+            >>> z.shape, info.converged
+            (torch.Size([1, 3]), tensor([True]))
         """
         z, info = self._solve(problem, z0, differentiable)
         report_failure(
@@ -110,7 +197,34 @@ class Monitor:
     """Per-sample bookkeeping shared by the forward solvers.
 
     Tracks the tolerance, which samples are done, the steps each used and the lowest-residual
-    iterate of each sample, without synchronising with the device except in :meth:`stop`.
+    iterate of each sample, without synchronising with the device except in :meth:`stop`. A
+    solver builds one from its initial iterate, then per step calls :meth:`stop` (before) and
+    :meth:`record` (after), and returns :meth:`finish`.
+
+    Args:
+        solver: the solver whose ``rtol``, ``atol``, ``check_every`` and ``name`` apply.
+        problem: the problem being solved (its ``kind`` sets the tolerance's scale).
+        z0: the initial iterate, shape ``(B, n)``.
+        r0: its residual ``F(z0)``, shape ``(B, n)``.
+
+    Attributes:
+        tol: per-sample tolerance ``max(atol, rtol · scale)``, shape ``(B,)``.
+        done: samples that met their tolerance, shape ``(B,)``.
+        steps: steps each sample took, int64 ``(B,)``.
+        res: latest residual norms, shape ``(B,)``.
+
+    Examples:
+        >>> from implicit_layers.solvers.base import Monitor, Problem
+        >>> z0 = torch.zeros(1, 3, dtype=torch.float64)
+        >>> problem = Problem("fixed_point", torch.cos, (), z0, batched=True, name="f")
+        >>> z = z0
+        >>> mon = Monitor(il.solvers.Picard(), problem, z, problem.residual(z))
+        >>> while not mon.stop():
+        ...     z = torch.cos(z)
+        ...     mon.record(z, problem.residual(z), mon.active)
+        >>> z, info = mon.finish()
+        >>> bool(info.converged), int(info.steps) > 10
+        (True, True)
     """
 
     def __init__(self, solver: ForwardSolver, problem: Problem, z0: Tensor, r0: Tensor) -> None:
@@ -148,6 +262,7 @@ class Monitor:
 
     @property
     def active(self) -> Tensor:
+        """Samples still iterating, shape ``(B,)`` (``~done``)."""
         return ~self.done
 
     @property
@@ -156,7 +271,13 @@ class Monitor:
         return self._all_active
 
     def record(self, z: Tensor, r: Tensor, stepped: Tensor) -> None:
-        """Register the new iterate ``z`` with residual ``r``; ``stepped`` marks who moved."""
+        """Register the new iterate ``z`` with residual ``r``.
+
+        Args:
+            z: the new iterate, shape ``(B, n)``.
+            r: its residual ``F(z)``, shape ``(B, n)``.
+            stepped: bool ``(B,)``, the samples that moved this step (usually :attr:`active`).
+        """
         res = _norm(r)
         if self.relative_to_z:
             self.tol = self._tol(z.detach())
@@ -190,7 +311,17 @@ class Monitor:
         self.done = self.done | (stepped & met)
 
     def stop(self, force: bool = False) -> bool:
-        """Every ``check_every`` steps (or if ``force``): True when all samples are done."""
+        """Count a step; every ``check_every`` steps (or if ``force``) check the batch.
+
+        Args:
+            force: check now, whatever the step count (default ``False``).
+
+        Returns:
+            ``True`` when a check finds every sample done, else ``False``.
+
+        Raises:
+            implicit_layers.NonFiniteError: if a check finds a residual NaN or Inf.
+        """
         self.k += 1
         if not force and (self.k - 1) % self.check_every != 0:
             return False
@@ -215,6 +346,15 @@ class Monitor:
         return bool(flags[0])
 
     def finish(self) -> tuple[Tensor, SolveInfo]:
+        """The result: each sample's best iterate and its statistics (one final check).
+
+        Returns:
+            ``(z, info)``: ``z`` of shape ``(B, n)``, ``info`` with fields of shape ``(B,)``;
+                a sample is converged when its best iterate meets its own tolerance.
+
+        Raises:
+            implicit_layers.NonFiniteError: if a residual is NaN or Inf.
+        """
         self.stop(force=True)
         converged = self.best_res <= self.best_tol
         info = SolveInfo(

@@ -32,12 +32,37 @@ class Anderson(ForwardSolver):
     ``z ← β Σ α_i G(z_i) + (1 - β) Σ α_i z_i``. One evaluation of ``f`` per step, plus a tiny
     ``(memory × memory)`` solve per sample.
 
+    Used as ``solver=`` of :func:`~implicit_layers.fixed_point`; it iterates on the flat ``(B, n)``
+    state (``B = 1`` unbatched) and returns the solution shaped like ``z0``.
+
     Args:
-        memory: number of past iterates mixed (``m``; default 5).
+        memory: number of past iterates mixed (``m``; default 5); the one positional argument.
         mixing: ``β`` in ``(0, 1]`` (default 1).
         regularization: Tikhonov term relative to the largest diagonal of the Gram matrix,
-            keeping the mixing solve well posed (default: ``100 · eps`` of the dtype).
-        rtol, atol, max_steps, check_every, on_failure: see :class:`ForwardSolver`.
+            keeping the mixing solve well posed; ``None`` (default) means ``100 · eps`` of the
+            dtype.
+        rtol: relative tolerance; ``None`` (default) means ``1e-10`` in float64, ``1e-5`` in
+            float32, ``1e-3`` in float16 and ``1e-2`` in bfloat16.
+        atol: absolute tolerance (default ``0.0``).
+        max_steps: iteration limit (default 500).
+        check_every: steps between convergence checks (each a device synchronisation); ``None``
+            (default) means every step on the CPU, every 8 on accelerators.
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
+            sample does not converge (see :class:`ForwardSolver`).
+
+    Raises:
+        TypeError: if a setting has the wrong type or a setting other than ``memory`` is
+            passed positionally.
+        ValueError: if a setting is out of range (``memory < 1``, ``mixing`` outside
+            ``(0, 1]``, ``regularization < 0``, ...).
+
+    Examples:
+        >>> x = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+        >>> z, info = il.fixed_point(lambda z, x: 0.5 * torch.cos(z) + x,
+        ...                          torch.zeros(3, dtype=torch.float64), x,
+        ...                          solver=il.solvers.Anderson(3), return_info=True)
+        >>> torch.allclose(z, 0.5 * torch.cos(z) + x), info.solver
+        (True, 'Anderson')
     """
 
     name = "Anderson"

@@ -43,9 +43,32 @@ class Broyden(ForwardSolver):
     from ``γ I`` with ``γ`` from its last secant pair. One evaluation of ``F`` per step, trial
     or not; ``steps`` counts them.
 
+    Used as ``solver=`` of :func:`~implicit_layers.root`; it iterates on the flat ``(B, n)``
+    state (``B = 1`` unbatched) and returns the solution shaped like ``z0``.
+
     Args:
-        memory: number of rank-one updates kept before a restart (default 30).
-        rtol, atol, max_steps, check_every, on_failure: see :class:`ForwardSolver`.
+        memory: number of rank-one updates kept before a restart (default 30); the one
+            positional argument.
+        rtol: relative tolerance; ``None`` (default) means ``1e-10`` in float64, ``1e-5`` in
+            float32, ``1e-3`` in float16 and ``1e-2`` in bfloat16.
+        atol: absolute tolerance (default ``0.0``).
+        max_steps: limit on the number of evaluations of ``F`` (default 500).
+        check_every: steps between convergence checks (each a device synchronisation); ``None``
+            (default) means every step on the CPU, every 8 on accelerators.
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
+            sample does not converge (see :class:`ForwardSolver`).
+
+    Raises:
+        TypeError: if a setting has the wrong type or a setting other than ``memory`` is
+            passed positionally.
+        ValueError: if a setting is out of range (``memory < 1``, ``rtol < 0``, ...).
+
+    Examples:
+        >>> c = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> z = il.root(lambda z, c: z**3 + z - c, torch.zeros(2, dtype=torch.float64), c,
+        ...             solver=il.solvers.Broyden(10))
+        >>> torch.allclose(z**3 + z, c)
+        True
     """
 
     name = "Broyden"

@@ -22,9 +22,32 @@ class LBFGS(ForwardSolver):
     plus ``O(memory · n)`` work for the two-loop recursion. Curvature pairs with
     ``sᵀy <= 0`` are skipped per sample, so the quasi-Newton matrix stays positive definite.
 
+    Used as ``solver=`` of :func:`~implicit_layers.argmin`; it iterates on the flat ``(B, n)``
+    state (``B = 1`` unbatched) and returns the solution shaped like ``z0``.
+
     Args:
-        memory: number of curvature pairs kept (default 10).
-        rtol, atol, max_steps, check_every, on_failure: see :class:`ForwardSolver`.
+        memory: number of curvature pairs kept (default 10); the one positional argument.
+        rtol: relative tolerance; ``None`` (default) means ``1e-10`` in float64, ``1e-5`` in
+            float32, ``1e-3`` in float16 and ``1e-2`` in bfloat16.
+        atol: absolute tolerance (default ``0.0``).
+        max_steps: iteration limit (default 500).
+        check_every: steps between convergence checks (each a device synchronisation); ``None``
+            (default) means every step on the CPU, every 8 on accelerators.
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
+            sample does not converge (see :class:`ForwardSolver`).
+
+    Raises:
+        TypeError: if a setting has the wrong type or a setting other than ``memory`` is
+            passed positionally.
+        ValueError: if a setting is out of range (``memory < 1``, ``rtol < 0``, ...).
+
+    Examples:
+        >>> t = torch.tensor([1.0, -2.0], dtype=torch.float64)
+        >>> w, info = il.argmin(lambda w, t: ((w - t) ** 2).sum() + (w**4).sum(),
+        ...                     torch.zeros(2, dtype=torch.float64), t,
+        ...                     solver=il.solvers.LBFGS(5), return_info=True)
+        >>> torch.allclose(2 * (w - t) + 4 * w**3, torch.zeros(2, dtype=torch.float64))
+        True
     """
 
     name = "LBFGS"

@@ -25,9 +25,36 @@ class Newton(ForwardSolver):
     quadratically near a strict minimum. Where CG meets negative curvature the step falls back
     to steepest descent for that sample.
 
+    Cannot be differentiated through (``backward=Unrolled()`` raises); its implicit and step
+    backward modes work as for any solver.
+
+    Used as ``solver=`` of :func:`~implicit_layers.argmin`; it iterates on the flat ``(B, n)``
+    state (``B = 1`` unbatched) and returns the solution shaped like ``z0``.
+
     Args:
         cg_max_steps: limit on inner CG iterations per Newton step (default 50).
-        rtol, atol, max_steps, check_every, on_failure: see :class:`ForwardSolver`.
+        rtol: relative tolerance; ``None`` (default) means ``1e-10`` in float64, ``1e-5`` in
+            float32, ``1e-3`` in float16 and ``1e-2`` in bfloat16.
+        atol: absolute tolerance (default ``0.0``).
+        max_steps: limit on the number of Newton steps (default 100).
+        check_every: steps between convergence checks (each a device synchronisation); ``None``
+            (default) means every step on the CPU, every 8 on accelerators.
+        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
+            sample does not converge (see :class:`ForwardSolver`).
+
+    Raises:
+        TypeError: if a setting has the wrong type or any setting is passed positionally.
+        ValueError: if a setting is out of range (``rtol < 0``, ``max_steps < 1``, ...).
+
+    Examples:
+        >>> t = torch.tensor([1.0, -2.0], dtype=torch.float64)
+        >>> w, info = il.argmin(lambda w, t: ((w - t) ** 2).sum() + (w**4).sum(),
+        ...                     torch.zeros(2, dtype=torch.float64), t,
+        ...                     solver=il.solvers.Newton(), return_info=True)
+        >>> torch.allclose(2 * (w - t) + 4 * w**3, torch.zeros(2, dtype=torch.float64))
+        True
+        >>> int(info.steps) < 20
+        True
     """
 
     name = "Newton"

@@ -1,6 +1,6 @@
 """Measure the worst relative errors that the core tests (``tests/test_core_*.py``) bound.
 
-Run ``python -m benchmarks.core_accuracy`` from the repository root; it prints one line per
+Run ``python -m tests.core_accuracy`` from the repository root; it prints one line per
 check with the worst relative error observed over the same problems the tests use (and, for
 the property checks, over 30 random problems per type). The figures in ``docs/testing.md``
 come from this script.
@@ -15,8 +15,8 @@ import torch
 
 import implicit_layers as il
 
-# The problems and solver lists are the tests' own (so the figures are the tests' bounds),
-# imported as modules of the repository's tests package, not through sys.path.
+# The problems and solver lists are the tests' own (so the figures are the tests' bounds): this
+# report lives beside them, in the tests package.
 from tests import test_core_backward_modes as modes
 from tests import test_core_deq as deq
 from tests import test_core_properties as props
@@ -106,7 +106,7 @@ def backward_mode_errors() -> None:
              for k in (1, 3, 10, 30, 100)}
     same = max(modes.rel(fp.grad(il.backward.Truncated(k, step_size=0.7)),
                          fp.grad(modes.neumann(k, 0.7))) for k in (1, 3, 10, 30, 100))
-    phantom = {k: modes.rel(fp.grad(il.backward.Phantom(k, 0.5)), exact) for k in (1, 5, 20, 60)}
+    phantom = {k: modes.rel(fp.grad(il.backward.Phantom(k, damping=0.5)), exact) for k in (1, 5, 20, 60)}
     jfb = modes.rel(fp.grad(il.backward.JacobianFree()), exact)
     print(f"DEQ Truncated(k) vs Implicit(Neumann(k)): worst rel. difference {same:.2e}")
     print("DEQ Truncated(k) vs implicit, rel. error by k: "

@@ -1,0 +1,31 @@
+"""Small helpers shared by the test modules: seeded float64 data, relative errors, leaves."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+DT = torch.float64
+
+
+def randn_factory(seed: int, device: torch.device | str) -> Callable[..., torch.Tensor]:
+    """A ``randn(*shape)`` drawing float64 numbers from its own generator (on the CPU, so the
+    data do not depend on the device), then moved to ``device``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=DT).to(device)
+
+    return randn
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖a - b‖ / ‖b‖`` (as a float, ``b`` the reference)."""
+    a, b = a.detach(), b.detach()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-300))
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    """A fresh leaf that requires grad, with the value of ``t``."""
+    return t.detach().clone().requires_grad_(True)
