@@ -224,6 +224,8 @@ def _cases(tiny: bool):
          lambda ce: _forward_runner(S.Picard, ce, tiny, damping=0.8)),
         ("Anderson", "forward, tanh DEQ", lambda ce: _forward_runner(S.Anderson, ce, tiny)),
         ("Broyden", "forward, tanh DEQ", lambda ce: _forward_runner(S.Broyden, ce, tiny)),
+        # the default forward solver (Picard, switching to Anderson on slow contraction)
+        ("Adaptive", "forward, tanh DEQ", lambda ce: _forward_runner(S.Adaptive, ce, tiny)),
         ("Neumann", "adjoint of the DEQ", lambda ce: _linear_runner(L.Neumann, ce, tiny, False)),
         # restart larger than the iterations counted: the inner Arnoldi steps are measured
         ("GMRES", "adjoint of the DEQ",
