@@ -143,8 +143,9 @@ class Anderson(ForwardSolver):
                     gs.pop(0)
                     rs.pop(0)
                 k = len(gs)
-                G = torch.stack(gs, dim=1) if k > 1 else None
-                R = torch.stack(rs, dim=1) if k > 1 else None
+                # (a single entry needs no history: the k == 1 branch below never reads G, R)
+                G = torch.stack(gs, dim=1)
+                R = torch.stack(rs, dim=1)
             if k == 1:
                 # a copy: the ring slot is overwritten later, the monitor keeps the iterate
                 z = g.clone() if ring else g
