@@ -15,7 +15,11 @@ from implicit_layers.linear.neumann import neumann_step
 from implicit_layers.solvers.anderson import anderson_step
 from implicit_layers.solvers.picard import damped_step, picard_step
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # torch.compile's own use of the deprecated TorchScript decorators (not ours).
+    pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning"),
+]
 
 B, N = 4, 12
 
