@@ -15,11 +15,7 @@ from implicit_layers.linear.neumann import neumann_step
 from implicit_layers.solvers.anderson import anderson_step
 from implicit_layers.solvers.picard import damped_step, picard_step
 
-pytestmark = [
-    pytest.mark.slow,
-    # torch.compile's own use of the deprecated TorchScript decorators (not ours).
-    pytest.mark.filterwarnings("ignore:`torch.jit.script:DeprecationWarning"),
-]
+pytestmark = pytest.mark.slow
 
 B, N = 4, 12
 
