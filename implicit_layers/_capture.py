@@ -205,7 +205,3 @@ class Substitute(TorchFunctionMode):
             self.inside.add(id(t))
             self.keep.append(t)
         return out
-
-
-def needs_substitution(original: Sequence[Tensor], replacement: Sequence[Tensor]) -> bool:
-    return any(a is not b for a, b in zip(original, replacement, strict=False))
