@@ -25,9 +25,7 @@ Timing: median process CPU time on one pinned core (see :mod:`benchmarks._common
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 import warnings
@@ -273,7 +271,7 @@ def run_higher_order(cfg: Config) -> Section:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run this section alone and write ``higher_order[_tiny].json`` / ``.md``."""
-    from benchmarks.run import _versions, to_markdown
+    from benchmarks.run import run_meta, to_markdown
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="small sizes, few repeats (seconds)")
@@ -297,26 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
             section = run_higher_order(cfg)
     finally:
         restore_threads(prev)
-    results = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cpu_count": __import__("os").cpu_count(),
-            "python": platform.python_version(),
-            "versions": _versions(),
-            "device": cfg.device,
-            "tiny": cfg.tiny,
-            "repeats": cfg.repeats,
-            "warmup": cfg.warmup,
-            "threads": cfg.threads,
-            "timing": "median process CPU time, one pinned core" if cfg.device == "cpu"
-            else "median wall time with device synchronisation",
-            "total_seconds": time.perf_counter() - t0,
-            "command": "python -m benchmarks.higher_order" + (" --tiny" if cfg.tiny else "")
-            + ("" if cfg.device == "cpu" else f" --device {cfg.device}"),
-        },
-        "sections": [section.to_dict()],
-    }
+    results = {"meta": run_meta(cfg, t0, "benchmarks.higher_order"),
+               "sections": [section.to_dict()]}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "higher_order_tiny" if cfg.tiny else "higher_order"

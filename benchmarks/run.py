@@ -86,25 +86,28 @@ def run(cfg: Config, only: tuple[str, ...] = PROBLEMS) -> dict:
                 sections.append(sec)
     finally:
         restore_threads(prev)
+    return {"meta": run_meta(cfg, t0, "benchmarks.run"),
+            "sections": [s.to_dict() for s in sections]}
+
+
+def run_meta(cfg: Config, t0: float, module: str) -> dict:
+    """The ``meta`` block of a results file: when, where, with what, and the command."""
     return {
-        "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cpu_count": __import__("os").cpu_count(),
-            "python": platform.python_version(),
-            "versions": _versions(),
-            "device": cfg.device,
-            "tiny": cfg.tiny,
-            "repeats": cfg.repeats,
-            "warmup": cfg.warmup,
-            "threads": cfg.threads,
-            "timing": "median process CPU time, one pinned core" if cfg.device == "cpu"
-            else "median wall time with device synchronisation",
-            "total_seconds": time.perf_counter() - t0,
-            "command": "python -m benchmarks.run" + (" --tiny" if cfg.tiny else "")
-            + ("" if cfg.device == "cpu" else f" --device {cfg.device}"),
-        },
-        "sections": [s.to_dict() for s in sections],
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_count": __import__("os").cpu_count(),
+        "python": platform.python_version(),
+        "versions": _versions(),
+        "device": cfg.device,
+        "tiny": cfg.tiny,
+        "repeats": cfg.repeats,
+        "warmup": cfg.warmup,
+        "threads": cfg.threads,
+        "timing": "median process CPU time, one pinned core" if cfg.device == "cpu"
+        else "median wall time with device synchronisation",
+        "total_seconds": time.perf_counter() - t0,
+        "command": f"python -m {module}" + (" --tiny" if cfg.tiny else "")
+        + ("" if cfg.device == "cpu" else f" --device {cfg.device}"),
     }
 
 
