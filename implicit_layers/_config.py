@@ -171,9 +171,10 @@ class Settings:
         fields = self._fields()
         unknown = sorted(set(changes) - set(fields))
         if unknown:
+            known = f"its settings are: {', '.join(fields)}" if fields else "it has no settings"
             raise TypeError(
                 f"{type(self).__name__}.replace() got unknown setting(s) {', '.join(unknown)}; "
-                f"its settings are: {', '.join(fields)}."
+                f"{known}."
             )
         return type(self)(**{**self.settings(), **changes})
 

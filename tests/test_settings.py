@@ -109,3 +109,34 @@ def test_gradient_step_size_contract():
     for case in registry.FORWARD:
         if case.cls is not il.solvers.GradientDescent:
             assert case.make().gradient_step_size() is None
+
+
+BACKWARD_MODES = [
+    il.backward.Implicit(),
+    il.backward.Implicit(il.linear.CG(rtol=1e-6), fallback=il.backward.Phantom(3)),
+    il.backward.Unrolled(),
+    il.backward.Truncated(4, step_size=0.5),
+    il.backward.JacobianFree(step_size=0.25),
+    il.backward.Phantom(6, damping=0.3),
+]
+
+
+@pytest.mark.parametrize("mode", BACKWARD_MODES, ids=repr)
+def test_backward_modes_are_settings_objects(mode):
+    namespace = {**vars(il.linear), **vars(il.backward)}
+    again = eval(repr(mode), namespace)
+    assert again == mode and hash(again) == hash(mode) and type(again) is type(mode)
+    assert pickle.loads(pickle.dumps(mode)) == mode and copy.deepcopy(mode) == mode
+    for name in mode.settings():
+        with pytest.raises(AttributeError, match="immutable"):
+            setattr(mode, name, getattr(mode, name))
+    with pytest.raises(TypeError, match="unknown setting.*bogus"):
+        mode.replace(bogus=1)
+
+
+def test_backward_mode_replace_validates():
+    assert il.backward.Phantom(3).replace(damping=0.2) == il.backward.Phantom(3, damping=0.2)
+    with pytest.raises(ValueError, match="damping must be > 0"):
+        il.backward.Phantom(3).replace(damping=0.0)
+    with pytest.raises(ValueError, match="step_size must be > 0"):
+        il.backward.Truncated(2, step_size=0.0)
