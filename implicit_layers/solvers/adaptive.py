@@ -135,11 +135,17 @@ class Adaptive(ForwardSolver):
                 # Synchronised just now anyway: one more look at the residual norms.
                 span = k - ref_k
                 res = _norm(r).unsqueeze(-1)
-                tol = mon._tol(_norm(z).unsqueeze(-1)) if mon.relative_to_z else mon.tol0
                 ratio = (res / ref_res.clamp_min(tiny)).masked_fill(mon.done, 0.0)
-                # Steps plain iteration would still need at the observed rate, per sample.
-                need = (torch.log(tol / res) / torch.log(ratio) * span).masked_fill(mon.done, 0.0)
-                worst, needed = torch.stack([ratio.max(), need.max()]).tolist()
+                if span >= self.window:
+                    tol = mon._tol(_norm(z).unsqueeze(-1)) if mon.relative_to_z else mon.tol0
+                    # Steps plain iteration would still need at the observed rate, per sample.
+                    need = torch.log(tol / res) / torch.log(ratio) * span
+                    worst, needed = torch.stack(
+                        [ratio.max(), need.masked_fill(mon.done, 0.0).max()]
+                    ).tolist()
+                else:
+                    # Within a window only growth counts (it switches whatever the budget).
+                    worst, needed = ratio.max().item(), math.nan
                 if worst > 1.0 or span >= self.window:
                     rho = worst ** (1.0 / span)
                     if self._switch(worst, rho, needed, self.max_steps - k):
