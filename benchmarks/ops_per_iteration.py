@@ -77,6 +77,11 @@ BEFORE = {
     ("CG", 8): (25.25, 0.125),
     ("MINRES", 1): (62.0, 1.0),
     ("MINRES", 8): (54.12, 0.125),
+    # Adaptive before it moved to the windowed monitor (commit 9a71d80), each phase alone
+    ("Adaptive (Picard phase)", 1): (39.25, 3.0),
+    ("Adaptive (Picard phase)", 8): (27.88, 0.25),
+    ("Adaptive (Anderson phase)", 1): (55.75, 2.0),
+    ("Adaptive (Anderson phase)", 8): (55.25, 0.125),
 }
 SYNC = torch.ops.aten._local_scalar_dense.default
 #: The functions that hold the convergence checks (the intended graph breaks).
