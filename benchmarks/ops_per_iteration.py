@@ -49,7 +49,11 @@ from benchmarks._common import Config, Section, restore_threads, set_threads  # 
 from benchmarks.deq import make_deq  # noqa: E402
 
 #: Targets of ops per iteration beyond the map / VJP / operator product.
-TARGETS = {"Picard": 8, "Neumann": 8, "CG": 15, "Anderson": 25, "GMRES": 35}
+TARGETS = {
+    "Picard": 8, "Neumann": 8, "CG": 15, "Anderson": 25, "GMRES": 35,
+    # Picard's 8 plus the contraction estimate at the checks
+    "Adaptive (Picard phase)": 10, "Adaptive (Anderson phase)": 25,
+}
 #: The same counts on the code before the lean loops (commit 26629c9), full size: (ops, syncs)
 #: per iteration for (loop, check_every), printed beside the new figures.
 BEFORE = {
@@ -73,6 +77,11 @@ BEFORE = {
     ("CG", 8): (25.25, 0.125),
     ("MINRES", 1): (62.0, 1.0),
     ("MINRES", 8): (54.12, 0.125),
+    # Adaptive before it moved to the windowed monitor (commit 9a71d80), each phase alone
+    ("Adaptive (Picard phase)", 1): (39.25, 3.0),
+    ("Adaptive (Picard phase)", 8): (27.88, 0.25),
+    ("Adaptive (Anderson phase)", 1): (55.75, 2.0),
+    ("Adaptive (Anderson phase)", 8): (55.25, 0.125),
 }
 SYNC = torch.ops.aten._local_scalar_dense.default
 #: The functions that hold the convergence checks (the intended graph breaks).
@@ -216,6 +225,23 @@ def _linear_runner(solver_cls, check_every: int, tiny: bool, spd: bool, **kw):
     return run
 
 
+class _NeverSwitch(il.solvers.Adaptive):
+    """Adaptive kept in its Picard phase (with ``rtol = 0`` the budget rule would switch):
+    plain steps plus the contraction estimate at every check."""
+
+    def _switch(self, worst: float, rho: float, needed: float, left: int) -> bool:
+        return False
+
+
+class _SwitchAtOnce(il.solvers.Adaptive):
+    """Adaptive switching to Anderson at its first look at the contraction (after ``window``
+    plain steps, or the first check after them): the runs of ``K`` and ``2K`` iterations share
+    that Picard prefix, so their difference is the Anderson phase alone."""
+
+    def _switch(self, worst: float, rho: float, needed: float, left: int) -> bool:
+        return True
+
+
 def _cases(tiny: bool):
     S, L = il.solvers, il.linear
     return [
@@ -224,8 +250,11 @@ def _cases(tiny: bool):
          lambda ce: _forward_runner(S.Picard, ce, tiny, damping=0.8)),
         ("Anderson", "forward, tanh DEQ", lambda ce: _forward_runner(S.Anderson, ce, tiny)),
         ("Broyden", "forward, tanh DEQ", lambda ce: _forward_runner(S.Broyden, ce, tiny)),
-        # the default forward solver (Picard, switching to Anderson on slow contraction)
-        ("Adaptive", "forward, tanh DEQ", lambda ce: _forward_runner(S.Adaptive, ce, tiny)),
+        # the default forward solver, each phase alone (Picard, then Anderson on slow contraction)
+        ("Adaptive (Picard phase)", "forward, tanh DEQ",
+         lambda ce: _forward_runner(_NeverSwitch, ce, tiny)),
+        ("Adaptive (Anderson phase)", "forward, tanh DEQ",
+         lambda ce: _forward_runner(_SwitchAtOnce, ce, tiny)),
         ("Neumann", "adjoint of the DEQ", lambda ce: _linear_runner(L.Neumann, ce, tiny, False)),
         # restart larger than the iterations counted: the inner Arnoldi steps are measured
         ("GMRES", "adjoint of the DEQ",

@@ -179,3 +179,65 @@ def test_bad_settings(kwargs, error, match):
 def test_argmin_is_refused():
     with pytest.raises(ValueError, match="solver Adaptive does not solve argmin"):
         il.argmin(lambda w: (w**2).sum(), torch.ones(2, dtype=F64), solver=il.solvers.Adaptive())
+
+
+@pytest.mark.parametrize("kind", ["fixed_point", "root"])
+@pytest.mark.parametrize("check_every", [1, 3, 8])
+def test_plain_phase_is_picard_for_every_check_interval(kind, check_every):
+    # Samples of different contraction converge at different steps: the windowed bookkeeping
+    # must give each its own step count and iterate, as Picard does.
+    W, x = _deq(0.6, B=5)
+    W = W.detach()
+    scale = torch.linspace(0.3, 1.0, 5, dtype=F64)[:, None]
+
+    def f(z):
+        return scale * torch.tanh(z @ W.T + x.detach())
+
+    def solve(solver):
+        z0 = torch.zeros(5, 12, dtype=F64)
+        if kind == "fixed_point":
+            return il.fixed_point(f, z0, solver=solver, batched=True, return_info=True)
+        return il.root(lambda z: z - f(z), z0, solver=solver, batched=True, return_info=True)
+
+    z, info = solve(il.solvers.Adaptive(check_every=check_every))
+    zp, pinfo = solve(il.solvers.Picard(check_every=check_every))
+    assert info.solver == "Adaptive (Picard)"
+    assert len(set(pinfo.steps.tolist())) > 1
+    assert info.steps.tolist() == pinfo.steps.tolist()
+    torch.testing.assert_close(z, zp, rtol=0, atol=0)
+    # the contraction estimate: (final residual / initial residual)^(1 / steps), per sample
+    res0 = torch.linalg.vector_norm(f(torch.zeros(5, 12, dtype=F64)), dim=-1)
+    expected = (pinfo.residual / res0) ** (1 / pinfo.steps.to(F64))
+    torch.testing.assert_close(info.contraction, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("check_every", [1, 8])
+def test_anderson_phase_is_anderson_from_the_switch(check_every):
+    # A tiny switch_ratio switches at the first look at the contraction (after `window` plain
+    # steps, at a check); from there on the iterates are Anderson's from the switch point.
+    n, B = 16, 3
+    eigs = torch.linspace(-0.5, 0.99, n, dtype=F64)
+    A = _affine(n, eigs)
+    b = 5 + torch.randn(B, n, generator=torch.Generator().manual_seed(2), dtype=F64)
+
+    def f(z):
+        return z @ A + b
+
+    z0 = torch.zeros(B, n, dtype=F64)
+    adaptive = il.solvers.Adaptive(1e-6, window=4, check_every=check_every)
+    z, info = il.fixed_point(f, z0, solver=adaptive, batched=True, return_info=True)
+    assert info.solver == "Adaptive (Picard, then Anderson)"
+    plain_steps = 4 if check_every == 1 else 8  # the first check after `window` steps
+    zk = il.fixed_point(f, z0, solver=il.solvers.Picard(max_steps=plain_steps,
+                                                         check_every=check_every,
+                                                         on_failure="ignore"), batched=True)
+    za, ainfo = il.fixed_point(f, zk, solver=il.solvers.Anderson(5, check_every=check_every),
+                               batched=True, return_info=True)
+    assert (info.steps - plain_steps).tolist() == ainfo.steps.tolist()
+    # Equal up to rounding: Anderson's ring buffer holds the history in another order, and
+    # near convergence the mixing solve amplifies that rounding (both meet rtol = 1e-10).
+    torch.testing.assert_close(z, za, rtol=1e-9, atol=0)
+    dense = torch.linalg.solve(torch.eye(n, dtype=F64) - A.T, b.T).T
+    # residual 1e-10 relative, times the condition number 1 / (1 - 0.99) of I - A
+    err = torch.linalg.vector_norm(z - dense, dim=-1) / torch.linalg.vector_norm(dense, dim=-1)
+    assert float(err.max()) < 1e-7

@@ -32,7 +32,10 @@ from ..linear._base import LinearSolver
 from ..linear._operator import LinearOperator
 from ..linear.gmres import GMRES
 from ..linear.neumann import Neumann
-from ._base import ForwardSolver, Monitor
+from ._base import ForwardSolver
+from ._window import WindowMonitor, _norm
+from .anderson import anderson_step
+from .picard import damped_step, picard_step
 
 __all__ = ["Adaptive"]
 
@@ -102,90 +105,98 @@ class Adaptive(ForwardSolver):
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
         plain = problem.kind == "fixed_point"
+
+        def residual(v: Tensor) -> Tensor:
+            return problem.residual(v, create_graph=differentiable)
+
         z = z0
         if plain:
-            fz = problem.fixed_point_map(z)
+            fmap = problem.fixed_point_map
+            fz = fmap(z)
             r = z - fz
         else:
-            fz = z
-            r = problem.residual(z, create_graph=differentiable)
-        mon = Monitor(self, problem, z, r)
-        res0 = mon.res
-        ref_res, ref_k = mon.res, 0
+            r = residual(z)
+        # Bookkeeping at the checks only, as in Picard and Anderson: samples keep stepping
+        # after they converge, and the monitor never returns those later iterates.
+        mon = WindowMonitor(self, problem, z, r)
+        tiny = torch.finfo(z.dtype).tiny
+        res0 = mon.res  # (B, 1)
+        ref_res, ref_k = res0, 0
         k = 0  # plain steps taken
         switched_at: float | None = None
-        xs: list[Tensor] = []
+        gs: list[Tensor] = []
         rs: list[Tensor] = []
+        ones = torch.ones(z.shape[0], 1, self.memory, dtype=z.dtype, device=z.device)
+        reg = 100 * torch.finfo(z.dtype).eps
         for _ in range(self.max_steps):
             if mon.stop():
                 break
             if switched_at is None and (mon.k - 1) % mon.check_every == 0 and k > ref_k:
                 # Synchronised just now anyway: one more look at the residual norms.
                 span = k - ref_k
-                ratio = torch.where(
-                    mon.done, 0.0, mon.res / ref_res.clamp_min(torch.finfo(z.dtype).tiny)
-                )
-                # Steps plain iteration would still need at the observed rate, per sample.
-                need = torch.log(mon.tol / mon.res) / torch.log(ratio) * span
-                worst, needed = torch.stack([ratio.max(), need.max()]).tolist()
+                res = _norm(r).unsqueeze(-1)
+                ratio = (res / ref_res.clamp_min(tiny)).masked_fill(mon.done, 0.0)
+                if span >= self.window:
+                    tol = mon._tol(_norm(z).unsqueeze(-1)) if mon.relative_to_z else mon.tol0
+                    # Steps plain iteration would still need at the observed rate, per sample.
+                    need = torch.log(tol / res) / torch.log(ratio) * span
+                    worst, needed = torch.stack(
+                        [ratio.max(), need.masked_fill(mon.done, 0.0).max()]
+                    ).tolist()
+                else:
+                    # Within a window only growth counts (it switches whatever the budget).
+                    worst, needed = ratio.max().item(), math.nan
                 if worst > 1.0 or span >= self.window:
                     rho = worst ** (1.0 / span)
-                    slow = rho > self.switch_ratio or needed > self.max_steps - k
-                    if worst > 1.0 or slow:
+                    if self._switch(worst, rho, needed, self.max_steps - k):
                         switched_at = rho
                         # Restart from the best iterate: after growth the current one is worse.
                         if mon.best_z is not z:
                             z = mon.best_z
-                            r = problem.residual(z, create_graph=differentiable)
-                    ref_res, ref_k = mon.res, k
-            active = mon.active
+                            r = residual(z)
+                        # With a check every step, the check also tells whether the residual
+                        # norms lie where Anderson's Gram matrix needs no rescaling.
+                        finfo = torch.finfo(z.dtype)
+                        mon.safe = (finfo.tiny**0.25, finfo.max**0.25)
+                    ref_res, ref_k = res, k
             if switched_at is None:
-                new = fz if plain else z - r
+                if plain:
+                    z, fz, r = picard_step(fmap, fz)
+                else:
+                    z, r = damped_step(residual, z, r, 1.0)
                 k += 1
             else:
-                new = self._anderson_step(z, r, xs, rs)
-            z = new if mon.all_active else torch.where(active.unsqueeze(-1), new, z)
-            if plain and switched_at is None:
-                fz = problem.fixed_point_map(z)
-                r = z - fz
-            else:
-                r = problem.residual(z, create_graph=differentiable)
-            mon.record(z, r, active)
+                gs.append(z - r)
+                rs.append(r)
+                if len(gs) > self.memory:
+                    gs.pop(0)
+                    rs.pop(0)
+                m = len(gs)
+                if m == 1:
+                    z = gs[0]
+                else:
+                    rescale = mon.check_every != 1 or not mon.res_in_safe_range
+                    G, R = torch.stack(gs, dim=1), torch.stack(rs, dim=1)
+                    z = anderson_step(G, R, ones[..., :m], reg, rescale)
+                r = residual(z)
+            mon.record(z, r)
         z, info = mon.finish()
         if switched_at is None:
             info.solver = "Adaptive (Picard)"
             steps = info.steps.clamp_min(1).to(info.residual.dtype)
-            ratio = info.residual / res0.clamp_min(torch.finfo(z.dtype).tiny)
+            ratio = info.residual / res0.squeeze(-1).clamp_min(tiny)
             info.contraction = torch.where(info.steps > 0, ratio ** (1 / steps), 0.0)
         else:
             info.solver = "Adaptive (Picard, then Anderson)"
             info.contraction = torch.full_like(info.residual, switched_at)
         return z, info
 
-    def _anderson_step(self, z: Tensor, r: Tensor, xs: list[Tensor], rs: list[Tensor]) -> Tensor:
-        """One Anderson (type II, mixing 1) step from the history plus ``(z, r)``: the mixing
-        weights minimise ``‖Σ α_i r_i‖`` subject to ``Σ α_i = 1``, per sample."""
-        xs.append(z)
-        rs.append(r)
-        if len(xs) > self.memory:
-            xs.pop(0)
-            rs.pop(0)
-        if len(xs) == 1:
-            return z - r
-        X, R = torch.stack(xs, dim=1), torch.stack(rs, dim=1)
-        tiny = torch.finfo(z.dtype).tiny
-        # The weights do not depend on the scale of the residuals: normalising keeps the Gram
-        # matrix away from under- and overflow.
-        Rn = R / R.detach().abs().amax(dim=(-2, -1)).clamp_min(tiny)[:, None, None]
-        H = torch.bmm(Rn, Rn.mT)
-        m = H.shape[-1]
-        diag = H.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(tiny)
-        reg = 100 * torch.finfo(z.dtype).eps
-        H = H + (reg * diag)[:, None, None] * torch.eye(m, dtype=z.dtype, device=z.device)
-        ones = torch.ones(z.shape[0], m, 1, dtype=z.dtype, device=z.device)
-        w = torch.linalg.solve_ex(H, ones, check_errors=False)[0].squeeze(-1)
-        alpha = (w / w.sum(-1, keepdim=True)).unsqueeze(1)
-        return torch.bmm(alpha, X - R).squeeze(1)
+    def _switch(self, worst: float, rho: float, needed: float, left: int) -> bool:
+        """The switch rule, asked at the checks: a residual grew (``worst``, the largest ratio
+        of residual norms since the last look, above 1), the contraction ``rho`` is slow, or
+        plain iteration at that rate would need more steps (``needed``) than the ``left``
+        steps of the budget."""
+        return worst > 1.0 or rho > self.switch_ratio or needed > left
 
     def adjoint_solver(self, info: SolveInfo | None) -> LinearSolver | None:
         """The linear solver of the adjoint system chosen from what the forward observed
