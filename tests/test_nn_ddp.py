@@ -3,13 +3,11 @@
 The implicit backward computes vector-Jacobian products with ``torch.autograd.grad`` inside a
 custom ``autograd.Function.backward``. Those calls differentiate only with respect to the
 equilibrium, so they never touch the parameters' ``.grad`` nor fire DDP's gradient hooks; the
-parameter gradients arrive once, through the ordinary graph of the final evaluation of ``f``.
+parameter gradients arrive once, as the outputs of the layer's ``autograd.Function``.
 DDP therefore works with its default settings (no ``find_unused_parameters``, no
 ``static_graph``), which this test checks.
 """
 
-import os
-import socket
 import sys
 
 import pytest
@@ -18,30 +16,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import implicit_layers as il
-
-F64 = torch.float64
-WORLD = 2
-
-
-class Cell(torch.nn.Module):
-    def __init__(self, d: int, p: int) -> None:
-        super().__init__()
-        self.W = torch.nn.Parameter(0.3 * torch.randn(d, d) / d**0.5)
-        self.U = torch.nn.Linear(p, d)
-
-    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(z @ self.W.T + self.U(x))
-
-
-class Quadratic(torch.nn.Module):
-    def __init__(self, n: int, p: int) -> None:
-        super().__init__()
-        self.L = torch.nn.Parameter(torch.randn(n, n) / n**0.5)
-        self.P = torch.nn.Parameter(torch.randn(n, p))
-
-    def forward(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        Q = self.L @ self.L.T + 0.5 * torch.eye(self.L.shape[0], dtype=w.dtype)
-        return 0.5 * ((w @ Q) * w).sum(-1) - (w * (x @ self.P.T)).sum(-1)
+from tests.distributed import (
+    F64,
+    WORLD,
+    Cell,
+    Quadratic,
+    assert_rank_gradients_equal_single_process,
+    data,
+    free_port,
+    init_group,
+    loss_fn,
+    rank_rows,
+)
 
 
 def build(kind: str) -> torch.nn.Module:
@@ -53,33 +39,21 @@ def build(kind: str) -> torch.nn.Module:
     return il.nn.ArgminLayer(Quadratic(4, 3), w_shape=4, lower=-0.3, upper=0.3).to(F64)
 
 
-def data() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(8, 3, dtype=F64, generator=gen), torch.randn(8, 1, dtype=F64, generator=gen)
-
-
-def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (model(x) - y).pow(2).sum(-1).mean()
-
-
 KINDS = ("deq", "argmin")
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    init_group(rank, port)
     try:
         for kind in KINDS:  # one process group for both layers: spawning is the slow part
             model = torch.nn.parallel.DistributedDataParallel(build(kind))
             x, y = data()
-            shard = slice(rank * 4, (rank + 1) * 4)  # equal shards: mean of shard means = mean
+            shard = rank_rows(rank)
             for _ in range(2):  # twice: DDP's reducer must also be ready for a second iteration
                 model.zero_grad()
                 loss_fn(model, x[shard], y[shard]).backward()
             grads = {n: p.grad for n, p in model.module.named_parameters()}
-            torch.save(grads, os.path.join(out_dir, f"{kind}{rank}.pt"))
+            torch.save(grads, f"{out_dir}/{kind}{rank}.pt")
             del model  # release DDP's reducer before the process group goes away
         # Tearing gloo down while the peer is still exiting aborted a rank now and then.
         dist.barrier()
@@ -87,23 +61,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or sys.platform == "win32",
                     reason="needs torch.distributed with gloo")
 def test_ddp_gradients_equal_single_process(tmp_path):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    for kind in KINDS:
-        model = build(kind)
-        x, y = data()
-        loss_fn(model, x, y).backward()
-        for rank in range(WORLD):
-            grads = torch.load(tmp_path / f"{kind}{rank}.pt")
-            assert set(grads) == {n for n, _ in model.named_parameters()}
-            for name, p in model.named_parameters():
-                assert p.grad.abs().sum() > 0
-                assert torch.allclose(grads[name], p.grad, rtol=1e-7, atol=1e-12), (kind, name)
+    assert_rank_gradients_equal_single_process(tmp_path, build, KINDS)

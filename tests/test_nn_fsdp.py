@@ -16,8 +16,6 @@ therefore needs ``reshard_after_forward=False``; with the default (reshard after
 the ranks' gathers do not pair up and the job hangs in a collective.
 """
 
-import os
-import socket
 import sys
 
 import pytest
@@ -26,9 +24,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import implicit_layers as il
+from tests.distributed import (
+    F64,
+    WORLD,
+    Cell,
+    Quadratic,
+    assert_rank_gradients_equal_single_process,
+    data,
+    free_port,
+    init_group,
+    loss_fn,
+    rank_rows,
+)
 
-F64 = torch.float64
-WORLD = 2
 WRAPS = ("root", "deq", "map", "argmin")
 
 try:
@@ -36,27 +44,6 @@ try:
     from torch.distributed.fsdp import fully_shard
 except ImportError:  # pragma: no cover - torch without FSDP2
     fully_shard = None
-
-
-class Cell(torch.nn.Module):
-    def __init__(self, d: int, p: int) -> None:
-        super().__init__()
-        self.W = torch.nn.Parameter(0.3 * torch.randn(d, d) / d**0.5)
-        self.U = torch.nn.Linear(p, d)
-
-    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(z @ self.W.T + self.U(x))
-
-
-class Quadratic(torch.nn.Module):
-    def __init__(self, n: int, p: int) -> None:
-        super().__init__()
-        self.L = torch.nn.Parameter(torch.randn(n, n) / n**0.5)
-        self.P = torch.nn.Parameter(torch.randn(n, p))
-
-    def forward(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        Q = self.L @ self.L.T + 0.5 * torch.eye(self.L.shape[0], dtype=w.dtype)
-        return 0.5 * ((w @ Q) * w).sum(-1) - (w * (x @ self.P.T)).sum(-1)
 
 
 def build(wrap: str = "root") -> torch.nn.Module:
@@ -73,20 +60,8 @@ def build(wrap: str = "root") -> torch.nn.Module:
     return torch.nn.Sequential(deq, torch.nn.Linear(6, 2)).to(F64)
 
 
-def data() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    return torch.randn(8, 3, dtype=F64, generator=gen), torch.randn(8, 1, dtype=F64, generator=gen)
-
-
-def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (model(x) - y).pow(2).sum(-1).mean()
-
-
 def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    init_group(rank, port)
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
         for wrap in WRAPS:
@@ -99,35 +74,20 @@ def worker(rank: int, port: int, out_dir: str) -> None:
                 fully_shard(model[0].f, mesh=mesh, reshard_after_forward=False)
             fully_shard(model, mesh=mesh)
             x, y = data()
-            shard = slice(rank * 4, (rank + 1) * 4)  # equal shards: mean of shard means = mean
+            shard = rank_rows(rank)
             for _ in range(2):  # a second iteration: FSDP2's state must be ready for it
                 model.zero_grad()
                 loss_fn(model, x[shard], y[shard]).backward()
             grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-            torch.save(grads, os.path.join(out_dir, f"{wrap}{rank}.pt"))
+            torch.save(grads, f"{out_dir}/{wrap}{rank}.pt")
             del model
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or sys.platform == "win32" or fully_shard is None,
                     reason="needs torch.distributed with gloo and FSDP2 (fully_shard)")
 def test_fsdp2_gradients_equal_single_process(tmp_path):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    for wrap in WRAPS:
-        model = build(wrap)
-        x, y = data()
-        loss_fn(model, x, y).backward()
-        for rank in range(WORLD):
-            grads = torch.load(tmp_path / f"{wrap}{rank}.pt")
-            assert set(grads) == {n for n, _ in model.named_parameters()}
-            for name, p in model.named_parameters():
-                assert p.grad.abs().sum() > 0
-                assert torch.allclose(grads[name], p.grad, rtol=1e-7, atol=1e-12), (wrap, name)
+    assert_rank_gradients_equal_single_process(tmp_path, build, WRAPS)
