@@ -101,15 +101,21 @@ class ImplicitCore:
         self.solver = solver
         self.forward_rtol = forward_rtol
         linear = mode.linear_solver
-        if linear is None:
-            linear = default_linear_solver(problem)
-        if linear.rtol is None:
-            linear = linear.replace(rtol=forward_rtol)
-        self.linear = linear
+        self.linear = self._inheriting(default_linear_solver(problem) if linear is None else linear)
         self.info: SolveInfo | None = None
         # Whether the forward records F at z* for a first-order backward (eager autograd only).
         self.record = torch.is_grad_enabled() and not transforms_active()
         self.recorded: RecordedLinearization | None = None
+
+    def _inheriting(self, linear: LinearSolver) -> LinearSolver:
+        """``linear``, with the forward tolerance if it has no ``rtol`` of its own."""
+        return linear if linear.rtol is not None else linear.replace(rtol=self.forward_rtol)
+
+    def _recorded_linearization(self, z: Tensor, values: tuple[Tensor, ...]) -> RecordedLinearization:
+        """The graph of ``F`` recorded by the forward, or one recorded now at ``z``."""
+        if self.recorded is not None:
+            return self.recorded
+        return RecordedLinearization(self.problem.bind(values, deferred=True), z)
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, z0: Tensor, values: Sequence[Tensor]) -> Tensor:
@@ -122,8 +128,7 @@ class ImplicitCore:
             # (Adaptive: Neumann after a good contraction, GMRES otherwise).
             chosen = self.solver.adjoint_solver(info)
             if chosen is not None:
-                self.linear = chosen if chosen.rtol is not None else chosen.replace(
-                    rtol=self.forward_rtol)
+                self.linear = self._inheriting(chosen)
         if self.record:
             # Record F at z* now, while the function sees the tensors it saw when called (a
             # functional_call swaps module parameters back when it returns); an ordinary
@@ -237,17 +242,14 @@ class ImplicitCore:
             return self._legacy_batched_vjp(z, values, g)
         if not torch.is_grad_enabled() and not transforms_active() and not is_wrapped(g):
             # An ordinary backward: no graph of the gradient is needed.
-            lin: Linearization | RecordedLinearization = (
-                self.recorded if self.recorded is not None
-                else RecordedLinearization(self.problem.bind(values, deferred=True), z)
-            )
+            lin: Linearization | RecordedLinearization = self._recorded_linearization(z, values)
             u = self.linear_solve(lin, g, transpose=True)
             grads = lin.param_vjp(-u)
         else:
             u = _LinearSolve.apply(g, z, self, True, *values)
             lin = Linearization(self.problem.bind(values), z, values)
             grads = lin.param_vjp(-u)
-        return tuple(torch.zeros_like(v) if d is None else d for d, v in zip(grads, values, strict=False))
+        return _zeros_for(grads, values)
 
     def _legacy_batched_vjp(
         self, z: Tensor, values: tuple[Tensor, ...], g: Tensor
@@ -268,8 +270,7 @@ class ImplicitCore:
         # on plain tensors; the results are batched again for the caller.
         torch._C._vmapmode_decrement_nesting()
         try:
-            lin = (self.recorded if self.recorded is not None
-                   else RecordedLinearization(self.problem.bind(values, deferred=True), z))
+            lin = self._recorded_linearization(z, values)
             u = self.linear_solve(_Repeated(lin, V), gs.reshape(-1, gs.shape[-1]), transpose=True)
             grads = torch.func.vmap(lin.param_vjp)(-u.reshape(gs.shape))
         finally:
@@ -348,8 +349,9 @@ def _legacy_batched(t: Tensor) -> bool:
     return bool(torch._C._functorch.is_legacy_batchedtensor(t))
 
 
-def _zeros_for(tangents: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    return tuple(torch.zeros_like(v) if t is None else t for t, v in zip(tangents, like, strict=False))
+def _zeros_for(parts: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """``parts`` (gradients or tangents) with zeros shaped like ``like`` in place of ``None``."""
+    return tuple(torch.zeros_like(v) if t is None else t for t, v in zip(parts, like, strict=True))
 
 
 class _Solution(torch.autograd.Function):

@@ -190,11 +190,6 @@ class Problem:
                     "them agree (e.g. call .double() on the module and the inputs)."
                 )
 
-    def _flat_output(self, out: Any) -> Tensor:
-        if self.single:
-            return out.reshape(self.batch, self.size).to(self.dtype)
-        return self.flatten(out)
-
     # -- the residual --------------------------------------------------------------------
     def objective(self, z: Tensor) -> Tensor:
         """Objective values ``(B,)`` in the compute dtype (argmin only)."""
@@ -230,13 +225,13 @@ class Problem:
 
     def fixed_point_map(self, z: Tensor) -> Tensor:
         """``f(z)`` of shape ``(B, n)`` (fixed points only: the residual is ``z - f(z)``)."""
-        return self._flat_output(self._call(z))
+        return self.flatten(self._call(z))
 
     def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
         """The residual ``F(z)`` of shape ``(B, n)``; differentiable if ``create_graph``."""
         if self.kind == "argmin":
             return self.value_and_grad(z, create_graph)[1]
-        out = self._flat_output(self._call(z))
+        out = self.flatten(self._call(z))
         if self.kind == "fixed_point":
             return z - out
         return out
@@ -246,7 +241,7 @@ class Problem:
         ``requires_grad_`` or ``torch.autograd.grad`` inside)."""
         if self.kind == "argmin":
             return torch.func.grad(lambda zz: self.objective(zz).sum())(z)
-        out = self._flat_output(self._call(z))
+        out = self.flatten(self._call(z))
         if self.kind == "fixed_point":
             return z - out
         return out
