@@ -213,10 +213,15 @@ def check_active(active: Tensor, watch: Tensor | None, solver: str) -> tuple[boo
     :class:`~implicit_layers.NonFiniteError` if ``watch`` (non-negative norms; ``None``: not
     tested) is not finite.
 
-    Three ops: the count of active samples and the largest watched value travel together.
+    Without ``watch``, a batch of up to 4096 samples costs one copy of its flags; with it,
+    three ops: the count of active samples and the largest watched value travel together.
     """
     if watch is None or watch.numel() == 0:
-        n = int(torch.count_nonzero(active))
+        if active.numel() <= _COPY_FLAGS_UP_TO:
+            # A small batch's flags cross to the host in one copy (no count kernel first).
+            n = sum(1 for f in _flat(active.tolist()) if f)
+        else:
+            n = int(torch.count_nonzero(active))
     else:
         wide = torch.float32 if watch.device.type == "mps" else torch.float64
         count = torch.count_nonzero(active).to(wide)
@@ -226,6 +231,18 @@ def check_active(active: Tensor, watch: Tensor | None, solver: str) -> tuple[boo
         if not math.isfinite(top_v):
             _raise_non_finite(solver)
     return n == 0, n < active.numel()
+
+
+# Up to this many per-sample flags, a check copies them to the host rather than counting
+# them on the device first.
+_COPY_FLAGS_UP_TO = 4096
+
+
+def _flat(nested: object) -> list:
+    """The leaves of the nested lists ``Tensor.tolist`` returns."""
+    while isinstance(nested, list) and nested and isinstance(nested[0], list):
+        nested = [x for row in nested for x in row]
+    return nested if isinstance(nested, list) else [nested]
 
 
 def _raise_non_finite(solver: str) -> None:

@@ -118,11 +118,20 @@ class CG(LinearSolver):
         pr, rr = p.view(batch, 1, n), r.view(batch, 1, n)
         rs = rs.view(batch, 1, 1)
         active = (~loop.done).view(batch, 1, 1)
-        steps = loop.steps.view(batch, 1, 1)
         tol2 = tol2.view(batch, 1, 1)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        # Each step's flags of the samples that stepped, kept (references) and counted a
+        # batch at a time: one op per step fewer than counting as the loop goes.
+        stepped: list[Tensor] = []
+        steps = loop.steps.view(batch, 1)
         while loop.proceed(rs, active=active, finite=False):
-            rs, active = cg_step(mv, p, xc, rc, pc, pr, rr, rs, active, steps, tol2, zero)
+            rs, active, ok = cg_step(mv, p, xc, rc, pc, pr, rr, rs, active, tol2, zero)
+            stepped.append(ok)
+            if len(stepped) == _COUNT_EVERY:
+                steps.add_(torch.cat(stepped, dim=-1).sum(-1))
+                stepped = []
+        if stepped:
+            steps.add_(torch.cat(stepped, dim=-1).sum(-1))
         rs, active, tol2 = rs.view(batch), active.view(batch), tol2.view(batch)
         # stopped without converging: non-positive curvature (or NaN)
         loop.bad = ~active & (rs > tol2)
@@ -137,15 +146,18 @@ class CG(LinearSolver):
         )
 
 
+# Steps between two counts of the per-sample step flags in CG's lean loop.
+_COUNT_EVERY = 16
+
+
 def cg_step(
     mv: Callable[[Tensor], Tensor], p: Tensor, xc: Tensor, rc: Tensor, pc: Tensor,
-    pr: Tensor, rr: Tensor, rs: Tensor, active: Tensor, steps: Tensor, tol2: Tensor,
-    zero: Tensor,
-) -> tuple[Tensor, Tensor]:
+    pr: Tensor, rr: Tensor, rs: Tensor, active: Tensor, tol2: Tensor, zero: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
     """One conjugate-gradient step for the ``active`` samples, in place (no autograd).
 
-    Updates the iterate, residual and search direction (through their views) and ``steps``;
-    a sample with non-positive curvature ``pᵀ A p`` stops. Free of host synchronisation and
+    Updates the iterate, residual and search direction (through their views); a sample with
+    non-positive curvature ``pᵀ A p`` stops. Free of host synchronisation and
     of Python branches on data (it compiles with ``torch.compile(fullgraph=True)``).
 
     Args:
@@ -155,12 +167,12 @@ def cg_step(
         pr, rr: search direction and residual as rows ``(B, 1, n)``.
         rs: ``‖r‖²``, ``(B, 1, 1)``.
         active: ``(B, 1, 1)`` bool, the samples that step.
-        steps: ``(B, 1, 1)`` int64 step counts.
         tol2: ``(B, 1, 1)`` squared tolerances.
         zero: a 0-dim zero of the dtype.
 
     Returns:
-        ``(rs, active)``: the new squared residual norms and the samples still stepping.
+        ``(rs, active, stepped)``: the new squared residual norms, the samples still stepping
+        and those that took this step (all ``(B, 1, 1)``).
     """
     Ap = mv(p).unsqueeze(-1)
     pAp = torch.bmm(pr, Ap)
@@ -172,5 +184,4 @@ def cg_step(
     rs_new = torch.bmm(rr, rc)
     # p ← r + β p (β = 0 for the samples that stopped)
     torch.addcmul(rc, pc, torch.where(ok, rs_new / rs, zero), out=pc)
-    steps.add_(ok)
-    return rs_new, ok & (rs_new > tol2)
+    return rs_new, ok & (rs_new > tol2), ok

@@ -16,6 +16,7 @@ that a converged sample's later iterates may be anything (even NaN): they are ne
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -140,6 +141,11 @@ class WindowMonitor:
         #: From the last one-step check with ``safe`` given: every residual norm in range.
         self.res_in_safe_range = False
         self._window_res: Tensor | None = None
+        #: Called at each check after the bookkeeping: 0-dim float tensors that travel to the
+        #: host in the check's one synchronisation (a solver's own test of the iterates); their
+        #: values land in :attr:`extra_values`.
+        self.extra: Callable[[], list[Tensor]] | None = None
+        self.extra_values: list[float] = []
 
     def _tol(self, znorm: Tensor) -> Tensor:
         return torch.clamp(znorm * self.rtol, min=self.tol0)
@@ -159,6 +165,7 @@ class WindowMonitor:
         met = res <= tol
         if self._none_done:
             better = (res <= self.best_res) | met
+            self.res, self.done = res, met
             flags = [met.all(), torch.isfinite(res).all(), met.any(), better.all()]
             all_done, finite, any_done, all_better, *rest = self._sync(flags, res)
             self.steps = self.steps + 1
@@ -169,7 +176,6 @@ class WindowMonitor:
                 self.best_z = torch.where(better, z, self.best_z)
                 self.best_res = torch.where(better, res, self.best_res)
                 self.best_tol = torch.where(better, tol, self.best_tol)
-            self.res, self.done = res, met
         else:
             alive = ~self.done
             better = alive & ((res <= self.best_res) | met)
@@ -193,7 +199,17 @@ class WindowMonitor:
         if self.safe is not None:
             low, high = torch.aminmax(res)
             flags.append((low >= self.safe[0]) & (high <= self.safe[1]))
-        return torch.stack(flags).tolist()
+        return self._flush(flags)
+
+    def _flush(self, flags: list[Tensor]) -> list:
+        """``flags`` and the solver's :attr:`extra` values in one synchronisation."""
+        extra = self.extra() if self.extra is not None else []
+        if not extra:
+            return torch.stack(flags).tolist()
+        wide = extra[0].dtype
+        values = torch.stack([f.to(wide) for f in flags] + extra).tolist()
+        self.extra_values = values[len(flags):]
+        return values[: len(flags)]
 
     def _judge(self) -> list[bool]:
         """Fold the window into the bookkeeping; one synchronisation for
@@ -215,7 +231,7 @@ class WindowMonitor:
         self._dead, self._window_res = dead, res
         self._none_done = False  # not known without another flag; the masked path is exact
         # one synchronisation; a NaN or Inf in `worst` means an alive residual was not finite
-        all_done, worst_v = torch.stack([self.done.all().to(worst.dtype), worst]).tolist()
+        all_done, worst_v = self._flush([self.done.all().to(worst.dtype), worst])
         return [bool(all_done), math.isfinite(worst_v)]
 
     def stop(self, force: bool = False) -> bool:
@@ -229,9 +245,9 @@ class WindowMonitor:
         if not force and (self.k - 1) % self.check_every != 0:
             return False
         if not self._zs:
-            flags = torch.stack(
+            flags = self._flush(
                 [self.done.all(), torch.isfinite(self.res).all(), self.done.any()]
-            ).tolist()
+            )
             self._none_done = not flags[2]
         elif len(self._zs) == 1:
             flags = self._judge_one()

@@ -21,6 +21,7 @@ The rule, in one place (``docs/choosing.md``, "How to choose", describes it for 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -129,23 +130,26 @@ class Adaptive(ForwardSolver):
         ones = torch.ones(z.shape[0], 1, self.memory, dtype=z.dtype, device=z.device)
         reg = 100 * torch.finfo(z.dtype).eps
         for _ in range(self.max_steps):
-            if mon.stop():
-                break
-            if switched_at is None and (mon.k - 1) % mon.check_every == 0 and k > ref_k:
-                # Synchronised just now anyway: one more look at the residual norms.
+            # At a check while plain iteration runs, the contraction test rides on the check's
+            # synchronisation (WindowMonitor.extra): no second one.
+            look = switched_at is None and mon.k % mon.check_every == 0 and k > ref_k
+            if look:
                 span = k - ref_k
                 res = _norm(r).unsqueeze(-1)
-                ratio = (res / ref_res.clamp_min(tiny)).masked_fill(mon.done, 0.0)
+                tol = None
                 if span >= self.window:
                     tol = mon._tol(_norm(z).unsqueeze(-1)) if mon.relative_to_z else mon.tol0
-                    # Steps plain iteration would still need at the observed rate, per sample.
-                    need = torch.log(tol / res) / torch.log(ratio) * span
-                    worst, needed = torch.stack(
-                        [ratio.max(), need.masked_fill(mon.done, 0.0).max()]
-                    ).tolist()
+                mon.extra = _contraction_test(mon, res, ref_res, tol, span, tiny)
+            stop = mon.stop()
+            mon.extra = None
+            if stop:
+                break
+            if look:
+                if span >= self.window:
+                    worst, needed = mon.extra_values
                 else:
                     # Within a window only growth counts (it switches whatever the budget).
-                    worst, needed = ratio.max().item(), math.nan
+                    worst, needed = mon.extra_values[0], math.nan
                 if worst > 1.0 or span >= self.window:
                     rho = worst ** (1.0 / span)
                     if self._switch(worst, rho, needed, self.max_steps - k):
@@ -275,3 +279,22 @@ class NeumannThenGMRES(LinearSolver):
             info2.steps = info2.steps + info.steps
         info2.solver = "Neumann+GMRES"
         return x2, info2
+
+
+def _contraction_test(
+    mon: WindowMonitor, res: Tensor, ref_res: Tensor, tol: Tensor | None, span: int, tiny: float
+) -> Callable[[], list[Tensor]]:
+    """The values Adaptive's switch rule reads at a check, as a :attr:`WindowMonitor.extra`
+    callback (it runs after the check's bookkeeping, so ``mon.done`` is current): the largest
+    ratio of residual norms over ``span`` plain steps among the samples not done, and, given
+    the tolerances ``tol`` ``(B, 1)``, the most steps plain iteration would still need at that
+    rate."""
+
+    def values() -> list[Tensor]:
+        ratio = (res / ref_res.clamp_min(tiny)).masked_fill(mon.done, 0.0)
+        if tol is None:
+            return [ratio.max()]
+        need = torch.log(tol / res) / torch.log(ratio) * span
+        return [ratio.max(), need.masked_fill(mon.done, 0.0).max()]
+
+    return values
