@@ -68,12 +68,16 @@ class Broyden(ForwardSolver):
     from ``γ I`` with ``γ`` from its last secant pair. One evaluation of ``F`` per step, trial
     or not; ``steps`` counts them.
 
-    Reuse in the backward: inside a layer whose implicit backward will run, the final estimate
-    ``H ≈ (∂F/∂z)⁻¹`` is kept (``2 · memory · B · n`` numbers, until the layer's autograd graph
-    is freed) and ``Hᵀ g`` is the initial guess of the adjoint solve ``(∂F/∂z)ᵀ u = g`` (``H v``
-    that of a non-transposed solve), as in SHINE (Ramzi et al., 2022). The linear solver then
-    iterates to its usual tolerance, so the gradient is as accurate as without the guess; the
-    guess only saves iterations. Nothing is kept under ``no_grad`` or ``inference_mode``.
+    Reuse in the backward (opt-in, ``warm_start_backward=True``): inside a layer whose implicit
+    backward will run, the final estimate ``H ≈ (∂F/∂z)⁻¹`` is kept (``2 · memory · B · n``
+    numbers, until the layer's autograd graph is freed) and ``Hᵀ g`` starts the adjoint solve
+    ``(∂F/∂z)ᵀ u = g`` (``H v`` a non-transposed one), as in SHINE (Ramzi et al., 2022), scaled
+    per sample to the least residual so that it never starts worse than zero (one extra
+    product). The linear solver then iterates to its usual tolerance, so the gradient is as
+    accurate as without it. Off by default: ``H`` is accurate only along the forward's secant
+    directions, and on the DEQ benchmarks ``Hᵀ g`` starts no closer than ``g`` itself, saving
+    at most one product of ~20 (``docs/benchmarks.md``, "Forward reuse"). Nothing is kept under
+    ``no_grad`` or ``inference_mode``.
 
     Used as ``solver=`` of :func:`~implicit_layers.root`; it iterates on the flat ``(B, n)``
     state (``B = 1`` unbatched) and returns the solution shaped like ``z0``.
@@ -89,8 +93,8 @@ class Broyden(ForwardSolver):
             (default) means every step on the CPU, every 8 on accelerators.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
             sample does not converge (see :class:`ForwardSolver`).
-        warm_start_backward: keep the final estimate for the implicit backward's initial guess
-            (default ``True``; ``False`` keeps nothing and the backward starts from zero).
+        warm_start_backward: keep the final estimate as the implicit backward's initial guess
+            (default ``False``: nothing is kept and the backward starts from zero).
 
     Raises:
         TypeError: if a setting has the wrong type or a setting other than ``memory`` is
@@ -117,7 +121,7 @@ class Broyden(ForwardSolver):
         max_steps: int | None = None,
         check_every: int | None = None,
         on_failure: OnFailure = "warn",
-        warm_start_backward: bool = True,
+        warm_start_backward: bool = False,
     ) -> None:
         super().__init__(
             rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
