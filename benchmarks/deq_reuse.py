@@ -12,8 +12,9 @@ backward timed, at the forward tolerance (1e-10), gradient errors against dense 
   GMRES from Broyden's inverse-Jacobian estimate ``Hᵀ g`` ("after", SHINE's warm start, scaled
   to the least residual). ``bwd_vjps`` counts every batched product with ``(I - J)ᵀ`` (the
   scaling's and the true-residual checks included); ``start_res`` is the median over samples
-  of ``‖g - (I - J)ᵀ x0‖ / ‖g‖`` for the raw guess ``x0 = Hᵀ g`` and for the trivial guess
-  ``x0 = g``, the first Neumann term, for comparison.
+  of ``‖g - (I - J)ᵀ x0‖ / ‖g‖`` for the raw guess ``x0 = Hᵀ g``, for the same guess from
+  type-II Anderson's multisecant estimate (measured only, not offered by the library) and for
+  the trivial guess ``x0 = g``, the first Neumann term, for comparison.
 
 Alone: ``python -m benchmarks.deq_reuse [--tiny]`` (prints the rows).
 """
@@ -115,8 +116,8 @@ def run_secant(cfg: Config, section: Section) -> None:
         "secant reuse: Broyden(30) forward, then only the backward timed: GMRES from zero "
         "('before') and from Broyden's inverse-Jacobian estimate Hᵀg ('after', scaled to the "
         "least residual). bwd_steps = GMRES steps of the worst sample; bwd_vjps = every batched "
-        "product with (I - J)ᵀ; start_res = median ‖g - (I-J)ᵀx0‖/‖g‖ of the raw guess Hᵀg "
-        "(and of the trivial guess g)."
+        "product with (I - J)ᵀ; start_res = median ‖g - (I-J)ᵀx0‖/‖g‖ of the raw guess Hᵀg / "
+        "of type-II Anderson(5)'s multisecant guess (measured only) / of the trivial guess g."
     )
     dev = cfg.torch_device
     cases = [("easy", 32, 16)] if cfg.tiny else [("easy", 256, 64), ("hard", 256, 64)]
@@ -182,7 +183,8 @@ def _secant_rows(
 
 def _start_residuals(setup, params, z0: torch.Tensor) -> str:
     """Median ``‖g - Aᵀ x0‖ / ‖g‖`` (``A = I - J`` at ``z*``, ``g = z*``) of Broyden's raw
-    guess ``Hᵀ g`` and of the trivial guess ``g``, as ``"raw / trivial"``."""
+    guess ``Hᵀ g``, of type-II Anderson's multisecant guess and of the trivial guess ``g``, as
+    ``"Broyden / Anderson / trivial"``."""
     f, args = setup(params)
     solver = il.solvers.Broyden(30, warm_start_backward=True)
     problem = Problem("fixed_point", f, args, z0, batched=True, name="f")
@@ -191,11 +193,40 @@ def _start_residuals(setup, params, z0: torch.Tensor) -> str:
     _, vjp = torch.func.vjp(lambda v: v - f(v, *args), z)
     g = z
     out = []
-    for x0 in (solver.adjoint_guess(kept[-1], g, True), g):
+    guesses = (solver.adjoint_guess(kept[-1], g, True), _anderson_guess(f, args, z0, g), g)
+    for x0 in guesses:
         assert x0 is not None
         res = torch.linalg.vector_norm(g - vjp(x0)[0], dim=-1) / torch.linalg.vector_norm(g, dim=-1)
         out.append(f"{float(res.median()):.2f}")
     return " / ".join(out)
+
+
+def _anderson_guess(f, args, z0: torch.Tensor, g: torch.Tensor, m: int = 5) -> torch.Tensor:
+    """``Hᵀ g`` for the inverse-Jacobian estimate of type-II Anderson(m) (mixing 1) at the end
+    of its solve: ``H = I + ΔG (ΔRᵀΔR)⁻¹ ΔRᵀ``, the multisecant estimate with ``H ΔR = ΔZ``
+    for the differences of its last ``m`` iterates ``Z``, residuals ``R`` and map values
+    ``G = Z - R`` (Fang & Saad, 2009). Measured only: the library does not offer it."""
+    from implicit_layers.solvers.anderson import anderson_step
+
+    z = z0
+    r = z - f(z, *args)
+    Z: list[torch.Tensor] = []
+    R: list[torch.Tensor] = []
+    ones = torch.ones(z.shape[0], 1, m, dtype=z.dtype, device=z.device)
+    for _ in range(1000):
+        Z, R = [*Z[1 - m:], z], [*R[1 - m:], r]
+        G = torch.stack([a - b for a, b in zip(Z, R, strict=True)], 1)
+        z = anderson_step(G, torch.stack(R, 1), ones[..., :len(Z)], 1e-14) if len(Z) > 1 else G[:, 0]
+        r = z - f(z, *args)
+        if float((r.norm(dim=-1) / z.norm(dim=-1)).max()) < 1e-10:
+            break
+    dZ = torch.stack(Z[:-1], 1) - Z[-1].unsqueeze(1)
+    dR = torch.stack(R[:-1], 1) - R[-1].unsqueeze(1)
+    M = dR @ dR.mT
+    M = M + 1e-12 * M.diagonal(dim1=-2, dim2=-1).amax(-1)[:, None, None] * torch.eye(
+        M.shape[-1], dtype=M.dtype, device=M.device)
+    c = torch.linalg.solve(M, (dZ - dR) @ g.unsqueeze(-1))
+    return g + (dR.mT @ c).squeeze(-1)
 
 
 def _dense_deq(T: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
