@@ -343,6 +343,37 @@ def test_warm_start_in_nn_deq_and_with_fallback():
         assert _rel(layer.f.W.grad, rW) < 1e-9 and bool(info.backward.converged.all())
 
 
+def test_warm_start_in_two_threads():
+    # The state goes through a per-thread context: a thread solving under no_grad keeps
+    # nothing, while another one's backward gets its own estimate.
+    import threading
+
+    W0, x0, t = _deq(16, 4)
+    results: dict[str, object] = {}
+
+    def train():
+        for _ in range(3):
+            z, info, W, x = _solve(W0, x0, True, rtol=1e-12)
+            dW, _ = torch.autograd.grad(z, (W, x), t)
+            results.setdefault("train", []).append(_rel(dW, _dense_grads(z.detach(), W0, t)[0]))
+
+    def infer():
+        _Recorder.seen = []
+        solver = _recorder(W0)
+        with torch.no_grad():
+            for _ in range(3):
+                il.fixed_point(f_tanh, torch.zeros_like(x0), x0, W0, solver=solver, batched=True)
+        results["infer"] = list(_Recorder.seen)
+
+    threads = [threading.Thread(target=train), threading.Thread(target=infer)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert max(results["train"]) < 1e-9
+    assert results["infer"] == [False, False, False]
+
+
 def test_warm_start_setting_is_validated():
     with pytest.raises(TypeError, match="warm_start_backward must be True or False"):
         il.solvers.Broyden(warm_start_backward=1)
