@@ -195,10 +195,12 @@ def test_hook_state_kept_only_for_a_backward():
     assert _Recorder.seen == [True, False, False, False, False]
 
 
+@pytest.mark.parametrize("linear", [il.linear.GMRES(), il.linear.Neumann(200)])
 @pytest.mark.parametrize("mode", ["exact", "bad"])
-def test_hook_guess_is_only_a_start_point(mode):
-    # An exact guess leaves nothing to do; a wild one (1e6 x random) is scaled down to the
-    # zero start: both give the dense gradient, the second in no more steps than from zero.
+def test_hook_guess_is_only_a_start_point(mode, linear):
+    # An exact guess leaves nothing to do (GMRES and the Neumann series both start from x0);
+    # a wild one (1e6 x random) is scaled down to the zero start: both give the dense
+    # gradient, the second in no more steps than from zero.
     W0, x0, t = _deq(16, 4, scale=0.7)
     _Recorder.mode = mode
     try:
@@ -206,7 +208,7 @@ def test_hook_guess_is_only_a_start_point(mode):
         for name, solver in (("cold", il.solvers.Picard(rtol=1e-12)), ("hooked", _recorder(W0))):
             x = x0.clone().requires_grad_(True)
             z, info = il.fixed_point(f_tanh, torch.zeros_like(x), x, W0, solver=solver,
-                                     backward=il.linear.GMRES(), batched=True, return_info=True)
+                                     backward=linear, batched=True, return_info=True)
             (dx,) = torch.autograd.grad(z, x, t)
             _, rx = _dense_grads(z.detach(), W0, t)
             assert _rel(dx, rx) < 1e-9
