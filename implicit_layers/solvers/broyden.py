@@ -75,9 +75,9 @@ class Broyden(ForwardSolver):
     per sample to the least residual so that it never starts worse than zero (one extra
     product). The linear solver then iterates to its usual tolerance, so the gradient is as
     accurate as without it. Off by default: ``H`` is accurate only along the forward's secant
-    directions, and on the DEQ benchmarks ``Hᵀ g`` starts no closer than ``g`` itself, saving
-    at most one product of ~20 (``docs/benchmarks.md``, "Forward reuse"). Nothing is kept under
-    ``no_grad`` or ``inference_mode``.
+    directions, and on the DEQ benchmarks ``Hᵀ g`` starts no closer than ``g`` itself: one
+    product saved of ~20 at best, four more on the hardest case (``docs/benchmarks.md``,
+    "Forward reuse"). Nothing is kept under ``no_grad`` or ``inference_mode``.
 
     Used as ``solver=`` of :func:`~implicit_layers.root`; it iterates on the flat ``(B, n)``
     state (``B = 1`` unbatched) and returns the solution shaped like ``z0``.
