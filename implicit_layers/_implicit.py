@@ -31,12 +31,14 @@ from ._folded import FoldedProblem
 from ._info import ConvergenceWarning, NonFiniteError, SolveInfo, user_stacklevel
 from ._linearize import Linearization, RecordedLinearization, func_vjp, transpose_of_vjp
 from ._problem import Problem
+from ._warm_start import warm_start
 from .linear._base import LinearSolver
 from .linear._operator import FunctionOperator
 from .linear.cg import CG
 from .linear.dense import Dense
 from .linear.gmres import GMRES
 from .linear.neumann import Neumann
+from .solvers._base import adjoint_slot
 
 if TYPE_CHECKING:
     from .backward import Implicit
@@ -106,6 +108,8 @@ class ImplicitCore:
         # Whether the forward records F at z* for a first-order backward (eager autograd only).
         self.record = torch.is_grad_enabled() and not transforms_active()
         self.recorded: RecordedLinearization | None = None
+        # What the forward solver kept for the backward (its adjoint_guess reads it).
+        self.adjoint_state: object | None = None
 
     def _inheriting(self, linear: LinearSolver) -> LinearSolver:
         """``linear``, with the forward tolerance if it has no ``rtol`` of its own."""
@@ -120,7 +124,10 @@ class ImplicitCore:
     # -- forward -----------------------------------------------------------------------
     def forward(self, z0: Tensor, values: Sequence[Tensor]) -> Tensor:
         problem = self.problem.bind(values)
-        z, info = self._forward(problem, z0)
+        with adjoint_slot(self.record and self.solver is not None) as kept:
+            z, info = self._forward(problem, z0)
+        if kept:
+            self.adjoint_state = kept[-1]
         if self.info is None:
             self.info = info
         if self.mode.linear_solver is None and self.solver is not None:
@@ -144,6 +151,7 @@ class ImplicitCore:
         problem = self.problem
         B, n = rhs.shape
         mv = lin.rmv if transpose or problem.symmetric else lin.mv
+        x0, mv = warm_start(mv, rhs, self._guess(rhs, transpose), type(self.solver).__name__)
         op = FunctionOperator(
             mv, B, n, rhs.dtype, rhs.device,
             # A fixed point's Jacobian I - J is not symmetric; a root's is unknown unless
@@ -158,20 +166,29 @@ class ImplicitCore:
         what = f"{kind} solve of {problem.kind}"
         fallback = self.mode.fallback
         if fallback is None or not transpose:
-            u, binfo = self.linear.solve(op, rhs, what=what)
+            u, binfo = self.linear.solve(op, rhs, x0, what=what)
         else:
-            u, binfo = self._solve_with_fallback(op, rhs, what, fallback)
+            u, binfo = self._solve_with_fallback(op, rhs, x0, what, fallback)
         if self.info is not None and transpose and B == problem.batch:
             self.info.backward = binfo if problem.batched else binfo.squeeze_batch()
         return u
 
+    def _guess(self, rhs: Tensor, transpose: bool) -> Tensor | None:
+        """The forward solver's initial guess for this solve (``None``: start from zero). Not
+        under ``torch.func`` transforms, nor for the folded batches of vmap, nor for Dense
+        (which uses no start point)."""
+        if (self.adjoint_state is None or self.solver is None or transforms_active()
+                or isinstance(self.linear, Dense)):
+            return None
+        return self.solver.adjoint_guess(self.adjoint_state, rhs, transpose)
+
     def _solve_with_fallback(
-        self, op: FunctionOperator, gf: Tensor, what: str, fallback: Any
+        self, op: FunctionOperator, gf: Tensor, x0: Tensor | None, what: str, fallback: Any
     ) -> tuple[Tensor, SolveInfo]:
         quiet = self.linear.replace(on_failure="ignore")
         solved: tuple[Tensor, SolveInfo] | None
         try:
-            solved = quiet.solve(op, gf, what=what)
+            solved = quiet.solve(op, gf, x0, what=what)
         except NonFiniteError:
             solved = None
         if solved is not None and bool(solved[1].converged.all()):

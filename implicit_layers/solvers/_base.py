@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -15,6 +18,24 @@ if TYPE_CHECKING:
     from ..linear._base import LinearSolver
 
 __all__ = ["ForwardSolver"]
+
+# Where a running forward solve leaves what its backward can reuse: a list while the implicit
+# layer that runs the solve will differentiate it, else None (the state is then dropped at
+# once, so that inference keeps no memory). A context variable: two threads, two slots.
+_ADJOINT_SLOT: contextvars.ContextVar[list[object] | None] = contextvars.ContextVar(
+    "adjoint_slot", default=None
+)
+
+
+@contextmanager
+def adjoint_slot(wanted: bool) -> Iterator[list[object]]:
+    """Collect what the forward solves run inside keep for the backward (if ``wanted``)."""
+    slot: list[object] = []
+    token = _ADJOINT_SLOT.set(slot if wanted else None)
+    try:
+        yield slot
+    finally:
+        _ADJOINT_SLOT.reset(token)
 
 
 class ForwardSolver(SolverSettings):
@@ -100,6 +121,51 @@ class ForwardSolver(SolverSettings):
 
         Returns:
             A linear solver (its ``rtol=None`` inherits the forward tolerance), or ``None``.
+        """
+        return None
+
+    def keep_for_adjoint(self, state: object) -> None:
+        """Offer ``state`` (what this forward solve learned, e.g. secant factors) to the
+        backward of the implicit layer running the solve, which passes it to
+        :meth:`adjoint_guess`.
+
+        Kept only when such a backward can use it: inside a layer with an implicit backward,
+        called with autograd recording and outside ``torch.func`` transforms. Elsewhere
+        (``no_grad``, ``inference_mode``, a direct call of :meth:`solve`) it is dropped at
+        once. Kept state lives as long as the layer's autograd graph; store detached tensors.
+
+        Args:
+            state: any object; only this solver's :meth:`adjoint_guess` reads it.
+        """
+        slot = _ADJOINT_SLOT.get()
+        if slot is not None:
+            slot.append(state)
+
+    @staticmethod
+    def adjoint_state_wanted() -> bool:
+        """Whether :meth:`keep_for_adjoint` would keep a state now (so that a solver can skip
+        preparing one that would be dropped)."""
+        return _ADJOINT_SLOT.get() is not None
+
+    def adjoint_guess(self, state: object, rhs: Tensor, transpose: bool) -> Tensor | None:
+        """An initial guess for a linear solve with ``A = ∂F/∂z`` at the solution, from the
+        ``state`` this solver kept with :meth:`keep_for_adjoint`, or ``None`` (the default:
+        start from zero).
+
+        The implicit backward asks for it before each adjoint solve ``Aᵀ u = rhs``
+        (``transpose=True``) and each non-transposed solve ``A w = rhs`` (the tangent solves of
+        forward mode and the second solves of a double backward). The guess is only a start
+        point: the linear solver still iterates until its own tolerance, relative to
+        ``‖rhs‖``, is met, so the gradient is as accurate as without it; a good guess saves
+        iterations, a poor one costs some. Not asked under ``torch.func`` transforms.
+
+        Args:
+            state: what this solver kept during the forward.
+            rhs: the right-hand sides, ``(B, n)``.
+            transpose: whether the system is ``Aᵀ u = rhs`` (else ``A w = rhs``).
+
+        Returns:
+            A ``(B, n)`` tensor like ``rhs``, or ``None``.
         """
         return None
 

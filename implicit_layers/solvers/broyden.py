@@ -25,6 +25,31 @@ def _secant_scale(s: Tensor, y: Tensor, fallback: Tensor) -> Tensor:
     return torch.where((yy > 0) & torch.isfinite(bb) & (bb != 0), bb, fallback)
 
 
+class InverseEstimate:
+    """A per-sample inverse-Jacobian estimate ``H = γ I + Uᵀ V`` (``Σ_i u_i v_iᵀ``), detached.
+
+    Args:
+        U, V: the rank-one factors ``u_i``, ``v_i``, ``(B, k, n)``.
+        gamma: the scale of the initial estimate, ``(B, 1)``.
+    """
+
+    def __init__(self, U: Tensor, V: Tensor, gamma: Tensor) -> None:
+        self.U, self.V, self.gamma = U.detach(), V.detach(), gamma.detach()
+
+    def apply(self, x: Tensor, transpose: bool) -> Tensor | None:
+        """``Hᵀ x`` (``transpose``) or ``H x`` for ``x`` of shape ``(B, n)``, with zero for
+        a sample whose product is not finite; ``None`` if ``x`` does not fit the factors
+        (another batch size, dtype or device)."""
+        U, V = self.U, self.V
+        if x.shape != (U.shape[0], U.shape[2]) or x.dtype != U.dtype or x.device != U.device:
+            return None
+        first, second = (U, V) if transpose else (V, U)
+        # row-vector products, as in the solver (Hᵀ x = γ x + Vᵀ (U x), H x = γ x + Uᵀ (V x))
+        hx = torch.addcmul(((x.unsqueeze(1) @ first.mT) @ second).squeeze(1), self.gamma, x)
+        finite = torch.isfinite(hx).all(-1, keepdim=True)
+        return torch.where(finite, hx, torch.zeros_like(hx))
+
+
 class Broyden(ForwardSolver):
     """Good Broyden's method on ``F(z) = 0``, per sample.
 
@@ -43,6 +68,17 @@ class Broyden(ForwardSolver):
     from ``γ I`` with ``γ`` from its last secant pair. One evaluation of ``F`` per step, trial
     or not; ``steps`` counts them.
 
+    Reuse in the backward (opt-in, ``warm_start_backward=True``): inside a layer whose implicit
+    backward will run, the final estimate ``H ≈ (∂F/∂z)⁻¹`` is kept (``2 · memory · B · n``
+    numbers, until the layer's autograd graph is freed) and ``Hᵀ g`` starts the adjoint solve
+    ``(∂F/∂z)ᵀ u = g`` (``H v`` a non-transposed one), as in SHINE (Ramzi et al., 2022), scaled
+    per sample to the least residual so that it never starts worse than zero (one extra
+    product). The linear solver then iterates to its usual tolerance, so the gradient is as
+    accurate as without it. Off by default: ``H`` is accurate only along the forward's secant
+    directions, and on the DEQ benchmarks ``Hᵀ g`` starts no closer than ``g`` itself: one
+    product saved of ~20 at best, four more on the hardest case (``docs/benchmarks.md``,
+    "Forward reuse"). Nothing is kept under ``no_grad`` or ``inference_mode``.
+
     Used as ``solver=`` of :func:`~implicit_layers.root`; it iterates on the flat ``(B, n)``
     state (``B = 1`` unbatched) and returns the solution shaped like ``z0``.
 
@@ -57,6 +93,8 @@ class Broyden(ForwardSolver):
             (default) means every step on the CPU, every 8 on accelerators.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
             sample does not converge (see :class:`ForwardSolver`).
+        warm_start_backward: keep the final estimate as the implicit backward's initial guess
+            (default ``False``: nothing is kept and the backward starts from zero).
 
     Raises:
         TypeError: if a setting has the wrong type or a setting other than ``memory`` is
@@ -83,12 +121,18 @@ class Broyden(ForwardSolver):
         max_steps: int | None = None,
         check_every: int | None = None,
         on_failure: OnFailure = "warn",
+        warm_start_backward: bool = False,
     ) -> None:
         super().__init__(
             rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
             on_failure=on_failure,
         )
         self.memory = check_positive_int(memory, "memory")
+        if not isinstance(warm_start_backward, bool):
+            raise TypeError(
+                f"warm_start_backward must be True or False, got {warm_start_backward!r}."
+            )
+        self.warm_start_backward = warm_start_backward
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
         z = z0
@@ -231,4 +275,17 @@ class Broyden(ForwardSolver):
                 rejections = torch.where(restart.squeeze(-1), 0, rejections)
                 Hr = torch.where(restart, gamma * r, Hr)
             mon.record(z, r, active)
+        if buffered and us and self.warm_start_backward and self.adjoint_state_wanted():
+            # The estimate at the last iterate, for the backward's initial guess: views of the
+            # buffers (kept whole, B x memory x n x 2 numbers), never written again.
+            k = len(us)
+            self.keep_for_adjoint(InverseEstimate(Ubuf[:, :k], Vbuf[:, :k], gamma))
         return mon.finish()
+
+    def adjoint_guess(self, state: object, rhs: Tensor, transpose: bool) -> Tensor | None:
+        """``Hᵀ rhs`` (``transpose``) or ``H rhs``: the forward's inverse-Jacobian estimate
+        ``H ≈ (∂F/∂z)⁻¹`` applied to the right-hand side (the warm start of SHINE, Ramzi et
+        al. 2022, refined by the backward's linear solver to its tolerance)."""
+        if not isinstance(state, InverseEstimate):
+            return None
+        return state.apply(rhs, transpose)
