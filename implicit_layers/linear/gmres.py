@@ -282,10 +282,12 @@ class _LeanCycles:
         self, m: int, rel_tol: Tensor, res: Tensor, active: Tensor, used: Tensor,
         loop: LinearLoop,
     ) -> tuple[Tensor, Tensor, Tensor, int]:
-        """The cycle's steps in chunks that end where the step-by-step loop checks (the
-        batch's step count a multiple of ``check_every``), each chunk keyed by its first
-        step and length (a graph per key, reused by later cycles). Returns ``(res, active,
-        used, steps taken)``."""
+        """The cycle's steps in chunks of ``check_every`` steps counted from the start of the
+        cycle (the step-by-step loop counts them over the whole solve), so that every cycle
+        reuses the same graphs, keyed by first step and length; a check between chunks.
+        Each sample takes the same steps as in the step-by-step loop: a sample's steps stop
+        where it converges, whenever the batch notices. Returns ``(res, active, used, steps
+        taken)``."""
         assert self.graphs is not None
         state = (rel_tol, res, active, used)
         j = 0
@@ -294,7 +296,7 @@ class _LeanCycles:
                 all_done, _ = check_active(state[2], state[1], loop.name)
                 if all_done:
                     break
-            w = min(m - j, loop.check_every - loop.k % loop.check_every)
+            w = min(m - j, loop.check_every)
 
             def chunk(
                 rel_tol: Tensor, res: Tensor, active: Tensor, used: Tensor, j0: int = j,
