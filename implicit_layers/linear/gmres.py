@@ -289,7 +289,7 @@ class _LeanCycles:
         where it converges, whenever the batch notices. Returns ``(res, active, used, steps
         taken)``."""
         assert self.graphs is not None
-        state = (rel_tol, res, active, used)
+        state: tuple[Tensor, ...] = (rel_tol, res, active, used)
         j = 0
         while j < m:
             if j > 0:  # as LinearLoop.proceed at a check (none right after the round's)

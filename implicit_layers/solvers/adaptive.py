@@ -140,7 +140,9 @@ class Adaptive(ForwardSolver):
         graphs = graph_runner(self.name, self.cuda_graph, z, recording=differentiable)
         if graphs is not None:
             Z = z.new_empty(z.shape[0], mon.check_every, z.shape[1])
-            state = (fz, Z, torch.empty_like(Z)) if plain else (z, r, Z, torch.empty_like(Z))
+            state: tuple[Tensor, ...] = (
+                (fz, Z, torch.empty_like(Z)) if plain else (z, r, Z, torch.empty_like(Z))
+            )
             step = fmap if plain else residual
         taken = 0
         while taken < self.max_steps:
