@@ -232,6 +232,34 @@ def test_chunked_deq_forward_and_backward_equal_the_plain_ones(stand_in):
     torch.testing.assert_close(graphed[3], D * u, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("transform", ["jvp", "vmap", "jacrev", "grad of grad"])
+def test_chunked_solves_under_torch_func_equal_the_plain_ones(stand_in, transform):
+    """The layer's solves see plain tensors under ``torch.func`` transforms: the setting
+    applies there too, with the same numbers."""
+    W, x = _deq(4, 8, torch.float64, "cpu")
+
+    def layer(flag):
+        def g(x):
+            return il.fixed_point(
+                lambda z, x: torch.tanh(z @ W.T + x), torch.zeros_like(x), x,
+                solver=il.solvers.Picard(check_every=3, cuda_graph=flag),
+                backward=il.linear.GMRES(check_every=3, cuda_graph=flag), batched=True,
+            )
+
+        return g
+
+    run = {
+        "jvp": lambda g: torch.func.jvp(g, (x,), (torch.ones_like(x),))[1],
+        "vmap": lambda g: torch.func.vmap(g)(x.unsqueeze(1).expand(4, 3, 8).contiguous()),
+        "jacrev": lambda g: torch.func.jacrev(g)(x[:1]),
+        "grad of grad": lambda g: torch.func.grad(
+            lambda x: torch.func.grad(lambda x: g(x).pow(2).sum())(x).sum()
+        )(x),
+    }[transform]
+    assert torch.equal(run(layer(False)), run(layer(True)))
+    assert stand_in and all(r.replays >= 1 for r in stand_in if r.owner == "Picard")
+
+
 # -- CUDA: graphs replayed against eager execution ------------------------------------------
 DTYPES = [torch.float32, torch.float64]
 
