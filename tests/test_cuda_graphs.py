@@ -260,6 +260,22 @@ def test_chunked_solves_under_torch_func_equal_the_plain_ones(stand_in, transfor
     assert stand_in and all(r.replays >= 1 for r in stand_in if r.owner == "Picard")
 
 
+def test_benchmark_runs_and_reports(stand_in):
+    """The benchmark's plumbing, small and on the CPU (the stand-in for the graphs)."""
+    from benchmarks._common import Config
+    from benchmarks.cuda_graphs import run_cuda_graphs
+
+    sec = run_cuda_graphs(Config(tiny=True, device="cpu", threads=None), hidden=32, batch=4)
+    assert [r["method"] for r in sec.rows][:3] == [
+        "implicit, eager", "implicit, CUDA graphs",
+        "implicit, CUDA graphs, default stream (forward only)",
+    ]
+    assert sec.rows[3]["method"].startswith("autograd through K=")
+    assert all(r["grad_W_rel_err"] < 1e-3 for r in sec.rows)
+    assert sec.rows[1]["max_abs_diff_vs_eager"] == 0
+    assert [t["met"] for t in sec.targets][1] is True
+
+
 # -- CUDA: graphs replayed against eager execution ------------------------------------------
 DTYPES = [torch.float32, torch.float64]
 
