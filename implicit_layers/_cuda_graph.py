@@ -21,6 +21,9 @@ How a chunk runs:
 
 Captures run on the current stream when it is not the default one (then products through
 autograd graphs recorded on it are captured along), else on a side stream of this module.
+Replays run on the current stream. The graphs of one solve share one memory pool (one
+stream replays them in turn, so their temporaries never overlap); it is released with them
+when the solve ends.
 """
 
 from __future__ import annotations
@@ -137,10 +140,12 @@ class ChunkGraphs:
         self.owner = owner
         self.eager = device.type != "cuda"
         self.stream: torch.cuda.Stream | None = None
+        self.replay_stream: torch.cuda.Stream | None = None
         if not self.eager:
             current = torch.cuda.current_stream(device)
             default = torch.cuda.default_stream(device)
             self.stream = _side_stream(device) if current == default else current
+            self.replay_stream = current
         self.static: tuple[Tensor, ...] | None = None
         self.graphs: dict[Hashable, torch.cuda.CUDAGraph | _StandInGraph] = {}
         self.warmed: set[Hashable] = set()
@@ -182,6 +187,13 @@ class ChunkGraphs:
         g = self.graphs.get(key)
         if g is None:
             g = self.graphs[key] = self._capture(chunk)
+        if self.replay_stream is not None and (
+            torch.cuda.current_stream(self.replay_stream.device) != self.replay_stream
+        ):
+            raise RuntimeError(
+                f"{self.owner}(cuda_graph=True): the current CUDA stream changed during the "
+                "solve; run the whole solve on one stream."
+            )
         g.replay()
         self.replays += 1
         return self.static
@@ -240,13 +252,17 @@ class ChunkGraphs:
     def _capture(self, chunk: Chunk) -> torch.cuda.CUDAGraph | _StandInGraph:
         assert self.static is not None
         static = self.static
-        if self.stream is None:
+        if self.stream is None or self.replay_stream is None:
             return _StandInGraph(chunk, static, self._checked)
         g = torch.cuda.CUDAGraph()
+        # the memory pool of this solve's first graph, which stays alive as long as this one
+        first = next((h for h in self.graphs.values() if isinstance(h, torch.cuda.CUDAGraph)), None)
         self.stream.wait_stream(torch.cuda.current_stream(static[0].device))
         with torch.cuda.stream(self.stream):
             # thread_local: other threads (data loaders) may allocate pinned memory meanwhile
-            g.capture_begin(capture_error_mode="thread_local")
+            g.capture_begin(
+                pool=None if first is None else first.pool(), capture_error_mode="thread_local"
+            )
             try:
                 out = self._checked(chunk(*static), static)
                 for s, o in zip(static, out, strict=True):
