@@ -83,7 +83,8 @@ def graph_runner(
 
     Raises:
         ValueError: for tensors that are not on a CUDA device, a recorded loop, ``torch.func``
-            transforms, forward-mode tangents, or ``torch.compile`` tracing.
+            transforms, forward-mode tangents, ``torch.compile`` tracing, or a capture
+            already under way.
     """
     if not enabled:
         return None
@@ -109,6 +110,12 @@ def graph_runner(
         raise ValueError(
             f"{owner}(cuda_graph=True) cannot run under torch.func transforms or forward-mode "
             f"AD (the state carries a tangent or a batching wrapper); {fix}."
+        )
+    if like.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise ValueError(
+            f"{owner}(cuda_graph=True) cannot run inside another CUDA graph capture; {fix} "
+            "(a solver loop synchronises with the host at its checks, so it cannot be part of "
+            "an outer graph either)."
         )
     if like.device.type == "cuda" and autograd_products:
         if torch.cuda.current_stream(like.device) == torch.cuda.default_stream(like.device):
