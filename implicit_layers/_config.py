@@ -55,6 +55,12 @@ def check_positive_int(value: object, name: str, *, allow_zero: bool = False) ->
     return value
 
 
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}.")
+    return value
+
+
 @overload
 def check_tolerance(value: object, name: str, *, allow_none: Literal[False]) -> float: ...
 @overload

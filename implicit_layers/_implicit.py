@@ -150,7 +150,7 @@ class ImplicitCore:
         """Solve ``Aᵀ u = rhs`` (``transpose``) or ``A u = rhs`` with the adjoint's solver."""
         problem = self.problem
         B, n = rhs.shape
-        mv = lin.rmv if transpose or problem.symmetric else lin.mv
+        mv: Callable[[Tensor], Tensor] = lin.rmv if transpose or problem.symmetric else lin.mv
         x0, mv = warm_start(mv, rhs, self._guess(rhs, transpose), type(self.solver).__name__)
         op = FunctionOperator(
             mv, B, n, rhs.dtype, rhs.device,

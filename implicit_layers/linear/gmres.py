@@ -7,10 +7,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._config import check_positive_int
+from .._config import check_bool, check_positive_int
+from .._cuda_graph import ChunkGraphs, graph_runner
 from .._info import OnFailure, SolveInfo
 from ._base import LinearSolver
-from ._loop import LinearLoop
+from ._loop import LinearLoop, check_active
 from ._operator import LinearOperator
 from ._restart import run_in_rounds
 
@@ -55,6 +56,9 @@ class GMRES(LinearSolver):
             (default) means every step on the CPU, every 8 on accelerators.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
             sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+        cuda_graph: record the Arnoldi steps between two checks as CUDA graphs (one per
+            position in the cycle, each captured at its second use) and replay them
+            (default ``False``); same conditions as :class:`Neumann`'s.
 
     Raises:
         TypeError: if a setting has the wrong type (``restart=2.5``) or a setting other than
@@ -89,12 +93,14 @@ class GMRES(LinearSolver):
         max_steps: int | None = None,
         check_every: int | None = None,
         on_failure: OnFailure = "warn",
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__(
             rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
             on_failure=on_failure,
         )
         self.restart = check_positive_int(restart, "restart")
+        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
         batch, n = b.shape
@@ -170,8 +176,12 @@ class GMRES(LinearSolver):
             y = torch.linalg.solve_triangular(Rk, g.unsqueeze(-1), upper=True)
             return x + torch.bmm(y.mT, V[:, :k]).squeeze(1), used
 
+        graphs = graph_runner(
+            self.name, self.cuda_graph, b, recording=torch.is_grad_enabled(),
+            autograd_products=True,
+        )
         if not torch.is_grad_enabled():  # nothing records: buffers written in place
-            return run_in_rounds(self, op, b, x0, _LeanCycles(b, m_max, op.mv))
+            return run_in_rounds(self, op, b, x0, _LeanCycles(b, m_max, op.mv, graphs))
         return run_in_rounds(self, op, b, x0, cycle)
 
     def _advice(self) -> str:
@@ -187,10 +197,14 @@ class _LeanCycles:
     that an Arnoldi step (:func:`arnoldi_step`) is about 34 ops besides the product and
     nothing synchronises between checks."""
 
-    def __init__(self, b: Tensor, m_max: int, mv: Callable[[Tensor], Tensor]) -> None:
+    def __init__(
+        self, b: Tensor, m_max: int, mv: Callable[[Tensor], Tensor],
+        graphs: ChunkGraphs | None = None,
+    ) -> None:
         batch, n = b.shape
         dtype, device = b.dtype, b.device
         self.mv = mv
+        self.graphs = graphs
         self.m_max = m_max
         self.eps = torch.finfo(dtype).eps
         self.V = torch.zeros(batch, m_max + 1, n, dtype=dtype, device=device)
@@ -231,16 +245,15 @@ class _LeanCycles:
         used = torch.zeros(batch, 1, 1, dtype=torch.int64, device=x.device)
         res = torch.ones_like(beta3)
         j_end = 0
-        for j in range(m):
-            # j == 0: the cycle starts right after a check.
-            if not loop.proceed(res, active=active, check=j > 0):
-                break
-            res, active = arnoldi_step(
-                self.mv, j, self.rows[j], self.rows3[j + 1], self.basis[j], self.basisT[j],
-                self.omegaT[j], self.pair[j], self.next0[j], self.col[j], self.diag[j],
-                rel_tol, res, active, used, self.eps, c,
-            )
-            j_end = j + 1
+        if self.graphs is not None:
+            res, active, used, j_end = self._chunked(m, rel_tol, res, active, used, loop)
+        else:
+            for j in range(m):
+                # j == 0: the cycle starts right after a check.
+                if not loop.proceed(res, active=active, check=j > 0):
+                    break
+                res, active = self._step(j, rel_tol, res, active, used)
+                j_end = j + 1
         used = used.view(batch)
         if j_end == 0:
             return x, used
@@ -255,6 +268,48 @@ class _LeanCycles:
         g = torch.where(mask, beta.unsqueeze(-1) * self.omega[:, :k, 0], zero)
         y = torch.linalg.solve_triangular(Rk, g.unsqueeze(-1), upper=True)
         return x + torch.bmm(y.mT, self.V[:, :k]).squeeze(1), used
+
+    def _step(
+        self, j: int, rel_tol: Tensor, res: Tensor, active: Tensor, used: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return arnoldi_step(
+            self.mv, j, self.rows[j], self.rows3[j + 1], self.basis[j], self.basisT[j],
+            self.omegaT[j], self.pair[j], self.next0[j], self.col[j], self.diag[j],
+            rel_tol, res, active, used, self.eps, self.c,
+        )
+
+    def _chunked(
+        self, m: int, rel_tol: Tensor, res: Tensor, active: Tensor, used: Tensor,
+        loop: LinearLoop,
+    ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """The cycle's steps in chunks of ``check_every`` steps counted from the start of the
+        cycle (the step-by-step loop counts them over the whole solve), so that every cycle
+        reuses the same graphs, keyed by first step and length; a check between chunks.
+        Each sample takes the same steps as in the step-by-step loop: a sample's steps stop
+        where it converges, whenever the batch notices. Returns ``(res, active, used, steps
+        taken)``."""
+        assert self.graphs is not None
+        state: tuple[Tensor, ...] = (rel_tol, res, active, used)
+        j = 0
+        while j < m:
+            if j > 0:  # as LinearLoop.proceed at a check (none right after the round's)
+                all_done, _ = check_active(state[2], state[1], loop.name)
+                if all_done:
+                    break
+            w = min(m - j, loop.check_every)
+
+            def chunk(
+                rel_tol: Tensor, res: Tensor, active: Tensor, used: Tensor, j0: int = j,
+                w: int = w,
+            ) -> tuple[Tensor, ...]:
+                for i in range(j0, j0 + w):
+                    res, active = self._step(i, rel_tol, res, active, used)
+                return rel_tol, res, active, used
+
+            state = self.graphs.run((j, w), chunk, state)
+            loop.k += w
+            j += w
+        return state[1], state[2], state[3], j
 
 
 def arnoldi_step(

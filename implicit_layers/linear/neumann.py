@@ -7,7 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._config import check_positive_int, check_tolerance
+from .._config import check_bool, check_positive_int, check_tolerance
+from .._cuda_graph import ChunkGraphs, graph_runner
 from .._info import OnFailure, SolveInfo
 from ._base import LinearSolver, initial_residual
 from ._loop import LinearLoop
@@ -46,6 +47,12 @@ class Neumann(LinearSolver):
             (default) means every step on the CPU, every 8 on accelerators.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
             sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+        cuda_graph: record each chunk of ``check_every`` steps as a CUDA graph once and
+            replay it (default ``False``): CUDA tensors, a product free of host
+            synchronisation, the solve under ``torch.no_grad()`` (as in an implicit
+            backward). A product through autograd (the implicit backward) is captured only
+            on a non-default CUDA stream; on the default stream the loop runs eagerly, with
+            a warning. See ``docs/guides/deq.md``, "CUDA graphs".
 
     Raises:
         TypeError: if a setting has the wrong type or a setting other than ``max_steps`` is
@@ -80,12 +87,14 @@ class Neumann(LinearSolver):
         atol: float = 0.0,
         check_every: int | None = None,
         on_failure: OnFailure = "warn",
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__(
             rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
             on_failure=on_failure,
         )
         self.alpha = check_tolerance(alpha, "alpha")
+        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
         if self.alpha == 0:
             raise ValueError("alpha must be > 0, got 0.")
         self.power_steps = check_positive_int(power_steps, "power_steps")
@@ -105,8 +114,12 @@ class Neumann(LinearSolver):
         res = torch.linalg.vector_norm(r, dim=-1)
         loop = LinearLoop(self, b, res)
         unit = self.alpha == 1.0 or (self.alpha is None and not op.symmetric)
+        graphs = graph_runner(
+            self.name, self.cuda_graph, b, recording=torch.is_grad_enabled(),
+            autograd_products=True,
+        )
         if not torch.is_grad_enabled():  # nothing records: in-place updates are safe
-            return self._lean(op, alpha, unit, x, r, res, loop)
+            return self._lean(op, alpha, unit, x, r, res, loop, graphs)
         while loop.proceed(res):
             step = r if unit else alpha * r
             Ms = op.mv(step)
@@ -131,18 +144,36 @@ class Neumann(LinearSolver):
 
     def _lean(
         self, op: LinearOperator, alpha: Tensor, unit: bool, x: Tensor, r: Tensor,
-        res: Tensor, loop: LinearLoop,
+        res: Tensor, loop: LinearLoop, graphs: ChunkGraphs | None = None,
     ) -> tuple[Tensor, SolveInfo]:
         """The loop without autograd: in-place updates under a float mask (1: stepping, 0:
         done), so that a step is six ops besides the product and nothing synchronises
-        between checks."""
+        between checks. With ``graphs``, the steps between two checks run as one chunk."""
         tol = loop.tol.unsqueeze(-1)
         res = res.unsqueeze(-1)
         mask = (~loop.done).unsqueeze(-1).to(x.dtype)
         steps = torch.zeros_like(mask)
+        step_size = None if unit else alpha
+
+        def chunk_of(w: int) -> Callable[..., tuple[Tensor, ...]]:
+            def chunk(x: Tensor, r: Tensor, mask: Tensor, steps: Tensor, res: Tensor) -> tuple[Tensor, ...]:
+                for _ in range(w):
+                    x, r, res, mask, steps = neumann_step(op.mv, x, r, mask, steps, tol, step_size)
+                return x, r, mask, steps, res
+
+            return chunk
+
         while loop.proceed(res, active=mask):
+            if graphs is not None:
+                # proceed() checks when k is a multiple of check_every: a chunk runs to the next
+                w = min(loop.check_every, loop.max_steps - loop.k + 1)
+                x, r, mask, steps, res = graphs.run(
+                    w, chunk_of(w), (x, r, mask, steps, res), graph=w == loop.check_every
+                )
+                loop.k += w - 1
+                continue
             x, r, res, mask, steps = neumann_step(
-                op.mv, x, r, mask, steps, tol, None if unit else alpha
+                op.mv, x, r, mask, steps, tol, step_size
             )
         loop.done = (mask == 0).squeeze(-1)
         loop.steps = steps.squeeze(-1).to(torch.int64)

@@ -16,17 +16,18 @@ that a converged sample's later iterates may be anything (even NaN): they are ne
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import Tensor
 
 from .._config import default_check_every
+from .._cuda_graph import Chunk, ChunkGraphs
 from .._info import NonFiniteError, SolveInfo
 from .._problem import Problem
 from ._base import ForwardSolver
 
-__all__ = ["WindowMonitor", "judge_window"]
+__all__ = ["WindowMonitor", "judge_window", "run_chunks"]
 
 
 def judge_window(
@@ -146,6 +147,7 @@ class WindowMonitor:
         #: values land in :attr:`extra_values`.
         self.extra: Callable[[], list[Tensor]] | None = None
         self.extra_values: list[float] = []
+        self._stacked: tuple[Tensor, Tensor] | None = None
 
     def _tol(self, znorm: Tensor) -> Tensor:
         return torch.clamp(znorm * self.rtol, min=self.tol0)
@@ -154,6 +156,16 @@ class WindowMonitor:
         """Register the new iterate ``z`` (every sample stepped) and its residual ``r``."""
         self._zs.append(z)
         self._rs.append(r)
+
+    def record_window(self, Z: Tensor, R: Tensor) -> None:
+        """Register a whole window of ``W`` steps at once (a chunk replayed from a CUDA graph):
+        iterates ``Z`` and residuals ``R`` of shape ``(B, W, n)``, judged at the next
+        :meth:`stop`, which then is a check (the ``W - 1`` calls of :meth:`stop` between the
+        steps are accounted for). The monitor keeps no reference to them past that check."""
+        if self._zs:
+            raise RuntimeError("record_window after record: a window is one or the other")
+        self._stacked = (Z, R)
+        self.k += Z.shape[1] - 1
 
     def _judge_one(self) -> list[bool]:
         """A window of one step (``check_every=1``, the CPU default): the step-by-step rule
@@ -214,9 +226,12 @@ class WindowMonitor:
     def _judge(self) -> list[bool]:
         """Fold the window into the bookkeeping; one synchronisation for
         ``[all samples done, every alive residual finite]``."""
-        zs, rs = self._zs, self._rs
-        self._zs, self._rs = [], []
-        Z, R = torch.stack(zs, dim=1), torch.stack(rs, dim=1)
+        if self._stacked is not None:
+            (Z, R), self._stacked = self._stacked, None
+        else:
+            zs, rs = self._zs, self._rs
+            self._zs, self._rs = [], []
+            Z, R = torch.stack(zs, dim=1), torch.stack(rs, dim=1)
         res = _norm(R)
         tol = self._tol(_norm(Z)) if self.relative_to_z else self.tol0
         pick, met, dead, chosen, worst = judge_window(res, tol, self.done, self.best_res)
@@ -244,7 +259,9 @@ class WindowMonitor:
         self.k += 1
         if not force and (self.k - 1) % self.check_every != 0:
             return False
-        if not self._zs:
+        if self._stacked is not None:
+            flags = self._judge()
+        elif not self._zs:
             flags = self._flush(
                 [self.done.all(), torch.isfinite(self.res).all(), self.done.any()]
             )
@@ -288,3 +305,37 @@ class WindowMonitor:
             tolerance=best_tol.detach(),
         )
         return self.best_z, info
+
+
+def run_chunks(
+    mon: WindowMonitor, graphs: ChunkGraphs, max_steps: int,
+    chunk_of: Callable[[int, int], tuple[Hashable, Chunk, bool]], state: tuple[Tensor, ...],
+) -> tuple[Tensor, ...]:
+    """The forward loop in chunks of ``check_every`` steps (``cuda_graph=True``).
+
+    Checks where the step-by-step loop checks; the last chunk is shorter when ``max_steps``
+    is not a multiple of ``check_every``.
+
+    Args:
+        mon: the monitor (its ``check_every`` is the chunk length ``W``).
+        graphs: the chunk runner.
+        max_steps: the step budget.
+        chunk_of: ``chunk_of(w, taken) -> (key, chunk, graph)``: the chunk of the next ``w``
+            steps after ``taken`` steps, and whether to record it as a graph.
+        state: the loop's state; its last two entries are the window buffers ``Z`` and ``R``
+            ``(B, W, n)``, where a chunk of ``w`` steps writes its iterates and residuals
+            into the first ``w`` columns.
+
+    Returns:
+        The state after the last chunk.
+    """
+    taken = 0
+    while taken < max_steps:
+        if mon.stop():
+            break
+        w = min(mon.check_every, max_steps - taken)
+        key, chunk, graph = chunk_of(w, taken)
+        state = graphs.run(key, chunk, state, graph=graph)
+        mon.record_window(state[-2][:, :w], state[-1][:, :w])
+        taken += w
+    return state

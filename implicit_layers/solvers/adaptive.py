@@ -26,7 +26,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._config import check_positive_int, check_tolerance
+from .._config import check_bool, check_positive_int, check_tolerance
+from .._cuda_graph import graph_runner
 from .._info import NonFiniteError, OnFailure, SolveInfo
 from .._problem import Problem
 from ..linear._base import LinearSolver
@@ -36,7 +37,7 @@ from ..linear.neumann import Neumann
 from ._base import ForwardSolver
 from ._window import WindowMonitor, _norm
 from .anderson import anderson_step
-from .picard import damped_step, picard_step
+from .picard import damped_step, picard_chunk, picard_step
 
 __all__ = ["Adaptive"]
 
@@ -67,6 +68,10 @@ class Adaptive(ForwardSolver):
         memory: Anderson's history length after a switch (default 5).
         window: steps over which ``ρ`` is measured (default 4).
         rtol, atol, max_steps, check_every, on_failure: see :class:`ForwardSolver`.
+        cuda_graph: record each chunk of ``check_every`` plain steps as a CUDA graph once and
+            replay it (default ``False``; the Anderson phase after a switch runs eagerly); the
+            backward it picks gets the same setting. See :class:`Picard` and
+            ``docs/guides/deq.md``, "CUDA graphs".
 
     Example:
         >>> W = 0.5 * torch.eye(3, dtype=torch.float64)
@@ -90,11 +95,13 @@ class Adaptive(ForwardSolver):
         max_steps: int | None = None,
         check_every: int | None = None,
         on_failure: OnFailure = "warn",
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__(
             rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
             on_failure=on_failure,
         )
+        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
         self.switch_ratio = check_tolerance(switch_ratio, "switch_ratio", allow_none=False)
         if not 0 < self.switch_ratio <= 1:
             raise ValueError(
@@ -129,7 +136,17 @@ class Adaptive(ForwardSolver):
         rs: list[Tensor] = []
         ones = torch.ones(z.shape[0], 1, self.memory, dtype=z.dtype, device=z.device)
         reg = 100 * torch.finfo(z.dtype).eps
-        for _ in range(self.max_steps):
+        # cuda_graph: the plain phase runs in chunks of check_every steps (window buffers
+        # Z, R), each a replayed CUDA graph.
+        graphs = graph_runner(self.name, self.cuda_graph, z, recording=differentiable)
+        if graphs is not None:
+            Z = z.new_empty(z.shape[0], mon.check_every, z.shape[1])
+            state: tuple[Tensor, ...] = (
+                (fz, Z, torch.empty_like(Z)) if plain else (z, r, Z, torch.empty_like(Z))
+            )
+            step = fmap if plain else residual
+        taken = 0
+        while taken < self.max_steps:
             # At a check while plain iteration runs, the contraction test rides on the check's
             # synchronisation (WindowMonitor.extra): no second one.
             look = switched_at is None and mon.k % mon.check_every == 0 and k > ref_k
@@ -163,6 +180,17 @@ class Adaptive(ForwardSolver):
                         finfo = torch.finfo(z.dtype)
                         mon.safe = (finfo.tiny**0.25, finfo.max**0.25)
                     ref_res, ref_k = res, k
+            if switched_at is None and graphs is not None:
+                w = min(mon.check_every, self.max_steps - taken)
+                chunk = picard_chunk(step, plain, 1.0, w)
+                state = graphs.run(w, chunk, state, graph=w == mon.check_every)
+                Zw, Rw = state[-2][:, :w], state[-1][:, :w]
+                # views of the window buffers: read at the next check, before the next chunk
+                z, r = Zw[:, -1], Rw[:, -1]
+                mon.record_window(Zw, Rw)
+                k += w
+                taken += w
+                continue
             if switched_at is None:
                 if plain:
                     z, fz, r = picard_step(fmap, fz)
@@ -184,6 +212,7 @@ class Adaptive(ForwardSolver):
                     z = anderson_step(G, R, ones[..., :m], reg, rescale)
                 r = residual(z)
             mon.record(z, r)
+            taken += 1
         z, info = mon.finish()
         if switched_at is None:
             info.solver = "Adaptive (Picard)"
@@ -210,8 +239,9 @@ class Adaptive(ForwardSolver):
             return None
         rho = float(rho_t.max())
         if not rho <= self.switch_ratio or info is None or info.solver.endswith("Anderson"):
-            return GMRES()
-        return NeumannThenGMRES(_neumann_terms(rho, self.resolved_rtol(info.residual.dtype)))
+            return GMRES(cuda_graph=self.cuda_graph)
+        terms = _neumann_terms(rho, self.resolved_rtol(info.residual.dtype))
+        return NeumannThenGMRES(terms, cuda_graph=self.cuda_graph)
 
 
 def _neumann_terms(rho: float, rtol: float) -> int:
@@ -235,6 +265,8 @@ class NeumannThenGMRES(LinearSolver):
         restart: GMRES restart length (default 20).
         rtol, atol, max_steps, check_every, on_failure: see
             :class:`~implicit_layers.linear.LinearSolver` (``max_steps`` bounds the GMRES part).
+        cuda_graph: replay the steps of both parts as CUDA graphs (see
+            :class:`~implicit_layers.linear.Neumann`).
     """
 
     name = "Neumann+GMRES"
@@ -249,16 +281,21 @@ class NeumannThenGMRES(LinearSolver):
         max_steps: int | None = None,
         check_every: int | None = None,
         on_failure: OnFailure = "warn",
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__(
             rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
             on_failure=on_failure,
         )
         self.terms = check_positive_int(terms, "terms")
+        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
         self.restart = check_positive_int(restart, "restart")
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
-        common = dict(rtol=self.rtol, atol=self.atol, check_every=self.check_every)
+        common = dict(
+            rtol=self.rtol, atol=self.atol, check_every=self.check_every,
+            cuda_graph=self.cuda_graph,
+        )
         neumann = Neumann(self.terms, alpha=1.0, on_failure="ignore", **common)  # type: ignore[arg-type]
         try:
             x, info = neumann._solve(op, b, x0)

@@ -6,11 +6,12 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from .._config import check_positive_int, check_tolerance
+from .._config import check_bool, check_positive_int, check_tolerance
+from .._cuda_graph import Chunk, ChunkGraphs, graph_runner
 from .._info import OnFailure, SolveInfo
 from .._problem import Problem
 from ._base import ForwardSolver
-from ._window import WindowMonitor
+from ._window import WindowMonitor, run_chunks
 
 __all__ = ["Anderson", "anderson_step"]
 
@@ -49,6 +50,9 @@ class Anderson(ForwardSolver):
             (default) means every step on the CPU, every 8 on accelerators.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
             sample does not converge (see :class:`ForwardSolver`).
+        cuda_graph: record each chunk of ``check_every`` steps as a CUDA graph once and
+            replay it (default ``False``), once the history is full (the first ``memory``
+            steps run eagerly); see :class:`Picard` and ``docs/guides/deq.md``.
 
     Raises:
         TypeError: if a setting has the wrong type or a setting other than ``memory`` is
@@ -79,12 +83,14 @@ class Anderson(ForwardSolver):
         max_steps: int | None = None,
         check_every: int | None = None,
         on_failure: OnFailure = "warn",
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__(
             rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
             on_failure=on_failure,
         )
         self.memory = check_positive_int(memory, "memory")
+        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
         self.mixing = check_tolerance(mixing, "mixing", allow_none=False)
         if not 0 < self.mixing <= 1:
             raise ValueError(f"mixing must lie in (0, 1], got {mixing}.")
@@ -104,6 +110,9 @@ class Anderson(ForwardSolver):
         # own weights, so they do not disturb the others) and are never returned past the
         # iterate that met the tolerance.
         mon = WindowMonitor(self, problem, z, r, safe=safe)
+        graphs = graph_runner(self.name, self.cuda_graph, z, recording=differentiable)
+        if graphs is not None:
+            return self._graphed(problem, z, r, mon, graphs, reg)
         # The history: residuals r_i and mixed map values g_i = z_i - β r_i (the next iterate
         # is Σ α_i g_i). Without autograd they live in two preallocated ring buffers written in
         # place; the differentiable (unrolled) path keeps lists, as in-place writes would break
@@ -156,6 +165,61 @@ class Anderson(ForwardSolver):
                 z = anderson_step(G, R, ones[..., :k], reg, rescale)
             r = problem.residual(z, create_graph=differentiable)
             mon.record(z, r)
+        return mon.finish()
+
+    def _graphed(
+        self, problem: Problem, z: Tensor, r: Tensor, mon: WindowMonitor, graphs: ChunkGraphs,
+        reg: float,
+    ) -> tuple[Tensor, SolveInfo]:
+        """The loop in chunks of ``check_every`` steps (``cuda_graph=True``), with the same
+        iterates as the step-by-step loop: the history in the same ring-buffer slots, the
+        slot of the next write kept on the device once the history is full."""
+        m, beta = self.memory, self.mixing
+        G_buf = z.new_empty(z.shape[0], m, z.shape[1])
+        R_buf = torch.empty_like(G_buf)
+        slot = torch.zeros(1, dtype=torch.int64, device=z.device)
+        ones = torch.ones(z.shape[0], 1, m, dtype=z.dtype, device=z.device)
+
+        def filling(w: int, taken: int) -> Chunk:
+            """Steps ``taken`` to ``taken + w`` while the history fills (run eagerly)."""
+            def chunk(z: Tensor, r: Tensor, Z: Tensor, R: Tensor) -> tuple[Tensor, ...]:
+                for j in range(w):
+                    i, k = (taken + j) % m, min(taken + j + 1, m)
+                    g = G_buf[:, i]
+                    g.copy_(torch.sub(z, r, alpha=beta))
+                    R_buf[:, i].copy_(r)
+                    z = g.clone() if k == 1 else anderson_step(
+                        G_buf[:, :k], R_buf[:, :k], ones[..., :k], reg
+                    )
+                    r = problem.residual(z)
+                    Z[:, j].copy_(z)
+                    R[:, j].copy_(r)
+                slot.fill_((taken + w) % m)
+                return z, r, Z, R
+
+            return chunk
+
+        def full(w: int) -> Chunk:
+            def chunk(z: Tensor, r: Tensor, Z: Tensor, R: Tensor) -> tuple[Tensor, ...]:
+                for j in range(w):
+                    G_buf.index_copy_(1, slot, torch.sub(z, r, alpha=beta).unsqueeze(1))
+                    R_buf.index_copy_(1, slot, r.unsqueeze(1))
+                    slot.add_(1).remainder_(m)
+                    z = anderson_step(G_buf, R_buf, ones, reg)
+                    r = problem.residual(z)
+                    Z[:, j].copy_(z)
+                    R[:, j].copy_(r)
+                return z, r, Z, R
+
+            return chunk
+
+        def chunk_of(w: int, taken: int) -> tuple[object, Chunk, bool]:
+            if taken < m:
+                return None, filling(w, taken), False
+            return w, full(w), w == mon.check_every
+
+        Z = z.new_empty(z.shape[0], mon.check_every, z.shape[1])
+        run_chunks(mon, graphs, self.max_steps, chunk_of, (z, r, Z, torch.empty_like(Z)))
         return mon.finish()
 
 

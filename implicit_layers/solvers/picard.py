@@ -7,13 +7,14 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._config import check_tolerance
+from .._config import check_bool, check_tolerance
+from .._cuda_graph import Chunk, graph_runner
 from .._info import OnFailure, SolveInfo
 from .._problem import Problem
 from ._base import ForwardSolver
-from ._window import WindowMonitor
+from ._window import WindowMonitor, run_chunks
 
-__all__ = ["Picard", "picard_step", "damped_step"]
+__all__ = ["Picard", "picard_step", "damped_step", "picard_chunk"]
 
 
 class Picard(ForwardSolver):
@@ -38,6 +39,10 @@ class Picard(ForwardSolver):
             (default) means every step on the CPU, every 8 on accelerators.
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
             sample does not converge (see :class:`ForwardSolver`).
+        cuda_graph: record each chunk of ``check_every`` steps as a CUDA graph once and
+            replay it (default ``False``); CUDA tensors of fixed shapes, a map free of host
+            synchronisation, and no autograd recording of the loop (not with
+            ``backward=Unrolled()``). See ``docs/guides/deq.md``, "CUDA graphs".
 
     Raises:
         TypeError: if a setting has the wrong type or a setting other than ``damping`` is
@@ -64,12 +69,14 @@ class Picard(ForwardSolver):
         max_steps: int | None = None,
         check_every: int | None = None,
         on_failure: OnFailure = "warn",
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__(
             rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
             on_failure=on_failure,
         )
         self.damping = check_tolerance(damping, "damping", allow_none=False)
+        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
         if self.damping == 0:
             raise ValueError("damping must be > 0, got 0.")
 
@@ -89,6 +96,17 @@ class Picard(ForwardSolver):
             r = residual(z)
         # The bookkeeping runs at the checks only: a step is the map and one subtraction.
         mon = WindowMonitor(self, problem, z, r)
+        graphs = graph_runner(self.name, self.cuda_graph, z, recording=differentiable)
+        if graphs is not None:
+            step = fmap if plain else residual
+            Z = z.new_empty(z.shape[0], mon.check_every, z.shape[1])
+            state = (fz, Z, torch.empty_like(Z)) if plain else (z, r, Z, torch.empty_like(Z))
+
+            def chunk_of(w: int, taken: int) -> tuple[int, Chunk, bool]:
+                return w, picard_chunk(step, plain, self.damping, w), w == mon.check_every
+
+            run_chunks(mon, graphs, self.max_steps, chunk_of, state)
+            return mon.finish()
         for _ in range(self.max_steps):
             if mon.stop():
                 break
@@ -115,3 +133,32 @@ def damped_step(
     """One damped step ``z' = z - damping · r`` and its residual, both ``(B, n)``."""
     z = z - r if damping == 1.0 else torch.add(z, r, alpha=-damping)
     return z, residual(z)
+
+
+def picard_chunk(
+    step: Callable[[Tensor], Tensor], plain: bool, damping: float, w: int
+) -> Chunk:
+    """``w`` steps as one chunk for :class:`~implicit_layers._cuda_graph.ChunkGraphs`.
+
+    Plain (``step`` the map ``f``): state ``(f(z), Z, R)``. Damped (``step`` the residual):
+    state ``(z, r, Z, R)``. Iterate and residual of step ``j`` go to ``Z[:, j]`` and
+    ``R[:, j]`` (window buffers ``(B, W, n)``, ``W >= w``).
+    """
+    if plain:
+        def plain_chunk(fz: Tensor, Z: Tensor, R: Tensor) -> tuple[Tensor, ...]:
+            for j in range(w):
+                z, fz, r = picard_step(step, fz)
+                Z[:, j].copy_(z)
+                R[:, j].copy_(r)
+            return fz, Z, R
+
+        return plain_chunk
+
+    def damped_chunk(z: Tensor, r: Tensor, Z: Tensor, R: Tensor) -> tuple[Tensor, ...]:
+        for j in range(w):
+            z, r = damped_step(step, z, r, damping)
+            Z[:, j].copy_(z)
+            R[:, j].copy_(r)
+        return z, r, Z, R
+
+    return damped_chunk
