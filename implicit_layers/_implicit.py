@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ._capture import is_wrapped, transforms_active
+from ._choose_linear import DenseOrCG, problem_key
 from ._folded import FoldedProblem
 from ._info import ConvergenceWarning, NonFiniteError, SolveInfo, user_stacklevel
 from ._linearize import Linearization, RecordedLinearization, func_vjp, transpose_of_vjp
@@ -42,13 +43,9 @@ if TYPE_CHECKING:
     from .backward import Implicit
     from .solvers._base import ForwardSolver
 
-#: Largest system size ``n`` for which the default backward materialises the Jacobian and
-#: solves it directly. The crossover depends on how many CG iterations the problem needs
-#: (CPU, float64, one thread): on ridge hypergradients (condition number ~17, ~45 CG steps)
-#: Dense beats CG up to n ~ 400 (1.5 vs 4.0 ms at n = 200); on digits softmax regression
-#: (~15 CG steps) CG is faster already at n = 128 (1.6 vs 7.1 ms), the vectorised
-#: Hessian-vector products being costly there. 128 keeps the worst case of either choice small
-#: (figures: ``python -m benchmarks.dense_crossover``).
+#: Largest system size ``n`` for which the default backward materialises the Jacobian without
+#: measuring first (``Dense`` wins there on every problem of the benchmarks: ridge d = 100,
+#: 0.6 ms vs 4.7 ms for CG; ``python -m benchmarks.dense_crossover``)...
 DENSE_MAX_SIZE = 128
 #: ... as long as ``B n³`` stays below this. Dense builds the matrix from ``n`` vectorised
 #: operator products over the whole batch; with per-sample data (a per-sample Hessian) each
@@ -58,17 +55,26 @@ DENSE_MAX_SIZE = 128
 #: the same memory; at B n³ = 2^21 (B = 64, n = 32; B = 8, n = 64) the two are even; beyond,
 #: Dense loses (B = 32, n = 64: 4.7x CG's time; B = 256, n = 128: 13x its time and memory).
 DENSE_MAX_ENTRIES = 2**21
+#: Beyond those, up to this many entries ``B n²`` of the matrix (8 MiB in float64; the timed
+#: probe of 24 columns then holds at most 24/n of Dense's memory), the choice is measured
+#: (:class:`~implicit_layers._choose_linear.DenseOrCG`): ridge regression is 3.7x faster with
+#: Dense at n = 200 and 4.4x faster with CG at n = 1000, softmax regression 10x faster with CG
+#: at n = 256.
+MEASURED_MAX_ENTRIES = 2**20
 
 
 def default_linear_solver(problem: Problem) -> LinearSolver:
-    """The adjoint solver used when none is given: for symmetric problems (argmin, a symmetric
-    custom_root) Dense when the system is small (the fastest exact method there, mostly for
-    unbatched problems), else CG; GMRES for the others."""
+    """The adjoint solver used when none is given: GMRES for non-symmetric problems; for
+    symmetric ones (argmin, a symmetric custom_root) Dense while ``n <= 128`` and
+    ``B n³ <= 2^21``, the faster of CG and Dense as measured on the problem's first backward
+    while ``B n² <= 2^20``, else CG."""
     if not problem.symmetric:
         return GMRES()
     n, B = problem.size, problem.batch
     if n <= DENSE_MAX_SIZE and B * n**3 <= DENSE_MAX_ENTRIES:
         return Dense()
+    if B * n**2 <= MEASURED_MAX_ENTRIES:
+        return DenseOrCG().keyed((problem.kind, problem_key(problem.fn)))
     return CG()
 
 

@@ -1,0 +1,136 @@
+"""The measured default adjoint solver of mid-sized symmetric problems (DenseOrCG)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import implicit_layers as il
+from implicit_layers import _choose_linear
+from implicit_layers._choose_linear import DenseOrCG, prefer_dense, problem_key
+
+F64 = torch.float64
+D = 160  # above the static Dense limit (128), inside the measured band
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices():
+    _choose_linear.forget()
+    yield
+    _choose_linear.forget()
+
+
+def _ridge(d: int = D):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2 * d, d, generator=g, dtype=F64)
+    y = torch.randn(2 * d, generator=g, dtype=F64)
+    G, Xty = X.T @ X / (2 * d), X.T @ y / (2 * d)
+    theta0 = torch.randn(d, generator=g, dtype=F64) * 0.1 - 2.0
+    cot = torch.randn(d, generator=g, dtype=F64)
+
+    def fun(w, theta):
+        return 0.5 * w @ G @ w - Xty @ w + 0.5 * (theta.exp() * w * w).sum()
+
+    def layer(theta):
+        return il.argmin(fun, torch.zeros(d, dtype=F64), theta,
+                         solver=il.solvers.Newton(rtol=1e-12), return_info=True)
+
+    def reference():
+        theta = theta0.clone().requires_grad_(True)
+        w = torch.linalg.solve(G + torch.diag(theta.exp()), Xty)
+        return torch.autograd.grad((w * cot).sum(), theta)[0]
+
+    return layer, theta0, cot, reference()
+
+
+def _grad(layer, theta0, cot, create_graph=False):
+    theta = theta0.clone().requires_grad_(True)
+    w, info = layer(theta)
+    (g,) = torch.autograd.grad((w * cot).sum(), theta, create_graph=create_graph)
+    return g, info
+
+
+def test_prefer_dense_adds_the_columns_the_fixed_cost_and_the_solve():
+    # 100 µs per call, 5 µs per column, a 200 µs solve: n = 200 costs 100 + 1000 + 200 µs.
+    short, long = 100e-6 + 8 * 5e-6, 100e-6 + 16 * 5e-6
+    assert prefer_dense(200, 1.31e-3, short, long, 200e-6, columns=8)
+    assert not prefer_dense(200, 1.29e-3, short, long, 200e-6, columns=8)
+    # Timing noise that makes the longer product look cheaper counts the columns as free.
+    assert prefer_dense(200, 1e-3, 2e-4, 1e-4, 0.0, columns=8)
+
+
+@pytest.mark.parametrize("dense_wins", [True, False])
+def test_first_backward_measures_then_the_choice_is_reused(monkeypatch, dense_wins):
+    monkeypatch.setattr(_choose_linear, "prefer_dense", lambda *a, **k: dense_wins)
+    layer, theta0, cot, ref = _ridge()
+    g1, info1 = _grad(layer, theta0, cot)
+    assert info1.backward.solver == "CG"  # the first backward runs CG and times it
+    # A new closure of the same code is the same problem.
+    g2, info2 = _grad(layer, theta0, cot)
+    assert info2.backward.solver == ("Dense" if dense_wins else "CG")
+    for g in (g1, g2):
+        torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
+    assert list(_choose_linear._choices.values()) == ["Dense" if dense_wins else "CG"]
+
+
+def test_a_real_measurement_gives_the_exact_gradient_either_way():
+    layer, theta0, cot, ref = _ridge()
+    for _ in range(2):
+        g, info = _grad(layer, theta0, cot)
+        assert info.backward.solver in ("CG", "Dense")
+        assert bool(info.backward.converged)
+        torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
+    assert len(_choose_linear._choices) == 1
+
+
+def test_under_torch_func_nothing_is_measured():
+    layer, theta0, cot, ref = _ridge()
+    g = torch.func.grad(lambda t: (layer(t)[0] * cot).sum())(theta0)
+    torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
+    assert _choose_linear._choices == {}
+
+
+def test_a_graph_of_the_backward_is_exact():
+    layer, theta0, cot, ref = _ridge()
+    g, _ = _grad(layer, theta0, cot, create_graph=True)
+    torch.testing.assert_close(g.detach(), ref, rtol=1e-8, atol=1e-12)
+    # A second-order product matches central finite differences of the gradient.
+    theta = theta0.clone().requires_grad_(True)
+    w, _ = layer(theta)
+    (g,) = torch.autograd.grad((w * cot).sum(), theta, create_graph=True)
+    v = torch.randn(D, dtype=F64, generator=torch.Generator().manual_seed(3))
+    (hv,) = torch.autograd.grad(g, theta, v)
+    eps = 1e-5
+
+    def grad_at(t):
+        return _grad(layer, t, cot)[0]
+
+    fd = (grad_at(theta0 + eps * v) - grad_at(theta0 - eps * v)) / (2 * eps)
+    torch.testing.assert_close(hv, fd, rtol=1e-5, atol=1e-9)
+
+
+def test_problem_key_sees_through_closures_partials_and_methods():
+    def make(c):
+        return lambda w: c * w
+
+    assert problem_key(make(1.0)) == problem_key(make(2.0))
+    assert problem_key(make(1.0)) != problem_key(lambda w: w)
+
+    def f(w, c):
+        return c * w
+
+    assert problem_key(functools.partial(f, c=1.0)) == problem_key(f)
+
+    class Model:
+        def residual(self, w):
+            return w
+
+    assert problem_key(Model().residual) == problem_key(Model.residual)
+
+
+def test_replace_keeps_the_key():
+    solver = DenseOrCG().keyed("k")
+    assert solver.replace(rtol=1e-6)._key == "k"
+    assert solver.replace(rtol=1e-6).rtol == 1e-6
