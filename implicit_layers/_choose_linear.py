@@ -44,6 +44,7 @@ PROBE_COLUMNS = 8
 MAX_REMEMBERED = 256
 
 _choices: dict[Hashable, str] = {}
+_delegates: dict[tuple, LinearSolver] = {}
 _lock = threading.Lock()
 
 
@@ -112,16 +113,19 @@ class DenseOrCG(LinearSolver):
         return super().replace(**changes).keyed(self._key)
 
     def _delegate(self, kind: str) -> LinearSolver:
-        made = self.__dict__.get("_delegates")
-        if made is None:
-            # Made once per solver object: building validated settings costs a few µs.
-            made = {
-                "Dense": Dense(rtol=self.rtol, atol=self.atol, on_failure="ignore"),
-                "CG": CG(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
-                         check_every=self.check_every, on_failure="ignore"),
-            }
-            object.__setattr__(self, "_delegates", made)
-        return made[kind]
+        settings = (kind, self.rtol, self.atol, self.max_steps, self.check_every)
+        solver = _delegates.get(settings)
+        if solver is None:
+            # Made once per settings: a new layer call makes a new DenseOrCG, and building
+            # validated settings costs a few µs each time.
+            if kind == "Dense":
+                solver = Dense(rtol=self.rtol, atol=self.atol, on_failure="ignore")
+            else:
+                solver = CG(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
+                            check_every=self.check_every, on_failure="ignore")
+            if len(_delegates) < MAX_REMEMBERED:
+                _delegates[settings] = solver
+        return solver
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
         key = (self._key, op.batch, op.size, b.dtype, b.device)
