@@ -33,7 +33,7 @@ from .linear._operator import LinearOperator
 from .linear.cg import CG
 from .linear.dense import Dense
 
-__all__ = ["DenseOrCG", "prefer_dense", "problem_key"]
+__all__ = ["DenseOrCG", "measured_default", "prefer_dense", "problem_key"]
 
 #: Basis vectors of the first timed vectorised product (the second takes twice as many). Their
 #: difference is the cost of a column without the fixed cost of a call, which a short product
@@ -77,6 +77,16 @@ def prefer_dense(
     per_column = max(long_seconds - short_seconds, 0.0) / columns
     fixed = max(short_seconds - columns * per_column, 0.0)
     return fixed + n * per_column + solve_seconds < cg_seconds
+
+
+def measured_default(problem: Any) -> LinearSolver:
+    """The remembered choice for ``problem`` (a plain ``Dense()`` or ``CG()``, as cheap to set
+    up as either given explicitly), or a :class:`DenseOrCG` that will measure it."""
+    key = (problem.kind, problem_key(problem.fn))
+    chosen = _choices.get((key, problem.batch, problem.size, problem.dtype, problem.device))
+    if chosen is not None:
+        return Dense() if chosen == "Dense" else CG()
+    return DenseOrCG().keyed(key)
 
 
 def forget() -> None:

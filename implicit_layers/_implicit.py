@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ._capture import is_wrapped, transforms_active
-from ._choose_linear import DenseOrCG, problem_key
+from ._choose_linear import measured_default
 from ._folded import FoldedProblem
 from ._info import ConvergenceWarning, NonFiniteError, SolveInfo, user_stacklevel
 from ._linearize import Linearization, RecordedLinearization, func_vjp, transpose_of_vjp
@@ -74,7 +74,7 @@ def default_linear_solver(problem: Problem) -> LinearSolver:
     if n <= DENSE_MAX_SIZE and B * n**3 <= DENSE_MAX_ENTRIES:
         return Dense()
     if B * n**2 <= MEASURED_MAX_ENTRIES:
-        return DenseOrCG().keyed((problem.kind, problem_key(problem.fn)))
+        return measured_default(problem)
     return CG()
 
 

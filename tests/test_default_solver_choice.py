@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import implicit_layers as il
-from implicit_layers import _choose_linear
+from implicit_layers import _choose_linear, _implicit
 from implicit_layers._choose_linear import DenseOrCG, prefer_dense, problem_key
 
 F64 = torch.float64
@@ -73,6 +73,22 @@ def test_first_backward_measures_then_the_choice_is_reused(monkeypatch, dense_wi
     for g in (g1, g2):
         torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
     assert list(_choose_linear._choices.values()) == ["Dense" if dense_wins else "CG"]
+
+
+def test_after_the_measurement_the_default_is_the_plain_choice(monkeypatch):
+    monkeypatch.setattr(_choose_linear, "prefer_dense", lambda *a, **k: True)
+    layer, theta0, cot, _ = _ridge()
+    seen = []
+    real = _implicit.default_linear_solver
+
+    def spy(problem):
+        seen.append(real(problem))
+        return seen[-1]
+
+    monkeypatch.setattr(_implicit, "default_linear_solver", spy)
+    for _ in range(2):
+        _grad(layer, theta0, cot)
+    assert [type(s).__name__ for s in seen] == ["DenseOrCG", "Dense"]
 
 
 def test_a_real_measurement_gives_the_exact_gradient_either_way():
