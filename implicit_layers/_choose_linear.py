@@ -1,18 +1,21 @@
-"""The default adjoint solver of symmetric problems between "clearly Dense" and "clearly CG".
+"""The default adjoint solver of argmin and root problems between "clearly Dense" and
+"clearly iterative".
 
-Whether materialising the Jacobian (``Dense``) beats conjugate gradients depends on numbers no
-static rule sees: how many CG steps the problem needs (about 45 on ridge regression at rtol
-1e-10, 15 on a well-conditioned softmax regression) and how much cheaper one column of a
-vectorised product is than one lone product (5 µs against 47 µs on ridge at n = 200, 70 µs
-against 175 µs on softmax regression at n = 128). At n = 200 Dense is 3.7x faster than CG on
-ridge; at n = 128 it is 4x slower on softmax regression (``python -m benchmarks.dense_crossover``).
+Whether materialising the Jacobian (``Dense``) beats an iterative solver depends on numbers no
+static rule sees: how many iterations the problem needs (about 45 CG steps on ridge regression
+at rtol 1e-10, 15 on a well-conditioned softmax regression) and how much cheaper one column of
+a vectorised product is than one lone product (5 µs against 47 µs on ridge at n = 200, 70 µs
+against 175 µs on softmax regression at n = 128). At n = 200 Dense is 4x faster than CG on
+ridge; at n = 256 it is 11x slower on softmax regression (``python -m
+benchmarks.dense_crossover``).
 
-:class:`DenseOrCG` measures instead of guessing. The first ordinary backward of a problem runs
-CG (the choice that is never far off) and times it, then times two vectorised products of a
-few basis vectors and one dense solve to predict what ``Dense`` would have cost. The cheaper
-of the two is remembered for that problem (its residual function, size, batch, dtype and
-device) and used from then on. A fixed, reproducible choice is one explicit
-``backward=il.linear.CG()`` or ``il.linear.Dense()`` away.
+:class:`DenseOrCG` (symmetric problems) and :class:`DenseOrGMRES` (roots) measure instead of
+guessing. The first ordinary backward of a problem runs the iterative solver (the choice that
+is never far off) and times it, then times two vectorised products of a few basis vectors and
+one dense solve to predict what ``Dense`` would have cost. The cheaper of the two is
+remembered for that problem (its residual function, size, batch, dtype and device) and used
+from then on; a problem on which the iterative solver did not converge keeps it. A fixed,
+reproducible choice is one explicit ``backward=`` away.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Hashable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from typing_extensions import Self
 
 from ._capture import is_wrapped, transforms_active
 from ._info import SolveInfo
@@ -32,8 +36,9 @@ from .linear._base import LinearSolver
 from .linear._operator import LinearOperator
 from .linear.cg import CG
 from .linear.dense import Dense
+from .linear.gmres import GMRES
 
-__all__ = ["DenseOrCG", "measured_default", "prefer_dense", "problem_key"]
+__all__ = ["DenseOrCG", "DenseOrGMRES", "measured_default", "prefer_dense", "problem_key"]
 
 #: Basis vectors of the first timed vectorised product (the second takes twice as many). Their
 #: difference is the cost of a column without the fixed cost of a call, which a short product
@@ -57,14 +62,14 @@ def problem_key(fn: Any) -> Hashable:
 
 
 def prefer_dense(
-    n: int, cg_seconds: float, short_seconds: float, long_seconds: float, solve_seconds: float,
+    n: int, iterative_seconds: float, short_seconds: float, long_seconds: float, solve_seconds: float,
     columns: int = PROBE_COLUMNS,
 ) -> bool:
-    """Whether ``Dense`` is predicted to beat the measured CG solve.
+    """Whether ``Dense`` is predicted to beat the measured iterative solve.
 
     Args:
         n: system size (columns of the Jacobian).
-        cg_seconds: time of the CG solve.
+        iterative_seconds: time of the iterative (CG or GMRES) solve.
         short_seconds: time of a vectorised product of ``columns`` basis vectors.
         long_seconds: time of one of ``2 * columns`` basis vectors.
         solve_seconds: time of one dense solve of the ``(B, n, n)`` system.
@@ -72,21 +77,23 @@ def prefer_dense(
 
     Returns:
         ``True`` when ``n`` columns (the fixed cost of one call plus ``n`` times the marginal
-        cost of a column) and the solve take less time than CG did.
+        cost of a column) and the solve take less time than the iterative solver did.
     """
     per_column = max(long_seconds - short_seconds, 0.0) / columns
     fixed = max(short_seconds - columns * per_column, 0.0)
-    return fixed + n * per_column + solve_seconds < cg_seconds
+    return fixed + n * per_column + solve_seconds < iterative_seconds
 
 
 def measured_default(problem: Any) -> LinearSolver:
-    """The remembered choice for ``problem`` (a plain ``Dense()`` or ``CG()``, as cheap to set
-    up as either given explicitly), or a :class:`DenseOrCG` that will measure it."""
+    """The remembered choice for ``problem`` (a plain ``Dense()``, ``CG()`` or ``GMRES()``, as
+    cheap to set up as one given explicitly), or a :class:`DenseOrCG` (symmetric) or
+    :class:`DenseOrGMRES` that will measure it."""
     key = (problem.kind, problem_key(problem.fn))
+    measured = DenseOrCG if problem.symmetric else DenseOrGMRES
     chosen = _choices.get((key, problem.batch, problem.size, problem.dtype, problem.device))
     if chosen is not None:
-        return Dense() if chosen == "Dense" else CG()
-    return DenseOrCG().keyed(key)
+        return Dense() if chosen == "Dense" else measured.iterative()
+    return measured().keyed(key)
 
 
 def forget() -> None:
@@ -95,44 +102,42 @@ def forget() -> None:
         _choices.clear()
 
 
-class DenseOrCG(LinearSolver):
-    """CG or Dense for a symmetric positive-definite adjoint, whichever a timed first backward
-    found faster for the same problem (see the module docstring).
+class _DenseOr(LinearSolver):
+    """Dense or the iterative solver ``iterative``, whichever a timed first backward found
+    faster for the same problem (see the module docstring).
 
     Solves ``(B, n)`` right-hand sides and returns ``(x, info)`` as the chosen solver does
     (``info.solver`` names it). Only an ordinary first-order backward is measured; under
-    ``torch.func`` transforms or ``create_graph=True`` it uses the remembered choice, else CG.
+    ``torch.func`` transforms or ``create_graph=True`` it uses the remembered choice, else the
+    iterative solver.
 
     Args:
-        rtol, atol, max_steps, check_every, on_failure: as for
-            :class:`~implicit_layers.linear.CG`, passed to the chosen solver.
+        rtol, atol, max_steps, check_every, on_failure: as for the iterative solver, passed to
+            the chosen one.
     """
 
-    name = "DenseOrCG"
-    needs_symmetric = True
-    needs_positive_definite = True
-
+    iterative: ClassVar[type[LinearSolver]]
     _key: Hashable = None
 
-    def keyed(self, key: Hashable) -> DenseOrCG:
+    def keyed(self, key: Hashable) -> Self:
         """This solver, remembering its choice under ``key`` (kept by :meth:`replace`)."""
         object.__setattr__(self, "_key", key)
         return self
 
-    def replace(self, **changes: Any) -> DenseOrCG:
+    def replace(self, **changes: Any) -> Self:
         return super().replace(**changes).keyed(self._key)
 
     def _delegate(self, kind: str) -> LinearSolver:
         settings = (kind, self.rtol, self.atol, self.max_steps, self.check_every)
         solver = _delegates.get(settings)
         if solver is None:
-            # Made once per settings: a new layer call makes a new DenseOrCG, and building
+            # Made once per settings: a new layer call makes a new solver object, and building
             # validated settings costs a few µs each time.
             if kind == "Dense":
                 solver = Dense(rtol=self.rtol, atol=self.atol, on_failure="ignore")
             else:
-                solver = CG(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
-                            check_every=self.check_every, on_failure="ignore")
+                solver = self.iterative(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
+                                        check_every=self.check_every, on_failure="ignore")
             if len(_delegates) < MAX_REMEMBERED:
                 _delegates[settings] = solver
         return solver
@@ -142,16 +147,20 @@ class DenseOrCG(LinearSolver):
         chosen = _choices.get(key)
         if chosen is not None:
             return self._delegate(chosen)._solve(op, b, x0)
-        cg = self._delegate("CG")
+        iterative = self._delegate(self.iterative.name)
         if not _ordinary_backward(op, b) or self._key is None:
-            return cg._solve(op, b, x0)
+            return iterative._solve(op, b, x0)
         clock = _clock(b)
         _sync(b)
         start = clock()
-        x, info = cg._solve(op, b, x0)
+        x, info = iterative._solve(op, b, x0)
         _sync(b)
-        cg_seconds = clock() - start
-        choice = "Dense" if self._dense_is_faster(op, b, cg_seconds) else "CG"
+        seconds = clock() - start
+        # A problem the iterative solver fails on keeps it (and its warnings): Dense would
+        # raise on a singular Jacobian where the iterative solver reports and carries on.
+        keep = not bool(info.converged.all())
+        faster = not keep and self._dense_is_faster(op, b, seconds)
+        choice = "Dense" if faster else self.iterative.name
         with _lock:
             if len(_choices) >= MAX_REMEMBERED:
                 _choices.pop(next(iter(_choices)))
@@ -159,7 +168,7 @@ class DenseOrCG(LinearSolver):
         return x, info
 
     @staticmethod
-    def _dense_is_faster(op: LinearOperator, b: Tensor, cg_seconds: float) -> bool:
+    def _dense_is_faster(op: LinearOperator, b: Tensor, iterative_seconds: float) -> bool:
         B, n = b.shape
         k = PROBE_COLUMNS
         if 2 * k >= n:
@@ -174,7 +183,7 @@ class DenseOrCG(LinearSolver):
         # A well-conditioned stand-in of the same shape: LU costs the same flops on any matrix.
         matrix = (eye * 2.0 + 1.0 / n).expand(B, n, n)
         solve = _timed(lambda: torch.linalg.solve_ex(matrix, b), b)
-        return prefer_dense(n, cg_seconds, short, long, solve, k)
+        return prefer_dense(n, iterative_seconds, short, long, solve, k)
 
 
 def _ordinary_backward(op: LinearOperator, b: Tensor) -> bool:
@@ -207,3 +216,19 @@ def _timed(fn: Any, b: Tensor, repeats: int = 1) -> float:
         _sync(b)
         best = min(best, clock() - start)
     return best
+
+
+class DenseOrCG(_DenseOr):
+    """The default adjoint solver of a mid-sized symmetric problem: CG or Dense, measured."""
+
+    name = "DenseOrCG"
+    iterative = CG
+    needs_symmetric = True
+    needs_positive_definite = True
+
+
+class DenseOrGMRES(_DenseOr):
+    """The default adjoint solver of a mid-sized root: GMRES or Dense, measured."""
+
+    name = "DenseOrGMRES"
+    iterative = GMRES

@@ -57,25 +57,26 @@ DENSE_MAX_SIZE = 128
 DENSE_MAX_ENTRIES = 2**21
 #: Beyond those, up to this many entries ``B n²`` of the matrix (8 MiB in float64; the timed
 #: probe of 24 columns then holds at most 24/n of Dense's memory), the choice is measured
-#: (:class:`~implicit_layers._choose_linear.DenseOrCG`): ridge regression is 3.7x faster with
-#: Dense at n = 200 and 4.4x faster with CG at n = 1000, softmax regression 10x faster with CG
-#: at n = 256.
+#: (:mod:`~implicit_layers._choose_linear`): ridge regression is 4x faster with Dense at
+#: n = 200 and 4.8x faster with CG at n = 1000, softmax regression 11x faster with CG at n = 256.
 MEASURED_MAX_ENTRIES = 2**20
 
 
 def default_linear_solver(problem: Problem) -> LinearSolver:
-    """The adjoint solver used when none is given: GMRES for non-symmetric problems; for
-    symmetric ones (argmin, a symmetric custom_root) Dense while ``n <= 128`` and
-    ``B n³ <= 2^21``, the faster of CG and Dense as measured on the problem's first backward
-    while ``B n² <= 2^20``, else CG."""
-    if not problem.symmetric:
+    """The adjoint solver used when none is given. Fixed points: GMRES (their default forward,
+    Adaptive, usually picks the adjoint's solver itself). Symmetric problems (argmin, a
+    symmetric custom_root): Dense while ``n <= 128`` and ``B n³ <= 2^21``. Then, and for
+    roots of any size: the faster of Dense and the iterative solver (CG if symmetric, else
+    GMRES) as measured on the problem's first backward while ``B n² <= 2^20``; else the
+    iterative solver."""
+    if not problem.symmetric and problem.kind != "root":
         return GMRES()
     n, B = problem.size, problem.batch
-    if n <= DENSE_MAX_SIZE and B * n**3 <= DENSE_MAX_ENTRIES:
+    if problem.symmetric and n <= DENSE_MAX_SIZE and B * n**3 <= DENSE_MAX_ENTRIES:
         return Dense()
     if B * n**2 <= MEASURED_MAX_ENTRIES:
         return measured_default(problem)
-    return CG()
+    return CG() if problem.symmetric else GMRES()
 
 
 Forward = Callable[[Problem, Tensor], "tuple[Tensor, SolveInfo | None]"]

@@ -150,3 +150,47 @@ def test_replace_keeps_the_key():
     solver = DenseOrCG().keyed("k")
     assert solver.replace(rtol=1e-6)._key == "k"
     assert solver.replace(rtol=1e-6).rtol == 1e-6
+
+
+def _root(n: int = 40):
+    g = torch.Generator().manual_seed(1)
+    M = 2 * torch.eye(n, dtype=F64) + 0.8 * torch.randn(n, n, generator=g, dtype=F64) / n**0.5
+    theta0 = torch.randn(n, generator=g, dtype=F64)
+    cot = torch.randn(n, generator=g, dtype=F64)
+
+    def F(z, theta):
+        return M @ z + torch.tanh(z) - theta
+
+    def layer(theta):
+        return il.root(F, torch.zeros(n, dtype=F64), theta,
+                       solver=il.solvers.Broyden(rtol=1e-12, max_steps=300), return_info=True)
+
+    with torch.no_grad():
+        z = layer(theta0)[0]
+    # ∂F/∂θ = -I, so the gradient of ⟨cot, z*⟩ is (∂F/∂z)⁻ᵀ cot.
+    J = M + torch.diag(1 - torch.tanh(z) ** 2)
+    return layer, theta0, cot, torch.linalg.solve(J.T, cot)
+
+
+@pytest.mark.parametrize("dense_wins", [True, False])
+def test_a_root_measures_gmres_against_dense(monkeypatch, dense_wins):
+    monkeypatch.setattr(_choose_linear, "prefer_dense", lambda *a, **k: dense_wins)
+    layer, theta0, cot, ref = _root()
+    solvers = []
+    for _ in range(2):
+        g, info = _grad(layer, theta0, cot)
+        solvers.append(info.backward.solver)
+        torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
+    assert solvers == ["GMRES", "Dense" if dense_wins else "GMRES"]
+
+
+def test_a_root_whose_gmres_fails_keeps_gmres_and_its_warning(monkeypatch):
+    # F(z, a) = (z - 1)³ + a has a triple root at a = 0: ∂F/∂z = 0 there. Dense would raise.
+    monkeypatch.setattr(_choose_linear, "prefer_dense", lambda *a, **k: True)
+    for _ in range(2):
+        a = torch.tensor(0.0, dtype=F64, requires_grad=True)
+        z = il.root(lambda z, a: (z - 1) ** 3 + a, torch.ones(1, dtype=F64), a)
+        with pytest.warns(il.ConvergenceWarning, match="GMRES.*backward"):
+            (g,) = torch.autograd.grad(z.sum(), a)
+        assert bool(torch.isfinite(g).all())
+    assert list(_choose_linear._choices.values()) == ["GMRES"]
