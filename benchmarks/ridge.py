@@ -1,5 +1,7 @@
 """Problem 1: hypergradients of ridge regression (per-feature weight decay) and of
-L2-regularised multinomial logistic regression on the bundled digits dataset.
+L2-regularised multinomial logistic regression on the bundled digits dataset; the gradient of
+the root of a non-symmetric nonlinear system (the defaults of ``argmin``, ``custom_root`` and
+``root`` against their best built-in backward).
 
 Ridge: ``w*(θ) = argmin_w ‖X w - y‖² / (2n) + ½ Σ_j exp(θ_j) w_j²``, outer loss
 ``‖X_val w* - y_val‖² / (2 n_val)``, gradient with respect to ``θ ∈ R^d``. The inner problem
@@ -160,8 +162,8 @@ def _jax_ridge(data: dict[str, np.ndarray], jax, jaxopt) -> dict:
 
 
 def run_ridge(cfg: Config) -> Section:
-    section = Section("ridge", "Ridge and logistic-regression hypergradients (per-feature weight decay), "
-                      "backward at rtol 1e-10")
+    section = Section("ridge", "Ridge and logistic-regression hypergradients (per-feature weight decay) "
+                      "and a root, backward at rtol 1e-10")
     sizes = [50] if cfg.tiny else [100, 200, 1000]
     section.notes.append(
         "Inner problem solved exactly (Cholesky) by every method; times are forward + backward. "
@@ -195,7 +197,52 @@ def run_ridge(cfg: Config) -> Section:
         "Digits logistic regression: every torch method uses the same LBFGS forward (rtol 1e-10); "
         "jaxopt uses its own jitted LBFGS (tol 1e-9 on the gradient norm) with CG 1e-10."
     )
+    run_root(cfg, section)
     return section
+
+
+def run_root(cfg: Config, section: Section) -> None:
+    """``il.root`` of ``F(z, θ) = M z + tanh(z) - θ`` (``M = 2I + 0.8 G/√n``, non-symmetric),
+    gradient of ``⟨c, z*⟩`` in ``θ``: the default (Broyden forward, adjoint chosen by the
+    library) against each built-in adjoint solver after the same Broyden forward."""
+    for n in [16] if cfg.tiny else [64, 200, 500]:
+        g = torch.Generator().manual_seed(0)
+        M = (2 * torch.eye(n, dtype=torch.float64)
+             + 0.8 * torch.randn(n, n, generator=g, dtype=torch.float64) / math.sqrt(n))
+        theta0 = torch.randn(n, generator=g, dtype=torch.float64)
+        c = torch.randn(n, generator=g, dtype=torch.float64)
+        M, theta0, c = (t.to(cfg.torch_device) for t in (M, theta0, c))
+
+        def F(z, theta, M=M):
+            return M @ z + torch.tanh(z) - theta
+
+        def method(backward, F=F, theta0=theta0, c=c, n=n):
+            broyden = il.solvers.Broyden(rtol=TOL, max_steps=500)
+
+            def run() -> torch.Tensor:
+                th = theta0.clone().requires_grad_(True)
+                z = il.root(F, torch.zeros_like(theta0), th, solver=broyden, backward=backward)
+                return torch.autograd.grad((c * z).sum(), th)[0]
+
+            return run
+
+        with torch.no_grad():
+            z = il.root(F, torch.zeros_like(theta0), theta0,
+                        solver=il.solvers.Broyden(rtol=1e-14, max_steps=1000, on_failure="ignore"))
+        J = M + torch.diag(1 - torch.tanh(z) ** 2)
+        ref = torch.linalg.solve(J.T, c)  # ∂F/∂θ = -I
+        methods = {
+            "ours default": method(None),
+            "ours GMRES": method(il.linear.GMRES(rtol=TOL)),
+            "ours Dense": method(il.linear.Dense()),
+            "ours BiCGStab": method(il.linear.BiCGStab(rtol=TOL)),
+        }
+        times, outs = time_alternating(methods, cfg)
+        case = f"root n={n}"
+        for name, sec in times.items():
+            section.add(case=case, method=name, time_ms=1e3 * sec, grad_rel_err=rel_err(outs[name], ref))
+        add_failures(section, case)
+        _default_target(section, case, methods, times, ("ours GMRES", "ours Dense", "ours BiCGStab"), cfg)
 
 
 def make_digits(device: torch.device) -> dict[str, torch.Tensor]:

@@ -10,9 +10,9 @@ ridge; at n = 256 it is 11x slower on softmax regression (``python -m
 benchmarks.dense_crossover``).
 
 :class:`DenseOrCG` (symmetric problems) and :class:`DenseOrGMRES` (roots) measure instead of
-guessing. The first ordinary backward of a problem runs the iterative solver (the choice that
-is never far off) and times it, then times two vectorised products of a few basis vectors and
-one dense solve to predict what ``Dense`` would have cost. The cheaper of the two is
+guessing. The first two ordinary backwards of a problem run the iterative solver (the choice
+that is never far off) and time it; the second then times a vectorised product of up to 64
+basis vectors and one dense solve to predict what ``Dense`` would have cost. The cheaper of the two is
 remembered for that problem (its residual function, size, batch, dtype and device) and used
 from then on; a problem on which the iterative solver did not converge keeps it. A fixed,
 reproducible choice is one explicit ``backward=`` away.
@@ -38,18 +38,19 @@ from .linear.cg import CG
 from .linear.dense import Dense
 from .linear.gmres import GMRES
 
-__all__ = ["DenseOrCG", "DenseOrGMRES", "measured_default", "prefer_dense", "problem_key"]
+__all__ = ["DenseOrCG", "DenseOrGMRES", "measured_default", "prefer_dense", "probe_columns", "problem_key"]
 
-#: Basis vectors of the first timed vectorised product (the second takes twice as many). Their
-#: difference is the cost of a column without the fixed cost of a call, which a short product
-#: would overstate several-fold (16 columns of ridge at n = 200: 15.5 µs per column, 4.9 µs at
-#: the margin).
-PROBE_COLUMNS = 8
+#: Bounds on the basis vectors of the timed vectorised product (:func:`probe_columns`). Its
+#: time per column includes the fixed cost of a call, which a short product overstates
+#: several-fold (ridge at n = 200: 15.5 µs per column with 16 columns, 6 µs with 200).
+PROBE_MIN_COLUMNS = 16
+PROBE_MAX_COLUMNS = 64
 #: Remembered choices; the oldest is forgotten beyond this many.
 MAX_REMEMBERED = 256
 
 _choices: dict[Hashable, str] = {}
 _delegates: dict[tuple, LinearSolver] = {}
+_first_times: dict[Hashable, float] = {}
 _lock = threading.Lock()
 
 
@@ -62,33 +63,32 @@ def problem_key(fn: Any) -> Hashable:
 
 
 def prefer_dense(
-    n: int, iterative_seconds: float, short_seconds: float, long_seconds: float, solve_seconds: float,
-    columns: int = PROBE_COLUMNS,
+    n: int, iterative_seconds: float, probe_seconds: float, solve_seconds: float, columns: int,
 ) -> bool:
     """Whether ``Dense`` is predicted to beat the measured iterative solve.
 
     Args:
         n: system size (columns of the Jacobian).
         iterative_seconds: time of the iterative (CG or GMRES) solve.
-        short_seconds: time of a vectorised product of ``columns`` basis vectors.
-        long_seconds: time of one of ``2 * columns`` basis vectors.
+        probe_seconds: time of one vectorised product of ``columns`` basis vectors.
         solve_seconds: time of one dense solve of the ``(B, n, n)`` system.
-        columns: see ``short_seconds``.
+        columns: see ``probe_seconds``.
 
     Returns:
-        ``True`` when ``n`` columns (the fixed cost of one call plus ``n`` times the marginal
-        cost of a column) and the solve take less time than the iterative solver did.
+        ``True`` when ``n / columns`` such products (the whole build, counting the fixed cost
+        of a call each time, which errs towards the iterative solver) and the solve take less
+        time than the iterative solver did.
     """
-    per_column = max(long_seconds - short_seconds, 0.0) / columns
-    fixed = max(short_seconds - columns * per_column, 0.0)
-    return fixed + n * per_column + solve_seconds < iterative_seconds
+    return probe_seconds * n / columns + solve_seconds < iterative_seconds
 
 
 def measured_default(problem: Any) -> LinearSolver:
     """The remembered choice for ``problem`` (a plain ``Dense()``, ``CG()`` or ``GMRES()``, as
     cheap to set up as one given explicitly), or a :class:`DenseOrCG` (symmetric) or
     :class:`DenseOrGMRES` that will measure it."""
-    key = (problem.kind, problem_key(problem.fn))
+    # A folded problem (vmap of a layer) keys on the problem it folds.
+    fn = problem.fn if hasattr(problem, "fn") else getattr(problem.base, "fn", None)
+    key = (problem.kind, problem_key(fn))
     measured = DenseOrCG if problem.symmetric else DenseOrGMRES
     chosen = _choices.get((key, problem.batch, problem.size, problem.dtype, problem.device))
     if chosen is not None:
@@ -100,11 +100,12 @@ def forget() -> None:
     """Drop every remembered choice (the next backward of each problem measures again)."""
     with _lock:
         _choices.clear()
+        _first_times.clear()
 
 
 class _DenseOr(LinearSolver):
-    """Dense or the iterative solver ``iterative``, whichever a timed first backward found
-    faster for the same problem (see the module docstring).
+    """Dense or the iterative solver ``iterative``, whichever the first two timed backwards
+    found faster for the same problem (see the module docstring).
 
     Solves ``(B, n)`` right-hand sides and returns ``(x, info)`` as the chosen solver does
     (``info.solver`` names it). Only an ordinary first-order backward is measured; under
@@ -159,6 +160,17 @@ class _DenseOr(LinearSolver):
         # A problem the iterative solver fails on keeps it (and its warnings): Dense would
         # raise on a singular Jacobian where the iterative solver reports and carries on.
         keep = not bool(info.converged.all())
+        with _lock:
+            first = _first_times.pop(key, None)
+            if first is None and not keep:
+                # The first solve of a shape pays one-off costs (allocations, first calls into
+                # a kernel library) that made GMRES look 1.6x slower than it is at n = 500:
+                # decide on the second backward, from the faster of the two.
+                if len(_first_times) >= MAX_REMEMBERED:
+                    _first_times.pop(next(iter(_first_times)))
+                _first_times[key] = seconds
+                return x, info
+        seconds = min(seconds, first if first is not None else seconds)
         faster = not keep and self._dense_is_faster(op, b, seconds)
         choice = "Dense" if faster else self.iterative.name
         with _lock:
@@ -170,20 +182,27 @@ class _DenseOr(LinearSolver):
     @staticmethod
     def _dense_is_faster(op: LinearOperator, b: Tensor, iterative_seconds: float) -> bool:
         B, n = b.shape
-        k = PROBE_COLUMNS
-        if 2 * k >= n:
+        k = probe_columns(n)
+        if k >= n:
             return True  # the probe would cost a Dense build already
         eye = torch.eye(n, dtype=b.dtype, device=b.device)
-        basis = eye[: 2 * k].unsqueeze(1).expand(2 * k, B, n)
+        basis = eye[:k].unsqueeze(1).expand(k, B, n)
         try:
-            short = _timed(lambda: torch.func.vmap(op.mv)(basis[:k]), b, repeats=2)
-            long = _timed(lambda: torch.func.vmap(op.mv)(basis), b)
+            torch.func.vmap(op.mv)(basis[:1])  # one-off set-up costs of the vectorised product
+            probe = _timed(lambda: torch.func.vmap(op.mv)(basis), b)
         except RuntimeError:
             return False  # no batching rule: Dense would take n lone products
         # A well-conditioned stand-in of the same shape: LU costs the same flops on any matrix.
         matrix = (eye * 2.0 + 1.0 / n).expand(B, n, n)
-        solve = _timed(lambda: torch.linalg.solve_ex(matrix, b), b)
-        return prefer_dense(n, iterative_seconds, short, long, solve, k)
+        solve = _timed(lambda: torch.linalg.solve_ex(matrix, b), b, repeats=2)
+        return prefer_dense(n, iterative_seconds, probe, solve, k)
+
+
+def probe_columns(n: int) -> int:
+    """Basis vectors in the timed vectorised product: enough that its fixed cost is small
+    against the columns (and the kernels are those of the full build: at n = 500, 8 columns
+    took longer than 16), at most a quarter of ``n`` and 64."""
+    return min(PROBE_MAX_COLUMNS, max(PROBE_MIN_COLUMNS, n // 4))
 
 
 def _ordinary_backward(op: LinearOperator, b: Tensor) -> bool:

@@ -64,16 +64,16 @@ MEASURED_MAX_ENTRIES = 2**20
 
 def default_linear_solver(problem: Problem) -> LinearSolver:
     """The adjoint solver used when none is given. Fixed points: GMRES (their default forward,
-    Adaptive, usually picks the adjoint's solver itself). Symmetric problems (argmin, a
-    symmetric custom_root): Dense while ``n <= 128`` and ``B n³ <= 2^21``. Then, and for
-    roots of any size: the faster of Dense and the iterative solver (CG if symmetric, else
-    GMRES) as measured on the problem's first backward while ``B n² <= 2^20``; else the
-    iterative solver."""
+    Adaptive, usually picks the adjoint's solver itself). While ``n <= 128`` and
+    ``B n³ <= 2^21``: Dense for symmetric problems (argmin, a symmetric custom_root), GMRES for
+    roots (which then keep GMRES's report of a singular Jacobian, where Dense raises). Then, up
+    to ``B n² <= 2^20``, the faster of Dense and the iterative solver (CG if symmetric, else
+    GMRES) as measured on the problem's first backwards; beyond, the iterative solver."""
     if not problem.symmetric and problem.kind != "root":
         return GMRES()
     n, B = problem.size, problem.batch
-    if problem.symmetric and n <= DENSE_MAX_SIZE and B * n**3 <= DENSE_MAX_ENTRIES:
-        return Dense()
+    if n <= DENSE_MAX_SIZE and B * n**3 <= DENSE_MAX_ENTRIES:
+        return Dense() if problem.symmetric else GMRES()
     if B * n**2 <= MEASURED_MAX_ENTRIES:
         return measured_default(problem)
     return CG() if problem.symmetric else GMRES()

@@ -9,7 +9,7 @@ import torch
 
 import implicit_layers as il
 from implicit_layers import _choose_linear, _implicit
-from implicit_layers._choose_linear import DenseOrCG, prefer_dense, problem_key
+from implicit_layers._choose_linear import DenseOrCG, prefer_dense, probe_columns, problem_key
 
 F64 = torch.float64
 D = 160  # above the static Dense limit (128), inside the measured band
@@ -52,26 +52,27 @@ def _grad(layer, theta0, cot, create_graph=False):
     return g, info
 
 
-def test_prefer_dense_adds_the_columns_the_fixed_cost_and_the_solve():
-    # 100 µs per call, 5 µs per column, a 200 µs solve: n = 200 costs 100 + 1000 + 200 µs.
-    short, long = 100e-6 + 8 * 5e-6, 100e-6 + 16 * 5e-6
-    assert prefer_dense(200, 1.31e-3, short, long, 200e-6, columns=8)
-    assert not prefer_dense(200, 1.29e-3, short, long, 200e-6, columns=8)
-    # Timing noise that makes the longer product look cheaper counts the columns as free.
-    assert prefer_dense(200, 1e-3, 2e-4, 1e-4, 0.0, columns=8)
+def test_prefer_dense_scales_the_probe_to_n_columns_and_adds_the_solve():
+    # 32 columns in 0.4 ms: 200 columns in 2.5 ms, plus a 0.2 ms solve.
+    assert prefer_dense(200, 2.71e-3, 0.4e-3, 0.2e-3, columns=32)
+    assert not prefer_dense(200, 2.69e-3, 0.4e-3, 0.2e-3, columns=32)
+
+
+def test_probe_columns_stay_between_16_and_64_and_a_quarter_of_n():
+    assert [probe_columns(n) for n in (20, 64, 129, 200, 256, 1000)] == [16, 16, 32, 50, 64, 64]
 
 
 @pytest.mark.parametrize("dense_wins", [True, False])
 def test_first_backward_measures_then_the_choice_is_reused(monkeypatch, dense_wins):
     monkeypatch.setattr(_choose_linear, "prefer_dense", lambda *a, **k: dense_wins)
     layer, theta0, cot, ref = _ridge()
-    g1, info1 = _grad(layer, theta0, cot)
-    assert info1.backward.solver == "CG"  # the first backward runs CG and times it
-    # A new closure of the same code is the same problem.
-    g2, info2 = _grad(layer, theta0, cot)
-    assert info2.backward.solver == ("Dense" if dense_wins else "CG")
-    for g in (g1, g2):
+    solvers = []
+    for _ in range(3):  # each call makes a new closure of the same code: the same problem
+        g, info = _grad(layer, theta0, cot)
+        solvers.append(info.backward.solver)
         torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
+    # The first two backwards run CG and time it; the second decides.
+    assert solvers == ["CG", "CG", "Dense" if dense_wins else "CG"]
     assert list(_choose_linear._choices.values()) == ["Dense" if dense_wins else "CG"]
 
 
@@ -86,14 +87,14 @@ def test_after_the_measurement_the_default_is_the_plain_choice(monkeypatch):
         return seen[-1]
 
     monkeypatch.setattr(_implicit, "default_linear_solver", spy)
-    for _ in range(2):
+    for _ in range(3):
         _grad(layer, theta0, cot)
-    assert [type(s).__name__ for s in seen] == ["DenseOrCG", "Dense"]
+    assert [type(s).__name__ for s in seen] == ["DenseOrCG", "DenseOrCG", "Dense"]
 
 
 def test_a_real_measurement_gives_the_exact_gradient_either_way():
     layer, theta0, cot, ref = _ridge()
-    for _ in range(2):
+    for _ in range(3):
         g, info = _grad(layer, theta0, cot)
         assert info.backward.solver in ("CG", "Dense")
         assert bool(info.backward.converged)
@@ -152,7 +153,7 @@ def test_replace_keeps_the_key():
     assert solver.replace(rtol=1e-6).rtol == 1e-6
 
 
-def _root(n: int = 40):
+def _root(n: int = 130):
     g = torch.Generator().manual_seed(1)
     M = 2 * torch.eye(n, dtype=F64) + 0.8 * torch.randn(n, n, generator=g, dtype=F64) / n**0.5
     theta0 = torch.randn(n, generator=g, dtype=F64)
@@ -173,24 +174,34 @@ def _root(n: int = 40):
 
 
 @pytest.mark.parametrize("dense_wins", [True, False])
-def test_a_root_measures_gmres_against_dense(monkeypatch, dense_wins):
+def test_a_mid_sized_root_measures_gmres_against_dense(monkeypatch, dense_wins):
     monkeypatch.setattr(_choose_linear, "prefer_dense", lambda *a, **k: dense_wins)
     layer, theta0, cot, ref = _root()
     solvers = []
-    for _ in range(2):
+    for _ in range(3):
         g, info = _grad(layer, theta0, cot)
         solvers.append(info.backward.solver)
         torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
-    assert solvers == ["GMRES", "Dense" if dense_wins else "GMRES"]
+    assert solvers == ["GMRES", "GMRES", "Dense" if dense_wins else "GMRES"]
 
 
 def test_a_root_whose_gmres_fails_keeps_gmres_and_its_warning(monkeypatch):
-    # F(z, a) = (z - 1)³ + a has a triple root at a = 0: ∂F/∂z = 0 there. Dense would raise.
+    # F(z, a) = (z - 1)³ + a has triple roots at a = 0: ∂F/∂z = 0 there. Dense would raise.
     monkeypatch.setattr(_choose_linear, "prefer_dense", lambda *a, **k: True)
     for _ in range(2):
-        a = torch.tensor(0.0, dtype=F64, requires_grad=True)
-        z = il.root(lambda z, a: (z - 1) ** 3 + a, torch.ones(1, dtype=F64), a)
+        a = torch.zeros(130, dtype=F64, requires_grad=True)
+        z = il.root(lambda z, a: (z - 1) ** 3 + a, torch.ones(130, dtype=F64), a)
         with pytest.warns(il.ConvergenceWarning, match="GMRES.*backward"):
             (g,) = torch.autograd.grad(z.sum(), a)
         assert bool(torch.isfinite(g).all())
     assert list(_choose_linear._choices.values()) == ["GMRES"]
+
+
+def test_small_roots_keep_gmres():
+    # Below n = 128 a root keeps GMRES (deterministic, and it reports a singular Jacobian).
+    layer, theta0, cot, ref = _root(40)
+    for _ in range(3):
+        g, info = _grad(layer, theta0, cot)
+        assert info.backward.solver == "GMRES"
+        torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
+    assert _choose_linear._choices == {}
