@@ -12,10 +12,10 @@ benchmarks.dense_crossover``).
 :class:`DenseOrCG` (symmetric problems) and :class:`DenseOrGMRES` (roots) measure instead of
 guessing. The first two ordinary backwards of a problem run the iterative solver (the choice
 that is never far off) and time it; the second then times a vectorised product of up to 64
-basis vectors and one dense solve to predict what ``Dense`` would have cost. The cheaper of the two is
-remembered for that problem (its residual function, size, batch, dtype and device) and used
-from then on; a problem on which the iterative solver did not converge keeps it. A fixed,
-reproducible choice is one explicit ``backward=`` away.
+basis vectors and one dense solve to predict what ``Dense`` would have cost. The cheaper of
+the two is remembered for that problem (its residual function, size, batch, dtype and device)
+and used from then on; a problem on which the iterative solver did not converge keeps it. A
+fixed, reproducible choice is one explicit ``backward=`` away.
 """
 
 from __future__ import annotations
