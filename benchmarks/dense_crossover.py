@@ -5,15 +5,18 @@ Usage::
     python -m benchmarks.dense_crossover
 
 Prints, for each size ``n``, the CPU time of one hypergradient backward pass (the forward
-solve is done once, outside the timing) with ``il.linear.CG()`` and ``il.linear.Dense()``:
+solve is done once, outside the timing) with ``il.linear.CG()``, ``il.linear.Dense()`` and the
+default (after its first, measuring backward, which the warm-up pass takes), with the solver
+the default chose:
 
 * ridge regression with one weight decay per feature (``make_ridge``, condition number ~17,
   about 45 CG steps at rtol 1e-10);
 * softmax regression on the first ``C`` digit classes (64 features x C weights, weight decay
   1 per input feature; well conditioned, about 15 CG steps).
 
-The default adjoint solver (``implicit_layers._implicit.DENSE_MAX_SIZE``) is chosen from these
-figures.
+The default adjoint solver (``implicit_layers._implicit.default_linear_solver``) takes Dense up
+to n = 128 and measures the choice above (``implicit_layers._choose_linear.DenseOrCG``): no
+size threshold serves both families.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from sklearn.datasets import load_digits
 
 import implicit_layers as il
+from implicit_layers import _choose_linear
 
 from ._common import restore_threads, set_threads
 from .ridge import make_ridge
@@ -78,17 +82,27 @@ def softmax_case(classes: int, backward) -> tuple[int, float]:
     return p * classes, _median_backward((w**2).sum(), theta)
 
 
+def _last_choice(n: int) -> str:
+    """The solver the default used for the last problem (Dense below the measured band)."""
+    if n <= 128:
+        return "Dense"
+    return list(_choose_linear._choices.values())[-1] if _choose_linear._choices else "CG"
+
+
 def main() -> None:
     prev = set_threads(1)
     try:
-        print("problem | n | CG ms | Dense ms")
-        for d in (100, 200, 300, 400, 600):
-            cg, dense = (ridge_case(d, b) for b in (il.linear.CG(), il.linear.Dense()))
-            print(f"ridge | {d} | {1e3 * cg:.2f} | {1e3 * dense:.2f}")
+        print("problem | n | CG ms | Dense ms | default ms (choice)")
+        for d in (100, 200, 300, 400, 600, 1000):
+            cg, dense, default = (ridge_case(d, b) for b in (il.linear.CG(), il.linear.Dense(), None))
+            print(f"ridge | {d} | {1e3 * cg:.2f} | {1e3 * dense:.2f} | {1e3 * default:.2f} "
+                  f"({_last_choice(d)})")
         for c in (2, 4, 6):
             n, cg = softmax_case(c, il.linear.CG())
             _, dense = softmax_case(c, il.linear.Dense())
-            print(f"digits softmax | {n} | {1e3 * cg:.2f} | {1e3 * dense:.2f}")
+            _, default = softmax_case(c, None)
+            print(f"digits softmax | {n} | {1e3 * cg:.2f} | {1e3 * dense:.2f} | "
+                  f"{1e3 * default:.2f} ({_last_choice(n)})")
     finally:
         restore_threads(prev)
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ._capture import is_wrapped, transforms_active
+from ._choose_linear import measured_default
 from ._folded import FoldedProblem
 from ._info import ConvergenceWarning, NonFiniteError, SolveInfo, user_stacklevel
 from ._linearize import Linearization, RecordedLinearization, func_vjp, transpose_of_vjp
@@ -44,13 +45,9 @@ if TYPE_CHECKING:
     from .backward import Implicit
     from .solvers._base import ForwardSolver
 
-#: Largest system size ``n`` for which the default backward materialises the Jacobian and
-#: solves it directly. The crossover depends on how many CG iterations the problem needs
-#: (CPU, float64, one thread): on ridge hypergradients (condition number ~17, ~45 CG steps)
-#: Dense beats CG up to n ~ 400 (1.5 vs 4.0 ms at n = 200); on digits softmax regression
-#: (~15 CG steps) CG is faster already at n = 128 (1.6 vs 7.1 ms), the vectorised
-#: Hessian-vector products being costly there. 128 keeps the worst case of either choice small
-#: (figures: ``python -m benchmarks.dense_crossover``).
+#: Largest system size ``n`` for which the default backward materialises the Jacobian without
+#: measuring first (``Dense`` wins there on every problem of the benchmarks: ridge d = 100,
+#: 0.6 ms vs 4.7 ms for CG; ``python -m benchmarks.dense_crossover``)...
 DENSE_MAX_SIZE = 128
 #: ... as long as ``B n³`` stays below this. Dense builds the matrix from ``n`` vectorised
 #: operator products over the whole batch; with per-sample data (a per-sample Hessian) each
@@ -60,18 +57,28 @@ DENSE_MAX_SIZE = 128
 #: the same memory; at B n³ = 2^21 (B = 64, n = 32; B = 8, n = 64) the two are even; beyond,
 #: Dense loses (B = 32, n = 64: 4.7x CG's time; B = 256, n = 128: 13x its time and memory).
 DENSE_MAX_ENTRIES = 2**21
+#: Beyond those, up to this many entries ``B n²`` of the matrix (8 MiB in float64; the timed
+#: probe of 24 columns then holds at most 24/n of Dense's memory), the choice is measured
+#: (:mod:`~implicit_layers._choose_linear`): ridge regression is 4x faster with Dense at
+#: n = 200 and 4.8x faster with CG at n = 1000, softmax regression 11x faster with CG at n = 256.
+MEASURED_MAX_ENTRIES = 2**20
 
 
 def default_linear_solver(problem: Problem) -> LinearSolver:
-    """The adjoint solver used when none is given: for symmetric problems (argmin, a symmetric
-    custom_root) Dense when the system is small (the fastest exact method there, mostly for
-    unbatched problems), else CG; GMRES for the others."""
-    if not problem.symmetric:
+    """The adjoint solver used when none is given. Fixed points: GMRES (their default forward,
+    Adaptive, usually picks the adjoint's solver itself). While ``n <= 128`` and
+    ``B n³ <= 2^21``: Dense for symmetric problems (argmin, a symmetric custom_root), GMRES for
+    roots (which then keep GMRES's report of a singular Jacobian, where Dense raises). Then, up
+    to ``B n² <= 2^20``, the faster of Dense and the iterative solver (CG if symmetric, else
+    GMRES) as measured on the problem's first backwards; beyond, the iterative solver."""
+    if not problem.symmetric and problem.kind != "root":
         return GMRES()
     n, B = problem.size, problem.batch
     if n <= DENSE_MAX_SIZE and B * n**3 <= DENSE_MAX_ENTRIES:
-        return Dense()
-    return CG()
+        return Dense() if problem.symmetric else GMRES()
+    if B * n**2 <= MEASURED_MAX_ENTRIES:
+        return measured_default(problem)
+    return CG() if problem.symmetric else GMRES()
 
 
 Forward = Callable[[Problem, Tensor], "tuple[Tensor, SolveInfo | None]"]

@@ -214,8 +214,10 @@ def root(
         *args: extra arguments of ``F``.
         solver: forward solver (default :class:`~implicit_layers.solvers.Broyden`).
         backward: backward mode or linear solver (default implicit with
-            :class:`~implicit_layers.linear.GMRES` at the forward tolerance). Passing a linear
-            solver means :class:`~implicit_layers.backward.Implicit` with it.
+            :class:`~implicit_layers.linear.GMRES` at the forward tolerance; above 128
+            unknowns, up to ``B n² <= 2^20``, Dense instead where the first backwards measure
+            it faster, see ``docs/choosing.md``). Passing a linear solver means
+            :class:`~implicit_layers.backward.Implicit` with it.
         batched: if ``True`` the leading dimension of ``z0`` (of each of its tensors)
             indexes independent problems, each with its own convergence test and statistics.
         return_info: also return a :class:`~implicit_layers.SolveInfo`.
@@ -274,9 +276,11 @@ def argmin(
         *args: extra arguments of ``fun``.
         solver: forward solver (default :class:`~implicit_layers.solvers.LBFGS`).
         backward: backward mode or linear solver (default implicit with
-            :class:`~implicit_layers.linear.Dense` for at most 128 unknowns, else
-            :class:`~implicit_layers.linear.CG`, at the forward tolerance). Passing a linear
-            solver means :class:`~implicit_layers.backward.Implicit` with it.
+            :class:`~implicit_layers.linear.Dense` for at most 128 unknowns, then the faster
+            of Dense and :class:`~implicit_layers.linear.CG` as measured on the first
+            backwards (see ``docs/choosing.md``), CG for large problems; at the forward
+            tolerance). Passing a linear solver means
+            :class:`~implicit_layers.backward.Implicit` with it.
         batched: if ``True`` the leading dimension of ``w0`` (of each of its tensors)
             indexes independent problems, each with its own convergence test and statistics.
         return_info: also return a :class:`~implicit_layers.SolveInfo`.
@@ -385,7 +389,9 @@ def custom_root(
     Args:
         optimality_fn: the residual ``F(z, *args)``, shaped like ``z``.
         backward: backward mode or linear solver (default implicit with GMRES, or CG when
-            ``symmetric``). ``Unrolled()`` is not possible for a black box.
+            ``symmetric``; Dense instead for small symmetric systems and where the first
+            backwards of a mid-sized one measure it faster, see ``docs/choosing.md``).
+            ``Unrolled()`` is not possible for a black box.
         batched: leading dimension indexes independent problems.
         symmetric: declare ``∂F/∂z`` symmetric (true when ``F`` is a gradient), which lets the
             default backward use CG.

@@ -480,10 +480,12 @@ class TestUserMistakes:
 class TestDefaultBackward:
     @pytest.mark.parametrize("B, n, expected", [
         (1, 128, "Dense"), (1, 16, "Dense"), (64, 32, "Dense"),
-        (32, 64, "CG"), (256, 128, "CG"), (1000, 64, "CG"), (1, 300, "CG"),
+        (32, 64, "DenseOrCG"), (256, 128, "CG"), (1000, 64, "CG"), (1, 300, "DenseOrCG"),
+        (1, 1024, "DenseOrCG"), (1, 1025, "CG"),
     ])
     def test_dense_only_where_it_is_cheap(self, B, n, expected):
-        # Measured by benchmarks/default_backward.py: Dense costs ~B n³ against CG's k B n².
+        # Measured by benchmarks/default_backward.py: Dense costs ~B n³ against CG's k B n²;
+        # in between the first backward measures both (DenseOrCG).
         z0 = torch.zeros(B, n, dtype=F64)
         problem = Problem("argmin", lambda w: (w**2).sum(-1), (), z0, batched=True, name="fun")
         assert _implicit.default_linear_solver(problem).name == expected
