@@ -61,7 +61,8 @@ def problem_key(fn: Any) -> Hashable:
     every call shares it), else its type."""
     target = getattr(fn, "func", fn)  # functools.partial
     target = getattr(target, "__func__", target)  # bound methods
-    return getattr(target, "__code__", None) or type(target)
+    code = getattr(target, "__code__", None)
+    return code if code is not None else type(target).__qualname__ + "@" + type(target).__module__
 
 
 def prefer_dense(
