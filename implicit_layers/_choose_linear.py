@@ -32,7 +32,7 @@ from torch import Tensor
 from typing_extensions import Self
 
 from ._capture import is_wrapped, transforms_active
-from ._info import SolveInfo
+from ._info import NonFiniteError, SolveInfo
 from ._linearize import RecordedLinearization
 from .linear._base import LinearSolver
 from .linear._operator import LinearOperator
@@ -40,7 +40,10 @@ from .linear.cg import CG
 from .linear.dense import Dense
 from .linear.gmres import GMRES
 
-__all__ = ["DenseOrCG", "DenseOrGMRES", "measured_default", "prefer_dense", "probe_columns", "problem_key"]
+__all__ = [
+    "DenseElseGMRES", "DenseOrCG", "DenseOrGMRES", "measured_default", "prefer_dense",
+    "probe_columns", "problem_key",
+]
 
 #: Bounds on the basis vectors of the timed vectorised product (:func:`probe_columns`). Its
 #: time per column includes the fixed cost of a call, which a short product overstates
@@ -97,7 +100,9 @@ def measured_default(problem: Any) -> LinearSolver:
         return measured.iterative()
     chosen = _choices.get((key, problem.batch, problem.size, problem.dtype, problem.device))
     if chosen is not None:
-        return Dense() if chosen == "Dense" else measured.iterative()
+        if chosen == "Dense":
+            return Dense() if problem.symmetric else DenseElseGMRES()
+        return measured.iterative()
     return measured().keyed(key)
 
 
@@ -134,13 +139,15 @@ class _DenseOr(LinearSolver):
         return super().replace(**changes).keyed(self._key)
 
     def _delegate(self, kind: str) -> LinearSolver:
-        settings = (kind, self.rtol, self.atol, self.max_steps, self.check_every)
+        settings = (self.name, kind, self.rtol, self.atol, self.max_steps, self.check_every)
         solver = _delegates.get(settings)
         if solver is None:
             # Made once per settings: a new layer call makes a new solver object, and building
             # validated settings costs a few µs each time.
             if kind == "Dense":
-                solver = Dense(rtol=self.rtol, atol=self.atol, on_failure="ignore")
+                dense = Dense if self.needs_symmetric else DenseElseGMRES
+                solver = dense(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
+                               check_every=self.check_every, on_failure="ignore")
             else:
                 solver = self.iterative(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
                                         check_every=self.check_every, on_failure="ignore")
@@ -256,3 +263,24 @@ class DenseOrGMRES(_DenseOr):
 
     name = "DenseOrGMRES"
     iterative = GMRES
+
+
+class DenseElseGMRES(LinearSolver):
+    """The default adjoint solver of small roots: Dense, or GMRES where the Jacobian is
+    singular (or holds NaN/Inf) for some sample.
+
+    Dense is the fastest exact method at these sizes, but raises on a singular Jacobian; GMRES
+    then reports each sample it cannot solve (a :class:`~implicit_layers.ConvergenceWarning`)
+    and returns a finite result, as the default did before Dense was tried first. ``max_steps``
+    and ``check_every`` apply to GMRES; ``info.solver`` says which solver ran.
+    """
+
+    name = "DenseElseGMRES"
+
+    def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
+        try:
+            return Dense(rtol=self.rtol, atol=self.atol, on_failure="ignore")._solve(op, b, x0)
+        except NonFiniteError:
+            gmres = GMRES(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
+                          check_every=self.check_every, on_failure="ignore")
+            return gmres._solve(op, b, x0)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ._capture import is_wrapped, transforms_active
-from ._choose_linear import measured_default
+from ._choose_linear import DenseElseGMRES, measured_default
 from ._folded import FoldedProblem
 from ._info import ConvergenceWarning, NonFiniteError, SolveInfo, user_stacklevel
 from ._linearize import Linearization, RecordedLinearization, func_vjp, transpose_of_vjp
@@ -67,15 +67,16 @@ MEASURED_MAX_ENTRIES = 2**20
 def default_linear_solver(problem: Problem) -> LinearSolver:
     """The adjoint solver used when none is given. Fixed points: GMRES (their default forward,
     Adaptive, usually picks the adjoint's solver itself). While ``n <= 128`` and
-    ``B n³ <= 2^21``: Dense for symmetric problems (argmin, a symmetric custom_root), GMRES for
-    roots (which then keep GMRES's report of a singular Jacobian, where Dense raises). Then, up
+    ``B n³ <= 2^21``: Dense for symmetric problems (argmin, a symmetric custom_root); for roots
+    Dense too, else GMRES where the Jacobian is singular (GMRES reports it per sample and
+    carries on, where Dense raises). Then, up
     to ``B n² <= 2^20``, the faster of Dense and the iterative solver (CG if symmetric, else
     GMRES) as measured on the problem's first backwards; beyond, the iterative solver."""
     if not problem.symmetric and problem.kind != "root":
         return GMRES()
     n, B = problem.size, problem.batch
     if n <= DENSE_MAX_SIZE and B * n**3 <= DENSE_MAX_ENTRIES:
-        return Dense() if problem.symmetric else GMRES()
+        return Dense() if problem.symmetric else DenseElseGMRES()
     if B * n**2 <= MEASURED_MAX_ENTRIES:
         return measured_default(problem)
     return CG() if problem.symmetric else GMRES()

@@ -213,10 +213,11 @@ def root(
         z0: initial guess: a tensor or a tuple/list/dict of tensors.
         *args: extra arguments of ``F``.
         solver: forward solver (default :class:`~implicit_layers.solvers.Broyden`).
-        backward: backward mode or linear solver (default implicit with
-            :class:`~implicit_layers.linear.GMRES` at the forward tolerance; above 128
-            unknowns, up to ``B n² <= 2^20``, Dense instead where the first backwards measure
-            it faster, see ``docs/choosing.md``). Passing a linear solver means
+        backward: backward mode or linear solver (default implicit at the forward
+            tolerance: :class:`~implicit_layers.linear.Dense` up to 128 unknowns, with
+            :class:`~implicit_layers.linear.GMRES` where the Jacobian is singular; above, up to
+            ``B n² <= 2^20``, the faster of Dense and GMRES as measured on the first
+            backwards; GMRES beyond; see ``docs/choosing.md``). Passing a linear solver means
             :class:`~implicit_layers.backward.Implicit` with it.
         batched: if ``True`` the leading dimension of ``z0`` (of each of its tensors)
             indexes independent problems, each with its own convergence test and statistics.
@@ -389,8 +390,9 @@ def custom_root(
     Args:
         optimality_fn: the residual ``F(z, *args)``, shaped like ``z``.
         backward: backward mode or linear solver (default implicit with GMRES, or CG when
-            ``symmetric``; Dense instead for small symmetric systems and where the first
-            backwards of a mid-sized one measure it faster, see ``docs/choosing.md``).
+            ``symmetric``; Dense instead for small systems (GMRES where a small
+            non-symmetric one is singular) and where the first backwards of a mid-sized one
+            measure it faster, see ``docs/choosing.md``).
             ``Unrolled()`` is not possible for a black box.
         batched: leading dimension indexes independent problems.
         symmetric: declare ``∂F/∂z`` symmetric (true when ``F`` is a gradient), which lets the

@@ -196,11 +196,18 @@ class TestSingular:
         grad, expected = _quiet(lambda: self._near_singular(il.linear.Dense()))
         torch.testing.assert_close(grad, expected, rtol=1e-6, atol=0)
 
-    def test_near_singular_jacobian_default_backward_warns(self):
+    def test_near_singular_jacobian_gmres_backward_warns(self):
         # GMRES(20) stagnates above the 1e-10 tolerance at cond 1e8, and says so.
         with pytest.warns(il.ConvergenceWarning, match="GMRES.*backward.*Dense is exact"):
-            grad, expected = self._near_singular(None)
+            grad, expected = self._near_singular(il.linear.GMRES())
         assert bool(torch.isfinite(grad).all())
+
+    def test_near_singular_jacobian_default_backward_is_exact(self):
+        # A small root's default backward is Dense (cond 1e8, n = 8), exact to rounding.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            grad, expected = self._near_singular(None)
+        torch.testing.assert_close(grad, expected, rtol=1e-6, atol=0)
 
     def _saddle(self, backward):
         th = torch.tensor([1.0, 2.0], dtype=F64, requires_grad=True)
