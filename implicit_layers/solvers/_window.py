@@ -219,7 +219,10 @@ class WindowMonitor:
         if not extra:
             return torch.stack(flags).tolist()
         wide = extra[0].dtype
-        values = torch.stack([f.to(wide) for f in flags] + extra).tolist()
+        if all(f.dtype == wide for f in flags):
+            values = torch.stack(flags + extra).tolist()
+        else:
+            values = torch.cat((torch.stack(flags).to(wide), torch.stack(extra))).tolist()
         self.extra_values = values[len(flags):]
         return values[: len(flags)]
 
