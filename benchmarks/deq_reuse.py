@@ -58,9 +58,20 @@ def _backward_rows(section: Section, cfg: Config, case: str, solve, params, ref)
                     forward_rho=float(info.contraction.max()))
 
 
+def _tanh_cases(cfg: Config):
+    """``(label, tensors)`` of the tanh DEQ cases (easy and hard; one small case if tiny)."""
+    from .deq import make_deq
+
+    cases = [("easy", 32, 16)] if cfg.tiny else [("easy", 256, 64), ("hard", 256, 64)]
+    for kind, hidden, batch in cases:
+        T = {k: torch.as_tensor(v, dtype=torch.float64, device=cfg.torch_device)
+             for k, v in make_deq(kind, hidden=hidden, batch=batch).items()}
+        yield f"{kind} n={hidden} B={batch}", T
+
+
 def run_reuse(cfg: Config, section: Section) -> None:
     """Rows "backward only: <case>" in the DEQ section."""
-    from .deq import f_inj, f_mlp, make_deq, make_mlp
+    from .deq import f_inj, f_mlp, make_mlp
 
     section.notes.append(
         "backward only: the forward runs once with the defaults (Adaptive), then only the "
@@ -69,11 +80,7 @@ def run_reuse(cfg: Config, section: Section) -> None:
         "with ~2 log(rtol)/log ρ terms, GMRES finishing what it leaves). Cotangent z*; errors "
         "against dense IFT gradients; bwd_vjps = adjoint products of the worst sample."
     )
-    dev = cfg.torch_device
-    cases = [("easy", 32, 16)] if cfg.tiny else [("easy", 256, 64), ("hard", 256, 64)]
-    for kind, hidden, batch in cases:
-        T = {k: torch.as_tensor(v, dtype=torch.float64, device=dev)
-             for k, v in make_deq(kind, hidden=hidden, batch=batch).items()}
+    for label, T in _tanh_cases(cfg):
         U, b = T["U"], T["b"]
 
         def solve(backward, leaves, U=U, b=b, t=T["t"]):
@@ -81,10 +88,10 @@ def run_reuse(cfg: Config, section: Section) -> None:
             return il.fixed_point(f_inj, torch.zeros_like(t), x @ U.T + b, W, backward=backward,
                                   batched=True, return_info=True)
 
-        ref = _dense_deq(T)
-        _backward_rows(section, cfg, f"{kind} n={hidden} B={batch}", solve, (T["W"], T["x"]), ref)
+        _backward_rows(section, cfg, label, solve, (T["W"], T["x"]), _dense_deq(T))
     if not cfg.tiny:
-        T = {k: torch.as_tensor(v, dtype=torch.float64, device=dev) for k, v in make_mlp().items()}
+        T = {k: torch.as_tensor(v, dtype=torch.float64, device=cfg.torch_device)
+             for k, v in make_mlp().items()}
 
         def solve_mlp(backward, leaves, T=T):
             W1, W2, x = leaves
@@ -110,7 +117,7 @@ def _counting(f, counter: list[int]):
 
 def run_secant(cfg: Config, section: Section) -> None:
     """Rows "secant reuse: <case>": Broyden forward, GMRES backward from zero / warm."""
-    from .deq import f_inj, f_mlp, make_deq, make_mlp
+    from .deq import f_inj, f_mlp, make_mlp
 
     section.notes.append(
         "secant reuse: Broyden(30) forward, then only the backward timed: GMRES from zero "
@@ -119,21 +126,18 @@ def run_secant(cfg: Config, section: Section) -> None:
         "product with (I - J)ᵀ; start_res = median ‖g - (I-J)ᵀx0‖/‖g‖ of the raw guess Hᵀg / "
         "of type-II Anderson(5)'s multisecant guess (measured only) / of the trivial guess g."
     )
-    dev = cfg.torch_device
-    cases = [("easy", 32, 16)] if cfg.tiny else [("easy", 256, 64), ("hard", 256, 64)]
-    for kind, hidden, batch in cases:
-        T = {k: torch.as_tensor(v, dtype=torch.float64, device=dev)
-             for k, v in make_deq(kind, hidden=hidden, batch=batch).items()}
+    for label, T in _tanh_cases(cfg):
         U, b = T["U"], T["b"]
 
         def setup(leaves, U=U, b=b):
             W, x = leaves
             return f_inj, (x @ U.T + b, W)
 
-        _secant_rows(section, cfg, f"{kind} n={hidden} B={batch}", setup, (T["W"], T["x"]),
-                     torch.zeros_like(T["t"]), _dense_deq(T))
+        _secant_rows(section, cfg, label, setup, (T["W"], T["x"]), torch.zeros_like(T["t"]),
+                     _dense_deq(T))
     if not cfg.tiny:
-        T = {k: torch.as_tensor(v, dtype=torch.float64, device=dev) for k, v in make_mlp().items()}
+        T = {k: torch.as_tensor(v, dtype=torch.float64, device=cfg.torch_device)
+             for k, v in make_mlp().items()}
 
         def setup_mlp(leaves, T=T):
             W1, W2, x = leaves
