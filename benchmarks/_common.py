@@ -179,6 +179,21 @@ def rel_err(x: Any, ref: Any) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
 
 
+def paired_times(
+    methods: dict[str, Callable[[], Any]], a: str, b: str, cfg: Config, repeats: int | None = None
+) -> tuple[float, float]:
+    """Seconds of ``a`` and ``b`` re-timed as a pair, once in each order (the sum of the two
+    medians each): in a round of many methods, the one that runs right after a long one was
+    measured up to 15% slower for the same work, so a ratio of two close methods is taken from
+    this re-timing rather than from the big round."""
+    total = {a: 0.0, b: 0.0}
+    for order in ((a, b), (b, a)):
+        paired, _ = time_alternating({k: methods[k] for k in order}, cfg, repeats=repeats)
+        for k in order:
+            total[k] += paired.get(k, float("nan"))
+    return total[a], total[b]
+
+
 def time_alternating(
     methods: dict[str, Callable[[], Any]],
     cfg: Config,

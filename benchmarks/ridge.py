@@ -19,7 +19,15 @@ import torch
 
 import implicit_layers as il
 
-from ._common import Config, Section, add_failures, peer_or_note, rel_err, time_alternating
+from ._common import (
+    Config,
+    Section,
+    add_failures,
+    paired_times,
+    peer_or_note,
+    rel_err,
+    time_alternating,
+)
 
 TOL = 1e-10
 
@@ -377,13 +385,9 @@ def _default_target(
     if default not in times or not present:
         return None
     best = min(present, key=times.get)
-    total = {default: 0.0, best: 0.0}
-    for order in ((default, best), (best, default)):
-        paired, _ = time_alternating({k: methods[k] for k in order}, cfg)
-        for k in order:
-            total[k] += paired[k]
-    r = total[default] / total[best]
+    t_default, t_best = paired_times(methods, default, best, cfg)
+    r = t_default / t_best
     section.target(f"{case}: default / best built-in backward", "<= 1.1", r, r <= 1.1,
-                   f"{1e3 * total[default] / 2:.2f} ms vs {best} {1e3 * total[best] / 2:.2f} ms "
+                   f"{1e3 * t_default / 2:.2f} ms vs {best} {1e3 * t_best / 2:.2f} ms "
                    "(paired re-timing)")
     return r, best
