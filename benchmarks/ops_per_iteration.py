@@ -85,7 +85,10 @@ BEFORE = {
 }
 SYNC = torch.ops.aten._local_scalar_dense.default
 #: The functions that hold the convergence checks (the intended graph breaks).
-CHECKS = {"stop", "_judge", "_judge_one", "_sync", "_flush", "check_done", "check_active", "proceed", "next_round"}
+CHECKS = {
+    "stop", "_judge", "_judge_one", "_sync", "_flush", "check_done", "check_active", "proceed",
+    "next_round",
+}
 
 
 class OpCounter(TorchDispatchMode):
