@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -29,3 +32,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def leaf(t: torch.Tensor) -> torch.Tensor:
     """A fresh leaf that requires grad, with the value of ``t``."""
     return t.detach().clone().requires_grad_(True)
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """The example script ``examples/{name}.py`` as a module (the examples are standalone
+    scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -4,7 +4,6 @@ The examples run on the CPU (they are small problems that pick float64 / float32
 these tests do not use the ``device`` fixture.
 """
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -12,16 +11,7 @@ import pytest
 import torch
 
 import implicit_layers as il
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from tests.helpers import load_example
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -1,21 +1,15 @@
 """Examples write into the untracked ``out/`` folder unless asked to regenerate ``docs/img``."""
 
-import importlib.util
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_example as _load
+
 ROOT = Path(__file__).resolve().parents[1]
 WRITERS = ["data_poisoning", "hyperparameter_optimization", "imaml", "influence_functions",
            "meta_descent", "stn_digits", "stn_toy"]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _ignored(path: Path) -> bool:
