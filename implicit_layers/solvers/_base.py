@@ -396,19 +396,7 @@ class Monitor:
         ).tolist()
         self._all_active = not flags[2]
         if not flags[1]:
-            bad = (~torch.isfinite(self.res)).nonzero().flatten().tolist()
-            which = ""
-            if self.problem.batched:
-                listed = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-                # One bad sample fails the whole batch: a batch is one call, and returning the
-                # other samples while one holds garbage would be silent.
-                which = f" (batch sample(s) {listed} of {self.res.numel()}; the whole batch fails)"
-            raise NonFiniteError(
-                f"{self.solver.name}: the residual of the {self.problem.kind} problem became NaN "
-                f"or Inf during the forward solve{which}. "
-                + self.solver._advice(self.problem)
-                + " Also check the inputs and parameters for NaN."
-            )
+            raise non_finite_error(self.solver, self.problem, ~torch.isfinite(self.res))
         return bool(flags[0])
 
     def finish(self) -> tuple[Tensor, SolveInfo]:
@@ -431,3 +419,20 @@ class Monitor:
             tolerance=self.best_tol.detach(),
         )
         return self.best_z, info
+
+
+def non_finite_error(solver: ForwardSolver, problem: Problem, bad: Tensor) -> NonFiniteError:
+    """The error of a forward solve whose residual became NaN or Inf, naming the batch samples
+    flagged in ``bad`` (bool, ``(B,)``) when the problem is batched."""
+    which = ""
+    if problem.batched:
+        listed = bad.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, listed[:10])) + (", ..." if len(listed) > 10 else "")
+        # One bad sample fails the whole batch: a batch is one call, and returning the other
+        # samples while one holds garbage would be silent.
+        which = f" (batch sample(s) {shown} of {bad.numel()}; the whole batch fails)"
+    return NonFiniteError(
+        f"{solver.name}: the residual of the {problem.kind} problem became NaN or Inf during "
+        f"the forward solve{which}. " + solver._advice(problem)
+        + " Also check the inputs and parameters for NaN."
+    )

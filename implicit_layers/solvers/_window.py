@@ -23,9 +23,9 @@ from torch import Tensor
 
 from .._config import default_check_every
 from .._cuda_graph import Chunk, ChunkGraphs
-from .._info import NonFiniteError, SolveInfo
+from .._info import SolveInfo
 from .._problem import Problem
-from ._base import ForwardSolver
+from ._base import ForwardSolver, non_finite_error
 
 __all__ = ["WindowMonitor", "judge_window", "run_chunks"]
 
@@ -278,23 +278,11 @@ class WindowMonitor:
         return bool(flags[0])
 
     def _raise_non_finite(self) -> None:
-        which = ""
-        if self.problem.batched:
-            if self._dead is not None and self._window_res is not None:
-                nonfinite = (~self._dead & ~torch.isfinite(self._window_res)).any(-1)
-            else:
-                nonfinite = ~torch.isfinite(self.res).squeeze(-1)
-            bad = nonfinite.nonzero().flatten().tolist()
-            listed = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-            # One bad sample fails the whole batch: a batch is one call, and returning the
-            # other samples while one holds garbage would be silent.
-            which = f" (batch sample(s) {listed} of {self.res.numel()}; the whole batch fails)"
-        raise NonFiniteError(
-            f"{self.solver.name}: the residual of the {self.problem.kind} problem became NaN "
-            f"or Inf during the forward solve{which}. "
-            + self.solver._advice(self.problem)
-            + " Also check the inputs and parameters for NaN."
-        )
+        if self._dead is not None and self._window_res is not None:
+            bad = (~self._dead & ~torch.isfinite(self._window_res)).any(-1)
+        else:
+            bad = ~torch.isfinite(self.res).squeeze(-1)
+        raise non_finite_error(self.solver, self.problem, bad)
 
     def finish(self) -> tuple[Tensor, SolveInfo]:
         """Judge the last window and return the best iterate and the info."""
