@@ -208,17 +208,6 @@ def test_small_roots_take_dense_without_measuring():
     assert _choose_linear._choices == {}
 
 
-def test_a_small_singular_root_falls_back_to_gmres_and_warns():
-    # F(z, a) = (z - 1)³ + a: ∂F/∂z = 0 at a = 0. Dense alone raises; the default reports.
-    a = torch.zeros(3, dtype=F64, requires_grad=True)
-    z, info = il.root(lambda z, a: (z - 1) ** 3 + a, torch.ones(3, dtype=F64), a,
-                      return_info=True)
-    with pytest.warns(il.ConvergenceWarning, match="GMRES.*backward"):
-        (g,) = torch.autograd.grad(z.sum(), a)
-    assert bool(torch.isfinite(g).all())
-    assert info.backward.solver == "GMRES"
-
-
 def test_deterministic_mode_measures_nothing_and_keeps_the_iterative_solver(monkeypatch):
     # A choice made by timing may differ between runs; deterministic mode must not depend on it.
     monkeypatch.setattr(_choose_linear, "prefer_dense", lambda *a, **k: True)

@@ -167,12 +167,15 @@ class TestSingular:
         with pytest.raises(il.NonFiniteError, match="Dense.*singular"):
             torch.autograd.grad(z.sum(), a)
 
-    def test_singular_jacobian_gmres_backward_warns(self):
-        a = torch.tensor(0.0, dtype=F64, requires_grad=True)
-        z = il.root(lambda z, a: (z - 1) ** 3 + a, torch.ones(1, dtype=F64), a)
+    def test_singular_jacobian_default_backward_falls_back_to_gmres_and_warns(self):
+        # A small root's default backward is Dense, which raises here; it falls back to GMRES.
+        a = torch.zeros(3, dtype=F64, requires_grad=True)
+        z, info = il.root(lambda z, a: (z - 1) ** 3 + a, torch.ones(3, dtype=F64), a,
+                          return_info=True)
         with pytest.warns(il.ConvergenceWarning, match="GMRES.*backward"):
             (g,) = torch.autograd.grad(z.sum(), a)
         assert bool(torch.isfinite(g).all())
+        assert info.backward.solver == "GMRES"
 
     @staticmethod
     def _near_singular(backward):
