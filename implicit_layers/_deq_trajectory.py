@@ -29,7 +29,10 @@ class Recorder:
 
     def __call__(self, z: Tensor, *args: Any) -> Tensor:
         if not torch.is_grad_enabled() and not z.requires_grad:
-            self.iterates.append(z.detach().clone())
+            # The layer's first call (finding the tensors f closes over) and a solver's check
+            # may evaluate f twice at one point; a state is recorded once.
+            if not self.iterates or not torch.equal(self.iterates[-1], z):
+                self.iterates.append(z.detach().clone())
         return self.f(z, *args)
 
 
