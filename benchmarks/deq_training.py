@@ -49,6 +49,9 @@ LR = 1e-2
 #: dataset -> epochs of training
 DATASETS = {"digits": 4, "breast_cancer": 8}
 CONFIGS = ("torchdeq defaults", "torchdeq matched", "ours defaults", "ours exact", "ours recipe")
+#: Further configurations measured when choosing the defaults (``--configs`` runs them).
+CANDIDATES = ("ours phantom fallback", "ours jacobian-free", "ours recipe bound 1",
+              "ours weight norm")
 
 
 class Cell(torch.nn.Module):
@@ -116,6 +119,16 @@ def make_config(name: str, cell: Cell) -> tuple[Cell, Callable[[Cell, torch.Tens
     if name == "ours recipe":
         il.nn.apply_norm(cell, "spectral", bound=0.9)
         return cell, ours_solve()
+    if name == "ours recipe bound 1":
+        il.nn.apply_norm(cell, "spectral", bound=1.0)
+        return cell, ours_solve()
+    if name == "ours weight norm":
+        il.nn.apply_norm(cell, "weight")
+        return cell, ours_solve()
+    if name == "ours phantom fallback":
+        return cell, ours_solve(backward=il.backward.Implicit(fallback=il.backward.Phantom()))
+    if name == "ours jacobian-free":
+        return cell, ours_solve(backward=il.backward.JacobianFree())
     raise ValueError(f"unknown configuration {name!r}")
 
 
@@ -201,7 +214,7 @@ def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="200 samples, one epoch, one seed (seconds)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per configuration (default 5)")
-    p.add_argument("--configs", nargs="*", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--configs", nargs="*", choices=CONFIGS + CANDIDATES, default=list(CONFIGS))
     p.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(1)

@@ -11,7 +11,7 @@ recorded) and, in training mode, advances the spectral norm's power iteration on
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -31,6 +31,9 @@ class SpectralBound(torch.nn.Module):
     ``σ`` is estimated by power iteration with persistent vectors ``u``, ``v`` (buffers), which
     only :meth:`power_iteration` moves; the forward is ``uᵀ W v``, differentiable in ``W``.
     """
+
+    u: Tensor
+    v: Tensor
 
     def __init__(self, weight: Tensor, bound: float, n_power_iterations: int, eps: float = 1e-12) -> None:
         super().__init__()
@@ -136,7 +139,7 @@ def apply_norm(
             torch.nn.utils.parametrizations.weight_norm(layer, "weight", dim=0)
         else:
             parametrize.register_parametrization(
-                layer, "weight", SpectralBound(layer.weight, float(bound), n_power_iterations)
+                layer, "weight", SpectralBound(cast(Tensor, layer.weight), float(bound), n_power_iterations)
             )
     return module
 
