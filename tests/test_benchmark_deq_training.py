@@ -1,4 +1,5 @@
-"""benchmarks/deq_training.py runs in tiny mode and reports every configuration it was asked for."""
+"""benchmarks/deq_training.py and benchmarks/adaptive_switch.py run in tiny mode and report
+every configuration they were asked for."""
 
 from __future__ import annotations
 
@@ -21,3 +22,13 @@ def test_tiny_run_trains_every_configuration(tmp_path):
         mean = float(accuracy.split("±")[0])
         # one epoch on 150 training samples: far above chance (10 % digits, ~60 % breast_cancer)
         assert mean > (40.0 if dataset.strip() == "digits" else 70.0), (dataset, name, mean)
+
+
+def test_adaptive_switch_benchmark_tiny():
+    from benchmarks import adaptive_switch
+
+    text = adaptive_switch.main(["--tiny"])
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in text.splitlines()[2:]}
+    assert set(rows) == {"DEQ easy", "DEQ hard", "DEQ MLP", "lasso (diabetes)"}
+    assert rows["DEQ easy"] == "(Picard)"
+    assert rows["lasso (diabetes)"] == "(Picard, then Anderson)"

@@ -67,6 +67,9 @@ class Adaptive(ForwardSolver):
     residual norms, worst active sample) stays at most ``switch_ratio`` and predicts convergence
     within ``max_steps``; then Anderson acceleration with ``memory`` iterates, from the best
     iterate so far. A residual that grows switches at once (a map that is not contractive).
+    When plain iteration would still need more than 128 steps at the observed ``ρ``, Anderson
+    is tried for 8 steps (once) and kept only if it contracts faster per unit of work
+    (``info.solver`` then reads ``"Adaptive (Picard; Anderson tried)"`` if it was not kept).
     Both phases share one convergence monitor and the ``max_steps`` budget.
 
     Backward (when the backward mode has no linear solver of its own): Neumann series when the
