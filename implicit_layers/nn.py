@@ -6,6 +6,10 @@
 * :func:`jacobian_penalty` — Hutchinson estimate of ``‖∂f/∂z‖_F²`` at the equilibrium, the
   Jacobian regulariser of Bai et al. (2021), "Stabilizing Equilibrium Models by Jacobian
   Regularization".
+* The DEQ toolkit: :func:`apply_norm` / :func:`reset_norm` / :func:`remove_norm` (weight or
+  spectral normalisation of the map's layers, computed once per solve) and
+  :class:`VariationalDropout` / :func:`reset_dropout` (one dropout mask per solve);
+  ``DEQ.forward(..., states=...)`` samples states along the solve.
 
 Both layers treat the leading dimension as the batch: each sample is its own problem, with
 its own convergence test and its own entry in the :class:`~implicit_layers.SolveInfo`.

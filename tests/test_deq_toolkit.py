@@ -299,3 +299,24 @@ def test_toolkit_errors_name_the_argument():
         il.nn.apply_norm(lambda z: z)
     with pytest.raises(TypeError, match="f must be"):
         il.nn.DEQ(3)
+
+
+def test_toolkit_under_inference_mode_state_dict_and_empty_batch():
+    torch.manual_seed(10)
+    cell = il.nn.apply_norm(Cell(dropout=0.2, scale=2.0), "spectral", bound=0.8)
+    deq = il.nn.DEQ(cell, state_shape=6)
+    x = torch.randn(5, 4)
+    with torch.inference_mode():
+        z_train = deq(x)  # training mode: a power-iteration step and a mask, no graph
+        deq.eval()
+        z_eval = deq(x)
+    assert not z_train.requires_grad and not z_eval.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(z_eval, cell(z_eval, x), rtol=0, atol=1e-4)  # dropout off
+    twin = il.nn.DEQ(il.nn.apply_norm(Cell(dropout=0.2), "spectral", bound=0.8), state_shape=6)
+    twin.load_state_dict(deq.state_dict())  # raw weights and power-iteration vectors
+    twin.eval()
+    torch.testing.assert_close(twin(x), deq(x), rtol=0, atol=0)
+    deq.train()
+    states = deq(torch.randn(0, 4), states=2)
+    assert len(states) == 1 and states[0].shape == (0, 6)
