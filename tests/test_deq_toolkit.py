@@ -320,3 +320,15 @@ def test_toolkit_under_inference_mode_state_dict_and_empty_batch():
     deq.train()
     states = deq(torch.randn(0, 4), states=2)
     assert len(states) == 1 and states[0].shape == (0, 6)
+
+
+def test_function_map_extra_input_under_torch_func_grad():
+    torch.manual_seed(11)
+    W = 0.4 * torch.linalg.qr(torch.randn(4, 4, dtype=F64))[0]
+    deq = il.nn.DEQ(lambda z, x, W: torch.tanh(z @ W.T + x),
+                    solver=il.solvers.Anderson(rtol=1e-12, max_steps=100))
+    x = torch.randn(3, 4, dtype=F64)
+    g = torch.func.grad(lambda W: (deq(x, args=(W,)) ** 2).sum())(W)
+    Wr = W.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad((deq(x, args=(Wr,)) ** 2).sum(), Wr)
+    torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-14)
