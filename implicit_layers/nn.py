@@ -33,7 +33,7 @@ from ._deq_dropout import VariationalDropout, reset_dropout
 from ._deq_norm import apply_norm, precompute_norm, remove_norm, reset_norm
 from ._deq_trajectory import Recorder, attach_state, check_states, pick_states
 from ._info import SolveInfo
-from .backward import BackwardMode
+from .backward import BackwardMode, Unrolled
 from .functional import argmin as _argmin
 from .functional import fixed_point as _fixed_point
 from .linear._base import LinearSolver
@@ -283,7 +283,7 @@ class DEQ(torch.nn.Module):
 
         Raises:
             ValueError: ``states`` is not ``None``, a positive int or a sequence of positive
-                ints, or is given with a structured state ``z0``.
+                ints, or is given with a structured state ``z0`` or ``backward=Unrolled()``.
         """
         states = check_states(states)
         z0 = _initial_guess(z0, "z0", x, self.state_shape, "state_shape", self)
@@ -300,6 +300,12 @@ class DEQ(torch.nn.Module):
                                  return_info)
         if states is not None and not isinstance(z0, Tensor):
             raise ValueError("states=... needs a tensor state; z0 is a structured state.")
+        if states is not None and isinstance(self.backward, Unrolled):
+            raise ValueError(
+                "states=... attaches the layer's backward at each sampled state, which "
+                "backward=Unrolled() cannot do; use an implicit backward, JacobianFree() or "
+                "Phantom(k) with states."
+            )
         f = Recorder(self.f) if states is not None else self.f
         with parametrize.cached():
             if isinstance(self.f, torch.nn.Module):

@@ -286,6 +286,10 @@ def test_trajectory_n_states_and_step_backward():
         deq(x, states=0)
     with pytest.raises(ValueError, match="states must be"):
         deq(x, states=[0, 3])
+    unrolled = il.nn.DEQ(cell, solver=il.solvers.Picard(max_steps=100), state_shape=6,
+                         backward=il.backward.Unrolled())
+    with pytest.raises(ValueError, match="Unrolled"):
+        unrolled(x, states=2)
 
 
 def test_toolkit_errors_name_the_argument():
