@@ -172,8 +172,6 @@ def precompute_norm(module: torch.nn.Module) -> None:
     Called inside :func:`torch.nn.utils.parametrize.cached`, so that the solve's iterations
     (run without a graph) and the gradient's evaluation reuse these values.
     """
-    if not parametrize._cache_enabled:
-        return
     with torch.enable_grad():
         for layer in _normalisable(module):
             if parametrize.is_parametrized(layer, "weight"):
