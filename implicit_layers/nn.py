@@ -20,6 +20,7 @@ implicit backward modes).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -307,9 +308,13 @@ class DEQ(torch.nn.Module):
                 "Phantom(k) with states."
             )
         f = Recorder(self.f) if states is not None else self.f
-        with parametrize.cached():
-            if isinstance(self.f, torch.nn.Module):
-                precompute_norm(self.f)
+        normalised = isinstance(self.f, torch.nn.Module) and any(
+            parametrize.is_parametrized(m) for m in self.f.modules()
+        )
+        # Parametrized weights (apply_norm) are computed once for the whole solve.
+        with parametrize.cached() if normalised else contextlib.nullcontext():
+            if normalised:
+                precompute_norm(self.f)  # type: ignore[arg-type]
             z, info = _fixed_point(
                 f, z0, x, *args, solver=self.active_solver, backward=self.backward,
                 batched=True, return_info=True,
