@@ -147,7 +147,7 @@ def apply_norm(
 def _spectral_layers(module: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, SpectralBound]]:
     for layer in _normalisable(module):
         if parametrize.is_parametrized(layer, "weight"):
-            for p in layer.parametrizations["weight"]:  # type: ignore[union-attr,index]
+            for p in layer.parametrizations["weight"]:  # type: ignore[index]
                 if isinstance(p, SpectralBound):
                     yield layer, p
 
