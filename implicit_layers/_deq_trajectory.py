@@ -21,18 +21,27 @@ __all__ = ["Recorder", "check_states", "pick_states", "attach_state"]
 
 
 class Recorder:
-    """``f`` with a record of the iterates it was evaluated at during the graph-free solve."""
+    """``f`` with a record of the iterates it was evaluated at during the graph-free solve.
 
-    def __init__(self, f: Callable[..., Tensor]) -> None:
+    ``iterates[k]`` is the state after ``k`` evaluations (the input of the ``k+1``-th); with
+    ``keep`` given only those indices are stored (the others are ``None``), so that sampling a
+    few states does not hold the whole trajectory.
+    """
+
+    def __init__(self, f: Callable[..., Tensor], keep: set[int] | None = None) -> None:
         self.f = f
-        self.iterates: list[Tensor] = []
+        self.keep = keep
+        self.iterates: list[Tensor | None] = []
+        self._last: Tensor | None = None
 
     def __call__(self, z: Tensor, *args: Any) -> Tensor:
         if not torch.is_grad_enabled() and not z.requires_grad:
             # The layer's first call (finding the tensors f closes over) and a solver's check
             # may evaluate f twice at one point; a state is recorded once.
-            if not self.iterates or not torch.equal(self.iterates[-1], z):
-                self.iterates.append(z.detach().clone())
+            if self._last is None or not torch.equal(self._last, z):
+                self._last = z.detach().clone()
+                stored = self.keep is None or len(self.iterates) in self.keep
+                self.iterates.append(self._last if stored else None)
         return self.f(z, *args)
 
 
@@ -55,7 +64,7 @@ def check_states(states: object) -> int | tuple[int, ...] | None:
 
 
 def pick_states(
-    iterates: list[Tensor], solution: Tensor, states: int | tuple[int, ...]
+    iterates: list[Tensor | None], solution: Tensor, states: int | tuple[int, ...]
 ) -> list[Tensor | None]:
     """The detached states to return; ``None`` stands for the solution itself.
 

@@ -307,7 +307,9 @@ class DEQ(torch.nn.Module):
                 "backward=Unrolled() cannot do; use an implicit backward, JacobianFree() or "
                 "Phantom(k) with states."
             )
-        f = Recorder(self.f) if states is not None else self.f
+        f = self.f
+        if states is not None:
+            f = Recorder(self.f, None if isinstance(states, int) else set(states))
         normalised = isinstance(self.f, torch.nn.Module) and any(
             parametrize.is_parametrized(m) for m in self.f.modules()
         )
