@@ -17,9 +17,13 @@ __all__ = ["as_vector", "per_vector", "require", "require_tensor", "safe_norm"]
 def require_tensor(x: object, name: str) -> Tensor:
     """Return ``x`` if it is a floating tensor with at least one dimension, else raise."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}. Wrap it with torch.as_tensor.")
+        raise TypeError(
+            f"{name} must be a torch.Tensor; got {type(x).__name__}. Wrap it with torch.as_tensor."
+        )
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a real floating tensor; got dtype {x.dtype}. Cast it with .double().")
+        raise TypeError(
+            f"{name} must be a real floating tensor; got dtype {x.dtype}. Cast it with .double()."
+        )
     if x.dim() == 0:
         raise ValueError(
             f"{name} must have at least one dimension (the vector is its last one); got a 0-d tensor. "

@@ -196,7 +196,9 @@ def linf_ball(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
 def _normal(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     a = as_vector(a, x, "a")
     if a.dim() == 0 or a.shape[-1] not in (1, x.shape[-1]):
-        raise ValueError(f"a must be a vector of length n = {x.shape[-1]} (last dimension); got shape {tuple(a.shape)}.")
+        raise ValueError(
+            f"a must be a vector of length n = {x.shape[-1]} (last dimension); got shape {tuple(a.shape)}."
+        )
     sq = (a * a).sum(-1, keepdim=True)
     require(sq > 0, "a must be nonzero (a zero normal does not define a hyperplane).")
     return a, sq
@@ -266,9 +268,13 @@ def affine_set(x: Tensor, A: Tensor, b: Tensor) -> Tensor:
     A = require_tensor(A, "A")
     b = require_tensor(b, "b")
     if A.dim() < 2 or A.shape[-1] != x.shape[-1]:
-        raise ValueError(f"A must have shape (m, n) with n = {x.shape[-1]} = x.shape[-1]; got {tuple(A.shape)}.")
+        raise ValueError(
+            f"A must have shape (m, n) with n = {x.shape[-1]} = x.shape[-1]; got {tuple(A.shape)}."
+        )
     if b.shape[-1] != A.shape[-2]:
-        raise ValueError(f"b must have shape (m,) with m = {A.shape[-2]} = A.shape[-2]; got {tuple(b.shape)}.")
+        raise ValueError(
+            f"b must have shape (m,) with m = {A.shape[-2]} = A.shape[-2]; got {tuple(b.shape)}."
+        )
     if A.shape[-2] > A.shape[-1]:
         raise ValueError(
             f"A has more rows ({A.shape[-2]}) than columns ({A.shape[-1]}), so it cannot have full row rank; "
@@ -278,7 +284,8 @@ def affine_set(x: Tensor, A: Tensor, b: Tensor) -> Tensor:
     _, info = torch.linalg.cholesky_ex(gram.detach())
     require(
         info == 0,
-        "A must have full row rank (A Aᵀ is singular): A y = b is inconsistent or has redundant rows; remove them.",
+        "A must have full row rank (A Aᵀ is singular): A y = b is inconsistent or has redundant rows; "
+        "remove them.",
     )
     residual = (A @ x.unsqueeze(-1)).squeeze(-1) - b
     chol = torch.linalg.cholesky(gram)
@@ -366,7 +373,8 @@ def _section_multiplier(x: Tensor, lo: Tensor, up: Tensor, a: Tensor, level: Ten
     kinks = torch.cat([(x - up) / safe_a, (x - lo) / safe_a], dim=-1)
     # A spurious breakpoint only splits a linear piece, so undefined ones (a_i = 0, infinite
     # bounds) are replaced by 0.
-    kinks = torch.where(torch.isfinite(kinks) & torch.cat([nonzero, nonzero], -1), kinks, torch.zeros_like(kinks))
+    defined = torch.isfinite(kinks) & torch.cat([nonzero, nonzero], -1)
+    kinks = torch.where(defined, kinks, torch.zeros_like(kinks))
     kinks, _ = torch.sort(kinks, dim=-1)
     k = kinks.shape[-1]
     # Invariant: value(kinks[lo_i]) >= c > value(kinks[hi_i]), index -1 is -inf and k is +inf

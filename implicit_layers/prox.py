@@ -47,16 +47,25 @@ Prox = Callable[..., Tensor]
 """A proximal operator in the solver's form, ``p(w, step) -> prox_{step·g}(w)``."""
 
 
-def _strength(value: float | Tensor, x: Tensor, name: str) -> Tensor:
-    s = as_vector(value, x, name)
-    require(s >= 0, f"{name} must be >= 0 (a negative strength makes the problem nonconvex); got a negative value.")
+def _nonnegative(s: Tensor, name: str) -> Tensor:
+    require(
+        s >= 0,
+        f"{name} must be >= 0 (a negative strength makes the problem nonconvex); got a negative value.",
+    )
     return s
+
+
+def _positive(h: Tensor) -> Tensor:
+    require(h > 0, "step must be > 0; got a nonpositive step.")
+    return h
+
+
+def _strength(value: float | Tensor, x: Tensor, name: str) -> Tensor:
+    return _nonnegative(as_vector(value, x, name), name)
 
 
 def _step(step: float | Tensor, x: Tensor) -> Tensor:
-    s = as_vector(step, x, "step")
-    require(s > 0, "step must be > 0; got a nonpositive step.")
-    return s
+    return _positive(as_vector(step, x, "step"))
 
 
 def _shrink(x: Tensor, threshold: Tensor) -> Tensor:
@@ -102,9 +111,7 @@ def nonnegative_l1(x: Tensor, strength: float | Tensor, step: float | Tensor = 1
     return torch.where(z > 0, z, torch.zeros_like(z))
 
 
-def elastic_net(
-    x: Tensor, l1: float | Tensor, l2: float | Tensor, step: float | Tensor = 1.0
-) -> Tensor:
+def elastic_net(x: Tensor, l1: float | Tensor, l2: float | Tensor, step: float | Tensor = 1.0) -> Tensor:
     """The prox of ``step·(l1·‖y‖₁ + ½·l2·‖y‖²)``: ``soft(x, step·l1) / (1 + step·l2)``.
 
     Args:
@@ -135,11 +142,9 @@ def group_lasso(x: Tensor, strength: float | Tensor, step: float | Tensor = 1.0)
         The prox, shape of ``x``.
     """
     x = require_tensor(x, "x")
-    s = per_vector(strength, x, "strength")
-    require(s >= 0, "strength must be >= 0 (a negative strength makes the problem nonconvex); got a negative value.")
-    h = per_vector(step, x, "step")
-    require(h > 0, "step must be > 0; got a nonpositive step.")
-    threshold = h * s
+    threshold = _positive(per_vector(step, x, "step")) * _nonnegative(
+        per_vector(strength, x, "strength"), "strength"
+    )
     norm, safe = safe_norm(x)
     return torch.where(norm > threshold, x * (1 - threshold / safe), torch.zeros_like(x))
 
@@ -160,7 +165,9 @@ def ridge(x: Tensor, strength: float | Tensor, step: float | Tensor = 1.0) -> Te
 
 
 def nonnegative_ridge(x: Tensor, strength: float | Tensor, step: float | Tensor = 1.0) -> Tensor:
-    """The prox of ``step·strength·½‖y‖²`` plus the indicator of ``y >= 0``: ``max(x, 0) / (1 + step·strength)``.
+    """The prox of ``step·strength·½‖y‖²`` plus the indicator of ``y >= 0``.
+
+    ``y = max(x, 0) / (1 + step·strength)``.
 
     Args:
         x: points, shape ``(*batch, n)``.
@@ -197,7 +204,9 @@ def indicator(projection: Callable[..., Tensor], *params: Any, **kwargs: Any) ->
         tensor([0.0000, 0.5000, 1.0000])
     """
     if not callable(projection):
-        raise TypeError(f"projection must be callable, like il.projection.simplex; got {type(projection).__name__}.")
+        raise TypeError(
+            f"projection must be callable, like il.projection.simplex; got {type(projection).__name__}."
+        )
 
     def prox(w: Tensor, step: float | Tensor = 1.0) -> Tensor:
         return projection(w, *params, **kwargs)
