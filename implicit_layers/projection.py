@@ -350,9 +350,8 @@ def box_section(
         at_lower = (z <= lo.detach()) & ~at_upper
         free = ~(at_upper | at_lower)
     bound = torch.where(at_upper, up, lo)
-    # The inner where keeps inf bounds of unused coordinates out of the product (0 * inf = NaN
-    # would reach the gradient of a).
-    a_bound = a * torch.where(free | (a == 0), zero, bound)
+    # The inner where keeps the (possibly infinite) bounds of free coordinates out of the product.
+    a_bound = a * torch.where(free, zero, bound)
     free_sq = torch.where(free, a * a, zero).sum(-1, keepdim=True)
     numerator = torch.where(free, a * x, zero).sum(-1, keepdim=True) + a_bound.sum(-1, keepdim=True) - level
     solvable = free_sq > 0
