@@ -259,7 +259,7 @@ def test_torch_func_vmap_grad_jacrev_and_float32():
         torch.testing.assert_close(torch.func.vmap(project)(x64), torch.stack([project(v) for v in x64]))
         jac = torch.func.vmap(torch.func.jacrev(project))(x64)
         ref = torch.stack([torch.autograd.functional.jacobian(project, v) for v in x64])
-        torch.testing.assert_close(jac, ref), name
+        torch.testing.assert_close(jac, ref, msg=lambda m, n=name: f"{n}: {m}")
     radius = torch.tensor(0.7, dtype=D)
     g = torch.func.grad(lambda r: P.l2_ball(x64[0], r).sum())(radius)
     norm = x64[0].norm()
