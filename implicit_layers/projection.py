@@ -52,6 +52,19 @@ def _clip(x: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
     return torch.where(x > upper, upper, torch.where(x < lower, lower, x)).to(x.dtype)
 
 
+def _ball(x: Tensor, radius: float | Tensor) -> tuple[Tensor, Tensor]:
+    x = require_tensor(x, "x")
+    r = per_vector(radius, x, "radius")
+    require(r >= 0, "radius must be >= 0; got a negative radius.")
+    return x, r
+
+
+def _box(x: Tensor, lower: float | Tensor, upper: float | Tensor) -> tuple[Tensor, Tensor]:
+    lo, up = as_vector(lower, x, "lower"), as_vector(upper, x, "upper")
+    require(lo <= up, "lower must be <= upper everywhere (the box is empty otherwise); got lower > upper.")
+    return lo, up
+
+
 def box(x: Tensor, lower: float | Tensor, upper: float | Tensor) -> Tensor:
     """Project onto the box ``{y: lower <= y <= upper}`` (elementwise clipping).
 
@@ -71,8 +84,7 @@ def box(x: Tensor, lower: float | Tensor, upper: float | Tensor) -> Tensor:
         tensor([0.0000, 0.5000, 1.0000])
     """
     x = require_tensor(x, "x")
-    lo, up = as_vector(lower, x, "lower"), as_vector(upper, x, "upper")
-    require(lo <= up, "lower must be <= upper everywhere (the box is empty otherwise); got lower > upper.")
+    lo, up = _box(x, lower, upper)
     return _clip(x, lo, up)
 
 
@@ -147,9 +159,7 @@ def l1_ball(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
     Raises:
         ValueError: if ``radius < 0``.
     """
-    x = require_tensor(x, "x")
-    r = per_vector(radius, x, "radius")
-    require(r >= 0, "radius must be >= 0; got a negative radius.")
+    x, r = _ball(x, radius)
     inside = x.abs().sum(-1, keepdim=True) <= r
     return torch.where(inside, x, torch.sign(x) * _simplex(x.abs(), r))
 
@@ -167,9 +177,7 @@ def l2_ball(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
     Raises:
         ValueError: if ``radius < 0``.
     """
-    x = require_tensor(x, "x")
-    r = per_vector(radius, x, "radius")
-    require(r >= 0, "radius must be >= 0; got a negative radius.")
+    x, r = _ball(x, radius)
     norm, safe = safe_norm(x)
     return torch.where(norm > r, x * (r / safe), x)
 
@@ -187,9 +195,7 @@ def linf_ball(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
     Raises:
         ValueError: if ``radius < 0``.
     """
-    x = require_tensor(x, "x")
-    r = per_vector(radius, x, "radius")
-    require(r >= 0, "radius must be >= 0; got a negative radius.")
+    x, r = _ball(x, radius)
     return _clip(x, -r, r)
 
 
@@ -202,6 +208,13 @@ def _normal(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
     sq = (a * a).sum(-1, keepdim=True)
     require(sq > 0, "a must be nonzero (a zero normal does not define a hyperplane).")
     return a, sq
+
+
+def _plane(x: Tensor, a: Tensor, b: float | Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The checked point and normal, ``‖a‖²`` and the signed gap ``aᵀx − b``."""
+    x = require_tensor(x, "x")
+    a, sq = _normal(x, a)
+    return x, a, sq, (a * x).sum(-1, keepdim=True) - per_vector(b, x, "b")
 
 
 def hyperplane(x: Tensor, a: Tensor, b: float | Tensor) -> Tensor:
@@ -218,9 +231,7 @@ def hyperplane(x: Tensor, a: Tensor, b: float | Tensor) -> Tensor:
     Raises:
         ValueError: if ``a`` is zero or not of length ``n``.
     """
-    x = require_tensor(x, "x")
-    a, sq = _normal(x, a)
-    gap = (a * x).sum(-1, keepdim=True) - per_vector(b, x, "b")
+    x, a, sq, gap = _plane(x, a, b)
     return x - gap / sq * a
 
 
@@ -239,9 +250,7 @@ def halfspace(x: Tensor, a: Tensor, b: float | Tensor) -> Tensor:
     Raises:
         ValueError: if ``a`` is zero or not of length ``n``.
     """
-    x = require_tensor(x, "x")
-    a, sq = _normal(x, a)
-    gap = (a * x).sum(-1, keepdim=True) - per_vector(b, x, "b")
+    x, a, sq, gap = _plane(x, a, b)
     gap = torch.where(gap > 0, gap, torch.zeros_like(gap))
     return x - gap / sq * a
 
@@ -326,8 +335,7 @@ def box_section(
     """
     x = require_tensor(x, "x")
     a, _ = _normal(x, a)
-    lo, up = as_vector(lower, x, "lower"), as_vector(upper, x, "upper")
-    require(lo <= up, "lower must be <= upper everywhere (the box is empty otherwise); got lower > upper.")
+    lo, up = _box(x, lower, upper)
     level = per_vector(c, x, "c")
     shape = torch.broadcast_shapes(x.shape, a.shape, lo.shape, up.shape)
     x, a, lo, up = (t.expand(shape) for t in (x, a, lo, up))

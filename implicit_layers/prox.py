@@ -68,6 +68,11 @@ def _step(step: float | Tensor, x: Tensor) -> Tensor:
     return _positive(as_vector(step, x, "step"))
 
 
+def _scaled(x: Tensor, strength: float | Tensor, step: float | Tensor) -> Tensor:
+    """``step · strength``, both checked and broadcastable to ``x``."""
+    return _step(step, x) * _strength(strength, x, "strength")
+
+
 def _shrink(x: Tensor, threshold: Tensor) -> Tensor:
     # Soft-thresholding; strict inequality puts the kink |x| == threshold on the zero side.
     zero = torch.zeros_like(x)
@@ -92,7 +97,7 @@ def l1(x: Tensor, strength: float | Tensor, step: float | Tensor = 1.0) -> Tenso
         tensor([-1.,  0.,  2.])
     """
     x = require_tensor(x, "x")
-    return _shrink(x, _step(step, x) * _strength(strength, x, "strength"))
+    return _shrink(x, _scaled(x, strength, step))
 
 
 def nonnegative_l1(x: Tensor, strength: float | Tensor, step: float | Tensor = 1.0) -> Tensor:
@@ -107,7 +112,7 @@ def nonnegative_l1(x: Tensor, strength: float | Tensor, step: float | Tensor = 1
         The prox, shape of ``x`` broadcast with the strengths.
     """
     x = require_tensor(x, "x")
-    z = x - _step(step, x) * _strength(strength, x, "strength")
+    z = x - _scaled(x, strength, step)
     return torch.where(z > 0, z, torch.zeros_like(z))
 
 
@@ -161,7 +166,7 @@ def ridge(x: Tensor, strength: float | Tensor, step: float | Tensor = 1.0) -> Te
         The prox, shape of ``x`` broadcast with the strengths.
     """
     x = require_tensor(x, "x")
-    return x / (1 + _step(step, x) * _strength(strength, x, "strength"))
+    return x / (1 + _scaled(x, strength, step))
 
 
 def nonnegative_ridge(x: Tensor, strength: float | Tensor, step: float | Tensor = 1.0) -> Tensor:
@@ -179,7 +184,7 @@ def nonnegative_ridge(x: Tensor, strength: float | Tensor, step: float | Tensor 
     """
     x = require_tensor(x, "x")
     positive = torch.where(x > 0, x, torch.zeros_like(x))
-    return positive / (1 + _step(step, x) * _strength(strength, x, "strength"))
+    return positive / (1 + _scaled(x, strength, step))
 
 
 def indicator(projection: Callable[..., Tensor], *params: Any, **kwargs: Any) -> Prox:

@@ -309,3 +309,16 @@ def test_no_nan_at_kinks():
 def test_bad_inputs(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_inference_mode_and_autocast():
+    x = rng_point(7)
+    for name, (project, _, _) in CASES.items():
+        ref = project(x)
+        with torch.inference_mode():
+            torch.testing.assert_close(project(x), ref, msg=lambda m, n=name: f"{n}: {m}")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            # None of these operations is on autocast's lists: they keep the input's precision.
+            out = project(x)
+        assert out.dtype == D
+        torch.testing.assert_close(out, ref)

@@ -226,3 +226,15 @@ def test_bad_callables():
         Q.bind(Q.l1)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         Q.l1(np.ones(3), 0.1)
+
+
+def test_inference_mode_and_autocast():
+    x = point(8)
+    for name, prox in ALL.items():
+        ref = prox(x, 0.5)
+        with torch.inference_mode():
+            torch.testing.assert_close(prox(x, 0.5), ref, msg=lambda m, n=name: f"{n}: {m}")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = prox(x, 0.5)
+        assert out.dtype == D
+        torch.testing.assert_close(out, ref)
