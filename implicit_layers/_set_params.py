@@ -32,18 +32,17 @@ def require_tensor(x: object, name: str) -> Tensor:
     return x
 
 
-def _value_is_checkable(cond: Tensor) -> bool:
-    # Under torch.func.vmap a condition on the data cannot become a Python bool; the check is
-    # then left to the caller (the same call without vmap raises).
-    return not torch._C._functorch.is_batchedtensor(cond)
-
-
 def require(cond: Tensor | bool, message: str) -> None:
     """Raise ``ValueError(message)`` unless ``cond`` holds everywhere (skipped under vmap)."""
     if isinstance(cond, Tensor):
-        if not _value_is_checkable(cond) or cond.device.type == "meta":
+        if cond.device.type == "meta":
             return
-        cond = bool(cond.all())
+        try:
+            cond = bool(cond.all())
+        except RuntimeError:
+            # Under torch.func.vmap (at any depth of nesting with grad/jacrev) a condition on
+            # the data cannot become a Python bool; the same call without vmap raises.
+            return
     if not cond:
         raise ValueError(message)
 
