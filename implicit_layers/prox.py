@@ -10,7 +10,7 @@ operators are plain torch operations.
 **Calling convention.** A solver that takes a proximal operator calls it as ``p(w, step)``,
 returning ``prox_{step·g}(w)``. :func:`bind` fixes the strengths of one of the functions below
 to give that form, and :func:`indicator` turns a projection into it (the prox of the indicator
-of a set is the projection, for every step)::
+of a set is the projection, for every step):
 
     p = il.prox.bind(il.prox.l1, lam)          # p(w, step) == il.prox.l1(w, lam, step)
     c = il.prox.indicator(il.projection.simplex, 2.0)
