@@ -57,8 +57,6 @@ def per_vector(value: float | Tensor, x: Tensor, name: str) -> Tensor:
         name: the argument's name, for the error message.
     """
     t = torch.as_tensor(value, dtype=x.dtype, device=x.device)
-    if t.is_floating_point() and t.dtype != x.dtype:
-        t = t.to(x.dtype)
     try:
         torch.broadcast_shapes(t.shape, x.shape[:-1])
     except RuntimeError:

@@ -274,8 +274,9 @@ def affine_set(x: Tensor, A: Tensor, b: Tensor) -> Tensor:
             either inconsistent or has redundant rows; remove them).
     """
     x = require_tensor(x, "x")
-    A = require_tensor(A, "A")
-    b = require_tensor(b, "b")
+    # Like the other set parameters, A and b take the dtype of x.
+    A = require_tensor(A, "A").to(x.dtype)
+    b = require_tensor(b, "b").to(x.dtype)
     if A.dim() < 2 or A.shape[-1] != x.shape[-1]:
         raise ValueError(
             f"A must have shape (m, n) with n = {x.shape[-1]} = x.shape[-1]; got {tuple(A.shape)}."
