@@ -50,6 +50,8 @@ DOCTEST_MODULES = [
     "implicit_layers.solvers.newton",
     "implicit_layers.solvers.picard",
     "implicit_layers.nn",
+    "implicit_layers.projection",
+    "implicit_layers.prox",
     "implicit_layers.solvers.adaptive",
     "implicit_layers.hyper.layers",
     "implicit_layers.hyper.trainer",
