@@ -240,12 +240,7 @@ class ForwardSolver(SolverSettings):
         raise NotImplementedError
 
     def _advice(self, problem: Problem) -> str:
-        base = f"Raise max_steps (now {self.max_steps}) or loosen rtol/atol"
-        if problem.kind == "fixed_point":
-            return base + "; a map that is not contractive may need damping, Anderson or Broyden."
-        if problem.kind == "argmin":
-            return base + "; check that the objective is bounded below and smooth."
-        return base + "; check that a root exists near z0."
+        return problem.failure_advice(f"Raise max_steps (now {self.max_steps}) or loosen rtol/atol")
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -299,7 +294,7 @@ class Monitor:
         self.rtol = solver.resolved_rtol(z0.dtype)
         self.atol = solver.atol
         self.check_every = solver.check_every or default_check_every(z0.device)
-        self.relative_to_z = problem.kind == "fixed_point"
+        self.relative_to_z = problem.relative_to_z
         res = _norm(r0)
         # Fixed points: the floor of the scale is ‖f(z0)‖ (f(z0) = z0 - r0), so that a fixed
         # point at 0 meets an absolute tolerance instead of chasing ‖z‖ down to underflow.

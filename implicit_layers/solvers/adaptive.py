@@ -112,7 +112,7 @@ class Adaptive(ForwardSolver):
         self.window = check_positive_int(window, "window")
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
-        plain = problem.kind == "fixed_point"
+        plain = problem.has_fixed_point_map
 
         def residual(v: Tensor) -> Tensor:
             return problem.residual(v, create_graph=differentiable)
