@@ -76,6 +76,8 @@ class Problem:
     #: Whether the default adjoint solver of a non-symmetric problem is chosen by size (Dense
     #: when small) rather than always GMRES.
     adjoint_by_size: ClassVar[bool] = False
+    #: The built-in forward solvers to suggest for this kind in messages.
+    solvers_hint: ClassVar[str] = ""
 
     def __new__(cls, kind: str, *args: Any, **kwargs: Any) -> Problem:
         if cls is Problem:
@@ -273,6 +275,7 @@ class FixedPointProblem(Problem):
     Jacobian ``I - ∂f/∂z`` is not symmetric."""
 
     kind = "fixed_point"
+    solvers_hint = "Anderson, Picard or Broyden"
     has_fixed_point_map = True
     relative_to_z = True
 
@@ -293,6 +296,7 @@ class RootProblem(Problem):
     """A root ``F(z) = 0``: residual ``F(z)``; its Jacobian is symmetric only if declared."""
 
     kind = "root"
+    solvers_hint = "Broyden, Anderson or Picard"
     adjoint_by_size = True
 
     def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
@@ -307,6 +311,7 @@ class MinimiseProblem(Problem):
     adjoint system (the Hessian) is symmetric positive definite at a strict minimum."""
 
     kind = "argmin"
+    solvers_hint = "LBFGS, Newton or GradientDescent"
     is_gradient = True
     adjoint_by_size = True
 
