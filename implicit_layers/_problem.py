@@ -256,8 +256,9 @@ class Problem:
 
     def pure_residual(self, z: Tensor) -> Tensor:
         """``F(z)`` computed with ``torch.func`` only, so that it can be transformed (no
-        ``requires_grad_`` or ``torch.autograd.grad`` inside)."""
-        raise NotImplementedError
+        ``requires_grad_`` or ``torch.autograd.grad`` inside). The residual itself, for the
+        kinds whose residual calls no autograd."""
+        return self.residual(z)
 
     # -- policy ---------------------------------------------------------------------------
     def adjoint_structure(self) -> tuple[bool | None, bool | None]:
@@ -282,9 +283,6 @@ class FixedPointProblem(Problem):
     def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
         return z - self.flatten(self._call(z))
 
-    def pure_residual(self, z: Tensor) -> Tensor:
-        return z - self.flatten(self._call(z))
-
     def adjoint_structure(self) -> tuple[bool | None, bool | None]:
         return (True if self.symmetric else False), None
 
@@ -300,9 +298,6 @@ class RootProblem(Problem):
     adjoint_by_size = True
 
     def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
-        return self.flatten(self._call(z))
-
-    def pure_residual(self, z: Tensor) -> Tensor:
         return self.flatten(self._call(z))
 
 
