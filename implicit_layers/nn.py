@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 
 from ._capture import transforms_active
 from ._info import SolveInfo
+from ._problem import KINDS
 from .backward import BackwardMode
 from .functional import argmin as _argmin
 from .functional import fixed_point as _fixed_point
@@ -45,11 +46,10 @@ def _check_solver(solver: object, name: str, kind: str) -> ForwardSolver | None:
             f"{name} must be a forward solver from il.solvers (e.g. il.solvers.Anderson()), got "
             f"{type(solver).__name__}."
         )
-    if kind not in solver.kinds:
+    if not solver.solves(kind):
         raise ValueError(
             f"{name}={type(solver).__name__} cannot solve the {kind} problem of this layer; use "
-            + ("Anderson, Picard or Broyden." if kind == "fixed_point"
-               else "LBFGS, Newton or GradientDescent.")
+            f"{KINDS[kind].solvers_hint}."
         )
     return solver
 
