@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ._capture import is_wrapped, transforms_active
 from ._choose_linear import DenseElseGMRES, measured_default
+from ._eager import run_eagerly
 from ._folded import FoldedProblem
 from ._info import ConvergenceWarning, NonFiniteError, SolveInfo, user_stacklevel
 from ._linearize import Linearization, RecordedLinearization, func_vjp, transpose_of_vjp
@@ -393,6 +394,7 @@ class _Solution(torch.autograd.Function):
         ctx.save_for_forward(output, *values)
 
     @staticmethod
+    @run_eagerly
     def backward(ctx: Any, g: Tensor) -> tuple:  # type: ignore[override]
         z, *values = ctx.saved_tensors
         return (None, None, *ctx.core.vjp(z, values, g))
@@ -450,6 +452,7 @@ class _LinearSolve(torch.autograd.Function):
         ctx.save_for_forward(z, output, *values)
 
     @staticmethod
+    @run_eagerly
     def backward(ctx: Any, u_bar: Tensor) -> tuple:  # type: ignore[override]
         z, u, *values = ctx.saved_tensors
         core, transpose = ctx.core, ctx.transpose

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from ._capture import transforms_active
+from ._eager import run_eagerly
 from ._info import SolveInfo
 from ._problem import KINDS
 from .backward import BackwardMode
@@ -215,6 +216,7 @@ class DEQ(torch.nn.Module):
             return self.eval_solver
         return self.solver
 
+    @run_eagerly
     def forward(
         self, x: Tensor, z0: Tensor | None = None, *, return_info: bool = False
     ) -> Tensor | tuple[Tensor, SolveInfo]:
@@ -507,6 +509,7 @@ class ArgminLayer(torch.nn.Module):
         lam = (1.1 * lam.detach()).clamp_min(torch.finfo(w0.dtype).eps)
         return (1.0 / lam).reshape(shape)
 
+    @run_eagerly
     def forward(
         self, x: Tensor, w0: Tensor | None = None, *, return_info: bool = False
     ) -> Tensor | tuple[Tensor, SolveInfo]:
@@ -564,6 +567,7 @@ class ArgminLayer(torch.nn.Module):
         return ", ".join(parts)
 
 
+@run_eagerly
 def jacobian_penalty(
     f: Callable[[Tensor, Tensor], Tensor],
     z_star: Tensor,
