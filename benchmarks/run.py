@@ -28,12 +28,14 @@ from benchmarks._common import Config, Section, restore_threads, set_threads  # 
 
 PROBLEMS = (
     "ridge", "deq", "memory", "linsolve", "batched", "imaml", "higher_order", "ops_per_iteration",
+    "compile",
 )
 
 
 def _runner(name: str):
     from benchmarks import (
         batched,
+        compile,
         deq,
         higher_order,
         imaml,
@@ -52,6 +54,7 @@ def _runner(name: str):
         "imaml": imaml.run_imaml,
         "higher_order": higher_order.run_higher_order,
         "ops_per_iteration": ops_per_iteration.run_ops_per_iteration,
+        "compile": compile.run_compile,
     }[name]
 
 

@@ -4,7 +4,7 @@ Layers whose output is defined by an inner problem — a fixed point, a root or 
 in the forward pass and differentiated in the backward pass by the implicit function theorem.
 """
 
-from . import backward, hyper, linear, memory, nn, solvers
+from . import backward, hyper, linear, memory, nn, projection, prox, solvers
 from ._info import (
     ConvergenceError,
     ConvergenceWarning,
@@ -28,6 +28,8 @@ __all__ = [
     "hyper",
     "memory",
     "nn",
+    "projection",
+    "prox",
     "SolveInfo",
     "ConvergenceWarning",
     "ConvergenceError",

@@ -36,6 +36,13 @@ class FoldedProblem:
         self.dims = tuple(dims)
         self.kind = base.kind
         self.symmetric = base.symmetric
+        # The kind's policy, asked of the folded problem as of the base one.
+        self.has_fixed_point_map = base.has_fixed_point_map
+        self.relative_to_z = base.relative_to_z
+        self.is_gradient = base.is_gradient
+        self.adjoint_by_size = base.adjoint_by_size
+        self.adjoint_structure = base.adjoint_structure
+        self.failure_advice = base.failure_advice
         self.name = base.name
         self.batch = V * base.batch
         self.size = base.size

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ._capture import is_wrapped, transforms_active
 from ._choose_linear import DenseElseGMRES, measured_default
+from ._eager import run_eagerly
 from ._folded import FoldedProblem
 from ._info import ConvergenceWarning, NonFiniteError, SolveInfo, user_stacklevel
 from ._linearize import Linearization, RecordedLinearization, func_vjp, transpose_of_vjp
@@ -72,7 +73,7 @@ def default_linear_solver(problem: Problem) -> LinearSolver:
     carries on, where Dense raises). Then, up
     to ``B n² <= 2^20``, the faster of Dense and the iterative solver (CG if symmetric, else
     GMRES) as measured on the problem's first backwards; beyond, the iterative solver."""
-    if not problem.symmetric and problem.kind != "root":
+    if not problem.symmetric and not problem.adjoint_by_size:
         return GMRES()
     n, B = problem.size, problem.batch
     if n <= DENSE_MAX_SIZE and B * n**3 <= DENSE_MAX_ENTRIES:
@@ -160,14 +161,13 @@ class ImplicitCore:
         B, n = rhs.shape
         mv: Callable[[Tensor], Tensor] = lin.rmv if transpose or problem.symmetric else lin.mv
         x0, mv = warm_start(mv, rhs, self._guess(rhs, transpose), type(self.solver).__name__)
+        # What the kind knows of its Jacobian: a fixed point's I - J is not symmetric, a root's
+        # is unknown unless declared (choosing CG for it is the declaration).
+        symmetric, positive_definite = problem.adjoint_structure()
         op = FunctionOperator(
             mv, B, n, rhs.dtype, rhs.device,
-            # A fixed point's Jacobian I - J is not symmetric; a root's is unknown unless
-            # declared (choosing CG for it is the declaration).
-            symmetric=True if problem.symmetric else (
-                False if problem.kind == "fixed_point" else None
-            ),
-            positive_definite=True if problem.kind == "argmin" else None,
+            symmetric=symmetric,
+            positive_definite=positive_definite,
             dense=lambda: lin.dense(transpose),
         )
         kind = "backward (adjoint)" if transpose else "tangent"
@@ -201,7 +201,7 @@ class ImplicitCore:
             solved = None
         if solved is not None and bool(solved[1].converged.all()):
             return solved
-        eta = fallback.step_size_for(self.problem.kind, self.solver)
+        eta = fallback.step_size_for(self.problem, self.solver)
         op_fb, g_fb = op, gf
         if isinstance(eta, Tensor):
             # A learnable step size of GradientDescent: the fallback only needs its value.
@@ -394,6 +394,7 @@ class _Solution(torch.autograd.Function):
         ctx.save_for_forward(output, *values)
 
     @staticmethod
+    @run_eagerly
     def backward(ctx: Any, g: Tensor) -> tuple:  # type: ignore[override]
         z, *values = ctx.saved_tensors
         return (None, None, *ctx.core.vjp(z, values, g))
@@ -451,6 +452,7 @@ class _LinearSolve(torch.autograd.Function):
         ctx.save_for_forward(z, output, *values)
 
     @staticmethod
+    @run_eagerly
     def backward(ctx: Any, u_bar: Tensor) -> tuple:  # type: ignore[override]
         z, u, *values = ctx.saved_tensors
         core, transpose = ctx.core, ctx.transpose

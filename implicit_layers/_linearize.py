@@ -96,7 +96,7 @@ class RecordedLinearization:
         self.problem = problem
         with torch.enable_grad():
             self.zr = z.detach().requires_grad_(True)
-            if problem.kind == "fixed_point":
+            if problem.has_fixed_point_map:
                 self.out = problem.fixed_point_map(self.zr)
                 self.sign = -1.0
             else:

@@ -1,8 +1,18 @@
-"""One problem type, one residual: the internal representation every solver works on.
+"""Problem kinds as classes: the internal representation every solver works on.
 
-Solvers see flat batched iterates of shape ``(B, n)``. A fixed point ``z = f(z)`` has residual
-``z - f(z)``, a root ``F(z) = 0`` has residual ``F(z)``, a minimum of ``L`` has residual
-``∇L(z)``. The state may be a tensor or a tuple/list/dict of tensors (a pytree); it is flattened
+Solvers see flat batched iterates of shape ``(B, n)``. :class:`Problem` holds what every kind
+shares (flattening of structured states, binding of captured tensors, params, precision); each
+kind is a subclass that owns its residual, its output checks, its tolerance scale, the
+structure of its adjoint system and its failure advice:
+
+* :class:`FixedPointProblem`: ``z = f(z)``, residual ``z - f(z)``;
+* :class:`RootProblem`: ``F(z) = 0``, residual ``F(z)``;
+* :class:`MinimiseProblem`: a minimum of ``L``, residual ``∇L(z)``.
+
+Code outside these classes asks a problem about its policy (:attr:`Problem.has_fixed_point_map`,
+:meth:`Problem.adjoint_structure`, ...) and never compares the kind's name, which is only
+user-facing text. A new kind is one subclass registered in :data:`KINDS` plus one entry point.
+The state may be a tensor or a tuple/list/dict of tensors (a pytree); it is flattened
 at this boundary, so the core and the solvers only ever see one ``(B, n)`` tensor.
 
 The tensors the user's function depends on (``params``: explicit arguments and closed-over
@@ -14,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -33,8 +43,12 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 class Problem:
     """A user function bound to its arguments, acting on flat ``(B, n)`` iterates.
 
+    The base of the problem kinds; ``Problem(kind, ...)`` builds the subclass registered for
+    ``kind`` in :data:`KINDS`.
+
     Args:
-        kind: ``"fixed_point"``, ``"root"`` or ``"argmin"``.
+        kind: ``"fixed_point"``, ``"root"`` or ``"argmin"`` (the key of the kind in
+            :data:`KINDS`).
         fn: the user's function, called as ``fn(z, *args, **kwargs)`` on states shaped like
             ``z0``.
         args: extra positional arguments of ``fn``.
@@ -47,6 +61,30 @@ class Problem:
         kwargs: keyword arguments of ``fn``.
         params: the tensors ``fn`` depends on that carry derivatives (see :meth:`bind`).
     """
+
+    #: The kind's name in user-facing text (messages, cache labels); never branched on.
+    kind: ClassVar[str]
+    #: Whether the residual is ``z - f(z)`` for a map ``f`` (:meth:`fixed_point_map`), which
+    #: solvers may iterate directly.
+    has_fixed_point_map: ClassVar[bool] = False
+    #: Whether convergence is measured relative to ``‖z‖`` (the residual is a step in z) rather
+    #: than to the initial residual.
+    relative_to_z: ClassVar[bool] = False
+    #: Whether the residual is the gradient of an objective, so that a step ``-η F(z)`` is a
+    #: gradient step whose size comes from the forward solver.
+    is_gradient: ClassVar[bool] = False
+    #: Whether the default adjoint solver of a non-symmetric problem is chosen by size (Dense
+    #: when small) rather than always GMRES.
+    adjoint_by_size: ClassVar[bool] = False
+    #: The built-in forward solvers to suggest for this kind in messages.
+    solvers_hint: ClassVar[str] = ""
+
+    def __new__(cls, kind: str, *args: Any, **kwargs: Any) -> Problem:
+        if cls is Problem:
+            if kind not in KINDS:
+                raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}.")
+            cls = KINDS[kind]
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -63,13 +101,12 @@ class Problem:
         values: Sequence[Tensor] | None = None,
     ) -> None:
         leaves, spec = tree_flatten(z0)
-        self.kind = kind
         self.fn = fn
         self.args = args
         self.kwargs = kwargs or {}
         self.name = name
         self.batched = batched
-        self.symmetric = symmetric or kind == "argmin"
+        self.symmetric = symmetric
         self.spec: TreeSpec = spec
         self.leaf_shapes = tuple(t.shape for t in leaves)
         self.leaf_dtypes = tuple(t.dtype for t in leaves)
@@ -99,14 +136,14 @@ class Problem:
         when ``fn`` may see other tensors than it did (see
         :class:`~implicit_layers._capture.Substitute`); it always goes through the substitution.
         """
-        new = object.__new__(Problem)
+        new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.values = tuple(values)
         new._substitute = deferred or any(a is not b for a, b in zip(self.params, new.values, strict=False))
         return new
 
     def with_params(self, params: Sequence[Tensor]) -> Problem:
-        new = object.__new__(Problem)
+        new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
         new.params = new.values = tuple(params)
         new._substitute = False
@@ -145,22 +182,8 @@ class Problem:
             return self.fn(state, *args, **kwargs)
 
     def check_output(self, out: object) -> None:
-        """Raise a clear error if ``fn``'s output does not fit the problem."""
-        if self.kind == "argmin":
-            if not isinstance(out, Tensor):
-                raise TypeError(f"{self.name} must return a torch.Tensor, got {type(out).__name__}.")
-            expected = (self.batch,) if self.batched else ()
-            if out.shape != expected and not (self.batched and out.shape == (self.batch, 1)):
-                what = (
-                    f"one value per problem, shape ({self.batch},)" if self.batched
-                    else "a scalar (0-d tensor)"
-                )
-                raise ValueError(
-                    f"{self.name} must return {what}, got shape {tuple(out.shape)}. "
-                    + ("Reduce it with .sum() or .mean()." if not self.batched else
-                       "Reduce over every dimension but the batch dimension.")
-                )
-            return
+        """Raise a clear error if ``fn``'s output does not fit the problem (here: a state
+        shaped like ``z0``)."""
         leaves, spec = tree_flatten(out)
         if self.single:
             if not isinstance(out, Tensor):
@@ -190,13 +213,17 @@ class Problem:
                     "them agree (e.g. call .double() on the module and the inputs)."
                 )
 
-    # -- the residual --------------------------------------------------------------------
+    # -- the residual (each kind's own) ---------------------------------------------------
+    def fixed_point_map(self, z: Tensor) -> Tensor:
+        """``f(z)`` of shape ``(B, n)`` (fixed points only: the residual is ``z - f(z)``)."""
+        return self.flatten(self._call(z))
+
     def objective(self, z: Tensor) -> Tensor:
-        """Objective values ``(B,)`` in the compute dtype (argmin only)."""
-        return self._call(z).reshape(self.batch).to(self.dtype)
+        """Objective values ``(B,)`` (kinds whose residual is a gradient, :attr:`is_gradient`)."""
+        raise TypeError(f"{self.kind} problems have no objective; only argmin problems do.")
 
     def value_and_grad(self, z: Tensor, create_graph: bool = False) -> tuple[Tensor, Tensor]:
-        """Objective values ``(B,)`` and gradient ``(B, n)`` (argmin only).
+        """Objective values ``(B,)`` and gradient ``(B, n)``.
 
         Under ``torch.inference_mode`` autograd cannot record the objective, and under
         ``torch.func`` transforms it may not be used, so the gradient then comes from
@@ -223,25 +250,106 @@ class Problem:
             value = value.detach()
         return value, grad
 
-    def fixed_point_map(self, z: Tensor) -> Tensor:
-        """``f(z)`` of shape ``(B, n)`` (fixed points only: the residual is ``z - f(z)``)."""
-        return self.flatten(self._call(z))
-
     def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
         """The residual ``F(z)`` of shape ``(B, n)``; differentiable if ``create_graph``."""
-        if self.kind == "argmin":
-            return self.value_and_grad(z, create_graph)[1]
-        out = self.flatten(self._call(z))
-        if self.kind == "fixed_point":
-            return z - out
-        return out
+        raise NotImplementedError
 
     def pure_residual(self, z: Tensor) -> Tensor:
         """``F(z)`` computed with ``torch.func`` only, so that it can be transformed (no
-        ``requires_grad_`` or ``torch.autograd.grad`` inside)."""
-        if self.kind == "argmin":
-            return torch.func.grad(lambda zz: self.objective(zz).sum())(z)
-        out = self.flatten(self._call(z))
-        if self.kind == "fixed_point":
-            return z - out
-        return out
+        ``requires_grad_`` or ``torch.autograd.grad`` inside). The residual itself, for the
+        kinds whose residual calls no autograd."""
+        return self.residual(z)
+
+    # -- policy ---------------------------------------------------------------------------
+    def adjoint_structure(self) -> tuple[bool | None, bool | None]:
+        """``(symmetric, positive_definite)`` of ``∂F/∂z`` as far as the kind knows (``None``:
+        unknown), for the linear operator handed to the adjoint solver."""
+        return (True if self.symmetric else None), None
+
+    def failure_advice(self, base: str) -> str:
+        """``base`` (what to change in the solver) completed with what to check in the problem."""
+        return base + "; check that a root exists near z0."
+
+
+class FixedPointProblem(Problem):
+    """A fixed point ``z = f(z)``: residual ``z - f(z)``, tolerance relative to ``‖z‖``; the
+    Jacobian ``I - ∂f/∂z`` is not symmetric."""
+
+    kind = "fixed_point"
+    solvers_hint = "Anderson, Picard or Broyden"
+    has_fixed_point_map = True
+    relative_to_z = True
+
+    def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
+        return z - self.flatten(self._call(z))
+
+    def adjoint_structure(self) -> tuple[bool | None, bool | None]:
+        return (True if self.symmetric else False), None
+
+    def failure_advice(self, base: str) -> str:
+        return base + "; a map that is not contractive may need damping, Anderson or Broyden."
+
+
+class RootProblem(Problem):
+    """A root ``F(z) = 0``: residual ``F(z)``; its Jacobian is symmetric only if declared."""
+
+    kind = "root"
+    solvers_hint = "Broyden, Anderson or Picard"
+    adjoint_by_size = True
+
+    def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
+        return self.flatten(self._call(z))
+
+
+class MinimiseProblem(Problem):
+    """A minimum of ``L``: ``fn`` returns objective values, the residual is ``∇L(z)`` and the
+    adjoint system (the Hessian) is symmetric positive definite at a strict minimum."""
+
+    kind = "argmin"
+    solvers_hint = "LBFGS, Newton or GradientDescent"
+    is_gradient = True
+    adjoint_by_size = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.symmetric = True
+
+    def check_output(self, out: object) -> None:
+        """Raise a clear error unless ``fn`` returned one objective value per problem."""
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{self.name} must return a torch.Tensor, got {type(out).__name__}.")
+        expected = (self.batch,) if self.batched else ()
+        if out.shape != expected and not (self.batched and out.shape == (self.batch, 1)):
+            what = (
+                f"one value per problem, shape ({self.batch},)" if self.batched
+                else "a scalar (0-d tensor)"
+            )
+            raise ValueError(
+                f"{self.name} must return {what}, got shape {tuple(out.shape)}. "
+                + ("Reduce it with .sum() or .mean()." if not self.batched else
+                   "Reduce over every dimension but the batch dimension.")
+            )
+
+    def objective(self, z: Tensor) -> Tensor:
+        """Objective values ``(B,)`` in the compute dtype."""
+        return self._call(z).reshape(self.batch).to(self.dtype)
+
+    def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
+        return self.value_and_grad(z, create_graph)[1]
+
+    def pure_residual(self, z: Tensor) -> Tensor:
+        return torch.func.grad(lambda zz: self.objective(zz).sum())(z)
+
+    def adjoint_structure(self) -> tuple[bool | None, bool | None]:
+        return True, True
+
+    def failure_advice(self, base: str) -> str:
+        return base + "; check that the objective is bounded below and smooth."
+
+
+#: The problem class of each kind name: ``Problem(name, ...)`` builds ``KINDS[name](...)``.
+KINDS: dict[str, type[Problem]] = {
+    "fixed_point": FixedPointProblem,
+    "root": RootProblem,
+    "argmin": MinimiseProblem,
+}

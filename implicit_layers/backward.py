@@ -33,7 +33,7 @@ from ._capture import vmap_active
 from ._config import Settings, check_positive_int, check_tolerance
 from ._implicit import ImplicitCore, implicit_solution
 from ._info import SolveInfo
-from ._problem import Kind, Problem
+from ._problem import Problem
 from .linear._base import LinearSolver
 
 __all__ = ["BackwardMode", "Implicit", "Unrolled", "Truncated", "JacobianFree", "Phantom"]
@@ -135,11 +135,11 @@ class _StepMode(BackwardMode):
     steps: int
     step_size: float | None
 
-    def step_size_for(self, kind: Kind, solver: Any) -> float | Tensor:
+    def step_size_for(self, problem: Problem, solver: Any) -> float | Tensor:
         """``η``: the mode's own, 1 for fixed points and roots, or the forward solver's step."""
         if self.step_size is not None:
             return self.step_size
-        if kind != "argmin":
+        if not problem.is_gradient:
             return 1.0
         eta = solver.gradient_step_size() if solver is not None else None
         if isinstance(eta, Tensor):
@@ -162,7 +162,7 @@ class _StepMode(BackwardMode):
         solver: Any = None,
         info: SolveInfo | None = None,
     ) -> Tensor:
-        eta = self.step_size_for(problem.kind, solver)
+        eta = self.step_size_for(problem, solver)
         zk = z
         for _ in range(self.steps):
             zk = zk - eta * problem.residual(zk, create_graph=True)

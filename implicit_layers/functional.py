@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 
 from ._capture import capture, carries_derivatives, transforms_active
 from ._config import check_float_tensor, default_rtol
+from ._eager import run_eagerly
 from ._info import SolveInfo
 from ._problem import Kind, Problem
 from .backward import BackwardMode, resolve_backward
@@ -78,6 +79,7 @@ def _bind(problem: Problem, z: Tensor) -> Problem:
     return problem.with_params(params)
 
 
+@run_eagerly
 def _run(
     kind: Kind,
     fn: Callable[..., Any],
@@ -325,6 +327,7 @@ def _custom(
             raise TypeError(f"the decorated solver must be callable, got {type(solver_fn).__name__}.")
 
         @functools.wraps(solver_fn)
+        @run_eagerly
         def wrapped(z0: Any, *args: Any, **kwargs: Any) -> Any:
             z0 = _check_common(fn, name, z0, "z0", batched)
             detach = functools.partial(tree_map_only, Tensor, lambda t: t.detach())

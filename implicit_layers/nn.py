@@ -33,7 +33,9 @@ from ._capture import transforms_active
 from ._deq_dropout import VariationalDropout, reset_dropout
 from ._deq_norm import apply_norm, precompute_norm, remove_norm, reset_norm
 from ._deq_trajectory import Recorder, attach_state, check_states, pick_states
+from ._eager import run_eagerly
 from ._info import SolveInfo
+from ._problem import KINDS
 from .backward import BackwardMode, Unrolled
 from .functional import argmin as _argmin
 from .functional import fixed_point as _fixed_point
@@ -63,11 +65,10 @@ def _check_solver(solver: object, name: str, kind: str) -> ForwardSolver | None:
             f"{name} must be a forward solver from il.solvers (e.g. il.solvers.Anderson()), got "
             f"{type(solver).__name__}."
         )
-    if kind not in solver.kinds:
+    if not solver.solves(kind):
         raise ValueError(
             f"{name}={type(solver).__name__} cannot solve the {kind} problem of this layer; use "
-            + ("Anderson, Picard or Broyden." if kind == "fixed_point"
-               else "LBFGS, Newton or GradientDescent.")
+            f"{KINDS[kind].solvers_hint}."
         )
     return solver
 
@@ -251,6 +252,7 @@ class DEQ(torch.nn.Module):
             return self.eval_solver
         return self.solver
 
+    @run_eagerly
     def forward(
         self,
         x: Tensor,
@@ -595,6 +597,7 @@ class ArgminLayer(torch.nn.Module):
         lam = (1.1 * lam.detach()).clamp_min(torch.finfo(w0.dtype).eps)
         return (1.0 / lam).reshape(shape)
 
+    @run_eagerly
     def forward(
         self, x: Tensor, w0: Tensor | None = None, *, return_info: bool = False
     ) -> Tensor | tuple[Tensor, SolveInfo]:
@@ -652,6 +655,7 @@ class ArgminLayer(torch.nn.Module):
         return ", ".join(parts)
 
 
+@run_eagerly
 def jacobian_penalty(
     f: Callable[[Tensor, Tensor], Tensor],
     z_star: Tensor,

@@ -51,6 +51,8 @@ DOCTEST_MODULES = [
     "implicit_layers.solvers.picard",
     "implicit_layers.nn",
     "implicit_layers._deq_norm",
+    "implicit_layers.projection",
+    "implicit_layers.prox",
     "implicit_layers.solvers.adaptive",
     "implicit_layers.hyper.layers",
     "implicit_layers.hyper.trainer",

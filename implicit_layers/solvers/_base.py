@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._config import SolverSettings, default_check_every
 from .._info import NonFiniteError, SolveInfo, report_failure
-from .._problem import Kind, Problem
+from .._problem import KINDS, FixedPointProblem, MinimiseProblem, Problem, RootProblem
 
 if TYPE_CHECKING:
     from ..linear._base import LinearSolver
@@ -83,7 +83,11 @@ class ForwardSolver(SolverSettings):
 
     Class attributes:
         name: the name used in messages and in :attr:`SolveInfo.solver`.
-        kinds: the problem kinds it solves (``"fixed_point"``, ``"root"``, ``"argmin"``).
+        problems: the problem classes it solves (subclasses of
+            :class:`~implicit_layers.solvers.base.Problem`, e.g. ``FixedPointProblem``); a
+            subclass of one of them is solved too.
+        kinds: the names of those kinds (``"fixed_point"``, ``"root"``, ``"argmin"``), derived
+            from ``problems``; a subclass that sets ``kinds`` instead gets ``problems`` from it.
         default_max_steps: the ``max_steps`` of ``max_steps=None``.
         supports_unrolled: whether ``backward=Unrolled()`` can differentiate its iterations.
 
@@ -96,7 +100,8 @@ class ForwardSolver(SolverSettings):
     """
 
     name: ClassVar[str] = "ForwardSolver"
-    kinds: ClassVar[tuple[Kind, ...]] = ("fixed_point", "root", "argmin")
+    problems: ClassVar[tuple[type[Problem], ...]] = (FixedPointProblem, RootProblem, MinimiseProblem)
+    kinds: ClassVar[tuple[str, ...]] = ("fixed_point", "root", "argmin")
     default_max_steps: ClassVar[int] = 500
     supports_unrolled: ClassVar[bool] = True
 
@@ -169,7 +174,7 @@ class ForwardSolver(SolverSettings):
         """
         return None
 
-    def check_kind(self, kind: Kind) -> None:
+    def check_kind(self, kind: str) -> None:
         """Check that this solver solves problems of kind ``kind``.
 
         Args:
@@ -185,15 +190,24 @@ class ForwardSolver(SolverSettings):
                 ...
             ValueError: solver LBFGS does not solve fixed_point problems; use Anderson, Picard or Broyden.
         """
-        if kind not in self.kinds:
-            suggestions = {
-                "argmin": "LBFGS, Newton or GradientDescent",
-                "fixed_point": "Anderson, Picard or Broyden",
-                "root": "Broyden, Anderson or Picard",
-            }
+        if not self.solves(kind):
             raise ValueError(
-                f"solver {self.name} does not solve {kind} problems; use {suggestions[kind]}."
+                f"solver {self.name} does not solve {kind} problems; use {KINDS[kind].solvers_hint}."
             )
+
+    @classmethod
+    def solves(cls, kind: str) -> bool:
+        """Whether this solver solves problems of kind ``kind`` (a key of the problem registry):
+        its class is one of :attr:`problems` or a subclass of one."""
+        return issubclass(KINDS[kind], cls.problems)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # One declaration, two views: the classes (``problems``) and their names (``kinds``).
+        if "problems" in cls.__dict__:
+            cls.kinds = tuple(p.kind for p in cls.problems)
+        elif "kinds" in cls.__dict__:
+            cls.problems = tuple(KINDS[k] for k in cls.kinds)
 
     def solve(self, problem: Problem, z0: Tensor, differentiable: bool = False) -> tuple[Tensor, SolveInfo]:
         """Find the solution for the flat initial guess ``z0`` of shape ``(B, n)``.
@@ -240,12 +254,7 @@ class ForwardSolver(SolverSettings):
         raise NotImplementedError
 
     def _advice(self, problem: Problem) -> str:
-        base = f"Raise max_steps (now {self.max_steps}) or loosen rtol/atol"
-        if problem.kind == "fixed_point":
-            return base + "; a map that is not contractive may need damping, Anderson or Broyden."
-        if problem.kind == "argmin":
-            return base + "; check that the objective is bounded below and smooth."
-        return base + "; check that a root exists near z0."
+        return problem.failure_advice(f"Raise max_steps (now {self.max_steps}) or loosen rtol/atol")
 
 
 def _norm(x: Tensor) -> Tensor:
@@ -299,7 +308,7 @@ class Monitor:
         self.rtol = solver.resolved_rtol(z0.dtype)
         self.atol = solver.atol
         self.check_every = solver.check_every or default_check_every(z0.device)
-        self.relative_to_z = problem.kind == "fixed_point"
+        self.relative_to_z = problem.relative_to_z
         res = _norm(r0)
         # Fixed points: the floor of the scale is ‖f(z0)‖ (f(z0) = z0 - r0), so that a fixed
         # point at 0 meets an absolute tolerance instead of chasing ‖z‖ down to underflow.

@@ -116,7 +116,7 @@ class WindowMonitor:
         self.rtol = rtol
         self.atol = solver.atol
         self.check_every = solver.check_every or default_check_every(z0.device)
-        self.relative_to_z = problem.kind == "fixed_point"
+        self.relative_to_z = problem.relative_to_z
         res = _norm(r0).unsqueeze(-1)
         # Fixed points: the floor of the scale is ‖f(z0)‖ (f(z0) = z0 - r0); see Monitor.
         scale0 = _norm(z0 - r0).unsqueeze(-1) if self.relative_to_z else res

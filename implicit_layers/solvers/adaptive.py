@@ -37,7 +37,7 @@ from torch import Tensor
 from .._config import check_bool, check_positive_int, check_tolerance
 from .._cuda_graph import graph_runner
 from .._info import NonFiniteError, OnFailure, SolveInfo
-from .._problem import Problem
+from .._problem import FixedPointProblem, Problem, RootProblem
 from ..linear._base import LinearSolver
 from ..linear._operator import LinearOperator
 from ..linear.gmres import GMRES
@@ -100,7 +100,7 @@ class Adaptive(ForwardSolver):
     """
 
     name = "Adaptive"
-    kinds = ("fixed_point", "root")
+    problems = (FixedPointProblem, RootProblem)
 
     def __init__(
         self,
@@ -130,7 +130,7 @@ class Adaptive(ForwardSolver):
         self.window = check_positive_int(window, "window")
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
-        plain = problem.kind == "fixed_point"
+        plain = problem.has_fixed_point_map
 
         def residual(v: Tensor) -> Tensor:
             return problem.residual(v, create_graph=differentiable)

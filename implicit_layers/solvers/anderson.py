@@ -9,7 +9,7 @@ from torch import Tensor
 from .._config import check_bool, check_positive_int, check_tolerance
 from .._cuda_graph import Chunk, ChunkGraphs, graph_runner
 from .._info import OnFailure, SolveInfo
-from .._problem import Problem
+from .._problem import FixedPointProblem, Problem, RootProblem
 from ._base import ForwardSolver
 from ._window import WindowMonitor, run_chunks
 
@@ -70,7 +70,7 @@ class Anderson(ForwardSolver):
     """
 
     name = "Anderson"
-    kinds = ("fixed_point", "root")
+    problems = (FixedPointProblem, RootProblem)
 
     def __init__(
         self,

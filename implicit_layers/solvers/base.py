@@ -1,6 +1,7 @@
 """The public extension API for forward solvers: what a new solver needs, nothing private.
 
-A forward solver subclasses :class:`ForwardSolver`, sets ``name`` and ``kinds``, takes its
+A forward solver subclasses :class:`ForwardSolver`, sets ``name`` and ``problems`` (the problem
+classes it solves, e.g. ``(FixedPointProblem, RootProblem)``), takes its
 settings in ``__init__`` (keyword-only apart from at most one obvious algorithm parameter;
 validated, stored under the parameter's name, frozen afterwards) and implements
 ``_solve(problem, z0, differentiable) -> (z, info)``. It reads the problem through
@@ -13,7 +14,10 @@ Names:
     Monitor: per-sample tolerance, done flags, step counts and the best iterate.
     WindowMonitor: the same bookkeeping done only at the convergence checks (no ops between
         them), for solvers that step every sample of the batch without masks.
-    Problem: the problem as a solver sees it; ``Kind`` the literal of its ``kind``.
+    Problem: the problem as a solver sees it, the base of the kinds; ``Kind`` the literal of
+        the kind names.
+    FixedPointProblem, RootProblem, MinimiseProblem: the kinds (each owns its residual,
+        output checks, tolerance scale, adjoint structure and failure advice).
     SolverSettings, Settings: the settings bases (``replace``, ``repr``, ``==``).
     SolveInfo: the result statistics; OnFailure the literal of ``on_failure``.
     power_iteration: a seeded estimate of the largest eigenvalue, e.g. for a step size.
@@ -21,7 +25,7 @@ Names:
 
 from .._config import Settings, SolverSettings
 from .._info import OnFailure, SolveInfo
-from .._problem import Kind, Problem
+from .._problem import FixedPointProblem, Kind, MinimiseProblem, Problem, RootProblem
 from ..linear._power import power_iteration
 from ._base import ForwardSolver, Monitor
 from ._window import WindowMonitor
@@ -31,6 +35,9 @@ __all__ = [
     "Monitor",
     "WindowMonitor",
     "Problem",
+    "FixedPointProblem",
+    "RootProblem",
+    "MinimiseProblem",
     "Kind",
     "Settings",
     "SolverSettings",

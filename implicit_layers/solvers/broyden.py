@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .._config import check_positive_int
 from .._info import OnFailure, SolveInfo
-from .._problem import Problem
+from .._problem import FixedPointProblem, Problem, RootProblem
 from ._base import ForwardSolver, Monitor, _norm
 
 __all__ = ["Broyden"]
@@ -110,7 +110,7 @@ class Broyden(ForwardSolver):
     """
 
     name = "Broyden"
-    kinds = ("fixed_point", "root")
+    problems = (FixedPointProblem, RootProblem)
 
     def __init__(
         self,

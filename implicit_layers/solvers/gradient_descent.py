@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .._config import check_positive_int
 from .._info import OnFailure, SolveInfo
-from .._problem import Problem
+from .._problem import MinimiseProblem, Problem
 from ..linear._power import power_iteration
 from ._base import ForwardSolver, Monitor
 
@@ -64,7 +64,7 @@ class GradientDescent(ForwardSolver):
     """
 
     name = "GradientDescent"
-    kinds = ("argmin",)
+    problems = (MinimiseProblem,)
     default_max_steps = 1000
 
     def __init__(

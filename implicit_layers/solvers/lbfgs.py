@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .._config import check_positive_int
 from .._info import OnFailure, SolveInfo
-from .._problem import Problem
+from .._problem import MinimiseProblem, Problem
 from ._base import ForwardSolver, Monitor
 from ._linesearch import backtracking
 
@@ -51,7 +51,7 @@ class LBFGS(ForwardSolver):
     """
 
     name = "LBFGS"
-    kinds = ("argmin",)
+    problems = (MinimiseProblem,)
 
     def __init__(
         self,

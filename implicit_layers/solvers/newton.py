@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .._config import check_positive_int
 from .._info import OnFailure, SolveInfo
-from .._problem import Problem
+from .._problem import MinimiseProblem, Problem
 from ..linear._operator import FunctionOperator
 from ..linear.cg import CG
 from ._base import ForwardSolver, Monitor
@@ -58,7 +58,7 @@ class Newton(ForwardSolver):
     """
 
     name = "Newton"
-    kinds = ("argmin",)
+    problems = (MinimiseProblem,)
     default_max_steps = 100
     supports_unrolled = False
 

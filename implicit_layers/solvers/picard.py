@@ -83,7 +83,7 @@ class Picard(ForwardSolver):
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
         # Plain fixed-point iteration keeps f(z): the next iterate is f(z) itself rather than
         # z - (z - f(z)), one subtraction less per step (and no rounding from it).
-        plain = problem.kind == "fixed_point" and self.damping == 1.0
+        plain = problem.has_fixed_point_map and self.damping == 1.0
         z = z0
         if plain:
             fmap = problem.fixed_point_map

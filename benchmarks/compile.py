@@ -1,0 +1,127 @@
+"""Implicit layers inside ``torch.compile``: graph breaks, graphs per batch size, step times.
+
+Two small models, each a linear layer, an implicit layer and a linear head: an ``il.nn.DEQ``
+(tanh cell) and a box-constrained ``il.nn.ArgminLayer`` (a quartic objective). For each:
+
+* graph breaks of one forward call (``torch._dynamo.explain``): the implicit layer runs
+  eagerly as one break, the rest of the model compiles;
+* graphs compiled after two batch sizes and after six (dynamo's ``unique_graphs``);
+* a training step (forward + backward) eager, compiled with the "eager" backend (graph capture
+  only) and with inductor, timed alternately in one run; gradients compared with eager.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._dynamo.utils import counters
+
+import implicit_layers as il
+
+from ._common import Config, Section, time_alternating
+
+
+class _Cell(torch.nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(n, n)
+        with torch.no_grad():
+            self.lin.weight.mul_(0.5 / max(1.0, float(torch.linalg.matrix_norm(self.lin.weight, 2))))
+
+    def forward(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(z) + x)
+
+
+class _DEQModel(torch.nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(n, n)
+        self.deq = il.nn.DEQ(_Cell(n), state_shape=(n,))
+        self.out = torch.nn.Linear(n, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.deq(self.inp(x))).square().mean()
+
+
+class _BoxArgminModel(torch.nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(n, n)
+        self.scale = torch.nn.Parameter(torch.linspace(1.0, 2.0, n))
+        self.layer = il.nn.ArgminLayer(self._objective, w_shape=(n,), lower=-0.3, upper=0.3)
+        self.out = torch.nn.Linear(n, 3)
+
+    def _objective(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (0.5 * self.scale * w.square() - x * w).sum(-1) + 0.1 * w.pow(4).sum(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.layer(self.inp(x))).square().mean()
+
+
+def _graphs_over_batch_sizes(model: torch.nn.Module, sizes: list[int], n: int) -> tuple[int, int]:
+    """Graphs dynamo compiled for a training step after the first two batch sizes and after all."""
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    after_two = 0
+    for i, B in enumerate(sizes):
+        compiled(torch.randn(B, n)).backward()
+        if i == 1:
+            after_two = counters["stats"]["unique_graphs"]
+    return after_two, counters["stats"]["unique_graphs"]
+
+
+def _step(model: torch.nn.Module, call: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """One training step through ``call`` (the model or its compiled form); the gradients."""
+    model.zero_grad()
+    call(x).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def run_compile(cfg: Config) -> Section:
+    section = Section("compile", "Implicit layers inside torch.compile (float32, training step)")
+    section.notes.append(
+        "breaks: graph breaks of one forward call (torch._dynamo.explain); graphs 2 / 6: graphs "
+        "dynamo compiled after two and after six batch sizes; times are one training step "
+        "(forward + backward), eager vs torch.compile with the 'eager' backend and inductor."
+    )
+    torch.manual_seed(0)
+    n, B = (8, 4) if cfg.tiny else (16, 8)
+    sizes = [B, B + 1, B + 2, B + 3, B + 5, B + 9]
+    backends = ["eager"] if cfg.tiny else ["eager", "inductor"]
+    for name, make in (("DEQ", _DEQModel), ("ArgminLayer (box)", _BoxArgminModel)):
+        model = make(n)
+        x = torch.randn(B, n)
+        torch._dynamo.reset()
+        breaks = torch._dynamo.explain(model)(x).graph_break_count
+        after_two, after_six = _graphs_over_batch_sizes(model, sizes, n)
+
+        methods = {"eager": lambda m=model, x=x: _step(m, m, x)}
+        for backend in backends:
+            torch._dynamo.reset()
+            compiled = torch.compile(model, backend=backend)
+            methods[f"compiled ({backend})"] = lambda m=model, c=compiled, x=x: _step(m, c, x)
+        times, grads = time_alternating(methods, cfg)
+        for method, seconds in times.items():
+            err = max(
+                float((g - e).abs().max() / e.abs().max().clamp_min(1e-30))
+                for g, e in zip(grads[method], grads["eager"], strict=True)
+            )
+            section.add(
+                case=f"{name} n={n} B={B}", method=method, time_ms=1e3 * seconds,
+                ratio_to_eager=seconds / times["eager"], grad_rel_err=err, breaks=breaks,
+                graphs_after_2_sizes=after_two, graphs_after_6_sizes=after_six,
+            )
+        section.target(
+            f"{name}: graph breaks per implicit-layer call", "<= 1", breaks, breaks <= 1
+        )
+        section.target(
+            f"{name}: graphs after six batch sizes vs after two", "equal", after_six,
+            after_six == after_two, f"{after_two} after two",
+        )
+        for backend in backends:
+            ratio = times[f"compiled ({backend})"] / times["eager"]
+            section.target(
+                f"{name}: compiled ({backend}) step / eager step", "<= 1.0", ratio, ratio <= 1.0
+            )
+    torch._dynamo.reset()
+    return section

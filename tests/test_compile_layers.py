@@ -1,0 +1,197 @@
+"""Implicit layers inside ``torch.compile``d models: the same values, gradients and ``SolveInfo``
+as eager, one graph break per implicit-layer call (counted with dynamo's own counters), no new
+graphs for batch sizes after the second, and a clear error under ``fullgraph=True``.
+
+The "eager" backend is used throughout (dynamo's graph capture without code generation): the
+graph breaks and recompiles are decided by dynamo, not by the backend, and it keeps the tests
+fast. One test runs inductor end to end.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import implicit_layers as il
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+N = 6
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def _breaks(fn, *args) -> int:
+    """Graph breaks dynamo reports for one call of ``fn`` (``torch._dynamo.explain``), each
+    checked to be an implicit-layer call run eagerly."""
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(fn)(*args)
+    torch._dynamo.reset()
+    for reason in report.break_reasons:
+        assert "implicit_layers runs each solve eagerly" in str(reason.reason), reason.reason
+    return report.graph_break_count
+
+
+class Cell(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(N, N, dtype=torch.float64)
+        with torch.no_grad():
+            self.lin.weight.mul_(0.3)
+
+    def forward(self, z, x):
+        return torch.tanh(self.lin(z) + x)
+
+
+class DEQModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(N, N, dtype=torch.float64)
+        self.deq = il.nn.DEQ(Cell(), state_shape=(N,))
+        self.out = torch.nn.Linear(N, 2, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.out(self.deq(self.inp(x))).square().sum()
+
+
+class ArgminModel(torch.nn.Module):
+    """A quadratic argmin layer between two linear layers, with or without a box."""
+
+    def __init__(self, bounded: bool) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(N, N, dtype=torch.float64)
+        self.scale = torch.nn.Parameter(torch.linspace(1.0, 2.0, N, dtype=torch.float64))
+        box = {"lower": -0.2, "upper": 0.2} if bounded else {}
+        self.layer = il.nn.ArgminLayer(self._objective, w_shape=(N,), **box)
+
+    def _objective(self, w, x):
+        return (0.5 * self.scale * w.square() - x * w).sum(-1) + 0.1 * w.pow(4).sum(-1)
+
+    def forward(self, x):
+        return self.layer(self.inp(x)).sin().sum()
+
+
+def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def _compare(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """The compiled model's loss and parameter gradients equal the eager model's, and its
+    forward holds exactly one graph break: the layer call."""
+    model.zero_grad()
+    eager_loss = model(x)
+    eager_loss.backward()
+    eager = _grads(model)
+
+    assert _breaks(model, x) == 1
+    compiled = torch.compile(model, backend="eager")
+    model.zero_grad()
+    loss = compiled(x)
+    loss.backward()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-12, atol=1e-12)
+    for g, e in zip(_grads(model), eager, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_deq_model_compiles_with_one_break_and_equal_gradients():
+    torch.manual_seed(0)
+    _compare(DEQModel(), torch.randn(5, N, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_argmin_layer_compiles_with_one_break_and_equal_gradients(bounded):
+    torch.manual_seed(1)
+    _compare(ArgminModel(bounded), torch.randn(4, N, dtype=torch.float64))
+
+
+def test_functional_calls_each_break_once():
+    """fixed_point, root, argmin and a custom_root solver in one compiled function: four calls,
+    at most four breaks (dynamo runs a resumed frame that would start with a break eagerly, so
+    back-to-back calls can cost fewer); values and gradients as eager."""
+    torch.manual_seed(2)
+    W = (0.4 * torch.randn(N, N, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(N, dtype=torch.float64, requires_grad=True)
+
+    @il.custom_root(lambda z, b: z - 0.5 * torch.tanh(z) - b)
+    def custom(z0, b):
+        z = z0
+        for _ in range(200):
+            z = 0.5 * torch.tanh(z) + b
+        return z
+
+    def model(W, b):
+        z0 = torch.zeros(N, dtype=torch.float64)
+        z1 = il.fixed_point(lambda z, W, b: torch.tanh(W @ z + b), z0, W, b)
+        z2 = il.root(lambda z, b: z + z.pow(3) - b, z0, b)
+        z3 = il.argmin(lambda w, W: 0.5 * w.square().sum() + (W @ w).cos().sum() * 0.1, z0, W)
+        z4 = custom(z0, b)
+        return z1.sum() + z2.square().sum() + z3.sin().sum() + z4.sum()
+
+    eager_loss = model(W, b)
+    eager = torch.autograd.grad(eager_loss, (W, b))
+    assert 1 <= _breaks(model, W, b) <= 4
+    loss = torch.compile(model, backend="eager")(W, b)
+    grads = torch.autograd.grad(loss, (W, b))
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, eager, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def test_info_is_the_eager_info():
+    torch.manual_seed(3)
+    deq = il.nn.DEQ(Cell(), state_shape=(N,))
+    x = torch.randn(7, N, dtype=torch.float64)
+    _, eager = deq(x, return_info=True)
+    _, info = torch.compile(deq, backend="eager")(x, return_info=True)
+    assert torch.equal(info.steps, eager.steps)
+    assert torch.equal(info.converged, eager.converged)
+    torch.testing.assert_close(info.residual, eager.residual)
+
+
+def test_no_new_graphs_after_the_second_batch_size():
+    torch.manual_seed(4)
+    model = DEQModel()
+    compiled = torch.compile(model, backend="eager")
+    for B in (3, 4):
+        compiled(torch.randn(B, N, dtype=torch.float64)).backward()
+    after_two = counters["stats"]["unique_graphs"]
+    for B in (5, 6, 9, 17):
+        compiled(torch.randn(B, N, dtype=torch.float64)).backward()
+    assert counters["stats"]["unique_graphs"] == after_two
+
+
+def test_fullgraph_names_what_to_do():
+    deq = il.nn.DEQ(Cell(), state_shape=(N,))
+    compiled = torch.compile(deq, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="implicit_layers runs each solve eagerly"):
+        compiled(torch.randn(2, N, dtype=torch.float64))
+
+
+@pytest.mark.slow
+def test_inductor_model_equals_eager():
+    try:
+        torch.compile(lambda t: t * 2 + 1)(torch.ones(3))
+    except Exception as exc:  # no C++ compiler for inductor on this machine
+        pytest.skip(f"inductor unavailable: {type(exc).__name__}")
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(5)
+    model = DEQModel()
+    x = torch.randn(5, N, dtype=torch.float64)
+    eager_loss = model(x)
+    eager_loss.backward()
+    eager = _grads(model)
+    model.zero_grad()
+    loss = torch.compile(model)(x)
+    loss.backward()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-10, atol=1e-12)
+    for g, e in zip(_grads(model), eager, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-10)
