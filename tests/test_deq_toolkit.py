@@ -336,3 +336,27 @@ def test_function_map_extra_input_under_torch_func_grad():
     Wr = W.clone().requires_grad_(True)
     (ref,) = torch.autograd.grad((deq(x, args=(Wr,)) ** 2).sum(), Wr)
     torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_trajectory_states_of_a_function_map_with_extra_inputs():
+    torch.manual_seed(12)
+    W = (0.5 * torch.linalg.qr(torch.randn(4, 4, dtype=F64))[0]).requires_grad_(True)
+    x = torch.randn(3, 4, dtype=F64)
+    scale = torch.tensor(0.8, dtype=F64, requires_grad=True)
+    deq = il.nn.DEQ(lambda z, x, s: torch.tanh(s * z @ W.T + x),
+                    solver=il.solvers.Picard(rtol=1e-12, max_steps=200))
+    states = deq(x, args=(scale,), states=[3, 10_000])
+    z = torch.zeros(3, 4, dtype=F64)
+    with torch.no_grad():
+        for _ in range(3):
+            z = torch.tanh(scale * z @ W.T + x)
+    torch.testing.assert_close(states[0], z, rtol=0, atol=0)
+    c = torch.randn(3, 4, dtype=F64)
+    gW, gs = torch.autograd.grad((c * states[0]).sum(), [W, scale])
+
+    def f(zz, W=W, s=scale):
+        return torch.tanh(s * zz @ W.T + x)
+
+    rW, rs = dense_ift(f, z, c, [W, scale])
+    torch.testing.assert_close(gW, rW, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(gs, rs, rtol=1e-8, atol=1e-10)
