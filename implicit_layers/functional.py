@@ -331,7 +331,7 @@ def _custom(
         def wrapped(z0: Any, *args: Any, **kwargs: Any) -> Any:
             z0 = _check_common(fn, name, z0, "z0", batched)
             detach = functools.partial(tree_map_only, Tensor, lambda t: t.detach())
-            result = solver_fn(detach(z0), *detach(args), **detach(kwargs))
+            result = _run_black_box(solver_fn, z0, detach(args), detach(kwargs))
             aux = None
             if has_aux:
                 if not (isinstance(result, tuple) and len(result) == 2):
@@ -365,6 +365,50 @@ def _custom(
     return decorator
 
 
+_NO_GRAD_MESSAGE = "does not require grad and does not have a grad_fn"
+
+
+def _run_black_box(
+    solver_fn: Callable[..., Any], z0: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """``solver_fn(z0, *args, **kwargs)`` on detached inputs.
+
+    An inner loop that calls ``torch.autograd.grad`` on its own variables (torchopt / jaxopt
+    style) fails on a detached ``z0``; it runs again with ``z0``'s floating-point tensors as
+    leaves that require grad. A detached ``z0`` comes first, so that solvers which clone it
+    into their own leaves (``torch.optim``) keep working.
+    """
+    try:
+        return solver_fn(tree_map_only(Tensor, lambda t: t.detach(), z0), *args, **kwargs)
+    except RuntimeError as err:
+        if _NO_GRAD_MESSAGE not in str(err) or not torch.is_grad_enabled():
+            raise
+    try:
+        return solver_fn(_differentiable_leaves(z0), *args, **kwargs)
+    except RuntimeError as err:
+        if _NO_GRAD_MESSAGE not in str(err):
+            raise
+        name = getattr(solver_fn, "__name__", type(solver_fn).__name__)
+        raise RuntimeError(
+            f"the solver decorated by custom_root/custom_fixed_point ({name}) differentiates "
+            "a tensor that does not require grad, even with z0's tensors passed as leaves that "
+            "require grad. Its other inputs (args, kwargs) arrive detached: inside the solver, "
+            "differentiate with respect to its own copies, e.g. t = t.detach().requires_grad_()."
+        ) from err
+
+
+def _differentiable_leaves(state: Any) -> Any:
+    """``state`` detached, each floating-point tensor a new leaf that requires grad (when
+    autograd can record)."""
+    record = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+
+    def leaf(t: Tensor) -> Tensor:
+        t = t.detach()
+        return t.requires_grad_(True) if record and (t.is_floating_point() or t.is_complex()) else t
+
+    return tree_map_only(Tensor, leaf, state)
+
+
 def _describe(state: object) -> str:
     if isinstance(state, Tensor):
         return f"shape {tuple(state.shape)}"
@@ -387,8 +431,11 @@ def custom_root(
 
     ``optimality_fn(z, *args)`` must vanish at the solution (for a minimiser: the gradient of
     the objective). The wrapped solver runs as a black box on detached inputs (autograd stays
-    enabled, so it may use ``torch.optim``); the gradient is then attached by the implicit
-    function theorem, reaching ``args`` and whatever ``optimality_fn`` closes over.
+    enabled, so it may use ``torch.optim``). An inner loop that calls ``torch.autograd.grad``
+    with respect to its own variables (torchopt / jaxopt style) and fails on the detached
+    ``z0`` is run again with ``z0``'s floating-point tensors as leaves that require grad. The
+    gradient is then attached by the implicit function theorem, reaching ``args`` and whatever
+    ``optimality_fn`` closes over.
 
     Args:
         optimality_fn: the residual ``F(z, *args)``, shaped like ``z``.

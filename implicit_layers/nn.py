@@ -6,6 +6,10 @@
 * :func:`jacobian_penalty` — Hutchinson estimate of ``‖∂f/∂z‖_F²`` at the equilibrium, the
   Jacobian regulariser of Bai et al. (2021), "Stabilizing Equilibrium Models by Jacobian
   Regularization".
+* The DEQ toolkit: :func:`apply_norm` / :func:`reset_norm` / :func:`remove_norm` (weight or
+  spectral normalisation of the map's layers, computed once per solve) and
+  :class:`VariationalDropout` / :func:`reset_dropout` (one dropout mask per solve);
+  ``DEQ.forward(..., states=...)`` samples states along the solve.
 
 Both layers treat the leading dimension as the batch: each sample is its own problem, with
 its own convergence test and its own entry in the :class:`~implicit_layers.SolveInfo`.
@@ -16,25 +20,39 @@ implicit backward modes).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
 from ._capture import transforms_active
+from ._deq_dropout import VariationalDropout, reset_dropout
+from ._deq_norm import apply_norm, precompute_norm, remove_norm, reset_norm
+from ._deq_trajectory import Recorder, attach_state, check_states, pick_states
 from ._eager import run_eagerly
 from ._info import SolveInfo
 from ._problem import KINDS
-from .backward import BackwardMode
+from .backward import BackwardMode, Unrolled
 from .functional import argmin as _argmin
 from .functional import fixed_point as _fixed_point
 from .linear._base import LinearSolver
 from .linear._power import power_iteration
 from .solvers import LBFGS, Adaptive, Anderson, ForwardSolver
 
-__all__ = ["DEQ", "ArgminLayer", "jacobian_penalty"]
+__all__ = [
+    "DEQ",
+    "ArgminLayer",
+    "jacobian_penalty",
+    "apply_norm",
+    "reset_norm",
+    "remove_norm",
+    "VariationalDropout",
+    "reset_dropout",
+]
 
 Backward = BackwardMode | LinearSolver | None
 
@@ -143,10 +161,20 @@ class DEQ(torch.nn.Module):
     to every parameter of ``f`` come from the backward mode (by default the implicit function
     theorem, whose memory does not depend on the number of forward iterations).
 
+    The DEQ toolkit composes with the layer: weight or spectral normalisation of the map's
+    layers (:func:`apply_norm`) is computed once per solve, and in training mode every forward
+    first advances the spectral norms' power iterations (:func:`reset_norm`) and draws new
+    :class:`VariationalDropout` masks (:func:`reset_dropout`), which then stay fixed for the
+    iterations of the solve and its backward. ``forward(..., states=...)`` returns states along
+    the solve for a fixed-point correction loss.
+
     Args:
-        f: the equilibrium map, an ``nn.Module`` called as ``f(z, x)`` with ``z`` of shape
-            ``(B, *state_shape)``, returning a tensor of that shape. Registered as a
-            submodule, so ``.to()``, ``.double()``, ``state_dict()`` and ``parameters()`` see it.
+        f: the equilibrium map, called as ``f(z, x, *args)`` with ``z`` of shape
+            ``(B, *state_shape)``, returning a tensor of that shape: an ``nn.Module``
+            (registered as a submodule, so ``.to()``, ``.double()``, ``state_dict()`` and
+            ``parameters()`` see it) or any function, e.g. one closing over the parameters of
+            an enclosing module (torchdeq's style; gradients reach every tensor it uses, but
+            the layer does not own them).
         solver: forward solver used in training mode (default
             ``il.solvers.Adaptive(max_steps=50)``: plain iteration, Anderson once the observed
             contraction is slow).
@@ -167,7 +195,7 @@ class DEQ(torch.nn.Module):
         ``x``: ``(B, ...)``; output ``z*``: ``(B, *state_shape)``.
 
     Raises:
-        TypeError: ``f`` is not an ``nn.Module``, ``solver`` or ``eval_solver`` is not a
+        TypeError: ``f`` is not callable, ``solver`` or ``eval_solver`` is not a
             forward solver of :mod:`implicit_layers.solvers`, or ``backward`` is neither a
             backward mode nor a linear solver.
         ValueError: ``state_shape`` is not a sequence of positive ints.
@@ -186,11 +214,19 @@ class DEQ(torch.nn.Module):
         >>> z.sum().backward()          # implicit gradients to the parameters of Cell
         >>> info.backward.steps.shape   # the adjoint solve's steps, per sample
         torch.Size([8])
+
+        A function closing over parameters works the same way:
+
+        >>> lin = torch.nn.Linear(16, 16)
+        >>> deq = il.nn.DEQ(lambda z, x: torch.tanh(0.5 * lin(z) + x))
+        >>> deq(torch.randn(8, 16)).sum().backward()
+        >>> lin.weight.grad.shape
+        torch.Size([16, 16])
     """
 
     def __init__(
         self,
-        f: torch.nn.Module,
+        f: Callable[..., Tensor],
         *,
         solver: ForwardSolver | None = None,
         backward: Backward = None,
@@ -198,10 +234,10 @@ class DEQ(torch.nn.Module):
         state_shape: Sequence[int] | int | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(f, torch.nn.Module):
+        if not callable(f):
             raise TypeError(
-                f"f must be a torch.nn.Module called as f(z, x) (so that its parameters are "
-                f"registered), got {type(f).__name__}. Wrap a function in an nn.Module."
+                f"f must be the equilibrium map called as f(z, x): an nn.Module or a function, "
+                f"got {type(f).__name__}."
             )
         self.f = f
         self.solver = _check_solver(solver, "solver", "fixed_point") or Adaptive(max_steps=50)
@@ -218,31 +254,82 @@ class DEQ(torch.nn.Module):
 
     @run_eagerly
     def forward(
-        self, x: Tensor, z0: Tensor | None = None, *, return_info: bool = False
-    ) -> Tensor | tuple[Tensor, SolveInfo]:
-        """Solve ``z = f(z, x)`` per sample.
+        self,
+        x: Tensor,
+        z0: Tensor | None = None,
+        *,
+        args: Sequence[Any] = (),
+        states: int | Sequence[int] | None = None,
+        return_info: bool = False,
+    ) -> Any:
+        """Solve ``z = f(z, x, *args)`` per sample.
 
         Args:
             x: input ``(B, ...)``, passed unchanged as the second argument of ``f`` (any dtype,
                 e.g. token ids, when ``state_shape`` is set).
             z0: initial guess ``(B, *state_shape)`` (e.g. the previous equilibrium, for a warm
                 start); default zeros. It receives no gradient.
+            args: extra inputs of ``f``, passed after ``x`` (tensors receive gradients).
+            states: trajectory sampling (torchdeq's ``n_states`` / ``indexing``): ``None``
+                returns ``z*``; an int ``n`` returns a list of ``n`` states spread evenly along
+                the solve, the last being ``z*``; a sequence of iteration indices returns the
+                states after that many evaluations of ``f`` (an index past the end of the
+                solve gives ``z*``). Each state carries the layer's backward mode's gradient,
+                attached at that state (a step mode returns the state after its
+                differentiated steps), so a correction loss is a sum of losses over the list.
             return_info: also return the :class:`~implicit_layers.SolveInfo` (fields of shape
                 ``(B,)``; ``info.backward`` is set after ``backward()`` for implicit modes).
 
         Returns:
-            ``z*`` of shape ``(B, *state_shape)``, and the info if ``return_info``.
+            ``z*`` of shape ``(B, *state_shape)`` (a list of such states if ``states`` is
+            given), and the info if ``return_info``.
+
+        Raises:
+            ValueError: ``states`` is not ``None``, a positive int or a sequence of positive
+                ints, or is given with a structured state ``z0`` or ``backward=Unrolled()``.
         """
+        states = check_states(states)
         z0 = _initial_guess(z0, "z0", x, self.state_shape, "state_shape", self)
+        args = tuple(args)
+        if self.training and isinstance(self.f, torch.nn.Module):
+            # One power-iteration step and one dropout mask per solve, not per iteration.
+            reset_norm(self.f)
+            reset_dropout(self.f)
         if x.shape[0] == 0:
             # An empty batch has nothing to solve; like nn.Linear, return an empty batch
             # (through f, so that the parameters still receive their zero gradients).
-            return _empty_result(self.f(z0, x), self.active_solver, return_info)
-        z, info = _fixed_point(
-            self.f, z0, x, solver=self.active_solver, backward=self.backward, batched=True,
-            return_info=True,
+            empty = self.f(z0, x, *args)
+            return _empty_result(empty if states is None else [empty], self.active_solver,
+                                 return_info)
+        if states is not None and not isinstance(z0, Tensor):
+            raise ValueError("states=... needs a tensor state; z0 is a structured state.")
+        if states is not None and isinstance(self.backward, Unrolled):
+            raise ValueError(
+                "states=... attaches the layer's backward at each sampled state, which "
+                "backward=Unrolled() cannot do; use an implicit backward, JacobianFree() or "
+                "Phantom(k) with states."
+            )
+        f = self.f
+        if states is not None:
+            f = Recorder(self.f, None if isinstance(states, int) else set(states))
+        normalised = isinstance(self.f, torch.nn.Module) and any(
+            parametrize.is_parametrized(m) for m in self.f.modules()
         )
-        return (z, info) if return_info else z
+        # Parametrized weights (apply_norm) are computed once for the whole solve.
+        with parametrize.cached() if normalised else contextlib.nullcontext():
+            if normalised:
+                precompute_norm(self.f)  # type: ignore[arg-type]
+            z, info = _fixed_point(
+                f, z0, x, *args, solver=self.active_solver, backward=self.backward,
+                batched=True, return_info=True,
+            )
+            if isinstance(f, Recorder):
+                picked = pick_states(f.iterates, z, states)  # type: ignore[arg-type]
+                out: Any = [z if s is None else attach_state(self.f, s, (x, *args), self.backward)
+                            for s in picked]
+            else:
+                out = z
+        return (out, info) if return_info else out
 
     def extra_repr(self) -> str:
         parts = [f"solver={self.solver!r}", f"backward={self.backward!r}"]
@@ -250,18 +337,19 @@ class DEQ(torch.nn.Module):
             parts.append(f"eval_solver={self.eval_solver!r}")
         if self.state_shape is not None:
             parts.append(f"state_shape={self.state_shape}")
+        if not isinstance(self.f, torch.nn.Module):
+            parts.insert(0, f"f={getattr(self.f, '__qualname__', type(self.f).__name__)}")
         return ", ".join(parts)
 
 
-def _empty_result(
-    z: Tensor, solver: ForwardSolver, return_info: bool
-) -> Tensor | tuple[Tensor, SolveInfo]:
+def _empty_result(z: Any, solver: ForwardSolver, return_info: bool) -> Any:
     if not return_info:
         return z
-    empty = z.new_empty(0)
+    like = z[0] if isinstance(z, list) else z
+    empty = like.new_empty(0)
     info = SolveInfo(
-        converged=torch.zeros(0, dtype=torch.bool, device=z.device),
-        steps=torch.zeros(0, dtype=torch.int64, device=z.device),
+        converged=torch.zeros(0, dtype=torch.bool, device=like.device),
+        steps=torch.zeros(0, dtype=torch.int64, device=like.device),
         residual=empty, solver=solver.name, tolerance=empty,
     )
     return z, info

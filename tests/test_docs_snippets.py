@@ -50,6 +50,7 @@ DOCTEST_MODULES = [
     "implicit_layers.solvers.newton",
     "implicit_layers.solvers.picard",
     "implicit_layers.nn",
+    "implicit_layers._deq_norm",
     "implicit_layers.projection",
     "implicit_layers.prox",
     "implicit_layers.solvers.adaptive",

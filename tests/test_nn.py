@@ -383,8 +383,8 @@ def test_memory_independent_of_forward_steps_for_implicit(device):
 
 
 def test_user_errors_are_explained():
-    with pytest.raises(TypeError, match="nn.Module"):
-        il.nn.DEQ(lambda z, x: z)
+    with pytest.raises(TypeError, match="nn.Module or a function"):
+        il.nn.DEQ(torch.eye(2))  # a function is accepted since the DEQ toolkit; a tensor is not
     with pytest.raises(ValueError, match="solver=LBFGS"):
         il.nn.DEQ(Cell(2, 2), solver=il.solvers.LBFGS())
     with pytest.raises(ValueError, match="solver=Anderson"):

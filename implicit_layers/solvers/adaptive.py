@@ -10,6 +10,14 @@ The rule, in one place (``docs/choosing.md``, "How to choose", describes it for 
   step), when plain iteration at the observed rate would not reach the tolerance within what
   is left of ``max_steps``, or at once when some residual grows (a map that is not
   contractive, where plain iteration diverges). The switch restarts from the best iterate seen.
+* **Trial.** A contraction below ``switch_ratio`` can still be slow: plain iteration predicted
+  to need more than ``TRY_ANDERSON_AFTER`` further steps tries Anderson for ``TRIAL_STEPS``
+  steps, once, and keeps it if Anderson's observed contraction per unit of work beats plain
+  iteration's (an Anderson step costing about ``ANDERSON_COST`` plain steps); otherwise it goes
+  back to plain iteration from the best iterate. An (almost) affine map with a real spectrum,
+  such as a proximal-gradient map once the support is found, gains several times from
+  Anderson; a map whose Jacobian is near-orthogonal (a "hard" DEQ) gains nothing, and the
+  trial costs it a few percent.
 * **Backward.** When the forward finished with plain iteration, the adjoint system
   ``(I - J)ᵀ u = g`` contracts with the same factor (the spectrum of ``Jᵀ`` is that of ``J``),
   so the Neumann series solves it with about ``log(rtol) / log ρ`` products and no
@@ -41,6 +49,13 @@ from .picard import damped_step, picard_chunk, picard_step
 
 __all__ = ["Adaptive"]
 
+#: Predicted further plain steps above which Anderson is tried (once per solve).
+TRY_ANDERSON_AFTER = 128
+#: Anderson steps the trial runs before its contraction is compared with plain iteration's.
+TRIAL_STEPS = 8
+#: Work of one Anderson step in plain steps (one map evaluation plus the mixing).
+ANDERSON_COST = 2.0
+
 
 class Adaptive(ForwardSolver):
     """Picard iteration that switches to Anderson acceleration when the contraction is slow,
@@ -52,6 +67,9 @@ class Adaptive(ForwardSolver):
     residual norms, worst active sample) stays at most ``switch_ratio`` and predicts convergence
     within ``max_steps``; then Anderson acceleration with ``memory`` iterates, from the best
     iterate so far. A residual that grows switches at once (a map that is not contractive).
+    When plain iteration would still need more than 128 steps at the observed ``ρ``, Anderson
+    is tried for 8 steps (once) and kept only if it contracts faster per unit of work
+    (``info.solver`` then reads ``"Adaptive (Picard; Anderson tried)"`` if it was not kept).
     Both phases share one convergence monitor and the ``max_steps`` budget.
 
     Backward (when the backward mode has no linear solver of its own): Neumann series when the
@@ -132,6 +150,9 @@ class Adaptive(ForwardSolver):
         ref_res, ref_k = res0, 0
         k = 0  # plain steps taken
         switched_at: float | None = None
+        # Anderson on trial: (steps taken at the switch, residual norms there, plain rho).
+        trial: tuple[int, Tensor, float] | None = None
+        tried = False
         gs: list[Tensor] = []
         rs: list[Tensor] = []
         ones = torch.ones(z.shape[0], 1, self.memory, dtype=z.dtype, device=z.device)
@@ -169,7 +190,11 @@ class Adaptive(ForwardSolver):
                     worst, needed = mon.extra_values[0], math.nan
                 if worst > 1.0 or span >= self.window:
                     rho = worst ** (1.0 / span)
-                    if self._switch(worst, rho, needed, self.max_steps - k):
+                    switch = self._switch(worst, rho, needed, self.max_steps - k)
+                    if not switch and not tried and graphs is None and needed > TRY_ANDERSON_AFTER:
+                        tried = True
+                        trial = (taken, res, rho)
+                    if switch or trial is not None:
                         switched_at = rho
                         # Restart from the best iterate: after growth the current one is worse.
                         if mon.best_z is not z:
@@ -180,6 +205,22 @@ class Adaptive(ForwardSolver):
                         finfo = torch.finfo(z.dtype)
                         mon.safe = (finfo.tiny**0.25, finfo.max**0.25)
                     ref_res, ref_k = res, k
+            if trial is not None and taken - trial[0] >= TRIAL_STEPS and mon.k % mon.check_every == 0:
+                if not self._keep_anderson(mon, r, trial, taken, tiny):
+                    # Back to plain iteration, from the best iterate, for the rest of the solve.
+                    switched_at = None
+                    gs.clear()
+                    rs.clear()
+                    mon.safe = None
+                    z = mon.best_z
+                    if plain:
+                        fz = fmap(z)
+                        r = z - fz
+                    else:
+                        r = residual(z)
+                    k = taken
+                    ref_res, ref_k = _norm(r).unsqueeze(-1), k
+                trial = None
             if switched_at is None and graphs is not None:
                 w = min(mon.check_every, self.max_steps - taken)
                 chunk = picard_chunk(step, plain, 1.0, w)
@@ -215,7 +256,7 @@ class Adaptive(ForwardSolver):
             taken += 1
         z, info = mon.finish()
         if switched_at is None:
-            info.solver = "Adaptive (Picard)"
+            info.solver = "Adaptive (Picard; Anderson tried)" if tried else "Adaptive (Picard)"
             steps = info.steps.clamp_min(1).to(info.residual.dtype)
             ratio = info.residual / res0.squeeze(-1).clamp_min(tiny)
             info.contraction = torch.where(info.steps > 0, ratio ** (1 / steps), 0.0)
@@ -230,6 +271,17 @@ class Adaptive(ForwardSolver):
         plain iteration at that rate would need more steps (``needed``) than the ``left``
         steps of the budget."""
         return worst > 1.0 or rho > self.switch_ratio or needed > left
+
+    @staticmethod
+    def _keep_anderson(
+        mon: WindowMonitor, r: Tensor, trial: tuple[int, Tensor, float], taken: int, tiny: float
+    ) -> bool:
+        """Whether Anderson on trial contracted faster per unit of work than plain iteration:
+        ``rho_A^(1 / ANDERSON_COST) < rho_plain`` for the worst sample not done."""
+        start, res_start, rho_plain = trial
+        ratio = (_norm(r).unsqueeze(-1) / res_start.clamp_min(tiny)).masked_fill(mon.done, 0.0)
+        rho_anderson = float(ratio.max()) ** (1.0 / max(taken - start, 1))
+        return rho_anderson ** (1.0 / ANDERSON_COST) < rho_plain
 
     def adjoint_solver(self, info: SolveInfo | None) -> LinearSolver | None:
         """The linear solver of the adjoint system chosen from what the forward observed
