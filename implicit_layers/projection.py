@@ -370,7 +370,12 @@ def box_section(
     # With no free coordinate on the root's piece the multiplier is not unique (c is a vertex
     # value); the search's value is used and y is the clipped point, locally constant in x.
     nu = torch.where(solvable, numerator / torch.where(solvable, free_sq, torch.ones_like(free_sq)), nu)
-    return torch.where(free, x - nu * a, bound)
+    y_free = x - nu * a
+    # At an end of aᵀy's range the free coordinates sit on their bounds, and rounding of ν can
+    # put them a hair outside: keep y in the box (a where, so that a point exactly on a bound
+    # keeps the free coordinate's derivative).
+    y_free = torch.where(y_free < lo, lo, torch.where(y_free > up, up, y_free))
+    return torch.where(free, y_free, bound)
 
 
 def _section_multiplier(x: Tensor, lo: Tensor, up: Tensor, a: Tensor, level: Tensor) -> Tensor:
