@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from ._capture import transforms_active
+from ._compiled_solve import check_call, compiled_fixed_point, compiled_settings
 from ._eager import run_eagerly
 from ._info import SolveInfo
 from .backward import BackwardMode
@@ -162,6 +163,14 @@ class DEQ(torch.nn.Module):
             different ``max_steps`` or tolerance than training; ``None`` uses ``solver``.
         state_shape: per-sample shape of ``z`` (without the batch dimension), used for the
             default initial guess (zeros). ``None`` means ``z`` has the shape of ``x``.
+        compiled_solve: run the forward Picard loop and the adjoint Neumann loop as torch
+            control-flow operators (default ``False``), so that under ``torch.compile`` the
+            layer traces into the model's graph (``fullgraph=True`` holds); eagerly the same
+            steps run in Python. Needs ``solver``/``eval_solver`` ``Picard`` (default
+            ``Picard(max_steps=50)``) and ``backward`` a ``Neumann`` (default ``Neumann()``);
+            no ``torch.func`` transforms, no double backward, and under ``torch.compile`` no
+            ConvergenceWarning (test ``info.converged``). See ``docs/guides/deq.md``,
+            "Compiled solves".
 
     Shapes:
         ``x``: ``(B, ...)``; output ``z*``: ``(B, *state_shape)``.
@@ -170,7 +179,8 @@ class DEQ(torch.nn.Module):
         TypeError: ``f`` is not an ``nn.Module``, ``solver`` or ``eval_solver`` is not a
             forward solver of :mod:`implicit_layers.solvers`, or ``backward`` is neither a
             backward mode nor a linear solver.
-        ValueError: ``state_shape`` is not a sequence of positive ints.
+        ValueError: ``state_shape`` is not a sequence of positive ints, or ``compiled_solve=True``
+            with a forward solver other than Picard or a backward other than Neumann.
 
     Examples:
         >>> class Cell(torch.nn.Module):
@@ -196,8 +206,14 @@ class DEQ(torch.nn.Module):
         backward: Backward = None,
         eval_solver: ForwardSolver | None = None,
         state_shape: Sequence[int] | int | None = None,
+        compiled_solve: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(compiled_solve, bool):
+            raise TypeError(f"compiled_solve must be a bool, got {type(compiled_solve).__name__}.")
+        if compiled_solve:
+            solver, eval_solver, backward = compiled_settings(solver, eval_solver, backward)
+        self.compiled_solve = compiled_solve
         if not isinstance(f, torch.nn.Module):
             raise TypeError(
                 f"f must be a torch.nn.Module called as f(z, x) (so that its parameters are "
@@ -216,7 +232,6 @@ class DEQ(torch.nn.Module):
             return self.eval_solver
         return self.solver
 
-    @run_eagerly
     def forward(
         self, x: Tensor, z0: Tensor | None = None, *, return_info: bool = False
     ) -> Tensor | tuple[Tensor, SolveInfo]:
@@ -233,6 +248,17 @@ class DEQ(torch.nn.Module):
         Returns:
             ``z*`` of shape ``(B, *state_shape)``, and the info if ``return_info``.
         """
+        if self.compiled_solve:  # traced by torch.compile (no graph break)
+            check_call(x, z0)
+            z0 = _initial_guess(z0, "z0", x, self.state_shape, "state_shape", self)
+            z, info = compiled_fixed_point(self.f, z0, x, self.active_solver, self.backward)
+            return (z, info) if return_info else z
+        return self._eager_forward(x, z0, return_info)
+
+    @run_eagerly
+    def _eager_forward(
+        self, x: Tensor, z0: Tensor | None, return_info: bool
+    ) -> Tensor | tuple[Tensor, SolveInfo]:
         z0 = _initial_guess(z0, "z0", x, self.state_shape, "state_shape", self)
         if x.shape[0] == 0:
             # An empty batch has nothing to solve; like nn.Linear, return an empty batch
@@ -250,6 +276,8 @@ class DEQ(torch.nn.Module):
             parts.append(f"eval_solver={self.eval_solver!r}")
         if self.state_shape is not None:
             parts.append(f"state_shape={self.state_shape}")
+        if self.compiled_solve:
+            parts.append("compiled_solve=True")
         return ", ".join(parts)
 
 
