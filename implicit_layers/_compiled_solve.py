@@ -149,7 +149,8 @@ def _forward_loop(
         return (k + 1, z, fz, r, best_z, best_res, best_tol, done | met | broke,
                 steps + alive.long(), bad | broke)
 
-    state = (k, z0, fz, r, z0, res, tol, done, steps, bad)
+    # No two loop inputs may alias (inductor refuses them): the best iterate starts as a copy.
+    state = (k, z0, fz, r, z0.clone(), res, tol, done, steps, bad)
     _, _, _, _, z, res, tol, _, steps, bad = _loop(cond, body, state)
     return z, res, tol, steps, bad
 
