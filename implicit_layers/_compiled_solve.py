@@ -23,8 +23,8 @@ from torch import Tensor
 from torch._higher_order_ops import while_loop
 from torch.func import functional_call, vjp
 
-from ._info import NonFiniteError, SolveInfo, report_failure
 from ._capture import transforms_active
+from ._info import NonFiniteError, OnFailure, SolveInfo, report_failure
 from .backward import Implicit
 from .linear.neumann import Neumann
 from .solvers.base import ForwardSolver
@@ -54,8 +54,8 @@ class CompiledSettings:
     adjoint_atol: float
     adjoint_max_steps: int
     alpha: float | None
-    forward_on_failure: str
-    adjoint_on_failure: str
+    forward_on_failure: OnFailure
+    adjoint_on_failure: OnFailure
 
     @classmethod
     def of(cls, solver: Picard, adjoint: Neumann, dtype: torch.dtype) -> CompiledSettings:
@@ -101,7 +101,8 @@ class _Map:
         self.shape = shape  # (B, *state_shape)
 
     def __call__(self, z: Tensor, x: Tensor, tensors: tuple[Tensor, ...]) -> Tensor:
-        out = functional_call(self.module, dict(zip(self.names, tensors)), (z.view(self.shape), x))
+        values = dict(zip(self.names, tensors, strict=True))
+        out = functional_call(self.module, values, (z.view(self.shape), x))
         # Under autocast the map may compute in a narrower dtype; the loop state keeps its own.
         return out.reshape(z.shape).to(z.dtype)
 
@@ -177,7 +178,7 @@ def _adjoint_loop(
     def body(k: Tensor, u: Tensor, r: Tensor, res: Tensor, mask: Tensor, steps: Tensor,
              bad: Tensor, z: Tensor, x: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
         step = r if s.alpha is None or s.alpha == 1.0 else s.alpha * r
-        _, pull = vjp(lambda v: f(v, x, tensors), z)
+        pull = vjp(lambda v: f(v, x, tensors), z)[1]
         product = step - pull(step)[0]  # (I - J)ᵀ step
         u = torch.addcmul(u, step, mask)
         r = torch.addcmul(r, product, mask, value=-1.0)
@@ -244,11 +245,11 @@ class _CompiledFixedPoint(torch.autograd.Function):
         if not any(wants):
             return (None,) * (5 + len(tensors))
         inputs = (x, *tensors)
-        chosen = tuple(t for t, w in zip(inputs, wants) if w)
+        chosen = tuple(t for t, w in zip(inputs, wants, strict=True) if w)
 
         def of_chosen(*vals: Tensor) -> Tensor:
             it = iter(vals)
-            full = tuple(next(it) if w else t for t, w in zip(inputs, wants))
+            full = tuple(next(it) if w else t for t, w in zip(inputs, wants, strict=True))
             return f(z, full[0], full[1:])
 
         grads = iter(vjp(of_chosen, *chosen)[1](u))
@@ -267,7 +268,7 @@ _ADJOINT_ADVICE = (
 
 
 def compiled_fixed_point(
-    module: torch.nn.Module, z0: Tensor, x: Tensor, solver: Picard, adjoint: Neumann
+    module: torch.nn.Module, z0: Tensor, x: Tensor, solver: ForwardSolver, adjoint: object
 ) -> tuple[Tensor, SolveInfo]:
     """Solve ``z = module(z, x)`` per sample with the compiled Picard loop, differentiable by
     the compiled adjoint loop.
@@ -277,13 +278,23 @@ def compiled_fixed_point(
             the loops explicitly.
         z0: initial guess ``(B, *state_shape)`` (receives no gradient).
         x: the input ``(B, ...)``.
-        solver: the forward settings (damping, tolerances, ``max_steps``, ``on_failure``).
-        adjoint: the backward settings (Neumann ``max_steps``, ``alpha``, tolerances).
+        solver: the forward settings (damping, tolerances, ``max_steps``, ``on_failure``): a
+            :class:`~implicit_layers.solvers.Picard` (see :func:`compiled_settings`).
+        adjoint: the backward settings (Neumann ``max_steps``, ``alpha``, tolerances): a
+            :class:`~implicit_layers.linear.Neumann`.
+
+    Raises:
+        TypeError: if ``solver`` is not a Picard solver or ``adjoint`` not a Neumann solver.
 
     Returns:
         ``(z*, info)``: ``z*`` shaped like ``z0``, and the forward's :class:`SolveInfo` (fields
         ``(B,)``; ``info.backward`` is filled by an eager backward).
     """
+    if not isinstance(solver, Picard) or not isinstance(adjoint, Neumann):
+        raise TypeError(
+            "the compiled solve runs Picard forward and Neumann adjoint loops, got "
+            f"{type(solver).__name__} and {type(adjoint).__name__}."
+        )
     named = tuple(module.named_parameters()) + tuple(module.named_buffers())
     names = tuple(n for n, _ in named)
     tensors = tuple(t for _, t in named)
@@ -353,7 +364,7 @@ def compiled_settings(
             f"backward={type(linear if linear is not None else backward).__name__}; pass "
             f"backward=il.linear.Neumann(...) (or None) {_USE_INSTEAD}."
         )
-    return forward, eval_solver, Neumann() if linear is None else linear
+    return forward, eval_solver, Neumann() if linear is None else linear  # type: ignore[return-value]
 
 
 def check_call(x: Tensor, z0: Tensor | None) -> None:
