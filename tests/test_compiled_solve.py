@@ -7,6 +7,8 @@ compiled graph against the eager run of the same layer.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -18,10 +20,11 @@ def _seed_and_release_compiled_state():
     torch.manual_seed(0)
     yield
     torch._dynamo.reset()
-    # Dynamo keeps the fake tensors of the last traced frame alive until it next evaluates a
-    # frame; one (disabled) call releases them, so that later tests counting live tensors
-    # (test_nn's no-graph test) do not see them disappear mid-test.
-    torch.compiler.disable(lambda: None)()
+    # The traced graphs' fake tensors sit in reference cycles freed only by a second
+    # collection (the first runs finalizers); collect them now, so that later tests counting
+    # live tensors (test_nn's no-graph test) do not see them disappear mid-test.
+    for _ in range(3):
+        gc.collect()
 
 
 class Cell(torch.nn.Module):
