@@ -98,11 +98,13 @@ class _Map:
     def __init__(self, module: torch.nn.Module, names: tuple[str, ...], shape: torch.Size) -> None:
         self.module = module
         self.names = names
-        self.shape = shape  # (B, *state_shape)
+        # The per-sample shape only: the batch size comes from the iterate, so that nothing
+        # the loop bodies close over depends on it (a dynamic batch stays a loop input).
+        self.state_shape = tuple(int(d) for d in shape[1:])
 
     def __call__(self, z: Tensor, x: Tensor, tensors: tuple[Tensor, ...]) -> Tensor:
         values = dict(zip(self.names, tensors, strict=True))
-        out = functional_call(self.module, values, (z.view(self.shape), x))
+        out = functional_call(self.module, values, (z.view(z.shape[0], *self.state_shape), x))
         # Under autocast the map may compute in a narrower dtype; the loop state keeps its own.
         return out.reshape(z.shape).to(z.dtype)
 

@@ -270,3 +270,24 @@ def test_settings_the_compiled_solve_cannot_honour_are_refused():
         layer(x, z0=(x, x))
     with pytest.raises(ValueError, match="double backward"):
         torch.autograd.grad(layer(x.requires_grad_()).square().sum(), x, create_graph=True)
+
+
+@pytest.mark.slow
+def test_new_batch_sizes_compile_no_new_graph_after_the_second():
+    from torch._dynamo.utils import counters
+
+    cell = Cell(6).double()
+    layer, eager = _layers(cell)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    graphs = []
+    for B in (3, 4, 7, 10):
+        x = torch.randn(B, 6, dtype=torch.float64)
+        z_c, info_c, grads_c = _run(compiled, cell, x)
+        z, info, grads = _run(eager, cell, x)
+        torch.testing.assert_close(z_c, z, rtol=0, atol=1e-14)
+        assert torch.equal(info_c.steps, info.steps)
+        torch.testing.assert_close(grads_c[0], grads[0], rtol=1e-10, atol=1e-12)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[-1], graphs
