@@ -307,7 +307,10 @@ def compiled_fixed_point(
     # compiled graph cannot make).
     holder: list[SolveInfo] | None = None if compiling else []
     flat = z0.detach().reshape(z0.shape[0], -1)
-    z, res, tol, steps, bad = _CompiledFixedPoint.apply(flat, x, f, settings, holder, *tensors)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)):
+        z, res, tol, steps, bad = _CompiledFixedPoint.apply(flat, x, f, settings, holder, *tensors)
+    else:  # nothing to differentiate (no_grad, inference_mode, frozen map): the loop alone
+        z, res, tol, steps, bad = _forward_loop(f, flat, x, tensors, settings)
     info = SolveInfo(
         converged=((res <= tol) & ~bad).squeeze(-1), steps=steps.squeeze(-1),
         residual=res.squeeze(-1), solver="Picard (compiled)", tolerance=tol.squeeze(-1),

@@ -183,7 +183,12 @@ def test_non_convergence_is_flagged_in_the_compiled_graph():
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     _, info_c = compiled(x, return_info=True)  # no warning from inside a graph: the flags say it
     assert not bool(info_c.converged.any())
-    torch._dynamo.reset()
+    with torch.no_grad():  # the inference graph (no autograd.Function) says it too
+        z_ng, info_ng = compiled(x, return_info=True)
+    assert not bool(info_ng.converged.any()) and torch.equal(info_ng.steps, info_c.steps)
+    with pytest.warns(il.ConvergenceWarning):
+        z_eager = layer(x)
+    torch.testing.assert_close(z_ng, z_eager.detach(), rtol=0, atol=1e-14)
 
 
 def test_adjoint_non_convergence_warns():
