@@ -17,12 +17,14 @@ each method against eager Picard + Neumann.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
 import implicit_layers as il
 
 from ._common import Config, Section, time_alternating
+from .compile import _step
 
 
 class _Cell(torch.nn.Module):
@@ -47,11 +49,9 @@ def _deq(cell: torch.nn.Module, compiled_solve: bool, default: bool = False) -> 
     )
 
 
-def _step(cell: torch.nn.Module, call, x: torch.Tensor) -> list[torch.Tensor]:  # noqa: ANN001
-    """One training step through ``call``; the gradients of the cell's parameters."""
-    cell.zero_grad()
-    call(x).square().mean().backward()
-    return [p.grad.clone() for p in cell.parameters()]
+def _loss(layer) -> Callable[[torch.Tensor], torch.Tensor]:  # noqa: ANN001
+    """The training loss through ``layer`` (a DEQ or its compiled form)."""
+    return lambda x: layer(x).square().mean()
 
 
 def run_compiled_solve(cfg: Config) -> Section:
@@ -69,9 +69,9 @@ def run_compiled_solve(cfg: Config) -> Section:
     x = torch.randn(B, n, device=cfg.device)
     compiled_layer = _deq(cell, compiled_solve=True)
     methods = {
-        "eager Picard + Neumann": lambda: _step(cell, _deq(cell, False), x),
-        "eager default": lambda: _step(cell, _deq(cell, False, default=True), x),
-        "compiled_solve, run eagerly": lambda: _step(cell, compiled_layer, x),
+        "eager Picard + Neumann": lambda: _step(cell, _loss(_deq(cell, False)), x),
+        "eager default": lambda: _step(cell, _loss(_deq(cell, False, default=True)), x),
+        "compiled_solve, run eagerly": lambda: _step(cell, _loss(compiled_layer), x),
     }
     torch._dynamo.reset()
     breaks = torch._dynamo.explain(compiled_layer)(x).graph_break_count
@@ -80,10 +80,10 @@ def run_compiled_solve(cfg: Config) -> Section:
         torch._dynamo.reset()
         compiled = torch.compile(compiled_layer, backend=backend, fullgraph=True)
         t0 = time.perf_counter()
-        _step(cell, compiled, x)
+        _step(cell, _loss(compiled), x)
         first_call[backend] = time.perf_counter() - t0
         methods[f"compiled_solve + torch.compile({backend}, fullgraph)"] = (
-            lambda c=compiled: _step(cell, c, x)
+            lambda c=compiled: _step(cell, _loss(c), x)
         )
     times, grads = time_alternating(methods, cfg)
     reference = grads["eager Picard + Neumann"]
