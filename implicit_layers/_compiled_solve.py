@@ -16,6 +16,7 @@ are emitted only outside a compiled region (see :func:`report`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -306,7 +307,7 @@ def compiled_fixed_point(
     # Eagerly, the backward attaches its statistics to the info (a Python side effect that a
     # compiled graph cannot make).
     holder: list[SolveInfo] | None = None if compiling else []
-    flat = z0.detach().reshape(z0.shape[0], -1)
+    flat = z0.detach().reshape(z0.shape[0], math.prod(z0.shape[1:]))  # (B, n), also for B = 0
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *tensors)):
         z, res, tol, steps, bad = _CompiledFixedPoint.apply(flat, x, f, settings, holder, *tensors)
     else:  # nothing to differentiate (no_grad, inference_mode, frozen map): the loop alone

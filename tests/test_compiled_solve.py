@@ -296,3 +296,12 @@ def test_new_batch_sizes_compile_no_new_graph_after_the_second():
         torch.testing.assert_close(grads_c[0], grads[0], rtol=1e-10, atol=1e-12)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[-1], graphs
+
+
+def test_empty_batch_gives_zero_gradients():
+    cell = Cell(4).double()
+    layer = il.nn.DEQ(cell, compiled_solve=True)
+    z, info = layer(torch.zeros(0, 4, dtype=torch.float64), return_info=True)
+    assert z.shape == (0, 4) and info.steps.shape == (0,)
+    z.sum().backward()
+    assert torch.equal(cell.lin.weight.grad, torch.zeros_like(cell.lin.weight))
