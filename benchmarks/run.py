@@ -28,7 +28,7 @@ from benchmarks._common import Config, Section, restore_threads, set_threads  # 
 
 PROBLEMS = (
     "ridge", "deq", "memory", "linsolve", "batched", "imaml", "higher_order", "ops_per_iteration",
-    "compile",
+    "compile", "compiled_solve",
 )
 
 
@@ -36,6 +36,7 @@ def _runner(name: str):
     from benchmarks import (
         batched,
         compile,
+        compiled_solve,
         deq,
         higher_order,
         imaml,
@@ -55,6 +56,7 @@ def _runner(name: str):
         "higher_order": higher_order.run_higher_order,
         "ops_per_iteration": ops_per_iteration.run_ops_per_iteration,
         "compile": compile.run_compile,
+        "compiled_solve": compiled_solve.run_compiled_solve,
     }[name]
 
 

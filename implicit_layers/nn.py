@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_flatten
 
 from ._capture import transforms_active
+from ._compiled_solve import check_call, compiled_fixed_point, compiled_settings
 from ._deq_dropout import VariationalDropout, reset_dropout
 from ._deq_norm import apply_norm, precompute_norm, remove_norm, reset_norm
 from ._deq_trajectory import Recorder, attach_state, check_states, pick_states
@@ -190,6 +191,14 @@ class DEQ(torch.nn.Module):
             different ``max_steps`` or tolerance than training; ``None`` uses ``solver``.
         state_shape: per-sample shape of ``z`` (without the batch dimension), used for the
             default initial guess (zeros). ``None`` means ``z`` has the shape of ``x``.
+        compiled_solve: run the forward Picard loop and the adjoint Neumann loop as torch
+            control-flow operators (default ``False``), so that under ``torch.compile`` the
+            layer traces into the model's graph (``fullgraph=True`` holds); eagerly the same
+            steps run in Python. Needs ``solver``/``eval_solver`` ``Picard`` (default
+            ``Picard(max_steps=50)``) and ``backward`` a ``Neumann`` (default ``Neumann()``);
+            no ``torch.func`` transforms, no double backward, and under ``torch.compile`` no
+            ConvergenceWarning (test ``info.converged``). See ``docs/guides/deq.md``,
+            "Compiled solves".
 
     Shapes:
         ``x``: ``(B, ...)``; output ``z*``: ``(B, *state_shape)``.
@@ -198,7 +207,8 @@ class DEQ(torch.nn.Module):
         TypeError: ``f`` is not callable, ``solver`` or ``eval_solver`` is not a
             forward solver of :mod:`implicit_layers.solvers`, or ``backward`` is neither a
             backward mode nor a linear solver.
-        ValueError: ``state_shape`` is not a sequence of positive ints.
+        ValueError: ``state_shape`` is not a sequence of positive ints, or ``compiled_solve=True``
+            with a forward solver other than Picard or a backward other than Neumann.
 
     Examples:
         >>> class Cell(torch.nn.Module):
@@ -232,12 +242,24 @@ class DEQ(torch.nn.Module):
         backward: Backward = None,
         eval_solver: ForwardSolver | None = None,
         state_shape: Sequence[int] | int | None = None,
+        compiled_solve: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(compiled_solve, bool):
+            raise TypeError(f"compiled_solve must be a bool, got {type(compiled_solve).__name__}.")
+        if compiled_solve:
+            solver, eval_solver, backward = compiled_settings(solver, eval_solver, backward)
+        self.compiled_solve = compiled_solve
         if not callable(f):
             raise TypeError(
                 f"f must be the equilibrium map called as f(z, x): an nn.Module or a function, "
                 f"got {type(f).__name__}."
+            )
+        if compiled_solve and not isinstance(f, torch.nn.Module):
+            raise TypeError(
+                "compiled_solve=True needs f as an nn.Module (its parameters become explicit "
+                f"inputs of the compiled loops), got {type(f).__name__}; wrap the function in an "
+                "nn.Module or use compiled_solve=False."
             )
         self.f = f
         self.solver = _check_solver(solver, "solver", "fixed_point") or Adaptive(max_steps=50)
@@ -252,7 +274,6 @@ class DEQ(torch.nn.Module):
             return self.eval_solver
         return self.solver
 
-    @run_eagerly
     def forward(
         self,
         x: Tensor,
@@ -288,7 +309,28 @@ class DEQ(torch.nn.Module):
             ValueError: ``states`` is not ``None``, a positive int or a sequence of positive
                 ints, or is given with a structured state ``z0`` or ``backward=Unrolled()``.
         """
-        states = check_states(states)
+        if self.compiled_solve:  # traced by torch.compile (no graph break)
+            if states is not None or len(args) > 0:
+                raise ValueError(
+                    "compiled_solve=True supports f(z, x) without states= or args=; use "
+                    "compiled_solve=False for trajectory states or extra inputs."
+                )
+            check_call(x, z0)
+            z0 = _initial_guess(z0, "z0", x, self.state_shape, "state_shape", self)
+            assert isinstance(self.f, torch.nn.Module)  # checked in __init__
+            z, info = compiled_fixed_point(self.f, z0, x, self.active_solver, self.backward)
+            return (z, info) if return_info else z
+        return self._eager_forward(x, z0, tuple(args), check_states(states), return_info)
+
+    @run_eagerly
+    def _eager_forward(
+        self,
+        x: Tensor,
+        z0: Tensor | None,
+        args: tuple[Any, ...],
+        states: int | Sequence[int] | None,
+        return_info: bool,
+    ) -> Any:
         z0 = _initial_guess(z0, "z0", x, self.state_shape, "state_shape", self)
         args = tuple(args)
         if self.training and isinstance(self.f, torch.nn.Module):
@@ -339,6 +381,8 @@ class DEQ(torch.nn.Module):
             parts.append(f"state_shape={self.state_shape}")
         if not isinstance(self.f, torch.nn.Module):
             parts.insert(0, f"f={getattr(self.f, '__qualname__', type(self.f).__name__)}")
+        if self.compiled_solve:
+            parts.append("compiled_solve=True")
         return ", ".join(parts)
 
 

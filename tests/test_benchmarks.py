@@ -122,3 +122,13 @@ def test_backward_reuse_rows(tiny_results):
     for r in rows:
         assert r["grad_rel_err"] < 1e-6 and r["bwd_vjps"] > 0 and 0 < r["forward_rho"] < 1
     assert any("Neumann" in r["method"] for r in rows if r["method"].startswith("after"))
+
+
+def test_compiled_solve_rows(tiny_results):
+    res, _ = tiny_results
+    sec = {s["name"]: s for s in res["sections"]}["compiled_solve"]
+    methods = {r["method"]: r for r in sec["rows"]}
+    compiled = methods["compiled_solve + torch.compile(eager, fullgraph)"]
+    assert compiled["breaks"] == 0 and compiled["first_call_s"] > 0
+    for r in sec["rows"]:  # float32 gradients against eager Picard + Neumann
+        assert r["grad_rel_err"] < 1e-4, r
