@@ -34,7 +34,7 @@ def typeset(tex: str, display: bool) -> str:
         ValueError: ``tex`` uses a command the converter does not know.
     """
     for command, replacement in REWRITES.items():
-        tex = re.sub(re.escape(command) + r"(?![A-Za-z])", lambda _: replacement, tex)
+        tex = re.sub(re.escape(command) + r"(?![A-Za-z])", lambda _, r=replacement: r, tex)
     mathml = convert(tex.strip(), display="block" if display else "inline")
     if LEFTOVER_COMMAND.search(mathml):
         raise ValueError(f"unknown TeX command in formula {tex.strip()!r}")
