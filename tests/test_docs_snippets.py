@@ -3,7 +3,8 @@
 The blocks of one page run in order in one namespace, so a page can build on its earlier blocks.
 A block that is not meant to run says so explicitly: the info string ``python no-run``, or a
 ``<!-- skip -->`` comment on the line before the fence. Other languages (```bash, ```text) are
-never executed. Warnings keep the suite's filters, so a snippet that emits an unexpected
+never executed. A ```text block titled "Output" shows what the page's snippets print: it must
+appear, up to whitespace, in what they print. Warnings keep the suite's filters, so a snippet that emits an unexpected
 ``ConvergenceWarning`` fails.
 """
 
@@ -59,6 +60,7 @@ FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 # A ```text block that quotes a message, "SomeWarning: text" or "SomeError: text", claims that
 # the page's snippets print that text: it is checked against what they print.
 QUOTED_MESSAGE = re.compile(r"^\w+(?:Warning|Error): (?P<text>.*)$", re.DOTALL)
+OUTPUT_INFO = 'text title="Output"'
 
 
 @dataclass
@@ -157,6 +159,12 @@ def test_page_snippets_run(page: Path) -> None:
         torch.set_num_threads(threads)
     printed = " ".join(out.getvalue().split())
     for block in parse_blocks(page.read_text(encoding="utf-8")):
+        if block.info == OUTPUT_INFO:
+            shown = " ".join(block.code.split())
+            assert shown in printed, (
+                f"{_page_id(page)}:{block.line} shows an output its snippets do not print: {shown!r}; "
+                f"they print {printed[-2000:]!r}"
+            )
         m = QUOTED_MESSAGE.match(block.code.strip()) if block.info == "text" else None
         if m:
             quoted = " ".join(m["text"].split())
