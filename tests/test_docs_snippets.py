@@ -4,8 +4,8 @@ The blocks of one page run in order in one namespace, so a page can build on its
 A block that is not meant to run says so explicitly: the info string ``python no-run``, or a
 ``<!-- skip -->`` comment on the line before the fence. Other languages (```bash, ```text) are
 never executed. A ```text block titled "Output" shows what the page's snippets print: it must
-appear, up to whitespace, in what they print. Warnings keep the suite's filters, so a snippet that emits an unexpected
-``ConvergenceWarning`` fails.
+appear, up to whitespace, in what they print. Warnings keep the suite's filters, so a snippet
+that emits an unexpected ``ConvergenceWarning`` fails.
 """
 
 from __future__ import annotations
