@@ -130,7 +130,7 @@ def _chromium(browser: str, width: int, *args: str) -> subprocess.CompletedProce
 def check_page(browser: str, url: str, width: int, shot: Path) -> list[str]:
     """Screenshot ``url`` at ``width`` into ``shot``; return the problems found (empty if none)."""
     _chromium(browser, width, f"--screenshot={shot}", url)
-    dom = _chromium(browser, width, "--virtual-time-budget=3000", "--dump-dom", url).stdout
+    dom = _chromium(browser, width, "--dump-dom", url).stdout
     m = VERDICT.search(dom)
     if m is None:
         return [f"{url} at {width} px: the page did not report (did it load?)"]
