@@ -82,6 +82,9 @@ PEER_ROLES = {
 def peer_chart(results: dict, out: Path) -> Path | None:
     """Grouped bars of time and gradient error against the peers (``bench_peers.png``), or None
     when the results hold none of the cases."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sec = {s["name"]: s for s in results["sections"]}

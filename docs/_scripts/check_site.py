@@ -72,6 +72,7 @@ window.addEventListener("load", () => {
   }
   const out = document.createElement("pre");
   out.id = "site-check";
+  out.hidden = true;  // in the DOM for --dump-dom, not in the screenshots
   out.textContent = "SITE-CHECK " + JSON.stringify(found);
   document.body.appendChild(out);
 });
