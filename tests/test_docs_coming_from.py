@@ -8,14 +8,11 @@ comparison the page prints must hold: each printed line that is a boolean is ``T
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.test_docs_snippets import parse_blocks
+from tests.test_docs_snippets import parse_blocks, run_blocks
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "coming-from"
 # page -> the modules its peer blocks import
@@ -33,18 +30,9 @@ def test_page_runs_with_its_peer(page: str) -> None:
     blocks = [b for b in parse_blocks((DOCS / page).read_text(encoding="utf-8"))
               if b.info.split()[:1] == ["python"]]
     assert any(b.skip_marked for b in blocks), f"{page} has no peer block"
-    namespace: dict[str, object] = {"__name__": f"coming_from_{Path(page).stem}"}
-    out = io.StringIO()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for block in blocks:
-            with contextlib.redirect_stdout(out):
-                exec(compile(block.code, f"{page}:{block.line}", "exec"), namespace)  # noqa: S102
-    finally:
-        torch.set_num_threads(threads)
-    verdicts = [line.strip() for line in out.getvalue().splitlines() if line.strip() in ("True", "False")]
-    assert verdicts and "False" not in verdicts, out.getvalue()
+    printed = run_blocks(blocks, f"docs/coming-from/{page}")
+    verdicts = [line.strip() for line in printed.splitlines() if line.strip() in ("True", "False")]
+    assert verdicts and "False" not in verdicts, printed
 
 
 def test_every_page_is_listed() -> None:

@@ -139,12 +139,9 @@ def test_parser_finds_and_marks_blocks() -> None:
     assert blocks[4].code == "b = a + 1\n"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=_page_id)
-def test_page_snippets_run(page: Path) -> None:
-    blocks = [b for b in parse_blocks(page.read_text(encoding="utf-8")) if runnable(b)]
-    if not blocks:
-        pytest.skip("no Python blocks on this page")
-    namespace: dict[str, object] = {"__name__": f"docs_snippet_{page.stem}"}
+def run_blocks(blocks: list[Block], name: str) -> str:
+    """Run ``blocks`` in order in one fresh namespace; return what they print."""
+    namespace: dict[str, object] = {"__name__": f"docs_snippet_{Path(name).stem}"}
     out = io.StringIO()
     # The snippets' problems are tiny: on a small shared CPU one intra-op thread is several
     # times faster than two (see docs/testing.md), and it keeps this test's run time low.
@@ -152,12 +149,20 @@ def test_page_snippets_run(page: Path) -> None:
     torch.set_num_threads(1)
     try:
         for block in blocks:
-            code = compile(block.code, f"{_page_id(page)}:{block.line}", "exec")
+            code = compile(block.code, f"{name}:{block.line}", "exec")
             with contextlib.redirect_stdout(out):
                 exec(code, namespace)  # noqa: S102 - running the documentation is the point
     finally:
         torch.set_num_threads(threads)
-    printed = " ".join(out.getvalue().split())
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_page_snippets_run(page: Path) -> None:
+    blocks = [b for b in parse_blocks(page.read_text(encoding="utf-8")) if runnable(b)]
+    if not blocks:
+        pytest.skip("no Python blocks on this page")
+    printed = " ".join(run_blocks(blocks, _page_id(page)).split())
     for block in parse_blocks(page.read_text(encoding="utf-8")):
         if block.info == OUTPUT_INFO:
             shown = " ".join(block.code.split())
