@@ -47,7 +47,76 @@ def make_plots(results: dict, out: Path) -> list[Path]:
             paths.append(out / "bench_cg_kappa.png")
             fig.savefig(paths[-1], dpi=110)
             plt.close(fig)
+    peers = peer_chart(results, out)
+    if peers is not None:
+        paths.append(peers)
     return paths
+
+
+# (section, case, label, {role: method}) of the peer chart; a method missing from the results
+# (a peer not installed in that run) leaves its bar out.
+PEER_CASES = [
+    ("ridge", "d=1000", "ridge d=1000\n(torchopt)", {
+        "ours": "ours default", "tight": "torchopt CG", "defaults": "torchopt default",
+        "jaxopt": "jaxopt CG (jit)"}),
+    ("ridge", "digits logistic (650 weights)", "digits logistic\n(torchopt)", {
+        "ours": "ours LBFGS + default", "tight": "torchopt CG (same LBFGS forward)",
+        "jaxopt": "jaxopt LBFGS + CG (jit)"}),
+    ("imaml", "tanh MLP, one task", "iMAML tanh MLP\n(torchopt)", {
+        "ours": "ours CG 1e-10", "tight": "torchopt CG 1e-10", "defaults": "torchopt default (normal CG)"}),
+    ("deq", "easy n=256 B=64", "DEQ easy\n(torchdeq)", {
+        "ours": "ours default", "tight": "torchdeq fixed_point_iter IFT 1e-10",
+        "defaults": "torchdeq defaults", "jaxopt": "jaxopt FixedPointIteration (jit)"}),
+    ("deq", "hard n=256 B=64", "DEQ hard\n(torchdeq)", {
+        "ours": "ours default", "tight": "torchdeq fixed_point_iter IFT 1e-10",
+        "defaults": "torchdeq defaults", "jaxopt": "jaxopt FixedPointIteration (jit)"}),
+]
+PEER_ROLES = {
+    "ours": "implicit_layers, defaults",
+    "tight": "torchopt / torchdeq, tolerance 1e-10",
+    "defaults": "torchopt / torchdeq, their defaults",
+    "jaxopt": "jaxopt, jit-compiled",
+}
+
+
+def peer_chart(results: dict, out: Path) -> Path | None:
+    """Grouped bars of time and gradient error against the peers (``bench_peers.png``), or None
+    when the results hold none of the cases."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sec = {s["name"]: s for s in results["sections"]}
+    cases = []
+    for section, case, label, methods in PEER_CASES:
+        rows = {r["method"]: r for r in sec.get(section, {}).get("rows", []) if r["case"] == case}
+        found = {role: rows[m] for role, m in methods.items() if m in rows}
+        if found:
+            cases.append((label, found))
+    if not cases:
+        return None
+    fig, axes = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    width = 0.2
+    for ax, key, ylabel in ((axes[0], "time_ms", "time, forward + backward (ms)"),
+                            (axes[1], "grad_rel_err", "relative gradient error")):
+        for j, (role, name) in enumerate(PEER_ROLES.items()):
+            xs = [i + (j - 1.5) * width for i, (_, found) in enumerate(cases) if role in found]
+            ys = [max(found[role][key], 1e-16) for _, found in cases if role in found]
+            ax.bar(xs, ys, width, label=name, color=f"C{j}")
+        ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.grid(axis="y", alpha=0.3, which="major")
+    axes[1].axhline(1e-10, color="gray", lw=0.8)
+    fig.suptitle("Against the peer libraries on the benchmark problems (CPU, float64)")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=9, ncol=4, loc="upper center", bbox_to_anchor=(0.5, 0.95))
+    axes[1].set_xticks(range(len(cases)), [label for label, _ in cases])
+    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    path = out / "bench_peers.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -219,7 +219,7 @@ def root(
             tolerance: :class:`~implicit_layers.linear.Dense` up to 128 unknowns, with
             :class:`~implicit_layers.linear.GMRES` where the Jacobian is singular; above, up to
             ``B n² <= 2^20``, the faster of Dense and GMRES as measured on the first
-            backwards; GMRES beyond; see ``docs/choosing.md``). Passing a linear solver means
+            backwards; GMRES beyond; see [How to choose][how-to-choose]). Passing a linear solver means
             :class:`~implicit_layers.backward.Implicit` with it.
         batched: if ``True`` the leading dimension of ``z0`` (of each of its tensors)
             indexes independent problems, each with its own convergence test and statistics.
@@ -281,7 +281,7 @@ def argmin(
         backward: backward mode or linear solver (default implicit with
             :class:`~implicit_layers.linear.Dense` for at most 128 unknowns, then the faster
             of Dense and :class:`~implicit_layers.linear.CG` as measured on the first
-            backwards (see ``docs/choosing.md``), CG for large problems; at the forward
+            backwards (see [How to choose][how-to-choose]), CG for large problems; at the forward
             tolerance). Passing a linear solver means
             :class:`~implicit_layers.backward.Implicit` with it.
         batched: if ``True`` the leading dimension of ``w0`` (of each of its tensors)
@@ -442,7 +442,7 @@ def custom_root(
         backward: backward mode or linear solver (default implicit with GMRES, or CG when
             ``symmetric``; Dense instead for small systems (GMRES where a small
             non-symmetric one is singular) and where the first backwards of a mid-sized one
-            measure it faster, see ``docs/choosing.md``).
+            measure it faster, see [How to choose][how-to-choose]).
             ``Unrolled()`` is not possible for a black box.
         batched: leading dimension indexes independent problems.
         symmetric: declare ``∂F/∂z`` symmetric (true when ``F`` is a gradient), which lets the

@@ -3,8 +3,9 @@
 The blocks of one page run in order in one namespace, so a page can build on its earlier blocks.
 A block that is not meant to run says so explicitly: the info string ``python no-run``, or a
 ``<!-- skip -->`` comment on the line before the fence. Other languages (```bash, ```text) are
-never executed. Warnings keep the suite's filters, so a snippet that emits an unexpected
-``ConvergenceWarning`` fails.
+never executed. A ```text block titled "Output" shows what the page's snippets print: it must
+appear, up to whitespace, in what they print. Warnings keep the suite's filters, so a snippet
+that emits an unexpected ``ConvergenceWarning`` fails.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ FENCE = re.compile(r"^(?P<indent> *)(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 # A ```text block that quotes a message, "SomeWarning: text" or "SomeError: text", claims that
 # the page's snippets print that text: it is checked against what they print.
 QUOTED_MESSAGE = re.compile(r"^\w+(?:Warning|Error): (?P<text>.*)$", re.DOTALL)
+OUTPUT_INFO = 'text title="Output"'
 
 
 @dataclass
@@ -140,12 +142,9 @@ def test_parser_finds_and_marks_blocks() -> None:
     assert blocks[4].code == "b = a + 1\n"
 
 
-@pytest.mark.parametrize("page", PAGES, ids=_page_id)
-def test_page_snippets_run(page: Path) -> None:
-    blocks = [b for b in parse_blocks(page.read_text(encoding="utf-8")) if runnable(b)]
-    if not blocks:
-        pytest.skip("no Python blocks on this page")
-    namespace: dict[str, object] = {"__name__": f"docs_snippet_{page.stem}"}
+def run_blocks(blocks: list[Block], name: str) -> str:
+    """Run ``blocks`` in order in one fresh namespace; return what they print."""
+    namespace: dict[str, object] = {"__name__": f"docs_snippet_{Path(name).stem}"}
     out = io.StringIO()
     # The snippets' problems are tiny: on a small shared CPU one intra-op thread is several
     # times faster than two (see docs/testing.md), and it keeps this test's run time low.
@@ -153,13 +152,27 @@ def test_page_snippets_run(page: Path) -> None:
     torch.set_num_threads(1)
     try:
         for block in blocks:
-            code = compile(block.code, f"{_page_id(page)}:{block.line}", "exec")
+            code = compile(block.code, f"{name}:{block.line}", "exec")
             with contextlib.redirect_stdout(out):
                 exec(code, namespace)  # noqa: S102 - running the documentation is the point
     finally:
         torch.set_num_threads(threads)
-    printed = " ".join(out.getvalue().split())
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_page_snippets_run(page: Path) -> None:
+    blocks = [b for b in parse_blocks(page.read_text(encoding="utf-8")) if runnable(b)]
+    if not blocks:
+        pytest.skip("no Python blocks on this page")
+    printed = " ".join(run_blocks(blocks, _page_id(page)).split())
     for block in parse_blocks(page.read_text(encoding="utf-8")):
+        if block.info == OUTPUT_INFO:
+            shown = " ".join(block.code.split())
+            assert shown in printed, (
+                f"{_page_id(page)}:{block.line} shows an output its snippets do not print: {shown!r}; "
+                f"they print {printed[-2000:]!r}"
+            )
         m = QUOTED_MESSAGE.match(block.code.strip()) if block.info == "text" else None
         if m:
             quoted = " ".join(m["text"].split())

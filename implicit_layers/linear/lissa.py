@@ -25,7 +25,7 @@ class LiSSA(LinearSolver):
     where ``A`` is a Hessian over a large data set and each product ``A v`` may be a
     Hessian-vector product on a fresh random minibatch. Each repeat runs the recursion
 
-        ``x_0 = 0,   x_j = b + (1 - damping) x_{j-1} - A_j x_{j-1} / scale``
+        x_0 = 0,   x_j = b + (1 - damping) x_{j-1} - A_j x_{j-1} / scale
 
     where ``A_j`` is the operator as applied at step ``j`` (``op.mv`` may sample anew at every
     call), and the estimate is ``y = x_depth / scale``, averaged over ``repeats`` independent
