@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
+from ._qp import QPLayer
 from ._capture import transforms_active
 from ._info import SolveInfo
 from .backward import BackwardMode
@@ -32,7 +33,7 @@ from .linear._base import LinearSolver
 from .linear._power import power_iteration
 from .solvers import LBFGS, Adaptive, Anderson, ForwardSolver
 
-__all__ = ["DEQ", "ArgminLayer", "jacobian_penalty"]
+__all__ = ["DEQ", "ArgminLayer", "QPLayer", "jacobian_penalty"]
 
 Backward = BackwardMode | LinearSolver | None
 
