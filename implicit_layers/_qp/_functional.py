@@ -123,7 +123,12 @@ def qp(
         info = QPInfo(converged=result.status == SOLVED, steps=result.steps, residual=result.residual,
                       solver="InteriorPoint", tolerance=result.tolerance, status=result.status,
                       duals=(lam.detach(), nu.detach()))
-        out.append(info.squeeze_batch() if batch is None else info)
+        if batch is None:
+            squeezed = info.squeeze_batch()
+            info = QPInfo(converged=squeezed.converged, steps=squeezed.steps, residual=squeezed.residual,
+                          solver=squeezed.solver, tolerance=squeezed.tolerance,
+                          status=result.status.squeeze(0), duals=info.duals)
+        out.append(info)
     return out[0] if len(out) == 1 else tuple(out)
 
 

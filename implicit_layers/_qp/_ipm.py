@@ -218,7 +218,7 @@ def interior_point(
                     break
                 pz, pl, pnu, ps, pres = _polish(Q, q, G, h, A, b, z, bias * lam, nu, s, near, q_scale,
                                                 h_scale, delta)
-                won = near & (pres <= _STRICT * tol)
+                won = near & (pres <= tol) & (pres < res)
                 t = won[:, None]
                 best = (torch.where(t, pz, best[0]), torch.where(t, pl, best[1]),
                         torch.where(t, pnu, best[2]), torch.where(t, ps, best[3]))
