@@ -198,8 +198,6 @@ def test_random_feasible_qps(seed, B, n, m, p, active, dtype):
     assert _max(stat.abs()) <= tol * scale and _max(-lam) <= 0
     assert _max(-slack) <= tol * scale and _max(((A @ z[..., None]).squeeze(-1) - b).abs()) <= tol * scale
     assert _max((lam * slack).abs()) <= tol * scale**2
-    ref = reference(*data)
-    assert float((z - ref).norm()) <= (1e-7 if dtype == DT else 1e-2) * (1 + float(ref.norm()))
 
 
 def test_float32_gradients_and_layer():

@@ -95,13 +95,16 @@ def qp(
     tol = solver.resolved_tol(dtype)
 
     with torch.no_grad():
-        flat = expand(tuple(t.detach() for t in data), B)  # type: ignore[arg-type]
+        # The interior point runs in float64 whatever the inputs' dtype: its last iterations
+        # divide by slacks near zero, which float32 cannot resolve (it stalls near vertices).
+        flat = expand(tuple(t.detach().to(torch.float64) for t in data), B)  # type: ignore[arg-type]
         warm = None
         if warm_start is not None:
-            warm = tuple(t.detach().reshape(B, -1) for t in warm_start)  # type: ignore[assignment]
+            warm = tuple(t.detach().to(torch.float64).reshape(B, -1) for t in warm_start)  # type: ignore[assignment]
         result = interior_point(*flat, tol=tol, max_steps=solver.max_steps,
                                 check_every=solver.check_every, warm=warm)
-        x_star = torch.cat([result.z, result.lam, result.nu], dim=-1)
+        x_star = torch.cat([result.z, result.lam, result.nu], dim=-1).to(dtype)
+        flat = expand(tuple(t.detach() for t in data), B)  # type: ignore[arg-type]
     _report(result.status, batch, solver)
 
     if backward is None:
@@ -120,8 +123,8 @@ def qp(
     if return_duals:
         out += [lam, nu]
     if return_info:
-        info = QPInfo(converged=result.status == SOLVED, steps=result.steps, residual=result.residual,
-                      solver="InteriorPoint", tolerance=result.tolerance, status=result.status,
+        info = QPInfo(converged=result.status == SOLVED, steps=result.steps, residual=result.residual.to(dtype),
+                      solver="InteriorPoint", tolerance=result.tolerance.to(dtype), status=result.status,
                       duals=(lam.detach(), nu.detach()))
         if batch is None:
             squeezed = info.squeeze_batch()

@@ -216,8 +216,14 @@ def interior_point(
             for bias in (1.0, 100.0):
                 if not bool(near.any()):
                     break
-                pz, pl, pnu, ps, pres = _polish(Q, q, G, h, A, b, z, bias * lam, nu, s, near, q_scale,
-                                                h_scale, delta)
+                # Only the samples near their solution are factorised (a gather, then a scatter).
+                idx = near.nonzero().squeeze(1)
+                sub = [t[idx] for t in (Q, q, G, h, A, b, z, bias * lam, nu, s, near, q_scale, h_scale,
+                                        delta)]
+                out = _polish(*sub)
+                pz, pl, pnu, ps = (torch.zeros_like(t).index_copy(0, idx, o)
+                                   for t, o in zip((z, lam, nu, s), out[:4]))
+                pres = torch.full_like(res, float("inf")).index_copy(0, idx, out[4])
                 won = near & (pres <= tol) & (pres < res)
                 t = won[:, None]
                 best = (torch.where(t, pz, best[0]), torch.where(t, pl, best[1]),
