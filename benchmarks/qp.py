@@ -22,8 +22,9 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +43,8 @@ def problem(seed: int, B: int, n: int) -> tuple[torch.Tensor, ...]:
     q = torch.randn(B, n, generator=g, dtype=F64)
     G = torch.randn(B, m, n, generator=g, dtype=F64)
     z0 = torch.randn(B, n, generator=g, dtype=F64)
-    h = (G @ z0[..., None]).squeeze(-1) + torch.rand(B, m, generator=g, dtype=F64) * (torch.arange(m) >= n // 3)
+    slack = torch.rand(B, m, generator=g, dtype=F64) * (torch.arange(m) >= n // 3)  # a third tight
+    h = (G @ z0[..., None]).squeeze(-1) + slack
     A = torch.randn(B, p, n, generator=g, dtype=F64)
     b = (A @ z0[..., None]).squeeze(-1)
     return Q, q, G, h, A, b
@@ -92,7 +94,8 @@ def run(B: int, n: int, repeats: int) -> list[dict[str, Any]]:
     D = torch.randn(data[3].shape, generator=torch.Generator().manual_seed(2), dtype=F64)
     e = 1e-6
     hp, hm = data[3] + e * D, data[3] - e * D
-    fd = float(((reference(*data[:3], hp, *data[4:]) - reference(*data[:3], hm, *data[4:])) * w).sum() / (2 * e))
+    diff = reference(*data[:3], hp, *data[4:]) - reference(*data[:3], hm, *data[4:])
+    fd = float((diff * w).sum() / (2 * e))
     rows = []
     found = methods()
     times: dict[str, list[float]] = {k: [] for k in found}
@@ -132,14 +135,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     grid = [(128, 50)] if args.quick else [(B, n) for n in (10, 50, 100) for B in (1, 32, 128)]
     rows: list[dict[str, Any]] = []
-    print(f"{'B':>4} {'n':>4} {'method':>10} {'fwd+bwd ms':>11} {'sol err':>9} {'grad err':>9} {'x fastest peer':>14}")
+    print(f"{'B':>4} {'n':>4} {'method':>10} {'fwd+bwd ms':>11} {'sol err':>9} {'grad err':>9} "
+          f"{'x fastest peer':>14}")
     for B, n in grid:
         case = run(B, n, args.repeats)
         peers = [r["ms"] for r in case if r["method"] != "il.qp" and r["ms"] == r["ms"]]
         for r in case:
             ratio = r["ms"] / min(peers) if peers else float("nan")
-            print(f"{B:>4} {n:>4} {r['method']:>10} {r['ms']:>11.1f} {r['sol_err']:>9.1e} {r['grad_err']:>9.1e} "
-                  f"{ratio:>14.2f}")
+            print(f"{B:>4} {n:>4} {r['method']:>10} {r['ms']:>11.1f} {r['sol_err']:>9.1e} "
+                  f"{r['grad_err']:>9.1e} {ratio:>14.2f}")
         rows += case
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from ._qp import QPLayer
 from ._capture import transforms_active
 from ._info import SolveInfo
+from ._qp import QPLayer
 from .backward import BackwardMode
 from .functional import argmin as _argmin
 from .functional import fixed_point as _fixed_point

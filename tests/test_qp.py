@@ -95,8 +95,10 @@ def test_shared_parameters_gradients_are_summed_over_the_batch():
     il.qp(Q, q, G, hl, A, b).sum().backward()
     D = torch.randn(6, dtype=DT, generator=torch.Generator().manual_seed(7))
     e = 1e-6
-    ref = lambda hh: reference(Q.expand(4, 5, 5), q, G.expand(4, 6, 5), hh.expand(4, 6), A.expand(4, 1, 5),
-                               b.expand(4, 1)).sum()
+    def ref(hh):
+        return reference(Q.expand(4, 5, 5), q, G.expand(4, 6, 5), hh.expand(4, 6), A.expand(4, 1, 5),
+                         b.expand(4, 1)).sum()
+
     fd = (ref(h + e * D) - ref(h - e * D)) / (2 * e)
     assert abs(float((hl.grad * D).sum() - fd)) < 1e-6 * max(1.0, abs(float(fd)))
 
@@ -110,16 +112,19 @@ def test_gradcheck_and_double_backward():
 
 def test_torch_func_grad_and_jacrev():
     Q, q, G, h, A, b = (t[0] for t in random_qp(9, 1, 4, 5, 1))
-    loss = lambda q_: il.qp(Q, q_, G, h, A, b).square().sum()
+    def loss(q_):
+        return il.qp(Q, q_, G, h, A, b).square().sum()
+
     g = torch.func.grad(loss)(q)
     ql = leaf(q)
     loss(ql).backward()
     assert rel(g, ql.grad) < 1e-10
     J = torch.func.jacrev(lambda q_: il.qp(Q, q_, G, h, A, b))(q)
     e = 1e-6
-    fd = torch.stack([(reference(Q[None], (q + e * d)[None], G[None], h[None], A[None], b[None])
-                       - reference(Q[None], (q - e * d)[None], G[None], h[None], A[None], b[None]))[0] / (2 * e)
-                      for d in torch.eye(4, dtype=DT)], -1)
+    def solo(qq):
+        return reference(Q[None], qq[None], G[None], h[None], A[None], b[None])[0]
+
+    fd = torch.stack([(solo(q + e * d) - solo(q - e * d)) / (2 * e) for d in torch.eye(4, dtype=DT)], -1)
     assert rel(J, fd) < 1e-6
 
 
@@ -128,7 +133,8 @@ def test_lp_matches_highs():
     n, m = 6, 14
     G = torch.randn(m, n, dtype=DT, generator=g)
     h = G @ torch.randn(n, dtype=DT, generator=g) + torch.rand(m, dtype=DT, generator=g)
-    G, h = torch.cat([G, torch.eye(n, dtype=DT), -torch.eye(n, dtype=DT)]), torch.cat([h, 3 * torch.ones(2 * n, dtype=DT)])
+    G = torch.cat([G, torch.eye(n, dtype=DT), -torch.eye(n, dtype=DT)])  # and a box |z| <= 3
+    h = torch.cat([h, 3 * torch.ones(2 * n, dtype=DT)])
     q = torch.randn(n, dtype=DT, generator=g)
     res = linprog(q.numpy(), A_ub=G.numpy(), b_ub=h.numpy(), bounds=(None, None), method="highs")
     z = il.qp(torch.zeros(n, n, dtype=DT), q, G, h)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .._info import ConvergenceError, ConvergenceWarning
 from ..functional import custom_root
-from ._inputs import check_inputs, expand
+from ._inputs import QPData, check_inputs, expand
 from ._ipm import SOLVED, STATUS_NAMES, interior_point
 from ._kkt import KKTSolve, kkt_matrix, kkt_residual
 from ._settings import InteriorPoint, QPInfo
@@ -90,21 +90,22 @@ def qp(
     if not isinstance(solver, InteriorPoint):
         raise TypeError(f"solver must be an il.InteriorPoint, got {type(solver).__name__}.")
     B = 1 if batch is None else batch
-    n, m, p = data[1].shape[-1], data[3].shape[-1], data[5].shape[-1]
+    n, m = data[1].shape[-1], data[3].shape[-1]
     dtype = data[1].dtype
     tol = solver.resolved_tol(dtype)
 
     with torch.no_grad():
         # The interior point runs in float64 whatever the inputs' dtype: its last iterations
         # divide by slacks near zero, which float32 cannot resolve (it stalls near vertices).
-        flat = expand(tuple(t.detach().to(torch.float64) for t in data), B)  # type: ignore[arg-type]
+        flat = expand(_detached(data, torch.float64), B)
         warm = None
         if warm_start is not None:
-            warm = tuple(t.detach().to(torch.float64).reshape(B, -1) for t in warm_start)  # type: ignore[assignment]
+            wz, wl, wn = (t.detach().to(torch.float64).reshape(B, -1) for t in warm_start)
+            warm = (wz, wl, wn)
         result = interior_point(*flat, tol=tol, max_steps=solver.max_steps,
                                 check_every=solver.check_every, warm=warm)
         x_star = torch.cat([result.z, result.lam, result.nu], dim=-1).to(dtype)
-        flat = expand(tuple(t.detach() for t in data), B)  # type: ignore[arg-type]
+        flat = expand(_detached(data, dtype), B)
     _report(result.status, batch, solver)
 
     if backward is None:
@@ -123,8 +124,9 @@ def qp(
     if return_duals:
         out += [lam, nu]
     if return_info:
-        info = QPInfo(converged=result.status == SOLVED, steps=result.steps, residual=result.residual.to(dtype),
-                      solver="InteriorPoint", tolerance=result.tolerance.to(dtype), status=result.status,
+        info = QPInfo(converged=result.status == SOLVED, steps=result.steps,
+                      residual=result.residual.to(dtype), solver="InteriorPoint",
+                      tolerance=result.tolerance.to(dtype), status=result.status,
                       duals=(lam.detach(), nu.detach()))
         if batch is None:
             squeezed = info.squeeze_batch()
@@ -133,6 +135,11 @@ def qp(
                           status=result.status.squeeze(0), duals=info.duals)
         out.append(info)
     return out[0] if len(out) == 1 else tuple(out)
+
+
+def _detached(data: QPData, dtype: torch.dtype) -> QPData:
+    Q, q, G, h, A, b = (t.detach().to(dtype) for t in data)
+    return Q, q, G, h, A, b
 
 
 def _report(status: Tensor, batch: int | None, solver: InteriorPoint) -> None:

@@ -74,7 +74,7 @@ def check_inputs(
         raise TypeError(f"Q, q, G, h, A, b must share one dtype, got {sorted(map(str, dtypes))}.")
     names = ("Q", "q", "G", "h", "A", "b")
     core = (2, 1, 2, 1, 2, 1)
-    batches = {name: t.shape[0] for name, t, c in zip(names, data, core) if t.dim() == c + 1}
+    batches = {name: t.shape[0] for name, t, c in zip(names, data, core, strict=True) if t.dim() == c + 1}
     sizes = set(batches.values())
     if len(sizes) > 1:
         raise ValueError(f"the batch sizes of the inputs differ: {batches}. Give every batched "
@@ -89,6 +89,7 @@ def check_inputs(
 def expand(data: QPData, batch: int) -> QPData:
     """Every input with its leading batch dimension (views, no copies)."""
     core = (2, 1, 2, 1, 2, 1)
-    return tuple(t if t.dim() == c + 1 else t.expand((batch,) + t.shape) for t, c in zip(data, core))  # type: ignore[return-value]
+    out = [t if t.dim() == c + 1 else t.expand((batch,) + t.shape) for t, c in zip(data, core, strict=True)]
+    return out[0], out[1], out[2], out[3], out[4], out[5]
 
 

@@ -105,6 +105,20 @@ class _Reduced:
         return dz.squeeze(-1), dnu.squeeze(-1)
 
 
+def _direction(
+    red: _Reduced, G: Tensor, w: Tensor, lam: Tensor, s: Tensor,
+    rd: Tensor, rpi: Tensor, rpe: Tensor, rc: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The Newton direction for the complementarity target ``rc``.
+
+    ``s`` and ``λ`` are eliminated: ``dλ = W G dz + S⁻¹(Λ rpi - rc)``, ``ds = -rpi - G dz``.
+    """
+    corr = (lam * rpi - rc) / s
+    dz, dnu = red.solve(-rd - _bmtv(G, corr), -rpe)
+    Gdz = _bmv(G, dz)
+    return dz, w * Gdz + corr, dnu, -rpi - Gdz
+
+
 def _max_step(v: Tensor, dv: Tensor) -> Tensor:
     """Largest α ≤ 1 with v + α dv ≥ 0, per sample (v > 0)."""
     if v.shape[-1] == 0:
@@ -202,7 +216,9 @@ def interior_point(
         better = active & (res < best_res)
         since_better = torch.where(active & (res < 0.5 * best_res), 0, since_better + 1)
         best_res = torch.where(better, res, best_res)
-        best = tuple(torch.where(better[:, None], new, old) for new, old in zip((z, lam, nu, s), best))
+        keep = better[:, None]
+        best = (torch.where(keep, z, best[0]), torch.where(keep, lam, best[1]),
+                torch.where(keep, nu, best[2]), torch.where(keep, s, best[3]))
         # An interior point alone reaches an accurate z only at a tiny duality measure (its
         # error along a constraint is about μ/λᵢ); it stops there, or when it stalls.
         done = active & ((res <= _STRICT * tol) | ((best_res <= tol) & (since_better >= _STALL)))
@@ -218,11 +234,10 @@ def interior_point(
                     break
                 # Only the samples near their solution are factorised (a gather, then a scatter).
                 idx = near.nonzero().squeeze(1)
-                sub = [t[idx] for t in (Q, q, G, h, A, b, z, bias * lam, nu, s, near, q_scale, h_scale,
-                                        delta)]
-                out = _polish(*sub)
+                out = _polish(Q[idx], q[idx], G[idx], h[idx], A[idx], b[idx], z[idx], bias * lam[idx],
+                              nu[idx], s[idx], q_scale[idx], h_scale[idx], delta[idx])
                 pz, pl, pnu, ps = (torch.zeros_like(t).index_copy(0, idx, o)
-                                   for t, o in zip((z, lam, nu, s), out[:4]))
+                                   for t, o in zip((z, lam, nu, s), out[:4], strict=True))
                 pres = torch.full_like(res, float("inf")).index_copy(0, idx, out[4])
                 won = near & (pres <= tol) & (pres < res)
                 t = won[:, None]
@@ -248,22 +263,14 @@ def interior_point(
         w = lam / s.clamp(min=tiny)
         red = _Reduced(Q, G, A, w, delta, eps)
 
-        def direction(rc: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-            # Eliminated: dλ = W G dz + S⁻¹(Λ rpi - rc), ds = -rpi - G dz.
-            corr = (lam * rpi - rc) / s
-            dz, dnu = red.solve(-rd - _bmtv(G, corr), -rpe)
-            Gdz = _bmv(G, dz)
-            dlam = w * Gdz + corr
-            ds = -rpi - Gdz
-            return dz, dlam, dnu, ds
-
         # Predictor (affine scaling), then Mehrotra's centring and second-order correction.
-        dz, dlam, dnu, ds = direction(s * lam)
+        dz, dlam, dnu, ds = _direction(red, G, w, lam, s, rd, rpi, rpe, s * lam)
         alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam))
         if m:
             mu_aff = ((s + alpha[:, None] * ds) * (lam + alpha[:, None] * dlam)).sum(-1) / m
             sigma = (mu_aff / mu.clamp(min=tiny)).clamp(0.0, 1.0) ** 3
-            dz, dlam, dnu, ds = direction(s * lam + ds * dlam - (sigma * mu)[:, None])
+            rc = s * lam + ds * dlam - (sigma * mu)[:, None]
+            dz, dlam, dnu, ds = _direction(red, G, w, lam, s, rd, rpi, rpe, rc)
             alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam))
             alpha = (_STEP_FRACTION * alpha).clamp(max=1.0)
         step = torch.where(active, alpha, 0.0)[:, None]
@@ -330,7 +337,7 @@ def _kkt_error(
 
 def _polish(
     Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
-    z: Tensor, lam: Tensor, nu: Tensor, s: Tensor, near: Tensor,
+    z: Tensor, lam: Tensor, nu: Tensor, s: Tensor,
     q_scale: Tensor, h_scale: Tensor, delta: Tensor, refine: int = 4,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Refine samples by one equality-constrained solve on the guessed active set.

@@ -55,13 +55,13 @@ class QPLayer(nn.Module):
                              f"got {n_eq}.")
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps}.")
-        kw = {"dtype": dtype or torch.get_default_dtype()}
+        dt = dtype or torch.get_default_dtype()
         self.n, self.eps, self.solver = n, float(eps), solver
-        self.L = nn.Parameter(torch.eye(n, **kw), requires_grad=learn_quadratic)
-        self.G = nn.Parameter(torch.randn(n_ineq, n, **kw) / math.sqrt(n))
-        self.A = nn.Parameter(torch.randn(n_eq, n, **kw) / math.sqrt(n))
-        self.z0 = nn.Parameter(torch.zeros(n, **kw))
-        self.s0 = nn.Parameter(torch.ones(n_ineq, **kw))
+        self.L = nn.Parameter(torch.eye(n, dtype=dt), requires_grad=learn_quadratic)
+        self.G = nn.Parameter(torch.randn(n_ineq, n, dtype=dt) / math.sqrt(n))
+        self.A = nn.Parameter(torch.randn(n_eq, n, dtype=dt) / math.sqrt(n))
+        self.z0 = nn.Parameter(torch.zeros(n, dtype=dt))
+        self.s0 = nn.Parameter(torch.ones(n_ineq, dtype=dt))
 
     def quadratic(self) -> Tensor:
         """``Q = L Lᵀ + εI``, shape ``(n, n)``."""
@@ -70,8 +70,9 @@ class QPLayer(nn.Module):
     def forward(self, q: Tensor) -> Tensor:
         h = self.G @ self.z0 + nn.functional.softplus(self.s0)
         b = self.A @ self.z0
-        G, A = (self.G, h) if self.G.shape[0] else (None, None), (self.A, b) if self.A.shape[0] else (None, None)
-        return qp(self.quadratic(), q, G[0], G[1], A[0], A[1], solver=self.solver)
+        ineq = (self.G, h) if self.G.shape[0] else (None, None)
+        eq = (self.A, b) if self.A.shape[0] else (None, None)
+        return qp(self.quadratic(), q, *ineq, *eq, solver=self.solver)
 
     def extra_repr(self) -> str:
         return f"n={self.n}, n_ineq={self.G.shape[0]}, n_eq={self.A.shape[0]}, eps={self.eps}"
