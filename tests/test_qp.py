@@ -238,3 +238,28 @@ def test_warnings_are_not_emitted_on_solved_batches():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         il.qp(*random_qp(12, 4, 5, 5, 1))
+
+
+def test_infeasible_closest_returns_the_closest_feasible_problem():
+    G = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]], dtype=DT)
+    h = torch.tensor([1.0, 2, 0, 0], dtype=DT).expand(3, 4).clone()
+    h[1, 0] = -1.0  # z1 <= -1 and z1 >= 0: the closest feasible shift moves both bounds by 1/2
+    h = leaf(h)
+    q = torch.tensor([[-1.0, -1], [1, -1], [0.5, 0.5]], dtype=DT)
+    with pytest.warns(il.ConvergenceWarning, match="closest feasible problem"):
+        z = il.qp(torch.eye(2, dtype=DT), q, G, h, solver=il.InteriorPoint(infeasible="closest"))
+    assert rel(z[1], torch.tensor([-0.5, 1.0], dtype=DT)) < 1e-9
+    assert rel(z[0], torch.tensor([1.0, 1.0], dtype=DT)) < 1e-12
+    z[1, 0].backward()  # z1 = (h1 - h3) / 2 on the closest feasible problem
+    assert rel(h.grad[1], torch.tensor([0.5, 0, -0.5, 0], dtype=DT)) < 1e-8
+    assert h.grad[[0, 2]].abs().max() == 0
+
+
+def test_warm_start_from_the_previous_solution():
+    data = random_qp(13, 8, 10, 10, 2)
+    z, lam, nu, info = il.qp(*data, return_duals=True, return_info=True)
+    nudged = (data[0], data[1] + 1e-3, *data[2:])
+    z2, info2 = il.qp(*nudged, warm_start=(z, lam, nu), return_info=True)
+    z3, info3 = il.qp(*nudged, return_info=True)
+    assert rel(z2, z3) < 1e-12 and rel(z2, reference(*nudged)) < 1e-10
+    assert int(info2.steps.sum()) < int(info3.steps.sum())

@@ -10,8 +10,9 @@ from torch import Tensor
 
 from .._info import ConvergenceError, ConvergenceWarning
 from ..functional import custom_root
+from ._closest import closest_feasible_shift
 from ._inputs import QPData, check_inputs, expand
-from ._ipm import SOLVED, STATUS_NAMES, interior_point
+from ._ipm import PRIMAL_INFEASIBLE, SOLVED, STATUS_NAMES, interior_point
 from ._kkt import KKTSolve, kkt_matrix, kkt_residual
 from ._settings import InteriorPoint, QPInfo
 
@@ -117,6 +118,8 @@ def qp(
         return x0
 
     x = _solution(x_star, *data)
+    if solver.infeasible == "closest" and bool((result.status == PRIMAL_INFEASIBLE).any()):
+        x = _replace_by_closest(x, data, B, result.status == PRIMAL_INFEASIBLE, solver, return_duals)
     if batch is None:
         x = x.squeeze(0)
     z, lam, nu = x[..., :n], x[..., n:n + m], x[..., n + m:]
@@ -137,6 +140,18 @@ def qp(
     return out[0] if len(out) == 1 else tuple(out)
 
 
+def _replace_by_closest(
+    x: Tensor, data: QPData, B: int, infeasible: Tensor, solver: InteriorPoint, with_duals: bool
+) -> Tensor:
+    """``x`` with the infeasible samples' rows replaced by the closest feasible problem's solution."""
+    idx = infeasible.nonzero().squeeze(1)
+    Q, q, G, h, A, b = (t[idx] for t in expand(data, B))
+    inner = solver.replace(infeasible="flag")
+    t_h, t_b = closest_feasible_shift((Q, q, G, h, A, b), lambda *d: qp(*d, solver=inner))
+    z, lam, nu = qp(Q, q, G, h + t_h, A, b + t_b, solver=inner, return_duals=True)
+    return x.index_copy(0, idx.to(x.device), torch.cat([z, lam, nu], dim=-1))
+
+
 def _detached(data: QPData, dtype: torch.dtype) -> QPData:
     Q, q, G, h, A, b = (t.detach().to(dtype) for t in data)
     return Q, q, G, h, A, b
@@ -153,9 +168,11 @@ def _report(status: Tensor, batch: int | None, solver: InteriorPoint) -> None:
     where = "the problem" if batch is None else "batch sample(s) " + ", ".join(
         f"{i} ({STATUS_NAMES[codes[i]]})" for i in failed[:20]) + (" ..." if len(failed) > 20 else "")
     what = STATUS_NAMES[codes[failed[0]]] if batch is None else ""
+    closest = (" Primal infeasible samples return the solution of the closest feasible problem "
+               "(infeasible='closest').") if solver.infeasible == "closest" else ""
     message = (
         f"qp: {where}{' is ' + what if what else ''} not solved: {len(failed)} of {len(codes)} "
-        "problem(s). Their outputs are not solutions (the others are exact): check that the "
+        f"problem(s).{closest} Their outputs are not solutions (the others are exact): check that the "
         "constraints are feasible and the objective bounded below, or raise max_steps (now "
         f"{solver.max_steps}) for a sample stopped at max steps. info.status (return_info=True) "
         "gives every sample's status."
