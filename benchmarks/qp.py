@@ -10,6 +10,7 @@ Usage::
 
     python benchmarks/qp.py                     # B in 1, 32, 128; n in 10, 50, 100
     python benchmarks/qp.py --quick             # B = 128, n = 50 only (the target case)
+    python benchmarks/qp.py --cases             # LP, degenerate and infeasible problems
     python benchmarks/qp.py --out benchmarks/results/qp.json
 """
 
@@ -125,14 +126,71 @@ def run(B: int, n: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def special_cases() -> list[dict[str, Any]]:
+    """An LP, a duplicated equality row, duplicated inequality rows, and one infeasible sample in a
+    batch of six: what each method returns (error against the exact answer, or the exception)."""
+    g = torch.Generator().manual_seed(3)
+    n = 6
+    box = torch.cat([torch.eye(n, dtype=F64), -torch.eye(n, dtype=F64)])
+    q = torch.randn(n, generator=g, dtype=F64)
+    lp = (torch.zeros(n, n, dtype=F64), q, box, torch.ones(2 * n, dtype=F64),
+          torch.zeros(0, n, dtype=F64), torch.zeros(0, dtype=F64))
+    lp_exact = -torch.sign(q)  # the vertex of the box [-1, 1]^n
+    Q = torch.eye(n, dtype=F64)
+    A = torch.ones(1, n, dtype=F64).repeat(2, 1)
+    dup_eq = (Q, q, box, 2 * torch.ones(2 * n, dtype=F64), A, torch.ones(2, dtype=F64))
+    proj = -q - (float(-q.sum()) - 1.0) / n  # projection of -q on sum z = 1 (inside the box)
+    dup_ineq = (Q, q, torch.cat([box, box]), 0.1 * torch.ones(4 * n, dtype=F64),
+                torch.zeros(0, n, dtype=F64), torch.zeros(0, dtype=F64))
+    dup_exact = (-q).clamp(-0.1, 0.1)
+    B = 6
+    qb = torch.randn(B, n, generator=g, dtype=F64)
+    hb = torch.ones(B, 2 * n, dtype=F64)
+    hb[2, 0], hb[2, n] = -1.0, -1.0  # z0 <= -1 and -z0 <= -1: infeasible
+    feasible = [i for i in range(B) if i != 2]
+    batch_exact = (-qb).clamp(-1.0, 1.0)
+    cases = {
+        "LP (Q = 0)": ((lp[0] + 1e-8 * Q,) + lp[1:], lp_exact, None),
+        "duplicated equality": (dup_eq, proj, None),
+        "duplicated inequalities": (dup_ineq, dup_exact, None),
+        "1 infeasible of 6": ((Q, qb, box, hb, torch.zeros(0, n, dtype=F64), torch.zeros(0, dtype=F64)),
+                              batch_exact, feasible),
+    }
+    rows = []
+    for case, (data, exact, keep) in cases.items():
+        for name, fn in methods().items():
+            args = data if name != "il.qp" or case != "LP (Q = 0)" else lp
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    z = fn(*args).detach()
+                    if keep is None:
+                        answer = f"error {float((z.reshape(-1) - exact).norm() / exact.norm()):.1e}"
+                    else:
+                        answer = f"neighbours' error {rel_rows(z[keep], exact[keep]):.1e}"
+                except Exception as exc:
+                    answer = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+            flagged = any("infeasible" in str(w.message) for w in caught)
+            rows.append({"case": case, "method": name, "returns": answer, "flagged": flagged})
+            print(f"  {case:>24} {name:>10}: {answer}{'  [flagged]' if flagged else ''}")
+    return rows
+
+
+def rel_rows(z: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((z - exact).norm() / exact.norm())
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="only B = 128, n = 50")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--cases", action="store_true", help="only the LP / degenerate / infeasible cases")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.cases:
+        return special_cases()
     grid = [(128, 50)] if args.quick else [(B, n) for n in (10, 50, 100) for B in (1, 32, 128)]
     rows: list[dict[str, Any]] = []
     print(f"{'B':>4} {'n':>4} {'method':>10} {'fwd+bwd ms':>11} {'sol err':>9} {'grad err':>9} "
