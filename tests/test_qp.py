@@ -214,6 +214,15 @@ def test_float32_gradients_and_layer():
     assert z.dtype == torch.float32 and all(torch.isfinite(p.grad).all() for p in layer.parameters())
     with torch.inference_mode():
         assert torch.allclose(layer(q), z.detach(), atol=1e-5)
+    # Under autocast the layer keeps float32 (its solve is in float64) and its gradient.
+    ql = leaf(q)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        za = layer(ql)
+    za.square().sum().backward()
+    qr = leaf(q)
+    layer(qr).square().sum().backward()
+    assert za.dtype == torch.float32 and torch.allclose(za, z.detach(), atol=1e-5)
+    assert torch.allclose(ql.grad, qr.grad, rtol=1e-3, atol=1e-4)
 
 
 def test_bad_inputs():
@@ -226,12 +235,15 @@ def test_bad_inputs():
         il.qp(Q, q, torch.zeros(2, 4, dtype=DT), torch.zeros(2, dtype=DT))
     with pytest.raises(ValueError, match="batch sizes"):
         il.qp(Q.expand(2, 3, 3), torch.zeros(3, 3, dtype=DT))
-    with pytest.raises(TypeError, match="one dtype"):
-        il.qp(Q, q.float())
+    assert il.qp(Q, q.float()).dtype == DT  # mixed dtypes promote
+    with pytest.raises(TypeError, match="floating-point"):
+        il.qp(Q, torch.zeros(3, dtype=torch.int64))
     with pytest.raises(TypeError, match="must be a torch.Tensor"):
         il.qp(Q, [0.0, 0.0, 0.0])
     with pytest.raises(ValueError, match="infeasible"):
         il.InteriorPoint(infeasible="drop")
+    with pytest.raises(TypeError, match="leading dimension"):
+        torch.func.vmap(lambda q_: il.qp(Q, q_))(torch.zeros(2, 3, dtype=DT))
 
 
 def test_warnings_are_not_emitted_on_solved_batches():

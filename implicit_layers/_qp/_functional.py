@@ -68,8 +68,8 @@ def qp(
         ``ν`` ``(…, p)``; with ``return_info`` then the info, in that order.
 
     Raises:
-        TypeError: a non-tensor or non-float input, mixed dtypes, a ``solver`` that is not an
-            ``InteriorPoint``.
+        TypeError: a non-tensor or non-float input, a ``solver`` that is not an
+            ``InteriorPoint``. Mixed float dtypes are promoted to the widest.
         ValueError: shapes that do not fit together.
         implicit_layers.ConvergenceError: a sample not solved, with
             ``solver=InteriorPoint(on_failure="raise")``.
@@ -87,6 +87,20 @@ def qp(
         tensor([0.5000, 0.5000], dtype=torch.float64)
     """
     data, batch = check_inputs(Q, q, G, h, A, b)
+    # The KKT residual is evaluated in the inputs' dtype, not autocast's lower precision.
+    with torch.autocast(data[1].device.type, enabled=False):
+        return _qp(data, batch, solver, backward, warm_start, return_duals, return_info)
+
+
+def _qp(
+    data: QPData,
+    batch: int | None,
+    solver: InteriorPoint | None,
+    backward: Any,
+    warm_start: tuple[Tensor, Tensor, Tensor] | None,
+    return_duals: bool,
+    return_info: bool,
+) -> Any:
     solver = InteriorPoint() if solver is None else solver
     if not isinstance(solver, InteriorPoint):
         raise TypeError(f"solver must be an il.InteriorPoint, got {type(solver).__name__}.")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import Tensor
 
 __all__ = ["QPData", "check_inputs", "expand"]
@@ -12,6 +15,13 @@ QPData = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 def _tensor(value: object, name: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}.")
+    if torch._C._functorch.is_batchedtensor(value):
+        # The solver decides per sample when to stop, which vmap's rules cannot express.
+        raise TypeError(
+            f"il.qp does not run under torch.func.vmap ({name} is a vmapped tensor): it solves "
+            "batches natively, so pass the batch as a leading dimension of the inputs instead "
+            "(torch.func.grad and jacrev work)."
+        )
     if not (value.is_floating_point()):
         raise TypeError(f"{name} must be a floating-point tensor (float32 or float64), got {value.dtype}.")
     return value
@@ -35,7 +45,7 @@ def check_inputs(
         (``None`` when no input carries a batch dimension).
 
     Raises:
-        TypeError: a non-tensor or non-float input, or mixed dtypes.
+        TypeError: a non-tensor or non-float input.
         ValueError: shapes that do not fit together, or ``G`` without ``h`` (``A`` without ``b``).
     """
     q_t = _tensor(q, "q")
@@ -69,9 +79,10 @@ def check_inputs(
         pairs.append((M, v))
     (G_t, h_t), (A_t, b_t) = pairs
     data = (Q_t, q_t, G_t, h_t, A_t, b_t)
-    dtypes = {t.dtype for t in data}
-    if len(dtypes) > 1:
-        raise TypeError(f"Q, q, G, h, A, b must share one dtype, got {sorted(map(str, dtypes))}.")
+    # Mixed dtypes (a bfloat16 Q from a matmul under autocast next to a float32 q) are promoted
+    # to the widest, as torch's binary operations do.
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in data))
+    Q_t, q_t, G_t, h_t, A_t, b_t = data = tuple(t.to(dtype) for t in data)  # type: ignore[assignment]
     names = ("Q", "q", "G", "h", "A", "b")
     core = (2, 1, 2, 1, 2, 1)
     batches = {name: t.shape[0] for name, t, c in zip(names, data, core, strict=True) if t.dim() == c + 1}
