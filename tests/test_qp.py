@@ -246,6 +246,16 @@ def test_bad_inputs():
         torch.func.vmap(lambda q_: il.qp(Q, q_))(torch.zeros(2, 3, dtype=DT))
 
 
+def test_qp_layer_bad_arguments_and_unbatched_input():
+    with pytest.raises(ValueError, match="n_ineq must be"):
+        il.nn.QPLayer(3, n_ineq=-1)
+    with pytest.raises(ValueError, match="n_eq must be at most"):
+        il.nn.QPLayer(3, n_eq=5)
+    layer = il.nn.QPLayer(3, n_ineq=4, dtype=DT)
+    q = torch.randn(2, 3, dtype=DT, generator=torch.Generator().manual_seed(14))
+    assert rel(layer(q[0]), layer(q)[0]) < 1e-12
+
+
 def test_warnings_are_not_emitted_on_solved_batches():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
