@@ -158,6 +158,20 @@ def test_degenerate_rows_converge_with_finite_gradients():
     assert rel(q2.grad, torch.tensor([-0.5, 0.5], dtype=DT)) < 1e-10
 
 
+def test_weakly_active_constraint_gives_a_finite_gradient():
+    # min ½‖z‖² - z1 s.t. z1 <= 1: the constraint is active with λ = 0 (weakly active), so the KKT
+    # matrix has a zero row; the gradient is the minimum-norm adjoint's, finite.
+    q = leaf(torch.tensor([[-1.0, 0.5], [-0.5, 0.5]], dtype=DT))
+    G, h = torch.tensor([[1.0, 0.0]], dtype=DT), torch.ones(1, dtype=DT)
+    z = il.qp(torch.eye(2, dtype=DT), q, G, h)
+    assert rel(z, torch.tensor([[1.0, -0.5], [0.5, -0.5]], dtype=DT)) < 1e-8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", il.ConvergenceWarning)  # the adjoint system is inconsistent
+        z.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    assert rel(q.grad[1], torch.tensor([-1.0, -1.0], dtype=DT)) < 1e-10  # the sample beside it is exact
+
+
 def test_infeasible_sample_flagged_neighbours_exact():
     data = list(random_qp(11, 6, 5, 6, 1))
     data[3] = data[3].clone()

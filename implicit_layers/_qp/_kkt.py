@@ -111,7 +111,13 @@ class KKTSolve(LinearSolver):
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
         matrix = self._matrix(op).to(b.dtype)
-        x, err = torch.linalg.solve_ex(matrix, b)
+        LU, pivots, err = torch.linalg.lu_factor_ex(matrix)
+        if bool((err != 0).any()):
+            # An exactly singular sample (an exact zero row: a weakly active constraint) would
+            # stop the batched LU solve; it is factorised as the identity here and solved below.
+            eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+            LU, pivots, _ = torch.linalg.lu_factor_ex(torch.where((err != 0)[:, None, None], eye, matrix))
+        x = torch.linalg.lu_solve(LU, pivots, b.unsqueeze(-1)).squeeze(-1)
         residual = torch.linalg.vector_norm(_mv(matrix, x) - b, dim=-1)
         b_norm = torch.linalg.vector_norm(b, dim=-1)
         rtol = 1e-10 if b.dtype == torch.float64 else 1e-5
