@@ -115,7 +115,7 @@ def train(model: torch.nn.Module, data: dict, epochs: int, batch: int, lr: float
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(data["ptr"][i:i + batch]) / len(data["ptr"])
+            total += float(loss.detach()) * len(data["ptr"][i:i + batch]) / len(data["ptr"])
         losses.append(total)
         times.append(time.perf_counter() - start)
         with torch.no_grad():
