@@ -12,6 +12,7 @@ from ._info import (
     SolveInfo,
     StructureWarning,
 )
+from ._qp import InteriorPoint, QPInfo, qp
 from .functional import argmin, custom_fixed_point, custom_root, fixed_point, root
 
 __version__ = "0.1.0"
@@ -22,6 +23,9 @@ __all__ = [
     "argmin",
     "custom_root",
     "custom_fixed_point",
+    "qp",
+    "InteriorPoint",
+    "QPInfo",
     "backward",
     "linear",
     "solvers",

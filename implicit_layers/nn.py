@@ -37,6 +37,7 @@ from ._deq_trajectory import Recorder, attach_state, check_states, pick_states
 from ._eager import run_eagerly
 from ._info import SolveInfo
 from ._problem import KINDS
+from ._qp import QPLayer
 from .backward import BackwardMode, Unrolled
 from .functional import argmin as _argmin
 from .functional import fixed_point as _fixed_point
@@ -47,6 +48,7 @@ from .solvers import LBFGS, Adaptive, Anderson, ForwardSolver
 __all__ = [
     "DEQ",
     "ArgminLayer",
+    "QPLayer",
     "jacobian_penalty",
     "apply_norm",
     "reset_norm",

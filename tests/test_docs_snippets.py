@@ -27,6 +27,9 @@ SKIP_COMMENT = "<!-- skip -->"
 # Modules whose docstring examples are written as doctests with their expected output; the API
 # reference shows them, so they run here too.
 DOCTEST_MODULES = [
+    "implicit_layers._qp._functional",
+    "implicit_layers._qp._layer",
+    "implicit_layers._qp._settings",
     "implicit_layers._info",
     "implicit_layers.backward",
     "implicit_layers.linear._base",

@@ -1,0 +1,213 @@
+"""QP layers side by side: ``il.qp`` against qpth, proxsuite's QPLayer and cvxpylayers.
+
+For each batch size ``B`` and size ``n`` (``n`` inequalities, ``n // 5`` equalities, float64,
+CPU), times forward + backward of ``loss = Σ w ∘ z*`` (median of alternating repeats, every
+method in the same process), the solution error against ProxQP at 1e-14 per sample, and the
+error of the gradient with respect to ``h`` (one random direction) against central
+differences of that reference. Peers that are not installed are skipped with a note.
+
+Usage::
+
+    python benchmarks/qp.py                     # B in 1, 32, 128; n in 10, 50, 100
+    python benchmarks/qp.py --quick             # B = 128, n = 50 only (the target case)
+    python benchmarks/qp.py --cases             # LP, degenerate and infeasible problems
+    python benchmarks/qp.py --out benchmarks/results/qp.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import implicit_layers as il  # noqa: E402
+
+F64 = torch.float64
+
+
+def problem(seed: int, B: int, n: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    m, p = n, n // 5
+    M = torch.randn(B, n, n, generator=g, dtype=F64)
+    Q = M @ M.mT / n + 0.1 * torch.eye(n, dtype=F64)
+    q = torch.randn(B, n, generator=g, dtype=F64)
+    G = torch.randn(B, m, n, generator=g, dtype=F64)
+    z0 = torch.randn(B, n, generator=g, dtype=F64)
+    slack = torch.rand(B, m, generator=g, dtype=F64) * (torch.arange(m) >= n // 3)  # a third tight
+    h = (G @ z0[..., None]).squeeze(-1) + slack
+    A = torch.randn(B, p, n, generator=g, dtype=F64)
+    b = (A @ z0[..., None]).squeeze(-1)
+    return Q, q, G, h, A, b
+
+
+def reference(Q, q, G, h, A, b) -> torch.Tensor:
+    import proxsuite
+
+    out = []
+    for i in range(q.shape[0]):
+        s = proxsuite.proxqp.dense.QP(q.shape[1], b.shape[1], h.shape[1])
+        s.settings.eps_abs, s.settings.eps_rel, s.settings.max_iter = 1e-14, 0.0, 100000
+        s.init(*(t[i].numpy() for t in (Q, q, A, b, G)), None, h[i].numpy())
+        s.solve()
+        out.append(s.results.x.copy())
+    return torch.tensor(np.array(out), dtype=F64)
+
+
+def methods() -> dict[str, Callable[..., torch.Tensor]]:
+    found: dict[str, Callable[..., torch.Tensor]] = {"il.qp": lambda *d: il.qp(*d)}
+    try:
+        from qpth.qp import QPFunction, QPSolvers
+
+        found["qpth"] = lambda *d: QPFunction(verbose=-1, solver=QPSolvers.PDIPM_BATCHED, eps=1e-12,
+                                              maxIter=50)(*d)
+    except ImportError:
+        print("(qpth not installed: pip install qpth)")
+    try:
+        from proxsuite.torch.qplayer import QPFunction as ProxFunction
+
+        def prox(Q, q, G, h, A, b):
+            lower = torch.full_like(h, -1e20)
+            return ProxFunction(eps=1e-12, maxIter=1000)(Q, q, A, b, G, lower, h)[0]
+
+        found["proxsuite"] = prox
+    except ImportError:
+        print("(proxsuite not installed: pip install proxsuite)")
+    if importlib.util.find_spec("cvxpylayers") is None:
+        print("(cvxpylayers not installed: pip install cvxpylayers)")
+    return found
+
+
+def run(B: int, n: int, repeats: int) -> list[dict[str, Any]]:
+    data = problem(0, B, n)
+    ref = reference(*data)
+    w = torch.randn(B, n, generator=torch.Generator().manual_seed(1), dtype=F64)
+    D = torch.randn(data[3].shape, generator=torch.Generator().manual_seed(2), dtype=F64)
+    e = 1e-6
+    hp, hm = data[3] + e * D, data[3] - e * D
+    diff = reference(*data[:3], hp, *data[4:]) - reference(*data[:3], hm, *data[4:])
+    fd = float((diff * w).sum() / (2 * e))
+    rows = []
+    found = methods()
+    times: dict[str, list[float]] = {k: [] for k in found}
+    results: dict[str, tuple[float, float]] = {}
+    for r in range(repeats):
+        for name, fn in found.items():
+            args = [t.clone().requires_grad_(k == 3) for k, t in enumerate(data)]
+            t0 = time.perf_counter()
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    z = fn(*args)
+                    (z * w).sum().backward()
+            except Exception as exc:  # a peer that fails is reported, not fatal
+                results[name] = (float("nan"), float("nan"))
+                print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:80]}")
+                continue
+            times[name].append(time.perf_counter() - t0)
+            if r == 0:
+                sol = float((z.detach() - ref).norm() / ref.norm())
+                grad = abs(float((args[3].grad * D).sum()) - fd) / max(1.0, abs(fd))
+                results[name] = (sol, grad)
+    for name in found:
+        ms = 1e3 * statistics.median(times[name]) if times[name] else float("nan")
+        rows.append({"B": B, "n": n, "method": name, "ms": ms, "sol_err": results[name][0],
+                     "grad_err": results[name][1]})
+    return rows
+
+
+def special_cases() -> list[dict[str, Any]]:
+    """An LP, a duplicated equality row, duplicated inequality rows, and one infeasible sample in a
+    batch of six: what each method returns (error against the exact answer, or the exception)."""
+    g = torch.Generator().manual_seed(3)
+    n = 6
+    box = torch.cat([torch.eye(n, dtype=F64), -torch.eye(n, dtype=F64)])
+    q = torch.randn(n, generator=g, dtype=F64)
+    lp = (torch.zeros(n, n, dtype=F64), q, box, torch.ones(2 * n, dtype=F64),
+          torch.zeros(0, n, dtype=F64), torch.zeros(0, dtype=F64))
+    lp_exact = -torch.sign(q)  # the vertex of the box [-1, 1]^n
+    Q = torch.eye(n, dtype=F64)
+    A = torch.ones(1, n, dtype=F64).repeat(2, 1)
+    dup_eq = (Q, q, box, 2 * torch.ones(2 * n, dtype=F64), A, torch.ones(2, dtype=F64))
+    proj = -q - (float(-q.sum()) - 1.0) / n  # projection of -q on sum z = 1 (inside the box)
+    dup_ineq = (Q, q, torch.cat([box, box]), 0.1 * torch.ones(4 * n, dtype=F64),
+                torch.zeros(0, n, dtype=F64), torch.zeros(0, dtype=F64))
+    dup_exact = (-q).clamp(-0.1, 0.1)
+    B = 6
+    qb = torch.randn(B, n, generator=g, dtype=F64)
+    hb = torch.ones(B, 2 * n, dtype=F64)
+    hb[2, 0], hb[2, n] = -1.0, -1.0  # z0 <= -1 and -z0 <= -1: infeasible
+    feasible = [i for i in range(B) if i != 2]
+    batch_exact = (-qb).clamp(-1.0, 1.0)
+    cases = {
+        "LP (Q = 0)": ((lp[0] + 1e-8 * Q,) + lp[1:], lp_exact, None),
+        "duplicated equality": (dup_eq, proj, None),
+        "duplicated inequalities": (dup_ineq, dup_exact, None),
+        "1 infeasible of 6": ((Q, qb, box, hb, torch.zeros(0, n, dtype=F64), torch.zeros(0, dtype=F64)),
+                              batch_exact, feasible),
+    }
+    rows = []
+    for case, (data, exact, keep) in cases.items():
+        for name, fn in methods().items():
+            args = data if name != "il.qp" or case != "LP (Q = 0)" else lp
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    z = fn(*args).detach()
+                    if keep is None:
+                        answer = f"error {float((z.reshape(-1) - exact).norm() / exact.norm()):.1e}"
+                    else:
+                        answer = f"neighbours' error {rel_rows(z[keep], exact[keep]):.1e}"
+                except Exception as exc:
+                    answer = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+            flagged = any("infeasible" in str(w.message) for w in caught)
+            rows.append({"case": case, "method": name, "returns": answer, "flagged": flagged})
+            print(f"  {case:>24} {name:>10}: {answer}{'  [flagged]' if flagged else ''}")
+    return rows
+
+
+def rel_rows(z: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((z - exact).norm() / exact.norm())
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="only B = 128, n = 50")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--cases", action="store_true", help="only the LP / degenerate / infeasible cases")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.cases:
+        return special_cases()
+    grid = [(128, 50)] if args.quick else [(B, n) for n in (10, 50, 100) for B in (1, 32, 128)]
+    rows: list[dict[str, Any]] = []
+    print(f"{'B':>4} {'n':>4} {'method':>10} {'fwd+bwd ms':>11} {'sol err':>9} {'grad err':>9} "
+          f"{'x fastest peer':>14}")
+    for B, n in grid:
+        case = run(B, n, args.repeats)
+        peers = [r["ms"] for r in case if r["method"] != "il.qp" and r["ms"] == r["ms"]]
+        for r in case:
+            ratio = r["ms"] / min(peers) if peers else float("nan")
+            print(f"{B:>4} {n:>4} {r['method']:>10} {r['ms']:>11.1f} {r['sol_err']:>9.1e} "
+                  f"{r['grad_err']:>9.1e} {ratio:>14.2f}")
+        rows += case
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

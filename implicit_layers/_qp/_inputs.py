@@ -1,0 +1,106 @@
+"""Checking and broadcasting the problem data of :func:`~implicit_layers.qp`."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+__all__ = ["QPData", "check_inputs", "expand"]
+
+QPData = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+def _tensor(value: object, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}.")
+    if torch._C._functorch.is_batchedtensor(value):
+        # The solver decides per sample when to stop, which vmap's rules cannot express.
+        raise TypeError(
+            f"il.qp does not run under torch.func.vmap ({name} is a vmapped tensor): it solves "
+            "batches natively, so pass the batch as a leading dimension of the inputs instead "
+            "(torch.func.grad and jacrev work)."
+        )
+    if not (value.is_floating_point()):
+        raise TypeError(f"{name} must be a floating-point tensor (float32 or float64), got {value.dtype}.")
+    return value
+
+
+def _check_rank(t: Tensor, name: str, core: int, shape: str) -> None:
+    if t.dim() not in (core, core + 1):
+        raise ValueError(
+            f"{name} must have shape {shape} or (B, {shape[1:]}, got {tuple(t.shape)}. "
+            "Give one leading batch dimension at most, or none to share it across the batch."
+        )
+
+
+def check_inputs(
+    Q: object, q: object, G: object | None, h: object | None, A: object | None, b: object | None
+) -> tuple[QPData, int | None]:
+    """Validate the data and return it with empty ``G, h`` / ``A, b`` filled in, and ``B``.
+
+    Returns:
+        ``(Q, q, G, h, A, b)`` in their given (unexpanded) shapes, and the batch size ``B``
+        (``None`` when no input carries a batch dimension).
+
+    Raises:
+        TypeError: a non-tensor or non-float input.
+        ValueError: shapes that do not fit together, or ``G`` without ``h`` (``A`` without ``b``).
+    """
+    q_t = _tensor(q, "q")
+    if q_t.dim() not in (1, 2):
+        raise ValueError(f"q must have shape (n,) or (B, n), got {tuple(q_t.shape)}.")
+    n = q_t.shape[-1]
+    Q_t = _tensor(Q, "Q")
+    _check_rank(Q_t, "Q", 2, "(n, n)")
+    if Q_t.shape[-2:] != (n, n):
+        raise ValueError(f"Q must be (n, n) = ({n}, {n}) to match q of shape {tuple(q_t.shape)}, "
+                         f"got {tuple(Q_t.shape)}.")
+    pairs = []
+    for mat, vec, mname, vname in ((G, h, "G", "h"), (A, b, "A", "b")):
+        if (mat is None) != (vec is None):
+            raise ValueError(f"{mname} and {vname} go together: got {mname}="
+                             f"{'None' if mat is None else 'a tensor'} and {vname}="
+                             f"{'None' if vec is None else 'a tensor'}. Pass both or neither.")
+        if mat is None:
+            pairs.append((q_t.new_zeros(0, n), q_t.new_zeros(0)))
+            continue
+        M = _tensor(mat, mname)
+        v = _tensor(vec, vname)
+        _check_rank(M, mname, 2, "(k, n)")
+        if v.dim() not in (1, 2):
+            raise ValueError(f"{vname} must have shape (k,) or (B, k), got {tuple(v.shape)}.")
+        if M.shape[-1] != n or M.shape[-2] != v.shape[-1]:
+            raise ValueError(
+                f"{mname} must be (k, n) with n = {n} (from q) and k = {v.shape[-1]} (from {vname}), "
+                f"got {mname} of shape {tuple(M.shape)} and {vname} of shape {tuple(v.shape)}."
+            )
+        pairs.append((M, v))
+    (G_t, h_t), (A_t, b_t) = pairs
+    data = (Q_t, q_t, G_t, h_t, A_t, b_t)
+    # Mixed dtypes (a bfloat16 Q from a matmul under autocast next to a float32 q) are promoted
+    # to the widest, as torch's binary operations do.
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in data))
+    Q_t, q_t, G_t, h_t, A_t, b_t = data = tuple(t.to(dtype) for t in data)  # type: ignore[assignment]
+    names = ("Q", "q", "G", "h", "A", "b")
+    core = (2, 1, 2, 1, 2, 1)
+    batches = {name: t.shape[0] for name, t, c in zip(names, data, core, strict=True) if t.dim() == c + 1}
+    sizes = set(batches.values())
+    if len(sizes) > 1:
+        raise ValueError(f"the batch sizes of the inputs differ: {batches}. Give every batched "
+                         "input the same leading dimension B.")
+    batch = sizes.pop() if sizes else None
+    devices = {t.device for t in data}
+    if len(devices) > 1:
+        raise ValueError(f"Q, q, G, h, A, b must be on one device, got {sorted(map(str, devices))}.")
+    return data, batch
+
+
+def expand(data: QPData, batch: int) -> QPData:
+    """Every input with its leading batch dimension (views, no copies)."""
+    core = (2, 1, 2, 1, 2, 1)
+    out = [t if t.dim() == c + 1 else t.expand((batch,) + t.shape) for t, c in zip(data, core, strict=True)]
+    return out[0], out[1], out[2], out[3], out[4], out[5]
+
+

@@ -1,0 +1,301 @@
+"""il.qp / il.nn.QPLayer against independent references: proxsuite (tight), scipy's HiGHS for
+LPs, closed forms for equality-only QPs, central differences of the reference, gradcheck."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import linprog
+
+import implicit_layers as il
+from tests.helpers import DT, leaf, rel
+
+proxsuite = pytest.importorskip("proxsuite")
+
+
+def random_qp(seed: int, B: int, n: int, m: int, p: int, dtype: torch.dtype = DT, active: float = 0.3):
+    """A feasible, strictly convex QP batch; a fraction ``active`` of the inequalities (at most
+    ``n - p``, so that the vertex is not degenerate) are tight at a point z0."""
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(B, n, n, generator=g, dtype=DT)
+    Q = M @ M.mT / n + 0.1 * torch.eye(n, dtype=DT)
+    q = torch.randn(B, n, generator=g, dtype=DT)
+    G = torch.randn(B, m, n, generator=g, dtype=DT)
+    z0 = torch.randn(B, n, generator=g, dtype=DT)
+    tight = min(round(active * m), n - p)
+    slack = torch.rand(B, m, generator=g, dtype=DT) * (torch.arange(m) >= tight)
+    h = (G @ z0.unsqueeze(-1)).squeeze(-1) + slack
+    A = torch.randn(B, p, n, generator=g, dtype=DT)
+    b = (A @ z0.unsqueeze(-1)).squeeze(-1)
+    return tuple(t.to(dtype) for t in (Q, q, G, h, A, b))
+
+
+def reference(Q, q, G, h, A, b) -> torch.Tensor:
+    """ProxQP at 1e-14 on every sample (float64)."""
+    out = []
+    for i in range(q.shape[0]):
+        solver = proxsuite.proxqp.dense.QP(q.shape[1], b.shape[1], h.shape[1])
+        solver.settings.eps_abs, solver.settings.eps_rel, solver.settings.max_iter = 1e-14, 0.0, 100000
+        arr = [t[i].detach().double().numpy() for t in (Q, q, A, b, G)]
+        solver.init(arr[0], arr[1], arr[2], arr[3], arr[4], None, h[i].detach().double().numpy())
+        solver.solve()
+        out.append(solver.results.x.copy())
+    return torch.tensor(np.array(out), dtype=DT)
+
+
+def test_matches_proxsuite_batched():
+    data = random_qp(0, 16, 20, 20, 4)
+    z, lam, nu, info = il.qp(*data, return_duals=True, return_info=True)
+    assert info.status.tolist() == [0] * 16
+    assert rel(z, reference(*data)) < 1e-10
+    Q, q, G, h, A, b = data
+    # KKT at the returned point: stationarity, λ >= 0, complementarity.
+    stat = (Q @ z[..., None]).squeeze(-1) + q + (lam[:, None] @ G).squeeze(1) + (nu[:, None] @ A).squeeze(1)
+    assert stat.abs().max() < 1e-9 and lam.min() >= 0
+    assert (lam * (h - (G @ z[..., None]).squeeze(-1))).abs().max() < 1e-9
+
+
+def test_equality_only_closed_form():
+    Q, q, _, _, A, b = random_qp(1, 3, 6, 0, 2)
+    K = torch.cat([torch.cat([Q, A.mT], -1), torch.cat([A, torch.zeros(3, 2, 2, dtype=DT)], -1)], -2)
+    sol = torch.linalg.solve(K, torch.cat([-q, b], -1))
+    z, _, nu = il.qp(Q, q, A=A, b=b, return_duals=True)
+    assert rel(z, sol[:, :6]) < 1e-12 and rel(nu, sol[:, 6:]) < 1e-10
+    # unconstrained: -Q⁻¹q
+    assert rel(il.qp(Q, q), torch.linalg.solve(Q, -q)) < 1e-12
+
+
+def test_gradients_match_central_differences_of_reference():
+    # A few tight rows, so that the active constraints stay independent (a unique multiplier).
+    data = random_qp(2, 3, 6, 8, 2, active=0.3)
+    args = [leaf(t) for t in data]
+    w = torch.randn(3, 6, dtype=DT, generator=torch.Generator().manual_seed(3))
+    (il.qp(*args) * w).sum().backward()
+    g = torch.Generator().manual_seed(4)
+    for k in range(6):
+        D = torch.randn(data[k].shape, dtype=DT, generator=g)
+        if k == 0:
+            D = D + D.mT  # Q is symmetric: perturb within symmetric matrices
+        e = 1e-6
+        plus = [t + e * D if i == k else t for i, t in enumerate(data)]
+        minus = [t - e * D if i == k else t for i, t in enumerate(data)]
+        fd = ((reference(*plus) - reference(*minus)) * w).sum() / (2 * e)
+        assert abs(float((args[k].grad * D).sum() - fd)) <= 1e-6 * max(1.0, abs(float(fd))), "QqGhAb"[k]
+
+
+def test_shared_parameters_gradients_are_summed_over_the_batch():
+    Q, _, G, h, A, b = (t[0] for t in random_qp(5, 1, 5, 6, 1))
+    q = torch.randn(4, 5, dtype=DT, generator=torch.Generator().manual_seed(6))
+    hl = leaf(h)
+    il.qp(Q, q, G, hl, A, b).sum().backward()
+    D = torch.randn(6, dtype=DT, generator=torch.Generator().manual_seed(7))
+    e = 1e-6
+    def ref(hh):
+        return reference(Q.expand(4, 5, 5), q, G.expand(4, 6, 5), hh.expand(4, 6), A.expand(4, 1, 5),
+                         b.expand(4, 1)).sum()
+
+    fd = (ref(h + e * D) - ref(h - e * D)) / (2 * e)
+    assert abs(float((hl.grad * D).sum() - fd)) < 1e-6 * max(1.0, abs(float(fd)))
+
+
+def test_gradcheck_and_double_backward():
+    Q, q, G, h, A, b = (t[0] for t in random_qp(8, 1, 4, 5, 1))
+    ql, hl = leaf(q), leaf(h)
+    assert torch.autograd.gradcheck(lambda q_, h_: il.qp(Q, q_, G, h_, A, b), (ql, hl))
+    assert torch.autograd.gradgradcheck(lambda q_, h_: il.qp(Q, q_, G, h_, A, b), (ql, hl))
+
+
+def test_torch_func_grad_and_jacrev():
+    Q, q, G, h, A, b = (t[0] for t in random_qp(9, 1, 4, 5, 1))
+    def loss(q_):
+        return il.qp(Q, q_, G, h, A, b).square().sum()
+
+    g = torch.func.grad(loss)(q)
+    ql = leaf(q)
+    loss(ql).backward()
+    assert rel(g, ql.grad) < 1e-10
+    J = torch.func.jacrev(lambda q_: il.qp(Q, q_, G, h, A, b))(q)
+    e = 1e-6
+    def solo(qq):
+        return reference(Q[None], qq[None], G[None], h[None], A[None], b[None])[0]
+
+    fd = torch.stack([(solo(q + e * d) - solo(q - e * d)) / (2 * e) for d in torch.eye(4, dtype=DT)], -1)
+    assert rel(J, fd) < 1e-6
+
+
+def test_lp_matches_highs():
+    g = torch.Generator().manual_seed(10)
+    n, m = 6, 14
+    G = torch.randn(m, n, dtype=DT, generator=g)
+    h = G @ torch.randn(n, dtype=DT, generator=g) + torch.rand(m, dtype=DT, generator=g)
+    G = torch.cat([G, torch.eye(n, dtype=DT), -torch.eye(n, dtype=DT)])  # and a box |z| <= 3
+    h = torch.cat([h, 3 * torch.ones(2 * n, dtype=DT)])
+    q = torch.randn(n, dtype=DT, generator=g)
+    res = linprog(q.numpy(), A_ub=G.numpy(), b_ub=h.numpy(), bounds=(None, None), method="highs")
+    z = il.qp(torch.zeros(n, n, dtype=DT), q, G, h)
+    assert rel(z, torch.tensor(res.x)) < 1e-9
+
+
+def test_degenerate_rows_converge_with_finite_gradients():
+    G = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1], [1, 0]], dtype=DT)  # last row duplicated
+    h = torch.tensor([1.0, 2, 0, 0, 1], dtype=DT)
+    q = leaf(torch.tensor([-1.0, -1], dtype=DT))
+    z = il.qp(0.1 * torch.eye(2, dtype=DT), q, G, h)
+    assert rel(z, torch.tensor([1.0, 2.0], dtype=DT)) < 1e-12
+    z.sum().backward()
+    assert torch.isfinite(q.grad).all() and q.grad.abs().max() < 1e-8  # z stays at the vertex
+    A = torch.tensor([[1.0, 1], [1, 1]], dtype=DT)  # a duplicated equality row
+    q2 = leaf(torch.tensor([-1.0, 0], dtype=DT))
+    z = il.qp(torch.eye(2, dtype=DT), q2, A=A, b=torch.ones(2, dtype=DT))
+    assert rel(z, torch.tensor([1.0, 0.0], dtype=DT)) < 1e-12
+    (z * torch.tensor([1.0, 0.0], dtype=DT)).sum().backward()
+    # z = (I - aaᵀ/2)(-q) + a/2 along a = (1, 1): dz1/dq = -(1/2, -1/2)
+    assert rel(q2.grad, torch.tensor([-0.5, 0.5], dtype=DT)) < 1e-10
+
+
+def test_weakly_active_constraint_gives_a_finite_gradient():
+    # min ½‖z‖² - z1 s.t. z1 <= 1: the constraint is active with λ = 0 (weakly active), so the KKT
+    # matrix has a zero row; the gradient is the minimum-norm adjoint's, finite.
+    q = leaf(torch.tensor([[-1.0, 0.5], [-0.5, 0.5]], dtype=DT))
+    G, h = torch.tensor([[1.0, 0.0]], dtype=DT), torch.ones(1, dtype=DT)
+    z = il.qp(torch.eye(2, dtype=DT), q, G, h)
+    assert rel(z, torch.tensor([[1.0, -0.5], [0.5, -0.5]], dtype=DT)) < 1e-8
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", il.ConvergenceWarning)  # the adjoint system is inconsistent
+        z.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    assert rel(q.grad[1], torch.tensor([-1.0, -1.0], dtype=DT)) < 1e-10  # the sample beside it is exact
+
+
+def test_infeasible_sample_flagged_neighbours_exact():
+    data = list(random_qp(11, 6, 5, 6, 1))
+    data[3] = data[3].clone()
+    data[2] = data[2].clone()
+    data[2][2, 0], data[2][2, 1] = data[2][2, 1].clone(), -data[2][2, 1]  # rows 0, 1: g and -g ...
+    data[2][2, :2] = torch.stack([torch.ones(5, dtype=DT), -torch.ones(5, dtype=DT)])
+    data[3][2, :2] = torch.tensor([-1.0, -1.0], dtype=DT)  # ... with g·z <= -1 and g·z >= 1
+    with pytest.warns(il.ConvergenceWarning, match=r"batch sample\(s\) 2 \(primal infeasible\)"):
+        z, info = il.qp(*data, return_info=True)
+    assert info.status_names[2] == "primal infeasible" and info.status.tolist().count(0) == 5
+    for i in (0, 1, 3, 4, 5):
+        solo = il.qp(*(t[i] for t in data))
+        assert rel(z[i], solo) < 1e-12 and rel(z[i], reference(*(t[i:i + 1] for t in data))[0]) < 1e-9
+    with pytest.raises(il.ConvergenceError, match="primal infeasible"):
+        il.qp(*data, solver=il.InteriorPoint(on_failure="raise"))
+
+
+def test_unbounded_flagged():
+    with pytest.warns(il.ConvergenceWarning, match="dual infeasible"):
+        _, info = il.qp(torch.zeros(2, 2, dtype=DT), torch.tensor([-1.0, 0.0], dtype=DT),
+                        torch.tensor([[0.0, 1.0]], dtype=DT), torch.ones(1, dtype=DT), return_info=True)
+    assert int(info.status) == 2
+
+
+def _max(t: torch.Tensor) -> float:
+    return float(t.max()) if t.numel() else 0.0
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), B=st.integers(1, 4), n=st.integers(1, 8), m=st.integers(0, 10),
+       p=st.integers(0, 2), active=st.floats(0.0, 1.0), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_random_feasible_qps(seed, B, n, m, p, active, dtype):
+    p = min(p, n)
+    data = random_qp(seed, B, n, m, p, dtype, active)
+    z, lam, nu, info = il.qp(*data, return_duals=True, return_info=True)
+    assert z.dtype == dtype and info.status.tolist() == [0] * B
+    # The KKT conditions certify the solution of a convex QP.
+    Q, q, G, h, A, b = (t.double() for t in data)
+    z, lam, nu = z.double(), lam.double(), nu.double()
+    tol = 1e-8 if dtype == DT else 1e-3
+    scale = 1 + max(float(t.abs().max()) if t.numel() else 0.0 for t in (q, h, b, lam, nu))
+    stat = (Q @ z[..., None]).squeeze(-1) + q + (lam[:, None] @ G).squeeze(1) + (nu[:, None] @ A).squeeze(1)
+    slack = h - (G @ z[..., None]).squeeze(-1)
+    assert _max(stat.abs()) <= tol * scale and _max(-lam) <= 0
+    assert _max(-slack) <= tol * scale and _max(((A @ z[..., None]).squeeze(-1) - b).abs()) <= tol * scale
+    assert _max((lam * slack).abs()) <= tol * scale**2
+
+
+def test_float32_gradients_and_layer():
+    layer = il.nn.QPLayer(4, n_ineq=6, n_eq=1)
+    q = torch.randn(8, 4)
+    z = layer(q)
+    z.square().sum().backward()
+    assert z.dtype == torch.float32 and all(torch.isfinite(p.grad).all() for p in layer.parameters())
+    with torch.inference_mode():
+        assert torch.allclose(layer(q), z.detach(), atol=1e-5)
+    # Under autocast the layer keeps float32 (its solve is in float64) and its gradient.
+    ql = leaf(q)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        za = layer(ql)
+    za.square().sum().backward()
+    qr = leaf(q)
+    layer(qr).square().sum().backward()
+    assert za.dtype == torch.float32 and torch.allclose(za, z.detach(), atol=1e-5)
+    assert torch.allclose(ql.grad, qr.grad, rtol=1e-3, atol=1e-4)
+
+
+def test_bad_inputs():
+    Q, q = torch.eye(3, dtype=DT), torch.zeros(3, dtype=DT)
+    with pytest.raises(ValueError, match="Q must be"):
+        il.qp(torch.eye(2, dtype=DT), q)
+    with pytest.raises(ValueError, match="G and h go together"):
+        il.qp(Q, q, G=torch.zeros(2, 3, dtype=DT))
+    with pytest.raises(ValueError, match="G must be"):
+        il.qp(Q, q, torch.zeros(2, 4, dtype=DT), torch.zeros(2, dtype=DT))
+    with pytest.raises(ValueError, match="batch sizes"):
+        il.qp(Q.expand(2, 3, 3), torch.zeros(3, 3, dtype=DT))
+    assert il.qp(Q, q.float()).dtype == DT  # mixed dtypes promote
+    with pytest.raises(TypeError, match="floating-point"):
+        il.qp(Q, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        il.qp(Q, [0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="infeasible"):
+        il.InteriorPoint(infeasible="drop")
+    with pytest.raises(TypeError, match="leading dimension"):
+        torch.func.vmap(lambda q_: il.qp(Q, q_))(torch.zeros(2, 3, dtype=DT))
+
+
+def test_qp_layer_bad_arguments_and_unbatched_input():
+    with pytest.raises(ValueError, match="n_ineq must be"):
+        il.nn.QPLayer(3, n_ineq=-1)
+    with pytest.raises(ValueError, match="n_eq must be at most"):
+        il.nn.QPLayer(3, n_eq=5)
+    layer = il.nn.QPLayer(3, n_ineq=4, dtype=DT)
+    q = torch.randn(2, 3, dtype=DT, generator=torch.Generator().manual_seed(14))
+    assert rel(layer(q[0]), layer(q)[0]) < 1e-12
+
+
+def test_warnings_are_not_emitted_on_solved_batches():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        il.qp(*random_qp(12, 4, 5, 5, 1))
+
+
+def test_infeasible_closest_returns_the_closest_feasible_problem():
+    G = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1]], dtype=DT)
+    h = torch.tensor([1.0, 2, 0, 0], dtype=DT).expand(3, 4).clone()
+    h[1, 0] = -1.0  # z1 <= -1 and z1 >= 0: the closest feasible shift moves both bounds by 1/2
+    h = leaf(h)
+    q = torch.tensor([[-1.0, -1], [1, -1], [0.5, 0.5]], dtype=DT)
+    with pytest.warns(il.ConvergenceWarning, match="closest feasible problem"):
+        z = il.qp(torch.eye(2, dtype=DT), q, G, h, solver=il.InteriorPoint(infeasible="closest"))
+    assert rel(z[1], torch.tensor([-0.5, 1.0], dtype=DT)) < 1e-9
+    assert rel(z[0], torch.tensor([1.0, 1.0], dtype=DT)) < 1e-12
+    z[1, 0].backward()  # z1 = (h1 - h3) / 2 on the closest feasible problem
+    assert rel(h.grad[1], torch.tensor([0.5, 0, -0.5, 0], dtype=DT)) < 1e-8
+    assert h.grad[[0, 2]].abs().max() == 0
+
+
+def test_warm_start_from_the_previous_solution():
+    data = random_qp(13, 8, 10, 10, 2)
+    z, lam, nu, info = il.qp(*data, return_duals=True, return_info=True)
+    nudged = (data[0], data[1] + 1e-3, *data[2:])
+    z2, info2 = il.qp(*nudged, warm_start=(z, lam, nu), return_info=True)
+    z3, info3 = il.qp(*nudged, return_info=True)
+    assert rel(z2, z3) < 1e-12 and rel(z2, reference(*nudged)) < 1e-10
+    assert int(info2.steps.sum()) < int(info3.steps.sum())
