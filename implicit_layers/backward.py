@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._capture import vmap_active
-from ._config import Settings, check_positive_int, check_tolerance
+from ._config import Settings, check_nonnegative, check_positive_int
 from ._implicit import ChooseLinear, ImplicitCore, LinearSolvers, implicit_solution
 from ._info import SolveInfo
 from ._problem import Problem
@@ -456,7 +456,7 @@ class Phantom(_StepMode):
 
 
 def _positive_step(value: object, name: str) -> float | None:
-    step = check_tolerance(value, name)
+    step = check_nonnegative(value, name)
     if step == 0:
         raise ValueError(f"{name} must be > 0, got 0.0 (a zero step gives zero gradients).")
     return step

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._config import check_bool, check_positive_int, check_tolerance
+from .._config import check_bool, check_nonnegative, check_positive_int
 from .._cuda_graph import graph_runner
 from .._info import OnFailure, SolveInfo
 from .._problem import FixedPointProblem, Problem, RootProblem
@@ -101,7 +101,7 @@ class Adaptive(ForwardSolver):
             on_failure=on_failure,
         )
         self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
-        self.switch_ratio = check_tolerance(switch_ratio, "switch_ratio", allow_none=False)
+        self.switch_ratio = check_nonnegative(switch_ratio, "switch_ratio", allow_none=False)
         if not 0 < self.switch_ratio <= 1:
             raise ValueError(
                 f"switch_ratio must lie in (0, 1], got {switch_ratio}; 1 keeps plain iteration "
@@ -220,6 +220,7 @@ class Adaptive(ForwardSolver):
             info.contraction = torch.where(info.steps > 0, ratio ** (1 / steps), 0.0)
         else:
             info.solver = "Adaptive (Picard, then Anderson)"
+            info.accelerated = True
             info.contraction = torch.full_like(info.residual, switched_at)
         return z, info
 
@@ -237,7 +238,7 @@ class Adaptive(ForwardSolver):
         if rho_t is None or rho_t.numel() == 0:
             return None
         rho = float(rho_t.max())
-        if not rho <= self.switch_ratio or info is None or info.solver.endswith("Anderson"):
+        if not rho <= self.switch_ratio or info is None or info.accelerated:
             return GMRES(cuda_graph=self.cuda_graph)
         terms = _neumann_terms(rho, self.resolved_rtol(info.residual.dtype))
         return NeumannThenGMRES(terms, cuda_graph=self.cuda_graph)
