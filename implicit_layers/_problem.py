@@ -3,7 +3,8 @@
 Solvers see flat batched iterates of shape ``(B, n)``. :class:`Problem` holds what every kind
 shares (flattening of structured states, binding of captured tensors, params, precision); each
 kind is a subclass that owns its residual, its output checks, its tolerance scale, the
-structure of its adjoint system and its failure advice:
+structure of its adjoint system, its default adjoint and forward solvers and its failure
+advice:
 
 * :class:`FixedPointProblem`: ``z = f(z)``, residual ``z - f(z)``;
 * :class:`RootProblem`: ``F(z) = 0``, residual ``F(z)``;
