@@ -157,10 +157,10 @@ class StepsOnFailure(LinearSolver):
                 f"step_size must be a callable returning the step size, got "
                 f"{type(step_size).__name__}; pass e.g. lambda: 0.5."
             )
-        super().__init__(
-            rtol=solver.rtol, atol=solver.atol, max_steps=solver.max_steps,
-            check_every=solver.check_every, on_failure="warn",
-        )
+        # The wrapped solver's settings (validated already) are this one's: they name its
+        # budget in the warning and let a caller read them as of any linear solver.
+        shared = ("rtol", "atol", "max_steps", "check_every")
+        super().__init__(**{setting: getattr(solver, setting) for setting in shared})
         self.solver = solver
         self.steps = check_positive_int(steps, "steps")
         self.step_size = step_size
