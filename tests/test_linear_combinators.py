@@ -142,3 +142,12 @@ def test_a_folded_problem_answers_new_policy_of_its_kind():
     assert folded.custom_policy == "from the kind"
     assert folded.batch == 8 and folded.kind == "root" and folded.fn is base.fn
     assert folded.adjoint_structure() == base.adjoint_structure()
+
+
+@pytest.mark.parametrize("accelerated, expected", [(False, "NeumannThenGMRES"), (True, "GMRES")])
+def test_adaptive_backward_follows_what_the_forward_did_not_its_name(accelerated, expected):
+    info = il.SolveInfo(converged=torch.tensor([True]), steps=torch.tensor([30]),
+                        residual=torch.tensor([1e-12], dtype=F64), solver="renamed",
+                        contraction=torch.tensor([0.5], dtype=F64), accelerated=accelerated)
+    chosen = il.solvers.Adaptive().adjoint_solver(info)
+    assert type(chosen).__name__ == expected
