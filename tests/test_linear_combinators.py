@@ -151,3 +151,24 @@ def test_adaptive_backward_follows_what_the_forward_did_not_its_name(accelerated
                         contraction=torch.tensor([0.5], dtype=F64), accelerated=accelerated)
     chosen = il.solvers.Adaptive().adjoint_solver(info)
     assert type(chosen).__name__ == expected
+
+
+def test_the_fallback_under_torch_func_grad_and_vmap():
+    g = torch.Generator().manual_seed(4)
+    W = 0.6 * torch.randn(6, 6, generator=g, dtype=F64) / 6**0.5
+    xs = torch.randn(3, 6, generator=g, dtype=F64)
+    starved = il.backward.Implicit(il.linear.GMRES(1, rtol=1e-12, max_steps=1),
+                                   fallback=il.backward.JacobianFree())
+
+    def loss(x, backward):
+        z = il.fixed_point(lambda z, x: torch.tanh(W @ z + x), torch.zeros(6, dtype=F64), x,
+                           backward=backward)
+        return (z**2).sum()
+
+    with pytest.warns(il.ConvergenceWarning, match="JacobianFree gradient"):
+        got = torch.func.vmap(torch.func.grad(lambda x: loss(x, starved)))(xs)
+    want = torch.stack([torch.func.grad(lambda x: loss(x, il.backward.JacobianFree()))(x)
+                        for x in xs])
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+    exact = torch.func.vmap(torch.func.grad(lambda x: loss(x, il.linear.Dense())))(xs)
+    assert float((exact - got).abs().max()) > 1e-3  # the fallback really replaced the solve
