@@ -184,13 +184,13 @@ class _DenseOr(LinearSolver):
     def replace(self, **changes: Any) -> Self:
         return super().replace(**changes).keyed(self._key)
 
-    def _delegate(self, kind: str) -> LinearSolver:
-        settings = (self.name, kind, self.rtol, self.atol, self.max_steps, self.check_every)
+    def _delegate(self, choice: str) -> LinearSolver:
+        settings = (self.name, choice, self.rtol, self.atol, self.max_steps, self.check_every)
         solver = self.cache.delegates.get(settings)
         if solver is None:
             # Made once per settings: a new layer call makes a new solver object, and building
             # validated settings costs a few µs each time.
-            if kind == "Dense":
+            if choice == "Dense":
                 dense = Dense if self.needs_symmetric else DenseThenGMRES
                 solver = dense(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps,
                                check_every=self.check_every, on_failure="ignore")
