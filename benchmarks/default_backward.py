@@ -15,7 +15,7 @@ default's ratios to CG's, which the default must keep below about 2 wherever CG 
 
 ``Dense`` builds the Jacobian from ``n`` vectorised Hessian-vector products; with per-sample
 data (``A_b``) the vectorised products hold ``n`` copies of the batch's data at once, hence its
-memory ``~ B n³``. The default solver (``implicit_layers._implicit.default_linear_solver``) is
+memory ``~ B n³``. The default solver (``Problem.default_adjoint_solver``) is
 chosen from these figures.
 """
 
@@ -40,7 +40,6 @@ METHODS = ("Dense", "CG", "default")
 
 def _child(B: int, n: int, method: str, repeats: int) -> dict:
     import implicit_layers as il
-    from implicit_layers import _implicit
 
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -70,9 +69,9 @@ def _child(B: int, n: int, method: str, repeats: int) -> dict:
     err = float((grad - ref).norm() / ref.norm())
     from implicit_layers._problem import Problem
 
-    chosen = _implicit.default_linear_solver(
-        Problem("argmin", fun, (c,), torch.zeros(B, n, dtype=F64), True, "fun")
-    ).name
+    chosen = Problem(
+        "argmin", fun, (c,), torch.zeros(B, n, dtype=F64), batched=True, name="fun"
+    ).default_adjoint_solver().name
     return {"seconds": seconds, "peak_mb": peak / 1024, "before_mb": rss_before / 1024,
             "rel_err": err, "default_is": chosen}
 

@@ -14,8 +14,8 @@ the default chose:
 * softmax regression on the first ``C`` digit classes (64 features x C weights, weight decay
   1 per input feature; well conditioned, about 15 CG steps).
 
-The default adjoint solver (``implicit_layers._implicit.default_linear_solver``) takes Dense up
-to n = 128 and measures the choice above (``implicit_layers._choose_linear.DenseOrCG``): no
+The default adjoint solver (``Problem.default_adjoint_solver``) takes Dense up
+to n = 128 and measures the choice above (``implicit_layers.linear.DenseOrCG``): no
 size threshold serves both families.
 """
 
@@ -28,7 +28,6 @@ import torch
 from sklearn.datasets import load_digits
 
 import implicit_layers as il
-from implicit_layers import _choose_linear
 
 from ._common import restore_threads, set_threads
 from .ridge import make_ridge
@@ -86,7 +85,8 @@ def _last_choice(n: int) -> str:
     """The solver the default used for the last problem (Dense below the measured band)."""
     if n <= 128:
         return "Dense"
-    return list(_choose_linear._choices.values())[-1] if _choose_linear._choices else "CG"
+    choices = il.linear.timed_choices.choices
+    return list(choices.values())[-1] if choices else "CG"
 
 
 def main() -> None:

@@ -62,10 +62,12 @@ def check_bool(value: object, name: str) -> bool:
 
 
 @overload
-def check_tolerance(value: object, name: str, *, allow_none: Literal[False]) -> float: ...
+def check_nonnegative(value: object, name: str, *, allow_none: Literal[False]) -> float: ...
 @overload
-def check_tolerance(value: object, name: str, *, allow_none: bool = True) -> float | None: ...
-def check_tolerance(value: object, name: str, *, allow_none: bool = True) -> float | None:
+def check_nonnegative(value: object, name: str, *, allow_none: bool = True) -> float | None: ...
+def check_nonnegative(value: object, name: str, *, allow_none: bool = True) -> float | None:
+    """``value`` as a float ``>= 0`` (a tolerance, a damping, a step size), or ``None`` if
+    allowed; a TypeError or ValueError naming ``name`` otherwise."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -73,6 +75,10 @@ def check_tolerance(value: object, name: str, *, allow_none: bool = True) -> flo
     if not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value}.")
     return float(value)
+
+
+#: The former name of :func:`check_nonnegative`, kept for the tolerances it also checks.
+check_tolerance = check_nonnegative
 
 
 class Settings:

@@ -9,6 +9,7 @@ own convergence test, whose residual is the user's function under ``torch.func.v
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,6 +19,11 @@ from ._problem import Problem
 
 class FoldedProblem:
     """``V`` copies of ``base`` (one per vmapped index) as one problem of ``V · B`` samples.
+
+    A wrapper: it answers the batch, the params and the calls of the user's function itself,
+    and delegates every other attribute (the kind's name and policy: tolerance scale, adjoint
+    structure, default solvers, failure advice, ...) to ``base``, so a policy added to the
+    problem classes needs no change here.
 
     Args:
         base: the problem being vmapped.
@@ -34,23 +40,16 @@ class FoldedProblem:
         self.base = base
         self.V = V
         self.dims = tuple(dims)
-        self.kind = base.kind
-        self.symmetric = base.symmetric
-        # The kind's policy, asked of the folded problem as of the base one.
-        self.has_fixed_point_map = base.has_fixed_point_map
-        self.relative_to_z = base.relative_to_z
-        self.is_gradient = base.is_gradient
-        self.adjoint_by_size = base.adjoint_by_size
-        self.adjoint_structure = base.adjoint_structure
-        self.failure_advice = base.failure_advice
-        self.name = base.name
         self.batch = V * base.batch
-        self.size = base.size
         self.batched = True
-        self.dtype = base.dtype
-        self.device = base.device
         self.params = tuple(values)
         self.values = tuple(values)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not set above: the base problem's.
+        if name == "base":  # not yet set (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.base, name)
 
     def bind(self, values: Sequence[Tensor], *, deferred: bool = False) -> FoldedProblem:
         new = FoldedProblem(self.base, self.V, self.dims, values)

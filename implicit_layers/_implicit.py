@@ -19,137 +19,104 @@ every order follow by recursion.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._capture import is_wrapped, transforms_active
-from ._choose_linear import DenseElseGMRES, measured_default
 from ._eager import run_eagerly
 from ._folded import FoldedProblem
-from ._info import ConvergenceWarning, NonFiniteError, SolveInfo, user_stacklevel
+from ._info import SolveInfo
 from ._linearize import Linearization, RecordedLinearization, func_vjp, transpose_of_vjp
 from ._problem import Problem
 from ._warm_start import warm_start
 from .linear._base import LinearSolver
 from .linear._operator import FunctionOperator
-from .linear.cg import CG
-from .linear.dense import Dense
-from .linear.gmres import GMRES
-from .linear.neumann import Neumann
 from .solvers._base import adjoint_slot
 
 if TYPE_CHECKING:
-    from .backward import Implicit
     from .solvers._base import ForwardSolver
-
-#: Largest system size ``n`` for which the default backward materialises the Jacobian without
-#: measuring first (``Dense`` wins there on every problem of the benchmarks: ridge d = 100,
-#: 0.6 ms vs 4.7 ms for CG; ``python -m benchmarks.dense_crossover``)...
-DENSE_MAX_SIZE = 128
-#: ... as long as ``B n³`` stays below this. Dense builds the matrix from ``n`` vectorised
-#: operator products over the whole batch; with per-sample data (a per-sample Hessian) each
-#: product touches ``B n²`` numbers, so the build holds and computes ``~ B n³``, against CG's
-#: ``k B n²`` for ``k`` iterations. Measured (``python -m benchmarks.default_backward``, batched
-#: quadratics, condition number 100): unbatched up to n = 128 Dense is 5-10x faster than CG at
-#: the same memory; at B n³ = 2^21 (B = 64, n = 32; B = 8, n = 64) the two are even; beyond,
-#: Dense loses (B = 32, n = 64: 4.7x CG's time; B = 256, n = 128: 13x its time and memory).
-DENSE_MAX_ENTRIES = 2**21
-#: Beyond those, up to this many entries ``B n²`` of the matrix (8 MiB in float64; the timed
-#: probe of 24 columns then holds at most 24/n of Dense's memory), the choice is measured
-#: (:mod:`~implicit_layers._choose_linear`): ridge regression is 4x faster with Dense at
-#: n = 200 and 4.8x faster with CG at n = 1000, softmax regression 11x faster with CG at n = 256.
-MEASURED_MAX_ENTRIES = 2**20
-
-
-def default_linear_solver(problem: Problem) -> LinearSolver:
-    """The adjoint solver used when none is given. Fixed points: GMRES (their default forward,
-    Adaptive, usually picks the adjoint's solver itself). While ``n <= 128`` and
-    ``B n³ <= 2^21``: Dense for symmetric problems (argmin, a symmetric custom_root); for roots
-    Dense too, else GMRES where the Jacobian is singular (GMRES reports it per sample and
-    carries on, where Dense raises). Then, up
-    to ``B n² <= 2^20``, the faster of Dense and the iterative solver (CG if symmetric, else
-    GMRES) as measured on the problem's first backwards; beyond, the iterative solver."""
-    if not problem.symmetric and not problem.adjoint_by_size:
-        return GMRES()
-    n, B = problem.size, problem.batch
-    if n <= DENSE_MAX_SIZE and B * n**3 <= DENSE_MAX_ENTRIES:
-        return Dense() if problem.symmetric else DenseElseGMRES()
-    if B * n**2 <= MEASURED_MAX_ENTRIES:
-        return measured_default(problem)
-    return CG() if problem.symmetric else GMRES()
-
 
 Forward = Callable[[Problem, Tensor], "tuple[Tensor, SolveInfo | None]"]
 
 
+class LinearSolvers(NamedTuple):
+    """The linear solvers of one implicit layer, already resolved (defaults chosen, tolerances
+    inherited, fallbacks wrapped around)."""
+
+    #: Solves ``A u = r``: the tangent solves of forward mode, the second solves of a double
+    #: backward.
+    tangent: LinearSolver
+    #: Solves ``Aᵀ u = g``: the backward (adjoint) solves.
+    adjoint: LinearSolver
+
+
+#: ``choose(info)``: the linear solvers picked from the forward's statistics, or ``None`` to
+#: keep those given.
+ChooseLinear = Callable[[SolveInfo], "LinearSolvers | None"]
+
+
 class ImplicitCore:
     """What the implicit layer's forward and backward need: the problem, the forward solve, the
-    linear solver of the adjoint system, the fallback, and where to put the statistics.
+    linear solvers, and where to put the statistics. Mechanism only: which linear solver to use
+    (defaults, fallbacks) is decided by the backward mode that builds it.
 
     Args:
         problem: the problem, with its ``params`` captured.
-        mode: the :class:`~implicit_layers.backward.Implicit` backward mode.
         forward: ``forward(problem, z0) -> (z*, info)``, run without a graph.
-        forward_rtol: the forward tolerance, inherited by a linear solver with ``rtol=None``.
-        solver: the forward solver (for a fallback's step size), or ``None``.
+        linear: the linear solvers of the tangent and adjoint systems.
+        solver: the forward solver (it may keep a state for the adjoint's initial guess), or
+            ``None``.
+        choose: called with the forward's statistics after each forward solve; the linear
+            solvers it returns replace ``linear`` (``None``: no such choice).
     """
 
     def __init__(
         self,
         problem: Problem,
-        mode: Implicit,
         forward: Forward,
-        forward_rtol: float,
+        linear: LinearSolvers,
         solver: ForwardSolver | None = None,
+        choose: ChooseLinear | None = None,
     ) -> None:
         self.problem = problem
-        self.mode = mode
         self._forward = forward
         self.solver = solver
-        self.forward_rtol = forward_rtol
-        linear = mode.linear_solver
-        self.linear = self._inheriting(default_linear_solver(problem) if linear is None else linear)
+        self.linear = linear
+        self.choose = choose
         self.info: SolveInfo | None = None
         # Whether the forward records F at z* for a first-order backward (eager autograd only).
-        self.record = torch.is_grad_enabled() and not transforms_active()
-        self.recorded: RecordedLinearization | None = None
+        self.records_linearization = torch.is_grad_enabled() and not transforms_active()
+        self.linearization: RecordedLinearization | None = None
         # What the forward solver kept for the backward (its adjoint_guess reads it).
         self.adjoint_state: object | None = None
 
-    def _inheriting(self, linear: LinearSolver) -> LinearSolver:
-        """``linear``, with the forward tolerance if it has no ``rtol`` of its own."""
-        return linear if linear.rtol is not None else linear.replace(rtol=self.forward_rtol)
-
     def _recorded_linearization(self, z: Tensor, values: tuple[Tensor, ...]) -> RecordedLinearization:
         """The graph of ``F`` recorded by the forward, or one recorded now at ``z``."""
-        if self.recorded is not None:
-            return self.recorded
+        if self.linearization is not None:
+            return self.linearization
         return RecordedLinearization(self.problem.bind(values, deferred=True), z)
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, z0: Tensor, values: Sequence[Tensor]) -> Tensor:
         problem = self.problem.bind(values)
-        with adjoint_slot(self.record and self.solver is not None) as kept:
+        with adjoint_slot(self.records_linearization and self.solver is not None) as kept:
             z, info = self._forward(problem, z0)
         if kept:
             self.adjoint_state = kept[-1]
         if self.info is None:
             self.info = info
-        if self.mode.linear_solver is None and self.solver is not None:
-            # A forward solver that observed the problem may pick the adjoint's solver
-            # (Adaptive: Neumann after a good contraction, GMRES otherwise).
-            chosen = self.solver.adjoint_solver(info)
+        if self.choose is not None and info is not None:
+            chosen = self.choose(info)
             if chosen is not None:
-                self.linear = self._inheriting(chosen)
-        if self.record:
+                self.linear = chosen
+        if self.records_linearization:
             # Record F at z* now, while the function sees the tensors it saw when called (a
             # functional_call swaps module parameters back when it returns); an ordinary
             # backward reuses this graph for every product.
-            self.recorded = RecordedLinearization(problem, z)
+            self.linearization = RecordedLinearization(problem, z)
         return z.clone() if z is z0 else z
 
     # -- linear solves -----------------------------------------------------------------
@@ -159,8 +126,9 @@ class ImplicitCore:
         """Solve ``Aᵀ u = rhs`` (``transpose``) or ``A u = rhs`` with the adjoint's solver."""
         problem = self.problem
         B, n = rhs.shape
+        solver = self.linear.adjoint if transpose else self.linear.tangent
         mv: Callable[[Tensor], Tensor] = lin.rmv if transpose or problem.symmetric else lin.mv
-        x0, mv = warm_start(mv, rhs, self._guess(rhs, transpose), type(self.solver).__name__)
+        x0, mv = warm_start(mv, rhs, self._guess(solver, rhs, transpose), type(self.solver).__name__)
         # What the kind knows of its Jacobian: a fixed point's I - J is not symmetric, a root's
         # is unknown unless declared (choosing CG for it is the declaration).
         symmetric, positive_definite = problem.adjoint_structure()
@@ -169,94 +137,30 @@ class ImplicitCore:
             symmetric=symmetric,
             positive_definite=positive_definite,
             dense=lambda: lin.dense(transpose),
+            # Products through the graph recorded once (not warm-started: a wrapped product
+            # costs differently) are the ones a timed solver may measure.
+            recorded=isinstance(lin, RecordedLinearization) and x0 is None,
         )
         kind = "backward (adjoint)" if transpose else "tangent"
-        what = f"{kind} solve of {problem.kind}"
-        fallback = self.mode.fallback
-        if fallback is None or not transpose:
-            u, binfo = self.linear.solve(op, rhs, x0, what=what)
-        else:
-            u, binfo = self._solve_with_fallback(op, rhs, x0, what, fallback)
+        u, binfo = solver.solve(op, rhs, x0, what=f"{kind} solve of {problem.kind}")
         if self.info is not None and transpose and B == problem.batch:
             self.info.backward = binfo if problem.batched else binfo.squeeze_batch()
         return u
 
-    def _guess(self, rhs: Tensor, transpose: bool) -> Tensor | None:
+    def _guess(self, linear: LinearSolver, rhs: Tensor, transpose: bool) -> Tensor | None:
         """The forward solver's initial guess for this solve (``None``: start from zero). Not
-        under ``torch.func`` transforms, nor for the folded batches of vmap, nor for Dense
-        (which uses no start point)."""
+        under ``torch.func`` transforms, nor for the folded batches of vmap, nor for a
+        ``linear`` solver that uses no start point (Dense)."""
         if (self.adjoint_state is None or self.solver is None or transforms_active()
-                or isinstance(self.linear, Dense)):
+                or not linear.uses_initial_guess):
             return None
         return self.solver.adjoint_guess(self.adjoint_state, rhs, transpose)
 
-    def _solve_with_fallback(
-        self, op: FunctionOperator, gf: Tensor, x0: Tensor | None, what: str, fallback: Any
-    ) -> tuple[Tensor, SolveInfo]:
-        quiet = self.linear.replace(on_failure="ignore")
-        solved: tuple[Tensor, SolveInfo] | None
-        try:
-            solved = quiet.solve(op, gf, x0, what=what)
-        except NonFiniteError:
-            solved = None
-        if solved is not None and bool(solved[1].converged.all()):
-            return solved
-        eta = fallback.step_size_for(self.problem, self.solver)
-        op_fb, g_fb = op, gf
-        if isinstance(eta, Tensor):
-            # A learnable step size of GradientDescent: the fallback only needs its value.
-            eta = eta.detach()
-            if eta.numel() == 1:
-                eta = float(eta)
-            else:
-                # One step per sample: Neumann with step 1 on the row-scaled system
-                # (η A) u = η g takes exactly the steps u ← u + η (g - A u).
-                eta_b = eta.reshape(-1, 1).to(gf.dtype)
-                op_fb = FunctionOperator(
-                    lambda v: eta_b * op.mv(v), op.batch, op.size, op.dtype, op.device
-                )
-                g_fb = eta_b * gf
-                eta = 1.0
-        neumann = Neumann(max_steps=fallback.steps, alpha=eta, rtol=0.0, on_failure="ignore")
-        u_fb, _ = neumann.solve(op_fb, g_fb)
-        if solved is None:
-            n_failed = gf.shape[0]
-            reached = "its iterate became NaN or Inf"
-        else:
-            # Name the residual reached and the tolerance missed, as every non-convergence
-            # warning does.
-            u, binfo = solved
-            failed = ~binfo.converged
-            n_failed = int(failed.sum())
-            worst = float(binfo.residual[failed].max())
-            tol = float(binfo.tolerance[failed].max()) if binfo.tolerance is not None else 0.0
-            reached = (f"stopped after {int(binfo.steps.max())} steps with residual "
-                       f"{worst:.3e} > tolerance {tol:.3e}")
-        warnings.warn(
-            f"{self.linear.name} did not converge in the {what} for {n_failed} of "
-            f"{gf.shape[0]} sample(s) ({reached}); used the {type(fallback).__name__} gradient "
-            f"for them. For the implicit gradient raise max_steps (now {self.linear.max_steps}) "
-            "or choose another linear solver.",
-            ConvergenceWarning,
-            stacklevel=user_stacklevel(),
-        )
-        if solved is None:
-            steps = torch.full((gf.shape[0],), fallback.steps, device=gf.device)
-            binfo = SolveInfo(
-                converged=torch.zeros(gf.shape[0], dtype=torch.bool, device=gf.device),
-                steps=steps,
-                residual=torch.full((gf.shape[0],), float("nan"), device=gf.device),
-                solver=f"{self.linear.name} -> {type(fallback).__name__}",
-            )
-            return u_fb, binfo
-        return torch.where(failed.unsqueeze(-1), u_fb, u), binfo
-
     def fold(self, V: int, dims: Sequence[int | None], values: Sequence[Tensor]) -> ImplicitCore:
         """The core of ``V`` vmapped copies of this problem solved as one batch."""
-        folded = FoldedProblem(self.problem, V, dims, values)  # type: ignore[arg-type]
-        core = ImplicitCore(folded, self.mode, self._forward, self.forward_rtol, self.solver)  # type: ignore[arg-type]
-        core.linear = self.linear
-        core.record = False
+        folded = FoldedProblem(self.problem, V, dims, values)
+        core = ImplicitCore(folded, self._forward, self.linear, self.solver, self.choose)  # type: ignore[arg-type]
+        core.records_linearization = False
         return core
 
     # -- derivatives -------------------------------------------------------------------

@@ -140,6 +140,9 @@ class SolveInfo:
         contraction: float tensor, the contraction factor the forward solver observed (ratio of
             successive residual norms; :class:`~implicit_layers.solvers.Adaptive` fills it and
             picks the backward from it), else ``None``.
+        accelerated: whether the forward solver left plain iteration for an accelerated method
+            (:class:`~implicit_layers.solvers.Adaptive` after its switch to Anderson; its
+            backward then takes GMRES rather than a Neumann series). Default ``False``.
 
     Examples:
         >>> z, info = il.fixed_point(lambda z: torch.cos(z), torch.zeros(3, dtype=torch.float64),
@@ -159,6 +162,7 @@ class SolveInfo:
     tolerance: Tensor | None = None
     backward: SolveInfo | None = field(default=None, repr=False)
     contraction: Tensor | None = field(default=None, repr=False)
+    accelerated: bool = field(default=False, repr=False)
 
     @property
     def all_converged(self) -> bool:

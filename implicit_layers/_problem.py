@@ -3,7 +3,8 @@
 Solvers see flat batched iterates of shape ``(B, n)``. :class:`Problem` holds what every kind
 shares (flattening of structured states, binding of captured tensors, params, precision); each
 kind is a subclass that owns its residual, its output checks, its tolerance scale, the
-structure of its adjoint system and its failure advice:
+structure of its adjoint system, its default adjoint and forward solvers and its failure
+advice:
 
 * :class:`FixedPointProblem`: ``z = f(z)``, residual ``z - f(z)``;
 * :class:`RootProblem`: ``F(z) = 0``, residual ``F(z)``;
@@ -24,13 +25,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map_only, tree_unflatten
 
 from ._capture import Substitute, transforms_active
+from .linear._base import LinearSolver
+from .linear.cg import CG
+from .linear.combinators import DenseThenGMRES
+from .linear.dense import Dense
+from .linear.gmres import GMRES
+from .linear.timed import timed_default
+
+if TYPE_CHECKING:
+    from .solvers._base import ForwardSolver
 
 Kind = Literal["fixed_point", "root", "argmin"]
 
@@ -38,6 +48,24 @@ Kind = Literal["fixed_point", "root", "argmin"]
 #: dtype of the user's tensors (tiny Anderson/GMRES least-squares systems and the norms of a
 #: convergence test lose all their digits in 8-bit mantissas, and some have no half kernels).
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+#: Largest system size ``n`` for which the default backward materialises the Jacobian without
+#: measuring first (``Dense`` wins there on every problem of the benchmarks: ridge d = 100,
+#: 0.6 ms vs 4.7 ms for CG; ``python -m benchmarks.dense_crossover``)...
+DENSE_MAX_SIZE = 128
+#: ... as long as ``B n³`` stays below this. Dense builds the matrix from ``n`` vectorised
+#: operator products over the whole batch; with per-sample data (a per-sample Hessian) each
+#: product touches ``B n²`` numbers, so the build holds and computes ``~ B n³``, against CG's
+#: ``k B n²`` for ``k`` iterations. Measured (``python -m benchmarks.default_backward``, batched
+#: quadratics, condition number 100): unbatched up to n = 128 Dense is 5-10x faster than CG at
+#: the same memory; at B n³ = 2^21 (B = 64, n = 32; B = 8, n = 64) the two are even; beyond,
+#: Dense loses (B = 32, n = 64: 4.7x CG's time; B = 256, n = 128: 13x its time and memory).
+DENSE_MAX_ENTRIES = 2**21
+#: Beyond those, up to this many entries ``B n²`` of the matrix (8 MiB in float64; the timed
+#: probe of 24 columns then holds at most 24/n of Dense's memory), the choice is measured
+#: (:mod:`~implicit_layers.linear.timed`): ridge regression is 4x faster with Dense at
+#: n = 200 and 4.8x faster with CG at n = 1000, softmax regression 11x faster with CG at n = 256.
+MEASURED_MAX_ENTRIES = 2**20
 
 
 class Problem:
@@ -270,6 +298,35 @@ class Problem:
         """``base`` (what to change in the solver) completed with what to check in the problem."""
         return base + "; check that a root exists near z0."
 
+    def default_adjoint_solver(self) -> LinearSolver:
+        """The adjoint solver used when none is given (its ``rtol=None`` inherits the forward
+        tolerance).
+
+        Non-symmetric problems whose kind does not choose by size (:attr:`adjoint_by_size`;
+        fixed points, whose default forward, Adaptive, usually picks the adjoint's solver
+        itself): GMRES. Otherwise, while ``n <= 128`` and ``B n³ <= 2^21``: Dense for
+        symmetric problems, :class:`~implicit_layers.linear.DenseThenGMRES` for the others
+        (GMRES reports a singular Jacobian per sample and carries on, where Dense raises). Then,
+        up to ``B n² <= 2^20``, the faster of Dense and the iterative solver (CG if symmetric,
+        else GMRES) as measured on the problem's first backwards
+        (:mod:`~implicit_layers.linear.timed`); beyond, the iterative solver.
+        """
+        if not self.symmetric and not self.adjoint_by_size:
+            return GMRES()
+        n, B = self.size, self.batch
+        if n <= DENSE_MAX_SIZE and B * n**3 <= DENSE_MAX_ENTRIES:
+            return Dense() if self.symmetric else DenseThenGMRES()
+        if B * n**2 <= MEASURED_MAX_ENTRIES:
+            return timed_default(self)
+        return CG() if self.symmetric else GMRES()
+
+    @classmethod
+    def default_forward_solver(cls) -> ForwardSolver:
+        """The forward solver of this kind when none is given (Broyden here, for roots)."""
+        from .solvers import Broyden  # the solvers import the problem classes
+
+        return Broyden()
+
 
 class FixedPointProblem(Problem):
     """A fixed point ``z = f(z)``: residual ``z - f(z)``, tolerance relative to ``‖z‖``; the
@@ -288,6 +345,13 @@ class FixedPointProblem(Problem):
 
     def failure_advice(self, base: str) -> str:
         return base + "; a map that is not contractive may need damping, Anderson or Broyden."
+
+    @classmethod
+    def default_forward_solver(cls) -> ForwardSolver:
+        """:class:`~implicit_layers.solvers.Adaptive`: plain iteration, Anderson if slow."""
+        from .solvers import Adaptive  # the solvers import the problem classes
+
+        return Adaptive()
 
 
 class RootProblem(Problem):
@@ -345,6 +409,13 @@ class MinimiseProblem(Problem):
 
     def failure_advice(self, base: str) -> str:
         return base + "; check that the objective is bounded below and smooth."
+
+    @classmethod
+    def default_forward_solver(cls) -> ForwardSolver:
+        """:class:`~implicit_layers.solvers.LBFGS`."""
+        from .solvers import LBFGS  # the solvers import the problem classes
+
+        return LBFGS()
 
 
 #: The problem class of each kind name: ``Problem(name, ...)`` builds ``KINDS[name](...)``.

@@ -30,11 +30,12 @@ import torch
 from torch import Tensor
 
 from ._capture import vmap_active
-from ._config import Settings, check_positive_int, check_tolerance
-from ._implicit import ImplicitCore, implicit_solution
+from ._config import Settings, check_nonnegative, check_positive_int
+from ._implicit import ChooseLinear, ImplicitCore, LinearSolvers, implicit_solution
 from ._info import SolveInfo
 from ._problem import Problem
 from .linear._base import LinearSolver
+from .linear.combinators import StepsOnFailure
 
 __all__ = ["BackwardMode", "Implicit", "Unrolled", "Truncated", "JacobianFree", "Phantom"]
 
@@ -180,19 +181,24 @@ class Implicit(BackwardMode):
 
     Args:
         linear_solver: the :class:`~implicit_layers.linear.LinearSolver` for the adjoint
-            system. ``None`` (default) picks, for symmetric problems (argmin, whose Hessian is
-            symmetric positive definite at a strict minimum, and
-            ``custom_root(..., symmetric=True)``), :class:`~implicit_layers.linear.Dense` when
-            the system size ``n`` (elements of one sample's solution) is at most 128 and
-            ``B · n²`` (``B`` the batch, 1 unbatched) is at most ``2**22``, else
-            :class:`~implicit_layers.linear.CG`; for the others (fixed points, roots)
-            :class:`~implicit_layers.linear.GMRES`. A solver with ``rtol=None`` inherits the
-            forward solver's tolerance, so the gradient is as accurate as the solution it
-            differentiates.
+            system. ``None`` (default) takes the one the forward solver picks from what it
+            observed (:class:`~implicit_layers.solvers.Adaptive`: a Neumann series finished by
+            GMRES after a good contraction, else GMRES), else the problem's default: for
+            argmin, roots and symmetric problems, with ``n`` unknowns per sample and batch
+            ``B`` (1 unbatched), :class:`~implicit_layers.linear.Dense` while ``n <= 128`` and
+            ``B n³ <= 2**21`` (:class:`~implicit_layers.linear.DenseThenGMRES` for a
+            non-symmetric root), then up to ``B n² <= 2**20`` the faster of Dense and the
+            iterative solver as timed on the first backwards
+            (:mod:`~implicit_layers.linear.timed`), beyond that
+            :class:`~implicit_layers.linear.CG` (symmetric) or
+            :class:`~implicit_layers.linear.GMRES`; for fixed points GMRES. A solver with
+            ``rtol=None`` inherits the forward solver's tolerance, so the gradient is as
+            accurate as the solution it differentiates.
         fallback: optional :class:`JacobianFree`, :class:`Phantom` or :class:`Truncated` whose
             gradient replaces the implicit one for the samples whose adjoint solve did not
             converge (or diverged), with a :class:`~implicit_layers.ConvergenceWarning`, so one
-            bad batch does not hand a garbage gradient to the optimizer. Default ``None``.
+            bad batch does not hand a garbage gradient to the optimizer (the adjoint solver is
+            wrapped in :class:`~implicit_layers.linear.StepsOnFailure`). Default ``None``.
 
     Raises:
         TypeError: if ``linear_solver`` is not an :mod:`implicit_layers.linear` solver, or
@@ -241,7 +247,7 @@ class Implicit(BackwardMode):
             with torch.no_grad():
                 return solver.solve(bound, start)
 
-        core = ImplicitCore(problem, self, forward, solver.resolved_rtol(problem.dtype), solver)
+        core = self._core(problem, forward, solver.resolved_rtol(problem.dtype), solver)
         z = implicit_solution(core, z0.detach().clone())
         assert core.info is not None  # set by the forward solve
         return z, core.info
@@ -256,9 +262,38 @@ class Implicit(BackwardMode):
     ) -> Tensor:
         if not problem.params:
             return z
-        core = ImplicitCore(problem, self, lambda bound, start: (start, info), forward_rtol, solver)
+        core = self._core(problem, lambda bound, start: (start, info), forward_rtol, solver)
         core.info = info
         return implicit_solution(core, z)
+
+    def _core(self, problem: Problem, forward: Any, forward_rtol: float, solver: Any) -> ImplicitCore:
+        """The implicit core with this mode's linear solvers: the given one, else the one the
+        forward solver picks from what it observed, else the problem's default; a solver with
+        ``rtol=None`` inherits ``forward_rtol``; the adjoint solves wrapped in the fallback."""
+        fallback = self.fallback
+
+        def resolved(linear: LinearSolver) -> LinearSolvers:
+            if linear.rtol is None:
+                linear = linear.replace(rtol=forward_rtol)
+            if fallback is None:
+                return LinearSolvers(linear, linear)
+            adjoint = StepsOnFailure(
+                linear, steps=fallback.steps, label=type(fallback).__name__,
+                step_size=lambda: fallback.step_size_for(problem, solver),
+            )
+            return LinearSolvers(linear, adjoint)
+
+        choose: ChooseLinear | None = None
+        if self.linear_solver is None and solver is not None:
+            # A forward solver that observed the problem may pick the adjoint's solver
+            # (Adaptive: Neumann after a good contraction, GMRES otherwise).
+            def choose(info: SolveInfo) -> LinearSolvers | None:
+                chosen = solver.adjoint_solver(info)
+                return None if chosen is None else resolved(chosen)
+
+        given = self.linear_solver
+        linear = resolved(problem.default_adjoint_solver() if given is None else given)
+        return ImplicitCore(problem, forward, linear, solver, choose)
 
 
 class Unrolled(BackwardMode):
@@ -421,7 +456,7 @@ class Phantom(_StepMode):
 
 
 def _positive_step(value: object, name: str) -> float | None:
-    step = check_tolerance(value, name)
+    step = check_nonnegative(value, name)
     if step == 0:
         raise ValueError(f"{name} must be > 0, got 0.0 (a zero step gives zero gradients).")
     return step

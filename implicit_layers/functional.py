@@ -15,10 +15,10 @@ from ._capture import capture, carries_derivatives, transforms_active
 from ._config import check_float_tensor, default_rtol
 from ._eager import run_eagerly
 from ._info import SolveInfo
-from ._problem import Kind, Problem
+from ._problem import FixedPointProblem, Kind, MinimiseProblem, Problem, RootProblem
 from .backward import BackwardMode, resolve_backward
 from .linear._base import LinearSolver
-from .solvers import LBFGS, Adaptive, Broyden, ForwardSolver
+from .solvers import ForwardSolver
 
 __all__ = ["fixed_point", "root", "argmin", "custom_root", "custom_fixed_point"]
 
@@ -179,7 +179,8 @@ def fixed_point(
         >>> z = fixed_point(lambda z, x: torch.tanh(W @ z + x), torch.zeros(3, dtype=torch.float64), x)
         >>> z.sum().backward()
     """
-    return _run("fixed_point", f, "f", z0, "z0", args, solver, Adaptive, backward, batched,
+    return _run("fixed_point", f, "f", z0, "z0", args, solver,
+                FixedPointProblem.default_forward_solver, backward, batched,
                 return_info)
 
 
@@ -238,7 +239,8 @@ def root(
         >>> z = root(lambda z, a: z**3 - a, torch.ones(2, dtype=torch.float64), a)  # cube roots
         >>> z.sum().backward()  # a.grad = 1 / (3 z²)
     """
-    return _run("root", F, "F", z0, "z0", args, solver, Broyden, backward, batched, return_info)
+    return _run("root", F, "F", z0, "z0", args, solver, RootProblem.default_forward_solver,
+                backward, batched, return_info)
 
 
 @overload
@@ -304,7 +306,8 @@ def argmin(
         ...            torch.zeros(3, dtype=torch.float64), lam)
         >>> w.sum().backward()  # d sum(w*) / d lam in lam.grad
     """
-    return _run("argmin", fun, "fun", w0, "w0", args, solver, LBFGS, backward, batched,
+    return _run("argmin", fun, "fun", w0, "w0", args, solver, MinimiseProblem.default_forward_solver,
+                backward, batched,
                 return_info)
 
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import implicit_layers as il
-from implicit_layers import _choose_linear, _implicit
-from implicit_layers._choose_linear import DenseOrCG, prefer_dense, probe_columns, problem_key
+from implicit_layers._problem import MinimiseProblem
+from implicit_layers.linear import timed
+from implicit_layers.linear.timed import DenseOrCG, prefer_dense, probe_columns, problem_key
 
 F64 = torch.float64
 D = 160  # above the static Dense limit (128), inside the measured band
@@ -17,9 +18,9 @@ D = 160  # above the static Dense limit (128), inside the measured band
 
 @pytest.fixture(autouse=True)
 def _fresh_choices():
-    _choose_linear.forget()
+    timed.timed_choices.clear()
     yield
-    _choose_linear.forget()
+    timed.timed_choices.clear()
 
 
 def _ridge(d: int = D):
@@ -64,7 +65,7 @@ def test_probe_columns_stay_between_16_and_64_and_a_quarter_of_n():
 
 @pytest.mark.parametrize("dense_wins", [True, False])
 def test_first_backward_measures_then_the_choice_is_reused(monkeypatch, dense_wins):
-    monkeypatch.setattr(_choose_linear, "prefer_dense", lambda *a, **k: dense_wins)
+    monkeypatch.setattr(timed, "prefer_dense", lambda *a, **k: dense_wins)
     layer, theta0, cot, ref = _ridge()
     solvers = []
     for _ in range(3):  # each call makes a new closure of the same code: the same problem
@@ -73,20 +74,20 @@ def test_first_backward_measures_then_the_choice_is_reused(monkeypatch, dense_wi
         torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
     # The first two backwards run CG and time it; the second decides.
     assert solvers == ["CG", "CG", "Dense" if dense_wins else "CG"]
-    assert list(_choose_linear._choices.values()) == ["Dense" if dense_wins else "CG"]
+    assert list(timed.timed_choices.choices.values()) == ["Dense" if dense_wins else "CG"]
 
 
 def test_after_the_measurement_the_default_is_the_plain_choice(monkeypatch):
-    monkeypatch.setattr(_choose_linear, "prefer_dense", lambda *a, **k: True)
+    monkeypatch.setattr(timed, "prefer_dense", lambda *a, **k: True)
     layer, theta0, cot, _ = _ridge()
     seen = []
-    real = _implicit.default_linear_solver
+    real = MinimiseProblem.default_adjoint_solver
 
     def spy(problem):
         seen.append(real(problem))
         return seen[-1]
 
-    monkeypatch.setattr(_implicit, "default_linear_solver", spy)
+    monkeypatch.setattr(MinimiseProblem, "default_adjoint_solver", spy)
     for _ in range(3):
         _grad(layer, theta0, cot)
     assert [type(s).__name__ for s in seen] == ["DenseOrCG", "DenseOrCG", "Dense"]
@@ -99,14 +100,14 @@ def test_a_real_measurement_gives_the_exact_gradient_either_way():
         assert info.backward.solver in ("CG", "Dense")
         assert bool(info.backward.converged)
         torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
-    assert len(_choose_linear._choices) == 1
+    assert len(timed.timed_choices.choices) == 1
 
 
 def test_under_torch_func_nothing_is_measured():
     layer, theta0, cot, ref = _ridge()
     g = torch.func.grad(lambda t: (layer(t)[0] * cot).sum())(theta0)
     torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
-    assert _choose_linear._choices == {}
+    assert timed.timed_choices.choices == {}
 
 
 def test_a_graph_of_the_backward_is_exact():
@@ -175,7 +176,7 @@ def _root(n: int = 130):
 
 @pytest.mark.parametrize("dense_wins", [True, False])
 def test_a_mid_sized_root_measures_gmres_against_dense(monkeypatch, dense_wins):
-    monkeypatch.setattr(_choose_linear, "prefer_dense", lambda *a, **k: dense_wins)
+    monkeypatch.setattr(timed, "prefer_dense", lambda *a, **k: dense_wins)
     layer, theta0, cot, ref = _root()
     solvers = []
     for _ in range(3):
@@ -187,14 +188,14 @@ def test_a_mid_sized_root_measures_gmres_against_dense(monkeypatch, dense_wins):
 
 def test_a_root_whose_gmres_fails_keeps_gmres_and_its_warning(monkeypatch):
     # F(z, a) = (z - 1)³ + a has triple roots at a = 0: ∂F/∂z = 0 there. Dense would raise.
-    monkeypatch.setattr(_choose_linear, "prefer_dense", lambda *a, **k: True)
+    monkeypatch.setattr(timed, "prefer_dense", lambda *a, **k: True)
     for _ in range(2):
         a = torch.zeros(130, dtype=F64, requires_grad=True)
         z = il.root(lambda z, a: (z - 1) ** 3 + a, torch.ones(130, dtype=F64), a)
         with pytest.warns(il.ConvergenceWarning, match="GMRES.*backward"):
             (g,) = torch.autograd.grad(z.sum(), a)
         assert bool(torch.isfinite(g).all())
-    assert list(_choose_linear._choices.values()) == ["GMRES"]
+    assert list(timed.timed_choices.choices.values()) == ["GMRES"]
 
 
 def test_small_roots_take_dense_without_measuring():
@@ -205,12 +206,12 @@ def test_small_roots_take_dense_without_measuring():
         g, info = _grad(layer, theta0, cot)
         assert info.backward.solver == "Dense"
         torch.testing.assert_close(g, ref, rtol=1e-8, atol=1e-12)
-    assert _choose_linear._choices == {}
+    assert timed.timed_choices.choices == {}
 
 
 def test_deterministic_mode_measures_nothing_and_keeps_the_iterative_solver(monkeypatch):
     # A choice made by timing may differ between runs; deterministic mode must not depend on it.
-    monkeypatch.setattr(_choose_linear, "prefer_dense", lambda *a, **k: True)
+    monkeypatch.setattr(timed, "prefer_dense", lambda *a, **k: True)
     layer, theta0, cot, ref = _ridge()
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -223,4 +224,4 @@ def test_deterministic_mode_measures_nothing_and_keeps_the_iterative_solver(monk
     finally:
         torch.use_deterministic_algorithms(before)
     assert solvers == ["CG", "CG", "CG"]
-    assert not _choose_linear._choices
+    assert not timed.timed_choices.choices

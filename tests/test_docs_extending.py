@@ -24,3 +24,4 @@ def test_extending_guide_code_runs():
         exec(compile(block, f"{DOC.name}[block {i}]", "exec"), namespace)
     assert namespace["HeavyBall"].__mro__[1].__name__ == "ForwardSolver"
     assert namespace["MinimalResidual"].__mro__[1].__name__ == "LinearSolver"
+    assert namespace["ElementwiseRoot"].__mro__[1].__name__ == "RootProblem"

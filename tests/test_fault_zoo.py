@@ -26,7 +26,6 @@ import pytest
 import torch
 
 import implicit_layers as il
-from implicit_layers import _implicit
 from implicit_layers._problem import Problem
 
 F64 = torch.float64
@@ -498,7 +497,7 @@ class TestDefaultBackward:
         # in between the first backward measures both (DenseOrCG).
         z0 = torch.zeros(B, n, dtype=F64)
         problem = Problem("argmin", lambda w: (w**2).sum(-1), (), z0, batched=True, name="fun")
-        assert _implicit.default_linear_solver(problem).name == expected
+        assert problem.default_adjoint_solver().name == expected
 
     def test_default_backward_on_a_batch_of_per_sample_hessians(self):
         g = torch.Generator().manual_seed(0)

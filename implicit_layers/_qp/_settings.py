@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .._config import Settings, check_positive_int, check_tolerance
+from .._config import Settings, check_nonnegative, check_positive_int
 from .._info import OnFailure, SolveInfo, check_on_failure
 from ._ipm import STATUS_NAMES
 
@@ -61,7 +61,7 @@ class InteriorPoint(Settings):
         on_failure: OnFailure = "warn",
         infeasible: Infeasible = "flag",
     ) -> None:
-        self.tol = check_tolerance(tol, "tol")
+        self.tol = check_nonnegative(tol, "tol")
         if self.tol is not None and not self.tol > 0:
             raise ValueError(f"tol must be > 0, got {tol}. Pass None for the dtype's default.")
         self.max_steps = check_positive_int(max_steps, "max_steps")

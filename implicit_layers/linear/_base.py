@@ -68,6 +68,9 @@ class LinearSolver(SolverSettings):
     default_max_steps: ClassVar[int] = 1000
     needs_symmetric: ClassVar[bool] = False
     needs_positive_definite: ClassVar[bool] = False
+    #: Whether the solver starts from ``x0`` (the implicit layer asks the forward solver for a
+    #: start point only then; a direct method ignores it).
+    uses_initial_guess: ClassVar[bool] = True
 
     # -- to be implemented -------------------------------------------------------------
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:

@@ -15,7 +15,9 @@ from .._info import NonFiniteError, SolveInfo
 if TYPE_CHECKING:
     from ._base import LinearSolver
 
-__all__ = ["LinearLoop", "check_done", "check_active", "first_product", "records"]
+__all__ = [
+    "LinearLoop", "check_done", "check_active", "first_product", "autograd_records", "records",
+]
 
 
 class LinearLoop:
@@ -267,6 +269,10 @@ class first_product:  # noqa: N801 (used like a function)
         return self.mv(v) if out is None else out
 
 
-def records(*tensors: Tensor | None) -> bool:
+def autograd_records(*tensors: Tensor | None) -> bool:
     """Whether autograd records operations on any of ``tensors`` (then no in-place updates)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+#: The former name of :func:`autograd_records`.
+records = autograd_records

@@ -50,6 +50,10 @@ class LinearOperator:
     device: torch.device
     symmetric: bool | None
     positive_definite: bool | None
+    #: Whether each product replays one graph recorded in advance (an ordinary first-order
+    #: backward of an implicit layer): the only products whose timing predicts a later call's,
+    #: so the only ones the timed default solvers measure.
+    recorded: bool = False
 
     def mv(self, v: Tensor) -> Tensor:
         """Apply the operator.
@@ -163,6 +167,8 @@ class FunctionOperator(LinearOperator):
         positive_definite: structure tag; default ``None`` (unknown).
         dense: optional callable returning the ``(B, n, n)`` matrix faster than ``n`` products
             (used by :class:`Dense`); default ``None`` (``n`` products).
+        recorded: whether ``mv`` replays a graph recorded in advance (see
+            :attr:`LinearOperator.recorded`); default ``False``.
 
     Examples:
         >>> d = torch.tensor([[1.0, 2.0], [4.0, 8.0]], dtype=torch.float64)
@@ -184,8 +190,10 @@ class FunctionOperator(LinearOperator):
         symmetric: bool | None = None,
         positive_definite: bool | None = None,
         dense: Callable[[], Tensor] | None = None,
+        recorded: bool = False,
     ) -> None:
         self._mv = mv
+        self.recorded = recorded
         self._dense = dense
         self.batch = batch
         self.size = size

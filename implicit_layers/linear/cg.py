@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .._info import SolveInfo
 from ._base import LinearSolver, batched_dot, initial_residual
-from ._loop import LinearLoop, first_product, records
+from ._loop import LinearLoop, autograd_records, first_product
 from ._operator import LinearOperator
 
 __all__ = ["CG", "cg_step"]
@@ -79,7 +79,7 @@ class CG(LinearSolver):
             # that closes over tensors requiring grad): the first product tells, and is
             # reused by the first step.
             mv = first_product(op.mv, op.mv(p))
-        if not records(b, x, getattr(mv, "first", None)):
+        if not autograd_records(b, x, getattr(mv, "first", None)):
             return self._lean(mv, x, r, p, rs, tol2, loop)
         # A NaN/Inf sample fails the curvature test below and stops as ``bad``, so the
         # finiteness test can wait until the end (finite=False: one synchronisation per check).

@@ -51,6 +51,7 @@ class Dense(LinearSolver):
     """
 
     name = "Dense"
+    uses_initial_guess = False
     default_max_steps = 1
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:

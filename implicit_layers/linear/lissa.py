@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._config import check_positive_int, check_tolerance
+from .._config import check_nonnegative, check_positive_int
 from .._info import OnFailure, SolveInfo
 from ._base import LinearSolver
 from ._loop import LinearLoop, check_done
@@ -125,10 +125,10 @@ class LiSSA(LinearSolver):
             rtol=_DEFAULT_RTOL if rtol is None else rtol, atol=atol, max_steps=max_steps,
             check_every=check_every, on_failure=on_failure,
         )
-        self.scale = check_tolerance(scale, "scale")
+        self.scale = check_nonnegative(scale, "scale")
         if self.scale == 0:
             raise ValueError("scale must be > 0 (above the largest eigenvalue of A), got 0.")
-        damping_value = check_tolerance(damping, "damping", allow_none=False)
+        damping_value = check_nonnegative(damping, "damping", allow_none=False)
         if damping_value >= 1:
             raise ValueError(
                 f"damping must be in [0, 1), got {damping}; for a larger ridge raise scale "

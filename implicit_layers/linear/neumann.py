@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._config import check_bool, check_positive_int, check_tolerance
+from .._config import check_bool, check_nonnegative, check_positive_int
 from .._cuda_graph import ChunkGraphs, graph_runner
 from .._info import OnFailure, SolveInfo
 from ._base import LinearSolver, initial_residual
@@ -93,7 +93,7 @@ class Neumann(LinearSolver):
             rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
             on_failure=on_failure,
         )
-        self.alpha = check_tolerance(alpha, "alpha")
+        self.alpha = check_nonnegative(alpha, "alpha")
         self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
         if self.alpha == 0:
             raise ValueError("alpha must be > 0, got 0.")

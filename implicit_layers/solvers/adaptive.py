@@ -34,14 +34,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._config import check_bool, check_positive_int, check_tolerance
+from .._config import check_bool, check_nonnegative, check_positive_int
 from .._cuda_graph import graph_runner
-from .._info import NonFiniteError, OnFailure, SolveInfo
+from .._info import OnFailure, SolveInfo
 from .._problem import FixedPointProblem, Problem, RootProblem
 from ..linear._base import LinearSolver
-from ..linear._operator import LinearOperator
+from ..linear.combinators import NeumannThenGMRES
 from ..linear.gmres import GMRES
-from ..linear.neumann import Neumann
 from ._base import ForwardSolver
 from ._window import WindowMonitor, _norm
 from .anderson import anderson_step
@@ -120,7 +119,7 @@ class Adaptive(ForwardSolver):
             on_failure=on_failure,
         )
         self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
-        self.switch_ratio = check_tolerance(switch_ratio, "switch_ratio", allow_none=False)
+        self.switch_ratio = check_nonnegative(switch_ratio, "switch_ratio", allow_none=False)
         if not 0 < self.switch_ratio <= 1:
             raise ValueError(
                 f"switch_ratio must lie in (0, 1], got {switch_ratio}; 1 keeps plain iteration "
@@ -262,6 +261,7 @@ class Adaptive(ForwardSolver):
             info.contraction = torch.where(info.steps > 0, ratio ** (1 / steps), 0.0)
         else:
             info.solver = "Adaptive (Picard, then Anderson)"
+            info.accelerated = True
             info.contraction = torch.full_like(info.residual, switched_at)
         return z, info
 
@@ -290,7 +290,7 @@ class Adaptive(ForwardSolver):
         if rho_t is None or rho_t.numel() == 0:
             return None
         rho = float(rho_t.max())
-        if not rho <= self.switch_ratio or info is None or info.solver.endswith("Anderson"):
+        if not rho <= self.switch_ratio or info is None or info.accelerated:
             return GMRES(cuda_graph=self.cuda_graph)
         terms = _neumann_terms(rho, self.resolved_rtol(info.residual.dtype))
         return NeumannThenGMRES(terms, cuda_graph=self.cuda_graph)
@@ -302,72 +302,6 @@ def _neumann_terms(rho: float, rtol: float) -> int:
     if rho <= 0.0:
         return 10
     return 2 * math.ceil(math.log(max(rtol, 1e-300)) / math.log(min(rho, 1 - 1e-12))) + 10
-
-
-class NeumannThenGMRES(LinearSolver):
-    """Neumann series with a budget of ``terms``, then GMRES from its iterate for the samples
-    it left unconverged (or from zero where the series diverged).
-
-    The backward that :class:`Adaptive` picks after a well-contracting forward: the series needs
-    about as many products as GMRES there, without its orthogonalisation; GMRES catches the
-    samples whose adjoint contracts worse than the forward suggested.
-
-    Args:
-        terms: Neumann terms before GMRES takes over (default 100).
-        restart: GMRES restart length (default 20).
-        rtol, atol, max_steps, check_every, on_failure: see
-            :class:`~implicit_layers.linear.LinearSolver` (``max_steps`` bounds the GMRES part).
-        cuda_graph: replay the steps of both parts as CUDA graphs (see
-            :class:`~implicit_layers.linear.Neumann`).
-    """
-
-    name = "Neumann+GMRES"
-
-    def __init__(
-        self,
-        terms: int = 100,
-        *,
-        restart: int = 20,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
-        cuda_graph: bool = False,
-    ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
-        self.terms = check_positive_int(terms, "terms")
-        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
-        self.restart = check_positive_int(restart, "restart")
-
-    def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
-        common = dict(
-            rtol=self.rtol, atol=self.atol, check_every=self.check_every,
-            cuda_graph=self.cuda_graph,
-        )
-        neumann = Neumann(self.terms, alpha=1.0, on_failure="ignore", **common)  # type: ignore[arg-type]
-        try:
-            x, info = neumann._solve(op, b, x0)
-        except NonFiniteError:
-            x, info = None, None
-        if x is not None and info is not None and bool(info.converged.all()):
-            info.solver = "Neumann"
-            return x, info
-        start = x0
-        if x is not None and info is not None:
-            # A diverged series is no warm start: those samples start GMRES from zero.
-            bnorm = torch.linalg.vector_norm(b, dim=-1)
-            good = torch.isfinite(info.residual) & (info.residual <= bnorm)
-            start = torch.where(good.unsqueeze(-1), x, torch.zeros_like(x) if x0 is None else x0)
-        gmres = GMRES(self.restart, max_steps=self.max_steps, on_failure="ignore", **common)  # type: ignore[arg-type]
-        x2, info2 = gmres._solve(op, b, start)
-        if info is not None:
-            info2.steps = info2.steps + info.steps
-        info2.solver = "Neumann+GMRES"
-        return x2, info2
 
 
 def _contraction_test(

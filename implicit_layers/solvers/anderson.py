@@ -6,7 +6,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from .._config import check_bool, check_positive_int, check_tolerance
+from .._config import check_bool, check_nonnegative, check_positive_int
 from .._cuda_graph import Chunk, ChunkGraphs, graph_runner
 from .._info import OnFailure, SolveInfo
 from .._problem import FixedPointProblem, Problem, RootProblem
@@ -17,7 +17,7 @@ __all__ = ["Anderson", "anderson_step"]
 
 
 @torch.compiler.disable  # a host-side question, never part of a graph
-def _plain(t: Tensor) -> bool:
+def _no_tangent(t: Tensor) -> bool:
     """Whether ``t`` carries no forward-mode tangent (``torch.func`` or a dual tensor)."""
     return (
         not torch._C._functorch.is_functorch_wrapped_tensor(t)
@@ -91,10 +91,10 @@ class Anderson(ForwardSolver):
         )
         self.memory = check_positive_int(memory, "memory")
         self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
-        self.mixing = check_tolerance(mixing, "mixing", allow_none=False)
+        self.mixing = check_nonnegative(mixing, "mixing", allow_none=False)
         if not 0 < self.mixing <= 1:
             raise ValueError(f"mixing must lie in (0, 1], got {mixing}.")
-        self.regularization = check_tolerance(regularization, "regularization")
+        self.regularization = check_nonnegative(regularization, "regularization")
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
         reg = self.regularization
@@ -125,7 +125,7 @@ class Anderson(ForwardSolver):
             G_slots, R_slots = G_buf.unbind(1), R_buf.unbind(1)
             # out= writes have no forward-mode derivative: not with tangents (jvp, dual)
             # (nor when compiled: the compiler writes the history as it sees fit)
-            fused = not torch.compiler.is_compiling() and _plain(z) and _plain(r)
+            fused = not torch.compiler.is_compiling() and _no_tangent(z) and _no_tangent(r)
         gs: list[Tensor] = []
         rs: list[Tensor] = []
         ones = torch.ones(z.shape[0], 1, self.memory, dtype=z.dtype, device=z.device)

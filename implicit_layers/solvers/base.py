@@ -17,7 +17,9 @@ Names:
     Problem: the problem as a solver sees it, the base of the kinds; ``Kind`` the literal of
         the kind names.
     FixedPointProblem, RootProblem, MinimiseProblem: the kinds (each owns its residual,
-        output checks, tolerance scale, adjoint structure and failure advice).
+        output checks, tolerance scale, adjoint structure, default adjoint and forward solvers
+        and failure advice); a new kind subclasses one of them or ``Problem`` (see "A new kind
+        of problem" in ``docs/extending.md``).
     SolverSettings, Settings: the settings bases (``replace``, ``repr``, ``==``).
     SolveInfo: the result statistics; OnFailure the literal of ``on_failure``.
     power_iteration: a seeded estimate of the largest eigenvalue, e.g. for a step size.

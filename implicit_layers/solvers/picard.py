@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._config import check_bool, check_tolerance
+from .._config import check_bool, check_nonnegative
 from .._cuda_graph import Chunk, graph_runner
 from .._info import OnFailure, SolveInfo
 from .._problem import Problem
@@ -75,7 +75,7 @@ class Picard(ForwardSolver):
             rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
             on_failure=on_failure,
         )
-        self.damping = check_tolerance(damping, "damping", allow_none=False)
+        self.damping = check_nonnegative(damping, "damping", allow_none=False)
         self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
         if self.damping == 0:
             raise ValueError("damping must be > 0, got 0.")
