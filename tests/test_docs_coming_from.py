@@ -16,7 +16,12 @@ from tests.test_docs_snippets import parse_blocks, run_blocks
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "coming-from"
 # page -> the modules its peer blocks import
-PEERS = {"jaxopt.md": ("jax", "jaxopt"), "torchopt.md": ("torchopt",)}
+PEERS = {
+    "jaxopt.md": ("jax", "jaxopt"),
+    "torchopt.md": ("torchopt",),
+    "torchdeq.md": ("torchdeq",),
+    "qpth.md": ("qpth",),
+}
 
 
 @pytest.mark.parametrize(
@@ -26,6 +31,8 @@ PEERS = {"jaxopt.md": ("jax", "jaxopt"), "torchopt.md": ("torchopt",)}
         pytest.param("jaxopt.md", marks=pytest.mark.slow),
         # torchopt 0.7 still calls the deprecated functorch.vjp
         pytest.param("torchopt.md", marks=pytest.mark.filterwarnings("ignore:We've integrated functorch")),
+        "torchdeq.md",
+        "qpth.md",
     ],
 )
 def test_page_runs_with_its_peer(page: str) -> None:
@@ -41,4 +48,4 @@ def test_page_runs_with_its_peer(page: str) -> None:
 
 def test_every_page_is_listed() -> None:
     assert sorted(p.name for p in DOCS.glob("*.md")) == sorted(PEERS)
-    assert sorted(PEERS) == ["jaxopt.md", "torchopt.md"]
+    assert sorted(PEERS) == ["jaxopt.md", "qpth.md", "torchdeq.md", "torchopt.md"]
