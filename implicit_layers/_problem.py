@@ -32,7 +32,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_map_only, tree_unfl
 
 from ._capture import Substitute, transforms_active
 
-Kind = Literal["fixed_point", "root", "argmin"]
+Kind = Literal["fixed_point", "root", "argmin", "composite", "least_squares"]
 
 #: Dtypes the solvers do not iterate in: the state is kept in float32 and the map runs in the
 #: dtype of the user's tensors (tiny Anderson/GMRES least-squares systems and the norms of a
@@ -181,6 +181,12 @@ class Problem:
         with mode:
             return self.fn(state, *args, **kwargs)
 
+    def probe(self, z: Tensor) -> Any:
+        """Call every user function the residual calls, once, at the flat state ``z``, and return
+        ``fn``'s output (for :meth:`check_output`). The layer captures the tensors these calls
+        use; a kind whose residual calls more than ``fn`` (a proximal operator) calls it here."""
+        return self._call(z)
+
     def check_output(self, out: object) -> None:
         """Raise a clear error if ``fn``'s output does not fit the problem (here: a state
         shaped like ``z0``)."""
@@ -301,18 +307,8 @@ class RootProblem(Problem):
         return self.flatten(self._call(z))
 
 
-class MinimiseProblem(Problem):
-    """A minimum of ``L``: ``fn`` returns objective values, the residual is ``∇L(z)`` and the
-    adjoint system (the Hessian) is symmetric positive definite at a strict minimum."""
-
-    kind = "argmin"
-    solvers_hint = "LBFGS, Newton or GradientDescent"
-    is_gradient = True
-    adjoint_by_size = True
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.symmetric = True
+class ObjectiveProblem(Problem):
+    """The base of the kinds whose ``fn`` returns objective values (one per problem)."""
 
     def check_output(self, out: object) -> None:
         """Raise a clear error unless ``fn`` returned one objective value per problem."""
@@ -333,6 +329,20 @@ class MinimiseProblem(Problem):
     def objective(self, z: Tensor) -> Tensor:
         """Objective values ``(B,)`` in the compute dtype."""
         return self._call(z).reshape(self.batch).to(self.dtype)
+
+
+class MinimiseProblem(ObjectiveProblem):
+    """A minimum of ``L``: ``fn`` returns objective values, the residual is ``∇L(z)`` and the
+    adjoint system (the Hessian) is symmetric positive definite at a strict minimum."""
+
+    kind = "argmin"
+    solvers_hint = "LBFGS, Newton or GradientDescent"
+    is_gradient = True
+    adjoint_by_size = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.symmetric = True
 
     def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
         return self.value_and_grad(z, create_graph)[1]

@@ -3,7 +3,7 @@
 Fixed points and roots: :class:`Adaptive` (the default for fixed points: Picard, then Anderson
 when the contraction is slow), :class:`Picard`, :class:`Anderson`, :class:`Broyden`.
 Argmin: :class:`LBFGS`, :class:`Newton`, :class:`GradientDescent` (and :class:`Picard`, which is
-gradient descent there).
+gradient descent there); with a proximal operator or a constraint: :class:`ProximalGradient`.
 """
 
 from . import base
@@ -15,8 +15,9 @@ from .gradient_descent import GradientDescent
 from .lbfgs import LBFGS
 from .newton import Newton
 from .picard import Picard
+from .proximal_gradient import ProximalGradient
 
 __all__ = [
     "base", "ForwardSolver", "Adaptive", "Picard", "Anderson", "Broyden", "GradientDescent", "LBFGS",
-    "Newton",
+    "Newton", "ProximalGradient",
 ]
