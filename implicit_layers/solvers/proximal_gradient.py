@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -123,12 +125,13 @@ class ProximalGradient(ForwardSolver):
         return x, step
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
-        assert isinstance(problem, CompositeProblem)  # guaranteed by check_kind
+        # A CompositeProblem (check_kind), or its fold under vmap, which has the same methods.
+        composite = cast(CompositeProblem, problem)
         step = self._initial_step(problem, z0)
         x = y = z0
         momentum = torch.ones(z0.shape[0], 1, dtype=z0.dtype, device=z0.device)
         fy, gy = problem.value_and_grad(y, create_graph=differentiable)
-        x_new, step = self._prox_step(problem, y, fy, gy, step, differentiable)
+        x_new, step = self._prox_step(composite, y, fy, gy, step, differentiable)
         mon = Monitor(self, problem, z0, y - x_new)
         for _ in range(self.max_steps):
             if mon.stop():
@@ -149,6 +152,6 @@ class ProximalGradient(ForwardSolver):
             x = torch.where(active, x_new, x)
             y = torch.where(active, y_next, y)
             fy, gy = problem.value_and_grad(y, create_graph=differentiable)
-            x_new, step = self._prox_step(problem, y, fy, gy, step, differentiable)
+            x_new, step = self._prox_step(composite, y, fy, gy, step, differentiable)
             mon.record(x_new, y - x_new, mon.active)
         return mon.finish()
