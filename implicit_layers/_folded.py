@@ -90,6 +90,10 @@ class FoldedProblem:
                 )
         return value, grad
 
+    def residuals(self, z: Tensor) -> Tensor:
+        """The base problem's residual vectors (least-squares kinds), per vmapped copy."""
+        return self._map(lambda p, zi: p.residuals(zi), z)  # type: ignore[attr-defined]
+
     def gradient_step(self, z: Tensor, grad: Tensor, step: float | Tensor) -> Tensor:
         """The base problem's proximal-gradient step (composite kinds), per vmapped copy."""
         V, B = self.V, self.base.batch

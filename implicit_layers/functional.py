@@ -1,4 +1,5 @@
-"""The functional API: ``fixed_point``, ``root``, ``argmin``, ``custom_root``, ``custom_fixed_point``."""
+"""The functional API: ``fixed_point``, ``root``, ``argmin``, ``least_squares``, ``custom_root``,
+``custom_fixed_point``."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from ._info import SolveInfo
 from ._problem import Kind, Problem
 from .backward import BackwardMode, resolve_backward
 from .linear._base import LinearSolver
-from .solvers import LBFGS, Adaptive, Broyden, ForwardSolver, ProximalGradient
+from . import _least_squares  # noqa: F401  (registers the least_squares kind)
+from .solvers import LBFGS, Adaptive, Broyden, ForwardSolver, LevenbergMarquardt, ProximalGradient
 
-__all__ = ["fixed_point", "root", "argmin", "custom_root", "custom_fixed_point"]
+__all__ = ["fixed_point", "root", "argmin", "least_squares", "custom_root", "custom_fixed_point"]
 
 Backward = BackwardMode | LinearSolver | None
 
@@ -334,6 +336,69 @@ def argmin(
                "prox_name": given_name}
     return _run("composite", fun, "fun", w0, "w0", args, solver, ProximalGradient, backward,
                 batched, return_info, options)
+
+
+@overload
+def least_squares(
+    residual: Callable[..., Tensor], w0: Any, *args: Any, solver: ForwardSolver | None = ...,
+    backward: Backward = ..., batched: bool = ..., return_info: Literal[False] = ...,
+) -> Any: ...
+@overload
+def least_squares(
+    residual: Callable[..., Tensor], w0: Any, *args: Any, solver: ForwardSolver | None = ...,
+    backward: Backward = ..., batched: bool = ..., return_info: Literal[True],
+) -> tuple[Any, SolveInfo]: ...
+def least_squares(
+    residual: Callable[..., Tensor],
+    w0: Any,
+    *args: Any,
+    solver: ForwardSolver | None = None,
+    backward: Backward = None,
+    batched: bool = False,
+    return_info: bool = False,
+) -> Any:
+    """Minimise ``½‖residual(w, *args)‖²`` over ``w`` and differentiate the minimiser.
+
+    The implicit gradient is exact at every residual: it solves with the full Hessian of
+    ``½‖r‖²``, ``JᵀJ + Σ rᵢ ∇²rᵢ`` (by Hessian-vector products; formed only by
+    ``il.linear.Dense``, the default for small problems), not with the Gauss-Newton matrix
+    ``JᵀJ``, which is exact only where the residual vanishes at the solution.
+
+    Derivatives reach every tensor in ``args`` and every tensor or module parameter the
+    function closes over, to every order and under ``torch.func`` transforms, as for
+    :func:`argmin`.
+
+    Args:
+        residual: the residuals ``r(w, *args)``: a tensor of any shape (with ``batched=True``,
+            of shape ``(B, ...)``, one row per problem).
+        w0: initial guess: a tensor or a tuple/list/dict of tensors.
+        *args: extra arguments of ``residual``.
+        solver: forward solver (default
+            :class:`~implicit_layers.solvers.LevenbergMarquardt`;
+            :class:`~implicit_layers.solvers.GaussNewton` and the argmin solvers also apply).
+        backward: backward mode or linear solver (default implicit, as for :func:`argmin`).
+        batched: if ``True`` the leading dimension of ``w0`` and of the residuals indexes
+            independent problems (a batch of curve fits), each with its own damping and
+            convergence test.
+        return_info: also return a :class:`~implicit_layers.SolveInfo`.
+
+    Returns:
+        ``w*`` shaped like ``w0`` (and the info if requested).
+
+    Raises:
+        TypeError, ValueError: a bad argument, or residuals that are not a floating tensor
+            (with one row per problem when batched).
+        ConvergenceError: the solve did not converge and the solver has ``on_failure="raise"``.
+
+    Example:
+        >>> t = torch.linspace(0, 1, 20, dtype=torch.float64)
+        >>> y = 2.0 * torch.exp(-3.0 * t) + 0.01 * torch.sin(40 * t)
+        >>> w = least_squares(lambda w, y: w[0] * torch.exp(-w[1] * t) - y,
+        ...                   torch.ones(2, dtype=torch.float64), y.requires_grad_())
+        >>> w.sum().backward()  # d(w0 + w1)/dy in y.grad
+    """
+    return _run("least_squares", residual, "residual", w0, "w0", args, solver,
+                LevenbergMarquardt, backward, batched, return_info)
 
 
 def _custom(

@@ -4,6 +4,7 @@ Fixed points and roots: :class:`Adaptive` (the default for fixed points: Picard,
 when the contraction is slow), :class:`Picard`, :class:`Anderson`, :class:`Broyden`.
 Argmin: :class:`LBFGS`, :class:`Newton`, :class:`GradientDescent` (and :class:`Picard`, which is
 gradient descent there); with a proximal operator or a constraint: :class:`ProximalGradient`.
+Least squares: :class:`LevenbergMarquardt`, :class:`GaussNewton`.
 """
 
 from . import base
@@ -15,9 +16,10 @@ from .gradient_descent import GradientDescent
 from .lbfgs import LBFGS
 from .newton import Newton
 from .picard import Picard
+from .least_squares import GaussNewton, LevenbergMarquardt
 from .proximal_gradient import ProximalGradient
 
 __all__ = [
     "base", "ForwardSolver", "Adaptive", "Picard", "Anderson", "Broyden", "GradientDescent", "LBFGS",
-    "Newton", "ProximalGradient",
+    "Newton", "ProximalGradient", "GaussNewton", "LevenbergMarquardt",
 ]
