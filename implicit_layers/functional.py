@@ -19,7 +19,6 @@ from ._info import SolveInfo
 from ._problem import Kind, Problem
 from .backward import BackwardMode, resolve_backward
 from .linear._base import LinearSolver
-from . import _least_squares  # noqa: F401  (registers the least_squares kind)
 from .solvers import LBFGS, Adaptive, Broyden, ForwardSolver, LevenbergMarquardt, ProximalGradient
 
 __all__ = ["fixed_point", "root", "argmin", "least_squares", "custom_root", "custom_fixed_point"]

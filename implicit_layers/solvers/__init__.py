@@ -14,9 +14,9 @@ from .anderson import Anderson
 from .broyden import Broyden
 from .gradient_descent import GradientDescent
 from .lbfgs import LBFGS
+from .least_squares import GaussNewton, LevenbergMarquardt
 from .newton import Newton
 from .picard import Picard
-from .least_squares import GaussNewton, LevenbergMarquardt
 from .proximal_gradient import ProximalGradient
 
 __all__ = [
