@@ -30,8 +30,8 @@ class _Linearised:
     def __init__(self, residuals: Callable[[Tensor], Tensor], z: Tensor) -> None:
         self.residuals = residuals
         self.z = z
-        self.r, vjp = torch.func.vjp(residuals, z)
-        self._vjp = vjp
+        result = torch.func.vjp(residuals, z)
+        self.r, self._vjp = result[0], result[1]
 
     def jv(self, v: Tensor) -> Tensor:
         return torch.func.jvp(self.residuals, (self.z,), (v,))[1]
