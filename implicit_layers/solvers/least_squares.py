@@ -148,6 +148,8 @@ class LevenbergMarquardt(_NormalEquations):
         else:
             diag = g.abs().amax(-1, keepdim=True)  # a scale without forming JᵀJ
         mu = self.damping * diag.clamp_min(torch.finfo(z.dtype).tiny)
+        # Refused steps at rounding level grow μ without bound; past this the step is nil.
+        mu_max = mu / (self.damping * torch.finfo(z.dtype).eps ** 2)
         nu = torch.full_like(mu, 2.0)
         for _ in range(self.max_steps):
             if mon.stop():
@@ -162,7 +164,7 @@ class LevenbergMarquardt(_NormalEquations):
             accept = (rho > 0) & (cost_trial <= cost) & active.squeeze(-1)
             acc = accept.unsqueeze(-1)
             scale = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3).unsqueeze(-1)
-            mu = torch.where(acc, mu * scale, torch.where(active, mu * nu, mu))
+            mu = torch.where(acc, mu * scale, torch.where(active, mu * nu, mu)).minimum(mu_max)
             nu = torch.where(acc, torch.full_like(nu, 2.0), torch.where(active, nu * 2, nu))
             z = torch.where(acc, trial, z)
             cost = torch.where(accept, cost_trial, cost)
