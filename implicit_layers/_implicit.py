@@ -118,6 +118,7 @@ class ImplicitCore:
         self.recorded: RecordedLinearization | None = None
         # What the forward solver kept for the backward (its adjoint_guess reads it).
         self.adjoint_state: object | None = None
+        self._warned_unconverged = False
 
     def _inheriting(self, linear: LinearSolver) -> LinearSolver:
         """``linear``, with the forward tolerance if it has no ``rtol`` of its own."""
@@ -262,6 +263,7 @@ class ImplicitCore:
     def vjp(self, z: Tensor, values: Sequence[Tensor], g: Tensor) -> tuple[Tensor, ...]:
         """``-(∂F/∂θ)ᵀ u`` with ``(∂F/∂z)ᵀ u = g``, one entry per parameter."""
         values = tuple(values)
+        self._warn_if_unconverged()
         if _legacy_batched(g):
             return self._legacy_batched_vjp(z, values, g)
         if not torch.is_grad_enabled() and not transforms_active() and not is_wrapped(g):
@@ -274,6 +276,29 @@ class ImplicitCore:
             lin = Linearization(self.problem.bind(values), z, values)
             grads = lin.param_vjp(-u)
         return _zeros_for(grads, values)
+
+    def _warn_if_unconverged(self) -> None:
+        """Warn (once per layer call) when differentiating a forward solve that did not
+        converge: the implicit derivative is then taken at a point that is not a solution and
+        may be wrong, even of the wrong sign. Naming the samples here makes the gradient's own
+        step say so, not only the forward's. Silent with ``on_failure="ignore"``."""
+        info, solver = self.info, self.solver
+        if self._warned_unconverged or info is None or solver is None or solver.on_failure != "warn":
+            return
+        failed = ~info.converged.reshape(-1)
+        if not bool(failed.any()):
+            return
+        self._warned_unconverged = True
+        listed = failed.nonzero().flatten().tolist()
+        which = (f"sample(s) {', '.join(map(str, listed[:10]))}{', ...' if len(listed) > 10 else ''} "
+                 f"of {failed.numel()}" if self.problem.batched else "the problem")
+        warnings.warn(
+            f"backward of the {self.problem.kind} solve that did not converge ({which}, "
+            f"{info.solver}): the implicit gradient there is taken at a point that is not a "
+            "solution and may be wrong. Make the forward converge (see the forward's warning), "
+            "or pass on_failure='ignore' to the solver to accept it.",
+            ConvergenceWarning, stacklevel=user_stacklevel(),
+        )
 
     def _legacy_batched_vjp(
         self, z: Tensor, values: tuple[Tensor, ...], g: Tensor

@@ -276,6 +276,12 @@ class Problem:
         """``base`` (what to change in the solver) completed with what to check in the problem."""
         return base + "; check that a root exists near z0."
 
+    def diagnose(self, z: Tensor, failed: Tensor) -> str:
+        """What the kind can tell, cheaply, about why the samples ``failed`` (bool ``(B,)``) of
+        the returned ``(B, n)`` point ``z`` did not converge: a sentence for the failure
+        message, or ``""``."""
+        return ""
+
 
 class FixedPointProblem(Problem):
     """A fixed point ``z = f(z)``: residual ``z - f(z)``, tolerance relative to ``‖z‖``; the
@@ -355,6 +361,27 @@ class MinimiseProblem(ObjectiveProblem):
 
     def failure_advice(self, base: str) -> str:
         return base + "; check that the objective is bounded below and smooth."
+
+    def diagnose(self, z: Tensor, failed: Tensor) -> str:
+        """Test the objective's smoothness at the failed samples (two gradient evaluations)."""
+        from ._smoothness import looks_non_smooth
+
+        def grad(zz: Tensor) -> Tensor:
+            return self.value_and_grad(zz)[1]
+
+        try:
+            kinked = looks_non_smooth(grad, z) & failed
+        except RuntimeError:  # a gradient that cannot be evaluated there: nothing to add
+            return ""
+        if not bool(kinked.any()):
+            return ""
+        return (
+            " The objective looks non-smooth at the returned point (its gradient jumps over a "
+            "short distance), so gradient-based solvers stall and the implicit derivative there "
+            "is meaningless. For an L1 penalty, a constraint or another non-smooth term g, pass "
+            "the smooth part as fun and g as prox= (e.g. prox=il.prox.bind(il.prox.l1, lam)) "
+            "or constraint=."
+        )
 
 
 #: The problem class of each kind name: ``Problem(name, ...)`` builds ``KINDS[name](...)``.
