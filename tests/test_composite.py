@@ -219,3 +219,22 @@ def test_no_convergence_warns() -> None:
         il.argmin(lambda w: 0.5 * (A @ w - 1).square().sum(), torch.zeros(20, dtype=D),
                   prox=il.prox.bind(il.prox.l1, 0.01),
                   solver=il.solvers.ProximalGradient(max_steps=3))
+
+
+def test_argmin_layer_with_a_constraint_is_sparsemax() -> None:
+    # argmin_{w in simplex} ½‖w − x‖² is the projection of x, sparsemax.
+    layer = il.nn.ArgminLayer(lambda w, x: 0.5 * (w - x).square().sum(-1), w_shape=(5,),
+                              constraint=il.projection.simplex,
+                              solver=il.solvers.ProximalGradient(rtol=1e-13))
+    x = torch.tensor([[0.3, 1.2, -0.5, 0.9, 0.1], [2.0, 0.0, 0.1, -1.0, 1.9]], dtype=D,
+                     requires_grad=True)
+    weights = torch.arange(10.0, dtype=D).reshape(2, 5)
+    w = layer(x)
+    (g,) = torch.autograd.grad((weights * w).sum(), x)
+    xr = x.detach().requires_grad_(True)
+    ref = il.projection.simplex(xr)
+    (g_ref,) = torch.autograd.grad((weights * ref).sum(), xr)
+    torch.testing.assert_close(w, ref, rtol=0, atol=1e-10)
+    torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="not both"):
+        il.nn.ArgminLayer(lambda w, x: w.sum(-1), lower=0.0, constraint=il.projection.simplex)
