@@ -45,6 +45,21 @@ class _Linearised:
         return torch.func.vmap(self.jv)(basis).permute(1, 2, 0)  # (B, m, n)
 
 
+def _decrease(r: Tensor, r_new: Tensor) -> Tensor:
+    """``½‖r‖² - ½‖r_new‖²`` per sample, as ``½ Σ (r - r_new)(r + r_new)``: without the
+    cancellation of two nearly equal sums of squares, which near the solution would refuse
+    every step below ``eps·‖r‖²`` and stall the gradient far above its tolerance."""
+    return 0.5 * ((r - r_new) * (r + r_new)).sum(-1)
+
+
+def _noise(r: Tensor) -> Tensor:
+    """A decrease of ``½‖r‖²`` below this is lost in the rounding of ``r`` itself (each entry
+    is a difference of model and data, larger than ``r`` near a good fit). Steps predicted to
+    gain less are taken on the model's word: the convergence test on ``‖Jᵀr‖`` and the
+    monitor's best iterate, not the cost, judge them."""
+    return 1e3 * torch.finfo(r.dtype).eps * 0.5 * r.square().sum(-1)
+
+
 class _NormalEquations(ForwardSolver):
     """What Gauss-Newton and Levenberg-Marquardt share: settings, the damped normal-equation
     solve ``(JᵀJ + μ I) δ = -Jᵀr`` (dense up to ``dense_max_size`` unknowns, CG beyond)."""
@@ -138,9 +153,8 @@ class LevenbergMarquardt(_NormalEquations):
         self.damping = float(damping)
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
-        residuals, r, g = self._start(problem, z0)
+        residuals, _, g = self._start(problem, z0)
         z = z0
-        cost = 0.5 * r.square().sum(-1)
         mon = Monitor(self, problem, z, g)
         lin = _Linearised(residuals, z)
         if z.shape[-1] <= self.dense_max_size:
@@ -158,16 +172,14 @@ class LevenbergMarquardt(_NormalEquations):
             delta = self._direction(lin, g, mu)
             trial = z + delta
             r_trial = residuals(trial)
-            cost_trial = 0.5 * r_trial.square().sum(-1)
             predicted = 0.5 * (delta * (mu * delta - g)).sum(-1)
-            rho = (cost - cost_trial) / predicted.clamp_min(torch.finfo(z.dtype).tiny)
-            accept = (rho > 0) & (cost_trial <= cost) & active.squeeze(-1)
+            rho = _decrease(lin.r, r_trial) / predicted.clamp_min(torch.finfo(z.dtype).tiny)
+            accept = ((rho > 0) | (predicted < _noise(lin.r))) & active.squeeze(-1)
             acc = accept.unsqueeze(-1)
             scale = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3).unsqueeze(-1)
             mu = torch.where(acc, mu * scale, torch.where(active, mu * nu, mu)).minimum(mu_max)
             nu = torch.where(acc, torch.full_like(nu, 2.0), torch.where(active, nu * 2, nu))
             z = torch.where(acc, trial, z)
-            cost = torch.where(accept, cost_trial, cost)
             lin = _Linearised(residuals, z)
             g = lin.jtv(lin.r)
             mon.record(z, g, mon.active)
@@ -203,9 +215,8 @@ class GaussNewton(_NormalEquations):
         self.max_halvings = check_positive_int(max_halvings, "max_halvings")
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
-        residuals, r, g = self._start(problem, z0)
+        residuals, _, g = self._start(problem, z0)
         z = z0
-        cost = 0.5 * r.square().sum(-1)
         mon = Monitor(self, problem, z, g)
         lin = _Linearised(residuals, z)
         zero = torch.zeros(z.shape[0], 1, dtype=z.dtype, device=z.device)
@@ -215,12 +226,12 @@ class GaussNewton(_NormalEquations):
             active = mon.active
             delta = self._direction(lin, g, zero)
             slope = (delta * g).sum(-1)
-            alpha = torch.ones_like(cost)
+            alpha = torch.ones_like(slope)
             pending = active.clone()
             for _ in range(self.max_halvings):
                 trial = z + alpha.unsqueeze(-1) * delta
-                cost_trial = 0.5 * residuals(trial).square().sum(-1)
-                ok = cost_trial <= cost + 1e-4 * alpha * slope
+                ok = (_decrease(lin.r, residuals(trial)) >= -1e-4 * alpha * slope) | (
+                    -slope < _noise(lin.r))
                 pending = pending & ~ok
                 if not bool(pending.any()):
                     break
@@ -228,7 +239,6 @@ class GaussNewton(_NormalEquations):
             take = active & ~pending
             z = torch.where(take.unsqueeze(-1), z + alpha.unsqueeze(-1) * delta, z)
             lin = _Linearised(residuals, z)
-            cost = 0.5 * lin.r.square().sum(-1)
             g = lin.jtv(lin.r)
             mon.record(z, g, active)
         return mon.finish()
