@@ -27,22 +27,27 @@ class _Linearised:
     from ``n`` JVPs.
     """
 
-    def __init__(self, residuals: Callable[[Tensor], Tensor], z: Tensor) -> None:
+    def __init__(self, residuals: Callable[[Tensor], Tensor], z: Tensor, dense: bool) -> None:
         self.residuals = residuals
         self.z = z
-        result = torch.func.vjp(residuals, z)
-        self.r, self._vjp = result[0], result[1]
+        self.J: Tensor | None = None
+        if dense:
+            # n JVPs at once; Jᵀu is then a matrix product, no VJP graph needed.
+            B, n = z.shape
+            basis = torch.eye(n, dtype=z.dtype, device=z.device).unsqueeze(1).expand(n, B, n)
+            self.r = residuals(z)
+            self.J = torch.func.vmap(self.jv)(basis).permute(1, 2, 0)  # (B, m, n)
+        else:
+            result = torch.func.vjp(residuals, z)
+            self.r, self._vjp = result[0], result[1]
 
     def jv(self, v: Tensor) -> Tensor:
         return torch.func.jvp(self.residuals, (self.z,), (v,))[1]
 
     def jtv(self, u: Tensor) -> Tensor:
+        if self.J is not None:
+            return (self.J.mT @ u.unsqueeze(-1)).squeeze(-1)
         return self._vjp(u)[0]
-
-    def matrix(self) -> Tensor:
-        B, n = self.z.shape
-        basis = torch.eye(n, dtype=self.z.dtype, device=self.z.device).unsqueeze(1).expand(n, B, n)
-        return torch.func.vmap(self.jv)(basis).permute(1, 2, 0)  # (B, m, n)
 
 
 def _decrease(r: Tensor, r_new: Tensor) -> Tensor:
@@ -91,8 +96,8 @@ class _NormalEquations(ForwardSolver):
     def _direction(self, lin: _Linearised, g: Tensor, mu: Tensor) -> Tensor:
         """``δ`` solving ``(JᵀJ + μ I) δ = -g`` per sample (``mu`` of shape ``(B, 1)``)."""
         B, n = g.shape
-        if n <= self.dense_max_size:
-            J = lin.matrix()
+        if lin.J is not None:
+            J = lin.J
             A = J.mT @ J + mu.unsqueeze(-1) * torch.eye(n, dtype=g.dtype, device=g.device)
             # lstsq, not a Cholesky: Gauss-Newton's JᵀJ may be singular (μ = 0).
             return torch.linalg.lstsq(A, -g.unsqueeze(-1)).solution.squeeze(-1)
@@ -104,11 +109,14 @@ class _NormalEquations(ForwardSolver):
                 on_failure="ignore")
         return cg.solve(op, -g, what=f"{self.name} step")[0]
 
-    def _start(self, problem: Problem, z0: Tensor) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
+    def _start(self, problem: Problem, z0: Tensor) -> tuple[Callable[[Tensor], Tensor], _Linearised, Tensor]:
         # A LeastSquaresProblem (check_kind), or its fold under vmap, which has residuals().
         residuals = cast(LeastSquaresProblem, problem).residuals
-        lin = _Linearised(residuals, z0)
-        return residuals, lin.r, lin.jtv(lin.r)
+        lin = _Linearised(residuals, z0, self._dense(z0))
+        return residuals, lin, lin.jtv(lin.r)
+
+    def _dense(self, z: Tensor) -> bool:
+        return z.shape[-1] <= self.dense_max_size
 
 
 class LevenbergMarquardt(_NormalEquations):
@@ -153,12 +161,11 @@ class LevenbergMarquardt(_NormalEquations):
         self.damping = float(damping)
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
-        residuals, _, g = self._start(problem, z0)
+        residuals, lin, g = self._start(problem, z0)
         z = z0
         mon = Monitor(self, problem, z, g)
-        lin = _Linearised(residuals, z)
-        if z.shape[-1] <= self.dense_max_size:
-            diag = lin.matrix().square().sum(-2).amax(-1, keepdim=True)
+        if lin.J is not None:
+            diag = lin.J.square().sum(-2).amax(-1, keepdim=True)
         else:
             diag = g.abs().amax(-1, keepdim=True)  # a scale without forming JᵀJ
         mu = self.damping * diag.clamp_min(torch.finfo(z.dtype).tiny)
@@ -180,7 +187,7 @@ class LevenbergMarquardt(_NormalEquations):
             mu = torch.where(acc, mu * scale, torch.where(active, mu * nu, mu)).minimum(mu_max)
             nu = torch.where(acc, torch.full_like(nu, 2.0), torch.where(active, nu * 2, nu))
             z = torch.where(acc, trial, z)
-            lin = _Linearised(residuals, z)
+            lin = _Linearised(residuals, z, self._dense(z))
             g = lin.jtv(lin.r)
             mon.record(z, g, mon.active)
         return mon.finish()
@@ -215,10 +222,9 @@ class GaussNewton(_NormalEquations):
         self.max_halvings = check_positive_int(max_halvings, "max_halvings")
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
-        residuals, _, g = self._start(problem, z0)
+        residuals, lin, g = self._start(problem, z0)
         z = z0
         mon = Monitor(self, problem, z, g)
-        lin = _Linearised(residuals, z)
         zero = torch.zeros(z.shape[0], 1, dtype=z.dtype, device=z.device)
         for _ in range(self.max_steps):
             if mon.stop():
@@ -238,7 +244,7 @@ class GaussNewton(_NormalEquations):
                 alpha = torch.where(pending, alpha / 2, alpha)
             take = active & ~pending
             z = torch.where(take.unsqueeze(-1), z + alpha.unsqueeze(-1) * delta, z)
-            lin = _Linearised(residuals, z)
+            lin = _Linearised(residuals, z, self._dense(z))
             g = lin.jtv(lin.r)
             mon.record(z, g, active)
         return mon.finish()
