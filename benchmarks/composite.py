@@ -114,7 +114,7 @@ def _scipy_fit(y: np.ndarray, tight: bool = False) -> np.ndarray:
 
 
 def _least_squares(sizes: list[int], repeats: int) -> None:
-    t = torch.tensor(T)
+    peer: Callable | None
     try:
         import jax
         import jax.numpy as jnp
@@ -134,28 +134,35 @@ def _least_squares(sizes: list[int], repeats: int) -> None:
     except ImportError:
         peer = None
     for B in sizes:
-        Y = _curves(B)
-        ref = np.stack([_scipy_fit(y, tight=True) for y in Y])
-        Yt = torch.tensor(Y)
+        print(_fit_case(B, peer, repeats))
 
-        def ours() -> torch.Tensor:
-            return il.least_squares(
-                lambda w, Y: w[:, :1] * torch.exp(-w[:, 1:2] * t) + w[:, 2:3] * torch.sin(3 * t) - Y,
-                torch.ones(B, 3, dtype=D), Yt, batched=True)
 
-        err = float(np.abs(ours().numpy() - ref).max())
-        t_ours = _time(ours, repeats)
-        line = f"curve fits B={B:5d}  ours err {err:.1e}  {t_ours * 1e3:.2f} ms"
-        if peer is not None:
-            Yj = jnp.asarray(Y)
-            err_p = float(np.abs(np.asarray(peer(Yj)) - ref).max())
-            t_peer = _time(lambda: peer(Yj).block_until_ready(), repeats)
-            line += (f" | optimistix err {err_p:.1e}  {t_peer * 1e3:.2f} ms"
-                     f" | ratio ours/optimistix {t_ours / t_peer:.2f}")
-        if B <= 64:
-            t_scipy = _time(lambda: [_scipy_fit(y) for y in Y], max(1, repeats // 2))
-            line += f" | scipy loop {t_scipy * 1e3:.2f} ms, ratio ours/scipy {t_ours / t_scipy:.2f}"
-        print(line)
+def _fit_case(B: int, peer: Callable | None, repeats: int) -> str:
+    t = torch.tensor(T)
+    Y = _curves(B)
+    ref = np.stack([_scipy_fit(y, tight=True) for y in Y])
+    Yt = torch.tensor(Y)
+
+    def ours() -> torch.Tensor:
+        return il.least_squares(
+            lambda w, Y: w[:, :1] * torch.exp(-w[:, 1:2] * t) + w[:, 2:3] * torch.sin(3 * t) - Y,
+            torch.ones(B, 3, dtype=D), Yt, batched=True)
+
+    err = float(np.abs(ours().numpy() - ref).max())
+    t_ours = _time(ours, repeats)
+    line = f"curve fits B={B:5d}  ours err {err:.1e}  {t_ours * 1e3:.2f} ms"
+    if peer is not None:
+        import jax.numpy as jnp
+
+        Yj = jnp.asarray(Y)
+        err_p = float(np.abs(np.asarray(peer(Yj)) - ref).max())
+        t_peer = _time(lambda: peer(Yj).block_until_ready(), repeats)
+        line += (f" | optimistix err {err_p:.1e}  {t_peer * 1e3:.2f} ms"
+                 f" | ratio ours/optimistix {t_ours / t_peer:.2f}")
+    if B <= 64:
+        t_scipy = _time(lambda: [_scipy_fit(y) for y in Y], max(1, repeats // 2))
+        line += f" | scipy loop {t_scipy * 1e3:.2f} ms, ratio ours/scipy {t_ours / t_scipy:.2f}"
+    return line
 
 
 def main(argv: list[str] | None = None) -> None:
