@@ -122,3 +122,22 @@ def test_bad_inputs() -> None:
     with pytest.warns(il.ConvergenceWarning, match="LevenbergMarquardt"):
         il.least_squares(lambda w: _model(w, T) - y, torch.ones(3, dtype=D),
                          solver=il.solvers.LevenbergMarquardt(max_steps=1))
+
+
+def test_gauss_newton_backward_exact_only_at_zero_residual() -> None:
+    w_true = torch.tensor([2.0, 1.5, 0.5], dtype=D)
+    gn = il.backward.GaussNewtonImplicit()
+    for noise, exact in ((0.0, True), (0.1, False)):
+        y = (_model(w_true, T) + noise * torch.sin(7 * T)).requires_grad_(True)
+        grads = []
+        for backward in (None, gn):
+            w = il.least_squares(lambda w, y: _model(w, T) - y, torch.ones(3, dtype=D), y,
+                                 backward=backward)
+            grads.append(torch.autograd.grad(w[1], y)[0])
+        # Gauss-Newton's own formula: dw/dy = (JᵀJ)⁻¹ Jᵀ at the solution.
+        J = torch.func.jacrev(lambda w: _model(w, T))(w.detach())
+        torch.testing.assert_close(grads[1], torch.linalg.solve(J.T @ J, J.T)[1], rtol=1e-7, atol=1e-9)
+        close = torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-8)
+        assert close == exact
+    with pytest.raises(ValueError, match="GaussNewtonImplicit differentiates least-squares"):
+        il.argmin(lambda w: w.square().sum(), torch.ones(2, dtype=D, requires_grad=True) * 1, backward=gn)
