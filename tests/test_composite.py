@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy.optimize import minimize
 from sklearn import datasets, model_selection, preprocessing
 from sklearn.linear_model import Lasso
@@ -238,3 +240,27 @@ def test_argmin_layer_with_a_constraint_is_sparsemax() -> None:
     torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-10)
     with pytest.raises(ValueError, match="not both"):
         il.nn.ArgminLayer(lambda w, x: w.sum(-1), lower=0.0, constraint=il.projection.simplex)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), scale=st.floats(0.01, 100.0), accelerated=st.booleans())
+def test_lasso_optimality_conditions_hold_per_sample(seed: int, scale: float, accelerated: bool) -> None:
+    # A batch whose samples differ in curvature by `scale`: each gets its own step size.
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(3, 12, 6, dtype=D, generator=gen) * torch.tensor([1.0, scale, 1 / scale],
+                                                                     dtype=D).reshape(3, 1, 1)
+    b = torch.randn(3, 12, dtype=D, generator=gen)
+    lam = 0.3 * (A.mT @ b.unsqueeze(-1)).abs().amax((-1, -2))  # a sparse but nonzero solution
+    w, info = il.argmin(
+        lambda w: 0.5 * ((A @ w.unsqueeze(-1)).squeeze(-1) - b).square().sum(-1),
+        torch.zeros(3, 6, dtype=D), prox=lambda w, step: il.prox.l1(w, lam.unsqueeze(-1), step),
+        batched=True, return_info=True,
+        solver=il.solvers.ProximalGradient(accelerated=accelerated, max_steps=20000),
+    )
+    assert bool(info.converged.all())
+    grad = (A.mT @ ((A @ w.unsqueeze(-1)).squeeze(-1) - b).unsqueeze(-1)).squeeze(-1)
+    tol = 1e-6 * lam.unsqueeze(-1)
+    free = w != 0
+    # Stationarity: ∇L = -λ sign(w) on the support, |∇L| <= λ off it.
+    assert bool(((grad + lam.unsqueeze(-1) * w.sign()).abs() <= tol)[free].all())
+    assert bool((grad.abs() <= lam.unsqueeze(-1) + tol)[~free].all())
