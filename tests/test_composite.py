@@ -264,3 +264,15 @@ def test_lasso_optimality_conditions_hold_per_sample(seed: int, scale: float, ac
     # Stationarity: ∇L = -λ sign(w) on the support, |∇L| <= λ off it.
     assert bool(((grad + lam.unsqueeze(-1) * w.sign()).abs() <= tol)[free].all())
     assert bool((grad.abs() <= lam.unsqueeze(-1) + tol)[~free].all())
+
+
+def test_inference_mode_and_no_grad_give_the_same_solution() -> None:
+    gen = torch.Generator().manual_seed(3)
+    A = torch.randn(10, 4, dtype=D, generator=gen)
+    b = torch.randn(10, dtype=D, generator=gen)
+    p = il.prox.bind(il.prox.l1, 0.5)
+    with torch.no_grad():
+        ref = il.argmin(lambda w: 0.5 * (A @ w - b).square().sum(), torch.zeros(4, dtype=D), prox=p)
+    with torch.inference_mode():
+        w = il.argmin(lambda w: 0.5 * (A @ w - b).square().sum(), torch.zeros(4, dtype=D), prox=p)
+    torch.testing.assert_close(w, ref, rtol=1e-8, atol=1e-10)
