@@ -13,7 +13,7 @@ from ._info import (
     StructureWarning,
 )
 from ._qp import InteriorPoint, QPInfo, qp
-from .functional import argmin, custom_fixed_point, custom_root, fixed_point, root
+from .functional import argmin, custom_fixed_point, custom_root, fixed_point, least_squares, root
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "fixed_point",
     "root",
     "argmin",
+    "least_squares",
     "custom_root",
     "custom_fixed_point",
     "qp",

@@ -80,5 +80,28 @@ class FoldedProblem:
 
     def value_and_grad(self, z: Tensor, create_graph: bool = False) -> tuple[Tensor, Tensor]:
         with torch.set_grad_enabled(create_graph):
-            value, grad = self.objective(z), self.pure_residual(z)
+            value = self.objective(z)
+            if self.is_gradient:
+                grad = self.pure_residual(z)
+            else:  # a kind whose residual is not the gradient (composite)
+                grad = self._map(
+                    lambda p, zi: torch.func.grad(lambda zz: p.objective(zz).sum())(zi), z
+                )
         return value, grad
+
+    def residuals(self, z: Tensor) -> Tensor:
+        """The base problem's residual vectors (least-squares kinds), per vmapped copy."""
+        return self._map(lambda p, zi: p.residuals(zi), z)  # type: ignore[attr-defined]
+
+    def gradient_step(self, z: Tensor, grad: Tensor, step: float | Tensor) -> Tensor:
+        """The base problem's proximal-gradient step (composite kinds), per vmapped copy."""
+        V, B = self.V, self.base.batch
+        steps = torch.as_tensor(step, dtype=z.dtype, device=z.device).expand(V * B, 1)
+
+        def one(zi: Tensor, gi: Tensor, si: Tensor, *vals: Tensor) -> Tensor:
+            return self.base.bind(vals, deferred=True).gradient_step(zi, gi, si)  # type: ignore[attr-defined]
+
+        out = torch.func.vmap(one, in_dims=(0, 0, 0, *self.dims))(
+            z.reshape(V, B, -1), grad.reshape(V, B, -1), steps.reshape(V, B, 1), *self.values
+        )
+        return out.reshape(V * B, -1)

@@ -19,6 +19,7 @@ every order follow by recursion.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -28,7 +29,7 @@ from torch import Tensor
 from ._capture import is_wrapped, transforms_active
 from ._eager import run_eagerly
 from ._folded import FoldedProblem
-from ._info import SolveInfo
+from ._info import ConvergenceWarning, SolveInfo, user_stacklevel
 from ._linearize import Linearization, RecordedLinearization, func_vjp, transpose_of_vjp
 from ._problem import Problem
 from ._warm_start import warm_start
@@ -92,6 +93,7 @@ class ImplicitCore:
         self.linearization: RecordedLinearization | None = None
         # What the forward solver kept for the backward (its adjoint_guess reads it).
         self.adjoint_state: object | None = None
+        self._warned_unconverged = False
 
     def _recorded_linearization(self, z: Tensor, values: tuple[Tensor, ...]) -> RecordedLinearization:
         """The graph of ``F`` recorded by the forward, or one recorded now at ``z``."""
@@ -167,6 +169,7 @@ class ImplicitCore:
     def vjp(self, z: Tensor, values: Sequence[Tensor], g: Tensor) -> tuple[Tensor, ...]:
         """``-(∂F/∂θ)ᵀ u`` with ``(∂F/∂z)ᵀ u = g``, one entry per parameter."""
         values = tuple(values)
+        self._warn_if_unconverged()
         if _legacy_batched(g):
             return self._legacy_batched_vjp(z, values, g)
         if not torch.is_grad_enabled() and not transforms_active() and not is_wrapped(g):
@@ -179,6 +182,33 @@ class ImplicitCore:
             lin = Linearization(self.problem.bind(values), z, values)
             grads = lin.param_vjp(-u)
         return _zeros_for(grads, values)
+
+    def _warn_if_unconverged(self) -> None:
+        """Warn (once per layer call) when differentiating a forward solve that did not
+        converge: the implicit derivative is then taken at a point that is not a solution and
+        may be wrong, even of the wrong sign. Naming the samples here makes the gradient's own
+        step say so, not only the forward's. Silent with ``on_failure="ignore"``."""
+        info, solver = self.info, self.solver
+        if self._warned_unconverged or info is None or solver is None or solver.on_failure != "warn":
+            return
+        if is_wrapped(info.converged):
+            # Statistics of a solve run inside a transform (a nested layer) belong to that
+            # transform's level, which may have exited; the forward's own warning stands.
+            return
+        failed = ~info.converged.reshape(-1)
+        if not bool(failed.any()):
+            return
+        self._warned_unconverged = True
+        listed = failed.nonzero().flatten().tolist()
+        which = (f"sample(s) {', '.join(map(str, listed[:10]))}{', ...' if len(listed) > 10 else ''} "
+                 f"of {failed.numel()}" if self.problem.batched else "the problem")
+        warnings.warn(
+            f"backward of the {self.problem.kind} solve that did not converge ({which}, "
+            f"{info.solver}): the implicit gradient there is taken at a point that is not a "
+            "solution and may be wrong. Make the forward converge (see the forward's warning), "
+            "or pass on_failure='ignore' to the solver to accept it.",
+            ConvergenceWarning, stacklevel=user_stacklevel(),
+        )
 
     def _legacy_batched_vjp(
         self, z: Tensor, values: tuple[Tensor, ...], g: Tensor

@@ -42,7 +42,7 @@ from .linear.timed import timed_default
 if TYPE_CHECKING:
     from .solvers._base import ForwardSolver
 
-Kind = Literal["fixed_point", "root", "argmin"]
+Kind = Literal["fixed_point", "root", "argmin", "composite", "least_squares"]
 
 #: Dtypes the solvers do not iterate in: the state is kept in float32 and the map runs in the
 #: dtype of the user's tensors (tiny Anderson/GMRES least-squares systems and the norms of a
@@ -209,6 +209,12 @@ class Problem:
         with mode:
             return self.fn(state, *args, **kwargs)
 
+    def probe(self, z: Tensor) -> Any:
+        """Call every user function the residual calls, once, at the flat state ``z``, and return
+        ``fn``'s output (for :meth:`check_output`). The layer captures the tensors these calls
+        use; a kind whose residual calls more than ``fn`` (a proximal operator) calls it here."""
+        return self._call(z)
+
     def check_output(self, out: object) -> None:
         """Raise a clear error if ``fn``'s output does not fit the problem (here: a state
         shaped like ``z0``)."""
@@ -327,6 +333,12 @@ class Problem:
 
         return Broyden()
 
+    def diagnose(self, z: Tensor, failed: Tensor) -> str:
+        """What the kind can tell, cheaply, about why the samples ``failed`` (bool ``(B,)``) of
+        the returned ``(B, n)`` point ``z`` did not converge: a sentence for the failure
+        message, or ``""``."""
+        return ""
+
 
 class FixedPointProblem(Problem):
     """A fixed point ``z = f(z)``: residual ``z - f(z)``, tolerance relative to ``‖z‖``; the
@@ -365,18 +377,8 @@ class RootProblem(Problem):
         return self.flatten(self._call(z))
 
 
-class MinimiseProblem(Problem):
-    """A minimum of ``L``: ``fn`` returns objective values, the residual is ``∇L(z)`` and the
-    adjoint system (the Hessian) is symmetric positive definite at a strict minimum."""
-
-    kind = "argmin"
-    solvers_hint = "LBFGS, Newton or GradientDescent"
-    is_gradient = True
-    adjoint_by_size = True
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.symmetric = True
+class ObjectiveProblem(Problem):
+    """The base of the kinds whose ``fn`` returns objective values (one per problem)."""
 
     def check_output(self, out: object) -> None:
         """Raise a clear error unless ``fn`` returned one objective value per problem."""
@@ -398,6 +400,20 @@ class MinimiseProblem(Problem):
         """Objective values ``(B,)`` in the compute dtype."""
         return self._call(z).reshape(self.batch).to(self.dtype)
 
+
+class MinimiseProblem(ObjectiveProblem):
+    """A minimum of ``L``: ``fn`` returns objective values, the residual is ``∇L(z)`` and the
+    adjoint system (the Hessian) is symmetric positive definite at a strict minimum."""
+
+    kind = "argmin"
+    solvers_hint = "LBFGS, Newton or GradientDescent"
+    is_gradient = True
+    adjoint_by_size = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.symmetric = True
+
     def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
         return self.value_and_grad(z, create_graph)[1]
 
@@ -416,6 +432,27 @@ class MinimiseProblem(Problem):
         from .solvers import LBFGS  # the solvers import the problem classes
 
         return LBFGS()
+
+    def diagnose(self, z: Tensor, failed: Tensor) -> str:
+        """Test the objective's smoothness at the failed samples (two gradient evaluations)."""
+        from ._smoothness import looks_non_smooth
+
+        def grad(zz: Tensor) -> Tensor:
+            return self.value_and_grad(zz)[1]
+
+        try:
+            kinked = looks_non_smooth(grad, z) & failed
+        except RuntimeError:  # a gradient that cannot be evaluated there: nothing to add
+            return ""
+        if not bool(kinked.any()):
+            return ""
+        return (
+            " The objective looks non-smooth at the returned point (its gradient jumps over a "
+            "short distance), so gradient-based solvers stall and the implicit derivative there "
+            "is meaningless. For an L1 penalty, a constraint or another non-smooth term g, pass "
+            "the smooth part as fun and g as prox= (e.g. prox=il.prox.bind(il.prox.l1, lam)) "
+            "or constraint=."
+        )
 
 
 #: The problem class of each kind name: ``Problem(name, ...)`` builds ``KINDS[name](...)``.

@@ -37,7 +37,9 @@ from ._problem import Problem
 from .linear._base import LinearSolver
 from .linear.combinators import StepsOnFailure
 
-__all__ = ["BackwardMode", "Implicit", "Unrolled", "Truncated", "JacobianFree", "Phantom"]
+__all__ = [
+    "BackwardMode", "Implicit", "Unrolled", "Truncated", "JacobianFree", "Phantom", "GaussNewtonImplicit",
+]
 
 
 class BackwardMode(Settings):
@@ -475,3 +477,6 @@ def resolve_backward(backward: BackwardMode | LinearSolver | None) -> BackwardMo
         "JacobianFree(), Phantom(k, damping=...)) or a linear solver such as il.linear.CG(); got "
         f"{type(backward).__name__}."
     )
+
+
+from ._gauss_newton_backward import GaussNewtonImplicit  # noqa: E402  (subclasses Implicit)

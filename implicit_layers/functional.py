@@ -1,4 +1,5 @@
-"""The functional API: ``fixed_point``, ``root``, ``argmin``, ``custom_root``, ``custom_fixed_point``."""
+"""The functional API: ``fixed_point``, ``root``, ``argmin``, ``least_squares``, ``custom_root``,
+``custom_fixed_point``."""
 
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ from torch.autograd import forward_ad
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from ._capture import capture, carries_derivatives, transforms_active
+from ._composite import CompositeProblem, constraint_as_prox
 from ._config import check_float_tensor, default_rtol
 from ._eager import run_eagerly
 from ._info import SolveInfo
+from ._least_squares import LeastSquaresProblem
 from ._problem import FixedPointProblem, Kind, MinimiseProblem, Problem, RootProblem
 from .backward import BackwardMode, resolve_backward
 from .linear._base import LinearSolver
 from .solvers import ForwardSolver
 
-__all__ = ["fixed_point", "root", "argmin", "custom_root", "custom_fixed_point"]
+__all__ = ["fixed_point", "root", "argmin", "least_squares", "custom_root", "custom_fixed_point"]
 
 Backward = BackwardMode | LinearSolver | None
 
@@ -67,14 +70,14 @@ def _bind(problem: Problem, z: Tensor) -> Problem:
     if _derivatives_requested():
         # No graph: the capture only looks at which tensors enter the operations.
         with torch.no_grad():
-            out, params = capture(lambda: problem._call(z), exclude=(z,))
+            out, params = capture(lambda: problem.probe(z), exclude=(z,))
         # An explicit argument that carries derivatives makes the solution carry them too,
         # even where the function ignores it (its derivative is then zero), as for torch ops.
         explicit = [t for t in tree_flatten((problem.args, problem.kwargs))[0]
                     if isinstance(t, Tensor) and carries_derivatives(t)]
         params = explicit + [t for t in params if all(t is not e for e in explicit)]
     else:
-        out, params = problem._call(z), []
+        out, params = problem.probe(z), []
     problem.check_output(out)
     return problem.with_params(params)
 
@@ -92,6 +95,7 @@ def _run(
     backward: Backward,
     batched: bool,
     return_info: bool,
+    problem_options: dict[str, Any] | None = None,
 ) -> Any:
     z0 = _check_common(fn, name, z0, z0_name, batched)
     if solver is None:
@@ -104,7 +108,7 @@ def _run(
         )
     solver.check_kind(kind)
     mode = resolve_backward(backward)
-    problem = Problem(kind, fn, args, z0, batched=batched, name=name)
+    problem = Problem(kind, fn, args, z0, batched=batched, name=name, **(problem_options or {}))
     # z0 stays attached: Unrolled() differentiates through the initial guess too (MAML).
     z0f = problem.flatten(z0)
     problem = _bind(problem, z0f.detach())
@@ -247,11 +251,13 @@ def root(
 def argmin(
     fun: Callable[..., Tensor], w0: Any, *args: Any, solver: ForwardSolver | None = ...,
     backward: Backward = ..., batched: bool = ..., return_info: Literal[False] = ...,
+    prox: Callable[..., Any] | None = ..., constraint: Callable[..., Any] | None = ...,
 ) -> Any: ...
 @overload
 def argmin(
     fun: Callable[..., Tensor], w0: Any, *args: Any, solver: ForwardSolver | None = ...,
     backward: Backward = ..., batched: bool = ..., return_info: Literal[True],
+    prox: Callable[..., Any] | None = ..., constraint: Callable[..., Any] | None = ...,
 ) -> tuple[Any, SolveInfo]: ...
 def argmin(
     fun: Callable[..., Tensor],
@@ -261,6 +267,8 @@ def argmin(
     backward: Backward = None,
     batched: bool = False,
     return_info: bool = False,
+    prox: Callable[..., Any] | None = None,
+    constraint: Callable[..., Any] | None = None,
 ) -> Any:
     """Minimise ``fun(w, *args)`` over ``w`` and differentiate the minimiser.
 
@@ -289,6 +297,17 @@ def argmin(
         batched: if ``True`` the leading dimension of ``w0`` (of each of its tensors)
             indexes independent problems, each with its own convergence test and statistics.
         return_info: also return a :class:`~implicit_layers.SolveInfo`.
+        prox: minimise ``fun + g`` instead, with ``prox(w, step)`` the proximal operator of
+            ``step·g`` (e.g. ``il.prox.bind(il.prox.l1, lam)``). The default solver is then
+            :class:`~implicit_layers.solvers.ProximalGradient`, and the implicit backward
+            differentiates the proximal-gradient fixed point
+            ``w = prox(w - ∇fun(w), 1)`` exactly wherever ``prox`` is differentiable (default
+            linear solver Dense for small problems, GMRES for large ones; the system is not
+            symmetric). Tensors ``prox`` closes over (a learnable strength) receive
+            gradients. ``step`` is a float or a tensor that broadcasts against ``w``.
+        constraint: minimise ``fun`` over a set given by its Euclidean projection
+            ``constraint(w)`` (e.g. ``lambda w: il.projection.simplex(w, total)``); the same
+            as ``prox=`` the set's indicator. Not together with ``prox``.
 
     Returns:
         ``w*`` shaped like ``w0`` (and the info if requested).
@@ -306,9 +325,84 @@ def argmin(
         ...            torch.zeros(3, dtype=torch.float64), lam)
         >>> w.sum().backward()  # d sum(w*) / d lam in lam.grad
     """
-    return _run("argmin", fun, "fun", w0, "w0", args, solver, MinimiseProblem.default_forward_solver,
-                backward, batched,
-                return_info)
+    if prox is None and constraint is None:
+        return _run("argmin", fun, "fun", w0, "w0", args, solver,
+                    MinimiseProblem.default_forward_solver, backward, batched, return_info)
+    if prox is not None and constraint is not None:
+        raise ValueError(
+            "pass prox or constraint, not both; for a set and a penalty together, pass one prox "
+            "that applies both (e.g. il.prox.nonnegative_l1 for an l1 penalty on w >= 0)."
+        )
+    given, given_name = (prox, "prox") if prox is not None else (constraint, "constraint")
+    if not callable(given):
+        raise TypeError(f"{given_name} must be callable, got {type(given).__name__}.")
+    options = {"prox": prox if prox is not None else constraint_as_prox(given),
+               "prox_name": given_name}
+    return _run("composite", fun, "fun", w0, "w0", args, solver,
+                CompositeProblem.default_forward_solver, backward, batched, return_info, options)
+
+
+@overload
+def least_squares(
+    residual: Callable[..., Tensor], w0: Any, *args: Any, solver: ForwardSolver | None = ...,
+    backward: Backward = ..., batched: bool = ..., return_info: Literal[False] = ...,
+) -> Any: ...
+@overload
+def least_squares(
+    residual: Callable[..., Tensor], w0: Any, *args: Any, solver: ForwardSolver | None = ...,
+    backward: Backward = ..., batched: bool = ..., return_info: Literal[True],
+) -> tuple[Any, SolveInfo]: ...
+def least_squares(
+    residual: Callable[..., Tensor],
+    w0: Any,
+    *args: Any,
+    solver: ForwardSolver | None = None,
+    backward: Backward = None,
+    batched: bool = False,
+    return_info: bool = False,
+) -> Any:
+    """Minimise ``½‖residual(w, *args)‖²`` over ``w`` and differentiate the minimiser.
+
+    The implicit gradient is exact at every residual: it solves with the full Hessian of
+    ``½‖r‖²``, ``JᵀJ + Σ rᵢ ∇²rᵢ`` (by Hessian-vector products; formed only by
+    ``il.linear.Dense``, the default for small problems), not with the Gauss-Newton matrix
+    ``JᵀJ``, which is exact only where the residual vanishes at the solution.
+
+    Derivatives reach every tensor in ``args`` and every tensor or module parameter the
+    function closes over, to every order and under ``torch.func`` transforms, as for
+    :func:`argmin`.
+
+    Args:
+        residual: the residuals ``r(w, *args)``: a tensor of any shape (with ``batched=True``,
+            of shape ``(B, ...)``, one row per problem).
+        w0: initial guess: a tensor or a tuple/list/dict of tensors.
+        *args: extra arguments of ``residual``.
+        solver: forward solver (default
+            :class:`~implicit_layers.solvers.LevenbergMarquardt`;
+            :class:`~implicit_layers.solvers.GaussNewton` and the argmin solvers also apply).
+        backward: backward mode or linear solver (default implicit, as for :func:`argmin`).
+        batched: if ``True`` the leading dimension of ``w0`` and of the residuals indexes
+            independent problems (a batch of curve fits), each with its own damping and
+            convergence test.
+        return_info: also return a :class:`~implicit_layers.SolveInfo`.
+
+    Returns:
+        ``w*`` shaped like ``w0`` (and the info if requested).
+
+    Raises:
+        TypeError, ValueError: a bad argument, or residuals that are not a floating tensor
+            (with one row per problem when batched).
+        ConvergenceError: the solve did not converge and the solver has ``on_failure="raise"``.
+
+    Example:
+        >>> t = torch.linspace(0, 1, 20, dtype=torch.float64)
+        >>> y = 2.0 * torch.exp(-3.0 * t) + 0.01 * torch.sin(40 * t)
+        >>> w = least_squares(lambda w, y: w[0] * torch.exp(-w[1] * t) - y,
+        ...                   torch.ones(2, dtype=torch.float64), y.requires_grad_())
+        >>> w.sum().backward()  # d(w0 + w1)/dy in y.grad
+    """
+    return _run("least_squares", residual, "residual", w0, "w0", args, solver,
+                LeastSquaresProblem.default_forward_solver, backward, batched, return_info)
 
 
 def _custom(

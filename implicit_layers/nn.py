@@ -43,7 +43,7 @@ from .functional import argmin as _argmin
 from .functional import fixed_point as _fixed_point
 from .linear._base import LinearSolver
 from .linear._power import power_iteration
-from .solvers import LBFGS, Adaptive, Anderson, ForwardSolver
+from .solvers import LBFGS, Adaptive, Anderson, ForwardSolver, ProximalGradient
 
 __all__ = [
     "DEQ",
@@ -518,6 +518,12 @@ class ArgminLayer(torch.nn.Module):
             estimated by ``power_steps`` Hessian-vector products (exact for quadratics; pass a
             step size if the curvature grows far from ``w0``). Ignored without bounds.
         power_steps: power iterations for the step size estimate.
+        prox: minimise ``L + g`` instead, with ``prox(w, step)`` the proximal operator of
+            ``step·g`` on ``(B, *w_shape)`` (``step`` broadcasts against ``w``, one value per
+            sample); solved by :class:`~implicit_layers.solvers.ProximalGradient` (default
+            ``max_steps=1000``) and differentiated as in :func:`implicit_layers.argmin`.
+        constraint: minimise over a set given by its projection ``constraint(w)`` (e.g.
+            ``il.projection.simplex``, a sparsemax layer). Neither with ``lower``/``upper``.
 
     Shapes:
         ``x``: ``(B, ...)``; output ``w*``: ``(B, *w_shape)``.
@@ -557,14 +563,29 @@ class ArgminLayer(torch.nn.Module):
         upper: float | Tensor | None = None,
         step_size: float | None = None,
         power_steps: int = 20,
+        prox: Callable[..., Tensor] | None = None,
+        constraint: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         super().__init__()
         if not callable(objective):
             raise TypeError(f"objective must be callable as objective(w, x), got {type(objective).__name__}.")
         self.objective = objective
         self.constrained = lower is not None or upper is not None
-        kind = "fixed_point" if self.constrained else "argmin"
-        default = Anderson(max_steps=200) if self.constrained else LBFGS(max_steps=100)
+        for name, given in (("prox", prox), ("constraint", constraint)):
+            if given is not None and not callable(given):
+                raise TypeError(f"{name} must be callable, got {type(given).__name__}.")
+        if (prox is not None or constraint is not None) and self.constrained:
+            raise ValueError(
+                "pass a box (lower/upper) or prox/constraint, not both; for a box with a "
+                "penalty, pass constraint=lambda w: il.projection.box(w, lower, upper) or one "
+                "prox that applies both."
+            )
+        self.prox = prox
+        self.constraint = constraint
+        composite = prox is not None or constraint is not None
+        kind = "fixed_point" if self.constrained else ("composite" if composite else "argmin")
+        default = (Anderson(max_steps=200) if self.constrained else
+                   ProximalGradient(max_steps=1000) if composite else LBFGS(max_steps=100))
         self.solver = _check_solver(solver, "solver", kind) or default
         self.eval_solver = _check_solver(eval_solver, "eval_solver", kind)
         self.backward = _check_backward(backward)
@@ -667,7 +688,8 @@ class ArgminLayer(torch.nn.Module):
         if not self.constrained:
             w, info = _argmin(
                 _CheckedObjective(self.objective), w0, x, solver=self.active_solver,
-                backward=self.backward, batched=True, return_info=True,
+                backward=self.backward, batched=True, return_info=True, prox=self.prox,
+                constraint=self.constraint,
             )
         else:
             self._check_box()

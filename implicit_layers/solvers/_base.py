@@ -245,9 +245,10 @@ class ForwardSolver(SolverSettings):
             (torch.Size([1, 3]), tensor([True]))
         """
         z, info = self._solve(problem, z0, differentiable)
-        report_failure(
-            info, self.on_failure, f"forward solve of {problem.kind}", self._advice(problem)
-        )
+        advice = self._advice(problem)
+        if self.on_failure != "ignore" and not bool(info.converged.all()):
+            advice += problem.diagnose(z, ~info.converged.reshape(-1))
+        report_failure(info, self.on_failure, f"forward solve of {problem.kind}", advice)
         return z, info
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:

@@ -20,13 +20,17 @@ Names:
         output checks, tolerance scale, adjoint structure, default adjoint and forward solvers
         and failure advice); a new kind subclasses one of them or ``Problem`` (see "A new kind
         of problem" in ``docs/extending.md``).
+    CompositeProblem, LeastSquaresProblem: ``min L + g`` with ``g`` given by its proximal
+        operator (``gradient_step``), and ``min ½‖r‖²`` (``residuals``), a minimisation kind.
     SolverSettings, Settings: the settings bases (``replace``, ``repr``, ``==``).
     SolveInfo: the result statistics; OnFailure the literal of ``on_failure``.
     power_iteration: a seeded estimate of the largest eigenvalue, e.g. for a step size.
 """
 
+from .._composite import CompositeProblem
 from .._config import Settings, SolverSettings
 from .._info import OnFailure, SolveInfo
+from .._least_squares import LeastSquaresProblem
 from .._problem import FixedPointProblem, Kind, MinimiseProblem, Problem, RootProblem
 from ..linear._power import power_iteration
 from ._base import ForwardSolver, Monitor
@@ -40,6 +44,8 @@ __all__ = [
     "FixedPointProblem",
     "RootProblem",
     "MinimiseProblem",
+    "CompositeProblem",
+    "LeastSquaresProblem",
     "Kind",
     "Settings",
     "SolverSettings",

@@ -1,0 +1,68 @@
+"""The least-squares kind: a minimum of ``½‖r(w)‖²`` for a residual function ``r``.
+
+It is a minimisation problem (a subclass of the argmin kind), so the argmin solvers solve it
+too and its implicit backward is the argmin one: the residual of the implicit system is the
+gradient ``J(w)ᵀ r(w)`` and its Jacobian the full Hessian ``JᵀJ + Σ rᵢ ∇²rᵢ`` by
+Hessian-vector products, exact at every residual. What the kind adds is access to the residual
+vector itself (:meth:`LeastSquaresProblem.residuals`), from which the Gauss-Newton and
+Levenberg-Marquardt solvers take Jacobian products.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
+from ._problem import KINDS, MinimiseProblem
+
+if TYPE_CHECKING:
+    from .solvers._base import ForwardSolver
+
+__all__ = ["LeastSquaresProblem"]
+
+
+class LeastSquaresProblem(MinimiseProblem):
+    """A minimum of ``½‖r(w)‖²``: ``fn`` returns the residuals ``r`` (a tensor, or with
+    ``batched=True`` a tensor whose leading dimension is the batch); objective ``½‖r‖²`` per
+    problem, implicit residual ``Jᵀr``."""
+
+    @classmethod
+    def default_forward_solver(cls) -> ForwardSolver:
+        """:class:`~implicit_layers.solvers.LevenbergMarquardt`."""
+        from .solvers import LevenbergMarquardt  # the solvers import the problem classes
+
+        return LevenbergMarquardt()
+
+    kind = "least_squares"
+    solvers_hint = "LevenbergMarquardt, GaussNewton or LBFGS"
+
+    def check_output(self, out: object) -> None:
+        """Raise a clear error unless ``fn`` returned a floating tensor of residuals (one row
+        per problem when batched)."""
+        leaves = tree_flatten(out)[0]
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            raise TypeError(
+                f"{self.name} must return a floating-point torch.Tensor of residuals, got "
+                f"{type(out).__name__ if not isinstance(out, Tensor) else out.dtype}"
+                + (" (a tuple of tensors: concatenate them with torch.cat)." if len(leaves) > 1 else ".")
+            )
+        if self.batched and (out.dim() < 1 or out.shape[0] != self.batch):
+            raise ValueError(
+                f"with batched=True {self.name} must return residuals shaped (B, ...) with "
+                f"B = {self.batch}, got shape {tuple(out.shape)}."
+            )
+        if out.numel() == 0:
+            raise ValueError(f"{self.name} returned no residuals (shape {tuple(out.shape)}).")
+
+    def residuals(self, z: Tensor) -> Tensor:
+        """The residual vectors ``r(z)``, shape ``(B, m)``, in the compute dtype."""
+        return self._call(z).reshape(self.batch, -1).to(self.dtype)
+
+    def objective(self, z: Tensor) -> Tensor:
+        """``½‖r(z)‖²`` per problem, shape ``(B,)``."""
+        return 0.5 * self.residuals(z).square().sum(-1)
+
+
+KINDS["least_squares"] = LeastSquaresProblem

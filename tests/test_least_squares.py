@@ -1,0 +1,143 @@
+"""``il.least_squares`` against scipy.optimize.least_squares and central differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import least_squares as scipy_least_squares
+
+import implicit_layers as il
+
+D = torch.float64
+T = torch.linspace(0, 2, 25, dtype=D)
+
+
+def _model(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    # A decaying oscillation: a nonzero-residual fit to data it cannot match exactly.
+    return w[..., 0:1] * torch.exp(-w[..., 1:2] * t) + w[..., 2:3] * torch.sin(3 * t)
+
+
+def _data(seed: int, batch: tuple[int, ...] = ()) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    clean = 2.0 * torch.exp(-1.5 * T) + 0.5 * torch.sin(3 * T)
+    return clean + 0.1 * torch.randn(*batch, T.numel(), dtype=D, generator=gen)
+
+
+def _scipy_fit(y: np.ndarray) -> np.ndarray:
+    t = T.numpy()
+
+    def fun(w: np.ndarray) -> np.ndarray:
+        return w[0] * np.exp(-w[1] * t) + w[2] * np.sin(3 * t) - y
+
+    return scipy_least_squares(fun, np.ones(3), xtol=1e-15, ftol=1e-15, gtol=1e-15).x
+
+
+@pytest.mark.parametrize("solver", [None, il.solvers.GaussNewton(),
+                                    il.solvers.LevenbergMarquardt(dense_max_size=0)])
+def test_solution_matches_scipy(solver) -> None:
+    y = _data(0)
+    w, info = il.least_squares(lambda w: _model(w, T) - y, torch.ones(3, dtype=D), solver=solver,
+                               return_info=True)
+    assert bool(info.converged)
+    np.testing.assert_allclose(w.numpy(), _scipy_fit(y.numpy()), rtol=1e-8)
+
+
+def test_gradient_is_exact_at_nonzero_residual() -> None:
+    y = _data(1).requires_grad_(True)
+    c = torch.tensor([1.0, -2.0, 0.5], dtype=D)
+    w = il.least_squares(lambda w, y: _model(w, T) - y, torch.ones(3, dtype=D), y)
+    (grad,) = torch.autograd.grad(c @ w, y)
+    # The implicit function theorem by dense linear algebra: dw/dy = -H⁻¹ ∂²L/∂w∂y with H the
+    # full Hessian of L = ½‖r‖² at scipy's solution.
+    w_ref = torch.tensor(_scipy_fit(y.detach().numpy()), dtype=D)
+
+    def loss(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (_model(w, T) - y).square().sum()
+
+    H = torch.func.hessian(loss)(w_ref, y.detach())
+    cross = torch.func.jacrev(torch.func.grad(loss), argnums=1)(w_ref, y.detach())  # (3, m)
+    dense = -(torch.linalg.solve(H, c) @ cross)
+    torch.testing.assert_close(grad, dense, rtol=1e-8, atol=1e-10)
+    # Central differences of forward solves (no derivatives involved; the solutions are
+    # accurate to ~1e-9, the rounding floor of the decrease test, hence the tolerance).
+    h = 1e-3
+    with torch.no_grad():
+        fit = lambda y: c @ il.least_squares(lambda w: _model(w, T) - y, torch.ones(3, dtype=D))  # noqa: E731
+        fd = torch.stack([(fit(y + h * e) - fit(y - h * e)) / (2 * h) for e in torch.eye(25, dtype=D)])
+    torch.testing.assert_close(grad, fd, rtol=1e-5, atol=1e-6)
+    # The residual is far from zero, so the Gauss-Newton matrix JᵀJ alone would be off:
+    # the full Hessian is what makes the gradient exact.
+    assert float((_model(w.detach(), T) - y.detach()).norm()) > 0.3
+
+
+def test_batched_curve_fits_and_composability() -> None:
+    Y = _data(2, (5,)).requires_grad_(True)
+    W, info = il.least_squares(lambda w, Y: _model(w, T) - Y, torch.ones(5, 3, dtype=D), Y,
+                               batched=True, return_info=True)
+    assert info.converged.shape == (5,) and bool(info.converged.all())
+    for i in range(5):
+        np.testing.assert_allclose(W[i].detach().numpy(), _scipy_fit(Y[i].detach().numpy()),
+                                   rtol=1e-8)
+    # Batched gradient = per-sample gradients.
+    (gb,) = torch.autograd.grad(W[:, 1].sum(), Y)
+    y1 = Y[1].detach().requires_grad_(True)
+    w1 = il.least_squares(lambda w, y: _model(w, T) - y, torch.ones(3, dtype=D), y1)
+    (g1,) = torch.autograd.grad(w1[1], y1)
+    torch.testing.assert_close(gb[1], g1, rtol=1e-7, atol=1e-9)
+    # torch.func.grad and vmap over problems, double backward.
+
+    def decay(y: torch.Tensor) -> torch.Tensor:
+        return il.least_squares(lambda w, y: _model(w, T) - y, torch.ones(3, dtype=D), y)[1]
+
+    torch.testing.assert_close(torch.func.grad(decay)(Y[1].detach()), g1, rtol=1e-7, atol=1e-9)
+    gv = torch.func.vmap(torch.func.grad(decay))(Y.detach())
+    torch.testing.assert_close(gv, gb, rtol=1e-7, atol=1e-9)
+    y1 = Y[1].detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(decay(y1), y1, create_graph=True)
+    (hv,) = torch.autograd.grad(g.sum(), y1)
+    eps = 1e-5
+    grad_of = torch.func.grad(decay)
+    fd = (grad_of(y1.detach() + eps) - grad_of(y1.detach() - eps)).sum() / (2 * eps)
+    assert hv.sum().item() == pytest.approx(fd.item(), rel=1e-4)
+
+
+def test_float32() -> None:
+    y = _data(3)
+    w = il.least_squares(lambda w: _model(w, T.float()) - y.float(), torch.ones(3))
+    assert w.dtype == torch.float32
+    np.testing.assert_allclose(w.numpy(), _scipy_fit(y.numpy()), rtol=1e-4)
+
+
+def test_bad_inputs() -> None:
+    with pytest.raises(TypeError, match="residual must return a floating-point torch.Tensor"):
+        il.least_squares(lambda w: (w, w), torch.ones(3, dtype=D))
+    with pytest.raises(ValueError, match=r"batched=True residual must return residuals shaped \(B, ...\)"):
+        il.least_squares(lambda w: w.sum(), torch.ones(4, 3, dtype=D), batched=True)
+    with pytest.raises(ValueError, match="does not solve least_squares problems"):
+        il.least_squares(lambda w: w, torch.ones(3, dtype=D), solver=il.solvers.Anderson())
+    with pytest.raises(ValueError, match="damping must be > 0"):
+        il.solvers.LevenbergMarquardt(-1.0)
+    y = _data(0)
+    with pytest.warns(il.ConvergenceWarning, match="LevenbergMarquardt"):
+        il.least_squares(lambda w: _model(w, T) - y, torch.ones(3, dtype=D),
+                         solver=il.solvers.LevenbergMarquardt(max_steps=1))
+
+
+def test_gauss_newton_backward_exact_only_at_zero_residual() -> None:
+    w_true = torch.tensor([2.0, 1.5, 0.5], dtype=D)
+    gn = il.backward.GaussNewtonImplicit()
+    for noise, exact in ((0.0, True), (0.1, False)):
+        y = (_model(w_true, T) + noise * torch.sin(7 * T)).requires_grad_(True)
+        grads = []
+        for backward in (None, gn):
+            w = il.least_squares(lambda w, y: _model(w, T) - y, torch.ones(3, dtype=D), y,
+                                 backward=backward)
+            grads.append(torch.autograd.grad(w[1], y)[0])
+        # Gauss-Newton's own formula: dw/dy = (JᵀJ)⁻¹ Jᵀ at the solution.
+        J = torch.func.jacrev(lambda w: _model(w, T))(w.detach())
+        torch.testing.assert_close(grads[1], torch.linalg.solve(J.T @ J, J.T)[1], rtol=1e-7, atol=1e-9)
+        close = torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-8)
+        assert close == exact
+    with pytest.raises(ValueError, match="GaussNewtonImplicit differentiates least-squares"):
+        il.argmin(lambda w: w.square().sum(), torch.ones(2, dtype=D, requires_grad=True) * 1, backward=gn)
