@@ -23,6 +23,7 @@ every ``check_every`` iterations with one host synchronisation.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -197,7 +198,6 @@ def interior_point(
     status = torch.full((B,), MAX_STEPS, dtype=torch.int64, device=device)
     active = torch.ones(B, dtype=torch.bool, device=device)
     steps = torch.zeros(B, dtype=torch.int64, device=device)
-    tolerance = tol * q.new_ones(B)
 
     def kkt(z: Tensor, lam: Tensor, nu: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         rd = _bmv(Q, z) + q + _bmtv(G, lam) + _bmtv(A, nu)
@@ -209,6 +209,11 @@ def interior_point(
     best = (z, lam, nu, s)
     best_res = torch.full((B,), float("inf"), dtype=dtype, device=device)
     since_better = torch.zeros(B, dtype=torch.int64, device=device)
+    # Samples that stopped leave the working batch at the next check (see _Finished), so the
+    # later iterations factorise only the samples still running; `rows` maps the working
+    # batch to the caller's.
+    finished = _Finished(B, n, m, p, dtype, device)
+    rows = torch.arange(B, device=device)
     for it in range(max_steps + 1):
         rd, rpi, rpe, mu = kkt(z, lam, nu, s)
         # Every iteration decides per sample without a host synchronisation; the loop only
@@ -265,6 +270,20 @@ def interior_point(
         active = active & ~(done | stuck)
         if it == max_steps or (checking and not bool(active.any())):
             break
+        if checking and device.type == "cpu" and not bool(active.all()):
+            # Gathering the running samples costs a copy of their data, far less than the
+            # iterations it saves; on an accelerator the batch keeps its shape instead, so that
+            # the loop needs no synchronisation beyond the checks.
+            finished.store(~active, rows, best, status, steps, best_res)
+            keep = active.nonzero().squeeze(1)
+            rows = rows[keep]
+            Q, q, G, h, A, b, Qd = (t[keep] for t in (Q, q, G, h, A, b, Qd))
+            q_scale, h_scale, delta, eps = (t[keep] for t in (q_scale, h_scale, delta, eps))
+            rd, rpi, rpe, mu = (t[keep] for t in (rd, rpi, rpe, mu))
+            z, lam, nu, s, status, steps, best_res, since_better = (
+                t[keep] for t in (z, lam, nu, s, status, steps, best_res, since_better))
+            best = (best[0][keep], best[1][keep], best[2][keep], best[3][keep])
+            active = active[keep]
         steps = steps + active
 
         w = lam / s.clamp(min=tiny)
@@ -291,11 +310,34 @@ def interior_point(
         nu = torch.where(ok, nu_new, nu)
         s = torch.where(ok, s_new, s)
 
-    z, lam, nu, s = best
+    finished.store(torch.ones_like(active), rows, best, status, steps, best_res)
+    z, lam, nu, s = finished.best
     # A sample that stalled or ran out of steps below the tolerance counts as solved.
-    status = torch.where((status == MAX_STEPS) & (best_res <= tol), SOLVED, status)
-    return IPMResult(z=z, lam=lam, nu=nu, s=s, status=status, steps=steps, residual=best_res,
-                     tolerance=tolerance)
+    status = torch.where((finished.status == MAX_STEPS) & (finished.res <= tol), SOLVED, finished.status)
+    return IPMResult(z=z, lam=lam, nu=nu, s=s, status=status, steps=finished.steps, residual=finished.res,
+                     tolerance=tol * q.new_ones(B))
+
+
+class _Finished:
+    """The final values of the samples that left the working batch, in the caller's order."""
+
+    def __init__(self, B: int, n: int, m: int, p: int, dtype: torch.dtype, device: torch.device) -> None:
+        new = functools.partial(torch.zeros, dtype=dtype, device=device)
+        self.best = (new(B, n), new(B, m), new(B, p), new(B, m))
+        self.status = torch.full((B,), MAX_STEPS, dtype=torch.int64, device=device)
+        self.steps = torch.zeros(B, dtype=torch.int64, device=device)
+        self.res = torch.full((B,), float("inf"), dtype=dtype, device=device)
+
+    def store(self, leaving: Tensor, rows: Tensor, best: tuple[Tensor, Tensor, Tensor, Tensor],
+              status: Tensor, steps: Tensor, res: Tensor) -> None:
+        """Record the working samples flagged by ``leaving``; ``rows`` are their caller's indices."""
+        sel = leaving.nonzero().squeeze(1)
+        at = rows[sel]
+        for out, value in zip(self.best, best, strict=True):
+            out.index_copy_(0, at, value[sel])
+        self.status.index_copy_(0, at, status[sel])
+        self.steps.index_copy_(0, at, steps[sel])
+        self.res.index_copy_(0, at, res[sel])
 
 
 def _certificates(
