@@ -80,8 +80,9 @@ class _Reduced:
     """The factorised reduced system of one iteration (Cholesky of H and of the Schur complement).
 
     ``Qd`` is ``Q + δI``, formed once per solve; ``H = Qd + Gᵀ diag(w) G`` is one batched
-    ``baddbmm``. With equalities, ``Z = H⁻¹Aᵀ`` is solved once here, so that each solve below
-    costs one ``(n, n)`` and one ``(p, p)`` triangular pair instead of two ``(n, n)`` ones.
+    ``baddbmm``. With equalities, ``Y = L⁻¹Aᵀ`` is formed once here (one triangular solve with
+    ``p`` columns), so that each solve below costs two triangular solves with ``L`` and one
+    ``(p, p)`` Cholesky solve.
     """
 
     def __init__(self, Qd: Tensor, G: Tensor, A: Tensor, w: Tensor, eps: Tensor) -> None:
@@ -96,20 +97,23 @@ class _Reduced:
             jacobi = torch.diag_embed(H.diagonal(dim1=-2, dim2=-1).abs().clamp(min=1.0).sqrt())
             L = torch.where(bad, jacobi, L)
         self.L = L
-        self.A = A
         self.p = A.shape[-2]
         if self.p:
-            self.Z = torch.cholesky_solve(A.mT, L)  # H⁻¹ Aᵀ, (B, n, p)
-            S = A @ self.Z
+            self.Y = torch.linalg.solve_triangular(L, A.mT, upper=False)  # L⁻¹ Aᵀ, (B, n, p)
+            S = self.Y.mT @ self.Y
             S.diagonal(dim1=-2, dim2=-1).add_(eps[:, None])
             self.LS = torch.linalg.cholesky_ex(S)[0]
 
     def solve(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
-        x = torch.cholesky_solve(r1.unsqueeze(-1), self.L).squeeze(-1)
         if not self.p:
+            x = torch.cholesky_solve(r1.unsqueeze(-1), self.L).squeeze(-1)
             return x, r1.new_zeros(r1.shape[:-1] + (0,))
-        dnu = torch.cholesky_solve((_bmv(self.A, x) - r2).unsqueeze(-1), self.LS).squeeze(-1)
-        return x - _bmv(self.Z, dnu), dnu
+        # H dz + Aᵀ dν = r₁, A dz - ε dν = r₂ with u = L⁻¹ r₁:  (YᵀY + εI) dν = Yᵀu - r₂,
+        # then dz = L⁻ᵀ (u - Y dν).
+        u = torch.linalg.solve_triangular(self.L, r1.unsqueeze(-1), upper=False)
+        dnu = torch.cholesky_solve(self.Y.mT @ u - r2.unsqueeze(-1), self.LS)
+        dz = torch.linalg.solve_triangular(self.L.mT, u - self.Y @ dnu, upper=True)
+        return dz.squeeze(-1), dnu.squeeze(-1)
 
 
 def _direction(
