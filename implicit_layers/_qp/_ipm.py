@@ -18,7 +18,9 @@ solution.
 
 Samples stop independently: a sample that converged (or was found infeasible) keeps its
 iterate while the others go on. Convergence and the infeasibility certificates are checked
-every ``check_every`` iterations with one host synchronisation.
+every ``check_every`` iterations with one host synchronisation. On the CPU, where asking the
+device costs nothing, the samples that stopped also leave the working batch at each check, so
+the later iterations factorise only the samples still running.
 """
 
 from __future__ import annotations
