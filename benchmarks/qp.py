@@ -12,6 +12,7 @@ Usage::
     python benchmarks/qp.py --quick             # B = 128, n = 50 only (the target case)
     python benchmarks/qp.py --cases             # LP, degenerate and infeasible problems
     python benchmarks/qp.py --out benchmarks/results/qp.json
+    python benchmarks/qp.py --quick --baseline ../other-checkout   # also time that checkout's il.qp
 """
 
 from __future__ import annotations
@@ -64,8 +65,28 @@ def reference(Q, q, G, h, A, b) -> torch.Tensor:
     return torch.tensor(np.array(out), dtype=F64)
 
 
+BASELINE = "il.qp (baseline)"
+_baseline: Any = None  # another checkout's implicit_layers (--baseline), timed beside this one
+
+
+def load_baseline(root: Path) -> Any:
+    """Import ``root/implicit_layers`` under another module name (the package imports relatively)."""
+    init = root / "implicit_layers" / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"--baseline: no implicit_layers package under {root}")
+    spec = importlib.util.spec_from_file_location("implicit_layers_baseline", init,
+                                                  submodule_search_locations=[str(init.parent)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def methods() -> dict[str, Callable[..., torch.Tensor]]:
     found: dict[str, Callable[..., torch.Tensor]] = {"il.qp": lambda *d: il.qp(*d)}
+    if _baseline is not None:
+        found[BASELINE] = lambda *d: _baseline.qp(*d)
     try:
         from qpth.qp import QPFunction, QPSolvers
 
@@ -187,20 +208,24 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("--cases", action="store_true", help="only the LP / degenerate / infeasible cases")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a checkout whose il.qp is timed beside this one (before/after figures)")
     args = parser.parse_args(argv)
+    global _baseline
+    _baseline = None if args.baseline is None else load_baseline(args.baseline)
     torch.set_num_threads(args.threads)
     if args.cases:
         return special_cases()
     grid = [(128, 50)] if args.quick else [(B, n) for n in (10, 50, 100) for B in (1, 32, 128)]
     rows: list[dict[str, Any]] = []
-    print(f"{'B':>4} {'n':>4} {'method':>10} {'fwd+bwd ms':>11} {'sol err':>9} {'grad err':>9} "
+    print(f"{'B':>4} {'n':>4} {'method':>16} {'fwd+bwd ms':>11} {'sol err':>9} {'grad err':>9} "
           f"{'x fastest peer':>14}")
     for B, n in grid:
         case = run(B, n, args.repeats)
-        peers = [r["ms"] for r in case if r["method"] != "il.qp" and r["ms"] == r["ms"]]
+        peers = [r["ms"] for r in case if r["method"] not in ("il.qp", BASELINE) and r["ms"] == r["ms"]]
         for r in case:
             ratio = r["ms"] / min(peers) if peers else float("nan")
-            print(f"{B:>4} {n:>4} {r['method']:>10} {r['ms']:>11.1f} {r['sol_err']:>9.1e} "
+            print(f"{B:>4} {n:>4} {r['method']:>16} {r['ms']:>11.1f} {r['sol_err']:>9.1e} "
                   f"{r['grad_err']:>9.1e} {ratio:>14.2f}")
         rows += case
     if args.out is not None:

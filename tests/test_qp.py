@@ -299,3 +299,23 @@ def test_warm_start_from_the_previous_solution():
     z3, info3 = il.qp(*nudged, return_info=True)
     assert rel(z2, z3) < 1e-12 and rel(z2, reference(*nudged)) < 1e-10
     assert int(info2.steps.sum()) < int(info3.steps.sum())
+
+
+def test_samples_that_stop_early_leave_the_batch_in_place():
+    # Loose constraints on samples 1, 4, 6 make them stop several iterations before the others,
+    # so the working batch shrinks during the solve; every sample must come back in its place.
+    data = list(random_qp(21, 8, 12, 12, 2, active=0.5))
+    data[3] = data[3].clone()
+    data[3][[1, 4, 6]] += 100.0
+    h = leaf(data[3])
+    z, lam, nu, info = il.qp(*data[:3], h, *data[4:], return_duals=True, return_info=True)
+    assert len(set(info.steps.tolist())) > 1 and info.status.tolist() == [0] * 8
+    assert rel(z, reference(*data)) < 1e-9
+    w = torch.randn(8, 12, generator=torch.Generator().manual_seed(5), dtype=DT)
+    (grad,) = torch.autograd.grad((w * z).sum(), h)
+    for i in (0, 1, 4, 7):
+        h_i = leaf(data[3][i])
+        z_i, lam_i, nu_i = il.qp(*(t[i] for t in data[:3]), h_i, *(t[i] for t in data[4:]), return_duals=True)
+        (grad_i,) = torch.autograd.grad((w[i] * z_i).sum(), h_i)
+        assert rel(z[i], z_i) < 1e-12 and rel(lam[i], lam_i) < 1e-9 and rel(nu[i], nu_i) < 1e-9
+        assert rel(grad[i], grad_i) < 1e-9

@@ -21,7 +21,8 @@ class InteriorPoint(Settings):
     """The batched primal-dual interior-point method behind :func:`~implicit_layers.qp`.
 
     Mehrotra's predictor-corrector on the slack form ``Gz + s = h``, one batched Cholesky
-    factorisation per iteration for the whole batch, regularised so that LPs, singular ``Q``
+    factorisation per iteration for the whole batch (on the CPU, for the samples still
+    running), regularised so that LPs, singular ``Q``
     and rank-deficient or duplicated constraints converge; near the solution an
     equality-constrained solve on the guessed active set refines ``z`` to rounding. Samples
     stop independently; infeasible and unbounded samples are detected by certificates on
