@@ -143,9 +143,12 @@ def main(argv: list[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
 
     epoch_times, fwd_steps, bwd_steps, peak_saved, losses = [], [], [], 0, []
+    # Per-epoch curves: test accuracy (eval mode, after the epoch), mean steps of the epoch.
+    history: dict[str, list[float]] = {"test_accuracy": [], "forward_steps": [], "backward_steps": []}
     bar = tqdm(range(args.epochs), desc=f"DEQ digits [{args.backward}]", file=sys.stdout)
     for _ in bar:
         t0 = time.perf_counter()
+        first_step = len(fwd_steps), len(bwd_steps)
         perm = torch.randperm(len(Xtr), generator=gen)
         epoch_loss = 0.0
         for i in range(0, len(Xtr), args.batch_size):
@@ -175,6 +178,10 @@ def main(argv: list[str] | None = None) -> dict:
         sched.step()
         epoch_times.append(time.perf_counter() - t0)
         losses.append(epoch_loss / len(Xtr))
+        epoch_fwd, epoch_bwd = fwd_steps[first_step[0]:], bwd_steps[first_step[1]:]
+        history["forward_steps"].append(sum(epoch_fwd) / len(epoch_fwd))
+        history["backward_steps"].append(sum(epoch_bwd) / len(epoch_bwd) if epoch_bwd else float("nan"))
+        history["test_accuracy"].append(evaluate(model, Xte, yte)[0])
         bar.set_postfix(loss=f"{losses[-1]:.3f}", fwd=f"{fwd_steps[-1]:.1f}")
 
     acc, eval_steps = evaluate(model, Xte, yte)
@@ -192,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
         "mean_forward_steps_eval": eval_steps,
         "mean_backward_steps": (sum(bwd_steps) / len(bwd_steps)) if bwd_steps else None,
         "peak_saved_for_backward_MiB": peak_saved / 2**20,
+        "history": {"train_loss": losses, **history},
         # ru_maxrss is in KiB on Linux.
         "peak_rss_MiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }

@@ -66,3 +66,22 @@ def test_peer_chart_finds_every_method_in_the_committed_results(tmp_path):
     assert missing == []
     assert plots.peer_chart(results, tmp_path) == tmp_path / "bench_peers.png"
     assert plots.peer_chart({"sections": []}, tmp_path) is None
+
+
+def test_deq_training_curves_tiny(tmp_path):
+    """The DEQ training-curve script trains the example twice and records one point per epoch
+    and per curve; the Jacobian penalty changes the training (different forward steps)."""
+    spec = importlib.util.spec_from_file_location("deq_curves", ROOT / "docs" / "_scripts" / "deq_curves.py")
+    assert spec is not None and spec.loader is not None
+    curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curves)
+    results = curves.main(["--tiny", "--out", str(tmp_path)])
+    assert (tmp_path / "deq_training_curves.png").stat().st_size > 10_000
+    plain, penalised = results.values()
+    for result in (plain, penalised):
+        history = result["history"]
+        assert {len(v) for v in history.values()} == {result["epochs"]}
+        assert all(0.0 <= a <= 1.0 for a in history["test_accuracy"])
+        assert history["test_accuracy"][-1] == pytest.approx(result["test_accuracy"])
+        assert all(s >= 1 for s in history["forward_steps"] + history["backward_steps"])
+    assert plain["history"]["forward_steps"] != penalised["history"]["forward_steps"]
