@@ -77,14 +77,14 @@ def _arange(n: int, device: torch.device, start: int = 0) -> Tensor:
     return out
 
 
-def _norm(x: Tensor) -> Tensor:
+def _norm(x: Tensor, keepdim: bool = False) -> Tensor:
     """Per-sample norm of the last dimension for the convergence test (detached), accumulated
     in float64 for narrower dtypes (see :func:`~implicit_layers.solvers._base._norm`)."""
     if x.requires_grad:
         x = x.detach()
     if x.dtype == torch.float64:
-        return torch.linalg.vector_norm(x, dim=-1)
-    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).to(x.dtype)
+        return torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim)
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim, dtype=torch.float64).to(x.dtype)
 
 
 class WindowMonitor:
@@ -172,14 +172,17 @@ class WindowMonitor:
         with one synchronisation, and no masks while no sample is done."""
         z, r = self._zs[0], self._rs[0]
         self._zs, self._rs = [], []
-        res = _norm(r).unsqueeze(-1)
-        tol = self._tol(_norm(z).unsqueeze(-1)) if self.relative_to_z else self.tol0
+        res = _norm(r, keepdim=True)
+        tol = self._tol(_norm(z, keepdim=True)) if self.relative_to_z else self.tol0
         met = res <= tol
         if self._none_done:
             better = (res <= self.best_res) | met
             self.res, self.done = res, met
-            flags = [met.all(), torch.isfinite(res).all(), met.any(), better.all()]
-            all_done, finite, any_done, all_better, *rest = self._sync(flags, res)
+            if self.extra is None:
+                all_done, finite, any_done, all_better, *rest = self._count_flags(met, res, better)
+            else:
+                flags = [met.all(), torch.isfinite(res).all(), met.any(), better.all()]
+                all_done, finite, any_done, all_better, *rest = self._sync(flags, res)
             self.steps = self.steps + 1
             if all_better:
                 # On the CPU a synchronisation is cheaper than a masked copy of the iterate.
@@ -204,6 +207,19 @@ class WindowMonitor:
         if rest:
             self.res_in_safe_range = bool(rest[0])
         return [all_done, finite]
+
+    def _count_flags(self, met: Tensor, res: Tensor, better: Tensor) -> list[bool]:
+        """The flags of :meth:`_sync` for ``[met.all(), finite, met.any(), better.all()]``
+        (and the range test of ``safe``) from one sum of per-sample columns: four ops and one
+        synchronisation instead of a reduction per flag. A norm is NaN or Inf exactly when it
+        is not below infinity."""
+        columns = [met, res < math.inf, better]
+        if self.safe is not None:
+            columns.append((res >= self.safe[0]) & (res <= self.safe[1]))
+        counts = torch.cat(columns, dim=-1).sum(0).tolist()
+        batch = met.shape[0]
+        flags = [counts[0] == batch, counts[1] == batch, counts[0] > 0, counts[2] == batch]
+        return flags + [c == batch for c in counts[3:]]
 
     def _sync(self, flags: list[Tensor], res: Tensor) -> list[bool]:
         """The flags (0-dim bool tensors) in one synchronisation, with the range test of
