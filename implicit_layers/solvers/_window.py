@@ -148,6 +148,10 @@ class WindowMonitor:
         self.extra: Callable[[], list[Tensor]] | None = None
         self.extra_values: list[float] = []
         self._stacked: tuple[Tensor, Tensor] | None = None
+        #: At a check with iterates to judge (while :attr:`extra` runs): the ``(B, 1)``
+        #: residual norms and tolerances of the latest iterate; ``None`` otherwise.
+        self.last_res: Tensor | None = None
+        self.last_tol: Tensor | None = None
 
     def _tol(self, znorm: Tensor) -> Tensor:
         return torch.clamp(znorm * self.rtol, min=self.tol0)
@@ -174,15 +178,12 @@ class WindowMonitor:
         self._zs, self._rs = [], []
         res = _norm(r, keepdim=True)
         tol = self._tol(_norm(z, keepdim=True)) if self.relative_to_z else self.tol0
+        self.last_res, self.last_tol = res, tol
         met = res <= tol
         if self._none_done:
             better = (res <= self.best_res) | met
             self.res, self.done = res, met
-            if self.extra is None:
-                all_done, finite, any_done, all_better, *rest = self._count_flags(met, res, better)
-            else:
-                flags = [met.all(), torch.isfinite(res).all(), met.any(), better.all()]
-                all_done, finite, any_done, all_better, *rest = self._sync(flags, res)
+            all_done, finite, any_done, all_better, *rest = self._count_flags(met, res, better)
             self.steps = self.steps + 1
             if all_better:
                 # On the CPU a synchronisation is cheaper than a masked copy of the iterate.
@@ -216,7 +217,14 @@ class WindowMonitor:
         columns = [met, res < math.inf, better]
         if self.safe is not None:
             columns.append((res >= self.safe[0]) & (res <= self.safe[1]))
-        counts = torch.cat(columns, dim=-1).sum(0).tolist()
+        total = torch.cat(columns, dim=-1).sum(0)
+        extra = self.extra() if self.extra is not None else []
+        if extra:
+            # float counts are exact far beyond any batch size
+            values = torch.cat((total.to(extra[0].dtype), torch.stack(extra))).tolist()
+            counts, self.extra_values = values[: len(columns)], values[len(columns):]
+        else:
+            counts = total.tolist()
         batch = met.shape[0]
         flags = [counts[0] == batch, counts[1] == batch, counts[0] > 0, counts[2] == batch]
         return flags + [c == batch for c in counts[3:]]
@@ -253,6 +261,7 @@ class WindowMonitor:
             Z, R = torch.stack(zs, dim=1), torch.stack(rs, dim=1)
         res = _norm(R)
         tol = self._tol(_norm(Z)) if self.relative_to_z else self.tol0
+        self.last_res, self.last_tol = res[..., -1:], tol[..., -1:]
         pick, met, dead, chosen, worst = judge_window(res, tol, self.done, self.best_res)
         self.best_res = torch.where(chosen, res.gather(-1, pick), self.best_res)
         self.best_tol = torch.where(
@@ -278,6 +287,7 @@ class WindowMonitor:
         self.k += 1
         if not force and (self.k - 1) % self.check_every != 0:
             return False
+        self.last_res = self.last_tol = None
         if self._stacked is not None:
             flags = self._judge()
         elif not self._zs:

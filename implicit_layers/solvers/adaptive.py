@@ -172,16 +172,13 @@ class Adaptive(ForwardSolver):
             look = switched_at is None and mon.k % mon.check_every == 0 and k > ref_k
             if look:
                 span = k - ref_k
-                res = _norm(r).unsqueeze(-1)
-                tol = None
-                if span >= self.window:
-                    tol = mon._tol(_norm(z).unsqueeze(-1)) if mon.relative_to_z else mon.tol0
-                mon.extra = _contraction_test(mon, res, ref_res, tol, span, tiny)
+                mon.extra = _contraction_test(mon, z, r, ref_res, span >= self.window, span, tiny)
             stop = mon.stop()
             mon.extra = None
             if stop:
                 break
             if look:
+                res = mon.last_res if mon.last_res is not None else _norm(r).unsqueeze(-1)
                 if span >= self.window:
                     worst, needed = mon.extra_values
                 else:
@@ -305,15 +302,23 @@ def _neumann_terms(rho: float, rtol: float) -> int:
 
 
 def _contraction_test(
-    mon: WindowMonitor, res: Tensor, ref_res: Tensor, tol: Tensor | None, span: int, tiny: float
+    mon: WindowMonitor, z: Tensor, r: Tensor, ref_res: Tensor, budget: bool, span: int,
+    tiny: float,
 ) -> Callable[[], list[Tensor]]:
     """The values Adaptive's switch rule reads at a check, as a :attr:`WindowMonitor.extra`
     callback (it runs after the check's bookkeeping, so ``mon.done`` is current): the largest
-    ratio of residual norms over ``span`` plain steps among the samples not done, and, given
-    the tolerances ``tol`` ``(B, 1)``, the most steps plain iteration would still need at that
-    rate."""
+    ratio of residual norms over ``span`` plain steps among the samples not done, and, with
+    ``budget``, the most steps plain iteration would still need at that rate to reach the
+    tolerances. The norms and tolerances of the iterate ``z`` (residual ``r``) are the ones
+    the check just computed, when it judged that iterate."""
 
     def values() -> list[Tensor]:
+        res = mon.last_res if mon.last_res is not None else _norm(r).unsqueeze(-1)
+        tol = None
+        if budget:
+            tol = mon.last_tol if mon.last_tol is not None else (
+                mon._tol(_norm(z).unsqueeze(-1)) if mon.relative_to_z else mon.tol0
+            )
         ratio = (res / ref_res.clamp_min(tiny)).masked_fill(mon.done, 0.0)
         if tol is None:
             return [ratio.max()]
