@@ -130,7 +130,10 @@ class WindowMonitor:
         self.best_res = res
         self.best_tol = tol
         self.done = res <= tol
-        self.steps = torch.zeros(z0.shape[0], 1, dtype=torch.int64, device=z0.device)
+        self._steps = torch.zeros(z0.shape[0], 1, dtype=torch.int64, device=z0.device)
+        # Steps every sample took since the last masked update, counted on the host (no op
+        # per step while no sample is done) and added when :attr:`steps` is read.
+        self._uniform_steps = 0
         self.k = 0
         self._zs: list[Tensor] = []
         self._rs: list[Tensor] = []
@@ -152,6 +155,18 @@ class WindowMonitor:
         #: residual norms and tolerances of the latest iterate; ``None`` otherwise.
         self.last_res: Tensor | None = None
         self.last_tol: Tensor | None = None
+
+    @property
+    def steps(self) -> Tensor:
+        """Per-sample step counts ``(B, 1)``."""
+        if self._uniform_steps:
+            self._steps = self._steps + self._uniform_steps
+            self._uniform_steps = 0
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: Tensor) -> None:
+        self._steps, self._uniform_steps = value, 0
 
     def _tol(self, znorm: Tensor) -> Tensor:
         return torch.clamp(znorm * self.rtol, min=self.tol0)
@@ -184,7 +199,7 @@ class WindowMonitor:
             better = (res <= self.best_res) | met
             self.res, self.done = res, met
             all_done, finite, any_done, all_better, *rest = self._count_flags(met, res, better)
-            self.steps = self.steps + 1
+            self._uniform_steps += 1
             if all_better:
                 # On the CPU a synchronisation is cheaper than a masked copy of the iterate.
                 self.best_z, self.best_res, self.best_tol = z, res, tol
