@@ -92,7 +92,7 @@ def _runner(api: str, tiny: bool, solver: Any, backward: Any) -> Callable[[OpCou
     def run(counter: OpCounter) -> dict:
         _PausedCell.counter = counter
         try:
-            z0 = torch.zeros_like(g)
+            z0 = counter.paused(torch.zeros_like)(g)  # the caller's initial guess
             start = (counter.ops, counter.syncs)
             if api == "il.fixed_point":
                 z, info = il.fixed_point(cell, z0, x, solver=solver, backward=backward,
