@@ -89,7 +89,7 @@ BEFORE = {
 SYNC = torch.ops.aten._local_scalar_dense.default
 #: The functions that hold the convergence checks (the intended graph breaks).
 CHECKS = {
-    "stop", "_judge", "_judge_one", "_sync", "_flush", "check_done", "check_active", "proceed",
+    "stop", "_judge", "_judge_one", "_count_flags", "_flush", "check_done", "check_active", "proceed",
     "next_round",
 }
 

@@ -151,6 +151,8 @@ class WindowMonitor:
         self.extra: Callable[[], list[Tensor]] | None = None
         self.extra_values: list[float] = []
         self._stacked: tuple[Tensor, Tensor] | None = None
+        # Whether a check has judged every recorded iterate (then finish() needs no check).
+        self._judged = False
         #: At a check with iterates to judge (while :attr:`extra` runs): the ``(B, 1)``
         #: residual norms and tolerances of the latest iterate; ``None`` otherwise.
         self.last_res: Tensor | None = None
@@ -175,6 +177,7 @@ class WindowMonitor:
         """Register the new iterate ``z`` (every sample stepped) and its residual ``r``."""
         self._zs.append(z)
         self._rs.append(r)
+        self._judged = False
 
     def record_window(self, Z: Tensor, R: Tensor) -> None:
         """Register a whole window of ``W`` steps at once (a chunk replayed from a CUDA graph):
@@ -184,6 +187,7 @@ class WindowMonitor:
         if self._zs:
             raise RuntimeError("record_window after record: a window is one or the other")
         self._stacked = (Z, R)
+        self._judged = False
         self.k += Z.shape[1] - 1
 
     def _judge_one(self) -> list[bool]:
@@ -216,21 +220,25 @@ class WindowMonitor:
             self.best_tol = torch.where(better, tol, self.best_tol)
             self.res = torch.where(alive, res, self.res)
             self.done = self.done | met
-            flags = [self.done.all(), torch.isfinite(self.res).all(), self.done.any()]
-            all_done, finite, any_done, *rest = self._sync(flags, self.res)
+            all_done, finite, any_done, *rest = self._count_flags(self.done, self.res)
         self._none_done = not any_done
         self._dead = None
         if rest:
             self.res_in_safe_range = bool(rest[0])
         return [all_done, finite]
 
-    def _count_flags(self, met: Tensor, res: Tensor, better: Tensor) -> list[bool]:
-        """The flags of :meth:`_sync` for ``[met.all(), finite, met.any(), better.all()]``
-        (and the range test of ``safe``) from one sum of per-sample columns: four ops and one
-        synchronisation instead of a reduction per flag. A norm is NaN or Inf exactly when it
-        is not below infinity."""
-        columns = [met, res < math.inf, better]
-        if self.safe is not None:
+    def _count_flags(
+        self, met: Tensor, res: Tensor, better: Tensor | None = None, safe: bool = True
+    ) -> list[bool]:
+        """``[met.all(), res finite, met.any()]`` (then ``better.all()`` if ``better`` is
+        given, and, with ``safe``, the range test of :attr:`safe` when it is set) from one sum
+        of per-sample ``(B, 1)`` columns, with the solver's :attr:`extra` values: a few ops
+        and one synchronisation instead of a reduction per flag. A norm is NaN or Inf exactly
+        when it is not below infinity."""
+        columns = [met, res < math.inf]
+        if better is not None:
+            columns.append(better)
+        if safe and self.safe is not None:
             columns.append((res >= self.safe[0]) & (res <= self.safe[1]))
         total = torch.cat(columns, dim=-1).sum(0)
         extra = self.extra() if self.extra is not None else []
@@ -241,16 +249,9 @@ class WindowMonitor:
         else:
             counts = total.tolist()
         batch = met.shape[0]
-        flags = [counts[0] == batch, counts[1] == batch, counts[0] > 0, counts[2] == batch]
-        return flags + [c == batch for c in counts[3:]]
-
-    def _sync(self, flags: list[Tensor], res: Tensor) -> list[bool]:
-        """The flags (0-dim bool tensors) in one synchronisation, with the range test of
-        ``safe`` appended when it is given."""
-        if self.safe is not None:
-            low, high = torch.aminmax(res)
-            flags.append((low >= self.safe[0]) & (high <= self.safe[1]))
-        return self._flush(flags)
+        return [counts[0] == batch, counts[1] == batch, counts[0] > 0] + [
+            c == batch for c in counts[2:]
+        ]
 
     def _flush(self, flags: list[Tensor]) -> list:
         """``flags`` and the solver's :attr:`extra` values in one synchronisation."""
@@ -306,9 +307,7 @@ class WindowMonitor:
         if self._stacked is not None:
             flags = self._judge()
         elif not self._zs:
-            flags = self._flush(
-                [self.done.all(), torch.isfinite(self.res).all(), self.done.any()]
-            )
+            flags = self._count_flags(self.done, self.res, safe=False)
             self._none_done = not flags[2]
         elif len(self._zs) == 1:
             flags = self._judge_one()
@@ -316,6 +315,7 @@ class WindowMonitor:
             flags = self._judge()
         if not flags[1]:
             self._raise_non_finite()
+        self._judged = True
         return bool(flags[0])
 
     def _raise_non_finite(self) -> None:
@@ -326,8 +326,10 @@ class WindowMonitor:
         raise non_finite_error(self.solver, self.problem, bad)
 
     def finish(self) -> tuple[Tensor, SolveInfo]:
-        """Judge the last window and return the best iterate and the info."""
-        self.stop(force=True)
+        """Judge the last window (unless the last check judged every iterate) and return the
+        best iterate and the info."""
+        if not self._judged:
+            self.stop(force=True)
         best_res, best_tol = self.best_res.squeeze(-1), self.best_tol.squeeze(-1)
         info = SolveInfo(
             converged=best_res <= best_tol,
