@@ -240,14 +240,15 @@ class WindowMonitor:
             columns.append(better)
         if safe and self.safe is not None:
             columns.append((res >= self.safe[0]) & (res <= self.safe[1]))
-        total = torch.cat(columns, dim=-1).sum(0)
+        stacked = torch.cat(columns, dim=-1)
         extra = self.extra() if self.extra is not None else []
         if extra:
-            # float counts are exact far beyond any batch size
-            values = torch.cat((total.to(extra[0].dtype), torch.stack(extra))).tolist()
+            # float counts (exact far beyond any batch size) join the extra values
+            total = stacked.sum(0, dtype=extra[0].dtype)
+            values = torch.cat((total, torch.stack(extra))).tolist()
             counts, self.extra_values = values[: len(columns)], values[len(columns):]
         else:
-            counts = total.tolist()
+            counts = stacked.sum(0).tolist()
         batch = met.shape[0]
         return [counts[0] == batch, counts[1] == batch, counts[0] > 0] + [
             c == batch for c in counts[2:]

@@ -146,7 +146,8 @@ class Adaptive(ForwardSolver):
         mon = WindowMonitor(self, problem, z, r)
         tiny = torch.finfo(z.dtype).tiny
         res0 = mon.res  # (B, 1)
-        ref_res, ref_k = res0, 0
+        # the reference residual norms, floored once where they are set (not at every check)
+        ref_res, ref_k = res0.clamp_min(tiny), 0
         k = 0  # plain steps taken
         switched_at: float | None = None
         # Anderson on trial: (steps taken at the switch, residual norms there, plain rho).
@@ -200,7 +201,7 @@ class Adaptive(ForwardSolver):
                         # norms lie where Anderson's Gram matrix needs no rescaling.
                         finfo = torch.finfo(z.dtype)
                         mon.safe = (finfo.tiny**0.25, finfo.max**0.25)
-                    ref_res, ref_k = res, k
+                    ref_res, ref_k = res.clamp_min(tiny), k
             if trial is not None and taken - trial[0] >= TRIAL_STEPS and mon.k % mon.check_every == 0:
                 if not self._keep_anderson(mon, r, trial, taken, tiny):
                     # Back to plain iteration, from the best iterate, for the rest of the solve.
@@ -215,7 +216,7 @@ class Adaptive(ForwardSolver):
                     else:
                         r = residual(z)
                     k = taken
-                    ref_res, ref_k = _norm(r).unsqueeze(-1), k
+                    ref_res, ref_k = _norm(r).unsqueeze(-1).clamp_min(tiny), k
                 trial = None
             if switched_at is None and graphs is not None:
                 w = min(mon.check_every, self.max_steps - taken)
@@ -319,7 +320,7 @@ def _contraction_test(
             tol = mon.last_tol if mon.last_tol is not None else (
                 mon._tol(_norm(z).unsqueeze(-1)) if mon.relative_to_z else mon.tol0
             )
-        ratio = (res / ref_res.clamp_min(tiny)).masked_fill(mon.done, 0.0)
+        ratio = (res / ref_res).masked_fill(mon.done, 0.0)
         if tol is None:
             return [ratio.max()]
         need = torch.log(tol / res) / torch.log(ratio) * span
