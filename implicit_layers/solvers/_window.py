@@ -117,13 +117,13 @@ class WindowMonitor:
         self.atol = solver.atol
         self.check_every = solver.check_every or default_check_every(z0.device)
         self.relative_to_z = problem.relative_to_z
-        res = _norm(r0).unsqueeze(-1)
+        res = _norm(r0, keepdim=True)
         # Fixed points: the floor of the scale is ‖f(z0)‖ (f(z0) = z0 - r0); see Monitor.
-        scale0 = _norm(z0 - r0).unsqueeze(-1) if self.relative_to_z else res
+        scale0 = _norm(z0 - r0, keepdim=True) if self.relative_to_z else res
         # tol = max(atol, rtol · max(‖z‖, scale0)) = max(rtol ‖z‖, tol0), exactly (rounding is
         # monotone): one multiply and one clamp per iterate.
         self.tol0 = torch.clamp(rtol * scale0, min=self.atol)
-        tol = self._tol(_norm(z0).unsqueeze(-1)) if self.relative_to_z else self.tol0
+        tol = self._tol(_norm(z0, keepdim=True)) if self.relative_to_z else self.tol0
         # Per-sample state as (B, 1) columns: they broadcast against a window's (B, W).
         self.res = res
         self.best_z = z0
@@ -151,8 +151,11 @@ class WindowMonitor:
         self.extra: Callable[[], list[Tensor]] | None = None
         self.extra_values: list[float] = []
         self._stacked: tuple[Tensor, Tensor] | None = None
-        # Whether a check has judged every recorded iterate (then finish() needs no check).
+        # Whether a check has judged every recorded iterate (then finish() needs no check),
+        # and whether that check found every sample done (then every sample converged: its
+        # best iterate is the first that met its tolerance).
         self._judged = False
+        self._all_done = False
         #: At a check with iterates to judge (while :attr:`extra` runs): the ``(B, 1)``
         #: residual norms and tolerances of the latest iterate; ``None`` otherwise.
         self.last_res: Tensor | None = None
@@ -316,8 +319,8 @@ class WindowMonitor:
             flags = self._judge()
         if not flags[1]:
             self._raise_non_finite()
-        self._judged = True
-        return bool(flags[0])
+        self._judged, self._all_done = True, bool(flags[0])
+        return self._all_done
 
     def _raise_non_finite(self) -> None:
         if self._dead is not None and self._window_res is not None:
@@ -339,6 +342,7 @@ class WindowMonitor:
             solver=self.solver.name,
             tolerance=best_tol.detach(),
         )
+        info._known_converged = self._all_done
         return self.best_z, info
 
 
