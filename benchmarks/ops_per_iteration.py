@@ -23,7 +23,10 @@ the "easy" data of :mod:`benchmarks.deq`); linear solvers on the adjoint operato
 at its fixed point, ``u ↦ u - J_fᵀ u`` (a VJP), and CG / MINRES on an SPD matrix operator
 (n = 300, B = 64).
 
-A second section compiles an ``il.nn.DEQ`` forward with ``torch.compile`` and counts its graph
+A second part counts the ops of one whole call (forward + backward) of the easy DEQ, beyond the
+map evaluations and their VJPs (:mod:`benchmarks._whole_call`).
+
+A third part compiles an ``il.nn.DEQ`` forward with ``torch.compile`` and counts its graph
 breaks (``torch._dynamo.explain``), and times compiled against eager forward + backward.
 """
 
@@ -86,7 +89,7 @@ BEFORE = {
 SYNC = torch.ops.aten._local_scalar_dense.default
 #: The functions that hold the convergence checks (the intended graph breaks).
 CHECKS = {
-    "stop", "_judge", "_judge_one", "_sync", "_flush", "check_done", "check_active", "proceed",
+    "stop", "_judge", "_judge_one", "_count_flags", "_flush", "check_done", "check_active", "proceed",
     "next_round",
 }
 
@@ -398,6 +401,8 @@ def _deq_configs():
 
 def run_ops_per_iteration(cfg: Config) -> Section:
     """The section for :mod:`benchmarks.run`."""
+    from benchmarks._whole_call import whole_call_rows
+
     sec = Section("ops_per_iteration", "Ops and host synchronisations per iteration")
     for row in count_ops(cfg.tiny, k=8 if cfg.tiny else 16):
         sec.add(**row)
@@ -410,6 +415,17 @@ def run_ops_per_iteration(cfg: Config) -> Section:
     syncs8 = max((r["syncs_per_iter"] for r in targeted), default=0.0)
     sec.target("host syncs per iteration of the loops above, check_every=8", "<= 1/8", syncs8,
                syncs8 <= 0.125 + 1e-9, "one per check, none between checks")
+    for row in whole_call_rows(cfg.tiny):
+        sec.add(**row)
+        if row["method"].startswith("il.fixed_point"):
+            label = row["method"].split(": ", 1)[1]
+            sec.target(f"ops per whole call (forward + backward), {label}", f"<= {row['target']}",
+                       row["ops_call"], bool(row["met"]),
+                       f"{row['ops_fwd']} forward + {row['ops_bwd']} backward; {row['syncs_call']} syncs")
+    sec.notes.append(
+        "Whole call: one il.fixed_point (or il.nn.DEQ) forward and backward of the easy DEQ "
+        "(float32), counting every op outside the map evaluations and their VJPs."
+    )
     sec.notes.append(
         "Broyden (forward) synchronises twice per check (the check and its restart test, both "
         "at the check step); Broyden (linear) also at its round boundaries."

@@ -181,7 +181,9 @@ class Problem:
     def flatten(self, z: Any) -> Tensor:
         """A state shaped like ``z0`` (a tensor or pytree) as one ``(B, n)`` tensor."""
         if self.single:
-            return z.reshape(self.batch, self.size).to(self.dtype)
+            # A map's output is already (B, n) in the common case: no view op per evaluation.
+            flat = z if z.shape == (self.batch, self.size) else z.reshape(self.batch, self.size)
+            return flat.to(self.dtype)
         leaves = tree_flatten(z)[0]
         return torch.cat([t.reshape(self.batch, -1).to(self.dtype) for t in leaves], dim=-1)
 

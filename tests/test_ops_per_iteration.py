@@ -55,3 +55,24 @@ def test_cpu_setting_synchronises_once_per_step():
     assert syncs == 1.0
     ops, syncs, _ = per_iteration(_linear_runner(il.linear.CG, 1, True, True), 8)
     assert syncs == 1.0
+
+
+def test_whole_call_counts_only_the_layer_own_ops():
+    """Rows of the whole-call count: forward + backward add up, the map and its VJP are hidden
+    (no tanh or matrix product among the counted ops), both APIs count the same, and the
+    Picard + Neumann and default calls stay within the counts measured when they were cut."""
+    from benchmarks._whole_call import call_configs, count_call
+
+    budgets = {"Picard + Neumann": 379, "default": 467}
+    for label, (solver, backward) in call_configs().items():
+        if label not in budgets:
+            continue
+        functional = count_call("il.fixed_point", True, solver, backward)
+        module = count_call("il.nn.DEQ", True, solver, backward)
+        for r in (functional, module):
+            assert r["fwd"] + r["bwd"] == sum(r["names"].values())
+            assert not {"tanh", "mm", "addmm", "matmul"} & set(r["names"]), r["names"]
+            assert r["fwd_steps"] > 1 and r["syncs"] >= r["fwd_steps"]
+        # the module makes its own zero initial state: one op more
+        assert (functional["fwd"] + 1, functional["bwd"]) == (module["fwd"], module["bwd"])
+        assert functional["fwd"] + functional["bwd"] <= budgets[label], (label, functional)

@@ -77,14 +77,14 @@ def _arange(n: int, device: torch.device, start: int = 0) -> Tensor:
     return out
 
 
-def _norm(x: Tensor) -> Tensor:
+def _norm(x: Tensor, keepdim: bool = False) -> Tensor:
     """Per-sample norm of the last dimension for the convergence test (detached), accumulated
     in float64 for narrower dtypes (see :func:`~implicit_layers.solvers._base._norm`)."""
     if x.requires_grad:
         x = x.detach()
     if x.dtype == torch.float64:
-        return torch.linalg.vector_norm(x, dim=-1)
-    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).to(x.dtype)
+        return torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim)
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim, dtype=torch.float64).to(x.dtype)
 
 
 class WindowMonitor:
@@ -117,20 +117,23 @@ class WindowMonitor:
         self.atol = solver.atol
         self.check_every = solver.check_every or default_check_every(z0.device)
         self.relative_to_z = problem.relative_to_z
-        res = _norm(r0).unsqueeze(-1)
+        res = _norm(r0, keepdim=True)
         # Fixed points: the floor of the scale is ‖f(z0)‖ (f(z0) = z0 - r0); see Monitor.
-        scale0 = _norm(z0 - r0).unsqueeze(-1) if self.relative_to_z else res
+        scale0 = _norm(z0 - r0, keepdim=True) if self.relative_to_z else res
         # tol = max(atol, rtol · max(‖z‖, scale0)) = max(rtol ‖z‖, tol0), exactly (rounding is
         # monotone): one multiply and one clamp per iterate.
         self.tol0 = torch.clamp(rtol * scale0, min=self.atol)
-        tol = self._tol(_norm(z0).unsqueeze(-1)) if self.relative_to_z else self.tol0
+        tol = self._tol(_norm(z0, keepdim=True)) if self.relative_to_z else self.tol0
         # Per-sample state as (B, 1) columns: they broadcast against a window's (B, W).
         self.res = res
         self.best_z = z0
         self.best_res = res
         self.best_tol = tol
         self.done = res <= tol
-        self.steps = torch.zeros(z0.shape[0], 1, dtype=torch.int64, device=z0.device)
+        self._steps = torch.zeros(z0.shape[0], 1, dtype=torch.int64, device=z0.device)
+        # Steps every sample took since the last masked update, counted on the host (no op
+        # per step while no sample is done) and added when :attr:`steps` is read.
+        self._uniform_steps = 0
         self.k = 0
         self._zs: list[Tensor] = []
         self._rs: list[Tensor] = []
@@ -148,6 +151,27 @@ class WindowMonitor:
         self.extra: Callable[[], list[Tensor]] | None = None
         self.extra_values: list[float] = []
         self._stacked: tuple[Tensor, Tensor] | None = None
+        # Whether a check has judged every recorded iterate (then finish() needs no check),
+        # and whether that check found every sample done (then every sample converged: its
+        # best iterate is the first that met its tolerance).
+        self._judged = False
+        self._all_done = False
+        #: At a check with iterates to judge (while :attr:`extra` runs): the ``(B, 1)``
+        #: residual norms and tolerances of the latest iterate; ``None`` otherwise.
+        self.last_res: Tensor | None = None
+        self.last_tol: Tensor | None = None
+
+    @property
+    def steps(self) -> Tensor:
+        """Per-sample step counts ``(B, 1)``."""
+        if self._uniform_steps:
+            self._steps = self._steps + self._uniform_steps
+            self._uniform_steps = 0
+        return self._steps
+
+    @steps.setter
+    def steps(self, value: Tensor) -> None:
+        self._steps, self._uniform_steps = value, 0
 
     def _tol(self, znorm: Tensor) -> Tensor:
         return torch.clamp(znorm * self.rtol, min=self.tol0)
@@ -156,6 +180,7 @@ class WindowMonitor:
         """Register the new iterate ``z`` (every sample stepped) and its residual ``r``."""
         self._zs.append(z)
         self._rs.append(r)
+        self._judged = False
 
     def record_window(self, Z: Tensor, R: Tensor) -> None:
         """Register a whole window of ``W`` steps at once (a chunk replayed from a CUDA graph):
@@ -165,6 +190,7 @@ class WindowMonitor:
         if self._zs:
             raise RuntimeError("record_window after record: a window is one or the other")
         self._stacked = (Z, R)
+        self._judged = False
         self.k += Z.shape[1] - 1
 
     def _judge_one(self) -> list[bool]:
@@ -172,15 +198,15 @@ class WindowMonitor:
         with one synchronisation, and no masks while no sample is done."""
         z, r = self._zs[0], self._rs[0]
         self._zs, self._rs = [], []
-        res = _norm(r).unsqueeze(-1)
-        tol = self._tol(_norm(z).unsqueeze(-1)) if self.relative_to_z else self.tol0
+        res = _norm(r, keepdim=True)
+        tol = self._tol(_norm(z, keepdim=True)) if self.relative_to_z else self.tol0
+        self.last_res, self.last_tol = res, tol
         met = res <= tol
         if self._none_done:
             better = (res <= self.best_res) | met
             self.res, self.done = res, met
-            flags = [met.all(), torch.isfinite(res).all(), met.any(), better.all()]
-            all_done, finite, any_done, all_better, *rest = self._sync(flags, res)
-            self.steps = self.steps + 1
+            all_done, finite, any_done, all_better, *rest = self._count_flags(met, res, better)
+            self._uniform_steps += 1
             if all_better:
                 # On the CPU a synchronisation is cheaper than a masked copy of the iterate.
                 self.best_z, self.best_res, self.best_tol = z, res, tol
@@ -197,21 +223,39 @@ class WindowMonitor:
             self.best_tol = torch.where(better, tol, self.best_tol)
             self.res = torch.where(alive, res, self.res)
             self.done = self.done | met
-            flags = [self.done.all(), torch.isfinite(self.res).all(), self.done.any()]
-            all_done, finite, any_done, *rest = self._sync(flags, self.res)
+            all_done, finite, any_done, *rest = self._count_flags(self.done, self.res)
         self._none_done = not any_done
         self._dead = None
         if rest:
             self.res_in_safe_range = bool(rest[0])
         return [all_done, finite]
 
-    def _sync(self, flags: list[Tensor], res: Tensor) -> list[bool]:
-        """The flags (0-dim bool tensors) in one synchronisation, with the range test of
-        ``safe`` appended when it is given."""
-        if self.safe is not None:
-            low, high = torch.aminmax(res)
-            flags.append((low >= self.safe[0]) & (high <= self.safe[1]))
-        return self._flush(flags)
+    def _count_flags(
+        self, met: Tensor, res: Tensor, better: Tensor | None = None, safe: bool = True
+    ) -> list[bool]:
+        """``[met.all(), res finite, met.any()]`` (then ``better.all()`` if ``better`` is
+        given, and, with ``safe``, the range test of :attr:`safe` when it is set) from one sum
+        of per-sample ``(B, 1)`` columns, with the solver's :attr:`extra` values: a few ops
+        and one synchronisation instead of a reduction per flag. A norm is NaN or Inf exactly
+        when it is not below infinity."""
+        columns = [met, res < math.inf]
+        if better is not None:
+            columns.append(better)
+        if safe and self.safe is not None:
+            columns.append((res >= self.safe[0]) & (res <= self.safe[1]))
+        stacked = torch.cat(columns, dim=-1)
+        extra = self.extra() if self.extra is not None else []
+        if extra:
+            # float counts (exact far beyond any batch size) join the extra values
+            total = stacked.sum(0, dtype=extra[0].dtype)
+            values = torch.cat((total, torch.stack(extra))).tolist()
+            counts, self.extra_values = values[: len(columns)], values[len(columns):]
+        else:
+            counts = stacked.sum(0).tolist()
+        batch = met.shape[0]
+        return [counts[0] == batch, counts[1] == batch, counts[0] > 0] + [
+            c == batch for c in counts[2:]
+        ]
 
     def _flush(self, flags: list[Tensor]) -> list:
         """``flags`` and the solver's :attr:`extra` values in one synchronisation."""
@@ -237,6 +281,7 @@ class WindowMonitor:
             Z, R = torch.stack(zs, dim=1), torch.stack(rs, dim=1)
         res = _norm(R)
         tol = self._tol(_norm(Z)) if self.relative_to_z else self.tol0
+        self.last_res, self.last_tol = res[..., -1:], tol[..., -1:]
         pick, met, dead, chosen, worst = judge_window(res, tol, self.done, self.best_res)
         self.best_res = torch.where(chosen, res.gather(-1, pick), self.best_res)
         self.best_tol = torch.where(
@@ -262,12 +307,11 @@ class WindowMonitor:
         self.k += 1
         if not force and (self.k - 1) % self.check_every != 0:
             return False
+        self.last_res = self.last_tol = None
         if self._stacked is not None:
             flags = self._judge()
         elif not self._zs:
-            flags = self._flush(
-                [self.done.all(), torch.isfinite(self.res).all(), self.done.any()]
-            )
+            flags = self._count_flags(self.done, self.res, safe=False)
             self._none_done = not flags[2]
         elif len(self._zs) == 1:
             flags = self._judge_one()
@@ -275,7 +319,8 @@ class WindowMonitor:
             flags = self._judge()
         if not flags[1]:
             self._raise_non_finite()
-        return bool(flags[0])
+        self._judged, self._all_done = True, bool(flags[0])
+        return self._all_done
 
     def _raise_non_finite(self) -> None:
         if self._dead is not None and self._window_res is not None:
@@ -285,8 +330,10 @@ class WindowMonitor:
         raise non_finite_error(self.solver, self.problem, bad)
 
     def finish(self) -> tuple[Tensor, SolveInfo]:
-        """Judge the last window and return the best iterate and the info."""
-        self.stop(force=True)
+        """Judge the last window (unless the last check judged every iterate) and return the
+        best iterate and the info."""
+        if not self._judged:
+            self.stop(force=True)
         best_res, best_tol = self.best_res.squeeze(-1), self.best_tol.squeeze(-1)
         info = SolveInfo(
             converged=best_res <= best_tol,
@@ -295,6 +342,7 @@ class WindowMonitor:
             solver=self.solver.name,
             tolerance=best_tol.detach(),
         )
+        info._known_converged = self._all_done
         return self.best_z, info
 
 

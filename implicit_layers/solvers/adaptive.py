@@ -146,7 +146,8 @@ class Adaptive(ForwardSolver):
         mon = WindowMonitor(self, problem, z, r)
         tiny = torch.finfo(z.dtype).tiny
         res0 = mon.res  # (B, 1)
-        ref_res, ref_k = res0, 0
+        # the reference residual norms, floored once where they are set (not at every check)
+        ref_res, ref_k = res0.clamp_min(tiny), 0
         k = 0  # plain steps taken
         switched_at: float | None = None
         # Anderson on trial: (steps taken at the switch, residual norms there, plain rho).
@@ -172,16 +173,13 @@ class Adaptive(ForwardSolver):
             look = switched_at is None and mon.k % mon.check_every == 0 and k > ref_k
             if look:
                 span = k - ref_k
-                res = _norm(r).unsqueeze(-1)
-                tol = None
-                if span >= self.window:
-                    tol = mon._tol(_norm(z).unsqueeze(-1)) if mon.relative_to_z else mon.tol0
-                mon.extra = _contraction_test(mon, res, ref_res, tol, span, tiny)
+                mon.extra = _contraction_test(mon, z, r, ref_res, span >= self.window, span, tiny)
             stop = mon.stop()
             mon.extra = None
             if stop:
                 break
             if look:
+                res = mon.last_res if mon.last_res is not None else _norm(r).unsqueeze(-1)
                 if span >= self.window:
                     worst, needed = mon.extra_values
                 else:
@@ -203,7 +201,7 @@ class Adaptive(ForwardSolver):
                         # norms lie where Anderson's Gram matrix needs no rescaling.
                         finfo = torch.finfo(z.dtype)
                         mon.safe = (finfo.tiny**0.25, finfo.max**0.25)
-                    ref_res, ref_k = res, k
+                    ref_res, ref_k = res.clamp_min(tiny), k
             if trial is not None and taken - trial[0] >= TRIAL_STEPS and mon.k % mon.check_every == 0:
                 if not self._keep_anderson(mon, r, trial, taken, tiny):
                     # Back to plain iteration, from the best iterate, for the rest of the solve.
@@ -218,7 +216,7 @@ class Adaptive(ForwardSolver):
                     else:
                         r = residual(z)
                     k = taken
-                    ref_res, ref_k = _norm(r).unsqueeze(-1), k
+                    ref_res, ref_k = _norm(r).unsqueeze(-1).clamp_min(tiny), k
                 trial = None
             if switched_at is None and graphs is not None:
                 w = min(mon.check_every, self.max_steps - taken)
@@ -305,16 +303,24 @@ def _neumann_terms(rho: float, rtol: float) -> int:
 
 
 def _contraction_test(
-    mon: WindowMonitor, res: Tensor, ref_res: Tensor, tol: Tensor | None, span: int, tiny: float
+    mon: WindowMonitor, z: Tensor, r: Tensor, ref_res: Tensor, budget: bool, span: int,
+    tiny: float,
 ) -> Callable[[], list[Tensor]]:
     """The values Adaptive's switch rule reads at a check, as a :attr:`WindowMonitor.extra`
     callback (it runs after the check's bookkeeping, so ``mon.done`` is current): the largest
-    ratio of residual norms over ``span`` plain steps among the samples not done, and, given
-    the tolerances ``tol`` ``(B, 1)``, the most steps plain iteration would still need at that
-    rate."""
+    ratio of residual norms over ``span`` plain steps among the samples not done, and, with
+    ``budget``, the most steps plain iteration would still need at that rate to reach the
+    tolerances. The norms and tolerances of the iterate ``z`` (residual ``r``) are the ones
+    the check just computed, when it judged that iterate."""
 
     def values() -> list[Tensor]:
-        ratio = (res / ref_res.clamp_min(tiny)).masked_fill(mon.done, 0.0)
+        res = mon.last_res if mon.last_res is not None else _norm(r).unsqueeze(-1)
+        tol = None
+        if budget:
+            tol = mon.last_tol if mon.last_tol is not None else (
+                mon._tol(_norm(z).unsqueeze(-1)) if mon.relative_to_z else mon.tol0
+            )
+        ratio = (res / ref_res).masked_fill(mon.done, 0.0)
         if tol is None:
             return [ratio.max()]
         need = torch.log(tol / res) / torch.log(ratio) * span
