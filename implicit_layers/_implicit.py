@@ -191,6 +191,8 @@ class ImplicitCore:
         info, solver = self.info, self.solver
         if self._warned_unconverged or info is None or solver is None or solver.on_failure != "warn":
             return
+        if info._known_converged:  # the forward's last check saw every sample done: no op
+            return
         if is_wrapped(info.converged):
             # Statistics of a solve run inside a transform (a nested layer) belong to that
             # transform's level, which may have exited; the forward's own warning stands.

@@ -246,7 +246,8 @@ class ForwardSolver(SolverSettings):
         """
         z, info = self._solve(problem, z0, differentiable)
         advice = self._advice(problem)
-        if self.on_failure != "ignore" and not bool(info.converged.all()):
+        if (self.on_failure != "ignore" and not info._known_converged
+                and not bool(info.converged.all())):
             advice += problem.diagnose(z, ~info.converged.reshape(-1))
         report_failure(info, self.on_failure, f"forward solve of {problem.kind}", advice)
         return z, info
