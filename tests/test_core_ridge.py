@@ -111,3 +111,24 @@ def test_ridge_default_solvers_match(device):
     assert info.solver == "LBFGS"
     assert bool(info.backward.converged)
     assert rel(g, g_ref) < 1e-8
+
+
+def test_gradient_descent_default_step_under_inference_mode() -> None:
+    """GradientDescent's default step (a power-iteration estimate of the Hessian's largest
+    eigenvalue) needs Hessian-vector products; under inference_mode they come from torch.func,
+    and the solve equals the no-grad one and the dense solution."""
+    torch.manual_seed(0)
+    A = torch.randn(5, 5, dtype=torch.float64)
+    H = A @ A.T + torch.eye(5, dtype=torch.float64)
+
+    def f(w):
+        return 0.5 * w @ H @ w - w.sum()
+
+    solver = il.solvers.GradientDescent(max_steps=20000)
+    with torch.no_grad():
+        plain = il.argmin(f, torch.zeros(5, dtype=torch.float64), solver=solver)
+    with torch.inference_mode():
+        inference = il.argmin(f, torch.zeros(5, dtype=torch.float64), solver=solver)
+    torch.testing.assert_close(inference, plain, rtol=0, atol=1e-14)
+    torch.testing.assert_close(inference, torch.linalg.solve(H, torch.ones(5, dtype=torch.float64)),
+                               rtol=0, atol=1e-8)

@@ -149,7 +149,17 @@ class GradientDescent(ForwardSolver):
 
 
 def lipschitz_estimate(problem: Problem, z: Tensor, steps: int) -> Tensor:
-    """Largest Hessian eigenvalue per sample at ``z`` by power iteration, shape ``(B,)``."""
+    """Largest Hessian eigenvalue per sample at ``z`` by power iteration, shape ``(B,)``.
+
+    Hessian-vector products come from one recorded gradient graph, or, under
+    ``torch.inference_mode`` where autograd cannot record, from ``torch.func.jvp`` of the
+    gradient (``value_and_grad`` switches to ``torch.func.grad`` there)."""
+    if torch.is_inference_mode_enabled():
+        def hvp_func(v: Tensor) -> Tensor:
+            return torch.func.jvp(lambda zz: problem.value_and_grad(zz)[1], (z,), (v,))[1]
+
+        lam = power_iteration(hvp_func, z, steps)
+        return (1.1 * lam).clamp_min(torch.finfo(z.dtype).eps).detach()
     with torch.enable_grad():
         zz = z.detach().requires_grad_(True)
         _, g = problem.value_and_grad(zz, create_graph=True)

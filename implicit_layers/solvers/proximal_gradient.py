@@ -11,7 +11,6 @@ from .._composite import CompositeProblem
 from .._config import check_bool, check_positive_int
 from .._info import OnFailure, SolveInfo
 from .._problem import Problem
-from ..linear._power import power_iteration
 from ._base import ForwardSolver, Monitor
 from .gradient_descent import lipschitz_estimate
 
@@ -104,14 +103,6 @@ class ProximalGradient(ForwardSolver):
     def _initial_step(self, problem: Problem, z0: Tensor) -> Tensor:
         if self.step_size is not None:
             return torch.full((z0.shape[0], 1), self.step_size, dtype=z0.dtype, device=z0.device)
-        if torch.is_inference_mode_enabled():
-            # No autograd graph in inference mode: Hessian-vector products by torch.func
-            # (value_and_grad switches to torch.func.grad there).
-            def hvp(v: Tensor) -> Tensor:
-                return torch.func.jvp(lambda zz: problem.value_and_grad(zz)[1], (z0,), (v,))[1]
-
-            lam = (1.1 * power_iteration(hvp, z0, self.power_steps)).clamp_min(torch.finfo(z0.dtype).eps)
-            return 1.0 / lam.unsqueeze(-1)
         return 1.0 / lipschitz_estimate(problem, z0, self.power_steps).unsqueeze(-1)
 
     def _prox_step(
