@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._capture import transforms_active
+
 __all__ = ["as_vector", "per_vector", "require", "require_tensor", "safe_norm"]
 
 
@@ -41,8 +43,11 @@ def require(cond: Tensor | bool, message: str) -> None:
             cond = bool(cond.all())
         except RuntimeError:
             # Under torch.func.vmap (at any depth of nesting with grad/jacrev) a condition on
-            # the data cannot become a Python bool; the same call without vmap raises.
-            return
+            # the data cannot become a Python bool; the same call without vmap raises. Any
+            # other failure is not ours to hide.
+            if transforms_active():
+                return
+            raise
     if not cond:
         raise ValueError(message)
 
