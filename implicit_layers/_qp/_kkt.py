@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._config import default_rtol
 from ..linear.base import LinearOperator, LinearSolver, SolveInfo
 
 __all__ = ["kkt_residual", "kkt_matrix", "KKTSolve"]
@@ -121,8 +122,7 @@ class KKTSolve(LinearSolver):
         x = torch.linalg.lu_solve(LU, pivots, b.unsqueeze(-1)).squeeze(-1)
         residual = torch.linalg.vector_norm(_mv(matrix, x) - b, dim=-1)
         b_norm = torch.linalg.vector_norm(b, dim=-1)
-        rtol = 1e-10 if b.dtype == torch.float64 else 1e-5
-        rtol = rtol if self.rtol is None else self.rtol
+        rtol = default_rtol(b.dtype) if self.rtol is None else self.rtol
         bad = (err != 0) | ~torch.isfinite(x).all(-1) | ~(residual <= 1e3 * rtol * b_norm)
         if bool(bad.any()):
             # Degenerate samples: the minimum-norm least-squares solution.
