@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -319,8 +319,9 @@ class DEQ(torch.nn.Module):
                 )
             check_call(x, z0)
             z0 = _initial_guess(z0, "z0", x, self.state_shape, "state_shape", self)
-            assert isinstance(self.f, torch.nn.Module)  # checked in __init__
-            z, info = compiled_fixed_point(self.f, z0, x, self.active_solver, self.backward)
+            # f is an nn.Module here: __init__ refuses compiled_solve=True otherwise.
+            f = cast(torch.nn.Module, self.f)
+            z, info = compiled_fixed_point(f, z0, x, self.active_solver, self.backward)
             return (z, info) if return_info else z
         return self._eager_forward(x, z0, tuple(args), check_states(states), return_info)
 
