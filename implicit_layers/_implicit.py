@@ -142,6 +142,7 @@ class ImplicitCore:
             # Products through the graph recorded once (not warm-started: a wrapped product
             # costs differently) are the ones a timed solver may measure.
             recorded=isinstance(lin, RecordedLinearization) and x0 is None,
+            transposed=transpose,
         )
         kind = "backward (adjoint)" if transpose else "tangent"
         u, binfo = solver.solve(op, rhs, x0, what=f"{kind} solve of {problem.kind}")

@@ -319,3 +319,60 @@ def test_samples_that_stop_early_leave_the_batch_in_place():
         (grad_i,) = torch.autograd.grad((w[i] * z_i).sum(), h_i)
         assert rel(z[i], z_i) < 1e-12 and rel(lam[i], lam_i) < 1e-9 and rel(nu[i], nu_i) < 1e-9
         assert rel(grad[i], grad_i) < 1e-9
+
+
+@pytest.mark.parametrize("m, p, lp", [(7, 2, False), (7, 0, False), (0, 3, False), (9, 0, True)])
+def test_reduced_kkt_solves_match_a_dense_solve(m, p, lp):
+    # The backward's solves with K and Kᵀ through the eliminated (n, n) system, against LU of the
+    # KKT matrix built in closed form at the same point.
+    from implicit_layers._qp._kkt import kkt_matrix
+    from implicit_layers._qp._reduced import ReducedKKT
+
+    n = 6
+    Q, q, G, h, A, b = random_qp(21, 5, n, m, p)
+    if lp:
+        Q = torch.zeros_like(Q)
+        G = torch.cat([G, torch.eye(n, dtype=DT).expand(5, n, n), -torch.eye(n, dtype=DT).expand(5, n, n)], 1)
+        h = torch.cat([h, 2 * torch.ones(5, 2 * n, dtype=DT)], 1)
+    z, lam, nu = il.qp(Q, q, G, h, A, b, return_duals=True)
+    x = torch.cat([z, lam, nu], -1)
+    K = kkt_matrix(x, Q, G, h, A)
+    reduced = ReducedKKT(Q, G, h, A, x)
+    assert not reduced.degenerate.any() and not reduced.failed.any()
+    rhs = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=DT)
+    for transpose, M in ((False, K), (True, K.mT)):
+        u = reduced.solve(rhs, transpose)
+        assert rel(u, torch.linalg.solve(M, rhs)) < 1e-9
+        assert rel(reduced.apply(u, transpose), (M @ u.unsqueeze(-1)).squeeze(-1)) < 1e-13
+
+
+def test_forward_mode_through_the_reduced_kkt_solve():
+    # torch.func.jvp takes the tangent solve (K, not Kᵀ): against central differences.
+    Q, q, G, h, A, b = (t[0] for t in random_qp(22, 1, 5, 6, 1))
+    d = torch.randn(6, generator=torch.Generator().manual_seed(1), dtype=DT)
+    _, tangent = torch.func.jvp(lambda h_: il.qp(Q, q, G, h_, A, b), (h,), (d,))
+    e = 1e-6
+    def solo(hh):
+        return reference(Q[None], q[None], G[None], hh[None], A[None], b[None])[0]
+
+    assert rel(tangent, (solo(h + e * d) - solo(h - e * d)) / (2 * e)) < 1e-6
+
+
+def test_operator_orientation_is_declared_to_the_linear_solver():
+    # The adjoint solve's operator says it applies Jᵀ, the tangent solve's that it applies J.
+    seen = []
+
+    class Spy(il.linear.Dense):
+        def _solve(self, op, b, x0):
+            seen.append(op.transposed)
+            return super()._solve(op, b, x0)
+
+    W = 0.3 * torch.eye(3, dtype=DT)
+    x = leaf(torch.ones(3, dtype=DT))
+    z = il.fixed_point(lambda z, x: torch.tanh(W @ z + x), torch.zeros(3, dtype=DT), x,
+                       backward=il.backward.Implicit(Spy()))
+    z.sum().backward()
+    torch.func.jvp(lambda x_: il.fixed_point(lambda z, x: torch.tanh(W @ z + x), torch.zeros(3, dtype=DT),
+                                             x_, backward=il.backward.Implicit(Spy())), (x.detach(),),
+                   (torch.ones(3, dtype=DT),))
+    assert seen == [True, False]

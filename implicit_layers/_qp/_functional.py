@@ -13,7 +13,7 @@ from ..functional import custom_root
 from ._closest import closest_feasible_shift
 from ._inputs import QPData, check_inputs, expand
 from ._ipm import PRIMAL_INFEASIBLE, SOLVED, STATUS_NAMES, interior_point
-from ._kkt import KKTSolve, kkt_matrix, kkt_residual
+from ._kkt import KKTSolve, kkt_residual
 from ._settings import InteriorPoint, QPInfo
 
 __all__ = ["qp"]
@@ -124,8 +124,7 @@ def _qp(
     _report(result.status, batch, solver)
 
     if backward is None:
-        with torch.no_grad():
-            backward = KKTSolve(kkt=kkt_matrix(x_star, flat[0], flat[2], flat[3], flat[4]))
+        backward = KKTSolve(point=(flat[0], flat[2], flat[3], flat[4], x_star.detach()))
 
     @custom_root(kkt_residual, backward, batched=True)
     def _solution(x0: Tensor, *_: Tensor) -> Tensor:

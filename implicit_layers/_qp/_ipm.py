@@ -46,6 +46,7 @@ _STRICT = 1e-3  # a sample stops at tol * _STRICT, or below tol once it stalls
 _STALL = 3  # iterations without halving the residual that count as a stall below tol
 _GIVE_UP = 12  # iterations without halving the residual after which a sample stops anyway
 _POLISH_FROM = 1e4  # the active-set polish is tried from tol * _POLISH_FROM
+_ROUNDING = 1e-14  # relative residual at which the polish's refinement stops early (CPU)
 
 
 @dataclass
@@ -418,16 +419,25 @@ def _polish(
     active = (lam > s).to(z.dtype)
     rho = 1e3 * delta[:, None]  # δ is 1e-9 of the data's scale in float64
     n = z.shape[-1]
-    eye = torch.eye(n, dtype=z.dtype, device=z.device)
-    H = Q + rho[..., None] * eye + ((G.mT * active.unsqueeze(-2)) @ G + A.mT @ A) / rho[..., None]
+    H = torch.baddbmm(Q, G.mT * (active / rho).unsqueeze(-2), G)
+    if A.shape[-2]:
+        H = torch.baddbmm(H, A.mT / rho[..., None], A)
+    H.diagonal(dim1=-2, dim2=-1).add_(rho)
     L, info = torch.linalg.cholesky_ex(H)
-    L = torch.where((info != 0)[:, None, None], eye, L)
+    if L.device.type != "cpu" or bool(info.any()):
+        # A failed factorisation leaves the sample's polish to fail (its KKT error is set to
+        # inf below); the identity keeps the batched solves finite meanwhile.
+        L = torch.where((info != 0)[:, None, None], torch.eye(n, dtype=z.dtype, device=z.device), L)
     y_g, y_a = lam * active, nu.clone()
-    for _ in range(refine):
+    for step in range(refine):
         # Residuals of the exact system, then the regularised correction.
         r1 = -(_bmv(Q, z) + q + _bmtv(G, y_g) + _bmtv(A, y_a))
         r2_g = active * (h - _bmv(G, z))
         r2_a = b - _bmv(A, z)
+        if step and z.device.type == "cpu" and bool((torch.maximum(
+                _inf_norm(r1) / q_scale, torch.maximum(_inf_norm(r2_g), _inf_norm(r2_a)) / h_scale)
+                <= _ROUNDING).all()):
+            break  # every sample refined to rounding: a further correction would change nothing
         rhs = r1 + (_bmtv(G, r2_g) + _bmtv(A, r2_a)) / rho
         dz = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
         z = z + dz

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .._config import default_rtol
 from ..linear.base import LinearOperator, LinearSolver, SolveInfo
+from ._reduced import ReducedKKT
 
 __all__ = ["kkt_residual", "kkt_matrix", "KKTSolve"]
 
@@ -72,17 +73,22 @@ def kkt_matrix(
 
 
 class KKTSolve(LinearSolver):
-    """Direct solve of the KKT system, built in closed form at the solution.
+    """Direct solve of the KKT system of a QP at its solution.
 
     The implicit backward asks for solves with ``(∂F/∂x)ᵀ`` (and, for forward mode or a second
-    derivative, with ``∂F/∂x``). This solver holds the KKT matrix of the solution, checks with
-    one operator product which of the two (or neither, e.g. under a transform) it is asked
-    for, and otherwise materialises the operator. It solves by LU; samples whose matrix is
-    singular or whose solve is inaccurate (degenerate points) get the minimum-norm
-    least-squares solution from a pseudo-inverse, so the gradient is finite.
+    derivative, with ``∂F/∂x``); the operator says which (``LinearOperator.transposed``). Both
+    go through :class:`ReducedKKT`: the inequality rows eliminated exactly, one ``(n, n)``
+    Cholesky factorisation built at the first solve and shared by every later one, refined
+    against the exact system. Samples it cannot solve (a weakly active constraint, where the
+    matrix is singular) and operators it does not hold (inside ``vmap``, or of unknown
+    orientation) are materialised and solved by LU; a sample whose LU solve is singular or
+    inaccurate (degenerate points) gets the minimum-norm least-squares solution from a
+    pseudo-inverse, so the gradient is finite.
 
     Args:
-        kkt: the ``(B, N, N)`` KKT matrix at the solution, or ``None`` to always materialise.
+        point: ``(Q, G, h, A, x)`` batched as ``(B, n, n)``, ``(B, m, n)``, ``(B, m)``,
+            ``(B, p, n)`` and ``(B, n + m + p)`` (the solution ``(z, λ, ν)``), or ``None`` to
+            always materialise the operator.
         rtol: relative residual up to which a solve counts as converged (default as
             :class:`~implicit_layers.linear.Dense`).
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``.
@@ -90,49 +96,72 @@ class KKTSolve(LinearSolver):
 
     name = "KKTSolve"
     default_max_steps = 1
+    uses_initial_guess = False
 
-    def __init__(self, kkt: Tensor | None = None, *, rtol: float | None = None,
-                 on_failure: str = "warn") -> None:
-        self.kkt = kkt
+    def __init__(self, point: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None, *,
+                 rtol: float | None = None, on_failure: str = "warn") -> None:
+        self.point = point
+        # The factorisation is built at the first solve (a forward without backward needs none)
+        # and kept for the others; the settings themselves stay frozen.
+        self._factor: dict[str, ReducedKKT] = {}
         super().__init__(rtol=rtol, on_failure=on_failure)  # type: ignore[arg-type]
 
-    def _matrix(self, op: LinearOperator) -> Tensor:
-        K = self.kkt
-        if K is not None and K.shape == (op.batch, op.size, op.size) and K.dtype == op.dtype:
-            K = K.to(op.device)
-            probe = torch.randn(op.batch, op.size, dtype=op.dtype, device=op.device,
-                                generator=torch.Generator(device=op.device).manual_seed(0))
-            with torch.no_grad():
-                applied = op.mv(probe)
-            scale = applied.norm() + 1e-30
-            tol = 1e3 * torch.finfo(op.dtype).eps ** 0.5
-            for candidate in (K.mT, K):
-                if bool(((_mv(candidate, probe) - applied).norm() <= tol * scale).item()):
-                    return candidate
-        return op.to_dense()
+    def _reduced(self, op: LinearOperator) -> ReducedKKT | None:
+        point = self.point
+        if point is None or op.transposed is None:
+            return None
+        x = point[4]
+        if (op.batch, op.size) != tuple(x.shape) or op.device != x.device:
+            return None
+        if "kkt" not in self._factor:
+            self._factor["kkt"] = ReducedKKT(*point)
+        return self._factor["kkt"]
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
-        matrix = self._matrix(op).to(b.dtype)
-        LU, pivots, err = torch.linalg.lu_factor_ex(matrix)
-        if bool((err != 0).any()):
-            # An exactly singular sample (an exact zero row: a weakly active constraint) would
-            # stop the batched LU solve; it is factorised as the identity here and solved below.
-            eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
-            LU, pivots, _ = torch.linalg.lu_factor_ex(torch.where((err != 0)[:, None, None], eye, matrix))
-        x = torch.linalg.lu_solve(LU, pivots, b.unsqueeze(-1)).squeeze(-1)
-        residual = torch.linalg.vector_norm(_mv(matrix, x) - b, dim=-1)
-        b_norm = torch.linalg.vector_norm(b, dim=-1)
         rtol = default_rtol(b.dtype) if self.rtol is None else self.rtol
-        bad = (err != 0) | ~torch.isfinite(x).all(-1) | ~(residual <= 1e3 * rtol * b_norm)
-        if bool(bad.any()):
-            # Degenerate samples: the minimum-norm least-squares solution.
-            x_ls = (torch.linalg.pinv(matrix[bad], hermitian=False) @ b[bad].unsqueeze(-1)).squeeze(-1)
-            x = x.clone()
-            x[bad] = x_ls
-            residual = torch.linalg.vector_norm(_mv(matrix, x) - b, dim=-1)
+        b_norm = torch.linalg.vector_norm(b, dim=-1)
+        reduced = self._reduced(op)
+        if reduced is None:
+            x, residual = _dense_solve(op.to_dense().to(b.dtype), b, rtol)
+        else:
+            transposed = bool(op.transposed)
+            x64 = reduced.solve(b, transposed)
+            residual = torch.linalg.vector_norm(reduced.apply(x64, transposed) - b.to(x64.dtype), dim=-1)
+            x, residual = x64.to(b.dtype), residual.to(b.dtype)
+            bad = (reduced.degenerate | reduced.failed | ~torch.isfinite(x).all(-1)
+                   | ~(residual <= 1e3 * rtol * b_norm))
+            if bool(bad.any()):
+                idx = bad.nonzero().squeeze(1)
+                Q, G, h, A, xs = (t[idx] for t in self.point)  # type: ignore[union-attr]
+                K = kkt_matrix(xs, Q, G, h, A).to(b.dtype)
+                x_bad, res_bad = _dense_solve(K.mT if transposed else K, b[idx], rtol)
+                x = x.index_copy(0, idx, x_bad)
+                residual = residual.index_copy(0, idx, res_bad)
         # A consistent singular system is solved exactly; an inconsistent one (a weakly active
         # constraint) has no exact adjoint, and its least-squares solution is reported as such.
         converged = residual <= 1e3 * rtol * b_norm + torch.finfo(b.dtype).tiny
         steps = torch.ones(b.shape[0], dtype=torch.int64, device=b.device)
         return x, SolveInfo(converged=converged, steps=steps, residual=residual, solver=self.name,
                             tolerance=rtol * b_norm)
+
+
+def _dense_solve(matrix: Tensor, b: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
+    """LU solve of ``(B, N, N)`` systems; singular or inaccurate samples get the minimum-norm
+    least-squares solution. Returns the solution and the residual norms."""
+    LU, pivots, err = torch.linalg.lu_factor_ex(matrix)
+    if bool((err != 0).any()):
+        # An exactly singular sample (an exact zero row: a weakly active constraint) would
+        # stop the batched LU solve; it is factorised as the identity here and solved below.
+        eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+        LU, pivots, _ = torch.linalg.lu_factor_ex(torch.where((err != 0)[:, None, None], eye, matrix))
+    x = torch.linalg.lu_solve(LU, pivots, b.unsqueeze(-1)).squeeze(-1)
+    residual = torch.linalg.vector_norm(_mv(matrix, x) - b, dim=-1)
+    b_norm = torch.linalg.vector_norm(b, dim=-1)
+    bad = (err != 0) | ~torch.isfinite(x).all(-1) | ~(residual <= 1e3 * rtol * b_norm)
+    if bool(bad.any()):
+        # Degenerate samples: the minimum-norm least-squares solution.
+        x_ls = (torch.linalg.pinv(matrix[bad], hermitian=False) @ b[bad].unsqueeze(-1)).squeeze(-1)
+        x = x.clone()
+        x[bad] = x_ls
+        residual = torch.linalg.vector_norm(_mv(matrix, x) - b, dim=-1)
+    return x, residual

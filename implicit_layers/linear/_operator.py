@@ -50,6 +50,10 @@ class LinearOperator:
     device: torch.device
     symmetric: bool | None
     positive_definite: bool | None
+    #: Which map of an implicit problem this operator applies: ``False`` for the Jacobian ``J``
+    #: of its residual (a tangent solve), ``True`` for ``Jᵀ`` (an adjoint solve), ``None`` when it
+    #: is neither or not known. A solver holding ``J`` in closed form reads it instead of probing.
+    transposed: bool | None = None
     #: Whether each product replays one graph recorded in advance (an ordinary first-order
     #: backward of an implicit layer): the only products whose timing predicts a later call's,
     #: so the only ones the timed default solvers measure.
@@ -169,6 +173,8 @@ class FunctionOperator(LinearOperator):
             (used by :class:`Dense`); default ``None`` (``n`` products).
         recorded: whether ``mv`` replays a graph recorded in advance (see
             :attr:`LinearOperator.recorded`); default ``False``.
+        transposed: which map of an implicit problem ``mv`` applies (see
+            :attr:`LinearOperator.transposed`); default ``None`` (not known).
 
     Examples:
         >>> d = torch.tensor([[1.0, 2.0], [4.0, 8.0]], dtype=torch.float64)
@@ -191,9 +197,11 @@ class FunctionOperator(LinearOperator):
         positive_definite: bool | None = None,
         dense: Callable[[], Tensor] | None = None,
         recorded: bool = False,
+        transposed: bool | None = None,
     ) -> None:
         self._mv = mv
         self.recorded = recorded
+        self.transposed = transposed
         self._dense = dense
         self.batch = batch
         self.size = size
