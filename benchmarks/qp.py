@@ -11,6 +11,7 @@ Usage::
     python benchmarks/qp.py                     # B in 1, 32, 128; n in 10, 50, 100
     python benchmarks/qp.py --quick             # B = 128, n = 50 only (the target case)
     python benchmarks/qp.py --cases             # LP, degenerate and infeasible problems
+    python benchmarks/qp.py --sizes 500 --batches 1 32 128 --repeats 1   # n = 500 (long)
     python benchmarks/qp.py --out benchmarks/results/qp.json
     python benchmarks/qp.py --quick --baseline ../other-checkout   # also time that checkout's il.qp
 """
@@ -66,6 +67,7 @@ def reference(Q, q, G, h, A, b) -> torch.Tensor:
 
 
 BASELINE = "il.qp (baseline)"
+_skipped: set[str] = set()  # peers left out (--skip)
 _baseline: Any = None  # another checkout's implicit_layers (--baseline), timed beside this one
 
 
@@ -106,7 +108,34 @@ def methods() -> dict[str, Callable[..., torch.Tensor]]:
         print("(proxsuite not installed: pip install proxsuite)")
     if importlib.util.find_spec("cvxpylayers") is None:
         print("(cvxpylayers not installed: pip install cvxpylayers)")
-    return found
+    else:
+        found["cvxpylayers"] = cvxpylayers_qp
+    return {name: fn for name, fn in found.items() if name not in _skipped}
+
+
+_cvxpy_layers: dict[tuple[int, int, int], Any] = {}
+
+
+def cvxpylayers_qp(Q, q, G, h, A, b):
+    """The QP through cvxpylayers (SCS at eps 1e-10). The layer is built once per shape (its
+    canonicalisation is not timed); Q enters as a factor Lᵀ with LLᵀ = Q (from its eigenvalues, so
+    a singular Q works), as DPP requires."""
+    import cvxpy as cp
+    from cvxpylayers.torch import CvxpyLayer
+
+    n, m, p = q.shape[-1], h.shape[-1], b.shape[-1]
+    if (n, m, p) not in _cvxpy_layers:
+        z = cp.Variable(n)
+        Lt, q_, G_, h_, A_, b_ = (cp.Parameter(shape) for shape in ((n, n), n, (m, n), m, (p, n), p))
+        constraints = ([G_ @ z <= h_] if m else []) + ([A_ @ z == b_] if p else [])
+        problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(Lt @ z) + q_ @ z), constraints)
+        params = [Lt, q_] + ([G_, h_] if m else []) + ([A_, b_] if p else [])
+        _cvxpy_layers[n, m, p] = (CvxpyLayer(problem, parameters=params, variables=[z]), m, p)
+    layer, m, p = _cvxpy_layers[n, m, p]
+    evals, evecs = torch.linalg.eigh(Q)
+    Lt = (evecs * evals.clamp(min=0.0).sqrt().unsqueeze(-2)).mT
+    inputs = [Lt, q] + ([G, h] if m else []) + ([A, b] if p else [])
+    return layer(*inputs, solver_args={"eps": 1e-10, "max_iters": 100000})[0]
 
 
 def run(B: int, n: int, repeats: int) -> list[dict[str, Any]]:
@@ -204,6 +233,11 @@ def rel_rows(z: torch.Tensor, exact: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="only B = 128, n = 50")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 100],
+                        help="problem sizes n (default 10 50 100; 500 takes minutes per method)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128], help="batch sizes B")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["qpth", "proxsuite", "cvxpylayers"],
+                        help="peers not to run (cvxpylayers takes minutes per call at n = 500)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
@@ -211,12 +245,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a checkout whose il.qp is timed beside this one (before/after figures)")
     args = parser.parse_args(argv)
-    global _baseline
+    global _baseline, _skipped
+    _skipped = set(args.skip)
     _baseline = None if args.baseline is None else load_baseline(args.baseline)
     torch.set_num_threads(args.threads)
     if args.cases:
         return special_cases()
-    grid = [(128, 50)] if args.quick else [(B, n) for n in (10, 50, 100) for B in (1, 32, 128)]
+    grid = [(128, 50)] if args.quick else [(B, n) for n in args.sizes for B in args.batches]
     rows: list[dict[str, Any]] = []
     print(f"{'B':>4} {'n':>4} {'method':>16} {'fwd+bwd ms':>11} {'sol err':>9} {'grad err':>9} "
           f"{'x fastest peer':>14}")

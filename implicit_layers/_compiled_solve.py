@@ -73,6 +73,10 @@ class CompiledSettings:
         )
 
 
+#: Terms of the Neumann series per pass of the adjoint loop (per map evaluation).
+_ADJOINT_CHUNK = 4
+
+
 def _loop(cond, body, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:  # noqa: ANN001
     """``while cond(*state): state = body(*state)``: a ``while_loop`` under ``torch.compile``,
     a Python loop eagerly (same step functions, so the same iterates)."""
@@ -180,18 +184,26 @@ def _adjoint_loop(
 
     def body(k: Tensor, u: Tensor, r: Tensor, res: Tensor, mask: Tensor, steps: Tensor,
              bad: Tensor, z: Tensor, x: Tensor, *tensors: Tensor) -> tuple[Tensor, ...]:
-        step = r if s.alpha is None or s.alpha == 1.0 else s.alpha * r
+        # The VJP's linearisation at z is taken once per pass and serves `chunk` terms of the
+        # series (a traced loop cannot keep it across passes): one map evaluation per chunk
+        # instead of one per term. The terms are those of a step-by-step loop: a sample stops
+        # changing once it converges, and no term is taken past adjoint_max_steps.
         pull = vjp(lambda v: f(v, x, tensors), z)[1]
-        product = step - pull(step)[0]  # (I - J)ᵀ step
-        u = torch.addcmul(u, step, mask)
-        r = torch.addcmul(r, product, mask, value=-1.0)
-        steps = steps + mask
-        res = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
-        broke = (mask > 0) & ~torch.isfinite(res)
-        mask = mask * ((res > tol) & ~broke)
-        return (k + 1, u, r, res, mask, steps, bad | broke, z.clone(), x.clone(),
+        for j in range(chunk):
+            live = mask if j == 0 else mask * (k + j < s.adjoint_max_steps)
+            step = r if s.alpha is None or s.alpha == 1.0 else s.alpha * r
+            product = step - pull(step)[0]  # (I - J)ᵀ step
+            u = torch.addcmul(u, step, live)
+            r = torch.addcmul(r, product, live, value=-1.0)
+            steps = steps + live
+            res = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
+            broke = (live > 0) & ~torch.isfinite(res)
+            mask = mask * ((res > tol) & ~broke)
+            bad = bad | broke
+        return (k + chunk, u, r, res, mask, steps, bad, z.clone(), x.clone(),
                 *(t.clone() for t in tensors))
 
+    chunk = min(_ADJOINT_CHUNK, s.adjoint_max_steps)
     state = (k, torch.zeros_like(g), g.clone(), res, mask, steps, bad, z, x, *tensors)
     _, u, _, res, _, steps, bad, *_ = _loop(cond, body, state)
     return u, res, tol, steps.to(torch.int64), bad
