@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_positive_int
-from .._info import OnFailure, SolveInfo
+from .._config import SolverKeywords, check_positive_int
+from .._info import SolveInfo
 from ._base import LinearSolver, batched_dot
 from ._loop import LinearLoop
 from ._operator import LinearOperator
@@ -80,16 +81,9 @@ class Broyden(LinearSolver):
         memory: int = 30,
         *,
         line_search: bool = False,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
+        **settings: Unpack[SolverKeywords],
     ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+        super().__init__(**settings)
         self.memory = check_positive_int(memory, "memory")
         if not isinstance(line_search, bool):
             raise TypeError(

@@ -6,10 +6,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_bool, check_positive_int
+from .._config import GraphedSolverKeywords, check_positive_int
 from .._cuda_graph import ChunkGraphs, graph_runner
-from .._info import OnFailure, SolveInfo
+from .._info import SolveInfo
 from ._base import LinearSolver
 from ._loop import LinearLoop, check_active
 from ._operator import LinearOperator
@@ -83,24 +84,15 @@ class GMRES(LinearSolver):
     """
 
     name = "GMRES"
+    supports_cuda_graph = True
 
     def __init__(
         self,
         restart: int = 20,
-        *,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
-        cuda_graph: bool = False,
+        **settings: Unpack[GraphedSolverKeywords],
     ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+        super().__init__(**settings)
         self.restart = check_positive_int(restart, "restart")
-        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
         batch, n = b.shape

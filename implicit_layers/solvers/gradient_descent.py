@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_positive_int
-from .._info import OnFailure, SolveInfo
+from .._config import SolverKeywords, check_positive_int
+from .._info import SolveInfo
 from .._problem import MinimiseProblem, Problem
 from ..linear._power import power_iteration
 from ._base import ForwardSolver, Monitor
@@ -72,16 +73,9 @@ class GradientDescent(ForwardSolver):
         step_size: float | Tensor | None = None,
         *,
         power_steps: int = 20,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
+        **settings: Unpack[SolverKeywords],
     ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+        super().__init__(**settings)
         if step_size is not None:
             if isinstance(step_size, bool) or not isinstance(step_size, (int, float, Tensor)):
                 raise TypeError(

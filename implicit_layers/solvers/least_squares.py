@@ -7,9 +7,10 @@ from typing import cast
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_positive_int
-from .._info import OnFailure, SolveInfo
+from .._config import SolverKeywords, check_positive_int
+from .._info import SolveInfo
 from .._least_squares import LeastSquaresProblem
 from .._problem import Problem
 from ..linear._operator import FunctionOperator
@@ -78,16 +79,9 @@ class _NormalEquations(ForwardSolver):
         *,
         dense_max_size: int = 128,
         cg_max_steps: int | None = None,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
+        **settings: Unpack[SolverKeywords],
     ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+        super().__init__(**settings)
         self.dense_max_size = check_positive_int(dense_max_size, "dense_max_size", allow_zero=True)
         self.cg_max_steps = (
             None if cg_max_steps is None else check_positive_int(cg_max_steps, "cg_max_steps")

@@ -6,10 +6,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_bool, check_nonnegative
+from .._config import GraphedSolverKeywords, check_nonnegative
 from .._cuda_graph import Chunk, graph_runner
-from .._info import OnFailure, SolveInfo
+from .._info import SolveInfo
 from .._problem import Problem
 from ._base import ForwardSolver
 from ._window import WindowMonitor, run_chunks
@@ -59,24 +60,15 @@ class Picard(ForwardSolver):
     """
 
     name = "Picard"
+    supports_cuda_graph = True
 
     def __init__(
         self,
         damping: float = 1.0,
-        *,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
-        cuda_graph: bool = False,
+        **settings: Unpack[GraphedSolverKeywords],
     ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+        super().__init__(**settings)
         self.damping = check_nonnegative(damping, "damping", allow_none=False)
-        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
         if self.damping == 0:
             raise ValueError("damping must be > 0, got 0.")
 
