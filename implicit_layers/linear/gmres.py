@@ -86,11 +86,7 @@ class GMRES(LinearSolver):
     name = "GMRES"
     supports_cuda_graph = True
 
-    def __init__(
-        self,
-        restart: int = 20,
-        **settings: Unpack[GraphedSolverKeywords],
-    ) -> None:
+    def __init__(self, restart: int = 20, **settings: Unpack[GraphedSolverKeywords]) -> None:
         super().__init__(**settings)
         self.restart = check_positive_int(restart, "restart")
 

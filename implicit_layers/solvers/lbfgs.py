@@ -54,11 +54,7 @@ class LBFGS(ForwardSolver):
     name = "LBFGS"
     problems = (MinimiseProblem,)
 
-    def __init__(
-        self,
-        memory: int = 10,
-        **settings: Unpack[SolverKeywords],
-    ) -> None:
+    def __init__(self, memory: int = 10, **settings: Unpack[SolverKeywords]) -> None:
         super().__init__(**settings)
         self.memory = check_positive_int(memory, "memory")
 

@@ -66,6 +66,11 @@ def _noise(r: Tensor) -> Tensor:
     return 1e3 * torch.finfo(r.dtype).eps * 0.5 * r.square().sum(-1)
 
 
+class _NormalEquationsKeywords(SolverKeywords, total=False):
+    dense_max_size: int
+    cg_max_steps: int | None
+
+
 class _NormalEquations(ForwardSolver):
     """What Gauss-Newton and Levenberg-Marquardt share: settings, the damped normal-equation
     solve ``(JᵀJ + μ I) δ = -Jᵀr`` (dense up to ``dense_max_size`` unknowns, CG beyond)."""
@@ -146,8 +151,8 @@ class LevenbergMarquardt(_NormalEquations):
 
     name = "LevenbergMarquardt"
 
-    def __init__(self, damping: float = 1e-3, **settings: object) -> None:
-        super().__init__(**settings)  # type: ignore[arg-type]
+    def __init__(self, damping: float = 1e-3, **settings: Unpack[_NormalEquationsKeywords]) -> None:
+        super().__init__(**settings)
         if isinstance(damping, bool) or not isinstance(damping, (int, float)):
             raise TypeError(f"damping must be a float, got {type(damping).__name__}.")
         if damping <= 0:
@@ -211,8 +216,8 @@ class GaussNewton(_NormalEquations):
 
     name = "GaussNewton"
 
-    def __init__(self, *, max_halvings: int = 30, **settings: object) -> None:
-        super().__init__(**settings)  # type: ignore[arg-type]
+    def __init__(self, *, max_halvings: int = 30, **settings: Unpack[_NormalEquationsKeywords]) -> None:
+        super().__init__(**settings)
         self.max_halvings = check_positive_int(max_halvings, "max_halvings")
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:

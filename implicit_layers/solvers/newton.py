@@ -63,12 +63,7 @@ class Newton(ForwardSolver):
     default_max_steps = 100
     supports_unrolled = False
 
-    def __init__(
-        self,
-        *,
-        cg_max_steps: int = 50,
-        **settings: Unpack[SolverKeywords],
-    ) -> None:
+    def __init__(self, *, cg_max_steps: int = 50, **settings: Unpack[SolverKeywords]) -> None:
         super().__init__(**settings)
         self.cg_max_steps = check_positive_int(cg_max_steps, "cg_max_steps")
 

@@ -62,11 +62,7 @@ class Picard(ForwardSolver):
     name = "Picard"
     supports_cuda_graph = True
 
-    def __init__(
-        self,
-        damping: float = 1.0,
-        **settings: Unpack[GraphedSolverKeywords],
-    ) -> None:
+    def __init__(self, damping: float = 1.0, **settings: Unpack[GraphedSolverKeywords]) -> None:
         super().__init__(**settings)
         self.damping = check_nonnegative(damping, "damping", allow_none=False)
         if self.damping == 0:
