@@ -11,7 +11,7 @@ from .._info import SolveInfo
 from ._base import LinearSolver, batched_dot
 from ._loop import LinearLoop
 from ._operator import LinearOperator
-from ._restart import run_in_rounds
+from ._restart import one_and_zero, run_in_rounds
 
 __all__ = ["Broyden"]
 
@@ -52,14 +52,9 @@ class Broyden(LinearSolver):
             positional argument.
         line_search: scale each step to minimise the residual along it (default ``False``:
             plain quasi-Newton steps ``s = H r``).
-        rtol: relative tolerance. ``None`` (default) inherits the forward solver's tolerance
-            when used as ``backward=``, else ``1e-10`` in float64 and ``1e-5`` in float32.
-        atol: absolute tolerance (default ``0.0``).
         max_steps: limit on the number of steps (operator products in steps), default 1000.
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+        rtol, atol, check_every, on_failure: as for every linear solver
+            (:class:`~implicit_layers.linear.LinearSolver`).
 
     Raises:
         TypeError: if a setting has the wrong type (``line_search`` not a bool, ``memory`` not
@@ -102,8 +97,7 @@ class Broyden(LinearSolver):
             x: Tensor, r: Tensor, beta1: Tensor, active: Tensor, loop: LinearLoop
         ) -> tuple[Tensor, Tensor]:
             tol = loop.tol
-            one = torch.ones((), dtype=b.dtype, device=b.device)
-            zero = torch.zeros((), dtype=b.dtype, device=b.device)
+            one, zero = one_and_zero(b)
             U = torch.zeros(batch, mem, n, dtype=b.dtype, device=b.device)
             W = torch.zeros(batch, mem, n, dtype=b.dtype, device=b.device)
             gamma = torch.ones_like(beta1)

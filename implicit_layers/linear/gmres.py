@@ -48,15 +48,10 @@ class GMRES(LinearSolver):
             positional argument, as in the textbook name GMRES(m). Larger values converge in
             fewer products on hard problems at the price of memory ``O(B m n)`` and ``O(m n)``
             work per step.
-        rtol: relative tolerance. ``None`` (default) inherits the forward solver's tolerance
-            when used as ``backward=``, else ``1e-10`` in float64 and ``1e-5`` in float32.
-        atol: absolute tolerance (default ``0.0``).
         max_steps: limit on the total number of inner steps (Arnoldi products) over all cycles
             (default 1000); ``info.steps`` counts the inner steps each sample used.
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+        rtol, atol, check_every, on_failure: as for every linear solver
+            (:class:`~implicit_layers.linear.LinearSolver`).
         cuda_graph: record the Arnoldi steps between two checks as CUDA graphs (one per
             position in the cycle, each captured at its second use) and replay them
             (default ``False``); same conditions as :class:`Neumann`'s.

@@ -45,13 +45,8 @@ class Neumann(LinearSolver):
             diverges when an eigenvalue of ``A`` lies outside ``(0, 2)``).
         power_steps: power iterations used to estimate ``λ_max`` when ``alpha`` is ``None``
             (default 20).
-        rtol: relative tolerance. ``None`` (default) inherits the forward solver's tolerance
-            when used as ``backward=``, else ``1e-10`` in float64 and ``1e-5`` in float32.
-        atol: absolute tolerance (default ``0.0``).
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+        rtol, atol, check_every, on_failure: as for every linear solver
+            (:class:`~implicit_layers.linear.LinearSolver`).
         cuda_graph: record each chunk of ``check_every`` steps as a CUDA graph once and
             replay it (default ``False``): CUDA tensors, a product free of host
             synchronisation, the solve under ``torch.no_grad()`` (as in an implicit

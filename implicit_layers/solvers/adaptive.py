@@ -45,7 +45,7 @@ from ..linear.gmres import GMRES
 from ._base import ForwardSolver
 from ._window import WindowMonitor, _norm
 from .anderson import anderson_step
-from .picard import damped_step, picard_chunk, picard_step
+from .picard import damped_step, map_and_residual, picard_chunk, picard_step
 
 __all__ = ["Adaptive"]
 
@@ -130,8 +130,7 @@ class Adaptive(ForwardSolver):
         z = z0
         if plain:
             fmap = problem.fixed_point_map
-            fz = fmap(z)
-            r = z - fz
+            fz, r = map_and_residual(fmap, z)
         else:
             r = residual(z)
         # Bookkeeping at the checks only, as in Picard and Anderson: samples keep stepping
@@ -204,8 +203,7 @@ class Adaptive(ForwardSolver):
                     mon.safe = None
                     z = mon.best_z
                     if plain:
-                        fz = fmap(z)
-                        r = z - fz
+                        fz, r = map_and_residual(fmap, z)
                     else:
                         r = residual(z)
                     k = taken

@@ -43,14 +43,9 @@ class Anderson(ForwardSolver):
         regularization: Tikhonov term relative to the largest diagonal of the Gram matrix,
             keeping the mixing solve well posed; ``None`` (default) means ``100 · eps`` of the
             dtype.
-        rtol: relative tolerance; ``None`` (default) means ``1e-10`` in float64, ``1e-5`` in
-            float32, ``1e-3`` in float16 and ``1e-2`` in bfloat16.
-        atol: absolute tolerance (default ``0.0``).
         max_steps: iteration limit (default 500).
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`ForwardSolver`).
+        rtol, atol, check_every, on_failure: as for every forward solver
+            (:class:`~implicit_layers.solvers.ForwardSolver`).
         cuda_graph: record each chunk of ``check_every`` steps as a CUDA graph once and
             replay it (default ``False``), once the history is full (the first ``memory``
             steps run eagerly); see :class:`Picard` and ``docs/guides/deq.md``.

@@ -30,14 +30,9 @@ class GradientDescent(ForwardSolver):
             objectives whose curvature grows away from ``w0``, pass a step size. The one
             positional argument.
         power_steps: power iterations used when ``step_size`` is ``None`` (default 20).
-        rtol: relative tolerance; ``None`` (default) means ``1e-10`` in float64, ``1e-5`` in
-            float32, ``1e-3`` in float16 and ``1e-2`` in bfloat16.
-        atol: absolute tolerance (default ``0.0``).
         max_steps: iteration limit (default 1000).
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`ForwardSolver`).
+        rtol, atol, check_every, on_failure: as for every forward solver
+            (:class:`~implicit_layers.solvers.ForwardSolver`).
 
     Raises:
         TypeError: if a setting has the wrong type (``step_size`` not a float, tensor or
