@@ -181,7 +181,8 @@ def test_signature_lists_every_common_keyword_with_its_default(cls):
     # the signature is the constructor's: every keyword it lists is accepted and kept
     solver = cls(**{name: params[name].default for name in COMMON if name in params})
     assert set(solver.settings()) <= set(params)
-    with pytest.raises(TypeError, match=rf"{cls.__name__}.__init__\(\) got an unexpected keyword argument 'tol'"):
+    unexpected = rf"{cls.__name__}.__init__\(\) got an unexpected keyword argument 'tol'"
+    with pytest.raises(TypeError, match=unexpected):
         cls(tol=1e-6)
     if not takes_graphs:
         with pytest.raises(TypeError, match="unexpected keyword argument 'cuda_graph'"):
