@@ -51,16 +51,7 @@ def _expand(cls: griffe.Class) -> None:
 
 
 class SettingsSignatures(griffe.Extension):
-    """Expand ``**settings`` in the constructors of the loaded package's classes."""
+    """Expand ``**settings`` in the constructor of each class, once its members are loaded."""
 
-    def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
-        stack: list[griffe.Object] = [pkg]
-        seen: set[int] = set()
-        while stack:
-            obj = stack.pop()
-            if id(obj) in seen or obj.is_alias:
-                continue
-            seen.add(id(obj))
-            if obj.is_class:
-                _expand(obj)  # type: ignore[arg-type]
-            stack.extend(m for m in obj.members.values() if not m.is_alias)
+    def on_class_members(self, *, cls: griffe.Class, **kwargs: Any) -> None:
+        _expand(cls)
