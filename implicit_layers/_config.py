@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, ClassVar, Literal, overload
+from typing import Any, ClassVar, Literal, TypedDict, overload
 
 import torch
 from typing_extensions import Self
@@ -92,6 +92,12 @@ class Settings:
     and ``==`` / ``hash`` compare the settings by value (a tensor setting, such as a learnable
     step size, by identity).
 
+    A constructor that ends in ``**settings`` passes them on to its base class's constructor:
+    its signature (``inspect.signature``, hence :meth:`replace`, ``repr`` and the docs) lists
+    the base's keyword-only parameters in their place, and a keyword outside that signature is
+    a TypeError, as for an explicit signature. The keywords every solver shares are written
+    once this way (:class:`SolverSettings`, typed by :class:`SolverKeywords`).
+
     Attributes:
         _aliases: constructor parameters that are not settings of their own (another name for
             one that is), left out of :meth:`replace`, ``repr`` and ``==``.
@@ -107,19 +113,49 @@ class Settings:
         init = cls.__dict__.get("__init__")
         if init is None:
             return
+        own = inspect.signature(init)
+        public = own.replace(parameters=cls._public_parameters(list(own.parameters.values())))
+        # Python checks the keywords of an explicit signature; those standing for **settings
+        # are checked here, against the signature that lists them.
+        expanded = public != own
+        accepted = frozenset(public.parameters)
 
         @functools.wraps(init)
         def __init__(self: Settings, *args: Any, **kw: Any) -> None:
             outermost = type(self).__init__ is __init__
-            if outermost and args:
-                self._check_positional(len(args))
+            if outermost:
+                if args:
+                    self._check_positional(len(args))
+                if expanded and not accepted.issuperset(kw):
+                    unknown = next(name for name in kw if name not in accepted)
+                    raise TypeError(
+                        f"{type(self).__qualname__}.__init__() got an unexpected keyword argument "
+                        f"{unknown!r}"
+                    )
             init(self, *args, **kw)
             # Only the constructor of the object's own class freezes it: a subclass's
             # __init__ still sets its attributes after calling super().__init__().
             if outermost:
                 object.__setattr__(self, "_frozen", True)
 
+        __init__.__signature__ = public  # type: ignore[attr-defined]
         cls.__init__ = __init__  # type: ignore[method-assign,assignment]
+
+    @classmethod
+    def _public_parameters(cls, params: list[inspect.Parameter]) -> list[inspect.Parameter]:
+        """The parameters (``self`` first) of a constructor as its signature shows them: a
+        trailing ``**settings`` replaced by the base constructor's keyword-only parameters
+        that the constructor does not name itself."""
+        if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD or (
+            params[-1].name != "settings"
+        ):
+            return params
+        own = params[:-1]
+        named = {p.name for p in own}
+        base = inspect.signature(super(cls, cls).__init__).parameters.values()
+        return own + [
+            p for p in base if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in named
+        ]
 
     def __setattr__(self, name: str, value: object) -> None:
         if self.__dict__.get("_frozen", False):
@@ -219,6 +255,29 @@ def _hashable(value: object) -> object:
     return id(value) if isinstance(value, torch.Tensor) else value
 
 
+class StoppingKeywords(TypedDict, total=False):
+    """:class:`SolverKeywords` but ``max_steps``, for a solver that takes it positionally."""
+
+    rtol: float | None
+    atol: float
+    check_every: int | None
+    on_failure: OnFailure
+
+
+class SolverKeywords(StoppingKeywords, total=False):
+    """The keyword arguments every solver takes (see :class:`SolverSettings`): a solver's
+    constructor ends in ``**settings: Unpack[SolverKeywords]`` and passes them on."""
+
+    max_steps: int | None
+
+
+class GraphedSolverKeywords(SolverKeywords, total=False):
+    """:class:`SolverKeywords` and ``cuda_graph``, for the solvers that can replay their loop
+    as CUDA graphs (``supports_cuda_graph = True``)."""
+
+    cuda_graph: bool
+
+
 class SolverSettings(Settings):
     """The settings every iterative solver shares, validated once for forward and linear solvers.
 
@@ -235,10 +294,16 @@ class SolverSettings(Settings):
         max_steps: iteration limit, or ``None`` for the class's ``default_max_steps``.
         check_every: steps between convergence checks, or ``None`` for the device's default.
         on_failure: ``"warn"``, ``"raise"`` or ``"ignore"``.
+        cuda_graph: record the loop as CUDA graphs and replay them; taken only by the classes
+            with ``supports_cuda_graph = True`` (it follows the other settings in their
+            signature).
     """
 
     default_max_steps: ClassVar[int] = 1000
     name: ClassVar[str] = "Solver"
+    #: Whether the class takes the ``cuda_graph`` setting (its constructor must then end in
+    #: ``**settings: Unpack[GraphedSolverKeywords]``).
+    supports_cuda_graph: ClassVar[bool] = False
 
     rtol: float | None
     atol: float
@@ -254,6 +319,7 @@ class SolverSettings(Settings):
         max_steps: int | None = None,
         check_every: int | None = None,
         on_failure: OnFailure = "warn",
+        cuda_graph: bool = False,
     ) -> None:
         self.rtol = check_tolerance(rtol, "rtol")
         self.atol = check_tolerance(atol, "atol", allow_none=False)
@@ -264,8 +330,25 @@ class SolverSettings(Settings):
             check_every, "check_every"
         )
         self.on_failure = check_on_failure(on_failure)
+        if self.supports_cuda_graph:
+            self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
+
+    @classmethod
+    def _public_parameters(cls, params: list[inspect.Parameter]) -> list[inspect.Parameter]:
+        # cuda_graph is a setting of the classes that support it only; it comes last.
+        public = [p for p in super()._public_parameters(params) if p.name != "cuda_graph"]
+        var = inspect.Parameter.VAR_KEYWORD
+        passes_on = params[-1].kind is var and public[-1].kind is not var
+        if cls.supports_cuda_graph and (passes_on or len(public) < len(params)):
+            public.append(_CUDA_GRAPH)
+        return public
 
     def resolved_rtol(self, dtype: torch.dtype) -> float:
         """``rtol``, or the default of ``dtype`` when it is ``None``."""
         return default_rtol(dtype) if self.rtol is None else self.rtol
+
+
+_CUDA_GRAPH = inspect.Parameter(
+    "cuda_graph", inspect.Parameter.KEYWORD_ONLY, default=False, annotation="bool"
+)
 

@@ -140,3 +140,60 @@ def test_backward_mode_replace_validates():
         il.backward.Phantom(3).replace(damping=0.0)
     with pytest.raises(ValueError, match="step_size must be > 0"):
         il.backward.Truncated(2, step_size=0.0)
+
+
+def _public_solver_classes() -> list[type]:
+    from implicit_layers._config import SolverSettings
+
+    found = []
+    for module in (il.solvers, il.linear):
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if isinstance(obj, type) and issubclass(obj, SolverSettings) and obj not in found:
+                found.append(obj)
+    # StepsOnFailure wraps another solver and takes its tolerances from it, not as keywords.
+    found.remove(il.linear.StepsOnFailure)
+    return found
+
+
+COMMON = {"rtol": None, "atol": 0.0, "max_steps": None, "check_every": None, "on_failure": "warn"}
+
+
+@pytest.mark.parametrize("cls", _public_solver_classes(), ids=lambda c: f"{c.__module__}.{c.__name__}")
+def test_signature_lists_every_common_keyword_with_its_default(cls):
+    import inspect
+
+    params = inspect.signature(cls).parameters
+    for name, default in COMMON.items():
+        assert name in params, f"{cls.__name__} signature lacks {name}"
+        assert params[name].default == default
+        # only Neumann takes a common setting (max_steps, its number of terms) positionally
+        positional = cls is il.linear.Neumann and name == "max_steps"
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if positional else inspect.Parameter.KEYWORD_ONLY
+        assert params[name].kind is kind
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    # cuda_graph: listed, last and False by default, exactly for the classes that take it
+    takes_graphs = "cuda_graph" in params
+    assert takes_graphs == cls.supports_cuda_graph
+    if takes_graphs:
+        assert list(params)[-1] == "cuda_graph" and params["cuda_graph"].default is False
+        assert cls().cuda_graph is False
+    # the signature is the constructor's: every keyword it lists is accepted and kept
+    solver = cls(**{name: params[name].default for name in COMMON if name in params})
+    assert set(solver.settings()) <= set(params)
+    unexpected = rf"{cls.__name__}.__init__\(\) got an unexpected keyword argument 'tol'"
+    with pytest.raises(TypeError, match=unexpected):
+        cls(tol=1e-6)
+    if not takes_graphs:
+        with pytest.raises(TypeError, match="unexpected keyword argument 'cuda_graph'"):
+            cls(cuda_graph=False)
+
+
+@pytest.mark.parametrize("cls", [il.solvers.LevenbergMarquardt, il.solvers.GaussNewton])
+def test_settings_passed_on_to_the_base_are_settings_too(cls):
+    # Their constructors end in **settings: replace, repr and == see those settings as well.
+    solver = cls(max_steps=5, dense_max_size=3)
+    assert solver.settings()["max_steps"] == 5 and solver.settings()["dense_max_size"] == 3
+    assert solver.replace(rtol=1e-6).max_steps == 5
+    assert repr(solver) == f"{cls.__name__}(dense_max_size=3, max_steps=5)"
+    assert eval(repr(solver), vars(il.solvers)) == solver != cls()

@@ -30,6 +30,15 @@ from ._operator import LinearOperator
 Inner = Callable[[Tensor, Tensor, Tensor, Tensor, LinearLoop], tuple[Tensor, Tensor]]
 
 
+def one_and_zero(b: Tensor) -> tuple[Tensor, Tensor]:
+    """``1`` and ``0`` as 0-dim tensors of ``b``'s dtype and device: the stand-ins of a
+    round's ``torch.where`` guards against division by zero."""
+    return (
+        torch.ones((), dtype=b.dtype, device=b.device),
+        torch.zeros((), dtype=b.dtype, device=b.device),
+    )
+
+
 def run_in_rounds(
     solver: LinearSolver, op: LinearOperator, b: Tensor, x0: Tensor | None, inner: Inner
 ) -> tuple[Tensor, SolveInfo]:

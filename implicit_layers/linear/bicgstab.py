@@ -9,7 +9,7 @@ from .._info import SolveInfo
 from ._base import LinearSolver, batched_dot
 from ._loop import LinearLoop
 from ._operator import LinearOperator
-from ._restart import run_in_rounds
+from ._restart import one_and_zero, run_in_rounds
 
 __all__ = ["BiCGStab"]
 
@@ -36,16 +36,11 @@ class BiCGStab(LinearSolver):
     with ``x`` of shape ``(B, n)`` and per-sample :class:`~implicit_layers.SolveInfo`.
 
     Args:
-        rtol: relative tolerance. ``None`` (default) inherits the forward solver's tolerance
-            when used as ``backward=``, else ``1e-10`` in float64 and ``1e-5`` in float32.
-        atol: absolute tolerance (default ``0.0``).
         max_steps: limit on the number of BiCGStab steps, each of two operator products (default
             1000); ``info.steps`` counts the steps each sample used (a sample that converges at
             the half step counts a full step).
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+        rtol, atol, check_every, on_failure: as for every linear solver
+            (:class:`~implicit_layers.linear.LinearSolver`).
 
     Raises:
         TypeError: if a setting has the wrong type or is passed positionally.
@@ -68,8 +63,7 @@ class BiCGStab(LinearSolver):
             x: Tensor, r: Tensor, beta1: Tensor, active: Tensor, loop: LinearLoop
         ) -> tuple[Tensor, Tensor]:
             tol = loop.tol
-            one = torch.ones((), dtype=b.dtype, device=b.device)
-            zero = torch.zeros((), dtype=b.dtype, device=b.device)
+            one, zero = one_and_zero(b)
             r_hat = r.clone()
             r_hat_norm = beta1.clone()
             rho = torch.ones_like(beta1)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_positive_int
-from .._info import OnFailure, SolveInfo
+from .._config import SolverKeywords, check_positive_int
+from .._info import SolveInfo
 from ._base import LinearSolver, batched_dot
 from ._loop import LinearLoop
 from ._operator import LinearOperator
-from ._restart import run_in_rounds
+from ._restart import one_and_zero, run_in_rounds
 
 __all__ = ["Broyden"]
 
@@ -51,14 +52,9 @@ class Broyden(LinearSolver):
             positional argument.
         line_search: scale each step to minimise the residual along it (default ``False``:
             plain quasi-Newton steps ``s = H r``).
-        rtol: relative tolerance. ``None`` (default) inherits the forward solver's tolerance
-            when used as ``backward=``, else ``1e-10`` in float64 and ``1e-5`` in float32.
-        atol: absolute tolerance (default ``0.0``).
         max_steps: limit on the number of steps (operator products in steps), default 1000.
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+        rtol, atol, check_every, on_failure: as for every linear solver
+            (:class:`~implicit_layers.linear.LinearSolver`).
 
     Raises:
         TypeError: if a setting has the wrong type (``line_search`` not a bool, ``memory`` not
@@ -80,16 +76,9 @@ class Broyden(LinearSolver):
         memory: int = 30,
         *,
         line_search: bool = False,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
+        **settings: Unpack[SolverKeywords],
     ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+        super().__init__(**settings)
         self.memory = check_positive_int(memory, "memory")
         if not isinstance(line_search, bool):
             raise TypeError(
@@ -108,8 +97,7 @@ class Broyden(LinearSolver):
             x: Tensor, r: Tensor, beta1: Tensor, active: Tensor, loop: LinearLoop
         ) -> tuple[Tensor, Tensor]:
             tol = loop.tol
-            one = torch.ones((), dtype=b.dtype, device=b.device)
-            zero = torch.zeros((), dtype=b.dtype, device=b.device)
+            one, zero = one_and_zero(b)
             U = torch.zeros(batch, mem, n, dtype=b.dtype, device=b.device)
             W = torch.zeros(batch, mem, n, dtype=b.dtype, device=b.device)
             gamma = torch.ones_like(beta1)

@@ -20,9 +20,10 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_bool, check_positive_int
-from .._info import ConvergenceWarning, NonFiniteError, OnFailure, SolveInfo, user_stacklevel
+from .._config import GraphedSolverKeywords, check_positive_int
+from .._info import ConvergenceWarning, NonFiniteError, SolveInfo, user_stacklevel
 from ._base import LinearSolver
 from ._operator import FunctionOperator, LinearOperator
 from .dense import Dense
@@ -50,25 +51,17 @@ class NeumannThenGMRES(LinearSolver):
     """
 
     name = "Neumann+GMRES"
+    supports_cuda_graph = True
 
     def __init__(
         self,
         terms: int = 100,
         *,
         restart: int = 20,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
-        cuda_graph: bool = False,
+        **settings: Unpack[GraphedSolverKeywords],
     ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+        super().__init__(**settings)
         self.terms = check_positive_int(terms, "terms")
-        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
         self.restart = check_positive_int(restart, "restart")
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:

@@ -6,10 +6,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_bool, check_positive_int
+from .._config import GraphedSolverKeywords, check_positive_int
 from .._cuda_graph import ChunkGraphs, graph_runner
-from .._info import OnFailure, SolveInfo
+from .._info import SolveInfo
 from ._base import LinearSolver
 from ._loop import LinearLoop, check_active
 from ._operator import LinearOperator
@@ -47,15 +48,10 @@ class GMRES(LinearSolver):
             positional argument, as in the textbook name GMRES(m). Larger values converge in
             fewer products on hard problems at the price of memory ``O(B m n)`` and ``O(m n)``
             work per step.
-        rtol: relative tolerance. ``None`` (default) inherits the forward solver's tolerance
-            when used as ``backward=``, else ``1e-10`` in float64 and ``1e-5`` in float32.
-        atol: absolute tolerance (default ``0.0``).
         max_steps: limit on the total number of inner steps (Arnoldi products) over all cycles
             (default 1000); ``info.steps`` counts the inner steps each sample used.
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+        rtol, atol, check_every, on_failure: as for every linear solver
+            (:class:`~implicit_layers.linear.LinearSolver`).
         cuda_graph: record the Arnoldi steps between two checks as CUDA graphs (one per
             position in the cycle, each captured at its second use) and replay them
             (default ``False``); same conditions as :class:`Neumann`'s.
@@ -83,24 +79,11 @@ class GMRES(LinearSolver):
     """
 
     name = "GMRES"
+    supports_cuda_graph = True
 
-    def __init__(
-        self,
-        restart: int = 20,
-        *,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
-        cuda_graph: bool = False,
-    ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+    def __init__(self, restart: int = 20, **settings: Unpack[GraphedSolverKeywords]) -> None:
+        super().__init__(**settings)
         self.restart = check_positive_int(restart, "restart")
-        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
         batch, n = b.shape

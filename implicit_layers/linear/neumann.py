@@ -6,16 +6,21 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_bool, check_nonnegative, check_positive_int
+from .._config import StoppingKeywords, check_nonnegative, check_positive_int
 from .._cuda_graph import ChunkGraphs, graph_runner
-from .._info import OnFailure, SolveInfo
+from .._info import SolveInfo
 from ._base import LinearSolver, initial_residual
 from ._loop import LinearLoop
 from ._operator import LinearOperator
 from ._power import power_iteration
 
 __all__ = ["Neumann", "neumann_step"]
+
+
+class _NeumannKeywords(StoppingKeywords, total=False):
+    cuda_graph: bool
 
 
 class Neumann(LinearSolver):
@@ -40,13 +45,8 @@ class Neumann(LinearSolver):
             diverges when an eigenvalue of ``A`` lies outside ``(0, 2)``).
         power_steps: power iterations used to estimate ``λ_max`` when ``alpha`` is ``None``
             (default 20).
-        rtol: relative tolerance. ``None`` (default) inherits the forward solver's tolerance
-            when used as ``backward=``, else ``1e-10`` in float64 and ``1e-5`` in float32.
-        atol: absolute tolerance (default ``0.0``).
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`~implicit_layers.linear.LinearSolver`).
+        rtol, atol, check_every, on_failure: as for every linear solver
+            (:class:`~implicit_layers.linear.LinearSolver`).
         cuda_graph: record each chunk of ``check_every`` steps as a CUDA graph once and
             replay it (default ``False``): CUDA tensors, a product free of host
             synchronisation, the solve under ``torch.no_grad()`` (as in an implicit
@@ -75,6 +75,7 @@ class Neumann(LinearSolver):
     """
 
     name = "Neumann"
+    supports_cuda_graph = True
     default_max_steps = 100
 
     def __init__(
@@ -83,18 +84,10 @@ class Neumann(LinearSolver):
         *,
         alpha: float | None = None,
         power_steps: int = 20,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
-        cuda_graph: bool = False,
+        **settings: Unpack[_NeumannKeywords],
     ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+        super().__init__(max_steps=max_steps, **settings)
         self.alpha = check_nonnegative(alpha, "alpha")
-        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
         if self.alpha == 0:
             raise ValueError("alpha must be > 0, got 0.")
         self.power_steps = check_positive_int(power_steps, "power_steps")

@@ -50,3 +50,28 @@ def backtracking(
             break
         t = torch.where(ok, t, t * shrink)
     return z_new, v_new, g_new
+
+
+def descent_step(
+    problem: Problem, z: Tensor, value: Tensor, grad: Tensor, direction: Tensor, active: Tensor,
+    differentiable: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`backtracking` along ``direction`` ``(B, n)``, or along ``-grad`` for the samples
+    where ``direction`` is no descent direction (a quasi-Newton or inexact Newton direction
+    can fail to be one)."""
+    descent = (grad * direction).sum(-1) < 0
+    direction = torch.where(descent.unsqueeze(-1), direction, -grad)
+    return backtracking(problem, z, value, grad, direction, active, differentiable)
+
+
+def where_active(
+    active: Tensor, new: tuple[Tensor, Tensor, Tensor], old: tuple[Tensor, Tensor, Tensor]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``new`` iterate ``(B, n)``, value ``(B,)`` and gradient ``(B, n)`` for the samples
+    that are ``active`` ``(B,)``, the ``old`` ones for the others."""
+    mask = active.unsqueeze(-1)
+    return (
+        torch.where(mask, new[0], old[0]),
+        torch.where(active, new[1], old[1]),
+        torch.where(mask, new[2], old[2]),
+    )

@@ -33,10 +33,11 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_bool, check_nonnegative, check_positive_int
+from .._config import GraphedSolverKeywords, check_nonnegative, check_positive_int
 from .._cuda_graph import graph_runner
-from .._info import OnFailure, SolveInfo
+from .._info import SolveInfo
 from .._problem import FixedPointProblem, Problem, RootProblem
 from ..linear._base import LinearSolver
 from ..linear.combinators import NeumannThenGMRES
@@ -44,7 +45,7 @@ from ..linear.gmres import GMRES
 from ._base import ForwardSolver
 from ._window import WindowMonitor, _norm
 from .anderson import anderson_step
-from .picard import damped_step, picard_chunk, picard_step
+from .picard import damped_step, map_and_residual, picard_chunk, picard_step
 
 __all__ = ["Adaptive"]
 
@@ -99,6 +100,7 @@ class Adaptive(ForwardSolver):
     """
 
     name = "Adaptive"
+    supports_cuda_graph = True
     problems = (FixedPointProblem, RootProblem)
 
     def __init__(
@@ -107,18 +109,9 @@ class Adaptive(ForwardSolver):
         *,
         memory: int = 5,
         window: int = 4,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
-        cuda_graph: bool = False,
+        **settings: Unpack[GraphedSolverKeywords],
     ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
-        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
+        super().__init__(**settings)
         self.switch_ratio = check_nonnegative(switch_ratio, "switch_ratio", allow_none=False)
         if not 0 < self.switch_ratio <= 1:
             raise ValueError(
@@ -137,8 +130,7 @@ class Adaptive(ForwardSolver):
         z = z0
         if plain:
             fmap = problem.fixed_point_map
-            fz = fmap(z)
-            r = z - fz
+            fz, r = map_and_residual(fmap, z)
         else:
             r = residual(z)
         # Bookkeeping at the checks only, as in Picard and Anderson: samples keep stepping
@@ -211,8 +203,7 @@ class Adaptive(ForwardSolver):
                     mon.safe = None
                     z = mon.best_z
                     if plain:
-                        fz = fmap(z)
-                        r = z - fz
+                        fz, r = map_and_residual(fmap, z)
                     else:
                         r = residual(z)
                     k = taken

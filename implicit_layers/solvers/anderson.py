@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_bool, check_nonnegative, check_positive_int
+from .._config import GraphedSolverKeywords, check_nonnegative, check_positive_int
 from .._cuda_graph import Chunk, ChunkGraphs, graph_runner
-from .._info import OnFailure, SolveInfo
+from .._info import SolveInfo
 from .._problem import FixedPointProblem, Problem, RootProblem
 from ._base import ForwardSolver
 from ._window import WindowMonitor, run_chunks
@@ -42,14 +43,9 @@ class Anderson(ForwardSolver):
         regularization: Tikhonov term relative to the largest diagonal of the Gram matrix,
             keeping the mixing solve well posed; ``None`` (default) means ``100 · eps`` of the
             dtype.
-        rtol: relative tolerance; ``None`` (default) means ``1e-10`` in float64, ``1e-5`` in
-            float32, ``1e-3`` in float16 and ``1e-2`` in bfloat16.
-        atol: absolute tolerance (default ``0.0``).
         max_steps: iteration limit (default 500).
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`ForwardSolver`).
+        rtol, atol, check_every, on_failure: as for every forward solver
+            (:class:`~implicit_layers.solvers.ForwardSolver`).
         cuda_graph: record each chunk of ``check_every`` steps as a CUDA graph once and
             replay it (default ``False``), once the history is full (the first ``memory``
             steps run eagerly); see :class:`Picard` and ``docs/guides/deq.md``.
@@ -70,6 +66,7 @@ class Anderson(ForwardSolver):
     """
 
     name = "Anderson"
+    supports_cuda_graph = True
     problems = (FixedPointProblem, RootProblem)
 
     def __init__(
@@ -78,19 +75,10 @@ class Anderson(ForwardSolver):
         *,
         mixing: float = 1.0,
         regularization: float | None = None,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
-        cuda_graph: bool = False,
+        **settings: Unpack[GraphedSolverKeywords],
     ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+        super().__init__(**settings)
         self.memory = check_positive_int(memory, "memory")
-        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
         self.mixing = check_nonnegative(mixing, "mixing", allow_none=False)
         if not 0 < self.mixing <= 1:
             raise ValueError(f"mixing must lie in (0, 1], got {mixing}.")

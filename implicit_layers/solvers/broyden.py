@@ -85,14 +85,9 @@ class Broyden(ForwardSolver):
     Args:
         memory: number of rank-one updates kept before a restart (default 30); the one
             positional argument.
-        rtol: relative tolerance; ``None`` (default) means ``1e-10`` in float64, ``1e-5`` in
-            float32, ``1e-3`` in float16 and ``1e-2`` in bfloat16.
-        atol: absolute tolerance (default ``0.0``).
         max_steps: limit on the number of evaluations of ``F`` (default 500).
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`ForwardSolver`).
+        rtol, atol, check_every, on_failure: as for every forward solver
+            (:class:`~implicit_layers.solvers.ForwardSolver`).
         warm_start_backward: keep the final estimate as the implicit backward's initial guess
             (default ``False``: nothing is kept and the backward starts from zero).
 

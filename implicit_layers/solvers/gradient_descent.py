@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_positive_int
-from .._info import OnFailure, SolveInfo
+from .._config import SolverKeywords, check_positive_int
+from .._info import SolveInfo
 from .._problem import MinimiseProblem, Problem
 from ..linear._power import power_iteration
 from ._base import ForwardSolver, Monitor
@@ -29,14 +30,9 @@ class GradientDescent(ForwardSolver):
             objectives whose curvature grows away from ``w0``, pass a step size. The one
             positional argument.
         power_steps: power iterations used when ``step_size`` is ``None`` (default 20).
-        rtol: relative tolerance; ``None`` (default) means ``1e-10`` in float64, ``1e-5`` in
-            float32, ``1e-3`` in float16 and ``1e-2`` in bfloat16.
-        atol: absolute tolerance (default ``0.0``).
         max_steps: iteration limit (default 1000).
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`ForwardSolver`).
+        rtol, atol, check_every, on_failure: as for every forward solver
+            (:class:`~implicit_layers.solvers.ForwardSolver`).
 
     Raises:
         TypeError: if a setting has the wrong type (``step_size`` not a float, tensor or
@@ -72,16 +68,9 @@ class GradientDescent(ForwardSolver):
         step_size: float | Tensor | None = None,
         *,
         power_steps: int = 20,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
+        **settings: Unpack[SolverKeywords],
     ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+        super().__init__(**settings)
         if step_size is not None:
             if isinstance(step_size, bool) or not isinstance(step_size, (int, float, Tensor)):
                 raise TypeError(

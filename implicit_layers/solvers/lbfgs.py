@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_positive_int
-from .._info import OnFailure, SolveInfo
+from .._config import SolverKeywords, check_positive_int
+from .._info import SolveInfo
 from .._problem import MinimiseProblem, Problem
 from ._base import ForwardSolver, Monitor
-from ._linesearch import backtracking
+from ._linesearch import descent_step, where_active
 
 __all__ = ["LBFGS"]
 
@@ -27,14 +28,9 @@ class LBFGS(ForwardSolver):
 
     Args:
         memory: number of curvature pairs kept (default 10); the one positional argument.
-        rtol: relative tolerance; ``None`` (default) means ``1e-10`` in float64, ``1e-5`` in
-            float32, ``1e-3`` in float16 and ``1e-2`` in bfloat16.
-        atol: absolute tolerance (default ``0.0``).
         max_steps: iteration limit (default 500).
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`ForwardSolver`).
+        rtol, atol, check_every, on_failure: as for every forward solver
+            (:class:`~implicit_layers.solvers.ForwardSolver`).
 
     Raises:
         TypeError: if a setting has the wrong type or a setting other than ``memory`` is
@@ -53,20 +49,8 @@ class LBFGS(ForwardSolver):
     name = "LBFGS"
     problems = (MinimiseProblem,)
 
-    def __init__(
-        self,
-        memory: int = 10,
-        *,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
-    ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+    def __init__(self, memory: int = 10, **settings: Unpack[SolverKeywords]) -> None:
+        super().__init__(**settings)
         self.memory = check_positive_int(memory, "memory")
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
@@ -99,9 +83,7 @@ class LBFGS(ForwardSolver):
                 b = rho * (y * d).sum(-1)
                 d = d + (a - b).unsqueeze(-1) * s
             d = -d
-            descent = (g * d).sum(-1) < 0
-            d = torch.where(descent.unsqueeze(-1), d, -g)
-            z_new, v_new, g_new = backtracking(problem, z, v, g, d, active, differentiable)
+            z_new, v_new, g_new = descent_step(problem, z, v, g, d, active, differentiable)
             s = z_new - z
             y = g_new - g
             sy = (s * y).sum(-1)
@@ -117,9 +99,6 @@ class LBFGS(ForwardSolver):
                 rhos.pop(0)
             new_gamma = sy / torch.where(valid, yy, 1.0)
             gamma = torch.where(valid, new_gamma, gamma if gamma is not None else torch.ones_like(sy))
-            mask = active.unsqueeze(-1)
-            z = torch.where(mask, z_new, z)
-            g = torch.where(mask, g_new, g)
-            v = torch.where(active, v_new, v)
+            z, v, g = where_active(active, (z_new, v_new, g_new), (z, v, g))
             mon.record(z, g, active)
         return mon.finish()

@@ -7,9 +7,10 @@ from typing import cast
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_positive_int
-from .._info import OnFailure, SolveInfo
+from .._config import SolverKeywords, check_positive_int
+from .._info import SolveInfo
 from .._least_squares import LeastSquaresProblem
 from .._problem import Problem
 from ..linear._operator import FunctionOperator
@@ -65,6 +66,11 @@ def _noise(r: Tensor) -> Tensor:
     return 1e3 * torch.finfo(r.dtype).eps * 0.5 * r.square().sum(-1)
 
 
+class _NormalEquationsKeywords(SolverKeywords, total=False):
+    dense_max_size: int
+    cg_max_steps: int | None
+
+
 class _NormalEquations(ForwardSolver):
     """What Gauss-Newton and Levenberg-Marquardt share: settings, the damped normal-equation
     solve ``(JᵀJ + μ I) δ = -Jᵀr`` (dense up to ``dense_max_size`` unknowns, CG beyond)."""
@@ -78,16 +84,9 @@ class _NormalEquations(ForwardSolver):
         *,
         dense_max_size: int = 128,
         cg_max_steps: int | None = None,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
+        **settings: Unpack[SolverKeywords],
     ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+        super().__init__(**settings)
         self.dense_max_size = check_positive_int(dense_max_size, "dense_max_size", allow_zero=True)
         self.cg_max_steps = (
             None if cg_max_steps is None else check_positive_int(cg_max_steps, "cg_max_steps")
@@ -152,8 +151,8 @@ class LevenbergMarquardt(_NormalEquations):
 
     name = "LevenbergMarquardt"
 
-    def __init__(self, damping: float = 1e-3, **settings: object) -> None:
-        super().__init__(**settings)  # type: ignore[arg-type]
+    def __init__(self, damping: float = 1e-3, **settings: Unpack[_NormalEquationsKeywords]) -> None:
+        super().__init__(**settings)
         if isinstance(damping, bool) or not isinstance(damping, (int, float)):
             raise TypeError(f"damping must be a float, got {type(damping).__name__}.")
         if damping <= 0:
@@ -217,8 +216,8 @@ class GaussNewton(_NormalEquations):
 
     name = "GaussNewton"
 
-    def __init__(self, *, max_halvings: int = 30, **settings: object) -> None:
-        super().__init__(**settings)  # type: ignore[arg-type]
+    def __init__(self, *, max_halvings: int = 30, **settings: Unpack[_NormalEquationsKeywords]) -> None:
+        super().__init__(**settings)
         self.max_halvings = check_positive_int(max_halvings, "max_halvings")
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:

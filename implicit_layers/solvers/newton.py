@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_positive_int
-from .._info import OnFailure, SolveInfo
+from .._config import SolverKeywords, check_positive_int
+from .._info import SolveInfo
 from .._problem import MinimiseProblem, Problem
 from ..linear._operator import FunctionOperator
 from ..linear.cg import CG
 from ._base import ForwardSolver, Monitor
-from ._linesearch import backtracking
+from ._linesearch import descent_step, where_active
 
 __all__ = ["Newton"]
 
@@ -33,14 +34,9 @@ class Newton(ForwardSolver):
 
     Args:
         cg_max_steps: limit on inner CG iterations per Newton step (default 50).
-        rtol: relative tolerance; ``None`` (default) means ``1e-10`` in float64, ``1e-5`` in
-            float32, ``1e-3`` in float16 and ``1e-2`` in bfloat16.
-        atol: absolute tolerance (default ``0.0``).
         max_steps: limit on the number of Newton steps (default 100).
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`ForwardSolver`).
+        rtol, atol, check_every, on_failure: as for every forward solver
+            (:class:`~implicit_layers.solvers.ForwardSolver`).
 
     Raises:
         TypeError: if a setting has the wrong type or any setting is passed positionally.
@@ -62,20 +58,8 @@ class Newton(ForwardSolver):
     default_max_steps = 100
     supports_unrolled = False
 
-    def __init__(
-        self,
-        *,
-        cg_max_steps: int = 50,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
-    ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+    def __init__(self, *, cg_max_steps: int = 50, **settings: Unpack[SolverKeywords]) -> None:
+        super().__init__(**settings)
         self.cg_max_steps = check_positive_int(cg_max_steps, "cg_max_steps")
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
@@ -101,12 +85,7 @@ class Newton(ForwardSolver):
                 inner = CG(rtol=float(forcing.min()), max_steps=self.cg_max_steps,
                            on_failure="ignore")
                 d, _ = inner.solve(op, -g.detach())
-            descent = (g * d).sum(-1) < 0
-            d = torch.where(descent.unsqueeze(-1), d, -g)
-            z_new, v_new, g_new = backtracking(problem, z, v, g, d, active, False)
-            mask = active.unsqueeze(-1)
-            z = torch.where(mask, z_new, z)
-            g = torch.where(mask, g_new, g)
-            v = torch.where(active, v_new, v)
+            z_new, v_new, g_new = descent_step(problem, z, v, g, d, active, False)
+            z, v, g = where_active(active, (z_new, v_new, g_new), (z, v, g))
             mon.record(z, g, active)
         return mon.finish()

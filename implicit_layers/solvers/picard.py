@@ -6,15 +6,16 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
-from .._config import check_bool, check_nonnegative
+from .._config import GraphedSolverKeywords, check_nonnegative
 from .._cuda_graph import Chunk, graph_runner
-from .._info import OnFailure, SolveInfo
+from .._info import SolveInfo
 from .._problem import Problem
 from ._base import ForwardSolver
 from ._window import WindowMonitor, run_chunks
 
-__all__ = ["Picard", "picard_step", "damped_step", "picard_chunk"]
+__all__ = ["Picard", "picard_step", "damped_step", "picard_chunk", "map_and_residual"]
 
 
 class Picard(ForwardSolver):
@@ -31,14 +32,9 @@ class Picard(ForwardSolver):
     Args:
         damping: step weight ``> 0`` (default ``1``: plain iteration); values in ``(0, 1]``
             keep a contractive fixed-point map contractive. The one positional argument.
-        rtol: relative tolerance; ``None`` (default) means ``1e-10`` in float64, ``1e-5`` in
-            float32, ``1e-3`` in float16 and ``1e-2`` in bfloat16.
-        atol: absolute tolerance (default ``0.0``).
         max_steps: iteration limit (default 500).
-        check_every: steps between convergence checks (each a device synchronisation); ``None``
-            (default) means every step on the CPU, every 8 on accelerators.
-        on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``: what happens when a
-            sample does not converge (see :class:`ForwardSolver`).
+        rtol, atol, check_every, on_failure: as for every forward solver
+            (:class:`~implicit_layers.solvers.ForwardSolver`).
         cuda_graph: record each chunk of ``check_every`` steps as a CUDA graph once and
             replay it (default ``False``); CUDA tensors of fixed shapes, a map free of host
             synchronisation, and no autograd recording of the loop (not with
@@ -59,24 +55,11 @@ class Picard(ForwardSolver):
     """
 
     name = "Picard"
+    supports_cuda_graph = True
 
-    def __init__(
-        self,
-        damping: float = 1.0,
-        *,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
-        cuda_graph: bool = False,
-    ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+    def __init__(self, damping: float = 1.0, **settings: Unpack[GraphedSolverKeywords]) -> None:
+        super().__init__(**settings)
         self.damping = check_nonnegative(damping, "damping", allow_none=False)
-        self.cuda_graph = check_bool(cuda_graph, "cuda_graph")
         if self.damping == 0:
             raise ValueError("damping must be > 0, got 0.")
 
@@ -87,8 +70,7 @@ class Picard(ForwardSolver):
         z = z0
         if plain:
             fmap = problem.fixed_point_map
-            fz = fmap(z)
-            r = z - fz
+            fz, r = map_and_residual(fmap, z)
         else:
             def residual(v: Tensor) -> Tensor:
                 return problem.residual(v, create_graph=differentiable)
@@ -122,9 +104,13 @@ def picard_step(f: Callable[[Tensor], Tensor], fz: Tensor) -> tuple[Tensor, Tens
     """One plain step from ``z`` given ``f(z)``: the new iterate ``z' = f(z)``, ``f(z')`` and
     the residual ``z' - f(z')``, all ``(B, n)``. Free of host synchronisation and Python
     branches on data (it compiles with ``torch.compile(fullgraph=True)``)."""
-    z = fz
+    return (fz, *map_and_residual(f, fz))
+
+
+def map_and_residual(f: Callable[[Tensor], Tensor], z: Tensor) -> tuple[Tensor, Tensor]:
+    """``f(z)`` and the fixed-point residual ``z - f(z)``, both ``(B, n)``."""
     fz = f(z)
-    return z, fz, z - fz
+    return fz, z - fz
 
 
 def damped_step(

@@ -6,10 +6,11 @@ from typing import cast
 
 import torch
 from torch import Tensor
+from typing_extensions import Unpack
 
 from .._composite import CompositeProblem
-from .._config import check_bool, check_positive_int
-from .._info import OnFailure, SolveInfo
+from .._config import SolverKeywords, check_bool, check_positive_int
+from .._info import SolveInfo
 from .._problem import Problem
 from ._base import ForwardSolver, Monitor
 from .gradient_descent import lipschitz_estimate
@@ -73,16 +74,9 @@ class ProximalGradient(ForwardSolver):
         shrink: float = 0.5,
         max_backtracks: int = 30,
         power_steps: int = 20,
-        rtol: float | None = None,
-        atol: float = 0.0,
-        max_steps: int | None = None,
-        check_every: int | None = None,
-        on_failure: OnFailure = "warn",
+        **settings: Unpack[SolverKeywords],
     ) -> None:
-        super().__init__(
-            rtol=rtol, atol=atol, max_steps=max_steps, check_every=check_every,
-            on_failure=on_failure,
-        )
+        super().__init__(**settings)
         if step_size is not None:
             if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
                 raise TypeError(f"step_size must be a float or None, got {type(step_size).__name__}.")
