@@ -55,8 +55,8 @@ def polyhedron(
         to the dtype of ``x``.
 
     Raises:
-        TypeError: a non-tensor or non-float argument, or a ``solver`` that is not an
-            ``il.InteriorPoint``.
+        TypeError: a non-tensor or non-float argument, a ``solver`` that is not an
+            ``il.InteriorPoint``, or a call under ``torch.func.vmap``.
         ValueError: no constraint at all, ``A`` without ``b`` (or ``G`` without ``h``), or shapes
             that do not fit ``x``.
         implicit_layers.ConvergenceError: the set is empty, with
@@ -73,6 +73,14 @@ def polyhedron(
         tensor([0.5000, 0.5000], dtype=torch.float64)
     """
     x = require_tensor(x, "x")
+    for name, value in (("x", x), ("A", A), ("b", b), ("G", G), ("h", h)):
+        if isinstance(value, Tensor) and torch._C._functorch.is_batchedtensor(value):
+            # il.qp decides per sample when to stop, which vmap's rules cannot express.
+            raise TypeError(
+                f"projection.polyhedron does not run under torch.func.vmap ({name} is a vmapped "
+                "tensor): it projects a batch natively, so give the batch as leading dimensions of "
+                "x (and of A, b, G, h if they differ per vector) instead; torch.func.grad and jacrev work."
+            )
     if solver is None:
         solver = InteriorPoint()
     elif not isinstance(solver, InteriorPoint):

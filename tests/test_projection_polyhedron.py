@@ -127,6 +127,20 @@ def test_float32():
     y.sum().backward()
 
 
+def test_inference_mode_autocast_and_vmap():
+    x, A, b, G, h = random_polyhedron(90, n=5, p=1, m=6, batch=(3,))
+    y = P.polyhedron(x, A, b, G, h)
+    with torch.inference_mode():
+        torch.testing.assert_close(P.polyhedron(x, A, b, G, h), y)
+    xf = x.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # The solve stays in the inputs' dtype (autocast would make the KKT residual bfloat16).
+        yf = P.polyhedron(xf, A.float(), b.float(), G.float(), h.float())
+    assert yf.dtype == torch.float32 and (yf.double() - y).abs().max() < 1e-4
+    with pytest.raises(TypeError, match="polyhedron does not run under torch.func.vmap .x is a vmapped"):
+        torch.func.vmap(lambda v: P.polyhedron(v, A[0], b[0], G[0], h[0]))(x)
+
+
 def test_empty_set_warns_naming_the_projection_and_the_vector():
     x = randn(80, 3, 2)
     x[0, 0] = 1.5  # outside the strip of sample 0
