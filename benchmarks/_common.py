@@ -30,7 +30,8 @@ __all__ = [
 ]
 
 #: Peer libraries: import name -> distribution name (for the "pip install" hint).
-PEERS = {"torchopt": "torchopt", "torchdeq": "torchdeq", "jax": "jax jaxlib", "jaxopt": "jaxopt"}
+PEERS = {"torchopt": "torchopt", "torchdeq": "torchdeq", "jax": "jax jaxlib", "jaxopt": "jaxopt",
+         "optimistix": "optimistix"}
 
 
 @dataclass

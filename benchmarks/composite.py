@@ -3,42 +3,73 @@
 * the lasso hypergradient of jaxopt's example (diabetes, λ = exp(θ), θ = 1): error against the
   active-set closed form and time per hypergradient, ours against jaxopt's ProximalGradient
   with implicit differentiation under jit;
-* a nonlinear curve fit (nonzero residual): solution error against a tight scipy solve and
-  time, ours (LevenbergMarquardt) against optimistix's LevenbergMarquardt under jit and scipy's
-  ``least_squares``;
-* batched curve fits, B = 1 / 64 / 1024: ours batched against optimistix under jit(vmap).
+* a simplex-constrained least-squares fit, d(cᵀw*)/db: ours against jaxopt's ProjectedGradient;
+* batched curve fits (nonzero residual), B = 1 / 64 / 1024: solution error against a tight scipy
+  solve and time, ours (LevenbergMarquardt, batched) against optimistix's LevenbergMarquardt
+  under jit(vmap) and, for B <= 64, a loop of scipy's ``least_squares``.
 
-Run ``python -m benchmarks.composite`` (``--tiny`` for a smoke run). Prints one line per case
-with the ratio ours / peer measured in the same run; writes nothing.
+Times are the suite's (:func:`benchmarks._common.time_alternating`: every method of a case in
+the same process, alternating, median process CPU time on one pinned core); a peer that is not
+installed is skipped with a note. Part of ``python -m benchmarks.run`` (section ``composite``);
+alone, ``python -m benchmarks.composite`` (``--tiny`` for a smoke run) prints the rows and the
+targets and writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from sklearn import datasets, model_selection, preprocessing
 
-import implicit_layers as il
+if __package__ in (None, ""):  # run as a script: python benchmarks/composite.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "benchmarks"
+
+import implicit_layers as il  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    Config,
+    Section,
+    add_failures,
+    peer_or_note,
+    restore_threads,
+    set_threads,
+    time_alternating,
+)
+
+__all__ = ["run_composite"]
 
 D = torch.float64
+#: The issue's accuracy targets in float64: hypergradients (relative) and solutions (absolute).
+HYPERGRAD_TOL, SOLUTION_TOL = 1e-6, 1e-8
 
 
-def _time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up (and jit compilation for the peers)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def _record(
+    section: Section, case: str, methods: dict[str, Callable[[], Any]], error: Callable[[Any], float],
+    column: str, tol: float, goal_ratio: float, cfg: Config,
+) -> None:
+    """Time ``methods`` alternately, add one row each with ``column`` = ``error(result)``, and
+    the targets: our accuracy, and our time against each peer's (a ratio from the same run)."""
+    times, outs = time_alternating(methods, cfg)
+    for name, seconds in times.items():
+        section.add(case=case, method=name, time_ms=1e3 * seconds, **{column: error(outs[name])})
+    add_failures(section, case)
+    if "ours" in times:
+        err = error(outs["ours"])
+        section.target(f"{case}: ours {column}", f"<= {tol:.0e}", err, err <= tol)
+        for peer in (k for k in times if k != "ours" and not k.startswith("scipy")):
+            ratio = times["ours"] / times[peer]
+            section.target(f"{case}: ours/{peer}", f"<= {goal_ratio}", ratio, ratio <= goal_ratio,
+                           f"{1e3 * times['ours']:.2f} vs {1e3 * times[peer]:.2f} ms")
 
 
-def _lasso(repeats: int) -> None:
+def _lasso(cfg: Config, section: Section) -> None:
     X, y = datasets.load_diabetes(return_X_y=True)
     X = preprocessing.normalize(X)
     Xtr, Xval, ytr, yval = model_selection.train_test_split(X, y, test_size=0.33, random_state=0)
@@ -55,27 +86,25 @@ def _lasso(repeats: int) -> None:
 
     Xt, Xv, yt, yv = (torch.tensor(a) for a in (Xtr, Xval, ytr, yval))
 
-    def ours() -> float:
+    def ours() -> torch.Tensor:
         theta = torch.tensor(1.0, dtype=D, requires_grad=True)
         wt = il.argmin(lambda w: 0.5 * (Xt @ w - yt).square().mean(), torch.zeros(10, dtype=D),
                        prox=il.prox.bind(il.prox.l1, torch.exp(theta)))
         (g,) = torch.autograd.grad((Xv @ wt - yv).square().mean(), theta)
-        return float(g)
+        return g
 
-    line = f"lasso hypergradient  exact {exact:.6f}  ours err {abs(ours() - exact) / abs(exact):.1e}"
-    t_ours = _time(ours, repeats)
-    line += f"  {t_ours * 1e3:.2f} ms"
-    try:
-        import jax
+    methods: dict[str, Callable[[], Any]] = {"ours": ours}
+    peers = peer_or_note(section, "jax", "jaxopt")
+    if peers is not None:
+        jax, _ = peers
         import jax.numpy as jnp
         from jaxopt import ProximalGradient, objective, prox
 
-        jax.config.update("jax_enable_x64", True)
         data = (jnp.asarray(Xtr), jnp.asarray(ytr))
 
         @jax.jit
-        def peer(theta: jax.Array) -> jax.Array:
-            def outer(theta: jax.Array) -> jax.Array:
+        def peer(theta: Any) -> Any:
+            def outer(theta: Any) -> Any:
                 solver = ProximalGradient(fun=objective.least_squares, prox=prox.prox_lasso,
                                           implicit_diff=True, maxiter=5000, tol=1e-10)
                 wj = solver.run(jnp.zeros(10), jnp.exp(theta), data).params
@@ -84,16 +113,12 @@ def _lasso(repeats: int) -> None:
             return jax.grad(outer)(theta)
 
         theta = jnp.asarray(1.0)
-        g_peer = float(peer(theta))
-        t_peer = _time(lambda: peer(theta).block_until_ready(), repeats)
-        line += (f" | jaxopt err {abs(g_peer - exact) / abs(exact):.1e}  {t_peer * 1e3:.2f} ms"
-                 f" | ratio ours/jaxopt {t_ours / t_peer:.2f}")
-    except ImportError as err:
-        line += f" | jaxopt unavailable ({err})"
-    print(line)
+        methods["jaxopt ProximalGradient (jit)"] = lambda: peer(theta)
+    _record(section, "lasso hypergradient (diabetes)", methods,
+            lambda g: abs(float(g) - exact) / abs(exact), "hypergrad_rel_err", HYPERGRAD_TOL, 1.5, cfg)
 
 
-def _simplex(repeats: int) -> None:
+def _simplex(cfg: Config, section: Section) -> None:
     """A simplex-constrained least-squares fit, d(cᵀw*)/db: ours against jaxopt's
     ProjectedGradient with implicit differentiation; the reference is the KKT system on the
     support of a tight solve."""
@@ -112,27 +137,25 @@ def _simplex(repeats: int) -> None:
     K[:k, k] = K[k, :k] = 1.0
     exact = A[:, S] @ np.linalg.solve(K, np.concatenate([c[S], [0.0]]))[:k]
 
-    def ours() -> np.ndarray:
+    def ours() -> torch.Tensor:
         bb = bt.clone().requires_grad_(True)
         wt = il.argmin(lambda w, b: 0.5 * (At @ w - b).square().sum(), torch.zeros(20, dtype=D),
                        bb, constraint=il.projection.simplex)
-        return torch.autograd.grad(ct @ wt, bb)[0].numpy()
+        return torch.autograd.grad(ct @ wt, bb)[0]
 
-    err = float(np.abs(ours() - exact).max() / np.abs(exact).max())
-    t_ours = _time(ours, repeats)
-    line = f"simplex fit d/db (support {k}/20)  ours err {err:.1e}  {t_ours * 1e3:.2f} ms"
-    try:
-        import jax
+    methods: dict[str, Callable[[], Any]] = {"ours": ours}
+    peers = peer_or_note(section, "jax", "jaxopt")
+    if peers is not None:
+        jax, _ = peers
         import jax.numpy as jnp
         from jaxopt import ProjectedGradient
         from jaxopt.projection import projection_simplex
 
-        jax.config.update("jax_enable_x64", True)
         Aj, cj = jnp.asarray(A), jnp.asarray(c)
 
         @jax.jit
-        def peer(b: jax.Array) -> jax.Array:
-            def out(b: jax.Array) -> jax.Array:
+        def peer(b: Any) -> Any:
+            def out(b: Any) -> Any:
                 pg = ProjectedGradient(fun=lambda w, b: 0.5 * jnp.sum((Aj @ w - b) ** 2),
                                        projection=projection_simplex, implicit_diff=True,
                                        maxiter=5000, tol=1e-10)
@@ -141,13 +164,13 @@ def _simplex(repeats: int) -> None:
             return jax.grad(out)(b)
 
         bj = jnp.asarray(b)
-        err_p = float(np.abs(np.asarray(peer(bj)) - exact).max() / np.abs(exact).max())
-        t_peer = _time(lambda: peer(bj).block_until_ready(), repeats)
-        line += (f" | jaxopt err {err_p:.1e}  {t_peer * 1e3:.2f} ms"
-                 f" | ratio ours/jaxopt {t_ours / t_peer:.2f}")
-    except ImportError as err_import:
-        line += f" | jaxopt unavailable ({err_import})"
-    print(line)
+        methods["jaxopt ProjectedGradient (jit)"] = lambda: peer(bj)
+
+    def error(g: Any) -> float:
+        return float(np.abs(np.asarray(g) - exact).max() / np.abs(exact).max())
+
+    _record(section, f"simplex fit d(cᵀw)/db (support {k}/20)", methods, error, "hypergrad_rel_err",
+            HYPERGRAD_TOL, 1.5, cfg)
 
 
 T = np.linspace(0, 2, 25)
@@ -170,67 +193,91 @@ def _scipy_fit(y: np.ndarray, tight: bool = False) -> np.ndarray:
     return least_squares(fun, np.ones(3), xtol=tol, ftol=tol, gtol=tol, method="lm").x
 
 
-def _least_squares(sizes: list[int], repeats: int) -> None:
-    peer: Callable | None
-    try:
-        import jax
-        import jax.numpy as jnp
-        import optimistix as optx
+def _optimistix_fits(section: Section) -> Callable[[Any], Any] | None:
+    """optimistix's LevenbergMarquardt on a batch of curves under jit(vmap), or None (noted)."""
+    peers = peer_or_note(section, "jax", "optimistix")
+    if peers is None:
+        return None
+    jax, optx = peers
+    import jax.numpy as jnp
 
-        jax.config.update("jax_enable_x64", True)
-        tj = jnp.asarray(T)
-        lm = optx.LevenbergMarquardt(rtol=1e-10, atol=1e-12)
+    tj = jnp.asarray(T)
+    lm = optx.LevenbergMarquardt(rtol=1e-10, atol=1e-12)
 
-        def one(y: jax.Array) -> jax.Array:
-            def fn(w: jax.Array, y: jax.Array) -> jax.Array:
-                return w[0] * jnp.exp(-w[1] * tj) + w[2] * jnp.sin(3 * tj) - y
+    def one(y: Any) -> Any:
+        def fn(w: Any, y: Any) -> Any:
+            return w[0] * jnp.exp(-w[1] * tj) + w[2] * jnp.sin(3 * tj) - y
 
-            return optx.least_squares(fn, lm, jnp.ones(3), args=y, max_steps=200, throw=False).value
+        return optx.least_squares(fn, lm, jnp.ones(3), args=y, max_steps=200, throw=False).value
 
-        peer = jax.jit(jax.vmap(one))
-    except ImportError:
-        peer = None
-    for B in sizes:
-        print(_fit_case(B, peer, repeats))
+    return jax.jit(jax.vmap(one))
 
 
-def _fit_case(B: int, peer: Callable | None, repeats: int) -> str:
+def _least_squares(cfg: Config, section: Section) -> None:
+    peer = _optimistix_fits(section)
+    for B in [1, 8] if cfg.tiny else [1, 64, 1024]:
+        _fit_case(cfg, section, B, peer)
+
+
+def _fit_case(cfg: Config, section: Section, B: int, peer: Callable[[Any], Any] | None) -> None:
     t = torch.tensor(T)
     Y = _curves(B)
     ref = np.stack([_scipy_fit(y, tight=True) for y in Y])
     Yt = torch.tensor(Y)
 
-    def ours() -> torch.Tensor:
-        return il.least_squares(
-            lambda w, Y: w[:, :1] * torch.exp(-w[:, 1:2] * t) + w[:, 2:3] * torch.sin(3 * t) - Y,
-            torch.ones(B, 3, dtype=D), Yt, batched=True)
+    def residual(w: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return w[:, :1] * torch.exp(-w[:, 1:2] * t) + w[:, 2:3] * torch.sin(3 * t) - Y
 
-    err = float(np.abs(ours().numpy() - ref).max())
-    t_ours = _time(ours, repeats)
-    line = f"curve fits B={B:5d}  ours err {err:.1e}  {t_ours * 1e3:.2f} ms"
+    methods: dict[str, Callable[[], Any]] = {
+        "ours": lambda: il.least_squares(residual, torch.ones(B, 3, dtype=D), Yt, batched=True)
+    }
     if peer is not None:
         import jax.numpy as jnp
 
         Yj = jnp.asarray(Y)
-        err_p = float(np.abs(np.asarray(peer(Yj)) - ref).max())
-        t_peer = _time(lambda: peer(Yj).block_until_ready(), repeats)
-        line += (f" | optimistix err {err_p:.1e}  {t_peer * 1e3:.2f} ms"
-                 f" | ratio ours/optimistix {t_ours / t_peer:.2f}")
+        methods["optimistix LevenbergMarquardt (jit, vmap)"] = lambda: peer(Yj)
     if B <= 64:
-        t_scipy = _time(lambda: [_scipy_fit(y) for y in Y], max(1, repeats // 2))
-        line += f" | scipy loop {t_scipy * 1e3:.2f} ms, ratio ours/scipy {t_ours / t_scipy:.2f}"
-    return line
+        methods["scipy least_squares (loop)"] = lambda: np.stack([_scipy_fit(y) for y in Y])
+    # One call is the issue's B = 1 case (<= 1.5x the peer); batches should be <= 0.5x.
+    _record(section, f"curve fits B={B}", methods, lambda w: float(np.abs(np.asarray(w) - ref).max()),
+            "sol_abs_err", SOLUTION_TOL, 1.5 if B == 1 else 0.5, cfg)
 
 
-def main(argv: list[str] | None = None) -> None:
+def run_composite(cfg: Config) -> Section:
+    """The lasso and simplex hypergradients and the curve fits, with their targets."""
+    section = Section("composite", "Composite argmin and least squares against jaxopt, optimistix "
+                      "and scipy (float64)")
+    section.notes.append(
+        "Hypergradient errors are relative to the active-set closed form (lasso) and the KKT system "
+        "on the simplex face; curve-fit errors are max abs errors against scipy least_squares at "
+        "1e-15. Peers run under jax.jit."
+    )
+    _lasso(cfg, section)
+    _simplex(cfg, section)
+    _least_squares(cfg, section)
+    return section
+
+
+def main(argv: list[str] | None = None) -> Section:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
+    parser.add_argument("--repeats", type=int, default=20, help="timed rounds per case")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    repeats = 2 if args.tiny else 20
-    _lasso(repeats)
-    _simplex(repeats)
-    _least_squares([1, 8] if args.tiny else [1, 64, 1024], repeats)
+    cfg = Config(tiny=args.tiny, repeats=args.repeats)
+    prev = set_threads(cfg.threads)
+    try:
+        section = run_composite(cfg)
+    finally:
+        restore_threads(prev)
+    for row in section.rows:
+        print("  ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    for tgt in section.targets:
+        verdict = "met" if tgt["met"] else "NOT met"
+        print(f"target {tgt['name']}: {tgt['measured']:.3g} ({tgt['goal']}) {verdict}"
+              + (f"; {tgt['detail']}" if tgt["detail"] else ""))
+    for note in section.skipped:
+        print(note)
+    return section
 
 
 if __name__ == "__main__":

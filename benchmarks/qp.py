@@ -5,6 +5,7 @@ CPU), times forward + backward of ``loss = Σ w ∘ z*`` (median of alternating 
 method in the same process), the solution error against ProxQP at 1e-14 per sample, and the
 error of the gradient with respect to ``h`` (one random direction) against central
 differences of that reference. Peers that are not installed are skipped with a note.
+``python -m benchmarks.run`` runs the ``--quick`` case as its section ``qp`` (:func:`run_qp`).
 
 Usage::
 
@@ -34,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import implicit_layers as il  # noqa: E402
+from benchmarks._common import Config, Section  # noqa: E402
 
 F64 = torch.float64
 
@@ -85,7 +87,9 @@ def load_baseline(root: Path) -> Any:
     return module
 
 
-def methods() -> dict[str, Callable[..., torch.Tensor]]:
+def methods(missing: list[str] | None = None) -> dict[str, Callable[..., torch.Tensor]]:
+    """il.qp and the installed peers; a missing peer is printed, and appended to ``missing``."""
+    missing = [] if missing is None else missing
     found: dict[str, Callable[..., torch.Tensor]] = {"il.qp": lambda *d: il.qp(*d)}
     if _baseline is not None:
         found[BASELINE] = lambda *d: _baseline.qp(*d)
@@ -95,7 +99,8 @@ def methods() -> dict[str, Callable[..., torch.Tensor]]:
         found["qpth"] = lambda *d: QPFunction(verbose=-1, solver=QPSolvers.PDIPM_BATCHED, eps=1e-12,
                                               maxIter=50)(*d)
     except ImportError:
-        print("(qpth not installed: pip install qpth)")
+        missing.append("qpth not installed: pip install qpth")
+        print(f"({missing[-1]})")
     try:
         from proxsuite.torch.qplayer import QPFunction as ProxFunction
 
@@ -105,9 +110,11 @@ def methods() -> dict[str, Callable[..., torch.Tensor]]:
 
         found["proxsuite"] = prox
     except ImportError:
-        print("(proxsuite not installed: pip install proxsuite)")
+        missing.append("proxsuite not installed: pip install proxsuite")
+        print(f"({missing[-1]})")
     if importlib.util.find_spec("cvxpylayers") is None:
-        print("(cvxpylayers not installed: pip install cvxpylayers)")
+        missing.append("cvxpylayers not installed: pip install cvxpylayers")
+        print(f"({missing[-1]})")
     else:
         found["cvxpylayers"] = cvxpylayers_qp
     return {name: fn for name, fn in found.items() if name not in _skipped}
@@ -138,19 +145,28 @@ def cvxpylayers_qp(Q, q, G, h, A, b):
     return layer(*inputs, solver_args={"eps": 1e-10, "max_iters": 100000})[0]
 
 
-def run(B: int, n: int, repeats: int) -> list[dict[str, Any]]:
+def run(B: int, n: int, repeats: int, missing: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows ``B, n, method, ms, sol_err, grad_err`` (``error`` for a method that raised); the
+    errors are NaN when proxsuite, the reference, is missing (then noted in ``missing``)."""
+    missing = [] if missing is None else missing
     data = problem(0, B, n)
-    ref = reference(*data)
     w = torch.randn(B, n, generator=torch.Generator().manual_seed(1), dtype=F64)
     D = torch.randn(data[3].shape, generator=torch.Generator().manual_seed(2), dtype=F64)
-    e = 1e-6
-    hp, hm = data[3] + e * D, data[3] - e * D
-    diff = reference(*data[:3], hp, *data[4:]) - reference(*data[:3], hm, *data[4:])
-    fd = float((diff * w).sum() / (2 * e))
+    try:
+        ref = reference(*data)
+        e = 1e-6
+        hp, hm = data[3] + e * D, data[3] - e * D
+        diff = reference(*data[:3], hp, *data[4:]) - reference(*data[:3], hm, *data[4:])
+        fd = float((diff * w).sum() / (2 * e))
+    except ImportError:
+        ref = None
+        missing.append("solution and gradient errors: proxsuite (the reference) not installed")
     rows = []
-    found = methods()
+    found = methods(missing)
     times: dict[str, list[float]] = {k: [] for k in found}
-    results: dict[str, tuple[float, float]] = {}
+    nan = float("nan")
+    results: dict[str, tuple[float, float]] = {k: (nan, nan) for k in found}
+    failures: dict[str, str] = {}
     for r in range(repeats):
         for name, fn in found.items():
             args = [t.clone().requires_grad_(k == 3) for k, t in enumerate(data)]
@@ -161,19 +177,52 @@ def run(B: int, n: int, repeats: int) -> list[dict[str, Any]]:
                     z = fn(*args)
                     (z * w).sum().backward()
             except Exception as exc:  # a peer that fails is reported, not fatal
-                results[name] = (float("nan"), float("nan"))
-                print(f"  {name} failed: {type(exc).__name__}: {str(exc)[:80]}")
+                failures[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
+                print(f"  {name} failed: {failures[name]}")
                 continue
             times[name].append(time.perf_counter() - t0)
-            if r == 0:
+            if r == 0 and ref is not None:
                 sol = float((z.detach() - ref).norm() / ref.norm())
                 grad = abs(float((args[3].grad * D).sum()) - fd) / max(1.0, abs(fd))
                 results[name] = (sol, grad)
     for name in found:
-        ms = 1e3 * statistics.median(times[name]) if times[name] else float("nan")
+        ms = 1e3 * statistics.median(times[name]) if times[name] else nan
         rows.append({"B": B, "n": n, "method": name, "ms": ms, "sol_err": results[name][0],
-                     "grad_err": results[name][1]})
+                     "grad_err": results[name][1], **({"error": failures[name]} if name in failures else {})})
     return rows
+
+
+def run_qp(cfg: Config) -> Section:
+    """The section of ``python -m benchmarks.run``: the ``--quick`` case (B = 128, n = 50, the
+    issue's target) or, with ``cfg.tiny``, B = 8, n = 10; CPU whatever ``cfg.device``."""
+    B, n = (8, 10) if cfg.tiny else (128, 50)
+    case = f"B={B}, n={n}"
+    section = Section("qp", "QP layers: il.qp against qpth and proxsuite (float64, CPU)")
+    section.notes.append(
+        "Forward + backward of Σ w∘z*, median wall time of alternating repeats; sol_rel_err against "
+        "ProxQP at 1e-14, grad_err of a directional derivative in h against central differences of "
+        "that reference. Full grid and the failure cases: python benchmarks/qp.py [--cases]."
+    )
+    missing: list[str] = []
+    rows = run(B, n, cfg.repeats, missing)
+    section.skipped += [f"skipped {m}" for m in missing]
+    for r in rows:
+        extra = {"error": r["error"]} if "error" in r else {}
+        section.add(case=case, method=r["method"], time_ms=r["ms"], sol_rel_err=r["sol_err"],
+                    grad_err=r["grad_err"], **extra)
+    ours = next(r for r in rows if r["method"] == "il.qp")
+    if ours["sol_err"] == ours["sol_err"]:  # measured (proxsuite present)
+        section.target(f"qp {case}: il.qp solution error", "<= 1e-8", ours["sol_err"],
+                       ours["sol_err"] <= 1e-8)
+        section.target(f"qp {case}: il.qp gradient error", "<= 1e-6", ours["grad_err"],
+                       ours["grad_err"] <= 1e-6)
+    peers = {r["method"]: r["ms"] for r in rows if r["method"] != "il.qp" and r["ms"] == r["ms"]}
+    if peers:
+        fastest = min(peers, key=peers.__getitem__)
+        ratio = ours["ms"] / peers[fastest]
+        section.target(f"qp {case}: il.qp / fastest peer", "<= 0.5", ratio, ratio <= 0.5,
+                       f"{ours['ms']:.1f} vs {fastest} {peers[fastest]:.1f} ms")
+    return section
 
 
 def special_cases() -> list[dict[str, Any]]:

@@ -4,7 +4,8 @@ Usage::
 
     python -m benchmarks.run [--tiny] [--out DIR] [--device cpu|cuda] [--only NAME ...]
 
-Peers (torchopt, torchdeq, jax + jaxopt) are optional: a missing one is skipped with a note.
+Peers (torchopt, torchdeq, jax + jaxopt, optimistix, qpth, proxsuite) are optional: a missing one
+is skipped with a note.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from benchmarks._common import Config, Section, restore_threads, set_threads  # 
 
 PROBLEMS = (
     "ridge", "deq", "memory", "linsolve", "batched", "imaml", "higher_order", "ops_per_iteration",
-    "compile", "compiled_solve",
+    "compile", "compiled_solve", "composite", "qp",
 )
 
 
@@ -37,12 +38,14 @@ def _runner(name: str):
         batched,
         compile,
         compiled_solve,
+        composite,
         deq,
         higher_order,
         imaml,
         linsolve,
         memory,
         ops_per_iteration,
+        qp,
         ridge,
     )
 
@@ -57,6 +60,8 @@ def _runner(name: str):
         "ops_per_iteration": ops_per_iteration.run_ops_per_iteration,
         "compile": compile.run_compile,
         "compiled_solve": compiled_solve.run_compiled_solve,
+        "composite": composite.run_composite,
+        "qp": qp.run_qp,
     }[name]
 
 
@@ -64,7 +69,8 @@ def _versions() -> dict[str, str | None]:
     import importlib.metadata as md
 
     out = {}
-    for pkg in ("torch", "numpy", "scipy", "torchopt", "torchdeq", "jax", "jaxlib", "jaxopt"):
+    for pkg in ("torch", "numpy", "scipy", "torchopt", "torchdeq", "jax", "jaxlib", "jaxopt", "optimistix",
+                "qpth", "proxsuite"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -19,8 +19,9 @@ coordinate of ``box`` with ``x_i == upper_i`` passes its gradient through, a poi
 Bad sets raise ``ValueError`` naming the argument. The checks read the data, so they are skipped
 under ``torch.func.vmap`` (the same call without vmap raises).
 
-The projection onto a general polyhedron ``{Ay = b, Gy <= h}`` is a quadratic program; it is not
-part of this module.
+The projection onto a general polyhedron ``{Ay = b, Gy <= h}``, :func:`polyhedron`, is a
+quadratic program solved by :func:`~implicit_layers.qp` and differentiated through its KKT
+conditions; it is the one projection here that is not a closed form.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import math
 import torch
 from torch import Tensor
 
+from ._polyhedron import polyhedron
 from ._set_params import as_vector, per_vector, require, require_tensor, safe_norm
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "halfspace",
     "affine_set",
     "box_section",
+    "polyhedron",
 ]
 
 

@@ -132,3 +132,56 @@ def test_compiled_solve_rows(tiny_results):
     assert compiled["breaks"] == 0 and compiled["first_call_s"] > 0
     for r in sec["rows"]:  # float32 gradients against eager Picard + Neumann
         assert r["grad_rel_err"] < 1e-4, r
+
+
+def test_composite_rows_are_accurate(tiny_results):
+    # Our hypergradients against the active-set / KKT closed forms and our fits against a tight
+    # scipy solve, to the accuracy; jax is simulated missing, so its peers are noted.
+    res, _ = tiny_results
+    sec = {s["name"]: s for s in res["sections"]}["composite"]
+    ours = {r["case"]: r for r in sec["rows"] if r["method"] == "ours"}
+    hyper = [r for case, r in ours.items() if not case.startswith("curve")]
+    fits = [r for case, r in ours.items() if case.startswith("curve")]
+    assert len(hyper) == 2 and all(r["hypergrad_rel_err"] < 1e-6 for r in hyper), hyper
+    assert len(fits) == 2 and all(r["sol_abs_err"] < 1e-8 for r in fits), fits
+    scipy_rows = [r for r in sec["rows"] if r["method"].startswith("scipy")]
+    assert scipy_rows and all(r["sol_abs_err"] < 1e-6 for r in scipy_rows)
+    assert any("jaxopt" in n for n in sec["skipped"]) and any("optimistix" in n for n in sec["skipped"])
+    assert not any(r["method"].startswith(("jaxopt", "optimistix")) for r in sec["rows"])
+
+
+def test_qp_rows_are_accurate(tiny_results):
+    res, _ = tiny_results
+    sec = {s["name"]: s for s in res["sections"]}["qp"]
+    rows = {r["method"]: r for r in sec["rows"]}
+    assert rows["il.qp"]["time_ms"] > 0
+    if any("proxsuite (the reference) not installed" in n for n in sec["skipped"]):
+        pytest.skip("proxsuite, the reference of the errors, is not installed")
+    assert rows["il.qp"]["sol_rel_err"] < 1e-8 and rows["il.qp"]["grad_err"] < 1e-6
+    targets = {t["name"]: t for t in sec["targets"]}
+    assert targets["qp B=8, n=10: il.qp solution error"]["met"]
+
+
+def test_qp_section_without_peers_or_reference(monkeypatch):
+    # Every peer and the reference missing: il.qp is still timed, the rest is noted, no error.
+    import builtins
+
+    from benchmarks import qp
+
+    real_import = builtins.__import__
+
+    def no_peers(name, *args, **kwargs):
+        if name.split(".")[0] in ("qpth", "proxsuite"):
+            raise ImportError(f"{name} unavailable (simulated)")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_peers)
+    real_find_spec = qp.importlib.util.find_spec
+    monkeypatch.setattr(qp.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "cvxpylayers" else real_find_spec(name, *a))
+    sec = qp.run_qp(_common.Config(tiny=True, repeats=1, warmup=1, threads=None))
+    assert [r["method"] for r in sec.rows] == ["il.qp"]
+    assert sec.rows[0]["sol_rel_err"] is None and sec.rows[0]["time_ms"] > 0
+    assert any("proxsuite (the reference)" in n for n in sec.skipped)
+    assert any("qpth not installed" in n for n in sec.skipped)
+    assert any("cvxpylayers not installed" in n for n in sec.skipped)

@@ -56,6 +56,7 @@ DOCTEST_MODULES = [
     "implicit_layers.nn",
     "implicit_layers._deq_norm",
     "implicit_layers.projection",
+    "implicit_layers._polyhedron",
     "implicit_layers.prox",
     "implicit_layers.solvers.adaptive",
     "implicit_layers.solvers.proximal_gradient",
