@@ -7,6 +7,7 @@ median of the repeats. Errors are relative to a dense float64 reference computed
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import math
 import os
@@ -14,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,6 +94,31 @@ class Section:
             "skipped": self.skipped,
             "targets": self.targets,
         }
+
+
+#: The published results (tracked files), written only when asked (``--write-results``).
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Where a run writes by default: a folder git ignores.
+SCRATCH = Path(__file__).resolve().parents[1] / "out" / "benchmarks"
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--out DIR`` and ``--write-results``: see :func:`output_dir`."""
+    parser.add_argument("--out", default=None,
+                        help="output directory (default out/benchmarks, ignored by git)")
+    parser.add_argument("--write-results", action="store_true",
+                        help="write into benchmarks/results, the tracked results the docs cite")
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+    """``--out`` if given, ``benchmarks/results`` with ``--write-results`` (tracked files),
+    else ``out/benchmarks`` (ignored): a run never overwrites the published results unless
+    asked to."""
+    if args.out is not None and args.write_results:
+        raise SystemExit("give either --out or --write-results, not both")
+    out = Path(args.out) if args.out is not None else RESULTS if args.write_results else SCRATCH
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _plain(v: Any) -> Any:

@@ -42,6 +42,8 @@ from benchmarks._common import (  # noqa: E402
     LAST_FAILED,
     Config,
     Section,
+    add_output_arguments,
+    output_dir,
     rel_err,
     restore_threads,
     set_threads,
@@ -275,8 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="small sizes, few repeats (seconds)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                    help="output directory (default benchmarks/results)")
+    add_output_arguments(ap)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1,
@@ -297,8 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
         restore_threads(prev)
     results = {"meta": run_meta(cfg, t0, "benchmarks.higher_order"),
                "sections": [section.to_dict()]}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(a)
     stem = "higher_order_tiny" if cfg.tiny else "higher_order"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     (out / f"{stem}.md").write_text(to_markdown(results))

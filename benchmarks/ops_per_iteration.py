@@ -48,7 +48,14 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/ops_per_iter
     __package__ = "benchmarks"
 
 import implicit_layers as il  # noqa: E402
-from benchmarks._common import Config, Section, restore_threads, set_threads  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    Config,
+    Section,
+    add_output_arguments,
+    output_dir,
+    restore_threads,
+    set_threads,
+)
 from benchmarks.deq import make_deq  # noqa: E402
 
 #: Targets of ops per iteration beyond the map / VJP / operator product.
@@ -456,8 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="small sizes (seconds)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                   help="output directory (default benchmarks/results)")
+    add_output_arguments(p)
     p.add_argument("--repeats", type=int, default=None, help="timed rounds (compiled vs eager)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; 1 (default) also pins the process to one core")
@@ -483,8 +489,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "sections": [sec.to_dict()],
     }
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(a)
     stem = "ops_per_iteration_tiny" if cfg.tiny else "ops_per_iteration"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     (out / f"{stem}.md").write_text(to_markdown(results))

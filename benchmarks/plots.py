@@ -123,9 +123,13 @@ def main(argv: list[str] | None = None) -> None:
     here = Path(__file__).resolve().parent
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("results", nargs="?", default=str(here / "results" / "results.json"))
-    p.add_argument("--out", default=str(here.parent / "docs" / "img"))
+    p.add_argument("--out", default=None, help="output folder (default out/plots, ignored by git)")
+    p.add_argument("--write-docs", action="store_true", help="write into docs/img (tracked files)")
     a = p.parse_args(argv)
-    for path in make_plots(json.loads(Path(a.results).read_text()), Path(a.out)):
+    if a.out is not None and a.write_docs:
+        p.error("give either --out or --write-docs, not both")
+    out = Path(a.out) if a.out else here.parent / ("docs/img" if a.write_docs else "out/plots")
+    for path in make_plots(json.loads(Path(a.results).read_text()), out):
         print(f"wrote {path}")
 
 

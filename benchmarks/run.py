@@ -25,7 +25,14 @@ if __package__ in (None, ""):  # run as a script: python benchmarks/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     __package__ = "benchmarks"
 
-from benchmarks._common import Config, Section, restore_threads, set_threads  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    Config,
+    Section,
+    add_output_arguments,
+    output_dir,
+    restore_threads,
+    set_threads,
+)
 
 PROBLEMS = (
     "ridge", "deq", "memory", "linsolve", "batched", "imaml", "higher_order", "ops_per_iteration",
@@ -173,8 +180,7 @@ def to_markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="small sizes, few repeats (seconds)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                   help="output directory (default benchmarks/results)")
+    add_output_arguments(p)
     p.add_argument("--device", default="cpu", help="torch device for our and torch peers' runs")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per case")
     p.add_argument("--threads", type=int, default=1,
@@ -187,8 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.repeats:
         cfg.repeats = a.repeats
     results = run(cfg, tuple(a.only))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(a)
     stem = "results_tiny" if a.tiny else "results"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     (out / f"{stem}.md").write_text(to_markdown(results))
