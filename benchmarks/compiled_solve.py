@@ -54,13 +54,28 @@ def _loss(layer) -> Callable[[torch.Tensor], torch.Tensor]:  # noqa: ANN001
     return lambda x: layer(x).square().mean()
 
 
+#: Consecutive training steps per timed call.
+_BURST = 10
+
+
+def _repeated(fn: Callable[[], list[torch.Tensor]], times: int) -> Callable[[], list[torch.Tensor]]:
+    """``fn`` called ``times`` times in a row; the last result."""
+    def run() -> list[torch.Tensor]:
+        for _ in range(times - 1):
+            fn()
+        return fn()
+
+    return run
+
+
 def run_compiled_solve(cfg: Config) -> Section:
     section = Section("compiled_solve", "Compiled solve: DEQ training step (float32, CPU)")
     section.notes.append(
         "A DEQ step (forward + backward) with Picard + Neumann: eager, with compiled_solve=True "
-        "run eagerly, and compiled_solve=True under torch.compile(fullgraph=True); first_call_s "
-        "is the wall time of the first compiled step (tracing + code generation); grad_rel_err "
-        "against eager Picard + Neumann."
+        "run eagerly, and compiled_solve=True under torch.compile(fullgraph=True); time_ms per "
+        f"step, timed over bursts of {_BURST} consecutive steps (methods alternated burst by burst); "
+        "first_call_s is the wall time of the first compiled step (tracing + code generation); "
+        "grad_rel_err against eager Picard + Neumann."
     )
     torch.manual_seed(0)
     n, B = (16, 4) if cfg.tiny else (64, 8)
@@ -88,7 +103,12 @@ def run_compiled_solve(cfg: Config) -> Section:
         methods[f"compiled_solve + torch.compile({backend}, fullgraph)"] = (
             lambda c=compiled: _step(cell, _loss(c), x)
         )
-    times, grads = time_alternating(methods, cfg)
+    # Each timed call is a burst of consecutive steps, as in training: alternating single ~1 ms
+    # steps timed each compiled step right after another method's, whose cache traffic made it
+    # 20-30 % slower than back to back.
+    burst = 1 if cfg.tiny else _BURST
+    times, grads = time_alternating({name: _repeated(fn, burst) for name, fn in methods.items()}, cfg)
+    times = {name: t / burst for name, t in times.items()}
     reference = grads["eager Picard + Neumann"]
     base = times["eager Picard + Neumann"]
     for method, seconds in times.items():

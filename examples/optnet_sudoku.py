@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--n-eq", type=int, default=40, help="learned equality rows")
+    ap.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the OptNet layer")
     ap.add_argument("--channels", type=int, default=14, help="conv baseline width")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="small run: seconds")
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     pte, s_te = make_data(args.test, args.hints, args.seed + 1)
     data = {"ptr": ptr, "str": s_tr, "pte": pte, "ste": s_te}
     optnet = OptNetSudoku(args.n_eq, seed=args.seed)
-    results = {"OptNet (il.qp)": train(optnet, data, args.epochs, args.batch, lr=0.1),
+    results = {"OptNet (il.qp)": train(optnet, data, args.epochs, args.batch, lr=args.lr),
                "conv": train(ConvSudoku(args.channels), data, args.epochs, args.batch, lr=1e-2)}
     results["qpth_seconds_per_epoch"] = None if args.no_qpth else qpth_epoch_seconds(optnet, data, args.batch)
     for name in ("OptNet (il.qp)", "conv"):
