@@ -23,7 +23,7 @@ import torch
 
 import implicit_layers as il
 
-from ._common import Config, Section, time_alternating
+from ._common import Config, Section, repeated, time_alternating
 from .compile import _step
 
 
@@ -56,16 +56,6 @@ def _loss(layer) -> Callable[[torch.Tensor], torch.Tensor]:  # noqa: ANN001
 
 #: Consecutive training steps per timed call.
 _BURST = 10
-
-
-def _repeated(fn: Callable[[], list[torch.Tensor]], times: int) -> Callable[[], list[torch.Tensor]]:
-    """``fn`` called ``times`` times in a row; the last result."""
-    def run() -> list[torch.Tensor]:
-        for _ in range(times - 1):
-            fn()
-        return fn()
-
-    return run
 
 
 def run_compiled_solve(cfg: Config) -> Section:
@@ -107,7 +97,7 @@ def run_compiled_solve(cfg: Config) -> Section:
     # steps timed each compiled step right after another method's, whose cache traffic made it
     # 20-30 % slower than back to back.
     burst = 1 if cfg.tiny else _BURST
-    times, grads = time_alternating({name: _repeated(fn, burst) for name, fn in methods.items()}, cfg)
+    times, grads = time_alternating({name: repeated(fn, burst) for name, fn in methods.items()}, cfg)
     times = {name: t / burst for name, t in times.items()}
     reference = grads["eager Picard + Neumann"]
     base = times["eager Picard + Neumann"]
