@@ -26,6 +26,11 @@ class LinearOperator:
             choice as the declaration).
         positive_definite: ``True`` if known to be positive definite, ``False`` if known not to
             be, ``None`` if unknown (solvers that need it check curvature at run time).
+        transposed: in the solves of an implicit layer, ``False`` when the operator applies the
+            Jacobian ``J`` of the problem's residual (a tangent solve: forward mode, a second
+            derivative), ``True`` when it applies ``Jᵀ`` (an adjoint solve: the backward pass);
+            ``None`` (the default) when neither is known. A solver that holds ``J`` in closed
+            form (the QP layer's KKT solve) reads it to pick the matrix.
 
     Examples:
         A diagonal operator written as a subclass:
