@@ -93,6 +93,17 @@ class RecordedLinearization:
     """
 
     def __init__(self, problem: Problem, z: Tensor) -> None:
+        # Each parameter enters the recorded graph as a leaf of its own: ∂F/∂θᵢ must be the
+        # partial derivative. Through the tensors themselves, a parameter computed from another
+        # (``b = A @ z0`` beside ``A``) would carry its path to that one into ``∂F/∂A``, and the
+        # caller's autograd would then count that path a second time.
+        # Leaves (module parameters, inputs) have no path to one another: no copies then.
+        self.leaves: tuple[Tensor, ...] = problem.params
+        if any(v.grad_fn is not None for v in problem.values):
+            self.leaves = tuple(
+                v.detach().requires_grad_(True) if v.requires_grad else v for v in problem.values
+            )
+            problem = problem.bind(self.leaves)
         self.problem = problem
         with torch.enable_grad():
             self.zr = z.detach().requires_grad_(True)
@@ -121,7 +132,7 @@ class RecordedLinearization:
         raise RuntimeError("a non-transposed product needs a torch.func Linearization")
 
     def param_vjp(self, u: Tensor) -> tuple[Tensor | None, ...]:
-        params = self.problem.params
+        params = self.leaves
         if not self.out.requires_grad:
             return tuple(None for _ in params)
         grads = torch.autograd.grad(
