@@ -101,3 +101,26 @@ def test_qp_with_equality_right_hand_side_computed_from_its_matrix():
     with torch.no_grad():
         fd = (loss(A + e * D) - loss(A - e * D)) / (2 * e)
     assert abs(float((grad * D).sum() - fd)) < 1e-7 * max(1.0, abs(float(fd)))
+
+
+def test_qp_layer_parameter_gradients_match_central_differences():
+    # QPLayer's h = G z0 + softplus(s0) and b = A z0 reach il.qp beside G and A themselves.
+    torch.manual_seed(3)
+    layer = il.nn.QPLayer(5, n_ineq=6, n_eq=2, dtype=DT)
+    with torch.no_grad():
+        layer.z0.copy_(0.3 * torch.randn(5, dtype=DT))
+        layer.L.add_(0.2 * torch.randn(5, 5, dtype=DT))
+    q = torch.randn(4, 5, dtype=DT)
+    w = torch.randn(4, 5, dtype=DT)
+    (layer(q) * w).sum().backward()
+    e = 1e-6
+    for name, param in layer.named_parameters():
+        D = torch.randn(param.shape, dtype=DT)
+        with torch.no_grad():
+            param.add_(e * D)
+            plus = (layer(q) * w).sum()
+            param.sub_(2 * e * D)
+            minus = (layer(q) * w).sum()
+            param.add_(e * D)
+        fd = float((plus - minus) / (2 * e))
+        assert abs(float((param.grad * D).sum()) - fd) < 1e-6 * max(1.0, abs(fd)), name
