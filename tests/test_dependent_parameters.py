@@ -124,3 +124,45 @@ def test_qp_layer_parameter_gradients_match_central_differences():
             param.add_(e * D)
         fd = float((plus - minus) / (2 * e))
         assert abs(float((param.grad * D).sum()) - fd) < 1e-6 * max(1.0, abs(fd)), name
+
+
+@pytest.mark.parametrize("mode", ["default", "gmres", "neumann", "unrolled", "jacobian_free", "phantom"])
+def test_every_backward_mode_obeys_the_chain_rule(mode):
+    # d/dW of a layer called with (W, 2W) = ∂A + 2 ∂B of the same layer called with two leaves.
+    backward = {
+        "default": None, "gmres": il.linear.GMRES(), "neumann": il.linear.Neumann(100),
+        "unrolled": il.backward.Unrolled(), "jacobian_free": il.backward.JacobianFree(),
+        "phantom": il.backward.Phantom(5, damping=0.8),
+    }[mode]
+    kw = {} if backward is None else {"backward": backward}
+    if mode == "unrolled":
+        kw["solver"] = il.solvers.Picard(max_steps=300)
+    W = _W()
+    (g,) = torch.autograd.grad(il.fixed_point(_map, torch.zeros(3, dtype=DT), W, 2 * W, **kw).sum(), W)
+    A, B = W.detach().clone().requires_grad_(), (2 * W.detach()).requires_grad_()
+    gA, gB = torch.autograd.grad(il.fixed_point(_map, torch.zeros(3, dtype=DT), A, B, **kw).sum(), (A, B))
+    assert rel(g, gA + 2 * gB) < 1e-12
+
+
+def test_composite_argmin_with_the_prox_strength_derived_from_an_argument():
+    # The objective takes θ, the proximal operator closes over λ = 0.01 exp(θ).
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(20, 5, dtype=DT, generator=g), torch.randn(20, dtype=DT, generator=g)
+
+    def objective(w, t):
+        return 0.5 * (X @ w - y).square().mean() + 0.5 * t * w.square().sum()
+
+    def solve(t, lam):
+        return il.argmin(objective, torch.zeros(5, dtype=DT), t, prox=il.prox.bind(il.prox.l1, lam))
+
+    theta = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    (grad,) = torch.autograd.grad(solve(theta, 0.01 * theta.exp()).sum(), theta)
+    t, lam = theta.detach().clone().requires_grad_(), (0.01 * theta.detach().exp()).requires_grad_()
+    g_t, g_lam = torch.autograd.grad(solve(t, lam).sum(), (t, lam))
+    assert rel(grad, g_t + g_lam * 0.01 * theta.detach().exp()) < 1e-10
+    e = 1e-6
+    with torch.no_grad():
+        plus = solve(theta + e, 0.01 * (theta + e).exp())
+        minus = solve(theta - e, 0.01 * (theta - e).exp())
+        fd = (plus - minus).sum() / (2 * e)
+    assert abs(float(grad - fd)) < 1e-6 * max(1.0, abs(float(fd)))
