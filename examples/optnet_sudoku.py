@@ -21,7 +21,7 @@ several solutions, and a right answer other than the stored one would count as a
 
 Usage::
 
-    python examples/optnet_sudoku.py            # a few minutes on one CPU core
+    python examples/optnet_sudoku.py            # about 30 s on two CPU cores
     python examples/optnet_sudoku.py --tiny     # seconds, for tests
 """
 
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--test", type=int, default=200)
     ap.add_argument("--hints", type=int, default=8,
                     help="given cells per puzzle (of 16; more where needed for one solution)")
-    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--batch", type=int, default=50)
     ap.add_argument("--n-eq", type=int, default=40, help="learned equality rows")
     ap.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the OptNet layer")
