@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._linalg import bmtv, bmv, cholesky_or_identity, matrix_scale, normal_matrix
+
 __all__ = ["IPMResult", "interior_point", "SOLVED", "PRIMAL_INFEASIBLE", "DUAL_INFEASIBLE",
            "MAX_STEPS", "STATUS_NAMES"]
 
@@ -61,16 +63,6 @@ class IPMResult:
     steps: Tensor
     residual: Tensor
     tolerance: Tensor
-
-
-def _bmv(M: Tensor, v: Tensor) -> Tensor:
-    # As a row vector times Mᵀ: torch's batched matrix times one column is several times slower
-    # on the CPU than the same product laid out as one row.
-    return (v.unsqueeze(-2) @ M.mT).squeeze(-2)
-
-
-def _bmtv(M: Tensor, v: Tensor) -> Tensor:
-    return (v.unsqueeze(-2) @ M).squeeze(-2)
 
 
 def _inf_norm(v: Tensor) -> Tensor:
@@ -128,8 +120,8 @@ def _direction(
     ``s`` and ``λ`` are eliminated: ``dλ = W G dz + S⁻¹(Λ rpi - rc)``, ``ds = -rpi - G dz``.
     """
     corr = (lam * rpi - rc) / s
-    dz, dnu = red.solve(-rd - _bmtv(G, corr), -rpe)
-    Gdz = _bmv(G, dz)
+    dz, dnu = red.solve(-rd - bmtv(G, corr), -rpe)
+    Gdz = bmv(G, dz)
     return dz, w * Gdz + corr, dnu, -rpi - Gdz
 
 
@@ -177,10 +169,7 @@ def interior_point(
     # Scales for the relative stopping tests and the regularisation.
     q_scale = 1.0 + _inf_norm(q)
     h_scale = 1.0 + torch.maximum(_inf_norm(h), _inf_norm(b))
-    mat_scale = torch.stack([Q.abs().flatten(1).amax(-1) if n else q.new_zeros(B),
-                             G.abs().flatten(1).amax(-1) if m * n else q.new_zeros(B),
-                             A.abs().flatten(1).amax(-1) if p * n else q.new_zeros(B)], -1).amax(-1)
-    mat_scale = mat_scale.clamp(min=1.0)
+    mat_scale = matrix_scale(Q, G, A)
     reg = torch.finfo(dtype).eps ** 0.5 if dtype != torch.float64 else 1e-9
     delta = reg * mat_scale
     eps = reg * mat_scale
@@ -190,12 +179,12 @@ def interior_point(
     ones_m = q.new_ones(B, m)
     if warm is None:
         red = _Reduced(Qd, G, A, ones_m, eps)
-        z, nu = red.solve(-q + _bmtv(G, h), b)
-        s = h - _bmv(G, z)
+        z, nu = red.solve(-q + bmtv(G, h), b)
+        s = h - bmv(G, z)
         lam = -s.clone()
     else:
         z, lam, nu = (t.to(dtype=dtype) for t in warm)
-        s = h - _bmv(G, z)
+        s = h - bmv(G, z)
     floor = 1.0 if warm is None else 1e-2
     if m:
         s = s + torch.clamp(floor - s.amin(-1, keepdim=True), min=0.0) * (s.amin(-1, keepdim=True) < floor)
@@ -207,9 +196,9 @@ def interior_point(
     steps = torch.zeros(B, dtype=torch.int64, device=device)
 
     def kkt(z: Tensor, lam: Tensor, nu: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        rd = _bmv(Q, z) + q + _bmtv(G, lam) + _bmtv(A, nu)
-        rpi = _bmv(G, z) + s - h
-        rpe = _bmv(A, z) - b
+        rd = bmv(Q, z) + q + bmtv(G, lam) + bmtv(A, nu)
+        rpi = bmv(G, z) + s - h
+        rpe = bmv(A, z) - b
         mu = (s * lam).sum(-1) / max(m, 1)
         return rd, rpi, rpe, mu
 
@@ -368,16 +357,16 @@ def _certificates(
         return none, none
     lam_n, nu_n = lam / y_norm[:, None], nu / y_norm[:, None]
     g_scale = 1.0 + torch.maximum(_inf_norm(G.flatten(1)), _inf_norm(A.flatten(1)))
-    stat = _inf_norm(_bmtv(G, lam_n) + _bmtv(A, nu_n)) / g_scale
+    stat = _inf_norm(bmtv(G, lam_n) + bmtv(A, nu_n)) / g_scale
     farkas = (h * lam_n).sum(-1) + (b * nu_n).sum(-1)
     hb_scale = 1.0 + torch.maximum(_inf_norm(h), _inf_norm(b))
     pinf = (y_norm > 1.0 / cert_tol) & (stat <= cert_tol) & (farkas < -cert_tol * hb_scale)
 
     d = z / d_norm[:, None]
     m_scale = 1.0 + torch.maximum(_inf_norm(Q.flatten(1)), g_scale)
-    cond_q = _inf_norm(_bmv(Q, d)) <= cert_tol * m_scale
-    cond_g = (_bmv(G, d).amax(-1) if G.shape[-2] else d_norm.new_zeros(d.shape[0])) <= cert_tol * m_scale
-    cond_a = _inf_norm(_bmv(A, d)) <= cert_tol * m_scale
+    cond_q = _inf_norm(bmv(Q, d)) <= cert_tol * m_scale
+    cond_g = (bmv(G, d).amax(-1) if G.shape[-2] else d_norm.new_zeros(d.shape[0])) <= cert_tol * m_scale
+    cond_a = _inf_norm(bmv(A, d)) <= cert_tol * m_scale
     cond_obj = (q * d).sum(-1) < -cert_tol * (1.0 + _inf_norm(q))
     dinf = (d_norm > 1.0 / cert_tol) & cond_q & cond_g & cond_a & cond_obj
     return pinf, dinf
@@ -388,10 +377,10 @@ def _kkt_error(
     z: Tensor, lam: Tensor, nu: Tensor, q_scale: Tensor, h_scale: Tensor,
 ) -> Tensor:
     """Relative KKT error of a primal-dual point with ``λ ≥ 0`` (stationarity, feasibility, gap)."""
-    rd = _bmv(Q, z) + q + _bmtv(G, lam) + _bmtv(A, nu)
-    slack = h - _bmv(G, z)
+    rd = bmv(Q, z) + q + bmtv(G, lam) + bmtv(A, nu)
+    slack = h - bmv(G, z)
     err_d = _inf_norm(rd) / q_scale
-    err_p = torch.maximum(_inf_norm((-slack).clamp(min=0.0)), _inf_norm(_bmv(A, z) - b)) / h_scale
+    err_p = torch.maximum(_inf_norm((-slack).clamp(min=0.0)), _inf_norm(bmv(A, z) - b)) / h_scale
     gap = _inf_norm(lam * slack.clamp(min=0.0)) / (q_scale * h_scale)
     return torch.maximum(torch.maximum(err_d, err_p), gap)
 
@@ -418,32 +407,25 @@ def _polish(
     """
     active = (lam > s).to(z.dtype)
     rho = 1e3 * delta[:, None]  # δ is 1e-9 of the data's scale in float64
-    n = z.shape[-1]
-    H = torch.baddbmm(Q, G.mT * (active / rho).unsqueeze(-2), G)
-    if A.shape[-2]:
-        H = torch.baddbmm(H, A.mT / rho[..., None], A)
-    H.diagonal(dim1=-2, dim2=-1).add_(rho)
-    L, info = torch.linalg.cholesky_ex(H)
-    if L.device.type != "cpu" or bool(info.any()):
-        # A failed factorisation leaves the sample's polish to fail (its KKT error is set to
-        # inf below); the identity keeps the batched solves finite meanwhile.
-        L = torch.where((info != 0)[:, None, None], torch.eye(n, dtype=z.dtype, device=z.device), L)
+    # A failed factorisation leaves the sample's polish to fail (its KKT error is set to inf
+    # below).
+    L, failed = cholesky_or_identity(normal_matrix(Q, G, active / rho, A, rho, rho))
     y_g, y_a = lam * active, nu.clone()
     for step in range(refine):
         # Residuals of the exact system, then the regularised correction.
-        r1 = -(_bmv(Q, z) + q + _bmtv(G, y_g) + _bmtv(A, y_a))
-        r2_g = active * (h - _bmv(G, z))
-        r2_a = b - _bmv(A, z)
+        r1 = -(bmv(Q, z) + q + bmtv(G, y_g) + bmtv(A, y_a))
+        r2_g = active * (h - bmv(G, z))
+        r2_a = b - bmv(A, z)
         if step and z.device.type == "cpu" and bool((torch.maximum(
                 _inf_norm(r1) / q_scale, torch.maximum(_inf_norm(r2_g), _inf_norm(r2_a)) / h_scale)
                 <= _ROUNDING).all()):
             break  # every sample refined to rounding: a further correction would change nothing
-        rhs = r1 + (_bmtv(G, r2_g) + _bmtv(A, r2_a)) / rho
+        rhs = r1 + (bmtv(G, r2_g) + bmtv(A, r2_a)) / rho
         dz = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
         z = z + dz
-        y_g = y_g + active * (_bmv(G, dz) - r2_g) / rho
-        y_a = y_a + (_bmv(A, dz) - r2_a) / rho
+        y_g = y_g + active * (bmv(G, dz) - r2_g) / rho
+        y_a = y_a + (bmv(A, dz) - r2_a) / rho
     lp = y_g.clamp(min=0.0)
     res = _kkt_error(Q, q, G, h, A, b, z, lp, y_a, q_scale, h_scale)
-    res = torch.where(torch.isfinite(res) & (info == 0), res, float("inf"))
-    return z, lp, y_a, (h - _bmv(G, z)).clamp(min=0.0), res
+    res = torch.where(torch.isfinite(res) & ~failed, res, float("inf"))
+    return z, lp, y_a, (h - bmv(G, z)).clamp(min=0.0), res

@@ -25,18 +25,10 @@ from torch import Tensor
 
 from .._config import default_rtol
 from ..linear.base import LinearOperator, LinearSolver, SolveInfo
+from ._linalg import bmtv, bmv
 from ._reduced import ReducedKKT
 
 __all__ = ["kkt_residual", "kkt_matrix", "KKTSolve"]
-
-
-def _mv(M: Tensor, v: Tensor) -> Tensor:
-    # A row vector times Mᵀ: faster on the CPU than a batch of matrix-column products.
-    return (v.unsqueeze(-2) @ M.mT).squeeze(-2)
-
-
-def _mtv(M: Tensor, v: Tensor) -> Tensor:
-    return (v.unsqueeze(-2) @ M).squeeze(-2)
 
 
 def kkt_residual(
@@ -49,9 +41,9 @@ def kkt_residual(
     """
     n, m = q.shape[-1], h.shape[-1]
     z, lam, nu = x[..., :n], x[..., n:n + m], x[..., n + m:]
-    stationarity = _mv(Q, z) + q + _mtv(G, lam) + _mtv(A, nu)
-    complementarity = lam * (_mv(G, z) - h)
-    feasibility = _mv(A, z) - b
+    stationarity = bmv(Q, z) + q + bmtv(G, lam) + bmtv(A, nu)
+    complementarity = lam * (bmv(G, z) - h)
+    feasibility = bmv(A, z) - b
     return torch.cat([stationarity, complementarity, feasibility], dim=-1)
 
 
@@ -67,7 +59,7 @@ def kkt_matrix(
     K[:, :n, n:n + m] = G.mT
     K[:, :n, n + m:] = A.mT
     K[:, n:n + m, :n] = lam.unsqueeze(-1) * G
-    K[:, n:n + m, n:n + m] = torch.diag_embed(_mv(G, z) - h)
+    K[:, n:n + m, n:n + m] = torch.diag_embed(bmv(G, z) - h)
     K[:, n + m:, :n] = A
     return K
 
@@ -155,7 +147,7 @@ def _dense_solve(matrix: Tensor, b: Tensor, rtol: float) -> tuple[Tensor, Tensor
         eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
         LU, pivots, _ = torch.linalg.lu_factor_ex(torch.where((err != 0)[:, None, None], eye, matrix))
     x = torch.linalg.lu_solve(LU, pivots, b.unsqueeze(-1)).squeeze(-1)
-    residual = torch.linalg.vector_norm(_mv(matrix, x) - b, dim=-1)
+    residual = torch.linalg.vector_norm(bmv(matrix, x) - b, dim=-1)
     b_norm = torch.linalg.vector_norm(b, dim=-1)
     bad = (err != 0) | ~torch.isfinite(x).all(-1) | ~(residual <= 1e3 * rtol * b_norm)
     if bool(bad.any()):
@@ -163,5 +155,5 @@ def _dense_solve(matrix: Tensor, b: Tensor, rtol: float) -> tuple[Tensor, Tensor
         x_ls = (torch.linalg.pinv(matrix[bad], hermitian=False) @ b[bad].unsqueeze(-1)).squeeze(-1)
         x = x.clone()
         x[bad] = x_ls
-        residual = torch.linalg.vector_norm(_mv(matrix, x) - b, dim=-1)
+        residual = torch.linalg.vector_norm(bmv(matrix, x) - b, dim=-1)
     return x, residual

@@ -31,19 +31,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._linalg import bmtv, bmv, cholesky_or_identity, matrix_scale, normal_matrix
+
 __all__ = ["ReducedKKT"]
 
 _REFINE_STEPS = 8
 _F64 = torch.float64
-
-
-def _mv(M: Tensor, v: Tensor) -> Tensor:
-    # A row vector times Mᵀ: faster on the CPU than a batch of matrix-column products.
-    return (v.unsqueeze(-2) @ M.mT).squeeze(-2)
-
-
-def _mtv(M: Tensor, v: Tensor) -> Tensor:
-    return (v.unsqueeze(-2) @ M).squeeze(-2)
 
 
 class ReducedKKT:
@@ -61,7 +54,7 @@ class ReducedKKT:
         Q, G, h, A, x = (t.detach().to(_F64) for t in (Q, G, h, A, x))
         n, m = Q.shape[-1], G.shape[-2]
         z, lam = x[:, :n], x[:, n:n + m]
-        s = h - _mv(G, z)
+        s = h - bmv(G, z)
         active = lam >= s.abs()
         # λᵢ = sᵢ = 0: no row to divide by, K is singular there.
         self.degenerate = (active & (lam <= 0)).any(-1)
@@ -76,38 +69,27 @@ class ReducedKKT:
         self.e = torch.where(active, s / safe_lam, 0.0)  # s/λ on active rows
         self.lam, self.s = lam, s
 
-        scale = torch.stack([t.abs().flatten(1).amax(-1) if t.numel() else Q.new_zeros(Q.shape[0])
-                             for t in (Q, G, A)], -1).amax(-1).clamp(min=1.0)
-        self.delta = 1e-9 * scale[:, None]
-        self.rho = 1e-6 * scale[:, None]
+        scale = matrix_scale(Q, G, A)[:, None]
+        self.delta = 1e-9 * scale
+        self.rho = 1e-6 * scale
         # The preconditioner's weights: 1/(E + ρ) on active rows, λ/s (not below 0) on the others.
         self.d = torch.where(active, 1.0 / (self.e.clamp(min=0.0) + self.rho), 0.0)
         omega = torch.where(active, self.d, self.w.clamp(min=0.0))
-        H = torch.baddbmm(Q, G.mT * omega.unsqueeze(-2), G)
-        if A.shape[-2]:
-            H = H + (A.mT / self.rho[..., None]) @ A
-        H.diagonal(dim1=-2, dim2=-1).add_(self.delta)
-        L, info = torch.linalg.cholesky_ex(H)
-        self.failed = info != 0
-        if L.device.type != "cpu" or bool(self.failed.any()):
-            # A sample whose factorisation failed is left to the dense path; an identity factor
-            # keeps the batched solves finite meanwhile (on the CPU only when one did fail).
-            eye = torch.eye(n, dtype=_F64, device=Q.device)
-            L = torch.where(self.failed[:, None, None], eye, L)
-        self.L = L
+        # A sample whose factorisation failed is left to the dense path.
+        self.L, self.failed = cholesky_or_identity(normal_matrix(Q, G, omega, A, self.rho, self.delta))
 
     # -- the reduced symmetric system -------------------------------------------------------
     def _regularised(self, a: Tensor, cg: Tensor, cnu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        rhs = a + _mtv(self.G, self.d * cg) + _mtv(self.A, cnu / self.rho)
+        rhs = a + bmtv(self.G, self.d * cg) + bmtv(self.A, cnu / self.rho)
         x = torch.cholesky_solve(rhs.unsqueeze(-1), self.L).squeeze(-1)
-        yg = self.d * (self.active * _mv(self.G, x) - cg)
-        ynu = (_mv(self.A, x) - cnu) / self.rho
+        yg = self.d * (self.active * bmv(self.G, x) - cg)
+        ynu = (bmv(self.A, x) - cnu) / self.rho
         return x, yg, ynu
 
     def _exact(self, x: Tensor, yg: Tensor, ynu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        Gx = _mv(self.G, x)
-        top = _mv(self.Q, x) + _mtv(self.G, self.w * Gx + self.active * yg) + _mtv(self.A, ynu)
-        return top, self.active * Gx - self.e * yg, _mv(self.A, x)
+        Gx = bmv(self.G, x)
+        top = bmv(self.Q, x) + bmtv(self.G, self.w * Gx + self.active * yg) + bmtv(self.A, ynu)
+        return top, self.active * Gx - self.e * yg, bmv(self.A, x)
 
     def _symmetric_solve(self, a: Tensor, cg: Tensor, cnu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x, yg, ynu = self._regularised(a, cg, cnu)
@@ -133,14 +115,14 @@ class ReducedKKT:
         r1, r2, r3 = rhs[:, :n], rhs[:, n:n + m], rhs[:, n + m:]
         if transpose:
             # Kᵀ: Gᵢ y_z - sᵢ y_λᵢ = r2ᵢ; active rows solve for uᵢ = λᵢ y_λᵢ.
-            a = r1 + _mtv(self.G, self.w * r2)
+            a = r1 + bmtv(self.G, self.w * r2)
             cg = self.active * r2
         else:
             # K: λᵢ Gᵢ dz - sᵢ dλᵢ = r2ᵢ; active rows are divided by λᵢ.
-            a = r1 + _mtv(self.G, self.inv_s * r2)
+            a = r1 + bmtv(self.G, self.inv_s * r2)
             cg = r2 * self.inv_lam
         x, yg, ynu = self._symmetric_solve(a, cg, r3)
-        Gx = _mv(self.G, x)
+        Gx = bmv(self.G, x)
         if transpose:
             lam = torch.where(self.active > 0, yg * self.inv_lam, (Gx - r2) * self.inv_s)
         else:
@@ -152,13 +134,13 @@ class ReducedKKT:
         u = u.to(_F64)
         n, m = self.n, self.m
         uz, ul, un = u[:, :n], u[:, n:n + m], u[:, n + m:]
-        Guz = _mv(self.G, uz)
+        Guz = bmv(self.G, uz)
         if transpose:
-            top = _mv(self.Q, uz) + _mtv(self.G, self.lam * ul) + _mtv(self.A, un)
+            top = bmv(self.Q, uz) + bmtv(self.G, self.lam * ul) + bmtv(self.A, un)
             mid = Guz - self.s * ul
-            bottom = _mv(self.A, uz)
+            bottom = bmv(self.A, uz)
         else:
-            top = _mv(self.Q, uz) + _mtv(self.G, ul) + _mtv(self.A, un)
+            top = bmv(self.Q, uz) + bmtv(self.G, ul) + bmtv(self.A, un)
             mid = self.lam * Guz - self.s * ul
-            bottom = _mv(self.A, uz)
+            bottom = bmv(self.A, uz)
         return torch.cat([top, mid, bottom], -1)
