@@ -19,7 +19,7 @@ from torch._dynamo.utils import counters
 
 import implicit_layers as il
 
-from ._common import Config, Section, repeated, time_alternating
+from ._common import BURST, Config, Section, time_bursts
 
 
 class _Cell(torch.nn.Module):
@@ -79,17 +79,13 @@ def _step(model: torch.nn.Module, call: torch.nn.Module, x: torch.Tensor) -> lis
     return [p.grad.clone() for p in model.parameters()]
 
 
-#: Consecutive training steps per timed call.
-_BURST = 10
-
-
 def run_compile(cfg: Config) -> Section:
     section = Section("compile", "Implicit layers inside torch.compile (float32, training step)")
     section.notes.append(
         "breaks: graph breaks of one forward call (torch._dynamo.explain); graphs 2 / 6: graphs "
         "dynamo compiled after two and after six batch sizes; times are one training step "
         "(forward + backward), eager vs torch.compile with the 'eager' backend and inductor, "
-        f"timed over bursts of {_BURST} consecutive steps, methods alternated burst by burst."
+        f"timed over bursts of {BURST} consecutive steps, methods alternated burst by burst."
     )
     torch.manual_seed(0)
     n, B = (8, 4) if cfg.tiny else (16, 8)
@@ -111,11 +107,7 @@ def run_compile(cfg: Config) -> Section:
             copy = deepcopy(model)
             compiled = torch.compile(copy, backend=backend)
             methods[f"compiled ({backend})"] = lambda m=copy, c=compiled, x=x: _step(m, c, x)
-        # Bursts of consecutive steps, as in training: a single step of a few ms timed right
-        # after another method's reads that method's cache traffic too.
-        burst = 1 if cfg.tiny else _BURST
-        times, grads = time_alternating({k: repeated(f, burst) for k, f in methods.items()}, cfg)
-        times = {k: t / burst for k, t in times.items()}
+        times, grads = time_bursts(methods, cfg)
         for method, seconds in times.items():
             err = max(
                 float((g - e).abs().max() / e.abs().max().clamp_min(1e-30))

@@ -23,7 +23,7 @@ import torch
 
 import implicit_layers as il
 
-from ._common import Config, Section, repeated, time_alternating
+from ._common import BURST, Config, Section, time_bursts
 from .compile import _step
 
 
@@ -54,16 +54,12 @@ def _loss(layer) -> Callable[[torch.Tensor], torch.Tensor]:  # noqa: ANN001
     return lambda x: layer(x).square().mean()
 
 
-#: Consecutive training steps per timed call.
-_BURST = 10
-
-
 def run_compiled_solve(cfg: Config) -> Section:
     section = Section("compiled_solve", "Compiled solve: DEQ training step (float32, CPU)")
     section.notes.append(
         "A DEQ step (forward + backward) with Picard + Neumann: eager, with compiled_solve=True "
         "run eagerly, and compiled_solve=True under torch.compile(fullgraph=True); time_ms per "
-        f"step, timed over bursts of {_BURST} consecutive steps (methods alternated burst by burst); "
+        f"step, timed over bursts of {BURST} consecutive steps (methods alternated burst by burst); "
         "first_call_s is the wall time of the first compiled step (tracing + code generation); "
         "grad_rel_err against eager Picard + Neumann."
     )
@@ -93,12 +89,7 @@ def run_compiled_solve(cfg: Config) -> Section:
         methods[f"compiled_solve + torch.compile({backend}, fullgraph)"] = (
             lambda c=compiled: _step(cell, _loss(c), x)
         )
-    # Each timed call is a burst of consecutive steps, as in training: alternating single ~1 ms
-    # steps timed each compiled step right after another method's, whose cache traffic made it
-    # 20-30 % slower than back to back.
-    burst = 1 if cfg.tiny else _BURST
-    times, grads = time_alternating({name: repeated(fn, burst) for name, fn in methods.items()}, cfg)
-    times = {name: t / burst for name, t in times.items()}
+    times, grads = time_bursts(methods, cfg)
     reference = grads["eager Picard + Neumann"]
     base = times["eager Picard + Neumann"]
     for method, seconds in times.items():
