@@ -20,6 +20,8 @@ least-squares solution, so the gradient stays finite (see ``KKTSolve``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -93,10 +95,14 @@ class KKTSolve(LinearSolver):
     def __init__(self, point: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None, *,
                  rtol: float | None = None, on_failure: str = "warn") -> None:
         self.point = point
-        # The factorisation is built at the first solve (a forward without backward needs none)
-        # and kept for the others; the settings themselves stay frozen.
-        self._factor: dict[str, ReducedKKT] = {}
         super().__init__(rtol=rtol, on_failure=on_failure)  # type: ignore[arg-type]
+
+    @functools.cached_property
+    def _factorised(self) -> ReducedKKT:
+        # Built at the first solve (a forward without backward needs none) and kept for the
+        # others; a cached property is stored past the frozen settings' __setattr__.
+        assert self.point is not None
+        return ReducedKKT(*self.point)
 
     def _reduced(self, op: LinearOperator) -> ReducedKKT | None:
         point = self.point
@@ -105,9 +111,7 @@ class KKTSolve(LinearSolver):
         x = point[4]
         if (op.batch, op.size) != tuple(x.shape) or op.device != x.device:
             return None
-        if "kkt" not in self._factor:
-            self._factor["kkt"] = ReducedKKT(*point)
-        return self._factor["kkt"]
+        return self._factorised
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
         rtol = default_rtol(b.dtype) if self.rtol is None else self.rtol
