@@ -36,6 +36,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _outputs import output_dir
 from sklearn.datasets import load_digits  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -71,18 +72,6 @@ def newton_retrain(X: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor
         if float(step.norm()) < 1e-12 * (1 + float(w.norm())):
             break
     return w
-
-
-def output_dir(out: str | None, write_docs: bool, name: str) -> Path:
-    """Where the outputs go: ``--out`` if given, ``docs/img`` with ``--write-docs`` (tracked
-    figures of the documentation), else the untracked ``out/{name}`` of the repository."""
-    root = Path(__file__).resolve().parents[1]
-    if out is not None and write_docs:
-        raise SystemExit("give either --out or --write-docs, not both")
-    path = Path(out) if out is not None else root / ("docs/img" if write_docs else f"out/{name}")
-    path.mkdir(parents=True, exist_ok=True)
-    print(f"outputs go to {path}")
-    return path
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -37,6 +37,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from _outputs import output_dir
 from tqdm import tqdm  # noqa: E402
 
 import implicit_layers as il  # noqa: E402
@@ -252,18 +253,6 @@ def plot(eval_curves: dict[str, list], scan: dict, ks: list[int], out: Path, suf
     path = out / f"imaml_sinusoid{suffix}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
-
-
-def output_dir(out: str | None, write_docs: bool, name: str) -> Path:
-    """Where the outputs go: ``--out`` if given, ``docs/img`` with ``--write-docs`` (tracked
-    figures of the documentation), else the untracked ``out/{name}`` of the repository."""
-    root = Path(__file__).resolve().parents[1]
-    if out is not None and write_docs:
-        raise SystemExit("give either --out or --write-docs, not both")
-    path = Path(out) if out is not None else root / ("docs/img" if write_docs else f"out/{name}")
-    path.mkdir(parents=True, exist_ok=True)
-    print(f"outputs go to {path}")
     return path
 
 

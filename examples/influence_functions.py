@@ -46,6 +46,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _outputs import output_dir
 from scipy import stats  # noqa: E402
 from sklearn.datasets import load_breast_cancer, load_digits  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -359,18 +360,6 @@ def plot(bc: dict, dg: dict, out: Path) -> Path:
     path = out / "influence_scatter.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
-
-
-def output_dir(out: str | None, write_docs: bool, name: str) -> Path:
-    """Where the outputs go: ``--out`` if given, ``docs/img`` with ``--write-docs`` (tracked
-    figures of the documentation), else the untracked ``out/{name}`` of the repository."""
-    root = Path(__file__).resolve().parents[1]
-    if out is not None and write_docs:
-        raise SystemExit("give either --out or --write-docs, not both")
-    path = Path(out) if out is not None else root / ("docs/img" if write_docs else f"out/{name}")
-    path.mkdir(parents=True, exist_ok=True)
-    print(f"outputs go to {path}")
     return path
 
 

@@ -32,9 +32,9 @@ import argparse
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
+from _outputs import output_dir
 
 import implicit_layers as il
 
@@ -134,18 +134,6 @@ def online(prob: dict, horizon: int, total: int, every: int, meta_steps: int, et
             etas.append(eta)
             losses.append(float(loss_fn(w, X, y)) - prob["loss_star"])
     return {"etas": etas, "losses": losses}
-
-
-def output_dir(out: str | None, write_docs: bool, name: str) -> Path:
-    """Where the outputs go: ``--out`` if given, ``docs/img`` with ``--write-docs`` (tracked
-    figures of the documentation), else the untracked ``out/{name}`` of the repository."""
-    root = Path(__file__).resolve().parents[1]
-    if out is not None and write_docs:
-        raise SystemExit("give either --out or --write-docs, not both")
-    path = Path(out) if out is not None else root / ("docs/img" if write_docs else f"out/{name}")
-    path.mkdir(parents=True, exist_ok=True)
-    print(f"outputs go to {path}")
-    return path
 
 
 def main(argv: list[str] | None = None) -> dict:

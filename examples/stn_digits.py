@@ -24,10 +24,10 @@ import argparse
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _outputs import output_dir
 from torch import nn
 
 import implicit_layers as il
@@ -234,18 +234,6 @@ def implicit_tuner(data: dict, outer_steps: int, init_wd: float, seed: int, prog
     wd = math.exp(float(log_wd.detach()))
     res.update(seconds=time.perf_counter() - start, hparams={"wd": wd}, trace=trace)
     return res
-
-
-def output_dir(out: str | None, write_docs: bool, name: str) -> Path:
-    """Where the outputs go: ``--out`` if given, ``docs/img`` with ``--write-docs`` (tracked
-    figures of the documentation), else the untracked ``out/{name}`` of the repository."""
-    root = Path(__file__).resolve().parents[1]
-    if out is not None and write_docs:
-        raise SystemExit("give either --out or --write-docs, not both")
-    path = Path(out) if out is not None else root / ("docs/img" if write_docs else f"out/{name}")
-    path.mkdir(parents=True, exist_ok=True)
-    print(f"outputs go to {path}")
-    return path
 
 
 def main(argv: list[str] | None = None) -> dict:

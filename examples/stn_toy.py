@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 import torch
+from _outputs import output_dir
 
 from implicit_layers import hyper
 
@@ -62,18 +62,6 @@ def run(centered: bool, steps: int, seed: int = 0, progress: bool = False) -> di
     start = time.perf_counter()
     trainer.fit(lambda: x, lambda: x, steps, progress=progress, callback=record)
     return {"lam": lam, "w": w, "phi": phi, "seconds": time.perf_counter() - start}
-
-
-def output_dir(out: str | None, write_docs: bool, name: str) -> Path:
-    """Where the outputs go: ``--out`` if given, ``docs/img`` with ``--write-docs`` (tracked
-    figures of the documentation), else the untracked ``out/{name}`` of the repository."""
-    root = Path(__file__).resolve().parents[1]
-    if out is not None and write_docs:
-        raise SystemExit("give either --out or --write-docs, not both")
-    path = Path(out) if out is not None else root / ("docs/img" if write_docs else f"out/{name}")
-    path.mkdir(parents=True, exist_ok=True)
-    print(f"outputs go to {path}")
-    return path
 
 
 def main(argv: list[str] | None = None) -> dict:

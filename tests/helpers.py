@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -40,8 +41,13 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def load_example(name: str) -> ModuleType:
     """The example script ``examples/{name}.py`` as a module (the examples are standalone
     scripts, not a package)."""
+    # A script's own folder is on the path when it runs (`python examples/x.py`): the same here,
+    # for the modules the examples share (`_outputs`).
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look their module up by name
     spec.loader.exec_module(module)
     return module

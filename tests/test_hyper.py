@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -13,19 +11,9 @@ import torch.nn.functional as F
 
 import implicit_layers as il
 from implicit_layers import hyper
-
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-
+from tests.helpers import load_example
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def load_example(name: str):
-    spec = importlib.util.spec_from_file_location(f"_example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- transforms and concrete dropout ------------------------------------------------------------
