@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from ._capture import Substitute
 from ._problem import KINDS, ObjectiveProblem
 
 if TYPE_CHECKING:
@@ -81,14 +80,9 @@ class CompositeProblem(ObjectiveProblem):
 
     def call_prox(self, v: Tensor, step: float | Tensor) -> Tensor:
         """``prox(v, step)`` on the flat ``(B, n)`` point ``v``, returned flat."""
-        state = self.unflatten(v)
         shaped = self.step_shaped(step)
-        if not self._substitute:
-            return self.flatten(self.prox(state, shaped))
-        inputs = (v, *tree_flatten(state)[0]) + ((shaped,) if isinstance(shaped, Tensor) else ())
-        mode = Substitute(self.params, self.values, exclude=inputs)
-        with mode:
-            return self.flatten(self.prox(state, shaped))
+        exclude = (shaped,) if isinstance(shaped, Tensor) else ()
+        return self.flatten(self.call_user(self.prox, v, (shaped,), {}, exclude))
 
     def probe(self, z: Tensor) -> Any:
         out = self._call(z)

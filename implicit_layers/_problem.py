@@ -203,13 +203,22 @@ class Problem:
 
     # -- calling the user's function ---------------------------------------------------
     def _call(self, z: Tensor) -> Any:
+        return self.call_user(self.fn, z, self.args, self.kwargs)
+
+    def call_user(
+        self, fn: Callable[..., Any], z: Tensor, args: tuple, kwargs: dict[str, Any],
+        exclude: tuple[Tensor, ...] = (),
+    ) -> Any:
+        """``fn(state, *args, **kwargs)`` for a user function of this problem at the flat state
+        ``z``, with ``values`` in place of ``params`` wherever it uses them (see :meth:`bind`);
+        the state and the tensors in ``exclude`` are never substituted."""
         state = self.unflatten(z)
         if not self._substitute:
-            return self.fn(state, *self.args, **self.kwargs)
-        mode = Substitute(self.params, self.values, exclude=(z, *tree_flatten(state)[0]))
-        args, kwargs = tree_map_only(Tensor, mode._resolve, (self.args, self.kwargs))
+            return fn(state, *args, **kwargs)
+        mode = Substitute(self.params, self.values, exclude=(z, *tree_flatten(state)[0], *exclude))
+        args, kwargs = tree_map_only(Tensor, mode._resolve, (args, kwargs))
         with mode:
-            return self.fn(state, *args, **kwargs)
+            return fn(state, *args, **kwargs)
 
     def probe(self, z: Tensor) -> Any:
         """Call every user function the residual calls, once, at the flat state ``z``, and return
