@@ -86,86 +86,18 @@ class GMRES(LinearSolver):
         self.restart = check_positive_int(restart, "restart")
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
-        batch, n = b.shape
-        dtype, device = b.dtype, b.device
-        eps = torch.finfo(dtype).eps
-        one = torch.ones((), dtype=dtype, device=device)
-        zero = torch.zeros((), dtype=dtype, device=device)
-        m_max = min(self.restart, n)
-
-        def cycle(
-            x: Tensor, r: Tensor, beta: Tensor, started: Tensor, loop: LinearLoop
-        ) -> tuple[Tensor, Tensor]:
-            tol = loop.tol
-            m = min(m_max, loop.max_steps - loop.k)
-            active = started.clone()
-            V = torch.zeros(batch, m + 1, n, dtype=dtype, device=device)
-            V[:, 0] = r / torch.where(beta > 0, beta, one).unsqueeze(-1)
-            # omega accumulates the Givens rotations: omega @ H = R (upper triangular).
-            omega = torch.eye(m + 1, dtype=dtype, device=device).repeat(batch, 1, 1)
-            R = torch.zeros(batch, m, m, dtype=dtype, device=device)
-            used = torch.zeros(batch, dtype=torch.int64, device=device)  # steps in this cycle
-            res = beta.clone()
-            j_end = 0
-            for j in range(m):
-                # j == 0: the cycle starts right after a check.
-                if not loop.proceed(res, done=~active, check=j > 0):
-                    break
-                w = op.mv(V[:, j])
-                basis = V[:, : j + 1]
-                # Classical Gram-Schmidt, twice. Row-vector products (B, 1, n) x (B, n, j+1):
-                # 4-6x faster on the CPU than the column form (B, j+1, n) x (B, n, 1).
-                h = torch.bmm(w.unsqueeze(1), basis.mT)
-                w = w - torch.bmm(h, basis).squeeze(1)
-                h2 = torch.bmm(w.unsqueeze(1), basis.mT)
-                w = w - torch.bmm(h2, basis).squeeze(1)
-                h = (h + h2).squeeze(1)
-                hnorm = torch.linalg.vector_norm(w, dim=-1)
-                colnorm = torch.hypot(torch.linalg.vector_norm(h, dim=-1), hnorm)
-                # Happy breakdown: the Krylov space is invariant, the solution lies in it.
-                breakdown = hnorm <= eps * colnorm
-                hnorm = torch.where(breakdown, zero, hnorm)
-                V[:, j + 1] = w * torch.where(breakdown, zero, hnorm.reciprocal()).unsqueeze(-1)
-                # Apply the previous rotations to the new column, then a new one to zero h_{j+1,j}.
-                # Samples that are done keep rotating harmlessly: only their first `used`
-                # rows and columns enter their solution, and later rotations do not touch them.
-                t = torch.bmm(omega[:, : j + 1, : j + 1], h.unsqueeze(-1)).squeeze(-1)
-                d = torch.hypot(t[:, j], hnorm)
-                inv_d = torch.where(d > 0, d, one).reciprocal()
-                cs = torch.where(d > 0, t[:, j] * inv_d, one)
-                sn = hnorm * inv_d
-                rot = torch.stack([cs, sn, -sn, cs], dim=-1).view(batch, 2, 2)
-                omega[:, j : j + 2, : j + 2] = torch.bmm(rot, omega[:, j : j + 2, : j + 2])
-                t[:, j] = d
-                R[:, : j + 1, j] = t
-                new_res = beta * omega[:, j + 1, 0].abs()
-                # d ~ 0: the new column is in the span of the previous ones (singular operator);
-                # the step is dropped. NaN stays "ok" so that the next check sees it.
-                ok = active & ~(d <= 10 * eps * colnorm)
-                used = used + ok
-                res = torch.where(ok, new_res, res)
-                active = ok & (new_res > tol) & ~breakdown
-                j_end = j + 1
-            if j_end == 0:
-                return x, used
-            # Per sample, solve the triangular system of its first `used` steps only.
-            k = j_end
-            idx = torch.arange(k, device=device)
-            mask = idx.unsqueeze(0) < used.unsqueeze(-1)  # (B, k)
-            Rk = R[:, :k, :k]
-            Rk = torch.where(mask.unsqueeze(-1) & mask.unsqueeze(-2), Rk, zero)
-            Rk = Rk + torch.diag_embed((~mask).to(dtype))
-            g = torch.where(mask, beta.unsqueeze(-1) * omega[:, :k, 0], zero)
-            y = torch.linalg.solve_triangular(Rk, g.unsqueeze(-1), upper=True)
-            return x + torch.bmm(y.mT, V[:, :k]).squeeze(1), used
-
+        m_max = min(self.restart, b.shape[1])
         graphs = graph_runner(
             self.name, self.cuda_graph, b, recording=torch.is_grad_enabled(),
             autograd_products=True,
         )
-        if not torch.is_grad_enabled():  # nothing records: buffers written in place
-            return run_in_rounds(self, op, b, x0, _LeanCycles(b, m_max, op.mv, graphs))
-        return run_in_rounds(self, op, b, x0, cycle)
+        # Without autograd the buffers are written in place; with it, each step builds new
+        # tensors. One cycle loop (_Cycles) serves both: only the Arnoldi step differs.
+        cycles = (
+            _LeanCycles(b, m_max, op.mv, graphs) if not torch.is_grad_enabled()
+            else _RecordedCycles(b, m_max, op.mv)
+        )
+        return run_in_rounds(self, op, b, x0, cycles)
 
     def _advice(self) -> str:
         return (
@@ -174,22 +106,109 @@ class GMRES(LinearSolver):
         )
 
 
-class _LeanCycles:
-    """GMRES cycles without autograd: the basis, the rotations and the triangular factor live
-    in buffers allocated once per solve and written in place, through views made once, so
-    that an Arnoldi step (:func:`arnoldi_step`) is about 34 ops besides the product and
-    nothing synchronises between checks."""
+class _Cycles:
+    """The GMRES cycle of :func:`run_in_rounds`, shared by the in-place and the recorded
+    variants: up to ``restart`` Arnoldi steps (``check_every`` of them between two checks, or
+    a replayed chunk), then the least-squares update of the iterate. A variant allocates its
+    buffers (:meth:`_start`) and takes a step (:meth:`_step`) on the loop state
+    ``(tol, res, active, used)``: the tolerances, the residual estimates, the samples stepping
+    and the steps each sample took in the cycle."""
+
+    V: Tensor  # the Arnoldi basis, (B, m + 1, n)
+    omega: Tensor  # the accumulated Givens rotations, omega @ H = R, (B, m + 1, m + 1)
+    R: Tensor  # the triangular factor, (B, m, m)
 
     def __init__(
         self, b: Tensor, m_max: int, mv: Callable[[Tensor], Tensor],
         graphs: ChunkGraphs | None = None,
     ) -> None:
-        batch, n = b.shape
-        dtype, device = b.dtype, b.device
         self.mv = mv
         self.graphs = graphs
         self.m_max = m_max
-        self.eps = torch.finfo(dtype).eps
+        self.eps = torch.finfo(b.dtype).eps
+        self.zero = torch.zeros((), dtype=b.dtype, device=b.device)
+        self.one = torch.ones((), dtype=b.dtype, device=b.device)
+
+    def _start(
+        self, m: int, r: Tensor, beta: Tensor, started: Tensor, loop: LinearLoop
+    ) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def _step(self, j: int, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def __call__(
+        self, x: Tensor, r: Tensor, beta: Tensor, started: Tensor, loop: LinearLoop
+    ) -> tuple[Tensor, Tensor]:
+        m = min(self.m_max, loop.max_steps - loop.k)
+        state = self._start(m, r, beta, started, loop)
+        if self.graphs is not None:
+            state, j_end = self._chunked(m, state, loop)
+        else:
+            j_end = 0
+            for j in range(m):
+                # j == 0: the cycle starts right after a check.
+                if not loop.proceed(state[1], active=state[2], check=j > 0):
+                    break
+                state = self._step(j, state)
+                j_end = j + 1
+        used = state[3].view(x.shape[0])
+        if j_end == 0:
+            return x, used
+        # Per sample, solve the triangular system of its first `used` steps only.
+        k = j_end
+        idx = torch.arange(k, device=x.device)
+        mask = idx.unsqueeze(0) < used.unsqueeze(-1)  # (B, k)
+        Rk = self.R[:, :k, :k]
+        Rk = torch.where(mask.unsqueeze(-1) & mask.unsqueeze(-2), Rk, self.zero)
+        Rk = Rk + torch.diag_embed((~mask).to(x.dtype))
+        g = torch.where(mask, beta.unsqueeze(-1) * self.omega[:, :k, 0], self.zero)
+        y = torch.linalg.solve_triangular(Rk, g.unsqueeze(-1), upper=True)
+        return x + torch.bmm(y.mT, self.V[:, :k]).squeeze(1), used
+
+    def _chunked(
+        self, m: int, state: tuple[Tensor, ...], loop: LinearLoop
+    ) -> tuple[tuple[Tensor, ...], int]:
+        """The cycle's steps in chunks of ``check_every`` steps counted from the start of the
+        cycle (the step-by-step loop counts them over the whole solve), so that every cycle
+        reuses the same graphs, keyed by first step and length; a check between chunks.
+        Each sample takes the same steps as in the step-by-step loop: a sample's steps stop
+        where it converges, whenever the batch notices. Returns the state and the steps
+        taken."""
+        assert self.graphs is not None
+        j = 0
+        while j < m:
+            if j > 0:  # as LinearLoop.proceed at a check (none right after the round's)
+                all_done, _ = check_active(state[2], state[1], loop.name)
+                if all_done:
+                    break
+            w = min(m - j, loop.check_every)
+
+            def chunk(*state: Tensor, j0: int = j, w: int = w) -> tuple[Tensor, ...]:
+                for i in range(j0, j0 + w):
+                    state = self._step(i, state)
+                return state
+
+            state = self.graphs.run((j, w), chunk, state)
+            loop.k += w
+            j += w
+        return state, j
+
+
+class _LeanCycles(_Cycles):
+    """GMRES cycles without autograd: the basis, the rotations and the triangular factor live
+    in buffers allocated once per solve and written in place, through views made once, so
+    that an Arnoldi step (:func:`arnoldi_step`) is about 34 ops besides the product and
+    nothing synchronises between checks. The residual estimates and tolerances of the state
+    are relative to the cycle's initial residual norms, all ``(B, 1, 1)``."""
+
+    def __init__(
+        self, b: Tensor, m_max: int, mv: Callable[[Tensor], Tensor],
+        graphs: ChunkGraphs | None = None,
+    ) -> None:
+        super().__init__(b, m_max, mv, graphs)
+        batch, n = b.shape
+        dtype, device = b.dtype, b.device
         self.V = torch.zeros(batch, m_max + 1, n, dtype=dtype, device=device)
         self.omega = torch.zeros(batch, m_max + 1, m_max + 1, dtype=dtype, device=device)
         self.eye = torch.eye(m_max + 1, dtype=dtype, device=device).expand_as(self.omega)
@@ -205,94 +224,94 @@ class _LeanCycles:
         self.col = [R[:, : j + 1, j].unsqueeze(1) for j in range(m_max)]
         self.diag = [R[:, j : j + 1, j : j + 1] for j in range(m_max)]
         self.c = {
-            "zero": torch.zeros((), dtype=dtype, device=device),
-            "one": torch.ones((), dtype=dtype, device=device),
+            "zero": self.zero,
+            "one": self.one,
             "inf": torch.full((), torch.inf, dtype=dtype, device=device),
             # a rotation [[c, s], [-s, c]] is c · I + s · J
             "I2": torch.eye(2, dtype=dtype, device=device),
             "J2": torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=dtype, device=device),
         }
 
-    def __call__(
-        self, x: Tensor, r: Tensor, beta: Tensor, started: Tensor, loop: LinearLoop
-    ) -> tuple[Tensor, Tensor]:
-        batch = x.shape[0]
-        c = self.c
-        m = min(self.m_max, loop.max_steps - loop.k)
+    def _start(
+        self, m: int, r: Tensor, beta: Tensor, started: Tensor, loop: LinearLoop
+    ) -> tuple[Tensor, ...]:
+        batch = r.shape[0]
         beta3 = beta.view(batch, 1, 1)
         # The steps track residuals relative to beta (the rotations' entry |omega_{j+1,0}|).
         rel_tol = loop.tol.view(batch, 1, 1) / beta3
-        self.rows3[0].copy_(r.unsqueeze(1) / torch.where(beta3 > 0, beta3, c["one"]))
+        self.rows3[0].copy_(r.unsqueeze(1) / torch.where(beta3 > 0, beta3, self.one))
         self.omega.copy_(self.eye)
         active = started.view(batch, 1, 1)
-        used = torch.zeros(batch, 1, 1, dtype=torch.int64, device=x.device)
-        res = torch.ones_like(beta3)
-        j_end = 0
-        if self.graphs is not None:
-            res, active, used, j_end = self._chunked(m, rel_tol, res, active, used, loop)
-        else:
-            for j in range(m):
-                # j == 0: the cycle starts right after a check.
-                if not loop.proceed(res, active=active, check=j > 0):
-                    break
-                res, active = self._step(j, rel_tol, res, active, used)
-                j_end = j + 1
-        used = used.view(batch)
-        if j_end == 0:
-            return x, used
-        # Per sample, solve the triangular system of its first `used` steps only.
-        k = j_end
-        zero = c["zero"]
-        idx = torch.arange(k, device=x.device)
-        mask = idx.unsqueeze(0) < used.unsqueeze(-1)  # (B, k)
-        Rk = self.R[:, :k, :k]
-        Rk = torch.where(mask.unsqueeze(-1) & mask.unsqueeze(-2), Rk, zero)
-        Rk = Rk + torch.diag_embed((~mask).to(x.dtype))
-        g = torch.where(mask, beta.unsqueeze(-1) * self.omega[:, :k, 0], zero)
-        y = torch.linalg.solve_triangular(Rk, g.unsqueeze(-1), upper=True)
-        return x + torch.bmm(y.mT, self.V[:, :k]).squeeze(1), used
+        used = torch.zeros(batch, 1, 1, dtype=torch.int64, device=r.device)
+        return rel_tol, torch.ones_like(beta3), active, used
 
-    def _step(
-        self, j: int, rel_tol: Tensor, res: Tensor, active: Tensor, used: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        return arnoldi_step(
+    def _step(self, j: int, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        rel_tol, res, active, used = state
+        res, active = arnoldi_step(
             self.mv, j, self.rows[j], self.rows3[j + 1], self.basis[j], self.basisT[j],
             self.omegaT[j], self.pair[j], self.next0[j], self.col[j], self.diag[j],
             rel_tol, res, active, used, self.eps, self.c,
         )
+        return rel_tol, res, active, used
 
-    def _chunked(
-        self, m: int, rel_tol: Tensor, res: Tensor, active: Tensor, used: Tensor,
-        loop: LinearLoop,
-    ) -> tuple[Tensor, Tensor, Tensor, int]:
-        """The cycle's steps in chunks of ``check_every`` steps counted from the start of the
-        cycle (the step-by-step loop counts them over the whole solve), so that every cycle
-        reuses the same graphs, keyed by first step and length; a check between chunks.
-        Each sample takes the same steps as in the step-by-step loop: a sample's steps stop
-        where it converges, whenever the batch notices. Returns ``(res, active, used, steps
-        taken)``."""
-        assert self.graphs is not None
-        state: tuple[Tensor, ...] = (rel_tol, res, active, used)
-        j = 0
-        while j < m:
-            if j > 0:  # as LinearLoop.proceed at a check (none right after the round's)
-                all_done, _ = check_active(state[2], state[1], loop.name)
-                if all_done:
-                    break
-            w = min(m - j, loop.check_every)
 
-            def chunk(
-                rel_tol: Tensor, res: Tensor, active: Tensor, used: Tensor, j0: int = j,
-                w: int = w,
-            ) -> tuple[Tensor, ...]:
-                for i in range(j0, j0 + w):
-                    res, active = self._step(i, rel_tol, res, active, used)
-                return rel_tol, res, active, used
+class _RecordedCycles(_Cycles):
+    """GMRES cycles that autograd may record: buffers of the cycle's size allocated per cycle,
+    written by indexed assignment (never a tensor a recorded op saved), and out-of-place
+    updates of the per-sample state, whose residual estimates and tolerances are absolute,
+    all ``(B,)``."""
 
-            state = self.graphs.run((j, w), chunk, state)
-            loop.k += w
-            j += w
-        return state[1], state[2], state[3], j
+    def _start(
+        self, m: int, r: Tensor, beta: Tensor, started: Tensor, loop: LinearLoop
+    ) -> tuple[Tensor, ...]:
+        batch, n = r.shape
+        dtype, device = r.dtype, r.device
+        self.V = torch.zeros(batch, m + 1, n, dtype=dtype, device=device)
+        self.V[:, 0] = r / torch.where(beta > 0, beta, self.one).unsqueeze(-1)
+        self.omega = torch.eye(m + 1, dtype=dtype, device=device).repeat(batch, 1, 1)
+        self.R = torch.zeros(batch, m, m, dtype=dtype, device=device)
+        self.beta = beta
+        used = torch.zeros(batch, dtype=torch.int64, device=device)
+        return loop.tol, beta.clone(), started.clone(), used
+
+    def _step(self, j: int, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        tol, res, active, used = state
+        V, omega, R, eps, zero, one = self.V, self.omega, self.R, self.eps, self.zero, self.one
+        batch = V.shape[0]
+        w = self.mv(V[:, j])
+        basis = V[:, : j + 1]
+        # Classical Gram-Schmidt, twice. Row-vector products (B, 1, n) x (B, n, j+1):
+        # 4-6x faster on the CPU than the column form (B, j+1, n) x (B, n, 1).
+        h = torch.bmm(w.unsqueeze(1), basis.mT)
+        w = w - torch.bmm(h, basis).squeeze(1)
+        h2 = torch.bmm(w.unsqueeze(1), basis.mT)
+        w = w - torch.bmm(h2, basis).squeeze(1)
+        h = (h + h2).squeeze(1)
+        hnorm = torch.linalg.vector_norm(w, dim=-1)
+        colnorm = torch.hypot(torch.linalg.vector_norm(h, dim=-1), hnorm)
+        # Happy breakdown: the Krylov space is invariant, the solution lies in it.
+        breakdown = hnorm <= eps * colnorm
+        hnorm = torch.where(breakdown, zero, hnorm)
+        V[:, j + 1] = w * torch.where(breakdown, zero, hnorm.reciprocal()).unsqueeze(-1)
+        # Apply the previous rotations to the new column, then a new one to zero h_{j+1,j}.
+        # Samples that are done keep rotating harmlessly: only their first `used` rows and
+        # columns enter their solution, and later rotations do not touch them.
+        t = torch.bmm(omega[:, : j + 1, : j + 1], h.unsqueeze(-1)).squeeze(-1)
+        d = torch.hypot(t[:, j], hnorm)
+        inv_d = torch.where(d > 0, d, one).reciprocal()
+        cs = torch.where(d > 0, t[:, j] * inv_d, one)
+        sn = hnorm * inv_d
+        rot = torch.stack([cs, sn, -sn, cs], dim=-1).view(batch, 2, 2)
+        omega[:, j : j + 2, : j + 2] = torch.bmm(rot, omega[:, j : j + 2, : j + 2])
+        t[:, j] = d
+        R[:, : j + 1, j] = t
+        new_res = self.beta * omega[:, j + 1, 0].abs()
+        # d ~ 0: the new column is in the span of the previous ones (singular operator); the
+        # step is dropped. NaN stays "ok" so that the next check sees it.
+        ok = active & ~(d <= 10 * eps * colnorm)
+        used = used + ok
+        res = torch.where(ok, new_res, res)
+        return tol, res, ok & (new_res > tol) & ~breakdown, used
 
 
 def arnoldi_step(
