@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -111,66 +112,64 @@ class Neumann(LinearSolver):
             self.name, self.cuda_graph, b, recording=torch.is_grad_enabled(),
             autograd_products=True,
         )
-        if not torch.is_grad_enabled():  # nothing records: in-place updates are safe
-            return self._lean(op, alpha, unit, x, r, res, loop, graphs)
-        while loop.proceed(res):
-            step = r if unit else alpha * r
-            Ms = op.mv(step)
-            if loop.all_active:
-                # No sample is done (known from this step's check): no masks.
-                if loop.inplace(b, Ms, x):
-                    x.add_(step)
-                    r.sub_(Ms)
-                else:
-                    x = x + step
-                    r = r - Ms
-                loop.steps += 1
-            else:
-                loop.inplace(b, Ms, x)
-                active = (~loop.done).unsqueeze(-1)
-                x = torch.where(active, x + step, x)
-                r = torch.where(active, r - Ms, r)
-                loop.steps = loop.steps + active.squeeze(-1).long()
-            res = torch.linalg.vector_norm(r, dim=-1)
-            loop.done = loop.done | (res <= loop.tol)
-        return x, loop.info(res)
-
-    def _lean(
-        self, op: LinearOperator, alpha: Tensor, unit: bool, x: Tensor, r: Tensor,
-        res: Tensor, loop: LinearLoop, graphs: ChunkGraphs | None = None,
-    ) -> tuple[Tensor, SolveInfo]:
-        """The loop without autograd: in-place updates under a float mask (1: stepping, 0:
-        done), so that a step is six ops besides the product and nothing synchronises
-        between checks. With ``graphs``, the steps between two checks run as one chunk."""
         tol = loop.tol.unsqueeze(-1)
-        res = res.unsqueeze(-1)
-        mask = (~loop.done).unsqueeze(-1).to(x.dtype)
-        steps = torch.zeros_like(mask)
         step_size = None if unit else alpha
-
-        def chunk_of(w: int) -> Callable[..., tuple[Tensor, ...]]:
-            def chunk(x: Tensor, r: Tensor, mask: Tensor, steps: Tensor, res: Tensor) -> tuple[Tensor, ...]:
-                for _ in range(w):
-                    x, r, res, mask, steps = neumann_step(op.mv, x, r, mask, steps, tol, step_size)
-                return x, r, mask, steps, res
-
-            return chunk
-
-        while loop.proceed(res, active=mask):
-            if graphs is not None:
-                # proceed() checks when k is a multiple of check_every: a chunk runs to the next
-                w = min(loop.check_every, loop.max_steps - loop.k + 1)
-                x, r, mask, steps, res = graphs.run(
-                    w, chunk_of(w), (x, r, mask, steps, res), graph=w == loop.check_every
-                )
-                loop.k += w - 1
-                continue
-            x, r, res, mask, steps = neumann_step(
-                op.mv, x, r, mask, steps, tol, step_size
+        # One loop; the variants differ in their step. The state is (x, r, mask, steps, res),
+        # per-sample entries as (B, 1) columns; ``mask`` is nonzero for the samples stepping.
+        step: Callable[..., tuple[Tensor, ...]]
+        if torch.is_grad_enabled():
+            # Autograd may record the products: bool masks applied by ``where`` (no NaN of a
+            # done sample reaches a gradient), in-place updates only when nothing records.
+            mask: Tensor = (~loop.done).unsqueeze(-1)
+            steps = loop.steps.unsqueeze(-1)
+            step = self._recorded_step(op, b, step_size, tol, loop)
+        else:
+            # Nothing records: in-place updates under a float mask (1: stepping, 0: done),
+            # six ops per step besides the product and no synchronisation between checks;
+            # with ``graphs``, the steps between two checks run as one chunk.
+            mask = (~loop.done).unsqueeze(-1).to(x.dtype)
+            steps = torch.zeros_like(mask)
+            step = (
+                partial(_graphed_steps, graphs, op.mv, tol, step_size, loop) if graphs is not None
+                else partial(_in_place_step, op.mv, tol, step_size)
             )
+        state = (x, r, mask, steps, res.unsqueeze(-1))
+        while loop.proceed(state[4], active=state[2]):
+            state = step(*state)
+        x, _, mask, steps, res = state
         loop.done = (mask == 0).squeeze(-1)
         loop.steps = steps.squeeze(-1).to(torch.int64)
         return x, loop.info(res.squeeze(-1))
+
+    @staticmethod
+    def _recorded_step(
+        op: LinearOperator, b: Tensor, alpha: Tensor | None, tol: Tensor, loop: LinearLoop
+    ) -> Callable[..., tuple[Tensor, ...]]:
+        """The step of a solve that autograd may record, on bool masks and int64 counts."""
+
+        def step(
+            x: Tensor, r: Tensor, active: Tensor, steps: Tensor, res: Tensor
+        ) -> tuple[Tensor, ...]:
+            dx = r if alpha is None else alpha * r
+            Ms = op.mv(dx)
+            if loop.all_active:
+                # No sample is done (known from this step's check): no masks.
+                if loop.inplace(b, Ms, x):
+                    x.add_(dx)
+                    r.sub_(Ms)
+                else:
+                    x = x + dx
+                    r = r - Ms
+                steps += 1
+            else:
+                loop.inplace(b, Ms, x)
+                x = torch.where(active, x + dx, x)
+                r = torch.where(active, r - Ms, r)
+                steps = steps + active.long()
+            res = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
+            return x, r, active & ~(res <= tol), steps, res
+
+        return step
 
     def _advice(self) -> str:
         return (
@@ -178,6 +177,34 @@ class Neumann(LinearSolver):
             "Neumann series converges slowly when the operator is ill-conditioned, and not at "
             "all when alpha times an eigenvalue leaves (0, 2)."
         )
+
+
+def _in_place_step(
+    mv: Callable[[Tensor], Tensor], tol: Tensor, alpha: Tensor | None, x: Tensor, r: Tensor,
+    mask: Tensor, steps: Tensor, res: Tensor,
+) -> tuple[Tensor, ...]:
+    """:func:`neumann_step` on the loop state ``(x, r, mask, steps, res)``."""
+    x, r, res, mask, steps = neumann_step(mv, x, r, mask, steps, tol, alpha)
+    return x, r, mask, steps, res
+
+
+def _graphed_steps(
+    graphs: ChunkGraphs, mv: Callable[[Tensor], Tensor], tol: Tensor, alpha: Tensor | None,
+    loop: LinearLoop, *state: Tensor,
+) -> tuple[Tensor, ...]:
+    """The steps up to the next check as one chunk (a replayed CUDA graph) on the loop state:
+    :meth:`LinearLoop.proceed` checks when ``k`` is a multiple of ``check_every``, and counts
+    the chunk's first step; the others are counted here."""
+    w = min(loop.check_every, loop.max_steps - loop.k + 1)
+
+    def chunk(*state: Tensor) -> tuple[Tensor, ...]:
+        for _ in range(w):
+            state = _in_place_step(mv, tol, alpha, *state)
+        return state
+
+    state = graphs.run(w, chunk, state, graph=w == loop.check_every)
+    loop.k += w - 1
+    return state
 
 
 def neumann_step(
