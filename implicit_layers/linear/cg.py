@@ -74,64 +74,14 @@ class CG(LinearSolver):
             # that closes over tensors requiring grad): the first product tells, and is
             # reused by the first step.
             mv = first_product(op.mv, op.mv(p))
-        if not autograd_records(b, x, getattr(mv, "first", None)):
-            return self._lean(mv, x, r, p, rs, tol2, loop)
-        # A NaN/Inf sample fails the curvature test below and stops as ``bad``, so the
-        # finiteness test can wait until the end (finite=False: one synchronisation per check).
-        while loop.proceed(rs, finite=False):
-            Ap = mv(p)
-            pAp = batched_dot(p, Ap)
-            active = ~loop.done
-            step_ok = active & (pAp > 0)
-            loop.bad = loop.bad | (active ^ step_ok)  # active with non-positive curvature
-            # Guarded divisions, so that no NaN reaches the gradient of a masked sample.
-            alpha = torch.where(step_ok, rs / torch.where(step_ok, pAp, 1.0), 0.0)
-            alpha = alpha.unsqueeze(-1)
-            x = x + alpha * p
-            r = r - alpha * Ap
-            rs_new = batched_dot(r, r)
-            beta = torch.where(step_ok, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
-            p = r + beta.unsqueeze(-1) * p
-            loop.steps = loop.steps + step_ok.long()
-            rs = rs_new
-            # ``done | bad`` equals ``~step_ok``: a sample that did not step is done or bad.
-            loop.done = ~step_ok | (rs <= tol2)
-        return x, loop.info(rs.sqrt(), watch=rs)
-
-    def _lean(
-        self, mv: Callable[[Tensor], Tensor], x: Tensor, r: Tensor, p: Tensor, rs: Tensor,
-        tol2: Tensor, loop: LinearLoop,
-    ) -> tuple[Tensor, SolveInfo]:
-        """The loop without autograd: in-place updates, masks folded into the step sizes, no
-        synchronisation between checks (a NaN/Inf sample fails the curvature test and stops;
-        the finiteness test waits until the end)."""
-        batch, n = x.shape
-        # Column views (B, n, 1) and rows (B, 1, n), made once (the updates are in place, so
-        # they stay current): the dot products are single batched products of shape
-        # (B, 1, 1), which broadcast against the columns without further views.
-        xc, rc, pc = x.view(batch, n, 1), r.view(batch, n, 1), p.view(batch, n, 1)
-        pr, rr = p.view(batch, 1, n), r.view(batch, 1, n)
-        rs = rs.view(batch, 1, 1)
-        active = (~loop.done).view(batch, 1, 1)
-        tol2 = tol2.view(batch, 1, 1)
-        zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        # Each step's flags of the samples that stepped, kept (references) and counted a
-        # batch at a time: one op per step fewer than counting as the loop goes.
-        stepped: list[Tensor] = []
-        steps = loop.steps.view(batch, 1)
-        while loop.proceed(rs, active=active, finite=False):
-            rs, active, ok = cg_step(mv, p, xc, rc, pc, pr, rr, rs, active, tol2, zero)
-            stepped.append(ok)
-            if len(stepped) == _COUNT_EVERY:
-                steps.add_(torch.cat(stepped, dim=-1).sum(-1))
-                stepped = []
-        if stepped:
-            steps.add_(torch.cat(stepped, dim=-1).sum(-1))
-        rs, active, tol2 = rs.view(batch), active.view(batch), tol2.view(batch)
-        # stopped without converging: non-positive curvature (or NaN)
-        loop.bad = ~active & (rs > tol2)
-        loop.done = ~active
-        return x, loop.info(rs.sqrt(), watch=rs)
+        variant = _RecordedSteps if autograd_records(b, x, getattr(mv, "first", None)) else _InPlaceSteps
+        steps = variant(mv, x, r, p, rs, tol2, loop)
+        # One loop; the variants differ in their step. A NaN/Inf sample fails the curvature
+        # test and stops, so the finiteness test can wait until the end (finite=False: one
+        # synchronisation per check).
+        while loop.proceed(steps.rs, active=steps.active, finite=False):
+            steps.step()
+        return steps.finish()
 
     def _advice(self) -> str:
         return (
@@ -139,6 +89,88 @@ class CG(LinearSolver):
             "indefinite (a saddle point rather than a minimum), use MINRES or GMRES; for small "
             "ill-conditioned problems Dense is exact."
         )
+
+
+class _RecordedSteps:
+    """CG steps that autograd may record: new tensors at every step, bool masks and guarded
+    divisions (no NaN of a masked sample reaches a gradient), per-sample entries ``(B,)``."""
+
+    def __init__(
+        self, mv: Callable[[Tensor], Tensor], x: Tensor, r: Tensor, p: Tensor, rs: Tensor,
+        tol2: Tensor, loop: LinearLoop,
+    ) -> None:
+        self.mv, self.x, self.r, self.p, self.rs, self.tol2, self.loop = mv, x, r, p, rs, tol2, loop
+        self.active = ~loop.done
+
+    def step(self) -> None:
+        loop, p, rs, active = self.loop, self.p, self.rs, self.active
+        Ap = self.mv(p)
+        pAp = batched_dot(p, Ap)
+        step_ok = active & (pAp > 0)
+        loop.bad = loop.bad | (active ^ step_ok)  # active with non-positive curvature
+        alpha = torch.where(step_ok, rs / torch.where(step_ok, pAp, 1.0), 0.0)
+        alpha = alpha.unsqueeze(-1)
+        self.x = self.x + alpha * p
+        r = self.r = self.r - alpha * Ap
+        rs_new = batched_dot(r, r)
+        beta = torch.where(step_ok, rs_new / torch.where(rs > 0, rs, 1.0), 0.0)
+        self.p = r + beta.unsqueeze(-1) * p
+        loop.steps = loop.steps + step_ok.long()
+        self.rs = rs_new
+        # a sample that did not step is done or bad
+        self.active = step_ok & ~(rs_new <= self.tol2)
+
+    def finish(self) -> tuple[Tensor, SolveInfo]:
+        self.loop.done = ~self.active
+        return self.x, self.loop.info(self.rs.sqrt(), watch=self.rs)
+
+
+class _InPlaceSteps:
+    """CG steps without autograd (:func:`cg_step`): in-place updates, masks folded into the
+    step sizes, no synchronisation between checks; per-sample entries ``(B, 1, 1)``."""
+
+    def __init__(
+        self, mv: Callable[[Tensor], Tensor], x: Tensor, r: Tensor, p: Tensor, rs: Tensor,
+        tol2: Tensor, loop: LinearLoop,
+    ) -> None:
+        batch, n = x.shape
+        self.mv, self.x, self.p, self.loop = mv, x, p, loop
+        # Column views (B, n, 1) and rows (B, 1, n), made once (the updates are in place, so
+        # they stay current): the dot products are single batched products of shape
+        # (B, 1, 1), which broadcast against the columns without further views.
+        self.xc, self.rc, self.pc = x.view(batch, n, 1), r.view(batch, n, 1), p.view(batch, n, 1)
+        self.pr, self.rr = p.view(batch, 1, n), r.view(batch, 1, n)
+        self.rs = rs.view(batch, 1, 1)
+        self.active = (~loop.done).view(batch, 1, 1)
+        self.tol2 = tol2.view(batch, 1, 1)
+        self.zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        # Each step's flags of the samples that stepped, kept (references) and counted a
+        # batch at a time: one op per step fewer than counting as the loop goes.
+        self.stepped: list[Tensor] = []
+        self.steps = loop.steps.view(batch, 1)
+
+    def step(self) -> None:
+        self.rs, self.active, ok = cg_step(
+            self.mv, self.p, self.xc, self.rc, self.pc, self.pr, self.rr, self.rs, self.active,
+            self.tol2, self.zero,
+        )
+        self.stepped.append(ok)
+        if len(self.stepped) == _COUNT_EVERY:
+            self._count()
+
+    def _count(self) -> None:
+        self.steps.add_(torch.cat(self.stepped, dim=-1).sum(-1))
+        self.stepped = []
+
+    def finish(self) -> tuple[Tensor, SolveInfo]:
+        if self.stepped:
+            self._count()
+        loop, batch = self.loop, self.x.shape[0]
+        rs, active, tol2 = self.rs.view(batch), self.active.view(batch), self.tol2.view(batch)
+        # stopped without converging: non-positive curvature (or NaN)
+        loop.bad = ~active & (rs > tol2)
+        loop.done = ~active
+        return self.x, loop.info(rs.sqrt(), watch=rs)
 
 
 # Steps between two counts of the per-sample step flags in CG's lean loop.

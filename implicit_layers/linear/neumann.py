@@ -133,7 +133,7 @@ class Neumann(LinearSolver):
                 partial(_graphed_steps, graphs, op.mv, tol, step_size, loop) if graphs is not None
                 else partial(_in_place_step, op.mv, tol, step_size)
             )
-        state = (x, r, mask, steps, res.unsqueeze(-1))
+        state: tuple[Tensor, ...] = (x, r, mask, steps, res.unsqueeze(-1))
         while loop.proceed(state[4], active=state[2]):
             state = step(*state)
         x, _, mask, steps, res = state
