@@ -1,4 +1,7 @@
-"""The bookkeeping loop shared by the iterative linear solvers."""
+"""The bookkeeping of solver loops: :class:`Bookkeeping`, the base shared by the forward
+solvers' monitors (:class:`~implicit_layers.solvers.base.Monitor`,
+:class:`~implicit_layers.solvers.base.WindowMonitor`) and the linear solvers'
+:class:`LinearLoop`, and its one host synchronisation per check."""
 
 from __future__ import annotations
 
@@ -16,11 +19,73 @@ if TYPE_CHECKING:
     from ._base import LinearSolver
 
 __all__ = [
+    "Bookkeeping", "sync_flags",
     "LinearLoop", "check_done", "check_active", "first_product", "autograd_records", "records",
 ]
 
 
-class LinearLoop:
+class Bookkeeping:
+    """What every solver loop keeps besides its iterates, forward and linear: the solver's
+    name, the check schedule and the result.
+
+    A loop counts its steps in :attr:`k` and checks convergence (one host synchronisation, e.g.
+    :func:`sync_flags`) before a step when :meth:`check_due`: every ``check_every`` steps,
+    starting with the first, so that a GPU runs ``check_every`` steps ahead of the host. The
+    subclasses hold the per-sample state (tolerances, done flags, step counts) and the stopping
+    rule: :class:`LinearLoop` for the linear solvers, :class:`~implicit_layers.solvers.base.Monitor`
+    (step by step) and :class:`~implicit_layers.solvers.base.WindowMonitor` (at the checks
+    only) for the forward solvers.
+
+    Args:
+        name: the solver's name, for messages and :attr:`SolveInfo.solver`.
+        check_every: steps between two checks; ``None``: every step on the CPU, every 8 on
+            accelerators.
+        device: the device of the iterates.
+
+    Attributes:
+        name: as given.
+        check_every: the resolved ``check_every``.
+        k: steps the batch has taken.
+        all_active: ``True`` when the last check found no sample done (until the loop's next
+            per-sample update): a step may then skip its per-sample masks.
+    """
+
+    def __init__(self, name: str, check_every: int | None, device: torch.device) -> None:
+        self.name = name
+        self.check_every = check_every or default_check_every(device)
+        self.k = 0
+        self.all_active = False
+
+    def check_due(self) -> bool:
+        """Whether a check comes before the step numbered :attr:`k` (counting from 0)."""
+        return self.k % self.check_every == 0
+
+    def result(
+        self, converged: Tensor, steps: Tensor, residual: Tensor, tolerance: Tensor
+    ) -> SolveInfo:
+        """The :class:`~implicit_layers.SolveInfo` of the solve, fields of shape ``(B,)``."""
+        return SolveInfo(
+            converged=converged, steps=steps, residual=residual, solver=self.name,
+            tolerance=tolerance,
+        )
+
+
+def sync_flags(done: Tensor, watch: Tensor) -> list[bool]:
+    """One synchronisation: ``[all samples done, every watched value finite, any sample
+    done]``.
+
+    Args:
+        done: per-sample flags, bool ``(B,)``.
+        watch: per-sample values tested for NaN and Inf (any shape).
+
+    Returns:
+        The three answers as Python bools.
+    """
+    flags = torch.stack([done.all(), torch.isfinite(watch).all(), done.any()]).tolist()
+    return [bool(f) for f in flags]
+
+
+class LinearLoop(Bookkeeping):
     """Per-sample tolerance, flags and step counts of one linear solve, and its stopping rule.
 
     A solver builds one from its settings and the right-hand side, then calls
@@ -67,9 +132,8 @@ class LinearLoop:
     """
 
     def __init__(self, solver: LinearSolver, b: Tensor, residual: Tensor | None = None) -> None:
-        self.name = solver.name
+        super().__init__(solver.name, solver.check_every, b.device)
         self.max_steps = solver.max_steps
-        self.check_every = solver.check_every or default_check_every(b.device)
         bnorm = torch.linalg.vector_norm(b, dim=-1)
         self.tol = torch.clamp(solver.resolved_rtol(b.dtype) * bnorm, min=solver.atol)
         batch = b.shape[0]
@@ -79,8 +143,6 @@ class LinearLoop:
         )
         self.bad = torch.zeros(batch, dtype=torch.bool, device=b.device)
         self.steps = torch.zeros(batch, dtype=torch.int64, device=b.device)
-        self.k = 0
-        self.all_active = False
         self._inplace: bool | None = None
         self._stopped_at_check = False
 
@@ -109,7 +171,7 @@ class LinearLoop:
         self.all_active = False
         if self.k >= self.max_steps:
             return False
-        if check and self.k % self.check_every == 0:
+        if check and self.check_due():
             if active is not None:
                 all_done, any_done = check_active(active, watch if finite else None, self.name)
             else:
@@ -176,13 +238,7 @@ class LinearLoop:
         """
         if not self._stopped_at_check:
             check_done(self.done, residual if watch is None else watch, self.name)
-        return SolveInfo(
-            converged=(residual <= self.tol) & ~self.bad,
-            steps=self.steps,
-            residual=residual,
-            solver=self.name,
-            tolerance=self.tol,
-        )
+        return self.result((residual <= self.tol) & ~self.bad, self.steps, residual, self.tol)
 
 
 def check_done(done: Tensor, watch: Tensor, solver: str) -> tuple[bool, bool]:
@@ -204,10 +260,10 @@ def check_done(done: Tensor, watch: Tensor, solver: str) -> tuple[bool, bool]:
         >>> check_done(torch.tensor([True, False]), torch.tensor([0.0, 1.0]), "CG")
         (False, True)
     """
-    flags = torch.stack([done.all(), torch.isfinite(watch).all(), done.any()]).tolist()
-    if not flags[1]:
+    all_done, finite, any_done = sync_flags(done, watch)
+    if not finite:
         _raise_non_finite(solver)
-    return bool(flags[0]), bool(flags[2])
+    return all_done, any_done
 
 
 def check_active(active: Tensor, watch: Tensor | None, solver: str) -> tuple[bool, bool]:

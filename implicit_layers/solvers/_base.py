@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from .._config import SolverSettings, default_check_every
+from .._config import SolverSettings
 from .._info import NonFiniteError, SolveInfo, report_failure
 from .._problem import KINDS, FixedPointProblem, MinimiseProblem, Problem, RootProblem
+from ..linear._loop import Bookkeeping, sync_flags
 
 if TYPE_CHECKING:
     from ..linear._base import LinearSolver
@@ -259,19 +260,83 @@ class ForwardSolver(SolverSettings):
         return problem.failure_advice(f"Raise max_steps (now {self.max_steps}) or loosen rtol/atol")
 
 
-def _norm(x: Tensor) -> Tensor:
-    """Per-sample Euclidean norm of ``(B, n)``, for the convergence test only (detached: an
-    unrolled solve does not save the residuals for it). Without overflow for float32 iterates:
-    the squares of entries above ~1e19 overflow float32 (a fixed point at 2e30 would read as
-    Inf), so the sum runs in float64 and the norm comes back in ``x``'s dtype."""
-    x = x.detach()
+def _norm(x: Tensor, keepdim: bool = False) -> Tensor:
+    """Per-sample Euclidean norm of the last dimension, for the convergence test only
+    (detached: an unrolled solve does not save the residuals for it). Without overflow for
+    float32 iterates: the squares of entries above ~1e19 overflow float32 (a fixed point at
+    2e30 would read as Inf), so the sum runs in float64 and the norm comes back in ``x``'s
+    dtype."""
+    if x.requires_grad:
+        x = x.detach()
     if x.dtype == torch.float64:
-        return torch.linalg.vector_norm(x, dim=-1)
-    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).to(x.dtype)
+        return torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim)
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim, dtype=torch.float64).to(x.dtype)
 
 
-class Monitor:
-    """Per-sample bookkeeping shared by the forward solvers.
+class ForwardBookkeeping(Bookkeeping):
+    """The state both forward monitors share: the tolerance rule of the problem's kind, the
+    latest residual norms, the done flags and each sample's best iterate.
+
+    The tolerance of an iterate ``z`` is ``max(atol, rtol · scale)`` with ``scale =
+    max(‖z‖, ‖f(z0)‖)`` for fixed points and ``‖F(z0)‖`` otherwise (see
+    :class:`ForwardSolver`), computed as ``max(rtol ‖z‖, tol0)`` with ``tol0 = max(atol, rtol
+    · scale0)``: exactly the same value (rounding is monotone), one multiply and one clamp per
+    iterate.
+
+    Args:
+        solver: the solver (its tolerances, ``check_every`` and name).
+        problem: the problem (its kind decides the tolerance's scale).
+        z0: the initial iterate ``(B, n)``.
+        r0: its residual ``(B, n)``.
+        keepdim: per-sample state as ``(B, 1)`` columns (else ``(B,)``).
+    """
+
+    steps: Tensor  # the steps each sample took (int64)
+
+    def __init__(
+        self, solver: ForwardSolver, problem: Problem, z0: Tensor, r0: Tensor, keepdim: bool
+    ) -> None:
+        super().__init__(solver.name, solver.check_every, z0.device)
+        self.solver = solver
+        self.problem = problem
+        self.rtol = solver.resolved_rtol(z0.dtype)
+        self.atol = solver.atol
+        self.relative_to_z = problem.relative_to_z
+        self._keepdim = keepdim
+        res = _norm(r0, keepdim)
+        # Fixed points: the floor of the scale is ‖f(z0)‖ (f(z0) = z0 - r0), so that a fixed
+        # point at 0 meets an absolute tolerance instead of chasing ‖z‖ down to underflow.
+        scale0 = _norm(z0 - r0, keepdim) if self.relative_to_z else res
+        self.tol0 = torch.clamp(self.rtol * scale0, min=self.atol)
+        self.tol = self._tol(_norm(z0, keepdim)) if self.relative_to_z else self.tol0
+        self.res = res
+        self.best_z = z0
+        self.best_res = res
+        # The tolerance of the best iterate itself: the convergence verdict must compare the
+        # residual and the tolerance of one and the same iterate.
+        self.best_tol = self.tol
+        self.done = res <= self.tol
+
+    def _tol(self, znorm: Tensor) -> Tensor:
+        """The tolerances of iterates of norms ``znorm`` (fixed points)."""
+        return torch.clamp(znorm * self.rtol, min=self.tol0)
+
+    def _best(self, known_converged: bool) -> tuple[Tensor, SolveInfo]:
+        """Each sample's best iterate and the info: converged where that iterate meets its
+        own tolerance."""
+        best_res, best_tol, steps = self.best_res, self.best_tol, self.steps
+        if self._keepdim:
+            best_res, best_tol, steps = best_res.squeeze(-1), best_tol.squeeze(-1), steps.squeeze(-1)
+        info = self.result(best_res <= best_tol, steps, best_res.detach(), best_tol.detach())
+        info._known_converged = known_converged
+        return self.best_z, info
+
+    def _raise_non_finite(self, bad: Tensor) -> None:
+        raise non_finite_error(self.solver, self.problem, bad)
+
+
+class Monitor(ForwardBookkeeping):
+    """Per-sample bookkeeping shared by the forward solvers, updated at every step.
 
     Tracks the tolerance, which samples are done, the steps each used and the lowest-residual
     iterate of each sample, without synchronising with the device except in :meth:`stop`. A
@@ -280,7 +345,7 @@ class Monitor:
 
     Args:
         solver: the solver whose ``rtol``, ``atol``, ``check_every`` and ``name`` apply.
-        problem: the problem being solved (its ``kind`` sets the tolerance's scale).
+        problem: the problem being solved (its kind sets the tolerance's scale).
         z0: the initial iterate, shape ``(B, n)``.
         r0: its residual ``F(z0)``, shape ``(B, n)``.
 
@@ -305,47 +370,13 @@ class Monitor:
     """
 
     def __init__(self, solver: ForwardSolver, problem: Problem, z0: Tensor, r0: Tensor) -> None:
-        self.solver = solver
-        self.problem = problem
-        self.rtol = solver.resolved_rtol(z0.dtype)
-        self.atol = solver.atol
-        self.check_every = solver.check_every or default_check_every(z0.device)
-        self.relative_to_z = problem.relative_to_z
-        res = _norm(r0)
-        # Fixed points: the floor of the scale is ‖f(z0)‖ (f(z0) = z0 - r0), so that a fixed
-        # point at 0 meets an absolute tolerance instead of chasing ‖z‖ down to underflow.
-        self.scale0 = (
-            _norm(z0 - r0) if self.relative_to_z else res
-        ).detach()
-        self.tol = self._tol(z0)
-        self.res = res
-        self.best_z = z0
-        self.best_res = res
-        # The tolerance of the best iterate itself: the convergence verdict must compare the
-        # residual and the tolerance of one and the same iterate.
-        self.best_tol = self.tol
-        self.done = res <= self.tol
+        super().__init__(solver, problem, z0, r0, keepdim=False)
         self.steps = torch.zeros(z0.shape[0], dtype=torch.int64, device=z0.device)
-        self.k = 0
-        # True from a synchronisation that found no sample done until the next record(): the
-        # solvers then step every sample without masks.
-        self._all_active = False
-
-    def _tol(self, z: Tensor) -> Tensor:
-        scale = self.scale0
-        if self.relative_to_z:
-            scale = torch.maximum(_norm(z), scale)
-        return torch.clamp(self.rtol * scale, min=self.atol)
 
     @property
     def active(self) -> Tensor:
         """Samples still iterating, shape ``(B,)`` (``~done``)."""
         return ~self.done
-
-    @property
-    def all_active(self) -> bool:
-        """Whether every sample is known (without a new synchronisation) to be still active."""
-        return self._all_active
 
     def record(self, z: Tensor, r: Tensor, stepped: Tensor) -> None:
         """Register the new iterate ``z`` with residual ``r``.
@@ -357,11 +388,11 @@ class Monitor:
         """
         res = _norm(r)
         if self.relative_to_z:
-            self.tol = self._tol(z.detach())
+            self.tol = self._tol(_norm(z))
         met = res <= self.tol
-        if self._all_active:
+        if self.all_active:
             # Every sample stepped: the same updates without the masks.
-            self._all_active = False
+            self.all_active = False
             self.steps = self.steps + 1
             # An iterate that meets its tolerance is kept even if an earlier one had a lower
             # residual (possible when the tolerance moves with ‖z‖).
@@ -399,16 +430,15 @@ class Monitor:
         Raises:
             implicit_layers.NonFiniteError: if a check finds a residual NaN or Inf.
         """
+        due = force or self.check_due()
         self.k += 1
-        if not force and (self.k - 1) % self.check_every != 0:
+        if not due:
             return False
-        flags = torch.stack(
-            [self.done.all(), torch.isfinite(self.res).all(), self.done.any()]
-        ).tolist()
-        self._all_active = not flags[2]
-        if not flags[1]:
-            raise non_finite_error(self.solver, self.problem, ~torch.isfinite(self.res))
-        return bool(flags[0])
+        all_done, finite, any_done = sync_flags(self.done, self.res)
+        self.all_active = not any_done
+        if not finite:
+            self._raise_non_finite(~torch.isfinite(self.res))
+        return all_done
 
     def finish(self) -> tuple[Tensor, SolveInfo]:
         """The result: each sample's best iterate and its statistics (one final check).
@@ -421,15 +451,7 @@ class Monitor:
             implicit_layers.NonFiniteError: if a residual is NaN or Inf.
         """
         self.stop(force=True)
-        converged = self.best_res <= self.best_tol
-        info = SolveInfo(
-            converged=converged,
-            steps=self.steps,
-            residual=self.best_res.detach(),
-            solver=self.solver.name,
-            tolerance=self.best_tol.detach(),
-        )
-        return self.best_z, info
+        return self._best(False)
 
 
 def non_finite_error(solver: ForwardSolver, problem: Problem, bad: Tensor) -> NonFiniteError:

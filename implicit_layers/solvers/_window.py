@@ -21,11 +21,10 @@ from collections.abc import Callable, Hashable
 import torch
 from torch import Tensor
 
-from .._config import default_check_every
 from .._cuda_graph import Chunk, ChunkGraphs
 from .._info import SolveInfo
 from .._problem import Problem
-from ._base import ForwardSolver, non_finite_error
+from ._base import ForwardBookkeeping, ForwardSolver, _norm
 
 __all__ = ["WindowMonitor", "judge_window", "run_chunks"]
 
@@ -77,17 +76,7 @@ def _arange(n: int, device: torch.device, start: int = 0) -> Tensor:
     return out
 
 
-def _norm(x: Tensor, keepdim: bool = False) -> Tensor:
-    """Per-sample norm of the last dimension for the convergence test (detached), accumulated
-    in float64 for narrower dtypes (see :func:`~implicit_layers.solvers._base._norm`)."""
-    if x.requires_grad:
-        x = x.detach()
-    if x.dtype == torch.float64:
-        return torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim)
-    return torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim, dtype=torch.float64).to(x.dtype)
-
-
-class WindowMonitor:
+class WindowMonitor(ForwardBookkeeping):
     """Per-sample bookkeeping of a forward solve, done only at the convergence checks.
 
     Same contract as :class:`~implicit_layers.solvers.base.Monitor` (tolerance, per-sample
@@ -110,36 +99,14 @@ class WindowMonitor:
         self, solver: ForwardSolver, problem: Problem, z0: Tensor, r0: Tensor,
         safe: tuple[float, float] | None = None,
     ) -> None:
-        self.solver = solver
-        self.problem = problem
-        rtol = solver.resolved_rtol(z0.dtype)
-        self.rtol = rtol
-        self.atol = solver.atol
-        self.check_every = solver.check_every or default_check_every(z0.device)
-        self.relative_to_z = problem.relative_to_z
-        res = _norm(r0, keepdim=True)
-        # Fixed points: the floor of the scale is ‖f(z0)‖ (f(z0) = z0 - r0); see Monitor.
-        scale0 = _norm(z0 - r0, keepdim=True) if self.relative_to_z else res
-        # tol = max(atol, rtol · max(‖z‖, scale0)) = max(rtol ‖z‖, tol0), exactly (rounding is
-        # monotone): one multiply and one clamp per iterate.
-        self.tol0 = torch.clamp(rtol * scale0, min=self.atol)
-        tol = self._tol(_norm(z0, keepdim=True)) if self.relative_to_z else self.tol0
+        super().__init__(solver, problem, z0, r0, keepdim=True)
         # Per-sample state as (B, 1) columns: they broadcast against a window's (B, W).
-        self.res = res
-        self.best_z = z0
-        self.best_res = res
-        self.best_tol = tol
-        self.done = res <= tol
         self._steps = torch.zeros(z0.shape[0], 1, dtype=torch.int64, device=z0.device)
         # Steps every sample took since the last masked update, counted on the host (no op
         # per step while no sample is done) and added when :attr:`steps` is read.
         self._uniform_steps = 0
-        self.k = 0
         self._zs: list[Tensor] = []
         self._rs: list[Tensor] = []
-        # Known from the last check: no sample was done (the one-step window then needs no
-        # masks).
-        self._none_done = False
         self._dead: Tensor | None = None
         self.safe = safe
         #: From the last one-step check with ``safe`` given: every residual norm in range.
@@ -173,9 +140,6 @@ class WindowMonitor:
     def steps(self, value: Tensor) -> None:
         self._steps, self._uniform_steps = value, 0
 
-    def _tol(self, znorm: Tensor) -> Tensor:
-        return torch.clamp(znorm * self.rtol, min=self.tol0)
-
     def record(self, z: Tensor, r: Tensor) -> None:
         """Register the new iterate ``z`` (every sample stepped) and its residual ``r``."""
         self._zs.append(z)
@@ -202,7 +166,7 @@ class WindowMonitor:
         tol = self._tol(_norm(z, keepdim=True)) if self.relative_to_z else self.tol0
         self.last_res, self.last_tol = res, tol
         met = res <= tol
-        if self._none_done:
+        if self.all_active:
             better = (res <= self.best_res) | met
             self.res, self.done = res, met
             all_done, finite, any_done, all_better, *rest = self._count_flags(met, res, better)
@@ -224,7 +188,7 @@ class WindowMonitor:
             self.res = torch.where(alive, res, self.res)
             self.done = self.done | met
             all_done, finite, any_done, *rest = self._count_flags(self.done, self.res)
-        self._none_done = not any_done
+        self.all_active = not any_done
         self._dead = None
         if rest:
             self.res_in_safe_range = bool(rest[0])
@@ -292,7 +256,7 @@ class WindowMonitor:
         self.steps = self.steps + (res.shape[-1] - dead.sum(-1, keepdim=True))
         self.done = self.done | met.any(-1, keepdim=True)
         self._dead, self._window_res = dead, res
-        self._none_done = False  # not known without another flag; the masked path is exact
+        self.all_active = False  # not known without another flag; the masked path is exact
         # one synchronisation; a NaN or Inf in `worst` means an alive residual was not finite
         all_done, worst_v = self._flush([self.done.all().to(worst.dtype), worst])
         return [bool(all_done), math.isfinite(worst_v)]
@@ -304,46 +268,37 @@ class WindowMonitor:
         :class:`~implicit_layers.NonFiniteError` when a sample that has not converged has a
         NaN or Inf residual.
         """
+        due = force or self.check_due()
         self.k += 1
-        if not force and (self.k - 1) % self.check_every != 0:
+        if not due:
             return False
         self.last_res = self.last_tol = None
         if self._stacked is not None:
             flags = self._judge()
         elif not self._zs:
             flags = self._count_flags(self.done, self.res, safe=False)
-            self._none_done = not flags[2]
+            self.all_active = not flags[2]
         elif len(self._zs) == 1:
             flags = self._judge_one()
         else:
             flags = self._judge()
         if not flags[1]:
-            self._raise_non_finite()
+            self._raise_non_finite(self._non_finite_samples())
         self._judged, self._all_done = True, bool(flags[0])
         return self._all_done
 
-    def _raise_non_finite(self) -> None:
+    def _non_finite_samples(self) -> Tensor:
+        """The samples with a NaN or Inf residual that counts (bool ``(B,)``)."""
         if self._dead is not None and self._window_res is not None:
-            bad = (~self._dead & ~torch.isfinite(self._window_res)).any(-1)
-        else:
-            bad = ~torch.isfinite(self.res).squeeze(-1)
-        raise non_finite_error(self.solver, self.problem, bad)
+            return (~self._dead & ~torch.isfinite(self._window_res)).any(-1)
+        return ~torch.isfinite(self.res).squeeze(-1)
 
     def finish(self) -> tuple[Tensor, SolveInfo]:
         """Judge the last window (unless the last check judged every iterate) and return the
         best iterate and the info."""
         if not self._judged:
             self.stop(force=True)
-        best_res, best_tol = self.best_res.squeeze(-1), self.best_tol.squeeze(-1)
-        info = SolveInfo(
-            converged=best_res <= best_tol,
-            steps=self.steps.squeeze(-1),
-            residual=best_res.detach(),
-            solver=self.solver.name,
-            tolerance=best_tol.detach(),
-        )
-        info._known_converged = self._all_done
-        return self.best_z, info
+        return self._best(self._all_done)
 
 
 def run_chunks(
