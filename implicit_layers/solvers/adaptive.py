@@ -44,7 +44,7 @@ from ..linear.combinators import NeumannThenGMRES
 from ..linear.gmres import GMRES
 from ._base import ForwardSolver
 from ._window import WindowMonitor, _norm
-from .anderson import anderson_step
+from .anderson import _ListHistory
 from .picard import damped_step, map_and_residual, picard_chunk, picard_step
 
 __all__ = ["Adaptive"]
@@ -145,8 +145,7 @@ class Adaptive(ForwardSolver):
         # Anderson on trial: (steps taken at the switch, residual norms there, plain rho).
         trial: tuple[int, Tensor, float] | None = None
         tried = False
-        gs: list[Tensor] = []
-        rs: list[Tensor] = []
+        history = _ListHistory(self.memory, 1.0)  # Anderson's, after a switch
         ones = torch.ones(z.shape[0], 1, self.memory, dtype=z.dtype, device=z.device)
         reg = 100 * torch.finfo(z.dtype).eps
         # cuda_graph: the plain phase runs in chunks of check_every steps (window buffers
@@ -198,8 +197,7 @@ class Adaptive(ForwardSolver):
                 if not self._keep_anderson(mon, r, trial, taken, tiny):
                     # Back to plain iteration, from the best iterate, for the rest of the solve.
                     switched_at = None
-                    gs.clear()
-                    rs.clear()
+                    history.clear()
                     mon.safe = None
                     z = mon.best_z
                     if plain:
@@ -227,18 +225,8 @@ class Adaptive(ForwardSolver):
                     z, r = damped_step(residual, z, r, 1.0)
                 k += 1
             else:
-                gs.append(z - r)
-                rs.append(r)
-                if len(gs) > self.memory:
-                    gs.pop(0)
-                    rs.pop(0)
-                m = len(gs)
-                if m == 1:
-                    z = gs[0]
-                else:
-                    rescale = mon.check_every != 1 or not mon.res_in_safe_range
-                    G, R = torch.stack(gs, dim=1), torch.stack(rs, dim=1)
-                    z = anderson_step(G, R, ones[..., :m], reg, rescale)
+                rescale = mon.check_every != 1 or not mon.res_in_safe_range
+                z = history.step(z, r, ones, reg, rescale)
                 r = residual(z)
             mon.record(z, r)
             taken += 1

@@ -104,53 +104,19 @@ class Anderson(ForwardSolver):
         # The history: residuals r_i and mixed map values g_i = z_i - β r_i (the next iterate
         # is Σ α_i g_i). Without autograd they live in two preallocated ring buffers written in
         # place; the differentiable (unrolled) path keeps lists, as in-place writes would break
-        # autograd.
-        ring = not differentiable
-        if ring:
-            G_buf = z.new_empty(z.shape[0], self.memory, z.shape[1])
-            R_buf = torch.empty_like(G_buf)
-            # the views of every slot, made once (a view is an op too)
-            G_slots, R_slots = G_buf.unbind(1), R_buf.unbind(1)
-            # out= writes have no forward-mode derivative: not with tangents (jvp, dual)
-            # (nor when compiled: the compiler writes the history as it sees fit)
-            fused = not torch.compiler.is_compiling() and _no_tangent(z) and _no_tangent(r)
-        gs: list[Tensor] = []
-        rs: list[Tensor] = []
+        # autograd. One loop: the two histories differ only in how they take a step.
+        history = (
+            _ListHistory(self.memory, beta) if differentiable
+            else _RingHistory(z, r, self.memory, beta)
+        )
         ones = torch.ones(z.shape[0], 1, self.memory, dtype=z.dtype, device=z.device)
-        count = 0
         for _ in range(self.max_steps):
             if mon.stop():
                 break
-            if ring:
-                slot = count % self.memory
-                g = G_slots[slot]
-                if fused:
-                    torch.sub(z, r, alpha=beta, out=g)
-                else:
-                    g.copy_(torch.sub(z, r, alpha=beta))
-                R_slots[slot].copy_(r)
-                count += 1
-                k = min(count, self.memory)
-                G, R = (G_buf, R_buf) if k == self.memory else (G_buf[:, :k], R_buf[:, :k])
-            else:
-                g = z - r if beta == 1.0 else torch.sub(z, r, alpha=beta)
-                gs.append(g)
-                rs.append(r)
-                if len(gs) > self.memory:
-                    gs.pop(0)
-                    rs.pop(0)
-                k = len(gs)
-                # (a single entry needs no history: the k == 1 branch below never reads G, R)
-                G = torch.stack(gs, dim=1)
-                R = torch.stack(rs, dim=1)
-            if k == 1:
-                # a copy: the ring slot is overwritten later, the monitor keeps the iterate
-                z = g.clone() if ring else g
-            else:
-                # On the CPU (a check every step) the check also tells whether the residual
-                # norms are in the safe range, which skips the rescaling pass.
-                rescale = mon.check_every != 1 or not mon.res_in_safe_range
-                z = anderson_step(G, R, ones[..., :k], reg, rescale)
+            # On the CPU (a check every step) the check also tells whether the residual norms
+            # are in the safe range, which skips the rescaling pass.
+            rescale = mon.check_every != 1 or not mon.res_in_safe_range
+            z = history.step(z, r, ones, reg, rescale)
             r = problem.residual(z, create_graph=differentiable)
             mon.record(z, r)
         return mon.finish()
@@ -163,22 +129,16 @@ class Anderson(ForwardSolver):
         iterates as the step-by-step loop: the history in the same ring-buffer slots, the
         slot of the next write kept on the device once the history is full."""
         m, beta = self.memory, self.mixing
-        G_buf = z.new_empty(z.shape[0], m, z.shape[1])
-        R_buf = torch.empty_like(G_buf)
+        ring = _RingHistory(z, r, m, beta)
+        G_buf, R_buf = ring.G, ring.R
         slot = torch.zeros(1, dtype=torch.int64, device=z.device)
         ones = torch.ones(z.shape[0], 1, m, dtype=z.dtype, device=z.device)
 
         def filling(w: int, taken: int) -> Chunk:
-            """Steps ``taken`` to ``taken + w`` while the history fills (run eagerly)."""
+            """Steps ``taken`` to ``taken + w`` while the history fills (run eagerly, once)."""
             def chunk(z: Tensor, r: Tensor, Z: Tensor, R: Tensor) -> tuple[Tensor, ...]:
                 for j in range(w):
-                    i, k = (taken + j) % m, min(taken + j + 1, m)
-                    g = G_buf[:, i]
-                    g.copy_(torch.sub(z, r, alpha=beta))
-                    R_buf[:, i].copy_(r)
-                    z = g.clone() if k == 1 else anderson_step(
-                        G_buf[:, :k], R_buf[:, :k], ones[..., :k], reg
-                    )
+                    z = ring.step(z, r, ones, reg, True)
                     r = problem.residual(z)
                     Z[:, j].copy_(z)
                     R[:, j].copy_(r)
@@ -209,6 +169,87 @@ class Anderson(ForwardSolver):
         Z = z.new_empty(z.shape[0], mon.check_every, z.shape[1])
         run_chunks(mon, graphs, self.max_steps, chunk_of, (z, r, Z, torch.empty_like(Z)))
         return mon.finish()
+
+
+class _ListHistory:
+    """The last ``memory`` residuals ``r_i`` and mixed map values ``g_i = z_i - β r_i`` as
+    lists of tensors, and the Anderson step on them: new tensors at every step, so that
+    autograd may record them (the unrolled backward; :class:`~implicit_layers.solvers.Adaptive`
+    after a switch).
+
+    Args:
+        memory: the number of entries kept.
+        beta: the mixing ``β``.
+    """
+
+    def __init__(self, memory: int, beta: float) -> None:
+        self.memory = memory
+        self.beta = beta
+        self.gs: list[Tensor] = []
+        self.rs: list[Tensor] = []
+
+    def step(self, z: Tensor, r: Tensor, ones: Tensor, reg: float, rescale: bool) -> Tensor:
+        """Add the iterate ``z`` (residual ``r``, both ``(B, n)``) to the history and return
+        the next iterate; ``ones``, ``reg`` and ``rescale`` as for :func:`anderson_step`."""
+        g = z - r if self.beta == 1.0 else torch.sub(z, r, alpha=self.beta)
+        self.gs.append(g)
+        self.rs.append(r)
+        if len(self.gs) > self.memory:
+            self.gs.pop(0)
+            self.rs.pop(0)
+        k = len(self.gs)
+        if k == 1:
+            return g
+        G, R = torch.stack(self.gs, dim=1), torch.stack(self.rs, dim=1)
+        return anderson_step(G, R, ones[..., :k], reg, rescale)
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        self.gs.clear()
+        self.rs.clear()
+
+
+class _RingHistory:
+    """The same history and step as :class:`_ListHistory` in two ring buffers ``G``, ``R``
+    of shape ``(B, memory, n)`` allocated once and written in place (no autograd): slot ``i``
+    holds step ``i`` modulo ``memory`` (the order of the history does not matter).
+
+    Args:
+        z, r: the initial iterate and its residual ``(B, n)`` (shape, dtype, device; and
+            whether they carry forward-mode tangents).
+        memory: the number of entries kept.
+        beta: the mixing ``β``.
+    """
+
+    def __init__(self, z: Tensor, r: Tensor, memory: int, beta: float) -> None:
+        self.memory = memory
+        self.beta = beta
+        self.G = z.new_empty(z.shape[0], memory, z.shape[1])
+        self.R = torch.empty_like(self.G)
+        # the views of every slot, made once (a view is an op too)
+        self.G_slots, self.R_slots = self.G.unbind(1), self.R.unbind(1)
+        # out= writes have no forward-mode derivative: not with tangents (jvp, dual)
+        # (nor when compiled: the compiler writes the history as it sees fit)
+        self.fused = not torch.compiler.is_compiling() and _no_tangent(z) and _no_tangent(r)
+        self.count = 0
+
+    def step(self, z: Tensor, r: Tensor, ones: Tensor, reg: float, rescale: bool) -> Tensor:
+        """As :meth:`_ListHistory.step`."""
+        m = self.memory
+        slot = self.count % m
+        g = self.G_slots[slot]
+        if self.fused:
+            torch.sub(z, r, alpha=self.beta, out=g)
+        else:
+            g.copy_(torch.sub(z, r, alpha=self.beta))
+        self.R_slots[slot].copy_(r)
+        self.count += 1
+        k = min(self.count, m)
+        if k == 1:
+            # a copy: the ring slot is overwritten later, the monitor keeps the iterate
+            return g.clone()
+        G, R = (self.G, self.R) if k == m else (self.G[:, :k], self.R[:, :k])
+        return anderson_step(G, R, ones[..., :k], reg, rescale)
 
 
 def anderson_step(G: Tensor, R: Tensor, ones: Tensor, reg: float, rescale: bool = True) -> Tensor:
