@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -316,6 +316,26 @@ class ForwardBookkeeping(Bookkeeping):
         # residual and the tolerance of one and the same iterate.
         self.best_tol = self.tol
         self.done = res <= self.tol
+
+    def stop(self, force: bool = False) -> bool:
+        raise NotImplementedError
+
+    def iterate(self, max_steps: int, advance: Callable[[int], int]) -> None:
+        """The loop of a forward solve: a check (:meth:`stop`) before each advance, until
+        ``max_steps`` steps are taken or a check finds every sample done.
+
+        Args:
+            max_steps: the step budget.
+            advance: ``advance(taken) -> steps``: takes one step (or a chunk of steps, at most
+                ``max_steps - taken``) after ``taken`` steps, registers the iterates with this
+                monitor and returns how many steps it took. A solver's eager, in-place and
+                graphed variants differ only in the ``advance`` they pass.
+        """
+        taken = 0
+        while taken < max_steps:
+            if self.stop():
+                break
+            taken += advance(taken)
 
     def _tol(self, znorm: Tensor) -> Tensor:
         """The tolerances of iterates of norms ``znorm`` (fixed points)."""

@@ -26,7 +26,7 @@ from .._info import SolveInfo
 from .._problem import Problem
 from ._base import ForwardBookkeeping, ForwardSolver, _norm
 
-__all__ = ["WindowMonitor", "judge_window", "run_chunks"]
+__all__ = ["WindowMonitor", "judge_window", "chunk_advance"]
 
 
 def judge_window(
@@ -301,14 +301,15 @@ class WindowMonitor(ForwardBookkeeping):
         return self._best(self._all_done)
 
 
-def run_chunks(
+def chunk_advance(
     mon: WindowMonitor, graphs: ChunkGraphs, max_steps: int,
     chunk_of: Callable[[int, int], tuple[Hashable, Chunk, bool]], state: tuple[Tensor, ...],
-) -> tuple[Tensor, ...]:
-    """The forward loop in chunks of ``check_every`` steps (``cuda_graph=True``).
+) -> Callable[[int], int]:
+    """The ``advance`` of :meth:`~ForwardBookkeeping.iterate` that runs a chunk of
+    ``check_every`` steps (``cuda_graph=True``).
 
-    Checks where the step-by-step loop checks; the last chunk is shorter when ``max_steps``
-    is not a multiple of ``check_every``.
+    The loop checks where the step-by-step loop checks; the last chunk is shorter when
+    ``max_steps`` is not a multiple of ``check_every``.
 
     Args:
         mon: the monitor (its ``check_every`` is the chunk length ``W``).
@@ -316,20 +317,20 @@ def run_chunks(
         max_steps: the step budget.
         chunk_of: ``chunk_of(w, taken) -> (key, chunk, graph)``: the chunk of the next ``w``
             steps after ``taken`` steps, and whether to record it as a graph.
-        state: the loop's state; its last two entries are the window buffers ``Z`` and ``R``
-            ``(B, W, n)``, where a chunk of ``w`` steps writes its iterates and residuals
-            into the first ``w`` columns.
+        state: the loop's initial state; its last two entries are the window buffers ``Z``
+            and ``R`` ``(B, W, n)``, where a chunk of ``w`` steps writes its iterates and
+            residuals into the first ``w`` columns.
 
     Returns:
-        The state after the last chunk.
+        ``advance(taken) -> w``: runs the next chunk and hands its window to the monitor.
     """
-    taken = 0
-    while taken < max_steps:
-        if mon.stop():
-            break
+
+    def advance(taken: int) -> int:
+        nonlocal state
         w = min(mon.check_every, max_steps - taken)
         key, chunk, graph = chunk_of(w, taken)
         state = graphs.run(key, chunk, state, graph=graph)
         mon.record_window(state[-2][:, :w], state[-1][:, :w])
-        taken += w
-    return state
+        return w
+
+    return advance

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
@@ -12,7 +14,7 @@ from .._cuda_graph import Chunk, ChunkGraphs, graph_runner
 from .._info import SolveInfo
 from .._problem import FixedPointProblem, Problem, RootProblem
 from ._base import ForwardSolver
-from ._window import WindowMonitor, run_chunks
+from ._window import WindowMonitor, chunk_advance
 
 __all__ = ["Anderson", "anderson_step"]
 
@@ -99,8 +101,6 @@ class Anderson(ForwardSolver):
         # iterate that met the tolerance.
         mon = WindowMonitor(self, problem, z, r, safe=safe)
         graphs = graph_runner(self.name, self.cuda_graph, z, recording=differentiable)
-        if graphs is not None:
-            return self._graphed(problem, z, r, mon, graphs, reg)
         # The history: residuals r_i and mixed map values g_i = z_i - β r_i (the next iterate
         # is Σ α_i g_i). Without autograd they live in two preallocated ring buffers written in
         # place; the differentiable (unrolled) path keeps lists, as in-place writes would break
@@ -110,29 +110,35 @@ class Anderson(ForwardSolver):
             else _RingHistory(z, r, self.memory, beta)
         )
         ones = torch.ones(z.shape[0], 1, self.memory, dtype=z.dtype, device=z.device)
-        for _ in range(self.max_steps):
-            if mon.stop():
-                break
+
+        def step(taken: int) -> int:
+            nonlocal z, r
             # On the CPU (a check every step) the check also tells whether the residual norms
             # are in the safe range, which skips the rescaling pass.
             rescale = mon.check_every != 1 or not mon.res_in_safe_range
             z = history.step(z, r, ones, reg, rescale)
             r = problem.residual(z, create_graph=differentiable)
             mon.record(z, r)
+            return 1
+
+        # One loop (mon.iterate); the variants differ in how they advance.
+        advance: Callable[[int], int] = step
+        if graphs is not None:  # (graphs only without autograd: the history is the ring)
+            assert isinstance(history, _RingHistory)
+            advance = self._graphed(problem, z, r, history, ones, mon, graphs, reg)
+        mon.iterate(self.max_steps, advance)
         return mon.finish()
 
     def _graphed(
-        self, problem: Problem, z: Tensor, r: Tensor, mon: WindowMonitor, graphs: ChunkGraphs,
-        reg: float,
-    ) -> tuple[Tensor, SolveInfo]:
-        """The loop in chunks of ``check_every`` steps (``cuda_graph=True``), with the same
-        iterates as the step-by-step loop: the history in the same ring-buffer slots, the
-        slot of the next write kept on the device once the history is full."""
+        self, problem: Problem, z: Tensor, r: Tensor, ring: _RingHistory, ones: Tensor,
+        mon: WindowMonitor, graphs: ChunkGraphs, reg: float,
+    ) -> Callable[[int], int]:
+        """The advance of the loop in chunks of ``check_every`` steps (``cuda_graph=True``),
+        with the same iterates as the step-by-step loop: the history in the same ring-buffer
+        slots, the slot of the next write kept on the device once the history is full."""
         m, beta = self.memory, self.mixing
-        ring = _RingHistory(z, r, m, beta)
         G_buf, R_buf = ring.G, ring.R
         slot = torch.zeros(1, dtype=torch.int64, device=z.device)
-        ones = torch.ones(z.shape[0], 1, m, dtype=z.dtype, device=z.device)
 
         def filling(w: int, taken: int) -> Chunk:
             """Steps ``taken`` to ``taken + w`` while the history fills (run eagerly, once)."""
@@ -167,8 +173,7 @@ class Anderson(ForwardSolver):
             return w, full(w), w == mon.check_every
 
         Z = z.new_empty(z.shape[0], mon.check_every, z.shape[1])
-        run_chunks(mon, graphs, self.max_steps, chunk_of, (z, r, Z, torch.empty_like(Z)))
-        return mon.finish()
+        return chunk_advance(mon, graphs, self.max_steps, chunk_of, (z, r, Z, torch.empty_like(Z)))
 
 
 class _ListHistory:

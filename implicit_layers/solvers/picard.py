@@ -13,7 +13,7 @@ from .._cuda_graph import Chunk, graph_runner
 from .._info import SolveInfo
 from .._problem import Problem
 from ._base import ForwardSolver
-from ._window import WindowMonitor, run_chunks
+from ._window import WindowMonitor, chunk_advance
 
 __all__ = ["Picard", "picard_step", "damped_step", "picard_chunk", "map_and_residual"]
 
@@ -79,6 +79,8 @@ class Picard(ForwardSolver):
         # The bookkeeping runs at the checks only: a step is the map and one subtraction.
         mon = WindowMonitor(self, problem, z, r)
         graphs = graph_runner(self.name, self.cuda_graph, z, recording=differentiable)
+        # One loop (mon.iterate); the variants differ in how they advance.
+        advance: Callable[[int], int]
         if graphs is not None:
             step = fmap if plain else residual
             Z = z.new_empty(z.shape[0], mon.check_every, z.shape[1])
@@ -87,16 +89,18 @@ class Picard(ForwardSolver):
             def chunk_of(w: int, taken: int) -> tuple[int, Chunk, bool]:
                 return w, picard_chunk(step, plain, self.damping, w), w == mon.check_every
 
-            run_chunks(mon, graphs, self.max_steps, chunk_of, state)
-            return mon.finish()
-        for _ in range(self.max_steps):
-            if mon.stop():
-                break
-            if plain:
-                z, fz, r = picard_step(fmap, fz)
-            else:
-                z, r = damped_step(residual, z, r, self.damping)
-            mon.record(z, r)
+            advance = chunk_advance(mon, graphs, self.max_steps, chunk_of, state)
+        else:
+            def advance(taken: int) -> int:
+                nonlocal z, fz, r
+                if plain:
+                    z, fz, r = picard_step(fmap, fz)
+                else:
+                    z, r = damped_step(residual, z, r, self.damping)
+                mon.record(z, r)
+                return 1
+
+        mon.iterate(self.max_steps, advance)
         return mon.finish()
 
 
