@@ -26,7 +26,7 @@ from .._info import SolveInfo
 from .._problem import Problem
 from ._base import ForwardBookkeeping, ForwardSolver, _norm
 
-__all__ = ["WindowMonitor", "judge_window", "chunk_advance"]
+__all__ = ["WindowMonitor", "judge_window", "ChunkAdvance"]
 
 
 def judge_window(
@@ -301,12 +301,9 @@ class WindowMonitor(ForwardBookkeeping):
         return self._best(self._all_done)
 
 
-def chunk_advance(
-    mon: WindowMonitor, graphs: ChunkGraphs, max_steps: int,
-    chunk_of: Callable[[int, int], tuple[Hashable, Chunk, bool]], state: tuple[Tensor, ...],
-) -> Callable[[int], int]:
+class ChunkAdvance:
     """The ``advance`` of :meth:`~ForwardBookkeeping.iterate` that runs a chunk of
-    ``check_every`` steps (``cuda_graph=True``).
+    ``check_every`` steps (``cuda_graph=True``) and hands its window to the monitor.
 
     The loop checks where the step-by-step loop checks; the last chunk is shorter when
     ``max_steps`` is not a multiple of ``check_every``.
@@ -320,17 +317,26 @@ def chunk_advance(
         state: the loop's initial state; its last two entries are the window buffers ``Z``
             and ``R`` ``(B, W, n)``, where a chunk of ``w`` steps writes its iterates and
             residuals into the first ``w`` columns.
-
-    Returns:
-        ``advance(taken) -> w``: runs the next chunk and hands its window to the monitor.
     """
 
-    def advance(taken: int) -> int:
-        nonlocal state
-        w = min(mon.check_every, max_steps - taken)
-        key, chunk, graph = chunk_of(w, taken)
-        state = graphs.run(key, chunk, state, graph=graph)
-        mon.record_window(state[-2][:, :w], state[-1][:, :w])
+    def __init__(
+        self, mon: WindowMonitor, graphs: ChunkGraphs, max_steps: int,
+        chunk_of: Callable[[int, int], tuple[Hashable, Chunk, bool]], state: tuple[Tensor, ...],
+    ) -> None:
+        self.mon, self.graphs, self.max_steps, self.chunk_of = mon, graphs, max_steps, chunk_of
+        self.state = state
+        self.w = 0
+
+    def __call__(self, taken: int) -> int:
+        """Run the chunk that follows ``taken`` steps; returns its length."""
+        w = self.w = min(self.mon.check_every, self.max_steps - taken)
+        key, chunk, graph = self.chunk_of(w, taken)
+        self.state = self.graphs.run(key, chunk, self.state, graph=graph)
+        self.mon.record_window(self.state[-2][:, :w], self.state[-1][:, :w])
         return w
 
-    return advance
+    @property
+    def latest(self) -> tuple[Tensor, Tensor]:
+        """The last chunk's last iterate and residual ``(B, n)``: views of the window
+        buffers, valid until the next chunk."""
+        return self.state[-2][:, self.w - 1], self.state[-1][:, self.w - 1]

@@ -43,9 +43,9 @@ from ..linear._base import LinearSolver
 from ..linear.combinators import NeumannThenGMRES
 from ..linear.gmres import GMRES
 from ._base import ForwardSolver
-from ._window import WindowMonitor, _norm
+from ._window import ChunkAdvance, WindowMonitor, _norm
 from .anderson import _ListHistory
-from .picard import damped_step, map_and_residual, picard_chunk, picard_step
+from .picard import damped_step, map_and_residual, picard_chunks, picard_step
 
 __all__ = ["Adaptive"]
 
@@ -156,7 +156,8 @@ class Adaptive(ForwardSolver):
             state: tuple[Tensor, ...] = (
                 (fz, Z, torch.empty_like(Z)) if plain else (z, r, Z, torch.empty_like(Z))
             )
-            step = fmap if plain else residual
+            chunk_of = picard_chunks(fmap if plain else residual, plain, 1.0, mon.check_every)
+            chunks = ChunkAdvance(mon, graphs, self.max_steps, chunk_of, state)
         taken = 0
         while taken < self.max_steps:
             # At a check while plain iteration runs, the contraction test rides on the check's
@@ -208,13 +209,9 @@ class Adaptive(ForwardSolver):
                     ref_res, ref_k = _norm(r).unsqueeze(-1).clamp_min(tiny), k
                 trial = None
             if switched_at is None and graphs is not None:
-                w = min(mon.check_every, self.max_steps - taken)
-                chunk = picard_chunk(step, plain, 1.0, w)
-                state = graphs.run(w, chunk, state, graph=w == mon.check_every)
-                Zw, Rw = state[-2][:, :w], state[-1][:, :w]
+                w = chunks(taken)
                 # views of the window buffers: read at the next check, before the next chunk
-                z, r = Zw[:, -1], Rw[:, -1]
-                mon.record_window(Zw, Rw)
+                z, r = chunks.latest
                 k += w
                 taken += w
                 continue

@@ -14,7 +14,7 @@ from .._cuda_graph import Chunk, ChunkGraphs, graph_runner
 from .._info import SolveInfo
 from .._problem import FixedPointProblem, Problem, RootProblem
 from ._base import ForwardSolver
-from ._window import WindowMonitor, chunk_advance
+from ._window import ChunkAdvance, WindowMonitor
 
 __all__ = ["Anderson", "anderson_step"]
 
@@ -173,7 +173,7 @@ class Anderson(ForwardSolver):
             return w, full(w), w == mon.check_every
 
         Z = z.new_empty(z.shape[0], mon.check_every, z.shape[1])
-        return chunk_advance(mon, graphs, self.max_steps, chunk_of, (z, r, Z, torch.empty_like(Z)))
+        return ChunkAdvance(mon, graphs, self.max_steps, chunk_of, (z, r, Z, torch.empty_like(Z)))
 
 
 class _ListHistory:

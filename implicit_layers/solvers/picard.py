@@ -13,9 +13,9 @@ from .._cuda_graph import Chunk, graph_runner
 from .._info import SolveInfo
 from .._problem import Problem
 from ._base import ForwardSolver
-from ._window import WindowMonitor, chunk_advance
+from ._window import ChunkAdvance, WindowMonitor
 
-__all__ = ["Picard", "picard_step", "damped_step", "picard_chunk", "map_and_residual"]
+__all__ = ["Picard", "picard_step", "damped_step", "picard_chunk", "picard_chunks", "map_and_residual"]
 
 
 class Picard(ForwardSolver):
@@ -85,11 +85,8 @@ class Picard(ForwardSolver):
             step = fmap if plain else residual
             Z = z.new_empty(z.shape[0], mon.check_every, z.shape[1])
             state = (fz, Z, torch.empty_like(Z)) if plain else (z, r, Z, torch.empty_like(Z))
-
-            def chunk_of(w: int, taken: int) -> tuple[int, Chunk, bool]:
-                return w, picard_chunk(step, plain, self.damping, w), w == mon.check_every
-
-            advance = chunk_advance(mon, graphs, self.max_steps, chunk_of, state)
+            chunk_of = picard_chunks(step, plain, self.damping, mon.check_every)
+            advance = ChunkAdvance(mon, graphs, self.max_steps, chunk_of, state)
         else:
             def advance(taken: int) -> int:
                 nonlocal z, fz, r
@@ -123,6 +120,19 @@ def damped_step(
     """One damped step ``z' = z - damping · r`` and its residual, both ``(B, n)``."""
     z = z - r if damping == 1.0 else torch.add(z, r, alpha=-damping)
     return z, residual(z)
+
+
+def picard_chunks(
+    step: Callable[[Tensor], Tensor], plain: bool, damping: float, check_every: int
+) -> Callable[[int, int], tuple[int, Chunk, bool]]:
+    """The ``chunk_of`` of :class:`~implicit_layers.solvers._window.ChunkAdvance` for Picard
+    steps (see :func:`picard_chunk`): chunks keyed by their length, recorded as graphs when
+    they are ``check_every`` steps long."""
+
+    def chunk_of(w: int, taken: int) -> tuple[int, Chunk, bool]:
+        return w, picard_chunk(step, plain, damping, w), w == check_every
+
+    return chunk_of
 
 
 def picard_chunk(
