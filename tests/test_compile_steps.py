@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from implicit_layers.linear.cg import cg_step
-from implicit_layers.linear.gmres import _LeanCycles, arnoldi_step
+from implicit_layers.linear.gmres import _InPlaceCycles, arnoldi_step
 from implicit_layers.linear.neumann import neumann_step
 from implicit_layers.solvers.anderson import anderson_step
 from implicit_layers.solvers.picard import damped_step, picard_step
@@ -154,7 +154,7 @@ def test_arnoldi_step_compiles():
     beta = torch.linalg.vector_norm(b, dim=-1)
 
     def run(fn):
-        cyc = _LeanCycles(b, 5, mv)
+        cyc = _InPlaceCycles(b, 5, mv)
         cyc.rows3[0].copy_((b / beta.unsqueeze(-1)).unsqueeze(1))
         cyc.omega.copy_(cyc.eye)
         beta3 = beta.view(B, 1, 1)

@@ -173,7 +173,7 @@ class _InPlaceSteps:
         return self.x, loop.info(rs.sqrt(), watch=rs)
 
 
-# Steps between two counts of the per-sample step flags in CG's lean loop.
+# Steps between two counts of the per-sample step flags in CG's in-place steps.
 _COUNT_EVERY = 16
 
 

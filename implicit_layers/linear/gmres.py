@@ -94,7 +94,7 @@ class GMRES(LinearSolver):
         # Without autograd the buffers are written in place; with it, each step builds new
         # tensors. One cycle loop (_Cycles) serves both: only the Arnoldi step differs.
         cycles = (
-            _LeanCycles(b, m_max, op.mv, graphs) if not torch.is_grad_enabled()
+            _InPlaceCycles(b, m_max, op.mv, graphs) if not torch.is_grad_enabled()
             else _RecordedCycles(b, m_max, op.mv)
         )
         return run_in_rounds(self, op, b, x0, cycles)
@@ -195,7 +195,7 @@ class _Cycles:
         return state, j
 
 
-class _LeanCycles(_Cycles):
+class _InPlaceCycles(_Cycles):
     """GMRES cycles without autograd: the basis, the rotations and the triangular factor live
     in buffers allocated once per solve and written in place, through views made once, so
     that an Arnoldi step (:func:`arnoldi_step`) is about 34 ops besides the product and
