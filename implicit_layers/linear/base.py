@@ -12,6 +12,8 @@ Names:
     LinearSolver: the base class (settings, ``solve``, structure checks, failure reporting).
     LinearOperator, MatrixOperator, FunctionOperator: operators on ``(B, n)`` vectors.
     LinearLoop: the shared loop bookkeeping; ``check_done`` its one synchronisation.
+    Bookkeeping: the base LinearLoop shares with the forward solvers' monitors (the solver's
+        name, the check schedule, the result).
     run_in_rounds: the outer loop of solvers that track their residual by a recurrence.
     initial_residual: ``x0`` and ``b - A x0`` as fresh tensors.
     batched_dot: per-sample dot products.
@@ -24,7 +26,7 @@ Names:
 from .._config import Settings, SolverSettings
 from .._info import OnFailure, SolveInfo
 from ._base import LinearSolver, batched_dot, initial_residual, symmetry_gap
-from ._loop import LinearLoop, check_done
+from ._loop import Bookkeeping, LinearLoop, check_done
 from ._operator import FunctionOperator, LinearOperator, MatrixOperator
 from ._power import power_iteration
 from ._restart import Inner, run_in_rounds
@@ -35,6 +37,7 @@ __all__ = [
     "MatrixOperator",
     "FunctionOperator",
     "LinearLoop",
+    "Bookkeeping",
     "check_done",
     "run_in_rounds",
     "Inner",

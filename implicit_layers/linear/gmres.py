@@ -256,10 +256,17 @@ class _InPlaceCycles(_Cycles):
 
 
 class _RecordedCycles(_Cycles):
-    """GMRES cycles that autograd may record: buffers of the cycle's size allocated per cycle,
-    written by indexed assignment (never a tensor a recorded op saved), and out-of-place
-    updates of the per-sample state, whose residual estimates and tolerances are absolute,
-    all ``(B,)``."""
+    """GMRES cycles under autograd: buffers of the cycle's size allocated per cycle and
+    out-of-place updates of the per-sample state, whose residual estimates and tolerances are
+    absolute, all ``(B,)``.
+
+    The step is the Arnoldi step of :func:`arnoldi_step` written without its in-place
+    writes: that one overwrites the rotations it has just multiplied (``pair``), which a
+    recorded product must keep intact. The indexed assignments into ``V``, ``omega`` and
+    ``R`` below still modify tensors that earlier steps saved, so the forward values are
+    right but a backward through the iterations fails on autograd's version check (as it
+    always did); differentiable solves go through the implicit layers, whose linear solves
+    run without autograd."""
 
     def _start(
         self, m: int, r: Tensor, beta: Tensor, started: Tensor, loop: LinearLoop

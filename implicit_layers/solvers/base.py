@@ -13,7 +13,9 @@ Names:
     ForwardSolver: the base class (settings, ``solve``, failure reporting).
     Monitor: per-sample tolerance, done flags, step counts and the best iterate.
     WindowMonitor: the same bookkeeping done only at the convergence checks (no ops between
-        them), for solvers that step every sample of the batch without masks.
+        them), for solvers that step every sample of the batch without masks. Both share
+        their tolerance rule, best iterate, verdict and loop (``iterate``) with each other,
+        and the check schedule with the linear solvers' ``LinearLoop``.
     Problem: the problem as a solver sees it, the base of the kinds; ``Kind`` the literal of
         the kind names.
     FixedPointProblem, RootProblem, MinimiseProblem: the kinds (each owns its residual,
