@@ -44,7 +44,7 @@ def _solve(name, mode):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_recorded_and_in_place_variants_take_the_same_steps(name):
-    modes = ["in place", "grad mode"] + ([] if name == "GMRES" else ["recorded"])
+    modes = ["in place", "grad mode", "recorded"]
     runs = {m: _solve(name, m) for m in modes}
     A, b, x_ref, info_ref = runs["in place"]
     assert int(info_ref.steps[0]) < int(info_ref.steps[1:].min())
@@ -58,13 +58,30 @@ def test_recorded_and_in_place_variants_take_the_same_steps(name):
         assert torch.equal(runs["recorded"][2].detach(), x_ref)
 
 
-@pytest.mark.parametrize("name", ["CG", "Neumann"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_gradient_through_the_recorded_loop_matches_the_dense_solve(name):
     A, b, x, _ = _solve(name, "recorded")
     g = torch.linspace(-1.0, 1.0, N, dtype=torch.float64).expand(B, N)
     (grad,) = torch.autograd.grad((x * g).sum(), b)
     # d(gᵀ A⁻¹ b)/db = A⁻ᵀ g
     torch.testing.assert_close(grad, torch.linalg.solve(A.mT, g), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("restart", [20, 3])
+def test_gmres_differentiates_through_its_iterations_in_the_matrix_too(restart):
+    # il.linear.solve's default solver for a general matrix: a backward through the recorded
+    # cycles (restarted or not) reaches A and b, as the dense solve's does
+    gen = torch.Generator().manual_seed(7)
+    A = (3 * torch.eye(6, dtype=torch.float64)
+         + 0.5 * torch.randn(6, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(B, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    x, info = il.linear.solve(A, b, il.linear.GMRES(restart, rtol=1e-13, max_steps=200))
+    assert bool(info.converged.all())
+    g = torch.randn(B, 6, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(x, (A, b), g)
+    ref = torch.autograd.grad(torch.linalg.solve(A, b.mT).mT, (A, b), g)
+    for got, want in zip(grads, ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
 
 
 def _picard_iterates(steps):

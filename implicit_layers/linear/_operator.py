@@ -147,8 +147,9 @@ class MatrixOperator(LinearOperator):
         self.dtype = matrix.dtype
         self.device = matrix.device
         if symmetric is None:
-            tol = 100 * torch.finfo(matrix.dtype).eps * float(matrix.abs().max().clamp_min(1e-30))
-            symmetric = bool(((matrix - matrix.mT).abs() <= tol).all())
+            m = matrix.detach()  # a structure test: nothing to record
+            tol = 100 * torch.finfo(m.dtype).eps * float(m.abs().max().clamp_min(1e-30))
+            symmetric = bool(((m - m.mT).abs() <= tol).all())
         self.symmetric = symmetric
         self.positive_definite = positive_definite
 

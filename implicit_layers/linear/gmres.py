@@ -262,11 +262,10 @@ class _RecordedCycles(_Cycles):
 
     The step is the Arnoldi step of :func:`arnoldi_step` written without its in-place
     writes: that one overwrites the rotations it has just multiplied (``pair``), which a
-    recorded product must keep intact. The indexed assignments into ``V``, ``omega`` and
-    ``R`` below still modify tensors that earlier steps saved, so the forward values are
-    right but a backward through the iterations fails on autograd's version check (as it
-    always did); differentiable solves go through the implicit layers, whose linear solves
-    run without autograd."""
+    recorded product must keep intact. For the same reason, when autograd records the step
+    (the product or the basis requires grad), the new basis vector and rotation go into
+    copies of ``V`` and ``omega``: the products of earlier steps saved views of the old ones.
+    ``R`` is read only by the back-substitution after the cycle, so it is written in place."""
 
     def _start(
         self, m: int, r: Tensor, beta: Tensor, started: Tensor, loop: LinearLoop
@@ -286,6 +285,7 @@ class _RecordedCycles(_Cycles):
         V, omega, R, eps, zero, one = self.V, self.omega, self.R, self.eps, self.zero, self.one
         batch = V.shape[0]
         w = self.mv(V[:, j])
+        recording = w.requires_grad or V.requires_grad
         basis = V[:, : j + 1]
         # Classical Gram-Schmidt, twice. Row-vector products (B, 1, n) x (B, n, j+1):
         # 4-6x faster on the CPU than the column form (B, j+1, n) x (B, n, 1).
@@ -299,6 +299,8 @@ class _RecordedCycles(_Cycles):
         # Happy breakdown: the Krylov space is invariant, the solution lies in it.
         breakdown = hnorm <= eps * colnorm
         hnorm = torch.where(breakdown, zero, hnorm)
+        if recording:
+            V = self.V = V.clone()
         V[:, j + 1] = w * torch.where(breakdown, zero, hnorm.reciprocal()).unsqueeze(-1)
         # Apply the previous rotations to the new column, then a new one to zero h_{j+1,j}.
         # Samples that are done keep rotating harmlessly: only their first `used` rows and
@@ -309,8 +311,14 @@ class _RecordedCycles(_Cycles):
         cs = torch.where(d > 0, t[:, j] * inv_d, one)
         sn = hnorm * inv_d
         rot = torch.stack([cs, sn, -sn, cs], dim=-1).view(batch, 2, 2)
-        omega[:, j : j + 2, : j + 2] = torch.bmm(rot, omega[:, j : j + 2, : j + 2])
-        t[:, j] = d
+        rotated = torch.bmm(rot, omega[:, j : j + 2, : j + 2])
+        if recording:
+            omega = self.omega = omega.clone()
+            # hypot saved t[:, j]: the rotated column is a new tensor, not t overwritten
+            t = torch.cat((t[:, :j], d.unsqueeze(-1)), dim=-1)
+        else:
+            t[:, j] = d
+        omega[:, j : j + 2, : j + 2] = rotated
         R[:, : j + 1, j] = t
         new_res = self.beta * omega[:, j + 1, 0].abs()
         # d ~ 0: the new column is in the span of the previous ones (singular operator); the
