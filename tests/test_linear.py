@@ -541,3 +541,18 @@ def test_implicit_takes_only_the_linear_solver_positionally():
         il.backward.Implicit(il.linear.GMRES(), il.backward.Phantom())  # type: ignore[misc]
     mode = il.backward.Implicit(il.linear.GMRES(), fallback=il.backward.Phantom())
     assert mode.fallback == il.backward.Phantom()
+
+
+@pytest.mark.parametrize("vmapped", ["b", "A"])
+def test_solve_under_vmap_names_the_batch_form_to_use(vmapped):
+    A = 2 * torch.eye(3, dtype=torch.float64)
+    bs = torch.ones(4, 3, dtype=torch.float64)
+    if vmapped == "b":
+        fn, arg = (lambda b: il.linear.solve(A, b)[0]), bs
+    else:
+        fn, arg = (lambda M: il.linear.solve(M, bs[0])[0]), A.expand(4, 3, 3)
+    with pytest.raises(TypeError, match=rf"torch.func.vmap \({vmapped} is vmapped\).*b of shape \(B, n\)"):
+        torch.func.vmap(fn)(arg)
+    # the batch form it names gives each system's solution
+    x, _ = il.linear.solve(A.expand(4, 3, 3), bs)
+    torch.testing.assert_close(x, bs / 2)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from .._config import check_float_tensor
@@ -60,7 +61,8 @@ def solve(
 
     Raises:
         TypeError: if ``A``, ``b``, ``x0``, ``solver`` or ``batched`` has the wrong type
-            (``b`` and ``x0`` must be floating-point tensors).
+            (``b`` and ``x0`` must be floating-point tensors), or if the call runs under
+            ``torch.func.vmap`` (pass the systems as a batch instead).
         ValueError: if the shapes of ``A``, ``b`` and ``x0`` do not fit together (the message
             gives them), a callable ``A`` returns a tensor of another shape, or the solver
             needs a structure ``A`` is tagged as lacking.
@@ -91,6 +93,7 @@ def solve(
         (True, torch.Size([5]))
     """
     check_float_tensor(b, "b")
+    _refuse_vmap(A, b, x0)
     if batched is not None and not isinstance(batched, bool):
         raise TypeError(f"batched must be True, False or None, got {batched!r}.")
     if isinstance(A, LinearOperator) and (symmetric is not None or positive_definite is not None):
@@ -193,3 +196,17 @@ def _callable_operator(
         symmetric=symmetric, positive_definite=positive_definite,
     )
     return op, bb, not batched
+
+
+def _refuse_vmap(A: object, b: Tensor, x0: Tensor | None) -> None:
+    """A clear error under ``torch.func.vmap``, whose batched tensors cannot drive a loop that
+    stops on data (the solvers read their residuals on the host)."""
+    matrix = getattr(A, "matrix", A)
+    for name, t in (("b", b), ("x0", x0), ("A", matrix)):
+        if isinstance(t, Tensor) and torch._C._functorch.is_batchedtensor(t):
+            raise TypeError(
+                f"il.linear.solve does not run under torch.func.vmap ({name} is vmapped): "
+                "its solvers stop on data. Pass the systems as one batch instead: b of shape "
+                "(B, n) with A (n, n) or (B, n, n), or a callable A with batched=True; each "
+                "system is solved to its own tolerance."
+            )
