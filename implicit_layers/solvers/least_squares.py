@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from typing_extensions import Unpack
 
+from .._capture import transforms_active
 from .._config import SolverKeywords, check_positive_int
 from .._info import SolveInfo
 from .._least_squares import LeastSquaresProblem
@@ -21,35 +22,118 @@ __all__ = ["GaussNewton", "LevenbergMarquardt"]
 
 
 class _Linearised:
-    """``r`` and products with its Jacobian ``J`` (``(B, m, n)`` per batch) at a point ``z``.
+    """``r`` at a point ``z`` (``(B, n)``) and products with its Jacobian ``J`` (``(B, m, n)``).
 
-    Products come from ``torch.func.jvp`` / ``vjp`` (samples are independent, so one product
-    with a ``(B, n)`` tangent gives every sample's); the matrix is formed only on request,
-    from ``n`` JVPs.
+    Samples are independent, so one product with a ``(B, n)`` tangent gives every sample's.
+    Outside ``torch.func`` transforms and ``inference_mode`` the products come from reverse
+    mode on one recorded evaluation of ``r``: ``Jᵀu`` is its backward, and ``Jv`` the backward
+    of the linear map ``u ↦ Jᵀu`` (recorded once, with ``create_graph``). Forward-mode
+    products (``torch.func.jvp``) cost several times more in eager PyTorch, where each
+    operation mixing a dual and a plain tensor runs a Python decomposition; they remain the
+    route under transforms, where autograd cannot record.
+
+    The dense Jacobian (``dense=True``), wanted only once a point is accepted, is formed on
+    first use from ``min(m, n)`` products and kept transposed (``(B, n, m)``, contiguous), which
+    makes ``JᵀJ`` a faster batched product.
     """
 
     def __init__(self, residuals: Callable[[Tensor], Tensor], z: Tensor, dense: bool) -> None:
         self.residuals = residuals
         self.z = z
-        self.J: Tensor | None = None
-        if dense:
-            # n JVPs at once; Jᵀu is then a matrix product, no VJP graph needed.
-            B, n = z.shape
-            basis = torch.eye(n, dtype=z.dtype, device=z.device).unsqueeze(1).expand(n, B, n)
+        self.dense = dense
+        self._jt: Tensor | None = None
+        self._u: Tensor | None = None
+        self._jtu: Tensor | None = None
+        self._normal: Tensor | None = None
+        self.recorded = not (torch.is_inference_mode_enabled() or transforms_active())
+        if self.recorded:
+            with torch.enable_grad():
+                self._zz = z.detach().requires_grad_(True)
+                out = residuals(self._zz)
+            self._out = out
+            self.r = out.detach()
+        elif dense:
             self.r = residuals(z)
-            self.J = torch.func.vmap(self.jv)(basis).permute(1, 2, 0)  # (B, m, n)
         else:
             result = torch.func.vjp(residuals, z)
             self.r, self._vjp = result[0], result[1]
 
-    def jv(self, v: Tensor) -> Tensor:
-        return torch.func.jvp(self.residuals, (self.z,), (v,))[1]
+    def _grad(self, out: Tensor, wrt: Tensor, cotangent: Tensor, create_graph: bool = False) -> Tensor:
+        """``∂(out · cotangent)/∂wrt``, zero where ``out`` does not depend on ``wrt``."""
+        if not out.requires_grad:
+            return torch.zeros_like(wrt)
+        (g,) = torch.autograd.grad(out, wrt, cotangent, retain_graph=True, create_graph=create_graph,
+                                   allow_unused=True, materialize_grads=True)
+        return g
 
     def jtv(self, u: Tensor) -> Tensor:
-        if self.J is not None:
-            return (self.J.mT @ u.unsqueeze(-1)).squeeze(-1)
+        """``Jᵀu``, ``(B, n)`` for ``u`` of shape ``(B, m)``."""
+        if self._jt is not None:
+            return (self._jt @ u.unsqueeze(-1)).squeeze(-1)
+        if self.recorded:
+            return self._grad(self._out, self._zz, u)
         return self._vjp(u)[0]
 
+    def jv(self, v: Tensor) -> Tensor:
+        """``Jv``, ``(B, m)`` for ``v`` of shape ``(B, n)``."""
+        if not self.recorded:
+            return torch.func.jvp(self.residuals, (self.z,), (v,))[1]
+        if self._jtu is None:
+            with torch.enable_grad():
+                self._u = torch.zeros_like(self.r, requires_grad=True)
+                self._jtu = self._grad(self._out, self._zz, self._u, create_graph=True)
+        assert self._u is not None
+        return self._grad(self._jtu, self._u, v)
+
+    @property
+    def jt(self) -> Tensor:
+        """``Jᵀ`` of every sample, ``(B, n, m)`` (``dense`` linearisations only)."""
+        if self._jt is None:
+            B, n = self.z.shape
+            m = self.r.shape[-1]
+            if not self.recorded:
+                basis = torch.eye(n, dtype=self.z.dtype, device=self.z.device).unsqueeze(1).expand(n, B, n)
+                self._jt = torch.func.vmap(self.jv)(basis).permute(1, 0, 2).contiguous()
+            elif m <= n:  # rows of J, one backward each
+                eye = torch.eye(m, dtype=self.r.dtype, device=self.r.device)
+                self._jt = torch.stack([self.jtv(eye[i].expand(B, m)) for i in range(m)], -1)
+            else:  # columns of J
+                eye = torch.eye(n, dtype=self.z.dtype, device=self.z.device)
+                self._jt = torch.stack([self.jv(eye[j].expand(B, n)) for j in range(n)], -2)
+            self.release()
+        return self._jt
+
+    def release(self) -> None:
+        """Drop the recorded graphs (the dense Jacobian, once formed, answers every product)."""
+        self._out = self._zz = self._u = self._jtu = None  # type: ignore[assignment]
+
+    @property
+    def normal(self) -> Tensor:
+        """``JᵀJ`` of every sample, ``(B, n, n)``, formed once (dense linearisations only)."""
+        if self._normal is None:
+            self._normal = self.jt @ self.jt.mT
+        return self._normal
+
+    def select(self, other: _Linearised, take: Tensor) -> _Linearised:
+        """``other`` where ``take`` (bool ``(B,)``), this linearisation elsewhere: the state after
+        a step that some samples accept. Without forming ``other``'s Jacobian when no sample
+        takes it, nor a new one when every sample does (the checks synchronise, which only the
+        CPU does at no cost; elsewhere the masked merge runs unconditionally)."""
+        if self.z.device.type == "cpu":
+            if not bool(take.any()):
+                return self
+            if bool(take.all()):
+                return other
+        if not self.dense:  # products need one point: linearise again at the merged one
+            return _Linearised(self.residuals, torch.where(take.unsqueeze(-1), other.z, self.z), False)
+        merged = object.__new__(_Linearised)
+        merged.residuals, merged.dense, merged.recorded = self.residuals, True, False
+        keep = take.unsqueeze(-1)
+        merged.z = torch.where(keep, other.z, self.z)
+        merged.r = torch.where(keep, other.r, self.r)
+        merged._jt = torch.where(keep.unsqueeze(-1), other.jt, self.jt)
+        merged._normal = None
+        return merged
 
 def _decrease(r: Tensor, r_new: Tensor) -> Tensor:
     """``½‖r‖² - ½‖r_new‖²`` per sample, as ``½ Σ (r - r_new)(r + r_new)``: without the
@@ -92,16 +176,23 @@ class _NormalEquations(ForwardSolver):
             None if cg_max_steps is None else check_positive_int(cg_max_steps, "cg_max_steps")
         )
 
-    def _direction(self, lin: _Linearised, g: Tensor, mu: Tensor) -> Tensor:
-        """``δ`` solving ``(JᵀJ + μ I) δ = -g`` per sample (``mu`` of shape ``(B, 1)``)."""
+    def _direction(self, lin: _Linearised, g: Tensor, mu: Tensor | None) -> Tensor:
+        """``δ`` solving ``(JᵀJ + μ I) δ = -g`` per sample (``mu`` of shape ``(B, 1)``; ``None``
+        for Gauss-Newton's undamped ``JᵀJ δ = -g``, least norm where it is singular)."""
         B, n = g.shape
-        if lin.J is not None:
-            J = lin.J
-            A = J.mT @ J + mu.unsqueeze(-1) * torch.eye(n, dtype=g.dtype, device=g.device)
-            # lstsq, not a Cholesky: Gauss-Newton's JᵀJ may be singular (μ = 0).
-            return torch.linalg.lstsq(A, -g.unsqueeze(-1)).solution.squeeze(-1)
+        if lin.dense:
+            if mu is None:
+                return torch.linalg.lstsq(lin.normal, -g.unsqueeze(-1)).solution.squeeze(-1)
+            eye = torch.eye(n, dtype=g.dtype, device=g.device)
+            # μ > 0 makes the matrix positive definite: a Cholesky factorisation, several
+            # times cheaper than lstsq on a batch of small matrices. Where rounding defeats it
+            # (info > 0) the step is nil, which the gain-ratio test refuses, raising μ.
+            L, info = torch.linalg.cholesky_ex(lin.normal + mu.unsqueeze(-1) * eye)
+            delta = torch.cholesky_solve(-g.unsqueeze(-1), L).squeeze(-1)
+            return torch.where((info == 0).unsqueeze(-1), delta, torch.zeros_like(delta))
+        damp = torch.zeros_like(g[:, :1]) if mu is None else mu
         op = FunctionOperator(
-            lambda v: lin.jtv(lin.jv(v)) + mu * v, B, n, g.dtype, g.device,
+            lambda v: lin.jtv(lin.jv(v)) + damp * v, B, n, g.dtype, g.device,
             symmetric=True, positive_definite=True,
         )
         cg = CG(rtol=1e-2 * self.resolved_rtol(g.dtype) ** 0.5, max_steps=self.cg_max_steps or 2 * n,
@@ -161,34 +252,33 @@ class LevenbergMarquardt(_NormalEquations):
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
         residuals, lin, g = self._start(problem, z0)
-        z = z0
-        mon = Monitor(self, problem, z, g)
-        if lin.J is not None:
-            diag = lin.J.square().sum(-2).amax(-1, keepdim=True)
+        mon = Monitor(self, problem, z0, g)
+        if lin.dense:
+            diag = torch.diagonal(lin.normal, dim1=-2, dim2=-1).amax(-1, keepdim=True)
         else:
             diag = g.abs().amax(-1, keepdim=True)  # a scale without forming JᵀJ
-        mu = self.damping * diag.clamp_min(torch.finfo(z.dtype).tiny)
+        mu = self.damping * diag.clamp_min(torch.finfo(z0.dtype).tiny)
         # Refused steps at rounding level grow μ without bound; past this the step is nil.
-        mu_max = mu / (self.damping * torch.finfo(z.dtype).eps ** 2)
+        mu_max = mu / (self.damping * torch.finfo(z0.dtype).eps ** 2)
         nu = torch.full_like(mu, 2.0)
         for _ in range(self.max_steps):
             if mon.stop():
                 break
             active = mon.active.unsqueeze(-1)
             delta = self._direction(lin, g, mu)
-            trial = z + delta
-            r_trial = residuals(trial)
+            # The residual at the trial point, recorded: its Jacobian is formed only if a
+            # sample accepts the step (a refused step changes only μ, and keeps J).
+            trial = _Linearised(residuals, lin.z + delta, lin.dense)
             predicted = 0.5 * (delta * (mu * delta - g)).sum(-1)
-            rho = _decrease(lin.r, r_trial) / predicted.clamp_min(torch.finfo(z.dtype).tiny)
+            rho = _decrease(lin.r, trial.r) / predicted.clamp_min(torch.finfo(z0.dtype).tiny)
             accept = ((rho > 0) | (predicted < _noise(lin.r))) & active.squeeze(-1)
             acc = accept.unsqueeze(-1)
             scale = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3).unsqueeze(-1)
             mu = torch.where(acc, mu * scale, torch.where(active, mu * nu, mu)).minimum(mu_max)
             nu = torch.where(acc, torch.full_like(nu, 2.0), torch.where(active, nu * 2, nu))
-            z = torch.where(acc, trial, z)
-            lin = _Linearised(residuals, z, self._dense(z))
+            lin = lin.select(trial, accept)
             g = lin.jtv(lin.r)
-            mon.record(z, g, mon.active)
+            mon.record(lin.z, g, mon.active)
         return mon.finish()
 
 
@@ -224,12 +314,11 @@ class GaussNewton(_NormalEquations):
         residuals, lin, g = self._start(problem, z0)
         z = z0
         mon = Monitor(self, problem, z, g)
-        zero = torch.zeros(z.shape[0], 1, dtype=z.dtype, device=z.device)
         for _ in range(self.max_steps):
             if mon.stop():
                 break
             active = mon.active
-            delta = self._direction(lin, g, zero)
+            delta = self._direction(lin, g, None)
             slope = (delta * g).sum(-1)
             alpha = torch.ones_like(slope)
             pending = active.clone()
