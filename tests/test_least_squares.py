@@ -141,3 +141,70 @@ def test_gauss_newton_backward_exact_only_at_zero_residual() -> None:
         assert close == exact
     with pytest.raises(ValueError, match="GaussNewtonImplicit differentiates least-squares"):
         il.argmin(lambda w: w.square().sum(), torch.ones(2, dtype=D, requires_grad=True) * 1, backward=gn)
+
+
+def _underdetermined(w: torch.Tensor) -> torch.Tensor:
+    # Fewer residuals (2) than unknowns (3) per sample: the Jacobian comes by rows.
+    return torch.stack([w[..., 0] ** 2 + w[..., 1] - 1, w[..., 1] * w[..., 2] - 0.5], -1)
+
+
+@pytest.mark.parametrize("residual", ["overdetermined", "underdetermined"])
+@pytest.mark.parametrize("route", ["recorded", "inference_mode"])
+def test_jacobian_products_match_jacrev(residual: str, route: str) -> None:
+    from implicit_layers.solvers.least_squares import _Linearised
+
+    Y = _data(4, (3,))
+    fn = (lambda w: _model(w, T) - Y) if residual == "overdetermined" else _underdetermined
+    z = torch.tensor([[1.0, 0.5, 0.2], [2.0, 1.5, -0.3], [0.5, 2.0, 1.0]], dtype=D)
+    # Per-sample Jacobians by reverse mode, sample by sample: (B, m, n).
+    J = torch.stack([torch.func.jacrev(lambda w, i=i: fn(w.unsqueeze(0).expand(3, 3))[i])(z[i])
+                     for i in range(3)])
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(3, J.shape[1], dtype=D, generator=gen)
+    v = torch.randn(3, 3, dtype=D, generator=gen)
+    with torch.inference_mode(route == "inference_mode"):
+        products = _Linearised(fn, z, dense=False)
+        dense = _Linearised(fn, z, dense=True)
+        assert products.recorded == dense.recorded == (route == "recorded")
+        torch.testing.assert_close(products.r, fn(z))
+        torch.testing.assert_close(products.jv(v), (J @ v.unsqueeze(-1)).squeeze(-1))
+        torch.testing.assert_close(products.jtv(u), (J.mT @ u.unsqueeze(-1)).squeeze(-1))
+        torch.testing.assert_close(dense.jt, J.mT)
+        torch.testing.assert_close(dense.normal, J.mT @ J)
+        torch.testing.assert_close(dense.jtv(u), (J.mT @ u.unsqueeze(-1)).squeeze(-1))
+
+
+@pytest.mark.parametrize("dense_max_size", [128, 0])
+def test_batched_equals_looped_in_every_mode(dense_max_size: int) -> None:
+    # From w0 = 1 some samples refuse their first steps while others accept: the batch merges
+    # accepted and refused samples. Each sample must follow its own solve.
+    Y = _data(5, (6,)) + torch.linspace(0.0, 1.5, 6, dtype=D).unsqueeze(-1) * torch.exp(-4 * T)
+    solver = il.solvers.LevenbergMarquardt(dense_max_size=dense_max_size)
+    W, info = il.least_squares(lambda w, Y: _model(w, T) - Y, torch.ones(6, 3, dtype=D), Y,
+                               batched=True, solver=solver, return_info=True)
+    assert bool(info.converged.all())
+    assert int(info.steps.max()) > int(info.steps.min())  # samples stop on their own
+    for i in range(6):
+        wi = il.least_squares(lambda w, y: _model(w, T) - y, torch.ones(3, dtype=D), Y[i], solver=solver)
+        torch.testing.assert_close(W[i], wi, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(W[i].numpy(), _scipy_fit(Y[i].numpy()), rtol=1e-8)
+    # inference_mode takes the torch.func products; vmap over the problems folds them into a
+    # batch solved under the transform: the same solutions.
+    with torch.inference_mode():
+        Wi = il.least_squares(lambda w, Y: _model(w, T) - Y, torch.ones(6, 3, dtype=D), Y,
+                              batched=True, solver=solver)
+    torch.testing.assert_close(Wi, W, rtol=1e-9, atol=1e-10)
+    Wv = torch.func.vmap(lambda y: il.least_squares(lambda w, y: _model(w, T) - y, torch.ones(3, dtype=D),
+                                                    y, solver=solver))(Y)
+    torch.testing.assert_close(Wv, W, rtol=1e-9, atol=1e-10)
+
+
+def test_fewer_residuals_than_unknowns() -> None:
+    # A zero-residual problem with a 2-dimensional set of solutions: the solve must reach one
+    # (r = 0, so the gradient Jᵀr vanishes), batched and unbatched alike.
+    w = il.least_squares(_underdetermined, torch.ones(3, dtype=D))
+    assert float(_underdetermined(w).abs().max()) < 1e-9
+    W = il.least_squares(_underdetermined, torch.tensor([[1.0, 1.0, 1.0], [0.5, -1.0, 2.0]], dtype=D),
+                         batched=True)
+    assert float(_underdetermined(W).abs().max()) < 1e-9
+    torch.testing.assert_close(W[0], w)

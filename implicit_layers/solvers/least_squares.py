@@ -68,8 +68,8 @@ class _Linearised:
 
     def jtv(self, u: Tensor) -> Tensor:
         """``Jᵀu``, ``(B, n)`` for ``u`` of shape ``(B, m)``."""
-        if self._jt is not None:
-            return (self._jt @ u.unsqueeze(-1)).squeeze(-1)
+        if self.dense:
+            return (self.jt @ u.unsqueeze(-1)).squeeze(-1)
         if self.recorded:
             return self._grad(self._out, self._zz, u)
         return self._vjp(u)[0]
@@ -96,7 +96,8 @@ class _Linearised:
                 self._jt = torch.func.vmap(self.jv)(basis).permute(1, 0, 2).contiguous()
             elif m <= n:  # rows of J, one backward each
                 eye = torch.eye(m, dtype=self.r.dtype, device=self.r.device)
-                self._jt = torch.stack([self.jtv(eye[i].expand(B, m)) for i in range(m)], -1)
+                self._jt = torch.stack([self._grad(self._out, self._zz, eye[i].expand(B, m))
+                                        for i in range(m)], -1)
             else:  # columns of J
                 eye = torch.eye(n, dtype=self.z.dtype, device=self.z.device)
                 self._jt = torch.stack([self.jv(eye[j].expand(B, n)) for j in range(n)], -2)
