@@ -152,6 +152,23 @@ def _noise(r: Tensor) -> Tensor:
     return 1e3 * torch.finfo(r.dtype).eps * 0.5 * r.square().sum(-1)
 
 
+def _gain_update(
+    r: Tensor, r_trial: Tensor, delta: Tensor, g: Tensor, mu: Tensor, nu: Tensor, mu_max: Tensor,
+    active: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Nielsen's update after a trial step ``delta`` (per-sample ``mu``, ``nu``, ``mu_max`` and
+    ``active`` of shape ``(B, 1)``): ``(accept, mu, nu)``, ``accept`` bool ``(B, 1)``. A step
+    is taken where the gain ratio ``ρ`` of actual to predicted decrease is positive, or where
+    the predicted decrease is below the rounding of ``r`` (see :func:`_noise`)."""
+    predicted = 0.5 * (delta * (mu * delta - g)).sum(-1, keepdim=True)
+    rho = _decrease(r, r_trial).unsqueeze(-1) / predicted.clamp_min(torch.finfo(r.dtype).tiny)
+    accept = ((rho > 0) | (predicted < _noise(r).unsqueeze(-1))) & active
+    scale = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3)
+    mu = torch.where(accept, mu * scale, torch.where(active, mu * nu, mu)).minimum(mu_max)
+    nu = torch.where(accept, torch.full_like(nu, 2.0), torch.where(active, nu * 2, nu))
+    return accept, mu, nu
+
+
 def _value_and_jt(residuals: Callable[[Tensor], Tensor], z: Tensor) -> tuple[Tensor, Tensor]:
     """``r(z)`` and ``Jᵀ`` (``(B, n, m)``) from ``n`` forward-mode products under one ``vmap``:
     the route of the compiled step, where the transforms are traced into the graph and cost
@@ -172,18 +189,12 @@ def _lm_step(
     per-sample update of ``z, r, Jᵀ, g, μ, ν``, without a synchronisation. ``active`` is
     ``(B, 1)``; the other per-sample scalars ``(B, 1)`` too."""
     n = z.shape[-1]
-    tiny = torch.finfo(z.dtype).tiny
     eye = torch.eye(n, dtype=z.dtype, device=z.device)
     L, info = torch.linalg.cholesky_ex(jt @ jt.mT + mu.unsqueeze(-1) * eye)
     delta = torch.cholesky_solve(-g.unsqueeze(-1), L).squeeze(-1)
     delta = torch.where((info == 0).unsqueeze(-1), delta, torch.zeros_like(delta))
     r_trial, jt_trial = _value_and_jt(residuals, z + delta)
-    predicted = 0.5 * (delta * (mu * delta - g)).sum(-1, keepdim=True)
-    rho = _decrease(r, r_trial).unsqueeze(-1) / predicted.clamp_min(tiny)
-    acc = ((rho > 0) | (predicted < _noise(r).unsqueeze(-1))) & active
-    scale = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3)
-    mu = torch.where(acc, mu * scale, torch.where(active, mu * nu, mu)).minimum(mu_max)
-    nu = torch.where(acc, torch.full_like(nu, 2.0), torch.where(active, nu * 2, nu))
+    acc, mu, nu = _gain_update(r, r_trial, delta, g, mu, nu, mu_max, active)
     z = torch.where(acc, z + delta, z)
     r = torch.where(acc, r_trial, r)
     # Contiguous, as the eager linearisation that starts the loop gives it: one layout, one
@@ -314,8 +325,6 @@ class LevenbergMarquardt(_NormalEquations):
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
         residuals, lin, g = self._start(problem, z0)
         mon = Monitor(self, problem, z0, g)
-        if self.compile and lin.dense and lin.recorded:
-            return self._solve_compiled(residuals, lin, g, mon)
         if lin.dense:
             diag = torch.diagonal(lin.normal, dim1=-2, dim2=-1).amax(-1, keepdim=True)
         else:
@@ -324,6 +333,15 @@ class LevenbergMarquardt(_NormalEquations):
         # Refused steps at rounding level grow μ without bound; past this the step is nil.
         mu_max = mu / (self.damping * torch.finfo(z0.dtype).eps ** 2)
         nu = torch.full_like(mu, 2.0)
+        if self.compile and lin.dense and lin.recorded:
+            step = _compiled_step()
+            z, r, jt = lin.z, lin.r, lin.jt
+            for _ in range(self.max_steps):
+                if mon.stop():
+                    break
+                z, r, jt, g, mu, nu = step(residuals, z, r, jt, g, mu, nu, mu_max, mon.active.unsqueeze(-1))
+                mon.record(z, g, mon.active)
+            return mon.finish()
         for _ in range(self.max_steps):
             if mon.stop():
                 break
@@ -332,33 +350,10 @@ class LevenbergMarquardt(_NormalEquations):
             # The residual at the trial point, recorded: its Jacobian is formed only if a
             # sample accepts the step (a refused step changes only μ, and keeps J).
             trial = _Linearised(residuals, lin.z + delta, lin.dense)
-            predicted = 0.5 * (delta * (mu * delta - g)).sum(-1)
-            rho = _decrease(lin.r, trial.r) / predicted.clamp_min(torch.finfo(z0.dtype).tiny)
-            accept = ((rho > 0) | (predicted < _noise(lin.r))) & active.squeeze(-1)
-            acc = accept.unsqueeze(-1)
-            scale = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3).unsqueeze(-1)
-            mu = torch.where(acc, mu * scale, torch.where(active, mu * nu, mu)).minimum(mu_max)
-            nu = torch.where(acc, torch.full_like(nu, 2.0), torch.where(active, nu * 2, nu))
-            lin = lin.select(trial, accept)
+            accept, mu, nu = _gain_update(lin.r, trial.r, delta, g, mu, nu, mu_max, active)
+            lin = lin.select(trial, accept.squeeze(-1))
             g = lin.jtv(lin.r)
             mon.record(lin.z, g, mon.active)
-        return mon.finish()
-
-
-    def _solve_compiled(
-        self, residuals: Callable[[Tensor], Tensor], lin: _Linearised, g: Tensor, mon: Monitor
-    ) -> tuple[Tensor, SolveInfo]:
-        z, r, jt = lin.z, lin.r, lin.jt
-        mu = self.damping * torch.diagonal(lin.normal, dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(
-            torch.finfo(z.dtype).tiny)
-        mu_max = mu / (self.damping * torch.finfo(z.dtype).eps ** 2)
-        nu = torch.full_like(mu, 2.0)
-        step = _compiled_step()
-        for _ in range(self.max_steps):
-            if mon.stop():
-                break
-            z, r, jt, g, mu, nu = step(residuals, z, r, jt, g, mu, nu, mu_max, mon.active.unsqueeze(-1))
-            mon.record(z, g, mon.active)
         return mon.finish()
 
 
