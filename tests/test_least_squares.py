@@ -236,3 +236,23 @@ def test_compiled_steps_match_eager_steps() -> None:
         Wi = il.least_squares(lambda w, Y: _model(w, T) - Y, torch.ones(4, 3, dtype=D), Y.detach(),
                               batched=True, solver=il.solvers.LevenbergMarquardt(compile=True))
     torch.testing.assert_close(Wi, W, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [3, 10])
+def test_compiled_step_jacobian_matches_jacrev(n: int) -> None:
+    # The products of the compiled step (unrolled for few unknowns, one vmap beyond), run
+    # eagerly here: r and Jᵀ of every sample against reverse mode sample by sample.
+    from implicit_layers.solvers.least_squares import _value_and_jt
+
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(4, 7, n, dtype=D, generator=gen)
+
+    def fn(w: torch.Tensor) -> torch.Tensor:
+        return torch.sin(torch.einsum("bmn,bn->bm", A, w)) - 0.3
+
+    z = torch.randn(4, n, dtype=D, generator=gen)
+    r, jt = _value_and_jt(fn, z)
+    torch.testing.assert_close(r, fn(z))
+    for i in range(4):
+        J = torch.func.jacrev(lambda w, i=i: torch.sin(A[i] @ w) - 0.3)(z[i])
+        torch.testing.assert_close(jt[i], J.T)

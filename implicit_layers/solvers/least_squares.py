@@ -169,15 +169,24 @@ def _gain_update(
     return accept, mu, nu
 
 
+#: Up to this many unknowns the compiled step unrolls its forward-mode products.
+_UNROLLED_PRODUCTS = 8
+
+
 def _value_and_jt(residuals: Callable[[Tensor], Tensor], z: Tensor) -> tuple[Tensor, Tensor]:
-    """``r(z)`` and ``Jᵀ`` (``(B, n, m)``) from ``n`` forward-mode products under one ``vmap``:
-    the route of the compiled step, where the transforms are traced into the graph and cost
-    nothing per operation."""
-    B, n = z.shape
-    basis = torch.eye(n, dtype=z.dtype, device=z.device).unsqueeze(1).expand(n, B, n)
-    r = residuals(z)
+    """``r(z)`` and ``Jᵀ`` (``(B, n, m)``) from ``n`` forward-mode products, the route of the
+    compiled step, where they are traced into the graph and cost nothing per operation. For a
+    few unknowns the products are unrolled: the compiler then shares their primal computation
+    (``r`` is the first product's), measured about twice as fast as one ``vmap`` over them
+    (``B = 1024``, ``n = 3``); beyond, one ``vmap`` keeps the graph (and its compilation) small."""
+    n = z.shape[-1]
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    if n <= _UNROLLED_PRODUCTS:
+        products = [torch.func.jvp(residuals, (z,), (eye[j].expand_as(z),)) for j in range(n)]
+        return products[0][0], torch.stack([p[1] for p in products], -2)
+    basis = eye.unsqueeze(1).expand(n, *z.shape)
     jt = torch.func.vmap(lambda v: torch.func.jvp(residuals, (z,), (v,))[1])(basis)  # (n, B, m)
-    return r, jt.permute(1, 0, 2)
+    return residuals(z), jt.transpose(0, 1)
 
 
 def _lm_step(
