@@ -137,6 +137,7 @@ class _Linearised:
         merged._normal = None
         return merged
 
+
 def _decrease(r: Tensor, r_new: Tensor) -> Tensor:
     """``½‖r‖² - ½‖r_new‖²`` per sample, as ``½ Σ (r - r_new)(r + r_new)``: without the
     cancellation of two nearly equal sums of squares, which near the solution would refuse
@@ -169,6 +170,18 @@ def _gain_update(
     return accept, mu, nu
 
 
+def _damped_solve(normal: Tensor, g: Tensor, mu: Tensor) -> Tensor:
+    """``δ`` solving ``(JᵀJ + μ I) δ = -g`` per sample, from ``normal = JᵀJ`` (``(B, n, n)``)
+    and ``mu`` of shape ``(B, 1)``. ``μ > 0`` makes the matrix positive definite: a Cholesky
+    factorisation, several times cheaper than ``lstsq`` on a batch of small matrices. Where
+    rounding defeats it (``info > 0``) the step is nil, which leaves the sample in place and
+    raises its ``μ`` (see :func:`_gain_update`)."""
+    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+    L, info = torch.linalg.cholesky_ex(normal + mu.unsqueeze(-1) * eye)
+    delta = torch.cholesky_solve(-g.unsqueeze(-1), L).squeeze(-1)
+    return torch.where((info == 0).unsqueeze(-1), delta, torch.zeros_like(delta))
+
+
 #: Up to this many unknowns the compiled step unrolls its forward-mode products.
 _UNROLLED_PRODUCTS = 8
 
@@ -197,11 +210,7 @@ def _lm_step(
     normal equations by Cholesky, the trial point with its Jacobian, the gain ratio and the
     per-sample update of ``z, r, Jᵀ, g, μ, ν``, without a synchronisation. ``active`` is
     ``(B, 1)``; the other per-sample scalars ``(B, 1)`` too."""
-    n = z.shape[-1]
-    eye = torch.eye(n, dtype=z.dtype, device=z.device)
-    L, info = torch.linalg.cholesky_ex(jt @ jt.mT + mu.unsqueeze(-1) * eye)
-    delta = torch.cholesky_solve(-g.unsqueeze(-1), L).squeeze(-1)
-    delta = torch.where((info == 0).unsqueeze(-1), delta, torch.zeros_like(delta))
+    delta = _damped_solve(jt @ jt.mT, g, mu)
     r_trial, jt_trial = _value_and_jt(residuals, z + delta)
     acc, mu, nu = _gain_update(r, r_trial, delta, g, mu, nu, mu_max, active)
     z = torch.where(acc, z + delta, z)
@@ -246,13 +255,7 @@ class _NormalEquations(ForwardSolver):
         if lin.dense:
             if mu is None:
                 return torch.linalg.lstsq(lin.normal, -g.unsqueeze(-1)).solution.squeeze(-1)
-            eye = torch.eye(n, dtype=g.dtype, device=g.device)
-            # μ > 0 makes the matrix positive definite: a Cholesky factorisation, several
-            # times cheaper than lstsq on a batch of small matrices. Where rounding defeats it
-            # (info > 0) the step is nil, which the gain-ratio test refuses, raising μ.
-            L, info = torch.linalg.cholesky_ex(lin.normal + mu.unsqueeze(-1) * eye)
-            delta = torch.cholesky_solve(-g.unsqueeze(-1), L).squeeze(-1)
-            return torch.where((info == 0).unsqueeze(-1), delta, torch.zeros_like(delta))
+            return _damped_solve(lin.normal, g, mu)
         damp = torch.zeros_like(g[:, :1]) if mu is None else mu
         op = FunctionOperator(
             lambda v: lin.jtv(lin.jv(v)) + damp * v, B, n, g.dtype, g.device,
