@@ -177,9 +177,15 @@ def test_jacobian_products_match_jacrev(residual: str, route: str) -> None:
 
 
 @pytest.mark.parametrize("dense_max_size", [128, 0])
-def test_batched_equals_looped_in_every_mode(dense_max_size: int) -> None:
+@pytest.mark.parametrize("sync", [True, False])
+def test_batched_equals_looped_in_every_mode(dense_max_size: int, sync: bool,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # From w0 = 1 some samples refuse their first steps while others accept: the batch merges
-    # accepted and refused samples. Each sample must follow its own solve.
+    # accepted and refused samples. Each sample must follow its own solve. sync=False takes the
+    # accelerators' route (masked merges without reading the acceptance on the host).
+    from implicit_layers.solvers import least_squares
+
+    monkeypatch.setattr(least_squares, "_syncs_freely", lambda t: sync)
     Y = _data(5, (6,)) + torch.linspace(0.0, 1.5, 6, dtype=D).unsqueeze(-1) * torch.exp(-4 * T)
     solver = il.solvers.LevenbergMarquardt(dense_max_size=dense_max_size)
     W, info = il.least_squares(lambda w, Y: _model(w, T) - Y, torch.ones(6, 3, dtype=D), Y,

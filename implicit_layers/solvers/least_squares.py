@@ -121,7 +121,7 @@ class _Linearised:
         a step that some samples accept. Without forming ``other``'s Jacobian when no sample
         takes it, nor a new one when every sample does (the checks synchronise, which only the
         CPU does at no cost; elsewhere the masked merge runs unconditionally)."""
-        if self.z.device.type == "cpu":
+        if _syncs_freely(take):
             if not bool(take.any()):
                 return self
             if bool(take.all()):
@@ -136,6 +136,12 @@ class _Linearised:
         merged._jt = torch.where(keep.unsqueeze(-1), other.jt, self.jt)
         merged._normal = None
         return merged
+
+
+def _syncs_freely(t: Tensor) -> bool:
+    """Whether reading a value of ``t`` on the host costs nothing (the CPU): elsewhere the
+    solvers merge per-sample results unconditionally rather than synchronise."""
+    return t.device.type == "cpu"
 
 
 def _decrease(r: Tensor, r_new: Tensor) -> Tensor:
