@@ -262,3 +262,19 @@ def test_compiled_step_jacobian_matches_jacrev(n: int) -> None:
     for i in range(4):
         J = torch.func.jacrev(lambda w, i=i: torch.sin(A[i] @ w) - 0.3)(z[i])
         torch.testing.assert_close(jt[i], J.T)
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_unrolled_damped_solve_matches_cholesky(n: int) -> None:
+    # The compiled step's written-out Cholesky solve against a dense solve of (JᵀJ + μI) δ = -g,
+    # and a nil step where the matrix is not positive definite.
+    from implicit_layers.solvers.least_squares import _unrolled_damped_solve
+
+    gen = torch.Generator().manual_seed(n)
+    J = torch.randn(5, 12, n, dtype=D, generator=gen)
+    g = torch.randn(5, n, dtype=D, generator=gen)
+    mu = torch.rand(5, 1, dtype=D, generator=gen)
+    dense = torch.linalg.solve(J.mT @ J + mu.unsqueeze(-1) * torch.eye(n, dtype=D), -g)
+    torch.testing.assert_close(_unrolled_damped_solve(J.mT @ J, g, mu), dense, rtol=1e-10, atol=1e-12)
+    indefinite = -torch.eye(n, dtype=D).expand(5, n, n)
+    assert bool((_unrolled_damped_solve(indefinite, g, mu.clamp_max(0.5)) == 0).all())
