@@ -237,11 +237,15 @@ def test_compiled_steps_match_eager_steps() -> None:
     torch.testing.assert_close(gradc, grad, rtol=1e-7, atol=1e-9)
     for i in range(4):
         np.testing.assert_allclose(Wc[i].numpy(), _scipy_fit(Y[i].detach().numpy()), rtol=1e-8)
-    # inference_mode runs the eager steps (nothing to compile).
+    # inference_mode and torch.func transforms run the eager steps (nothing to compile).
+    compiled = il.solvers.LevenbergMarquardt(compile=True)
     with torch.inference_mode():
         Wi = il.least_squares(lambda w, Y: _model(w, T) - Y, torch.ones(4, 3, dtype=D), Y.detach(),
-                              batched=True, solver=il.solvers.LevenbergMarquardt(compile=True))
+                              batched=True, solver=compiled)
     torch.testing.assert_close(Wi, W, rtol=1e-9, atol=1e-10)
+    Wv = torch.func.vmap(lambda y: il.least_squares(lambda w, y: _model(w, T) - y, torch.ones(3, dtype=D),
+                                                    y, solver=compiled))(Y.detach())
+    torch.testing.assert_close(Wv, W, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("n", [3, 10])
