@@ -118,6 +118,8 @@ def test_bad_inputs() -> None:
         il.least_squares(lambda w: w, torch.ones(3, dtype=D), solver=il.solvers.Anderson())
     with pytest.raises(ValueError, match="damping must be > 0"):
         il.solvers.LevenbergMarquardt(-1.0)
+    with pytest.raises(TypeError, match="compile must be True or False, got str"):
+        il.solvers.LevenbergMarquardt(compile="yes")  # type: ignore[arg-type]
     y = _data(0)
     with pytest.warns(il.ConvergenceWarning, match="LevenbergMarquardt"):
         il.least_squares(lambda w: _model(w, T) - y, torch.ones(3, dtype=D),
@@ -141,3 +143,142 @@ def test_gauss_newton_backward_exact_only_at_zero_residual() -> None:
         assert close == exact
     with pytest.raises(ValueError, match="GaussNewtonImplicit differentiates least-squares"):
         il.argmin(lambda w: w.square().sum(), torch.ones(2, dtype=D, requires_grad=True) * 1, backward=gn)
+
+
+def _underdetermined(w: torch.Tensor) -> torch.Tensor:
+    # Fewer residuals (2) than unknowns (3) per sample: the Jacobian comes by rows.
+    return torch.stack([w[..., 0] ** 2 + w[..., 1] - 1, w[..., 1] * w[..., 2] - 0.5], -1)
+
+
+@pytest.mark.parametrize("residual", ["overdetermined", "underdetermined"])
+@pytest.mark.parametrize("route", ["recorded", "inference_mode"])
+def test_jacobian_products_match_jacrev(residual: str, route: str) -> None:
+    from implicit_layers.solvers.least_squares import _Linearised
+
+    Y = _data(4, (3,))
+    fn = (lambda w: _model(w, T) - Y) if residual == "overdetermined" else _underdetermined
+    z = torch.tensor([[1.0, 0.5, 0.2], [2.0, 1.5, -0.3], [0.5, 2.0, 1.0]], dtype=D)
+    # Per-sample Jacobians by reverse mode, sample by sample: (B, m, n).
+    J = torch.stack([torch.func.jacrev(lambda w, i=i: fn(w.unsqueeze(0).expand(3, 3))[i])(z[i])
+                     for i in range(3)])
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(3, J.shape[1], dtype=D, generator=gen)
+    v = torch.randn(3, 3, dtype=D, generator=gen)
+    with torch.inference_mode(route == "inference_mode"):
+        products = _Linearised(fn, z, dense=False)
+        dense = _Linearised(fn, z, dense=True)
+        assert products.recorded == dense.recorded == (route == "recorded")
+        torch.testing.assert_close(products.r, fn(z))
+        torch.testing.assert_close(products.jv(v), (J @ v.unsqueeze(-1)).squeeze(-1))
+        torch.testing.assert_close(products.jtv(u), (J.mT @ u.unsqueeze(-1)).squeeze(-1))
+        torch.testing.assert_close(dense.jt, J.mT)
+        torch.testing.assert_close(dense.normal, J.mT @ J)
+        torch.testing.assert_close(dense.jtv(u), (J.mT @ u.unsqueeze(-1)).squeeze(-1))
+
+
+@pytest.mark.parametrize("dense_max_size", [128, 0])
+@pytest.mark.parametrize("sync", [True, False])
+def test_batched_equals_looped_in_every_mode(dense_max_size: int, sync: bool,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # From w0 = 1 some samples refuse their first steps while others accept: the batch merges
+    # accepted and refused samples. Each sample must follow its own solve. sync=False takes the
+    # accelerators' route (masked merges without reading the acceptance on the host).
+    from implicit_layers.solvers import least_squares
+
+    monkeypatch.setattr(least_squares, "_syncs_freely", lambda t: sync)
+    Y = _data(5, (6,)) + torch.linspace(0.0, 1.5, 6, dtype=D).unsqueeze(-1) * torch.exp(-4 * T)
+    solver = il.solvers.LevenbergMarquardt(dense_max_size=dense_max_size)
+    W, info = il.least_squares(lambda w, Y: _model(w, T) - Y, torch.ones(6, 3, dtype=D), Y,
+                               batched=True, solver=solver, return_info=True)
+    assert bool(info.converged.all())
+    assert int(info.steps.max()) > int(info.steps.min())  # samples stop on their own
+    for i in range(6):
+        wi = il.least_squares(lambda w, y: _model(w, T) - y, torch.ones(3, dtype=D), Y[i], solver=solver)
+        torch.testing.assert_close(W[i], wi, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(W[i].numpy(), _scipy_fit(Y[i].numpy()), rtol=1e-8)
+    # inference_mode takes the torch.func products; vmap over the problems folds them into a
+    # batch solved under the transform: the same solutions.
+    with torch.inference_mode():
+        Wi = il.least_squares(lambda w, Y: _model(w, T) - Y, torch.ones(6, 3, dtype=D), Y,
+                              batched=True, solver=solver)
+    torch.testing.assert_close(Wi, W, rtol=1e-9, atol=1e-10)
+    Wv = torch.func.vmap(lambda y: il.least_squares(lambda w, y: _model(w, T) - y, torch.ones(3, dtype=D),
+                                                    y, solver=solver))(Y)
+    torch.testing.assert_close(Wv, W, rtol=1e-9, atol=1e-10)
+
+
+def test_fewer_residuals_than_unknowns() -> None:
+    # A zero-residual problem with a 2-dimensional set of solutions: the solve must reach one
+    # (r = 0, so the gradient Jᵀr vanishes), batched and unbatched alike.
+    w = il.least_squares(_underdetermined, torch.ones(3, dtype=D))
+    assert float(_underdetermined(w).abs().max()) < 1e-9
+    W = il.least_squares(_underdetermined, torch.tensor([[1.0, 1.0, 1.0], [0.5, -1.0, 2.0]], dtype=D),
+                         batched=True)
+    assert float(_underdetermined(W).abs().max()) < 1e-9
+    torch.testing.assert_close(W[0], w)
+
+
+@pytest.mark.slow
+def test_compiled_steps_match_eager_steps() -> None:
+    # One torch.compile of the step (seconds); the solutions, the statistics and the exact
+    # gradient must be those of the eager steps.
+    Y = _data(6, (4,)).requires_grad_(True)
+    fits = {}
+    for compile in (False, True):
+        solver = il.solvers.LevenbergMarquardt(compile=compile)
+        W, info = il.least_squares(lambda w, Y: _model(w, T) - Y, torch.ones(4, 3, dtype=D), Y,
+                                   batched=True, solver=solver, return_info=True)
+        (grad,) = torch.autograd.grad(W[:, 1].sum(), Y)
+        fits[compile] = W.detach(), info, grad
+    (W, info, grad), (Wc, infoc, gradc) = fits[False], fits[True]
+    assert bool(infoc.converged.all())
+    torch.testing.assert_close(Wc, W, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(infoc.steps, info.steps)
+    torch.testing.assert_close(gradc, grad, rtol=1e-7, atol=1e-9)
+    for i in range(4):
+        np.testing.assert_allclose(Wc[i].numpy(), _scipy_fit(Y[i].detach().numpy()), rtol=1e-8)
+    # inference_mode and torch.func transforms run the eager steps (nothing to compile).
+    compiled = il.solvers.LevenbergMarquardt(compile=True)
+    with torch.inference_mode():
+        Wi = il.least_squares(lambda w, Y: _model(w, T) - Y, torch.ones(4, 3, dtype=D), Y.detach(),
+                              batched=True, solver=compiled)
+    torch.testing.assert_close(Wi, W, rtol=1e-9, atol=1e-10)
+    Wv = torch.func.vmap(lambda y: il.least_squares(lambda w, y: _model(w, T) - y, torch.ones(3, dtype=D),
+                                                    y, solver=compiled))(Y.detach())
+    torch.testing.assert_close(Wv, W, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [3, 10])
+def test_compiled_step_jacobian_matches_jacrev(n: int) -> None:
+    # The products of the compiled step (unrolled for few unknowns, one vmap beyond), run
+    # eagerly here: r and Jᵀ of every sample against reverse mode sample by sample.
+    from implicit_layers.solvers.least_squares import _value_and_jt
+
+    gen = torch.Generator().manual_seed(1)
+    A = torch.randn(4, 7, n, dtype=D, generator=gen)
+
+    def fn(w: torch.Tensor) -> torch.Tensor:
+        return torch.sin(torch.einsum("bmn,bn->bm", A, w)) - 0.3
+
+    z = torch.randn(4, n, dtype=D, generator=gen)
+    r, jt = _value_and_jt(fn, z)
+    torch.testing.assert_close(r, fn(z))
+    for i in range(4):
+        J = torch.func.jacrev(lambda w, i=i: torch.sin(A[i] @ w) - 0.3)(z[i])
+        torch.testing.assert_close(jt[i], J.T)
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_unrolled_damped_solve_matches_cholesky(n: int) -> None:
+    # The compiled step's written-out Cholesky solve against a dense solve of (JᵀJ + μI) δ = -g,
+    # and a nil step where the matrix is not positive definite.
+    from implicit_layers.solvers.least_squares import _unrolled_damped_solve
+
+    gen = torch.Generator().manual_seed(n)
+    J = torch.randn(5, 12, n, dtype=D, generator=gen)
+    g = torch.randn(5, n, dtype=D, generator=gen)
+    mu = torch.rand(5, 1, dtype=D, generator=gen)
+    dense = torch.linalg.solve(J.mT @ J + mu.unsqueeze(-1) * torch.eye(n, dtype=D), -g)
+    torch.testing.assert_close(_unrolled_damped_solve(J.mT @ J, g, mu), dense, rtol=1e-10, atol=1e-12)
+    indefinite = -torch.eye(n, dtype=D).expand(5, n, n)
+    assert bool((_unrolled_damped_solve(indefinite, g, mu.clamp_max(0.5)) == 0).all())

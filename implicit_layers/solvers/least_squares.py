@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import cast
 
@@ -9,6 +10,7 @@ import torch
 from torch import Tensor
 from typing_extensions import Unpack
 
+from .._capture import transforms_active
 from .._config import SolverKeywords, check_positive_int
 from .._info import SolveInfo
 from .._least_squares import LeastSquaresProblem
@@ -21,34 +23,125 @@ __all__ = ["GaussNewton", "LevenbergMarquardt"]
 
 
 class _Linearised:
-    """``r`` and products with its Jacobian ``J`` (``(B, m, n)`` per batch) at a point ``z``.
+    """``r`` at a point ``z`` (``(B, n)``) and products with its Jacobian ``J`` (``(B, m, n)``).
 
-    Products come from ``torch.func.jvp`` / ``vjp`` (samples are independent, so one product
-    with a ``(B, n)`` tangent gives every sample's); the matrix is formed only on request,
-    from ``n`` JVPs.
+    Samples are independent, so one product with a ``(B, n)`` tangent gives every sample's.
+    Outside ``torch.func`` transforms and ``inference_mode`` the products come from reverse
+    mode on one recorded evaluation of ``r``: ``Jᵀu`` is its backward, and ``Jv`` the backward
+    of the linear map ``u ↦ Jᵀu`` (recorded once, with ``create_graph``). Forward-mode
+    products (``torch.func.jvp``) cost several times more in eager PyTorch, where each
+    operation mixing a dual and a plain tensor runs a Python decomposition; they remain the
+    route under transforms, where autograd cannot record.
+
+    The dense Jacobian (``dense=True``), wanted only once a point is accepted, is formed on
+    first use from ``min(m, n)`` products and kept transposed (``(B, n, m)``, contiguous), which
+    makes ``JᵀJ`` a faster batched product.
     """
 
     def __init__(self, residuals: Callable[[Tensor], Tensor], z: Tensor, dense: bool) -> None:
         self.residuals = residuals
         self.z = z
-        self.J: Tensor | None = None
-        if dense:
-            # n JVPs at once; Jᵀu is then a matrix product, no VJP graph needed.
-            B, n = z.shape
-            basis = torch.eye(n, dtype=z.dtype, device=z.device).unsqueeze(1).expand(n, B, n)
+        self.dense = dense
+        self._jt: Tensor | None = None
+        self._u: Tensor | None = None
+        self._jtu: Tensor | None = None
+        self._normal: Tensor | None = None
+        self.recorded = not (torch.is_inference_mode_enabled() or transforms_active())
+        if self.recorded:
+            with torch.enable_grad():
+                self._zz = z.detach().requires_grad_(True)
+                out = residuals(self._zz)
+            self._out = out
+            self.r = out.detach()
+        elif dense:
             self.r = residuals(z)
-            self.J = torch.func.vmap(self.jv)(basis).permute(1, 2, 0)  # (B, m, n)
         else:
             result = torch.func.vjp(residuals, z)
             self.r, self._vjp = result[0], result[1]
 
-    def jv(self, v: Tensor) -> Tensor:
-        return torch.func.jvp(self.residuals, (self.z,), (v,))[1]
+    def _grad(self, out: Tensor, wrt: Tensor, cotangent: Tensor, create_graph: bool = False) -> Tensor:
+        """``∂(out · cotangent)/∂wrt``, zero where ``out`` does not depend on ``wrt``."""
+        if not out.requires_grad:
+            return torch.zeros_like(wrt)
+        (g,) = torch.autograd.grad(out, wrt, cotangent, retain_graph=True, create_graph=create_graph,
+                                   allow_unused=True, materialize_grads=True)
+        return g
 
     def jtv(self, u: Tensor) -> Tensor:
-        if self.J is not None:
-            return (self.J.mT @ u.unsqueeze(-1)).squeeze(-1)
+        """``Jᵀu``, ``(B, n)`` for ``u`` of shape ``(B, m)``."""
+        if self.dense:
+            return (self.jt @ u.unsqueeze(-1)).squeeze(-1)
+        if self.recorded:
+            return self._grad(self._out, self._zz, u)
         return self._vjp(u)[0]
+
+    def jv(self, v: Tensor) -> Tensor:
+        """``Jv``, ``(B, m)`` for ``v`` of shape ``(B, n)``."""
+        if not self.recorded:
+            return torch.func.jvp(self.residuals, (self.z,), (v,))[1]
+        if self._jtu is None:
+            with torch.enable_grad():
+                self._u = torch.zeros_like(self.r, requires_grad=True)
+                self._jtu = self._grad(self._out, self._zz, self._u, create_graph=True)
+        assert self._u is not None
+        return self._grad(self._jtu, self._u, v)
+
+    @property
+    def jt(self) -> Tensor:
+        """``Jᵀ`` of every sample, ``(B, n, m)`` (``dense`` linearisations only)."""
+        if self._jt is None:
+            B, n = self.z.shape
+            m = self.r.shape[-1]
+            if not self.recorded:
+                basis = torch.eye(n, dtype=self.z.dtype, device=self.z.device).unsqueeze(1).expand(n, B, n)
+                self._jt = torch.func.vmap(self.jv)(basis).permute(1, 0, 2).contiguous()
+            elif m <= n:  # rows of J, one backward each
+                eye = torch.eye(m, dtype=self.r.dtype, device=self.r.device)
+                self._jt = torch.stack([self._grad(self._out, self._zz, eye[i].expand(B, m))
+                                        for i in range(m)], -1)
+            else:  # columns of J
+                eye = torch.eye(n, dtype=self.z.dtype, device=self.z.device)
+                self._jt = torch.stack([self.jv(eye[j].expand(B, n)) for j in range(n)], -2)
+            self.release()
+        return self._jt
+
+    def release(self) -> None:
+        """Drop the recorded graphs (the dense Jacobian, once formed, answers every product)."""
+        self._out = self._zz = self._u = self._jtu = None  # type: ignore[assignment]
+
+    @property
+    def normal(self) -> Tensor:
+        """``JᵀJ`` of every sample, ``(B, n, n)``, formed once (dense linearisations only)."""
+        if self._normal is None:
+            self._normal = self.jt @ self.jt.mT
+        return self._normal
+
+    def select(self, other: _Linearised, take: Tensor) -> _Linearised:
+        """``other`` where ``take`` (bool ``(B,)``), this linearisation elsewhere: the state after
+        a step that some samples accept. Without forming ``other``'s Jacobian when no sample
+        takes it, nor a new one when every sample does (the checks synchronise, which only the
+        CPU does at no cost; elsewhere the masked merge runs unconditionally)."""
+        if _syncs_freely(take):
+            if not bool(take.any()):
+                return self
+            if bool(take.all()):
+                return other
+        if not self.dense:  # products need one point: linearise again at the merged one
+            return _Linearised(self.residuals, torch.where(take.unsqueeze(-1), other.z, self.z), False)
+        merged = object.__new__(_Linearised)
+        merged.residuals, merged.dense, merged.recorded = self.residuals, True, False
+        keep = take.unsqueeze(-1)
+        merged.z = torch.where(keep, other.z, self.z)
+        merged.r = torch.where(keep, other.r, self.r)
+        merged._jt = torch.where(keep.unsqueeze(-1), other.jt, self.jt)
+        merged._normal = None
+        return merged
+
+
+def _syncs_freely(t: Tensor) -> bool:
+    """Whether reading a value of ``t`` on the host costs nothing (the CPU): elsewhere the
+    solvers merge per-sample results unconditionally rather than synchronise."""
+    return t.device.type == "cpu"
 
 
 def _decrease(r: Tensor, r_new: Tensor) -> Tensor:
@@ -64,6 +157,107 @@ def _noise(r: Tensor) -> Tensor:
     gain less are taken on the model's word: the convergence test on ``‖Jᵀr‖`` and the
     monitor's best iterate, not the cost, judge them."""
     return 1e3 * torch.finfo(r.dtype).eps * 0.5 * r.square().sum(-1)
+
+
+def _gain_update(
+    r: Tensor, r_trial: Tensor, delta: Tensor, g: Tensor, mu: Tensor, nu: Tensor, mu_max: Tensor,
+    active: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Nielsen's update after a trial step ``delta`` (per-sample ``mu``, ``nu``, ``mu_max`` and
+    ``active`` of shape ``(B, 1)``): ``(accept, mu, nu)``, ``accept`` bool ``(B, 1)``. A step
+    is taken where the gain ratio ``ρ`` of actual to predicted decrease is positive, or where
+    the predicted decrease is below the rounding of ``r`` (see :func:`_noise`)."""
+    predicted = 0.5 * (delta * (mu * delta - g)).sum(-1, keepdim=True)
+    rho = _decrease(r, r_trial).unsqueeze(-1) / predicted.clamp_min(torch.finfo(r.dtype).tiny)
+    accept = ((rho > 0) | (predicted < _noise(r).unsqueeze(-1))) & active
+    scale = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3)
+    mu = torch.where(accept, mu * scale, torch.where(active, mu * nu, mu)).minimum(mu_max)
+    nu = torch.where(accept, torch.full_like(nu, 2.0), torch.where(active, nu * 2, nu))
+    return accept, mu, nu
+
+
+def _damped_solve(normal: Tensor, g: Tensor, mu: Tensor) -> Tensor:
+    """``δ`` solving ``(JᵀJ + μ I) δ = -g`` per sample, from ``normal = JᵀJ`` (``(B, n, n)``)
+    and ``mu`` of shape ``(B, 1)``. ``μ > 0`` makes the matrix positive definite: a Cholesky
+    factorisation, several times cheaper than ``lstsq`` on a batch of small matrices. Where
+    rounding defeats it (``info > 0``) the step is nil, which leaves the sample in place and
+    raises its ``μ`` (see :func:`_gain_update`)."""
+    eye = torch.eye(g.shape[-1], dtype=g.dtype, device=g.device)
+    L, info = torch.linalg.cholesky_ex(normal + mu.unsqueeze(-1) * eye)
+    delta = torch.cholesky_solve(-g.unsqueeze(-1), L).squeeze(-1)
+    return torch.where((info == 0).unsqueeze(-1), delta, torch.zeros_like(delta))
+
+
+def _unrolled_damped_solve(normal: Tensor, g: Tensor, mu: Tensor) -> Tensor:
+    """:func:`_damped_solve` for a few unknowns, written out entry by entry (the Cholesky
+    factor, then the two triangular solves): traced by the compiled step into its fused
+    kernel instead of two library calls per step, about a third of a step at ``B = 1024``.
+    A pivot that is not positive (rounding) gives a nil step, as ``info > 0`` does there."""
+    n = g.shape[-1]
+    A = normal + mu.unsqueeze(-1) * torch.eye(n, dtype=g.dtype, device=g.device)
+    L: list[list[Tensor]] = [[] for _ in range(n)]  # L[i][j], j <= i
+    pivots = []
+    for j in range(n):
+        pivot = A[:, j, j] - sum((L[j][k] ** 2 for k in range(j)), torch.zeros_like(g[:, 0]))
+        pivots.append(pivot)
+        d = pivot.clamp_min(torch.finfo(g.dtype).tiny).sqrt()
+        for i in range(j, n):
+            if i == j:
+                L[j].append(d)
+            else:
+                off = A[:, i, j] - sum((L[i][k] * L[j][k] for k in range(j)), torch.zeros_like(d))
+                L[i].append(off / d)
+    y: list[Tensor] = []
+    for i in range(n):
+        y.append((-g[:, i] - sum((L[i][k] * y[k] for k in range(i)), torch.zeros_like(g[:, 0]))) / L[i][i])
+    x: list[Tensor] = [torch.zeros_like(g[:, 0])] * n
+    for i in reversed(range(n)):
+        x[i] = (y[i] - sum((L[k][i] * x[k] for k in range(i + 1, n)), torch.zeros_like(g[:, 0]))) / L[i][i]
+    delta = torch.stack(x, -1)
+    ok = (torch.stack(pivots, -1) > 0).all(-1, keepdim=True)
+    return torch.where(ok, delta, torch.zeros_like(delta))
+
+
+#: Up to this many unknowns the compiled step unrolls its forward-mode products and its
+#: Cholesky solve.
+_UNROLLED_PRODUCTS = 8
+
+
+def _value_and_jt(residuals: Callable[[Tensor], Tensor], z: Tensor) -> tuple[Tensor, Tensor]:
+    """``r(z)`` and ``Jᵀ`` (``(B, n, m)``) from ``n`` forward-mode products, the route of the
+    compiled step, where they are traced into the graph and cost nothing per operation. For a
+    few unknowns the products are unrolled: the compiler then shares their primal computation
+    (``r`` is the first product's), measured about twice as fast as one ``vmap`` over them
+    (``B = 1024``, ``n = 3``); beyond, one ``vmap`` keeps the graph (and its compilation) small."""
+    n = z.shape[-1]
+    eye = torch.eye(n, dtype=z.dtype, device=z.device)
+    if n <= _UNROLLED_PRODUCTS:
+        products = [torch.func.jvp(residuals, (z,), (eye[j].expand_as(z),)) for j in range(n)]
+        return products[0][0], torch.stack([p[1] for p in products], -2)
+    basis = eye.unsqueeze(1).expand(n, *z.shape)
+    jt = torch.func.vmap(lambda v: torch.func.jvp(residuals, (z,), (v,))[1])(basis)  # (n, B, m)
+    return residuals(z), jt.transpose(0, 1)
+
+
+def _lm_step(
+    residuals: Callable[[Tensor], Tensor], z: Tensor, r: Tensor, jt: Tensor, g: Tensor, mu: Tensor,
+    nu: Tensor, mu_max: Tensor, active: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One Levenberg-Marquardt step of every sample (the body of ``compile=True``): the damped
+    normal equations by Cholesky, the trial point with its Jacobian, the gain ratio and the
+    per-sample update of ``z, r, Jᵀ, g, μ, ν``, without a synchronisation. ``active`` is
+    ``(B, 1)``; the other per-sample scalars ``(B, 1)`` too."""
+    solve = _unrolled_damped_solve if z.shape[-1] <= _UNROLLED_PRODUCTS else _damped_solve
+    delta = solve(jt @ jt.mT, g, mu)
+    r_trial, jt_trial = _value_and_jt(residuals, z + delta)
+    acc, mu, nu = _gain_update(r, r_trial, delta, g, mu, nu, mu_max, active)
+    z = torch.where(acc, z + delta, z)
+    r = torch.where(acc, r_trial, r)
+    # Contiguous, as the eager linearisation that starts the loop gives it: one layout, one
+    # compiled graph.
+    jt = torch.where(acc.unsqueeze(-1), jt_trial, jt).contiguous()
+    g = (jt @ r.unsqueeze(-1)).squeeze(-1)
+    return z, r, jt, g, mu, nu
 
 
 class _NormalEquationsKeywords(SolverKeywords, total=False):
@@ -92,16 +286,17 @@ class _NormalEquations(ForwardSolver):
             None if cg_max_steps is None else check_positive_int(cg_max_steps, "cg_max_steps")
         )
 
-    def _direction(self, lin: _Linearised, g: Tensor, mu: Tensor) -> Tensor:
-        """``δ`` solving ``(JᵀJ + μ I) δ = -g`` per sample (``mu`` of shape ``(B, 1)``)."""
+    def _direction(self, lin: _Linearised, g: Tensor, mu: Tensor | None) -> Tensor:
+        """``δ`` solving ``(JᵀJ + μ I) δ = -g`` per sample (``mu`` of shape ``(B, 1)``; ``None``
+        for Gauss-Newton's undamped ``JᵀJ δ = -g``, least norm where it is singular)."""
         B, n = g.shape
-        if lin.J is not None:
-            J = lin.J
-            A = J.mT @ J + mu.unsqueeze(-1) * torch.eye(n, dtype=g.dtype, device=g.device)
-            # lstsq, not a Cholesky: Gauss-Newton's JᵀJ may be singular (μ = 0).
-            return torch.linalg.lstsq(A, -g.unsqueeze(-1)).solution.squeeze(-1)
+        if lin.dense:
+            if mu is None:
+                return torch.linalg.lstsq(lin.normal, -g.unsqueeze(-1)).solution.squeeze(-1)
+            return _damped_solve(lin.normal, g, mu)
+        damp = torch.zeros_like(g[:, :1]) if mu is None else mu
         op = FunctionOperator(
-            lambda v: lin.jtv(lin.jv(v)) + mu * v, B, n, g.dtype, g.device,
+            lambda v: lin.jtv(lin.jv(v)) + damp * v, B, n, g.dtype, g.device,
             symmetric=True, positive_definite=True,
         )
         cg = CG(rtol=1e-2 * self.resolved_rtol(g.dtype) ** 0.5, max_steps=self.cg_max_steps or 2 * n,
@@ -137,8 +332,21 @@ class LevenbergMarquardt(_NormalEquations):
         dense_max_size: largest number of unknowns solved with the dense normal equations
             (default 128).
         cg_max_steps: CG steps per step beyond (default ``2n``).
+        compile: run each step (dense normal equations only) as one ``torch.compile``'d
+            function, the residual function traced into it (default ``False``). Worth it for
+            a batch of small fits solved again and again with the same residual function and
+            shapes: a step then costs one call instead of some hundred operations (measured in
+            ``benchmarks/composite.py``). The first solve of each new residual function, batch
+            size or dtype compiles (seconds); the residual function must be traceable by
+            ``torch.compile`` (a graph break falls back to eager pieces). Under ``torch.func``
+            transforms and ``inference_mode`` the eager steps run.
         rtol, atol, max_steps, check_every, on_failure: as for every forward solver
             (:class:`~implicit_layers.solvers.ForwardSolver`); ``max_steps`` defaults to 200.
+
+    The dense Jacobian comes from reverse mode on one recorded evaluation of the residuals
+    (``min(m, n)`` backward passes for ``m`` residuals and ``n`` unknowns per sample, all
+    samples at once) and is formed only at accepted points: a refused step changes ``μ``
+    alone and reuses it.
 
     Examples:
         >>> t = torch.linspace(0, 1, 20, dtype=torch.float64)
@@ -151,8 +359,13 @@ class LevenbergMarquardt(_NormalEquations):
 
     name = "LevenbergMarquardt"
 
-    def __init__(self, damping: float = 1e-3, **settings: Unpack[_NormalEquationsKeywords]) -> None:
+    def __init__(
+        self, damping: float = 1e-3, *, compile: bool = False, **settings: Unpack[_NormalEquationsKeywords]
+    ) -> None:
         super().__init__(**settings)
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {type(compile).__name__}.")
+        self.compile = compile
         if isinstance(damping, bool) or not isinstance(damping, (int, float)):
             raise TypeError(f"damping must be a float, got {type(damping).__name__}.")
         if damping <= 0:
@@ -161,35 +374,44 @@ class LevenbergMarquardt(_NormalEquations):
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
         residuals, lin, g = self._start(problem, z0)
-        z = z0
-        mon = Monitor(self, problem, z, g)
-        if lin.J is not None:
-            diag = lin.J.square().sum(-2).amax(-1, keepdim=True)
+        mon = Monitor(self, problem, z0, g)
+        if lin.dense:
+            diag = torch.diagonal(lin.normal, dim1=-2, dim2=-1).amax(-1, keepdim=True)
         else:
             diag = g.abs().amax(-1, keepdim=True)  # a scale without forming JᵀJ
-        mu = self.damping * diag.clamp_min(torch.finfo(z.dtype).tiny)
+        mu = self.damping * diag.clamp_min(torch.finfo(z0.dtype).tiny)
         # Refused steps at rounding level grow μ without bound; past this the step is nil.
-        mu_max = mu / (self.damping * torch.finfo(z.dtype).eps ** 2)
+        mu_max = mu / (self.damping * torch.finfo(z0.dtype).eps ** 2)
         nu = torch.full_like(mu, 2.0)
+        if self.compile and lin.dense and lin.recorded:
+            step = _compiled_step()
+            z, r, jt = lin.z, lin.r, lin.jt
+            for _ in range(self.max_steps):
+                if mon.stop():
+                    break
+                z, r, jt, g, mu, nu = step(residuals, z, r, jt, g, mu, nu, mu_max, mon.active.unsqueeze(-1))
+                mon.record(z, g, mon.active)
+            return mon.finish()
         for _ in range(self.max_steps):
             if mon.stop():
                 break
             active = mon.active.unsqueeze(-1)
             delta = self._direction(lin, g, mu)
-            trial = z + delta
-            r_trial = residuals(trial)
-            predicted = 0.5 * (delta * (mu * delta - g)).sum(-1)
-            rho = _decrease(lin.r, r_trial) / predicted.clamp_min(torch.finfo(z.dtype).tiny)
-            accept = ((rho > 0) | (predicted < _noise(lin.r))) & active.squeeze(-1)
-            acc = accept.unsqueeze(-1)
-            scale = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3).unsqueeze(-1)
-            mu = torch.where(acc, mu * scale, torch.where(active, mu * nu, mu)).minimum(mu_max)
-            nu = torch.where(acc, torch.full_like(nu, 2.0), torch.where(active, nu * 2, nu))
-            z = torch.where(acc, trial, z)
-            lin = _Linearised(residuals, z, self._dense(z))
+            # The residual at the trial point, recorded: its Jacobian is formed only if a
+            # sample accepts the step (a refused step changes only μ, and keeps J).
+            trial = _Linearised(residuals, lin.z + delta, lin.dense)
+            accept, mu, nu = _gain_update(lin.r, trial.r, delta, g, mu, nu, mu_max, active)
+            lin = lin.select(trial, accept.squeeze(-1))
             g = lin.jtv(lin.r)
-            mon.record(z, g, mon.active)
+            mon.record(lin.z, g, mon.active)
         return mon.finish()
+
+
+@functools.cache
+def _compiled_step() -> Callable[..., tuple[Tensor, ...]]:
+    """:func:`_lm_step` compiled, once per process (its graphs are cached per residual
+    function, shapes and dtype). Static shapes: a batch size is a constant of the loops."""
+    return torch.compile(_lm_step, dynamic=False)
 
 
 class GaussNewton(_NormalEquations):
@@ -224,12 +446,11 @@ class GaussNewton(_NormalEquations):
         residuals, lin, g = self._start(problem, z0)
         z = z0
         mon = Monitor(self, problem, z, g)
-        zero = torch.zeros(z.shape[0], 1, dtype=z.dtype, device=z.device)
         for _ in range(self.max_steps):
             if mon.stop():
                 break
             active = mon.active
-            delta = self._direction(lin, g, zero)
+            delta = self._direction(lin, g, None)
             slope = (delta * g).sum(-1)
             alpha = torch.ones_like(slope)
             pending = active.clone()
