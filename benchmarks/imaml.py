@@ -14,7 +14,16 @@ import torch
 
 import implicit_layers as il
 
-from ._common import Config, Section, add_failures, peer_or_note, rel_err, time_alternating
+from ._common import (
+    COMPILED,
+    Config,
+    Section,
+    add_failures,
+    first_calls,
+    peer_or_note,
+    rel_err,
+    time_alternating,
+)
 
 LAM = 2.0
 SIZES = [(1, 40), (40, 40), (40, 1)]
@@ -123,7 +132,9 @@ def _imaml_case(cfg: Config, section: Section, act_name: str) -> None:
     )
     methods = {"ours CG 1e-10": ours(il.linear.CG(rtol=1e-10, max_steps=400, on_failure="ignore")),
                "ours MINRES 1e-10": ours(il.linear.MINRES(rtol=1e-10, max_steps=400)),
-               "ours Dense": ours(il.linear.Dense())}
+               "ours Dense": ours(il.linear.Dense()),
+               COMPILED: ours(il.backward.CompiledImplicit(
+                   il.linear.CG(rtol=1e-10, max_steps=400, on_failure="ignore")))}
     peers = peer_or_note(section, "torchopt")
     if peers is not None:
         (torchopt,) = peers
@@ -144,11 +155,12 @@ def _imaml_case(cfg: Config, section: Section, act_name: str) -> None:
         methods["torchopt default (normal CG)"] = topt(None)
     # The shared forward alone, timed in the same rounds: the floor of every method's time.
     methods[FORWARD_ALONE] = lambda: forward(theta0)
+    first = first_calls(methods)
     times, outs = time_alternating(methods, cfg)
     forward_t = times.pop(FORWARD_ALONE, None)
     for k, t in times.items():
         section.add(case=f"{act_name} MLP, one task", method=k, time_ms=1e3 * t,
-                    grad_rel_err=rel_err(outs[k], ref))
+                    grad_rel_err=rel_err(outs[k], ref), first_call_s=first.get(k))
     if forward_t is not None:
         section.add(case=f"{act_name} MLP, one task", method=FORWARD_ALONE,
                     time_ms=1e3 * forward_t, grad_rel_err=None)

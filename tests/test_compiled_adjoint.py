@@ -1,0 +1,204 @@
+"""``il.backward.CompiledImplicit``: the first-order adjoint CG solve as one compiled loop.
+
+References: the implicit gradient from a dense ``torch.linalg.solve`` of each sample's Hessian
+(float64), the eager ``Implicit(CG)`` with the same settings (values, gradients, steps and
+verdicts), and torch's own graph counters for the compiled loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import implicit_layers as il
+from implicit_layers._compiled_adjoint import _cg_loop, _compiled_cg
+
+B, N = 3, 6
+
+
+def objective(w: torch.Tensor, A: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Per sample ``½ wᵀ A w - bᵀ w + c Σ w⁴ / 4`` (strictly convex; ``(B,)`` values). Shared
+    by the tests so that the compiled loop is compiled for as few functions as possible."""
+    quadratic = 0.5 * torch.einsum("bi,bij,bj->b", w, A, w) - (b * w).sum(-1)
+    return quadratic + 0.25 * c * w.pow(4).sum(-1)
+
+
+def data(dtype: torch.dtype = torch.float64, scales: tuple[float, ...] = (1.0, 10.0, 100.0)):
+    """Per-sample SPD matrices of growing condition number (so the samples need different
+    numbers of CG steps), right-hand sides and the quartic weight, all requiring grad."""
+    gen = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(B, N, N, generator=gen, dtype=torch.float64))[0]
+    eig = torch.stack([torch.logspace(0, math.log10(s), N, dtype=torch.float64) for s in scales])
+    A = Q @ torch.diag_embed(eig) @ Q.mT
+    b = torch.randn(B, N, generator=gen, dtype=torch.float64)
+    c = torch.tensor(0.3, dtype=torch.float64)
+    return tuple(t.to(dtype).requires_grad_(True) for t in (A, b, c))
+
+
+def solve(backward, A, b, c, **kw):
+    solver = il.solvers.Newton(rtol=1e-12 if A.dtype == torch.float64 else 1e-6)
+    return il.argmin(objective, torch.zeros_like(b), A, b, c, solver=solver, backward=backward,
+                     batched=True, **kw)
+
+
+def dense_reference(A, b, c, w, g):
+    """``-(∂∇L/∂θ)ᵀ H⁻¹ g`` at ``w`` with each sample's exact Hessian (float64)."""
+    def one(wi, Ai, bi):
+        return objective(wi[None], Ai[None], bi[None], c).sum()
+
+    H = torch.func.vmap(torch.func.hessian(one))(w, A.detach(), b.detach())
+    u = torch.linalg.solve(H, g)
+    wr = w.detach().requires_grad_(True)
+    (gw,) = torch.autograd.grad(objective(wr, A, b, c).sum(), wr, create_graph=True)
+    return torch.autograd.grad(gw, (A, b, c), -u)
+
+
+def test_gradients_equal_dense_reference_and_eager_cg() -> None:
+    A, b, c = data()
+    cg = il.linear.CG(rtol=1e-12)
+    w, info = solve(il.backward.CompiledImplicit(cg), A, b, c, return_info=True)
+    g = torch.linspace(-1, 1, B * N, dtype=torch.float64).view(B, N)
+    grads = torch.autograd.grad(w, (A, b, c), g)
+    ref = dense_reference(A, b, c, w, g)
+    w_e, info_e = solve(il.backward.Implicit(cg), A, b, c, return_info=True)
+    eager = torch.autograd.grad(w_e, (A, b, c), g)
+    for got, want, same in zip(grads, ref, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(got, same, rtol=1e-10, atol=1e-12)
+    # Same verdicts, per sample; the steps of the eager CG to within one (compiled sums may
+    # round differently near the tolerance). The ill-conditioned samples need more steps.
+    back, back_e = info.backward, info_e.backward
+    assert back.converged.all() and back_e.converged.all()
+    assert (back.steps - back_e.steps).abs().max() <= 1
+    assert back.steps[0] < back.steps[2]
+    assert (back.residual <= back.tolerance).all()
+
+
+@pytest.mark.slow
+def test_custom_root_ridge_against_closed_form() -> None:
+    """Ridge regression (symmetric ``custom_root`` over a closed-form forward): the
+    hypergradient of the validation loss equals autograd through the closed form."""
+    gen = torch.Generator().manual_seed(1)
+    X, Xv = (torch.randn(40, 10, generator=gen, dtype=torch.float64) for _ in range(2))
+    y, yv = (torch.randn(40, generator=gen, dtype=torch.float64) for _ in range(2))
+    G, Xty = X.T @ X / 40, X.T @ y / 40
+
+    def closed_form(theta):
+        return torch.linalg.solve(G + torch.diag(theta.exp()), Xty)
+
+    def optimality(w, theta):
+        return G @ w - Xty + theta.exp() * w
+
+    mode = il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12))
+
+    @il.custom_root(optimality, symmetric=True, backward=mode)
+    def inner(w0, theta):
+        return closed_form(theta)
+
+    theta = torch.linspace(-2, 0, 10, dtype=torch.float64).requires_grad_(True)
+    outer = lambda w: ((Xv @ w - yv) ** 2).mean()  # noqa: E731
+    got = torch.autograd.grad(outer(inner(torch.zeros(10, dtype=torch.float64), theta)), theta)[0]
+    want = torch.autograd.grad(outer(closed_form(theta)), theta)[0]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_compiles_once_one_graph_no_break() -> None:
+    A, b, c = data()
+    solve(il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)), A, b, c).sum().backward()
+    counters.clear()
+    # New values of the same shapes: the compiled loop is reused, nothing is compiled again.
+    A2, b2, c2 = (t.detach().mul(1.1).requires_grad_(True) for t in (A, b, c))
+    solve(il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)), A2, b2, c2).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 0
+    assert b2.grad is not None and torch.isfinite(b2.grad).all()
+    # The loop itself is one graph without breaks (torch's explain).
+    w = solve(None, A, b, c).detach()
+    problem = il._problem.Problem("argmin", objective, (A.detach(), b.detach(), c.detach()), w,
+                                  batched=True, name="fun")
+    tol2 = torch.full((B,), 1e-20, dtype=torch.float64)
+    explained = torch._dynamo.explain(_cg_loop)(problem.pure_residual, w, b.detach(), tol2, torch.tensor(100))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_higher_orders_and_transforms_run_eagerly_with_the_same_values() -> None:
+    """create_graph=True and torch.func are served by the eager CG (same settings)."""
+    A, b, c = data()
+    cg = il.linear.CG(rtol=1e-12)
+    for mode in (il.backward.CompiledImplicit(cg), il.backward.Implicit(cg)):
+        w = solve(mode, A, b, c)
+        (gb,) = torch.autograd.grad(w.pow(2).sum(), b, create_graph=True)
+        (gc,) = torch.autograd.grad(gb.sum(), c)
+        if isinstance(mode, il.backward.CompiledImplicit):
+            first = (gb.detach(), gc)
+        else:
+            torch.testing.assert_close(first[0], gb.detach(), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(first[1], gc, rtol=1e-9, atol=1e-12)
+
+    def loss(bb, mode):
+        return solve(mode, A.detach(), bb, c.detach()).pow(2).sum()
+
+    got = torch.func.grad(loss)(b.detach(), il.backward.CompiledImplicit(cg))
+    want = torch.func.grad(loss)(b.detach(), il.backward.Implicit(cg))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_non_convergence_warns() -> None:
+    A, b, c = data()
+    short = il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12, max_steps=2))
+    w = solve(short, A, b, c)
+    with pytest.warns(il.ConvergenceWarning, match=r"CG \(compiled\) did not converge.*backward"):
+        w.sum().backward()
+    assert torch.isfinite(b.grad).all()
+
+
+@pytest.mark.slow
+def test_indefinite_stops_without_nan() -> None:
+    # A saddle point declared symmetric: CG meets negative curvature, stops and says so; the
+    # gradient stays finite.
+    M = torch.diag(torch.tensor([2.0, -1.0, 3.0], dtype=torch.float64))
+    t = torch.ones(3, dtype=torch.float64, requires_grad=True)
+
+    @il.custom_root(lambda z, t: M @ z - t, symmetric=True,
+                    backward=il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)))
+    def inner(z0, t):
+        return torch.linalg.solve(M, t)
+
+    z = inner(torch.zeros(3, dtype=torch.float64), t)
+    with pytest.warns(il.ConvergenceWarning, match="did not converge"):
+        z.sum().backward()
+    assert torch.isfinite(t.grad).all()
+
+
+def test_float32() -> None:
+    A, b, c = data(torch.float32)
+    cg = il.linear.CG(rtol=1e-5)
+    g = torch.ones(B, N)
+    got = torch.autograd.grad(solve(il.backward.CompiledImplicit(cg), A, b, c), b, g)[0]
+    want = torch.autograd.grad(solve(il.backward.Implicit(cg), A, b, c), b, g)[0]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_clear_errors() -> None:
+    with pytest.raises(TypeError, match="linear_solver must be il.linear.CG"):
+        il.backward.CompiledImplicit(il.linear.GMRES())
+    x = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="not declared symmetric.*GMRES"):
+        il.fixed_point(lambda z, x: 0.5 * torch.cos(z) + x, torch.zeros(3, dtype=torch.float64), x,
+                       backward=il.backward.CompiledImplicit())
+    mode = il.backward.CompiledImplicit(il.linear.CG(rtol=1e-8))
+    names = {"CompiledImplicit": il.backward.CompiledImplicit, "CG": il.linear.CG}
+    assert eval(repr(mode), names) == mode
+
+
+def test_one_compiled_loop_per_function() -> None:
+    """Each user function has a compiled loop of its own (dynamo's recompile limit is per
+    code object), and the same function gets the same one."""
+    def other(w, A, b, c):
+        return objective(w, A, b, c)
+
+    assert _compiled_cg(objective) is _compiled_cg(objective)
+    assert _compiled_cg(objective) is not _compiled_cg(other)
