@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch._higher_order_ops import while_loop
 
-from ._capture import transforms_active
+from ._capture import capture, transforms_active
 from ._implicit import ImplicitCore
 from ._info import NonFiniteError, SolveInfo, report_failure
 from ._linearize import RecordedLinearization
@@ -111,14 +111,15 @@ class _CompiledCore(ImplicitCore):
         compiled = (
             transpose and isinstance(lin, RecordedLinearization) and not torch.is_grad_enabled()
             and not transforms_active() and rhs.shape[0] == self.problem.batch
+            and _reads_its_params(self.problem, lin.zr.detach())
         )
         if not compiled:  # higher orders, transforms, tangents, folded batches: eagerly
             return super().linear_solve(lin, rhs, transpose)
         cg: CG = self.linear.adjoint  # type: ignore[assignment]
-        # The recorded linearization's problem: bound to the saved tensors, so the loop's
-        # products see what the forward saw (a module's parameters swapped in by
-        # functional_call, the layer's inputs).
-        problem = lin.problem
+        # The problem as called (its own parameters, no substitution): the loop traces the
+        # user's function as it is, reading the tensors it reads now, which were just checked
+        # to be the parameters the layer was called with.
+        problem = self.problem
         tol = torch.clamp(cg.resolved_rtol(rhs.dtype) * torch.linalg.vector_norm(rhs, dim=-1), min=cg.atol)
         # max_steps travels as a tensor: a new limit is a new input, not a new compilation.
         limit = torch.tensor(cg.max_steps, device=rhs.device)
@@ -139,6 +140,21 @@ class _CompiledCore(ImplicitCore):
             self.info.backward = info if problem.batched else info.squeeze_batch()
         report_failure(info, cg.on_failure, f"backward (adjoint) solve of {problem.kind}", cg._advice())
         return u
+
+
+def _reads_its_params(problem: Problem, z: Tensor) -> bool:
+    """Whether the user's function, called now at ``z``, uses exactly the tensors carrying
+    derivatives that it used when the layer was called (``problem.params``).
+
+    The compiled loop traces the function as it is at the backward, reading the tensors it
+    reads then; a function that now sees others (module parameters swapped in by a
+    ``torch.func.functional_call`` that has returned, a closure rebound since) would give
+    another operator, so the backward then takes the eager path, which substitutes the saved
+    tensors. Costs one call of the function.
+    """
+    with torch.no_grad():
+        _, used = capture(lambda: problem.probe(z), exclude=(z,))
+    return {id(t) for t in used} == {id(t) for t in problem.params}
 
 
 def _cg_loop(

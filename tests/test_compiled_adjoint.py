@@ -71,6 +71,7 @@ def test_gradients_equal_dense_reference_and_eager_cg() -> None:
     # Same verdicts, per sample; the steps of the eager CG to within one (compiled sums may
     # round differently near the tolerance). The ill-conditioned samples need more steps.
     back, back_e = info.backward, info_e.backward
+    assert back.solver == "CG (compiled)" and back_e.solver == "CG"
     assert back.converged.all() and back_e.converged.all()
     assert (back.steps - back_e.steps).abs().max() <= 1
     assert back.steps[0] < back.steps[2]
@@ -202,3 +203,68 @@ def test_one_compiled_loop_per_function() -> None:
 
     assert _compiled_cg(objective) is _compiled_cg(objective)
     assert _compiled_cg(objective) is not _compiled_cg(other)
+
+
+def test_non_leaf_parameters_take_the_compiled_path() -> None:
+    """Parameters computed from others (``b = 2 b0``): the loop runs compiled and the
+    gradient reaches the leaf through them."""
+    A, b0, c = data()
+    b = 2 * b0
+    cg = il.linear.CG(rtol=1e-12)
+    w, info = solve(il.backward.CompiledImplicit(cg), A, b, c, return_info=True)
+    got = torch.autograd.grad(w.sum(), b0)[0]
+    assert info.backward.solver == "CG (compiled)"
+    want = torch.autograd.grad(solve(il.backward.Implicit(cg), A, 2 * b0, c).sum(), b0)[0]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+class _Layer(torch.nn.Module):
+    """An argmin layer over the shared objective whose linear term is a parameter, read by the
+    objective from the module (a closure, not an argument)."""
+
+    def __init__(self, mode) -> None:
+        super().__init__()
+        A, b, c = data()
+        self.A, self.c = A.detach(), c.detach()
+        self.b = torch.nn.Parameter(b.detach().clone())
+        self.mode = mode
+
+    def objective(self, w: torch.Tensor) -> torch.Tensor:
+        return objective(w, self.A, self.b, self.c)  # reads the parameter at each call
+
+    def forward(self) -> tuple[torch.Tensor, il.SolveInfo]:
+        return il.argmin(self.objective, torch.zeros(B, N, dtype=torch.float64),
+                         solver=il.solvers.Newton(rtol=1e-12), backward=self.mode, batched=True,
+                         return_info=True)
+
+
+def test_functional_call_parameters_take_the_eager_path() -> None:
+    """After a torch.func.functional_call returns, the module's own parameter is back in
+    place: the function no longer reads the tensor the layer was called with, so the backward
+    solves eagerly (substituting the saved tensors) and the gradient goes to the swapped-in
+    tensor, as with Implicit(CG)."""
+    cg = il.linear.CG(rtol=1e-12)
+    grads, solvers = [], []
+    for mode in (il.backward.CompiledImplicit(cg), il.backward.Implicit(cg)):
+        layer = _Layer(mode)
+        swapped = (layer.b.detach() * 1.5).requires_grad_(True)
+        w, info = torch.func.functional_call(layer, {"b": swapped}, ())
+        grads.append(torch.autograd.grad(w.sum(), swapped)[0])
+        solvers.append(info.backward.solver)
+        assert layer.b.grad is None
+    assert solvers == ["CG", "CG"]  # the eager CG served both
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_closed_over_module_parameter_takes_the_compiled_path() -> None:
+    cg = il.linear.CG(rtol=1e-12)
+    grads, solvers = [], []
+    for mode in (il.backward.CompiledImplicit(cg), il.backward.Implicit(cg)):
+        layer = _Layer(mode)
+        w, info = layer()
+        w.sum().backward()
+        grads.append(layer.b.grad)
+        solvers.append(info.backward.solver)
+    assert solvers == ["CG (compiled)", "CG"]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
