@@ -87,7 +87,8 @@ def _step(model: torch.nn.Module, call: torch.nn.Module, x: torch.Tensor) -> lis
     """One training step through ``call`` (the model or its compiled form); the gradients."""
     model.zero_grad()
     call(x).backward()
-    return [p.grad.clone() for p in model.parameters()]
+    # (A parameter only the implicit layer reads has no gradient in the model without it.)
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 
 def run_compile(cfg: Config) -> Section:
