@@ -24,7 +24,7 @@ import implicit_layers as il
 from implicit_layers._compiled_adjoint import _compiled_cg
 from implicit_layers._problem import Problem
 
-from ._common import set_threads
+from ._common import restore_threads, set_threads
 from .ridge import TOL, make_ridge
 
 
@@ -47,8 +47,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calls", type=int, default=30)
     a = p.parse_args(argv)
-    set_threads(1)
-    data = {k: torch.as_tensor(v) for k, v in make_ridge(a.d).items()}
+    prev = set_threads(1)
+    try:
+        return _measure(a.d, a.rounds, a.calls)
+    finally:
+        restore_threads(prev)
+
+
+def _measure(d: int, rounds: int, calls: int) -> dict[str, float]:
+    data = {k: torch.as_tensor(v) for k, v in make_ridge(d).items()}
     X, y, theta0 = data["X"], data["y"], data["theta"]
     G, Xty = X.T @ X / X.shape[0], X.T @ y / X.shape[0]
 
@@ -63,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return il.custom_root(optimality, backward=backward, symmetric=True, rtol=TOL)(
             lambda w0, theta: closed_form(theta))
 
-    w0 = torch.zeros(a.d, dtype=torch.float64)
+    w0 = torch.zeros(d, dtype=torch.float64)
 
     def step(inner) -> torch.Tensor:  # noqa: ANN001
         theta = theta0.clone().requires_grad_(True)
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return compiled(w0, theta0.clone().requires_grad_(True))
 
     w = closed_form(theta0).unsqueeze(0)
-    g = torch.randn(1, a.d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(1, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     problem = Problem("root", optimality, (theta0,), w[0], batched=False, name="optimality_fn",
                       symmetric=True)
     loop = _compiled_cg(optimality)
@@ -94,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "whole forward + backward, Dense (eager)": lambda: step(dense),
         "whole forward + backward, CG (eager)": lambda: step(eager_cg),
     }
-    out = {name: _time(fn, a.calls, a.rounds) for name, fn in parts.items()}
-    print(f"ridge d={a.d}, CPU ms per call (minimum of {a.rounds} rounds of {a.calls} calls):")
+    out = {name: _time(fn, calls, rounds) for name, fn in parts.items()}
+    print(f"ridge d={d}, CPU ms per call (minimum of {rounds} rounds of {calls} calls):")
     for name, ms in out.items():
         print(f"  {name:55s} {ms:8.3f}")
     return out

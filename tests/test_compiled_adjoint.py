@@ -268,3 +268,13 @@ def test_closed_over_module_parameter_takes_the_compiled_path() -> None:
         solvers.append(info.backward.solver)
     assert solvers == ["CG (compiled)", "CG"]
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_ridge_breakdown_benchmark_reports_every_part() -> None:
+    from benchmarks import ridge_breakdown
+
+    threads = torch.get_num_threads()
+    parts = ridge_breakdown.main(["--d", "12", "--rounds", "1", "--calls", "1"])
+    assert torch.get_num_threads() == threads  # the benchmark's thread settings are undone
+    assert len(parts) == 7 and all(math.isfinite(ms) and ms > 0 for ms in parts.values())
