@@ -102,7 +102,9 @@ def run_compile(cfg: Config) -> Section:
     torch.manual_seed(0)
     n, B = (8, 4) if cfg.tiny else (16, 8)
     sizes = [B, B + 1, B + 2, B + 3, B + 5, B + 9]
-    backends = ["eager"] if cfg.tiny else ["eager", "inductor"]
+    # "aot_eager" (AOT autograd without inductor) tells which part of the compiled step's
+    # excess over eager is AOT autograd's and which is inductor's code.
+    backends = ["eager"] if cfg.tiny else ["eager", "aot_eager", "inductor"]
     for name, make in (("DEQ", _DEQModel), ("ArgminLayer (box)", _BoxArgminModel)):
         model = make(n)
         x = torch.randn(B, n)
