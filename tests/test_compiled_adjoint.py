@@ -166,6 +166,34 @@ def test_indefinite_stops_without_nan() -> None:
     assert torch.isfinite(t.grad).all()
 
 
+def test_vmap_inference_mode_and_no_grad() -> None:
+    """vmap (of grad) runs the eager CG with the same results; without a graph the layer is
+    the forward alone, with the same solution."""
+    A, b, c = data()
+    cg = il.linear.CG(rtol=1e-12)
+
+    def loss(bb, mode):
+        return solve(mode, A.detach(), bb, c.detach()).pow(2).sum()
+
+    bs = torch.stack([b.detach(), 0.5 * b.detach()])
+    got = torch.func.vmap(torch.func.grad(loss), in_dims=(0, None))(bs, il.backward.CompiledImplicit(cg))
+    want = torch.func.vmap(torch.func.grad(loss), in_dims=(0, None))(bs, il.backward.Implicit(cg))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    reference = solve(il.backward.Implicit(cg), A, b, c).detach()
+    with torch.no_grad():
+        w = solve(il.backward.CompiledImplicit(cg), A, b, c)
+    assert not w.requires_grad
+    torch.testing.assert_close(w, reference, rtol=0, atol=0)
+    # (LBFGS here: Newton's Hessian products need autograd, which inference_mode turns off.)
+    outs = []
+    for mode in (il.backward.CompiledImplicit(cg), il.backward.Implicit(cg)):
+        with torch.inference_mode():
+            outs.append(il.argmin(objective, torch.zeros_like(b), A, b, c, backward=mode, batched=True,
+                                  solver=il.solvers.LBFGS(rtol=1e-12)))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0], reference, rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.slow
 def test_float32() -> None:
     A, b, c = data(torch.float32)
