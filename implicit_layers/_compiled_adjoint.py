@@ -24,6 +24,7 @@ compiled arithmetic may reorder floating-point sums, so results agree to roundin
 from __future__ import annotations
 
 import types
+import warnings
 import weakref
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch._higher_order_ops import while_loop
 
 from ._capture import capture, transforms_active
 from ._implicit import ImplicitCore
-from ._info import NonFiniteError, SolveInfo, report_failure
+from ._info import NonFiniteError, SolveInfo, report_failure, user_stacklevel
 from ._linearize import RecordedLinearization
 from ._problem import Problem
 from .backward import Implicit
@@ -52,11 +53,14 @@ class CompiledImplicit(Implicit):
     ``symmetric=True``.
 
     The first backward of a problem compiles the loop (8-47 s on one CPU core with a cold
-    compile cache, 3-14 s with torch's on-disk cache warm); later calls with the same function,
-    shapes and dtype reuse it (new values and a new ``max_steps`` do not compile again, a new
-    batch size or dtype does). It pays when the same problem is differentiated many times and
-    each CG iteration is cheap next to Python's overhead: ridge regression at d = 200 takes
-    0.57x the eager Dense backward's forward + backward time and 0.22x eager CG's
+    compile cache, 3-14 s with torch's on-disk cache warm); later calls with the same function
+    reuse it (new values and a new ``max_steps`` do not compile again; a new batch size, dtype
+    or problem size does). Past dynamo's ``recompile_limit`` (8) variants of one function, its
+    new shapes solve eagerly, with a ``RuntimeWarning``.
+
+    It pays when the same problem is differentiated many times and each CG iteration is cheap
+    next to Python's overhead: ridge regression at d = 200 takes 0.57x the eager Dense
+    backward's forward + backward time and 0.22x eager CG's
     (``python -m benchmarks.ridge_breakdown``).
 
     Before each compiled solve the backward calls the function once to check that it still
@@ -76,7 +80,9 @@ class CompiledImplicit(Implicit):
     Raises:
         TypeError: if ``linear_solver`` is not an :class:`~implicit_layers.linear.CG`.
         ValueError: when differentiating a problem whose Jacobian is not declared symmetric
-            (a fixed point, or a root without ``symmetric=True``).
+            (a fixed point, or a root without ``symmetric=True``), or, in the backward, a
+            function that ``torch.compile(fullgraph=True)`` cannot trace (``.item()``, Python
+            branches on tensor values).
 
     Warns:
         implicit_layers.ConvergenceWarning: when a sample's adjoint solve does not converge
@@ -133,8 +139,20 @@ class _CompiledCore(ImplicitCore):
         loop = _compiled_cg(problem.fn)
         # Contiguous inputs: the graph is specialised to strides (the cotangent of a sum is
         # an expanded tensor of stride 0, which would compile a second graph).
-        u, rs, steps = loop(problem.pure_residual, lin.zr.detach().contiguous(), rhs.contiguous(),
-                            tol.square(), limit)
+        try:
+            u, rs, steps = loop(problem.pure_residual, lin.zr.detach().contiguous(), rhs.contiguous(),
+                                tol.square(), limit)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # More shapes or dtypes of this function than dynamo compiles: solve eagerly.
+            _warn_recompile_limit(problem.fn)
+            return super().linear_solve(lin, rhs, transpose)
+        except torch._dynamo.exc.TorchDynamoException as exc:  # tracing or code generation
+            raise ValueError(
+                f"CompiledImplicit could not compile the adjoint loop through {problem.name} "
+                f"(torch.compile: {str(exc).splitlines()[0]}). The function must be traceable by "
+                "torch.compile(fullgraph=True): torch operations only, no .item(), .tolist() or "
+                "Python branches on tensor values. Use backward=il.linear.CG(...) (eager) for it."
+            ) from exc
         res = rs.sqrt()
         if not bool(torch.isfinite(res).all()):
             raise NonFiniteError(
@@ -147,6 +165,24 @@ class _CompiledCore(ImplicitCore):
             self.info.backward = info if problem.batched else info.squeeze_batch()
         report_failure(info, cg.on_failure, f"backward (adjoint) solve of {problem.kind}", cg._advice())
         return u
+
+
+_WARNED: set[int] = set()
+
+
+def _warn_recompile_limit(fn: Any) -> None:
+    """Say once per function that its adjoint solves now run eagerly."""
+    key = id(getattr(fn, "__func__", fn))
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(
+        "CompiledImplicit: torch.compile has compiled the adjoint loop for as many shapes and "
+        f"dtypes of this function as torch._dynamo.config.recompile_limit allows "
+        f"({torch._dynamo.config.recompile_limit}); its further new shapes solve eagerly (same "
+        "results, eager speed). Raise that limit if it has many input shapes.",
+        RuntimeWarning, stacklevel=user_stacklevel(),
+    )
 
 
 def _reads_its_params(problem: Problem, z: Tensor) -> bool:
@@ -260,4 +296,7 @@ def _compile_copy() -> Any:
     copy = types.FunctionType(code, _cg_loop.__globals__, _cg_loop.__name__)
     # Without the wrapper's size and stride assertions, run in Python once per kernel call of
     # every pass (half the loop's time on small problems; the shapes are fixed by the guards).
+    # Static shapes: dynamo keeps its record of shapes seen per source location, shared by the
+    # copies, so that with automatic dynamic shapes one function's sizes would make another's
+    # first graph dynamic (and while_loop does not take the size objects that lifts).
     return torch.compile(copy, fullgraph=True, dynamic=False, options={"size_asserts": False})

@@ -194,6 +194,36 @@ def test_vmap_inference_mode_and_no_grad() -> None:
     torch.testing.assert_close(outs[0], reference, rtol=1e-8, atol=1e-10)
 
 
+def test_untraceable_function_is_a_clear_error() -> None:
+    A, b, c = data()
+
+    def branching(w, A, b, c):
+        value = objective(w, A, b, c)
+        return value if bool(c > 0) else -value  # a Python branch on a tensor's value
+
+    w = il.argmin(branching, torch.zeros_like(b), A, b, c, batched=True,
+                  solver=il.solvers.Newton(rtol=1e-12),
+                  backward=il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)))
+    with pytest.raises(ValueError, match=r"could not compile.*traceable.*il.linear.CG"):
+        w.sum().backward()
+
+
+def test_past_the_recompile_limit_it_solves_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past dynamo's recompile limit (here 1 graph) a new shape is solved by the eager CG, with
+    a warning, and the same gradient."""
+    A, b, c = data()
+    cg = il.linear.CG(rtol=1e-12)
+    solve(il.backward.CompiledImplicit(cg), A, b, c).sum().backward()  # compiled (or cached)
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    A2, b2 = A[:2].detach().requires_grad_(True), b[:2].detach().requires_grad_(True)
+    w, info = solve(il.backward.CompiledImplicit(cg), A2, b2, c, return_info=True)
+    with pytest.warns(RuntimeWarning, match="recompile_limit"):
+        w.sum().backward()
+    assert info.backward.solver == "CG"
+    want = torch.autograd.grad(solve(il.backward.Implicit(cg), A2, b2, c).sum(), b2)[0]
+    torch.testing.assert_close(b2.grad, want, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.slow
 def test_float32() -> None:
     A, b, c = data(torch.float32)
