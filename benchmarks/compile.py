@@ -7,7 +7,10 @@ Two small models, each a linear layer, an implicit layer and a linear head: an `
   eagerly as one break, the rest of the model compiles;
 * graphs compiled after two batch sizes and after six (dynamo's ``unique_graphs``);
 * a training step (forward + backward) eager, compiled with the "eager" backend (graph capture
-  only) and with inductor, timed alternately in one run; gradients compared with eager.
+  only) and with inductor, timed alternately in one run; gradients compared with eager;
+* the same steps of the model with the implicit layer replaced by the identity, timed in the
+  same rounds: the part of the compiled step's excess over eager that is torch.compile's own
+  fixed cost per call of the surrounding layers, with no implicit layer involved.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from torch._dynamo.utils import counters
 import implicit_layers as il
 
 from ._common import BURST, Config, Section, time_bursts
+
+#: Method-name prefix of the rows of the model without its implicit layer.
+BARE = "layer -> identity: "
 
 
 class _Cell(torch.nn.Module):
@@ -34,6 +40,9 @@ class _Cell(torch.nn.Module):
 
 
 class _DEQModel(torch.nn.Module):
+    #: The attribute holding the implicit layer.
+    implicit = "deq"
+
     def __init__(self, n: int) -> None:
         super().__init__()
         self.inp = torch.nn.Linear(n, n)
@@ -45,6 +54,8 @@ class _DEQModel(torch.nn.Module):
 
 
 class _BoxArgminModel(torch.nn.Module):
+    implicit = "layer"
+
     def __init__(self, n: int) -> None:
         super().__init__()
         self.inp = torch.nn.Linear(n, n)
@@ -76,7 +87,8 @@ def _step(model: torch.nn.Module, call: torch.nn.Module, x: torch.Tensor) -> lis
     """One training step through ``call`` (the model or its compiled form); the gradients."""
     model.zero_grad()
     call(x).backward()
-    return [p.grad.clone() for p in model.parameters()]
+    # (A parameter only the implicit layer reads has no gradient in the model without it.)
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 
 def run_compile(cfg: Config) -> Section:
@@ -90,7 +102,9 @@ def run_compile(cfg: Config) -> Section:
     torch.manual_seed(0)
     n, B = (8, 4) if cfg.tiny else (16, 8)
     sizes = [B, B + 1, B + 2, B + 3, B + 5, B + 9]
-    backends = ["eager"] if cfg.tiny else ["eager", "inductor"]
+    # "aot_eager" (AOT autograd without inductor) tells which part of the compiled step's
+    # excess over eager is AOT autograd's and which is inductor's code.
+    backends = ["eager"] if cfg.tiny else ["eager", "aot_eager", "inductor"]
     for name, make in (("DEQ", _DEQModel), ("ArgminLayer (box)", _BoxArgminModel)):
         model = make(n)
         x = torch.randn(B, n)
@@ -99,15 +113,22 @@ def run_compile(cfg: Config) -> Section:
         after_two, after_six = _graphs_over_batch_sizes(model, sizes, n)
 
         methods = {"eager": lambda m=model, x=x: _step(m, m, x)}
+        # The same model with the implicit layer replaced by the identity: what torch.compile
+        # itself adds to a step of the surrounding layers (guards, wrappers, graph launch).
+        bare = deepcopy(model)
+        setattr(bare, model.implicit, torch.nn.Identity())
+        methods[BARE + "eager"] = lambda m=bare, x=x: _step(m, m, x)
         for backend in backends:
             torch._dynamo.reset()
             # A copy of its own per backend (same weights, so the same gradients): two compiled
             # wrappers of one module share dynamo's cache entries for its code, and each call
             # then also tests the other backend's guards.
-            copy = deepcopy(model)
-            compiled = torch.compile(copy, backend=backend)
-            methods[f"compiled ({backend})"] = lambda m=copy, c=compiled, x=x: _step(m, c, x)
+            for prefix, source in (("", model), (BARE, bare)):
+                copy = deepcopy(source)
+                compiled = torch.compile(copy, backend=backend)
+                methods[f"{prefix}compiled ({backend})"] = lambda m=copy, c=compiled, x=x: _step(m, c, x)
         times, grads = time_bursts(methods, cfg)
+        bare_times = {m: times.pop(m) for m in list(times) if m.startswith(BARE)}
         for method, seconds in times.items():
             err = max(
                 float((g - e).abs().max() / e.abs().max().clamp_min(1e-30))
@@ -125,10 +146,17 @@ def run_compile(cfg: Config) -> Section:
             f"{name}: graphs after six batch sizes vs after two", "equal", after_six,
             after_six == after_two, f"{after_two} after two",
         )
+        for method, seconds in bare_times.items():
+            section.add(case=f"{name} n={n} B={B}", method=method, time_ms=1e3 * seconds,
+                        ratio_to_eager=seconds / bare_times[BARE + "eager"])
         for backend in backends:
             ratio = times[f"compiled ({backend})"] / times["eager"]
+            excess = times[f"compiled ({backend})"] - times["eager"]
+            bare_excess = bare_times[f"{BARE}compiled ({backend})"] - bare_times[BARE + "eager"]
             section.target(
-                f"{name}: compiled ({backend}) step / eager step", "<= 1.0", ratio, ratio <= 1.0
+                f"{name}: compiled ({backend}) step / eager step", "<= 1.0", ratio, ratio <= 1.0,
+                f"compiled - eager: {1e3 * excess:.3f} ms with the layer, {1e3 * bare_excess:.3f} ms "
+                "with the layer replaced by the identity",
             )
     torch._dynamo.reset()
     return section

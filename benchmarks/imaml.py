@@ -14,7 +14,8 @@ import torch
 
 import implicit_layers as il
 
-from ._common import Config, Section, add_failures, peer_or_note, rel_err, time_alternating
+from . import _common
+from ._common import COMPILED, Config, Section, peer_or_note, rel_err, time_alternating
 
 LAM = 2.0
 SIZES = [(1, 40), (40, 40), (40, 1)]
@@ -124,6 +125,9 @@ def _imaml_case(cfg: Config, section: Section, act_name: str) -> None:
     methods = {"ours CG 1e-10": ours(il.linear.CG(rtol=1e-10, max_steps=400, on_failure="ignore")),
                "ours MINRES 1e-10": ours(il.linear.MINRES(rtol=1e-10, max_steps=400)),
                "ours Dense": ours(il.linear.Dense())}
+    if not cfg.tiny:  # the tiny run (the test suite's) skips its compilation (tens of seconds)
+        methods[COMPILED] = ours(il.backward.CompiledImplicit(
+            il.linear.CG(rtol=1e-10, max_steps=400, on_failure="ignore")))
     peers = peer_or_note(section, "torchopt")
     if peers is not None:
         (torchopt,) = peers
@@ -144,15 +148,16 @@ def _imaml_case(cfg: Config, section: Section, act_name: str) -> None:
         methods["torchopt default (normal CG)"] = topt(None)
     # The shared forward alone, timed in the same rounds: the floor of every method's time.
     methods[FORWARD_ALONE] = lambda: forward(theta0)
+    first = _common.first_calls(methods)
     times, outs = time_alternating(methods, cfg)
     forward_t = times.pop(FORWARD_ALONE, None)
     for k, t in times.items():
         section.add(case=f"{act_name} MLP, one task", method=k, time_ms=1e3 * t,
-                    grad_rel_err=rel_err(outs[k], ref))
+                    grad_rel_err=rel_err(outs[k], ref), first_call_s=first.get(k))
     if forward_t is not None:
         section.add(case=f"{act_name} MLP, one task", method=FORWARD_ALONE,
                     time_ms=1e3 * forward_t, grad_rel_err=None)
-    add_failures(section, f"{act_name} MLP, one task")
+    _common.add_failures(section, f"{act_name} MLP, one task")
     errs = {r["method"]: r["grad_rel_err"] for r in section.rows
             if r.get("grad_rel_err") is not None and r["case"].startswith(act_name)}
     if "torchopt CG 1e-10" in times:
@@ -167,6 +172,12 @@ def _imaml_case(cfg: Config, section: Section, act_name: str) -> None:
                            r, r <= 0.5,
                            f"{best} (err {errs[best]:.1e}) vs torchopt (err {errs['torchopt CG 1e-10']:.1e})"
                            + floor)
+        if COMPILED in ok:
+            t_c, t_t = _common.paired_times(methods, COMPILED, "torchopt CG 1e-10", cfg)
+            section.target(f"iMAML ({act_name} MLP): ours (compiled solve) / torchopt CG 1e-10", "<= 0.7",
+                           t_c / t_t, t_c / t_t <= 0.7,
+                           f"{1e3 * t_c / 2:.2f} vs {1e3 * t_t / 2:.2f} ms (paired re-timing); first "
+                           f"call {first[COMPILED]:.1f} s")
     if act_name == "tanh":
         section.notes.append(
             f"Forward (shared by all methods): {inner_steps} gradient steps of size {lr}; times include it."

@@ -39,6 +39,7 @@ from .linear.combinators import StepsOnFailure
 
 __all__ = [
     "BackwardMode", "Implicit", "Unrolled", "Truncated", "JacobianFree", "Phantom", "GaussNewtonImplicit",
+    "CompiledImplicit",
 ]
 
 
@@ -479,4 +480,5 @@ def resolve_backward(backward: BackwardMode | LinearSolver | None) -> BackwardMo
     )
 
 
+from ._compiled_adjoint import CompiledImplicit  # noqa: E402  (it subclasses Implicit)
 from ._gauss_newton_backward import GaussNewtonImplicit  # noqa: E402  (subclasses Implicit)

@@ -1,0 +1,112 @@
+"""Where the ridge hypergradient's time goes with the compiled adjoint (d = 200, float64).
+
+Times, each alone (CPU ms, minimum over rounds), the parts of one forward + backward of
+``custom_root`` with ``backward=il.backward.CompiledImplicit(il.linear.CG(rtol=1e-10))``:
+
+* the closed-form forward alone (Cholesky and two triangular solves);
+* the layer call around it (forward + attaching the gradient, no backward);
+* the compiled CG loop alone (called directly, 44 steps) and its call with no step to take;
+* the whole forward + backward, and the same with the eager Dense and CG backwards.
+
+Usage::
+
+    python -m benchmarks.ridge_breakdown [--d 200] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import implicit_layers as il
+from implicit_layers._compiled_adjoint import _compiled_cg
+from implicit_layers._problem import Problem
+
+from ._common import restore_threads, set_threads
+from .ridge import TOL, make_ridge
+
+
+def _time(fn, calls: int, rounds: int) -> float:  # noqa: ANN001
+    """Minimum over ``rounds`` of the CPU ms per call of ``fn`` (after three warm-up calls)."""
+    for _ in range(3):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.process_time()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.process_time() - t0) / calls * 1e3)
+    return best
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=30)
+    a = p.parse_args(argv)
+    prev = set_threads(1)
+    try:
+        return _measure(a.d, a.rounds, a.calls)
+    finally:
+        restore_threads(prev)
+
+
+def _measure(d: int, rounds: int, calls: int) -> dict[str, float]:
+    data = {k: torch.as_tensor(v) for k, v in make_ridge(d).items()}
+    X, y, theta0 = data["X"], data["y"], data["theta"]
+    G, Xty = X.T @ X / X.shape[0], X.T @ y / X.shape[0]
+
+    def optimality(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return G @ w - Xty + theta.exp() * w
+
+    def closed_form(theta: torch.Tensor) -> torch.Tensor:
+        H = G + torch.diag(theta.exp())
+        return torch.cholesky_solve(Xty.unsqueeze(-1), torch.linalg.cholesky(H)).squeeze(-1)
+
+    def layer(backward: object):  # noqa: ANN202
+        return il.custom_root(optimality, backward=backward, symmetric=True, rtol=TOL)(
+            lambda w0, theta: closed_form(theta))
+
+    w0 = torch.zeros(d, dtype=torch.float64)
+
+    def step(inner) -> torch.Tensor:  # noqa: ANN001
+        theta = theta0.clone().requires_grad_(True)
+        return torch.autograd.grad(inner(w0, theta).square().sum(), theta)[0]
+
+    compiled = layer(il.backward.CompiledImplicit(il.linear.CG(rtol=TOL)))
+    dense, eager_cg = layer(il.linear.Dense()), layer(il.linear.CG(rtol=TOL))
+
+    def call_only() -> torch.Tensor:
+        return compiled(w0, theta0.clone().requires_grad_(True))
+
+    w = closed_form(theta0).unsqueeze(0)
+    g = torch.randn(1, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    problem = Problem("root", optimality, (theta0,), w[0], batched=False, name="optimality_fn",
+                      symmetric=True)
+    loop = _compiled_cg(optimality)
+    limit = torch.tensor(1000)
+    tol2 = (TOL * torch.linalg.vector_norm(g, dim=-1)) ** 2
+    huge = torch.full_like(tol2, 1e300)
+    steps = int(loop(problem.pure_residual, w, g, tol2, limit)[2])
+    parts = {
+        "closed-form forward alone": lambda: closed_form(theta0),
+        "layer call (forward + attach, no backward)": call_only,
+        f"compiled CG loop alone ({steps} steps)": lambda: loop(problem.pure_residual, w, g, tol2, limit),
+        "compiled CG loop, no step to take (call cost)": lambda: loop(
+            problem.pure_residual, w, g, huge, limit),
+        "whole forward + backward, CompiledImplicit(CG)": lambda: step(compiled),
+        "whole forward + backward, Dense (eager)": lambda: step(dense),
+        "whole forward + backward, CG (eager)": lambda: step(eager_cg),
+    }
+    out = {name: _time(fn, calls, rounds) for name, fn in parts.items()}
+    print(f"ridge d={d}, CPU ms per call (minimum of {rounds} rounds of {calls} calls):")
+    for name, ms in out.items():
+        print(f"  {name:55s} {ms:8.3f}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
