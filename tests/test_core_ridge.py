@@ -132,3 +132,24 @@ def test_gradient_descent_default_step_under_inference_mode() -> None:
     torch.testing.assert_close(inference, plain, rtol=0, atol=1e-14)
     torch.testing.assert_close(inference, torch.linalg.solve(H, torch.ones(5, dtype=torch.float64)),
                                rtol=0, atol=1e-8)
+
+
+def test_newton_under_inference_mode_and_torch_func() -> None:
+    """Newton's Hessian products under inference_mode and torch.func come from forward mode
+    over torch.func.grad: the same minimiser as with autograd, and the hypergradient of the
+    closed form (w solves 2(w - t) + 4w³ = 0, so dw/dt = 2 / (2 + 12 w²))."""
+
+    def f(w, t):
+        return ((w - t) ** 2).sum() + (w**4).sum()
+
+    theta = torch.tensor(2.0, dtype=torch.float64)
+    w0 = torch.zeros(3, dtype=torch.float64)
+    solver = il.solvers.Newton()
+    plain = il.argmin(f, w0, theta, solver=solver)
+    with torch.inference_mode():
+        inference = il.argmin(f, w0, theta, solver=solver)
+    torch.testing.assert_close(inference, plain, rtol=0, atol=1e-12)
+    torch.testing.assert_close(2 * (plain - theta) + 4 * plain**3, torch.zeros(3, dtype=torch.float64),
+                               rtol=0, atol=1e-10)
+    g = torch.func.grad(lambda t: il.argmin(f, w0, t, solver=solver).sum())(theta)
+    torch.testing.assert_close(g, 3 * 2 / (2 + 12 * plain[0] ** 2), rtol=1e-9, atol=0)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from typing_extensions import Unpack
 
+from .._capture import transforms_active
 from .._config import SolverKeywords, check_positive_int
 from .._info import SolveInfo
 from .._problem import MinimiseProblem, Problem
@@ -72,14 +75,9 @@ class Newton(ForwardSolver):
                 break
             active = mon.active
             with torch.enable_grad():
-                zz = z.detach().requires_grad_(True)
-                _, gg = problem.value_and_grad(zz, create_graph=True)
-
-                def hvp(x: Tensor, gg: Tensor = gg, zz: Tensor = zz) -> Tensor:
-                    return torch.autograd.grad(gg, zz, x, retain_graph=True)[0]
-
                 op = FunctionOperator(
-                    hvp, z.shape[0], z.shape[1], z.dtype, z.device, symmetric=True
+                    _hessian_product(problem, z), z.shape[0], z.shape[1], z.dtype, z.device,
+                    symmetric=True,
                 )
                 forcing = torch.sqrt(torch.linalg.vector_norm(g, dim=-1) / g0).clamp(max=0.5)
                 inner = CG(rtol=float(forcing.min()), max_steps=self.cg_max_steps,
@@ -89,3 +87,15 @@ class Newton(ForwardSolver):
             z, v, g = where_active(active, (z_new, v_new, g_new), (z, v, g))
             mon.record(z, g, active)
         return mon.finish()
+
+
+def _hessian_product(problem: Problem, z: Tensor) -> Callable[[Tensor], Tensor]:
+    """``x ↦ H(z) x`` for the objective's Hessian ``H``: by reverse mode on one recorded
+    gradient, or, where autograd cannot record (``torch.inference_mode``, ``torch.func``
+    transforms), as the forward-mode derivative of ``torch.func.grad``."""
+    if torch.is_inference_mode_enabled() or transforms_active():
+        grad = torch.func.grad(lambda zz: problem.objective(zz).sum())
+        return lambda x: torch.func.jvp(grad, (z,), (x,))[1]
+    zz = z.detach().requires_grad_(True)
+    _, gg = problem.value_and_grad(zz, create_graph=True)
+    return lambda x: torch.autograd.grad(gg, zz, x, retain_graph=True)[0]
