@@ -1,6 +1,6 @@
 """DEQ training: test accuracy of the same model trained through torchdeq and through il.nn.DEQ.
 
-    python -m benchmarks.deq_training [--tiny] [--seeds 5] [--out FILE.md]
+    python -m benchmarks.deq_training [--tiny] [--seeds 5] [--first-seed 0] [--configs ...] [--out FILE.md]
 
 The model is one equilibrium cell ``z = tanh(W z + U x + b)`` (hidden 64, every weight an
 ``nn.Linear`` with PyTorch's default initialisation) followed by a linear classifier on ``z*``,
@@ -13,12 +13,18 @@ seed). Each seed trains every configuration from the same initial weights on the
   one-step phantom gradient);
 * ``torchdeq matched``: Anderson, tolerance 1e-4, at most 40 steps, implicit backward
   (``ift=True``) at tolerance 1e-4 and at most 40 steps;
-* ``ours defaults``: ``il.nn.DEQ(cell)``;
+* ``ours defaults``: ``il.nn.DEQ(cell)`` (the spectral norm of ``W``, the layer the state
+  passes through, bounded by 0.9: ``lipschitz="auto"``);
+* ``ours unbounded``: ``il.nn.DEQ(cell, lipschitz=None)``, the map as given;
 * ``ours exact``: ``il.nn.DEQ(cell, solver=Anderson(rtol=1e-4, max_steps=40),
-  backward=Implicit(GMRES()))``, the implicit gradient without any fallback (torchdeq matched's
-  settings);
-* ``ours recipe``: the defaults plus ``il.nn.apply_norm(cell, "spectral", bound=0.9)``, which
-  keeps the map a contraction.
+  backward=Implicit(GMRES()), lipschitz=None)``, the implicit gradient of the map as given,
+  without any fallback (torchdeq matched's settings);
+* ``ours recipe``: the defaults with ``backward=il.backward.JacobianFree()``, which the bound
+  makes a descent direction (the map is a contraction).
+
+``--configs`` also runs the candidates measured when choosing the defaults (``SETUPS``), and
+``--first-seed`` other seeds than the table's, so that settings can be chosen without looking
+at the test sets the table reports.
 
 The table gives the mean test accuracy over the seeds with the standard deviation and the
 range, the mean time of a training step, and for our configurations the number of
@@ -104,12 +110,20 @@ def ours_solve(**settings: object) -> Callable[[Cell, torch.Tensor], torch.Tenso
     return solve
 
 
-def _normed(kind: str, **settings: object) -> Callable[[Cell], Callable[[Cell, torch.Tensor], torch.Tensor]]:
+def _normed(kind: str, backward: object = None,
+            **settings: object) -> Callable[[Cell], Callable[[Cell, torch.Tensor], torch.Tensor]]:
+    """``il.nn.apply_norm(cell, kind, **settings)`` on every layer of the cell (which the
+    layer's own bound then leaves alone), with the default solve or ``backward``."""
     def configure(cell: Cell) -> Callable[[Cell, torch.Tensor], torch.Tensor]:
         il.nn.apply_norm(cell, kind, **settings)  # type: ignore[arg-type]
-        return ours_solve()
+        return ours_solve() if backward is None else ours_solve(backward=backward)
 
     return configure
+
+
+def _unbounded(**settings: object) -> Callable[[Cell], Callable[[Cell, torch.Tensor], torch.Tensor]]:
+    """Our layer without its Lipschitz bound (``lipschitz=None``, the defaults before it)."""
+    return lambda cell: ours_solve(lipschitz=None, **settings)
 
 
 #: configuration name -> function that prepares the cell (in place) and returns its solve.
@@ -118,32 +132,32 @@ SETUPS: dict[str, Callable[[Cell], Callable[[Cell, torch.Tensor], torch.Tensor]]
     "torchdeq matched": lambda cell: torchdeq_solve(
         f_solver="anderson", f_tol=1e-4, f_max_iter=40, ift=True, b_tol=1e-4, b_max_iter=40),
     "ours defaults": lambda cell: ours_solve(),
-    "ours unbounded": lambda cell: ours_solve(lipschitz=None),
-    "ours exact": lambda cell: ours_solve(solver=il.solvers.Anderson(rtol=1e-4, max_steps=40),
-                                          backward=il.backward.Implicit(il.linear.GMRES()),
-                                          lipschitz=None),
-    "ours recipe": _normed("spectral", bound=0.9),
-    # candidates
-    "ours recipe bound 1": _normed("spectral", bound=1.0),
-    "ours weight norm": _normed("weight"),
-    "ours phantom fallback": lambda cell: ours_solve(
+    "ours unbounded": _unbounded(),
+    "ours exact": _unbounded(solver=il.solvers.Anderson(rtol=1e-4, max_steps=40),
+                             backward=il.backward.Implicit(il.linear.GMRES())),
+    "ours recipe": lambda cell: ours_solve(backward=il.backward.JacobianFree()),
+    # Candidates measured when choosing the defaults. With the bound (the default):
+    "ours phantom 5": lambda cell: ours_solve(backward=il.backward.Phantom(5)),
+    "ours anderson": lambda cell: ours_solve(solver=il.solvers.Anderson(max_steps=50)),
+    # apply_norm on every layer of the cell, the state's and the input's:
+    "ours apply_norm spectral 0.9": _normed("spectral", bound=0.9),
+    "ours apply_norm spectral 1.0": _normed("spectral", bound=1.0),
+    "ours apply_norm spectral 0.9 jacobian-free": _normed("spectral", il.backward.JacobianFree(), bound=0.9),
+    "ours apply_norm weight": _normed("weight"),
+    # Without a bound:
+    "ours unbounded phantom fallback": _unbounded(
         backward=il.backward.Implicit(fallback=il.backward.Phantom())),
-    "ours jacobian-free": lambda cell: ours_solve(backward=il.backward.JacobianFree()),
+    "ours unbounded jacobian-free": _unbounded(backward=il.backward.JacobianFree()),
+    "ours unbounded phantom 5": _unbounded(backward=il.backward.Phantom(5)),
+    "ours unbounded anderson": _unbounded(solver=il.solvers.Anderson(max_steps=50)),
+    "ours unbounded rtol 1e-4": _unbounded(solver=il.solvers.Adaptive(rtol=1e-4, max_steps=50)),
+    "ours unbounded rtol 1e-3": _unbounded(solver=il.solvers.Adaptive(rtol=1e-3, max_steps=50)),
+    "ours unbounded neumann backward": _unbounded(backward=il.backward.Implicit(il.linear.Neumann(40))),
     # torchdeq matched's settings in our library: Anderson forward, a fixed-point-iteration
     # (Neumann) adjoint solve of at most 40 steps, both at 1e-4
-    "ours torchdeq-like": lambda cell: ours_solve(
+    "ours unbounded torchdeq-like": _unbounded(
         solver=il.solvers.Anderson(rtol=1e-4, max_steps=40),
         backward=il.backward.Implicit(il.linear.Neumann(40, rtol=1e-4))),
-    "ours rtol 1e-4": lambda cell: ours_solve(solver=il.solvers.Adaptive(rtol=1e-4, max_steps=50)),
-    "ours rtol 1e-3": lambda cell: ours_solve(solver=il.solvers.Adaptive(rtol=1e-3, max_steps=50)),
-    "ours anderson": lambda cell: ours_solve(solver=il.solvers.Anderson(max_steps=50)),
-    "ours neumann backward": lambda cell: ours_solve(
-        backward=il.backward.Implicit(il.linear.Neumann(40))),
-    "ours phantom 5": lambda cell: ours_solve(backward=il.backward.Phantom(5)),
-    "ours recipe jacobian-free": lambda cell: _normed("spectral", bound=0.9)(cell) and ours_solve(
-        backward=il.backward.JacobianFree()),
-    # diagnostic only (a default cannot tell the state's layers from the input's): bound W alone
-    "ours spectral W only": lambda cell: _normed("spectral", bound=0.9)(cell.W) and ours_solve(),
 }
 CANDIDATES = tuple(name for name in SETUPS if name not in CONFIGS)
 
@@ -229,7 +243,7 @@ def table(results: dict[str, dict[str, list[Run]]]) -> str:
             std = statistics.stdev(acc) if len(acc) > 1 else 0.0
             warned = "–" if name.startswith("torchdeq") else str(sum(r.warnings for r in runs))
             lines.append(
-                f"| {dataset} | {name} | {statistics.fmean(acc):.1f} ± {std:.1f} | "
+                f"| {dataset} | {name} | {statistics.fmean(acc):.2f} ± {std:.1f} | "
                 f"{min(acc):.1f} – {max(acc):.1f} | "
                 f"{1e3 * statistics.fmean(r.step_time for r in runs):.1f} | {warned} |"
             )
