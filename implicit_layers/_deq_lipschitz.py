@@ -15,15 +15,16 @@ keeps its vectors outside the module's state (they are re-estimated after a relo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from ._capture import transforms_active
+from ._capture import _tensors, transforms_active
 from ._deq_norm import SpectralBound, normalisable_layers
 
 __all__ = ["StateLayerBound", "check_lipschitz"]
@@ -57,9 +58,10 @@ class StateLayerBound:
     def find_state_layers(self, f: torch.nn.Module, z0: Any, x: Tensor, args: Sequence[Any]) -> None:
         """Record the linear and convolution layers of ``f`` whose input depends on the state.
 
-        One evaluation of ``f`` with the parameters and inputs detached and the state requiring
-        a gradient: a layer's input requires a gradient exactly when it depends on the state.
-        Layers already normalised by ``apply_norm`` keep the user's normalisation.
+        One evaluation of ``f(z0, x, *args)`` without a graph, following which tensors the
+        state flows into (a torch-function mode marks every output of an operation that takes
+        a marked tensor). Layers already normalised by ``apply_norm`` keep the user's
+        normalisation.
         """
         candidates = set(normalisable_layers(f))
         layers = {name: m for name, m in f.named_modules()
@@ -68,22 +70,19 @@ class StateLayerBound:
             self.names = []
             return
         seen: set[str] = set()
+        state = tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, z0)
+        marks = _StateMarks(_tensors(state))
 
         def hook(name: str) -> Callable[..., None]:
             def record(module: torch.nn.Module, inputs: tuple[Any, ...]) -> None:
-                if inputs and isinstance(inputs[0], Tensor) and inputs[0].requires_grad:
+                if any(marks.marked(t) for t in _tensors(inputs)):
                     seen.add(name)
             return record
 
         handles = [m.register_forward_pre_hook(hook(name)) for name, m in layers.items()]
         try:
-            # Outside inference mode and with grad enabled, whatever the caller's mode.
-            with torch.inference_mode(False), torch.enable_grad():
-                detach = tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, (x, *args))
-                params = {n: p.detach() for n, p in f.named_parameters()}
-                state = tree_map(lambda t: t.detach().clone().requires_grad_(True)
-                                 if isinstance(t, Tensor) and t.is_floating_point() else t, z0)
-                torch.func.functional_call(f, params, (state, *detach), strict=False)
+            with torch.no_grad(), marks:
+                f(state, x, *args)
         finally:
             for h in handles:
                 h.remove()
@@ -112,6 +111,27 @@ class StateLayerBound:
                 with torch.inference_mode(False):
                     est.power_iteration(weight)
             out[f"{name}.weight" if name else "weight"] = est(weight)
+        return out
+
+
+class _StateMarks(TorchFunctionMode):
+    """Marks the outputs of every torch operation that takes a marked tensor."""
+
+    def __init__(self, seeds: Iterable[Tensor]) -> None:
+        super().__init__()
+        self.keep: list[Tensor] = list(seeds)  # alive, so that their ids stay unique
+        self.ids = {id(t) for t in self.keep}
+
+    def marked(self, t: Tensor) -> bool:
+        return id(t) in self.ids
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if any(id(t) in self.ids for t in _tensors((args, kwargs))):
+            for t in _tensors(out):
+                self.ids.add(id(t))
+                self.keep.append(t)
         return out
 
 

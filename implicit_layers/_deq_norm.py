@@ -63,7 +63,9 @@ class SpectralBound(torch.nn.Module):
     def sigma(self, weight: Tensor) -> Tensor:
         """The estimate ``uᵀ W v`` of the largest singular value (differentiable in ``weight``)."""
         # Copies: the graph keeps the vectors of this solve while a later solve moves them.
-        return torch.dot(self.u.clone(), weight.flatten(1) @ self.v.clone())
+        # In the weight's own dtype, also under autocast.
+        with torch.autocast(weight.device.type, enabled=False):
+            return torch.dot(self.u.clone(), weight.flatten(1) @ self.v.clone())
 
     def forward(self, weight: Tensor) -> Tensor:
         sigma = self.sigma(weight)
