@@ -139,6 +139,8 @@ SETUPS: dict[str, Callable[[Cell], Callable[[Cell, torch.Tensor], torch.Tensor]]
     # Candidates measured when choosing the defaults. With the bound (the default):
     "ours phantom 5": lambda cell: ours_solve(backward=il.backward.Phantom(5)),
     "ours anderson": lambda cell: ours_solve(solver=il.solvers.Anderson(max_steps=50)),
+    "ours bound 0.8": lambda cell: ours_solve(lipschitz=0.8),
+    "ours bound 0.95": lambda cell: ours_solve(lipschitz=0.95),
     # apply_norm on every layer of the cell, the state's and the input's:
     "ours apply_norm spectral 0.9": _normed("spectral", bound=0.9),
     "ours apply_norm spectral 1.0": _normed("spectral", bound=1.0),

@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from ._capture import _tensors, transforms_active
+from ._capture import _tensors, is_wrapped
 from ._deq_norm import SpectralBound, normalisable_layers
 
 __all__ = ["StateLayerBound", "check_lipschitz"]
@@ -96,18 +96,22 @@ class StateLayerBound:
         for name in self.names or ():
             weight = cast(Tensor, f.get_submodule(name).weight)
             est = self._estimators.get(name)
-            plain = not transforms_active()
+            # A weight that a torch.func transform wraps (functional_call of the layer inside
+            # the transform) cannot seed or move the persistent power-iteration vectors.
+            wrapped = is_wrapped(weight)
             if est is None or est.u.device != weight.device or est.u.dtype != weight.dtype:
-                if not plain:
+                if wrapped:
                     raise ValueError(
                         "the DEQ layer's Lipschitz bound estimates each state layer's spectral "
-                        "norm on its first call; call the layer once outside torch.func "
-                        "transforms first, or build it with lipschitz=None."
+                        "norm on its first call, which got weights wrapped by a torch.func "
+                        "transform; call the layer once outside the transform first, or build "
+                        "it with lipschitz=None."
                     )
-                # The vectors outlive this call: never inference tensors.
-                with torch.inference_mode(False):
+                # The vectors outlive this call: never inference tensors, nor drawn (or
+                # batched) inside an active torch.func transform.
+                with torch.inference_mode(False), torch._C._DisableFuncTorch():
                     est = self._estimators[name] = SpectralBound(weight, self.bound, 1)
-            elif advance and plain:
+            elif advance and not wrapped:
                 with torch.inference_mode(False):
                     est.power_iteration(weight)
             out[f"{name}.weight" if name else "weight"] = est(weight)

@@ -160,6 +160,21 @@ def test_bound_under_inference_mode_double_backward_and_torch_func():
     torch.testing.assert_close(hx, h_ref.sum(dim=(0, 1)), rtol=1e-8, atol=1e-10)
 
 
+def test_first_call_under_torch_func_vmap_and_grad():
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 4, dtype=F64)
+    cell = Cell()
+    eager = il.nn.DEQ(cell, state_shape=6, solver=tight()).eval()
+    ref = torch.stack([eager(xi) for xi in x])
+    fresh = il.nn.DEQ(cell, state_shape=6, solver=tight()).eval()  # first call inside vmap
+    torch.testing.assert_close(torch.func.vmap(fresh)(x), ref, rtol=0, atol=1e-12)
+    fresh_grad = il.nn.DEQ(cell, state_shape=6, solver=tight()).eval()
+    g = torch.func.grad(lambda xi: fresh_grad(xi).square().sum())(x[0])
+    xr = x[0].clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(eager(xr).square().sum(), xr)
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
 def test_lipschitz_errors_name_the_argument():
     for bad in (0, -1.0, True, "big"):
         with pytest.raises(ValueError, match="lipschitz must be"):
