@@ -88,6 +88,10 @@ class StateLayerBound:
                 h.remove()
         self.names = [name for name in layers if name in seen]
 
+    def reset(self) -> None:
+        """Forget the spectral estimates (new weights were loaded)."""
+        self._estimators.clear()
+
     def weights(self, f: torch.nn.Module, advance: bool) -> dict[str, Tensor]:
         """The bounded weight of every state layer, by parameter name, differentiable in the raw
         weights; ``advance`` moves each power iteration by one step first (once per training

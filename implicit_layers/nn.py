@@ -400,6 +400,12 @@ class DEQ(torch.nn.Module):
                 out = z
         return (out, info) if return_info else out
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # New weights: the bound's power iterations start afresh from them on the next call.
+        if self._bound is not None:
+            self._bound.reset()
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _bounded_map(self, z0: Any, x: Tensor, args: tuple[Any, ...]) -> Callable[..., Any]:
         """The map the solve uses: ``f`` with its state layers' weights bounded (computed once
         for this solve), or ``f`` itself without a bound."""

@@ -125,6 +125,19 @@ def test_opt_out_is_the_exact_map_bit_for_bit():
     assert torch.equal(info.steps, ref_info.steps)
 
 
+def test_loading_weights_restarts_the_estimate():
+    torch.manual_seed(6)
+    x = torch.randn(3, 4, dtype=F64)
+    used = il.nn.DEQ(Cell(), state_shape=6, solver=tight()).eval()
+    used(x)  # estimates for its first weights
+    other = Cell()
+    used.load_state_dict({f"f.{k}": v for k, v in other.state_dict().items()})
+    fresh = il.nn.DEQ(other, state_shape=6, solver=tight()).eval()
+    torch.testing.assert_close(used(x), fresh(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(used(x), il.nn.DEQ(rescaled(other, 0.9), state_shape=6, lipschitz=None,
+                                                  solver=tight())(x), rtol=0, atol=1e-10)
+
+
 def test_contractive_weights_are_unchanged_and_apply_norm_is_respected():
     torch.manual_seed(3)
     x = torch.randn(3, 4, dtype=F64)
