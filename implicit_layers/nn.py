@@ -165,6 +165,10 @@ class DEQ(torch.nn.Module):
     to every parameter of ``f`` come from the backward mode (by default the implicit function
     theorem, whose memory does not depend on the number of forward iterations).
 
+    By default the layers of an ``nn.Module`` map that the state passes through are used with
+    their spectral norm bounded by 0.9 (``lipschitz``), which keeps a ``tanh``/``relu`` map
+    contractive while it trains; ``lipschitz=None`` solves ``f`` exactly as given.
+
     The DEQ toolkit composes with the layer: weight or spectral normalisation of the map's
     layers (:func:`apply_norm`) is computed once per solve, and in training mode every forward
     first advances the spectral norms' power iterations (:func:`reset_norm`) and draws new
