@@ -93,9 +93,10 @@ class StateLayerBound:
         self._estimators.clear()
 
     def weights(self, f: torch.nn.Module, advance: bool) -> dict[str, Tensor]:
-        """The bounded weight of every state layer, by parameter name, differentiable in the raw
-        weights; ``advance`` moves each power iteration by one step first (once per training
-        solve, as ``reset_norm``)."""
+        """The bounded weight of every state layer whose estimated spectral norm reaches the
+        bound, by parameter name, differentiable in the raw weights (layers inside the bound are
+        used as they are); ``advance`` moves each power iteration by one step first (once per
+        training solve, as ``reset_norm``)."""
         out: dict[str, Tensor] = {}
         for name in self.names or ():
             weight = cast(Tensor, f.get_submodule(name).weight)
@@ -118,6 +119,11 @@ class StateLayerBound:
             elif advance and not wrapped:
                 with torch.inference_mode(False):
                     est.power_iteration(weight)
+            if not wrapped:
+                with torch.no_grad():
+                    inside = bool(est.sigma(weight) < self.bound)
+                if inside:
+                    continue  # used as it is (the bound's factor is 1, its derivative 0)
             out[f"{name}.weight" if name else "weight"] = est(weight)
         return out
 

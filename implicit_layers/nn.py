@@ -417,9 +417,8 @@ class DEQ(torch.nn.Module):
             return self.f
         if self._bound.names is None:
             self._bound.find_state_layers(self.f, z0, x, args)
-        if not self._bound.names:
-            return self.f
-        return BoundedMap(self.f, self._bound.weights(self.f, advance=self.training))
+        weights = self._bound.weights(self.f, advance=self.training) if self._bound.names else {}
+        return BoundedMap(self.f, weights) if weights else self.f
 
     def extra_repr(self) -> str:
         parts = [f"solver={self.solver!r}", f"backward={self.backward!r}"]
