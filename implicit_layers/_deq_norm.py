@@ -18,7 +18,8 @@ from torch import Tensor
 from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
-__all__ = ["apply_norm", "reset_norm", "remove_norm", "precompute_norm"]
+__all__ = ["apply_norm", "reset_norm", "remove_norm", "precompute_norm", "normalisable_layers",
+           "SpectralBound"]
 
 NormKind = Literal["weight", "spectral"]
 
@@ -61,7 +62,10 @@ class SpectralBound(torch.nn.Module):
 
     def sigma(self, weight: Tensor) -> Tensor:
         """The estimate ``uᵀ W v`` of the largest singular value (differentiable in ``weight``)."""
-        return torch.dot(self.u, weight.flatten(1) @ self.v)
+        # Copies: the graph keeps the vectors of this solve while a later solve moves them.
+        # In the weight's own dtype, also under autocast.
+        with torch.autocast(weight.device.type, enabled=False):
+            return torch.dot(self.u.clone(), weight.flatten(1) @ self.v.clone())
 
     def forward(self, weight: Tensor) -> Tensor:
         sigma = self.sigma(weight)
@@ -71,7 +75,7 @@ class SpectralBound(torch.nn.Module):
         return f"bound={self.bound}, n_power_iterations={self.n_power_iterations}"
 
 
-def _normalisable(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+def normalisable_layers(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The linear and convolution layers of ``module`` (itself included) with a ``weight``."""
     for sub in module.modules():
         if isinstance(sub, (torch.nn.Linear, _ConvNd)):
@@ -126,7 +130,7 @@ def apply_norm(
     if isinstance(n_power_iterations, bool) or not isinstance(n_power_iterations, int) \
             or n_power_iterations < 1:
         raise ValueError(f"n_power_iterations must be a positive int, got {n_power_iterations!r}.")
-    layers = list(_normalisable(module))
+    layers = list(normalisable_layers(module))
     if not layers:
         raise ValueError(
             f"module ({type(module).__name__}) holds no nn.Linear or nn.Conv* layer to normalise; "
@@ -145,7 +149,7 @@ def apply_norm(
 
 
 def _spectral_layers(module: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, SpectralBound]]:
-    for layer in _normalisable(module):
+    for layer in normalisable_layers(module):
         if parametrize.is_parametrized(layer, "weight"):
             for p in layer.parametrizations["weight"]:  # type: ignore[index]
                 if isinstance(p, SpectralBound):
@@ -173,7 +177,7 @@ def precompute_norm(module: torch.nn.Module) -> None:
     (run without a graph) and the gradient's evaluation reuse these values.
     """
     with torch.enable_grad():
-        for layer in _normalisable(module):
+        for layer in normalisable_layers(module):
             if parametrize.is_parametrized(layer, "weight"):
                 layer.weight  # noqa: B018 (the read fills the parametrization cache)
 
@@ -187,7 +191,7 @@ def remove_norm(module: torch.nn.Module) -> torch.nn.Module:
     Returns:
         ``module``, whose layers hold the normalised weights as plain parameters.
     """
-    for layer in _normalisable(module):
+    for layer in normalisable_layers(module):
         if parametrize.is_parametrized(layer, "weight"):
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
     return module

@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_flatten
 from ._capture import transforms_active
 from ._compiled_solve import check_call, compiled_fixed_point, compiled_settings
 from ._deq_dropout import VariationalDropout, reset_dropout
+from ._deq_lipschitz import BoundedMap, StateLayerBound, check_lipschitz
 from ._deq_norm import apply_norm, precompute_norm, remove_norm, reset_norm
 from ._deq_trajectory import Recorder, attach_state, check_states, pick_states
 from ._eager import run_eagerly
@@ -164,6 +165,10 @@ class DEQ(torch.nn.Module):
     to every parameter of ``f`` come from the backward mode (by default the implicit function
     theorem, whose memory does not depend on the number of forward iterations).
 
+    By default the layers of an ``nn.Module`` map that the state passes through are used with
+    their spectral norm bounded by 0.9 (``lipschitz``), which keeps a ``tanh``/``relu`` map
+    contractive while it trains; ``lipschitz=None`` solves ``f`` exactly as given.
+
     The DEQ toolkit composes with the layer: weight or spectral normalisation of the map's
     layers (:func:`apply_norm`) is computed once per solve, and in training mode every forward
     first advances the spectral norms' power iterations (:func:`reset_norm`) and draws new
@@ -193,6 +198,19 @@ class DEQ(torch.nn.Module):
             different ``max_steps`` or tolerance than training; ``None`` uses ``solver``.
         state_shape: per-sample shape of ``z`` (without the batch dimension), used for the
             default initial guess (zeros). ``None`` means ``z`` has the shape of ``x``.
+        lipschitz: bound on the spectral norm of every ``nn.Linear`` / ``nn.Conv*`` layer of
+            ``f`` that the state passes through (found on the first call); each such weight is
+            used as ``W · lipschitz / max(σ(W), lipschitz)`` (``σ`` by power iteration, one
+            step per training solve), so weights inside the bound are unchanged. With
+            1-Lipschitz activations and a bound below 1, ``z ↦ f(z, x)`` stays a contraction
+            however training moves the weights: the fixed point exists, is unique, and the
+            implicit gradient is that of a well-posed layer. Layers that see only ``x`` (and
+            layers normalised by :func:`apply_norm`) are left as they are; the module itself
+            is not changed (its ``state_dict`` keeps its keys, ``f(z, x)`` called directly uses
+            the raw weights). ``"auto"`` (default): 0.9 for an ``nn.Module`` map, ``None`` for
+            a function map and with ``compiled_solve=True``. ``None``: solve ``f`` exactly as
+            given; when training makes it non-contractive its solves may stop converging
+            (each one warns) and the exact gradient is that of an ill-posed layer.
         compiled_solve: run the forward Picard loop and the adjoint Neumann loop as torch
             control-flow operators (default ``False``), so that under ``torch.compile`` the
             layer traces into the model's graph (``fullgraph=True`` holds); eagerly the same
@@ -209,8 +227,10 @@ class DEQ(torch.nn.Module):
         TypeError: ``f`` is not callable, ``solver`` or ``eval_solver`` is not a
             forward solver of :mod:`implicit_layers.solvers`, or ``backward`` is neither a
             backward mode nor a linear solver.
-        ValueError: ``state_shape`` is not a sequence of positive ints, or ``compiled_solve=True``
-            with a forward solver other than Picard or a backward other than Neumann.
+        ValueError: ``state_shape`` is not a sequence of positive ints, ``compiled_solve=True``
+            with a forward solver other than Picard or a backward other than Neumann, or
+            ``lipschitz`` is not ``"auto"``, ``None`` or a positive number, or is a number
+            with a function map or ``compiled_solve=True``.
 
     Examples:
         >>> class Cell(torch.nn.Module):
@@ -236,6 +256,10 @@ class DEQ(torch.nn.Module):
         torch.Size([16, 16])
     """
 
+    f: Callable[..., Any]
+    lipschitz: float | None
+    _bound: StateLayerBound | None
+
     def __init__(
         self,
         f: Callable[..., Tensor],
@@ -244,6 +268,7 @@ class DEQ(torch.nn.Module):
         backward: Backward = None,
         eval_solver: ForwardSolver | None = None,
         state_shape: Sequence[int] | int | None = None,
+        lipschitz: float | Literal["auto"] | None = "auto",
         compiled_solve: bool = False,
     ) -> None:
         super().__init__()
@@ -264,6 +289,8 @@ class DEQ(torch.nn.Module):
                 "nn.Module or use compiled_solve=False."
             )
         self.f = f
+        self.lipschitz = _resolve_lipschitz(lipschitz, f, compiled_solve)
+        self._bound = None if self.lipschitz is None else StateLayerBound(self.lipschitz)
         self.solver = _check_solver(solver, "solver", "fixed_point") or Adaptive(max_steps=50)
         self.eval_solver = _check_solver(eval_solver, "eval_solver", "fixed_point")
         self.backward = _check_backward(backward)
@@ -340,10 +367,11 @@ class DEQ(torch.nn.Module):
             # One power-iteration step and one dropout mask per solve, not per iteration.
             reset_norm(self.f)
             reset_dropout(self.f)
+        base = self._bounded_map(z0, x, args)
         if x.shape[0] == 0:
             # An empty batch has nothing to solve; like nn.Linear, return an empty batch
             # (through f, so that the parameters still receive their zero gradients).
-            empty = self.f(z0, x, *args)
+            empty = base(z0, x, *args)
             return _empty_result(empty if states is None else [empty], self.active_solver,
                                  return_info)
         if states is not None and not isinstance(z0, Tensor):
@@ -354,9 +382,9 @@ class DEQ(torch.nn.Module):
                 "backward=Unrolled() cannot do; use an implicit backward, JacobianFree() or "
                 "Phantom(k) with states."
             )
-        f = self.f
+        f = base
         if states is not None:
-            f = Recorder(self.f, None if isinstance(states, int) else set(states))
+            f = Recorder(base, None if isinstance(states, int) else set(states))
         normalised = isinstance(self.f, torch.nn.Module) and any(
             parametrize.is_parametrized(m) for m in self.f.modules()
         )
@@ -370,14 +398,32 @@ class DEQ(torch.nn.Module):
             )
             if isinstance(f, Recorder):
                 picked = pick_states(f.iterates, z, states)  # type: ignore[arg-type]
-                out: Any = [z if s is None else attach_state(self.f, s, (x, *args), self.backward)
+                out: Any = [z if s is None else attach_state(base, s, (x, *args), self.backward)
                             for s in picked]
             else:
                 out = z
         return (out, info) if return_info else out
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # New weights: the bound's power iterations start afresh from them on the next call.
+        if self._bound is not None:
+            self._bound.reset()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _bounded_map(self, z0: Any, x: Tensor, args: tuple[Any, ...]) -> Callable[..., Any]:
+        """The map the solve uses: ``f`` with its state layers' weights bounded (computed once
+        for this solve), or ``f`` itself without a bound."""
+        if self._bound is None or not isinstance(self.f, torch.nn.Module):
+            return self.f
+        if self._bound.names is None:
+            self._bound.find_state_layers(self.f, z0, x, args)
+        weights = self._bound.weights(self.f, advance=self.training) if self._bound.names else {}
+        return BoundedMap(self.f, weights) if weights else self.f
+
     def extra_repr(self) -> str:
         parts = [f"solver={self.solver!r}", f"backward={self.backward!r}"]
+        if self.lipschitz is not None:
+            parts.append(f"lipschitz={self.lipschitz}")
         if self.eval_solver is not None:
             parts.append(f"eval_solver={self.eval_solver!r}")
         if self.state_shape is not None:
@@ -387,6 +433,25 @@ class DEQ(torch.nn.Module):
         if self.compiled_solve:
             parts.append("compiled_solve=True")
         return ", ".join(parts)
+
+
+def _resolve_lipschitz(lipschitz: object, f: object, compiled_solve: bool) -> float | None:
+    """The DEQ's spectral bound: ``"auto"`` is 0.9 for an eager ``nn.Module`` map, else ``None``."""
+    if isinstance(lipschitz, str) and lipschitz == "auto":
+        return 0.9 if isinstance(f, torch.nn.Module) and not compiled_solve else None
+    bound = check_lipschitz(lipschitz)
+    if bound is not None and not isinstance(f, torch.nn.Module):
+        raise ValueError(
+            f"lipschitz={bound} bounds the layers of an nn.Module map, but f is a "
+            f"{type(f).__name__}; pass lipschitz=None, or bound the layers the function uses "
+            "with il.nn.apply_norm."
+        )
+    if bound is not None and compiled_solve:
+        raise ValueError(
+            f"lipschitz={bound} is not available with compiled_solve=True; pass lipschitz=None "
+            "(and il.nn.apply_norm on the map for a bound) or compiled_solve=False."
+        )
+    return bound
 
 
 def _empty_result(z: Any, solver: ForwardSolver, return_info: bool) -> Any:
