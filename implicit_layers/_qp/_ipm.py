@@ -75,13 +75,15 @@ class _Reduced:
     """The factorised reduced system of one iteration (Cholesky of H and of the Schur complement).
 
     ``Qd`` is ``Q + δI``, formed once per solve; ``H = Qd + Gᵀ diag(w) G`` is one batched
-    ``baddbmm``. With equalities, ``Y = L⁻¹Aᵀ`` is formed once here (one triangular solve with
-    ``p`` columns), so that each solve below costs two triangular solves with ``L`` and one
-    ``(p, p)`` Cholesky solve.
+    ``baddbmm`` of ``Gᵀ diag(√w)`` with its transpose (``Gt`` is ``Gᵀ``, contiguous: that layout
+    makes the product markedly faster than ``(Gᵀ diag(w)) G``). With equalities, ``Y = L⁻¹Aᵀ``
+    is formed once here (one triangular solve with ``p`` columns), so that each solve below
+    costs two triangular solves with ``L`` and one ``(p, p)`` Cholesky solve.
     """
 
-    def __init__(self, Qd: Tensor, G: Tensor, A: Tensor, w: Tensor, eps: Tensor) -> None:
-        H = torch.baddbmm(Qd, G.mT * w.unsqueeze(-2), G)
+    def __init__(self, Qd: Tensor, Gt: Tensor, A: Tensor, w: Tensor, eps: Tensor) -> None:
+        Gw = Gt * w.sqrt().unsqueeze(-2)
+        H = torch.baddbmm(Qd, Gw, Gw.mT)
         L, info = torch.linalg.cholesky_ex(H)
         # A sample whose H is not numerically positive definite (a diverging, infeasible iterate)
         # takes a diagonally scaled step instead of a Newton step; the others are untouched. On
@@ -174,11 +176,13 @@ def interior_point(
     delta = reg * mat_scale
     eps = reg * mat_scale
     Qd = Q + delta[:, None, None] * torch.eye(n, dtype=dtype, device=device)
+    Gt = G.mT.contiguous()
 
     # Initial point: the reduced system with unit scaling (λ/s = 1), then shifted into s, λ > 0.
     ones_m = q.new_ones(B, m)
+    unit: _Reduced | None = None
     if warm is None:
-        red = _Reduced(Qd, G, A, ones_m, eps)
+        red = unit = _Reduced(Qd, Gt, A, ones_m, eps)
         z, nu = red.solve(-q + bmtv(G, h), b)
         s = h - bmv(G, z)
         lam = -s.clone()
@@ -190,6 +194,10 @@ def interior_point(
         s = s + torch.clamp(floor - s.amin(-1, keepdim=True), min=0.0) * (s.amin(-1, keepdim=True) < floor)
         lam = lam + torch.clamp(floor - lam.amin(-1, keepdim=True), min=0.0) * (
             lam.amin(-1, keepdim=True) < floor)
+    if warm is None:
+        # s = λ (their geometric mean, which keeps each sᵢλᵢ) makes λ/s = 1 again, so the first
+        # iteration reuses the factorisation above instead of one of its own.
+        s = lam = (s * lam).sqrt()
 
     status = torch.full((B,), MAX_STEPS, dtype=torch.int64, device=device)
     active = torch.ones(B, dtype=torch.bool, device=device)
@@ -273,7 +281,7 @@ def interior_point(
             finished.store(~active, rows, best, status, steps, best_res)
             keep = active.nonzero().squeeze(1)
             rows = rows[keep]
-            Q, q, G, h, A, b, Qd = (t[keep] for t in (Q, q, G, h, A, b, Qd))
+            Q, q, G, h, A, b, Qd, Gt = (t[keep] for t in (Q, q, G, h, A, b, Qd, Gt))
             q_scale, h_scale, delta, eps = (t[keep] for t in (q_scale, h_scale, delta, eps))
             rd, rpi, rpe, mu = (t[keep] for t in (rd, rpi, rpe, mu))
             z, lam, nu, s, status, steps, best_res, since_better = (
@@ -283,7 +291,7 @@ def interior_point(
         steps = steps + active
 
         w = lam / s.clamp(min=tiny)
-        red = _Reduced(Qd, G, A, w, eps)
+        red = unit if it == 0 and unit is not None and rows.shape[0] == B else _Reduced(Qd, Gt, A, w, eps)
 
         # Predictor (affine scaling), then Mehrotra's centring and second-order correction.
         dz, dlam, dnu, ds = _direction(red, G, w, lam, s, rd, rpi, rpe, s * lam)
