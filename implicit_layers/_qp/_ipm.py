@@ -139,6 +139,18 @@ class _Reduced:
         return dz.squeeze(-1), dnu.squeeze(-1)
 
 
+def _factorise(
+    Qd: Tensor, Gt: Tensor, A: Tensor, w: Tensor, eps: Tensor, single: tuple[Tensor, Tensor, Tensor] | None,
+) -> _Reduced:
+    """The iteration's factorisation: from ``single``, float32 copies of ``(Qd, Gt, A)``, when
+    given and its pivots pass the check, else in float64."""
+    if single is not None:
+        red = _Reduced(*single, w, eps)
+        if red.well_conditioned(_SINGLE_PIVOTS):
+            return red
+    return _Reduced(Qd, Gt, A, w, eps)
+
+
 def _direction(
     red: _Reduced, G: Tensor, w: Tensor, lam: Tensor, s: Tensor,
     rd: Tensor, rpi: Tensor, rpe: Tensor, rc: Tensor,
@@ -283,11 +295,16 @@ def interior_point(
                 pz, pl, pnu, ps = (torch.zeros_like(t).index_copy(0, idx, o)
                                    for t, o in zip((z, lam, nu, s), out[:4], strict=True))
                 pres = torch.full_like(res, float("inf")).index_copy(0, idx, out[4])
-                won = near & (pres <= tol) & (pres < res)
-                t = won[:, None]
+                # A polished point below the interior point's strict threshold ends the sample; one
+                # only below the best residual so far is kept as its answer while the iterations go
+                # on (the stall rule then returns it), so that a polish short of rounding (a badly
+                # scaled problem) does not stop a sample the iterations would take further.
+                better = near & (pres < best_res)
+                won = near & (pres <= _STRICT * tol) & better
+                t = better[:, None]
                 best = (torch.where(t, pz, best[0]), torch.where(t, pl, best[1]),
                         torch.where(t, pnu, best[2]), torch.where(t, ps, best[3]))
-                best_res = torch.where(won, pres, best_res)
+                best_res = torch.where(better, pres, best_res)
                 done = done | won
                 near = near & ~won
         stuck = active & ~done & (since_better >= _GIVE_UP)
@@ -322,13 +339,10 @@ def interior_point(
         if it == 0 and unit is not None and rows.shape[0] == B:
             red = unit
         else:
-            red = None
-            if single is not None and bool((res > _SINGLE_ABOVE).all()):
-                red = _Reduced(*(t[rows] for t in single), w, eps)
-                red = red if red.well_conditioned(_SINGLE_PIVOTS) else None
-            else:
+            if single is not None and not bool((res > _SINGLE_ABOVE).all()):
                 single = None  # the residuals only fall from here on: float64 to the end
-            red = _Reduced(Qd, Gt, A, w, eps) if red is None else red
+            red = _factorise(Qd, Gt, A, w, eps, None if single is None else (
+                single[0][rows], single[1][rows], single[2][rows]))
 
         # Predictor (affine scaling), then Mehrotra's centring and second-order correction.
         dz, dlam, dnu, ds = _direction(red, G, w, lam, s, rd, rpi, rpe, s * lam)
