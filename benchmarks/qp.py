@@ -1,10 +1,11 @@
 """QP layers side by side: ``il.qp`` against qpth, proxsuite's QPLayer and cvxpylayers.
 
 For each batch size ``B`` and size ``n`` (``n`` inequalities, ``n // 5`` equalities, float64,
-CPU), times forward + backward of ``loss = Σ w ∘ z*`` (median of alternating repeats, every
-method in the same process), the solution error against ProxQP at 1e-14 per sample, and the
-error of the gradient with respect to ``h`` (one random direction) against central
-differences of that reference. Peers that are not installed are skipped with a note.
+CPU), times forward + backward of ``loss = Σ w ∘ z*`` (median of repeats, every method in the
+same process, the order of the methods rotating from repeat to repeat), the solution error
+against ProxQP at 1e-14 per sample, and the error of the gradient with respect to ``h`` (one
+random direction) against central differences of that reference. Peers that are not installed
+are skipped with a note.
 ``python -m benchmarks.run`` runs the ``--quick`` case as its section ``qp`` (:func:`run_qp`).
 
 Usage::
@@ -171,8 +172,13 @@ def run(B: int, n: int, repeats: int, missing: list[str] | None = None,
     nan = float("nan")
     results: dict[str, tuple[float, float]] = {k: (nan, nan) for k in found}
     failures: dict[str, str] = {}
+    names = list(found)
     for r in range(repeats):
-        for name, fn in found.items():
+        # The order rotates from repeat to repeat: the call after another library's pays for
+        # the caches and memory that library left behind (measured: up to 25 % of il.qp's time),
+        # and no method should always be that one.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = found[name]
             args = [t.clone().requires_grad_(k == 3) for k, t in enumerate(data)]
             t0 = clock()
             try:
