@@ -327,6 +327,8 @@ def interior_point(
             keep = active.nonzero().squeeze(1)
             rows = rows[keep]
             Q, q, G, h, A, b, Qd, Gt = (t[keep] for t in (Q, q, G, h, A, b, Qd, Gt))
+            if single is not None:
+                single = (single[0][keep], single[1][keep], single[2][keep])
             q_scale, h_scale, delta, eps = (t[keep] for t in (q_scale, h_scale, delta, eps))
             rd, rpi, rpe, mu = (t[keep] for t in (rd, rpi, rpe, mu))
             z, lam, nu, s, status, steps, best_res, since_better = (
@@ -341,8 +343,7 @@ def interior_point(
         else:
             if single is not None and not bool((res > _SINGLE_ABOVE).all()):
                 single = None  # the residuals only fall from here on: float64 to the end
-            red = _factorise(Qd, Gt, A, w, eps, None if single is None else (
-                single[0][rows], single[1][rows], single[2][rows]))
+            red = _factorise(Qd, Gt, A, w, eps, single)
 
         # Predictor (affine scaling), then Mehrotra's centring and second-order correction.
         dz, dlam, dnu, ds = _direction(red, G, w, lam, s, rd, rpi, rpe, s * lam)
