@@ -14,7 +14,9 @@ and solves it by one batched Cholesky factorisation of the ``(n, n)`` block and 
 The regularisation ``δ, ε > 0`` keeps both factorisations defined for LPs (``Q = 0``), a
 singular ``Q`` and rank-deficient or duplicated constraints; it only changes the Newton
 direction, never the residuals the iteration drives to zero, so the limit is the exact
-solution.
+solution. For the same reason the first iterations on the CPU, far from the solution, form and
+factorise the reduced matrix in float32 (see ``_SINGLE_ABOVE``): their directions are inexact,
+their residuals are not.
 
 Samples stop independently: a sample that converged (or was found infeasible) keeps its
 iterate while the others go on. Convergence and the infeasibility certificates are checked

@@ -22,8 +22,9 @@ class InteriorPoint(Settings):
 
     Mehrotra's predictor-corrector on the slack form ``Gz + s = h``, one batched Cholesky
     factorisation per iteration for the whole batch (on the CPU, for the samples still
-    running), regularised so that LPs, singular ``Q``
-    and rank-deficient or duplicated constraints converge; near the solution an
+    running, and in float32 for the first iterations, far from the solution, while the
+    residuals stay float64), regularised so that LPs, singular ``Q`` and rank-deficient or
+    duplicated constraints converge; near the solution an
     equality-constrained solve on the guessed active set refines ``z`` to rounding. Samples
     stop independently; infeasible and unbounded samples are detected by certificates on
     their diverging iterates.
