@@ -49,13 +49,16 @@ _STEP_FRACTION = 0.99  # fraction of the distance to the boundary s, λ ≥ 0 ta
 _STRICT = 1e-3  # a sample stops at tol * _STRICT, or below tol once it stalls
 _STALL = 3  # iterations without halving the residual that count as a stall below tol
 _GIVE_UP = 12  # iterations without halving the residual after which a sample stops anyway
-_POLISH_FROM = 1e5  # the active-set polish is tried from tol * _POLISH_FROM
+_POLISH_FROM = 1e4  # the active-set polish is tried from tol * _POLISH_FROM
 # On the CPU, iterations at which every running sample's residual is above _SINGLE_ABOVE form and
 # factorise the reduced matrix in float32 (about twice as fast); far from the solution an inexact
 # Newton direction costs no iterations (the residuals stay float64), and near it the matrix is too
 # ill-conditioned for float32. A factor whose pivots span more than _SINGLE_PIVOTS is redone.
+# Only batches whose GᵀWG product has at least _SINGLE_WORK multiply-adds (B n² m) do so: below,
+# the conversions and checks cost more than the faster product saves.
 _SINGLE_ABOVE = 1e-3
 _SINGLE_PIVOTS = 1e-4
+_SINGLE_WORK = 2**21
 _ROUNDING = 1e-14  # relative residual at which the polish's refinement stops early (CPU)
 
 
@@ -217,7 +220,8 @@ def interior_point(
     eps = reg * mat_scale
     Qd = Q + delta[:, None, None] * torch.eye(n, dtype=dtype, device=device)
     Gt = G.mT.contiguous()
-    single = (Qd.float(), Gt.float(), A.float()) if device.type == "cpu" and dtype == torch.float64 else None
+    single = (Qd.float(), Gt.float(), A.float()) if (
+        device.type == "cpu" and dtype == torch.float64 and B * n * n * m >= _SINGLE_WORK) else None
 
     # Initial point: the reduced system with unit scaling (λ/s = 1), then shifted into s, λ > 0.
     ones_m = q.new_ones(B, m)
