@@ -118,7 +118,7 @@ def _qp(
             wz, wl, wn = (t.detach().to(torch.float64).reshape(B, -1) for t in warm_start)
             warm = (wz, wl, wn)
         result = interior_point(*flat, tol=tol, max_steps=solver.max_steps,
-                                check_every=solver.resolved_check_every(flat[1].device), warm=warm)
+                                check_every=solver.check_every, warm=warm)
         x_star = torch.cat([result.z, result.lam, result.nu], dim=-1).to(dtype)
         flat = expand(_detached(data, dtype), B)
     _report(result.status, batch, solver)
