@@ -288,10 +288,9 @@ def interior_point(
             # Near the solution one equality-constrained solve on the guessed active set reaches
             # the solution to rounding (see _polish); tried at the checks on samples close enough.
             near = active & ~done & (res <= _POLISH_FROM * tol)
-            # Two guesses of the active set: λᵢ > sᵢ/30, wide enough for most constraints whose
-            # multiplier is still small (nearly weakly active), then λᵢ > sᵢ, only if the first
-            # fails (measured: fewer polished samples in all than the other way round).
-            for bias in (30.0, 1.0):
+            # Two guesses of the active set: λᵢ > sᵢ, then a wider one for constraints whose
+            # multiplier is still small (nearly weakly active); the second only if the first fails.
+            for bias in (1.0, 100.0):
                 if not bool(near.any()):
                     break
                 # Only the samples near their solution are factorised (a gather, then a scatter).
