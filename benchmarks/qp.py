@@ -1,10 +1,11 @@
 """QP layers side by side: ``il.qp`` against qpth, proxsuite's QPLayer and cvxpylayers.
 
 For each batch size ``B`` and size ``n`` (``n`` inequalities, ``n // 5`` equalities, float64,
-CPU), times forward + backward of ``loss = Σ w ∘ z*`` (median of alternating repeats, every
-method in the same process), the solution error against ProxQP at 1e-14 per sample, and the
-error of the gradient with respect to ``h`` (one random direction) against central
-differences of that reference. Peers that are not installed are skipped with a note.
+CPU), times forward + backward of ``loss = Σ w ∘ z*`` (median of repeats, every method in the
+same process, the order of the methods rotating from repeat to repeat), the solution error
+against ProxQP at 1e-14 per sample, and the error of the gradient with respect to ``h`` (one
+random direction) against central differences of that reference. Peers that are not installed
+are skipped with a note.
 ``python -m benchmarks.run`` runs the ``--quick`` case as its section ``qp`` (:func:`run_qp`).
 
 Usage::
@@ -15,6 +16,7 @@ Usage::
     python benchmarks/qp.py --sizes 500 --batches 1 32 128 --repeats 1   # n = 500 (long)
     python benchmarks/qp.py --out benchmarks/results/qp.json
     python benchmarks/qp.py --quick --baseline ../other-checkout   # also time that checkout's il.qp
+    python benchmarks/qp.py --quick --clock cpu   # process CPU time instead of wall time
 """
 
 from __future__ import annotations
@@ -145,9 +147,12 @@ def cvxpylayers_qp(Q, q, G, h, A, b):
     return layer(*inputs, solver_args={"eps": 1e-10, "max_iters": 100000})[0]
 
 
-def run(B: int, n: int, repeats: int, missing: list[str] | None = None) -> list[dict[str, Any]]:
+def run(B: int, n: int, repeats: int, missing: list[str] | None = None,
+        clock: Callable[[], float] = time.perf_counter) -> list[dict[str, Any]]:
     """Rows ``B, n, method, ms, sol_err, grad_err`` (``error`` for a method that raised); the
-    errors are NaN when proxsuite, the reference, is missing (then noted in ``missing``)."""
+    errors are NaN when proxsuite, the reference, is missing (then noted in ``missing``).
+    ``clock`` times each call: wall time by default, or ``time.process_time`` (the CPU time of
+    every thread of the process, steadier than wall time on a machine shared with other work)."""
     missing = [] if missing is None else missing
     data = problem(0, B, n)
     w = torch.randn(B, n, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -167,10 +172,15 @@ def run(B: int, n: int, repeats: int, missing: list[str] | None = None) -> list[
     nan = float("nan")
     results: dict[str, tuple[float, float]] = {k: (nan, nan) for k in found}
     failures: dict[str, str] = {}
+    names = list(found)
     for r in range(repeats):
-        for name, fn in found.items():
+        # The order rotates from repeat to repeat: the call after another library's pays for
+        # the caches and memory that library left behind (measured: up to 25 % of il.qp's time),
+        # and no method should always be that one.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = found[name]
             args = [t.clone().requires_grad_(k == 3) for k, t in enumerate(data)]
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -180,7 +190,7 @@ def run(B: int, n: int, repeats: int, missing: list[str] | None = None) -> list[
                 failures[name] = f"{type(exc).__name__}: {str(exc)[:80]}"
                 print(f"  {name} failed: {failures[name]}")
                 continue
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
             if r == 0 and ref is not None:
                 sol = float((z.detach() - ref).norm() / ref.norm())
                 grad = abs(float((args[3].grad * D).sum()) - fd) / max(1.0, abs(fd))
@@ -288,7 +298,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--skip", nargs="*", default=[], choices=["qpth", "proxsuite", "cvxpylayers"],
                         help="peers not to run (cvxpylayers takes minutes per call at n = 500)")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as proxsuite's)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="time calls by wall time (default) or by the process's CPU time, all threads")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     parser.add_argument("--cases", action="store_true", help="only the LP / degenerate / infeasible cases")
     parser.add_argument("--baseline", type=Path, default=None,
@@ -302,10 +314,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         return special_cases()
     grid = [(128, 50)] if args.quick else [(B, n) for n in args.sizes for B in args.batches]
     rows: list[dict[str, Any]] = []
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    print(f"({args.clock} time, {torch.get_num_threads()} torch thread(s))")
     print(f"{'B':>4} {'n':>4} {'method':>16} {'fwd+bwd ms':>11} {'sol err':>9} {'grad err':>9} "
           f"{'x fastest peer':>14}")
     for B, n in grid:
-        case = run(B, n, args.repeats)
+        case = run(B, n, args.repeats, clock=clock)
         peers = [r["ms"] for r in case if r["method"] not in ("il.qp", BASELINE) and r["ms"] == r["ms"]]
         for r in case:
             ratio = r["ms"] / min(peers) if peers else float("nan")

@@ -376,3 +376,79 @@ def test_operator_orientation_is_declared_to_the_linear_solver():
                                              x_, backward=il.backward.Implicit(Spy())), (x.detach(),),
                    (torch.ones(3, dtype=DT),))
     assert seen == [True, False]
+
+
+def test_early_iterations_factorise_in_float32_without_losing_accuracy(monkeypatch):
+    # On the CPU the first iterations (every residual above 1e-3) factorise the reduced matrix in
+    # float32; the answer must still match the reference to float64 accuracy, and a badly scaled
+    # problem (pivots spread beyond 1e4) must fall back to float64 and still be exact.
+    from implicit_layers._qp import _ipm
+
+    dtypes: list[torch.dtype] = []
+    init = _ipm._Reduced.__init__
+
+    def recording(self, Qd, *rest):
+        dtypes.append(Qd.dtype)
+        init(self, Qd, *rest)
+
+    monkeypatch.setattr(_ipm._Reduced, "__init__", recording)
+    data = random_qp(31, 6, 12, 12, 3)
+    # Small batches stay in float64 (the conversions would cost more than they save) ...
+    z64 = il.qp(*data)
+    assert torch.float32 not in dtypes
+    # ... larger ones (here: the threshold lowered) take float32 factors at first.
+    dtypes.clear()
+    monkeypatch.setattr(_ipm, "_SINGLE_WORK", 0)
+    z = il.qp(*data)
+    assert torch.float32 in dtypes and dtypes[-1] == DT and z.dtype == DT
+    assert rel(z, reference(*data)) < 1e-10 and rel(z, z64) < 1e-10
+
+    # A float32 factor that fails the conditioning check is redone in float64: with a check no
+    # factor passes, the solve is the float64 one exactly.
+    monkeypatch.setattr(_ipm, "_SINGLE_PIVOTS", 1.0 + 1e-3)
+    z_redone = il.qp(*data)
+    monkeypatch.setattr(_ipm, "_SINGLE_ABOVE", float("inf"))
+    assert torch.equal(z_redone, il.qp(*data))
+
+
+def test_badly_scaled_rows_are_solved_to_the_tolerance():
+    # Rows of G scaled from 1e-2 to 1e2: a polish short of rounding must not stop the iterations.
+    Q, q, G, h, A, b = random_qp(31, 6, 12, 12, 3)
+    scale = torch.logspace(-2, 2, 12, dtype=DT)[:, None]
+    scaled = (Q, q, G * scale, h * scale.squeeze(-1), A, b)
+    z, info = il.qp(*scaled, return_info=True)
+    assert info.status.tolist() == [0] * 6 and bool((info.residual <= 1e-9).all())
+    assert rel(z, reference(*scaled)) < 1e-8
+
+
+def test_single_precision_factor_solves_and_its_conditioning_check():
+    from implicit_layers._qp._ipm import _Reduced
+
+    Q, q, G, h, A, b = random_qp(32, 4, 10, 8, 2)
+    eps = torch.full((4,), 1e-9, dtype=DT)
+    Qd = Q + 1e-9 * torch.eye(10, dtype=DT)
+    w = torch.rand(4, 8, generator=torch.Generator().manual_seed(0), dtype=DT) + 0.5
+    exact = _Reduced(Qd, G.mT.contiguous(), A, w, eps)
+    single = _Reduced(Qd.float(), G.mT.contiguous().float(), A.float(), w, eps)
+    r1, r2 = torch.randn(4, 10, dtype=DT), torch.randn(4, 2, dtype=DT)
+    (dz, dnu), (dz32, dnu32) = exact.solve(r1, r2), single.solve(r1, r2)
+    assert dz32.dtype == DT and dnu32.dtype == DT
+    assert rel(dz32, dz) < 1e-4 and rel(dnu32, dnu) < 1e-4
+    # The direction solves H dz + Aᵀ dν = r₁, A dz - ε dν = r₂ (checked in float64).
+    H = Qd + G.mT @ (w.unsqueeze(-1) * G)
+    assert rel((H @ dz.unsqueeze(-1)).squeeze(-1) + (A.mT @ dnu.unsqueeze(-1)).squeeze(-1), r1) < 1e-10
+    assert single.well_conditioned(1e-4)
+    spread = w * torch.logspace(-4, 4, 8, dtype=DT)  # near a solution: λ/s from 1e-4 to 1e4
+    assert not _Reduced(Qd.float(), G.mT.contiguous().float(), A.float(), spread, eps).well_conditioned(1e-4)
+
+
+def test_check_every_changes_when_samples_stop_not_the_answer():
+    with pytest.raises(ValueError, match="check_every"):
+        il.InteriorPoint(check_every=0)
+    data = random_qp(33, 8, 10, 10, 2)
+    z, info = il.qp(*data, solver=il.InteriorPoint(check_every=1), return_info=True)
+    z3, info3 = il.qp(*data, solver=il.InteriorPoint(check_every=3), return_info=True)
+    ref = reference(*data)
+    assert rel(z, ref) < 1e-10 and rel(z3, ref) < 1e-10
+    # Checking at every iteration stops (or polishes) each sample at its first chance.
+    assert int(info.steps.sum()) <= int(info3.steps.sum())

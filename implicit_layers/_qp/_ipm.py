@@ -14,7 +14,9 @@ and solves it by one batched Cholesky factorisation of the ``(n, n)`` block and 
 The regularisation ``δ, ε > 0`` keeps both factorisations defined for LPs (``Q = 0``), a
 singular ``Q`` and rank-deficient or duplicated constraints; it only changes the Newton
 direction, never the residuals the iteration drives to zero, so the limit is the exact
-solution.
+solution. For the same reason the first iterations on the CPU, far from the solution, form and
+factorise the reduced matrix in float32 (see ``_SINGLE_ABOVE``): their directions are inexact,
+their residuals are not.
 
 Samples stop independently: a sample that converged (or was found infeasible) keeps its
 iterate while the others go on. Convergence and the infeasibility certificates are checked
@@ -48,6 +50,15 @@ _STRICT = 1e-3  # a sample stops at tol * _STRICT, or below tol once it stalls
 _STALL = 3  # iterations without halving the residual that count as a stall below tol
 _GIVE_UP = 12  # iterations without halving the residual after which a sample stops anyway
 _POLISH_FROM = 1e4  # the active-set polish is tried from tol * _POLISH_FROM
+# On the CPU, iterations at which every running sample's residual is above _SINGLE_ABOVE form and
+# factorise the reduced matrix in float32 (about twice as fast); far from the solution an inexact
+# Newton direction costs no iterations (the residuals stay float64), and near it the matrix is too
+# ill-conditioned for float32. A factor whose pivots span more than _SINGLE_PIVOTS is redone.
+# Only batches whose GᵀWG product has at least _SINGLE_WORK multiply-adds (B n² m) do so: below,
+# the conversions and checks cost more than the faster product saves.
+_SINGLE_ABOVE = 1e-3
+_SINGLE_PIVOTS = 1e-4
+_SINGLE_WORK = 2**21
 _ROUNDING = 1e-14  # relative residual at which the polish's refinement stops early (CPU)
 
 
@@ -75,13 +86,17 @@ class _Reduced:
     """The factorised reduced system of one iteration (Cholesky of H and of the Schur complement).
 
     ``Qd`` is ``Q + δI``, formed once per solve; ``H = Qd + Gᵀ diag(w) G`` is one batched
-    ``baddbmm``. With equalities, ``Y = L⁻¹Aᵀ`` is formed once here (one triangular solve with
-    ``p`` columns), so that each solve below costs two triangular solves with ``L`` and one
-    ``(p, p)`` Cholesky solve.
+    ``baddbmm`` of ``Gᵀ diag(√w)`` with its transpose (``Gt`` is ``Gᵀ``, contiguous: that layout
+    makes the product markedly faster than ``(Gᵀ diag(w)) G``). With equalities, ``Y = L⁻¹Aᵀ``
+    is formed once here (one triangular solve with ``p`` columns), so that each solve below
+    costs two triangular solves with ``L`` and one ``(p, p)`` Cholesky solve.
     """
 
-    def __init__(self, Qd: Tensor, G: Tensor, A: Tensor, w: Tensor, eps: Tensor) -> None:
-        H = torch.baddbmm(Qd, G.mT * w.unsqueeze(-2), G)
+    def __init__(self, Qd: Tensor, Gt: Tensor, A: Tensor, w: Tensor, eps: Tensor) -> None:
+        self.dtype = w.dtype  # of the right-hand sides and solutions; the factors are in Qd's
+        w = w.to(Qd.dtype)
+        Gw = Gt * w.sqrt().unsqueeze(-2)
+        H = torch.baddbmm(Qd, Gw, Gw.mT)
         L, info = torch.linalg.cholesky_ex(H)
         # A sample whose H is not numerically positive definite (a diverging, infeasible iterate)
         # takes a diagonally scaled step instead of a Newton step; the others are untouched. On
@@ -96,10 +111,28 @@ class _Reduced:
         if self.p:
             self.Y = torch.linalg.solve_triangular(L, A.mT, upper=False)  # L⁻¹ Aᵀ, (B, n, p)
             S = self.Y.mT @ self.Y
-            S.diagonal(dim1=-2, dim2=-1).add_(eps[:, None])
-            self.LS = torch.linalg.cholesky_ex(S)[0]
+            S.diagonal(dim1=-2, dim2=-1).add_(eps[:, None].to(S.dtype))
+            self.LS, info_s = torch.linalg.cholesky_ex(S)
+            info = info | info_s
+        self.failed = info != 0
+
+    def well_conditioned(self, ratio: float) -> bool:
+        """Whether every factorisation succeeded with squared pivots within ``ratio`` of each other."""
+        d = self.L.diagonal(dim1=-2, dim2=-1)
+        ok = ~self.failed & (d.amin(-1) ** 2 >= ratio * d.amax(-1) ** 2)
+        if self.p:
+            ds = self.LS.diagonal(dim1=-2, dim2=-1)
+            ok = ok & (ds.amin(-1) ** 2 >= ratio * ds.amax(-1) ** 2)
+        return bool(ok.all())
 
     def solve(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
+        factors = self.L.dtype
+        if factors != self.dtype:
+            dz, dnu = self._solve(r1.to(factors), r2.to(factors))
+            return dz.to(self.dtype), dnu.to(self.dtype)
+        return self._solve(r1, r2)
+
+    def _solve(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
         if not self.p:
             x = torch.cholesky_solve(r1.unsqueeze(-1), self.L).squeeze(-1)
             return x, r1.new_zeros(r1.shape[:-1] + (0,))
@@ -109,6 +142,18 @@ class _Reduced:
         dnu = torch.cholesky_solve(self.Y.mT @ u - r2.unsqueeze(-1), self.LS)
         dz = torch.linalg.solve_triangular(self.L.mT, u - self.Y @ dnu, upper=True)
         return dz.squeeze(-1), dnu.squeeze(-1)
+
+
+def _factorise(
+    Qd: Tensor, Gt: Tensor, A: Tensor, w: Tensor, eps: Tensor, single: tuple[Tensor, Tensor, Tensor] | None,
+) -> _Reduced:
+    """The iteration's factorisation: from ``single``, float32 copies of ``(Qd, Gt, A)``, when
+    given and its pivots pass the check, else in float64."""
+    if single is not None:
+        red = _Reduced(*single, w, eps)
+        if red.well_conditioned(_SINGLE_PIVOTS):
+            return red
+    return _Reduced(Qd, Gt, A, w, eps)
 
 
 def _direction(
@@ -174,11 +219,15 @@ def interior_point(
     delta = reg * mat_scale
     eps = reg * mat_scale
     Qd = Q + delta[:, None, None] * torch.eye(n, dtype=dtype, device=device)
+    Gt = G.mT.contiguous()
+    single = (Qd.float(), Gt.float(), A.float()) if (
+        device.type == "cpu" and dtype == torch.float64 and B * n * n * m >= _SINGLE_WORK) else None
 
     # Initial point: the reduced system with unit scaling (λ/s = 1), then shifted into s, λ > 0.
     ones_m = q.new_ones(B, m)
+    unit: _Reduced | None = None
     if warm is None:
-        red = _Reduced(Qd, G, A, ones_m, eps)
+        red = unit = _Reduced(Qd, Gt, A, ones_m, eps)
         z, nu = red.solve(-q + bmtv(G, h), b)
         s = h - bmv(G, z)
         lam = -s.clone()
@@ -190,6 +239,10 @@ def interior_point(
         s = s + torch.clamp(floor - s.amin(-1, keepdim=True), min=0.0) * (s.amin(-1, keepdim=True) < floor)
         lam = lam + torch.clamp(floor - lam.amin(-1, keepdim=True), min=0.0) * (
             lam.amin(-1, keepdim=True) < floor)
+    if warm is None:
+        # s = λ (their geometric mean, which keeps each sᵢλᵢ) makes λ/s = 1 again, so the first
+        # iteration reuses the factorisation above instead of one of its own.
+        s = lam = (s * lam).sqrt()
 
     status = torch.full((B,), MAX_STEPS, dtype=torch.int64, device=device)
     active = torch.ones(B, dtype=torch.bool, device=device)
@@ -247,11 +300,16 @@ def interior_point(
                 pz, pl, pnu, ps = (torch.zeros_like(t).index_copy(0, idx, o)
                                    for t, o in zip((z, lam, nu, s), out[:4], strict=True))
                 pres = torch.full_like(res, float("inf")).index_copy(0, idx, out[4])
-                won = near & (pres <= tol) & (pres < res)
-                t = won[:, None]
+                # A polished point below the interior point's strict threshold ends the sample; one
+                # only below the best residual so far is kept as its answer while the iterations go
+                # on (the stall rule then returns it), so that a polish short of rounding (a badly
+                # scaled problem) does not stop a sample the iterations would take further.
+                better = near & (pres < best_res)
+                won = near & (pres <= _STRICT * tol) & better
+                t = better[:, None]
                 best = (torch.where(t, pz, best[0]), torch.where(t, pl, best[1]),
                         torch.where(t, pnu, best[2]), torch.where(t, ps, best[3]))
-                best_res = torch.where(won, pres, best_res)
+                best_res = torch.where(better, pres, best_res)
                 done = done | won
                 near = near & ~won
         stuck = active & ~done & (since_better >= _GIVE_UP)
@@ -273,7 +331,9 @@ def interior_point(
             finished.store(~active, rows, best, status, steps, best_res)
             keep = active.nonzero().squeeze(1)
             rows = rows[keep]
-            Q, q, G, h, A, b, Qd = (t[keep] for t in (Q, q, G, h, A, b, Qd))
+            Q, q, G, h, A, b, Qd, Gt = (t[keep] for t in (Q, q, G, h, A, b, Qd, Gt))
+            if single is not None:
+                single = (single[0][keep], single[1][keep], single[2][keep])
             q_scale, h_scale, delta, eps = (t[keep] for t in (q_scale, h_scale, delta, eps))
             rd, rpi, rpe, mu = (t[keep] for t in (rd, rpi, rpe, mu))
             z, lam, nu, s, status, steps, best_res, since_better = (
@@ -283,7 +343,12 @@ def interior_point(
         steps = steps + active
 
         w = lam / s.clamp(min=tiny)
-        red = _Reduced(Qd, G, A, w, eps)
+        if it == 0 and unit is not None and rows.shape[0] == B:
+            red = unit
+        else:
+            if single is not None and not bool((res > _SINGLE_ABOVE).all()):
+                single = None  # the residuals only fall from here on: float64 to the end
+            red = _factorise(Qd, Gt, A, w, eps, single)
 
         # Predictor (affine scaling), then Mehrotra's centring and second-order correction.
         dz, dlam, dnu, ds = _direction(red, G, w, lam, s, rd, rpi, rpe, s * lam)
