@@ -14,8 +14,17 @@ import torch
 
 import implicit_layers as il
 
-from . import _common
-from ._common import COMPILED, Config, Section, peer_or_note, rel_err, time_alternating
+from ._common import (
+    COMPILED,
+    Config,
+    Section,
+    add_failures,
+    first_calls,
+    paired_times,
+    peer_or_note,
+    rel_err,
+    time_alternating,
+)
 
 LAM = 2.0
 SIZES = [(1, 40), (40, 40), (40, 1)]
@@ -148,7 +157,7 @@ def _imaml_case(cfg: Config, section: Section, act_name: str) -> None:
         methods["torchopt default (normal CG)"] = topt(None)
     # The shared forward alone, timed in the same rounds: the floor of every method's time.
     methods[FORWARD_ALONE] = lambda: forward(theta0)
-    first = _common.first_calls(methods)
+    first = first_calls(methods)
     times, outs = time_alternating(methods, cfg)
     forward_t = times.pop(FORWARD_ALONE, None)
     for k, t in times.items():
@@ -157,7 +166,7 @@ def _imaml_case(cfg: Config, section: Section, act_name: str) -> None:
     if forward_t is not None:
         section.add(case=f"{act_name} MLP, one task", method=FORWARD_ALONE,
                     time_ms=1e3 * forward_t, grad_rel_err=None)
-    _common.add_failures(section, f"{act_name} MLP, one task")
+    add_failures(section, f"{act_name} MLP, one task")
     errs = {r["method"]: r["grad_rel_err"] for r in section.rows
             if r.get("grad_rel_err") is not None and r["case"].startswith(act_name)}
     if "torchopt CG 1e-10" in times:
@@ -173,7 +182,7 @@ def _imaml_case(cfg: Config, section: Section, act_name: str) -> None:
                            f"{best} (err {errs[best]:.1e}) vs torchopt (err {errs['torchopt CG 1e-10']:.1e})"
                            + floor)
         if COMPILED in ok:
-            t_c, t_t = _common.paired_times(methods, COMPILED, "torchopt CG 1e-10", cfg)
+            t_c, t_t = paired_times(methods, COMPILED, "torchopt CG 1e-10", cfg)
             section.target(f"iMAML ({act_name} MLP): ours (compiled solve) / torchopt CG 1e-10", "<= 0.7",
                            t_c / t_t, t_c / t_t <= 0.7,
                            f"{1e3 * t_c / 2:.2f} vs {1e3 * t_t / 2:.2f} ms (paired re-timing); first "
