@@ -383,27 +383,33 @@ class LevenbergMarquardt(_NormalEquations):
         # Refused steps at rounding level grow μ without bound; past this the step is nil.
         mu_max = mu / (self.damping * torch.finfo(z0.dtype).eps ** 2)
         nu = torch.full_like(mu, 2.0)
+        # One loop (mon.iterate); the compiled and eager variants differ in their step.
+        advance: Callable[[int], int]
         if self.compile and lin.dense and lin.recorded:
-            step = _compiled_step()
+            compiled = _compiled_step()
             z, r, jt = lin.z, lin.r, lin.jt
-            for _ in range(self.max_steps):
-                if mon.stop():
-                    break
-                z, r, jt, g, mu, nu = step(residuals, z, r, jt, g, mu, nu, mu_max, mon.active.unsqueeze(-1))
+
+            def advance(taken: int) -> int:
+                nonlocal z, r, jt, g, mu, nu
+                z, r, jt, g, mu, nu = compiled(residuals, z, r, jt, g, mu, nu, mu_max,
+                                               mon.active.unsqueeze(-1))
                 mon.record(z, g, mon.active)
-            return mon.finish()
-        for _ in range(self.max_steps):
-            if mon.stop():
-                break
-            active = mon.active.unsqueeze(-1)
-            delta = self._direction(lin, g, mu)
-            # The residual at the trial point, recorded: its Jacobian is formed only if a
-            # sample accepts the step (a refused step changes only μ, and keeps J).
-            trial = _Linearised(residuals, lin.z + delta, lin.dense)
-            accept, mu, nu = _gain_update(lin.r, trial.r, delta, g, mu, nu, mu_max, active)
-            lin = lin.select(trial, accept.squeeze(-1))
-            g = lin.jtv(lin.r)
-            mon.record(lin.z, g, mon.active)
+                return 1
+        else:
+            def advance(taken: int) -> int:
+                nonlocal lin, g, mu, nu
+                active = mon.active.unsqueeze(-1)
+                delta = self._direction(lin, g, mu)
+                # The residual at the trial point, recorded: its Jacobian is formed only if a
+                # sample accepts the step (a refused step changes only μ, and keeps J).
+                trial = _Linearised(residuals, lin.z + delta, lin.dense)
+                accept, mu, nu = _gain_update(lin.r, trial.r, delta, g, mu, nu, mu_max, active)
+                lin = lin.select(trial, accept.squeeze(-1))
+                g = lin.jtv(lin.r)
+                mon.record(lin.z, g, mon.active)
+                return 1
+
+        mon.iterate(self.max_steps, advance)
         return mon.finish()
 
 
