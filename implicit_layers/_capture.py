@@ -16,7 +16,7 @@ Both work on every torch operation through a ``TorchFunctionMode``; Python-level
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -64,6 +64,17 @@ def vmap_active() -> bool:
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
+def refuse_vmap(entry: str, values: Iterable[tuple[str, object]], instead: str) -> None:
+    """Raise a ``TypeError`` naming the first of ``values`` (``(name, value)`` pairs) that is a
+    ``torch.func.vmap`` batched tensor: ``entry`` decides per sample when to stop, which vmap's
+    rules cannot express; ``instead`` tells how to pass the batch."""
+    for name, value in values:
+        if isinstance(value, Tensor) and torch._C._functorch.is_batchedtensor(value):
+            raise TypeError(
+                f"{entry} does not run under torch.func.vmap ({name} is a vmapped tensor): {instead}"
+            )
 
 
 def transforms_active() -> bool:

@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from ._capture import refuse_vmap
 from ._info import ConvergenceError, ConvergenceWarning
 from ._qp._functional import qp
 from ._qp._ipm import SOLVED, STATUS_NAMES
@@ -73,14 +74,11 @@ def polyhedron(
         tensor([0.5000, 0.5000], dtype=torch.float64)
     """
     x = require_tensor(x, "x")
-    for name, value in (("x", x), ("A", A), ("b", b), ("G", G), ("h", h)):
-        if isinstance(value, Tensor) and torch._C._functorch.is_batchedtensor(value):
-            # il.qp decides per sample when to stop, which vmap's rules cannot express.
-            raise TypeError(
-                f"projection.polyhedron does not run under torch.func.vmap ({name} is a vmapped "
-                "tensor): it projects a batch natively, so give the batch as leading dimensions of "
-                "x (and of A, b, G, h if they differ per vector) instead; torch.func.grad and jacrev work."
-            )
+    refuse_vmap(
+        "projection.polyhedron", (("x", x), ("A", A), ("b", b), ("G", G), ("h", h)),
+        "it projects a batch natively, so give the batch as leading dimensions of x (and of A, b, "
+        "G, h if they differ per vector) instead; torch.func.grad and jacrev work.",
+    )
     if solver is None:
         solver = InteriorPoint()
     elif not isinstance(solver, InteriorPoint):

@@ -551,7 +551,8 @@ def test_solve_under_vmap_names_the_batch_form_to_use(vmapped):
         fn, arg = (lambda b: il.linear.solve(A, b)[0]), bs
     else:
         fn, arg = (lambda M: il.linear.solve(M, bs[0])[0]), A.expand(4, 3, 3)
-    with pytest.raises(TypeError, match=rf"torch.func.vmap \({vmapped} is vmapped\).*b of shape \(B, n\)"):
+    message = rf"torch.func.vmap \({vmapped} is a vmapped tensor\).*b of shape \(B, n\)"
+    with pytest.raises(TypeError, match=message):
         torch.func.vmap(fn)(arg)
     # the batch form it names gives each system's solution
     x, _ = il.linear.solve(A.expand(4, 3, 3), bs)

@@ -7,6 +7,8 @@ import functools
 import torch
 from torch import Tensor
 
+from .._capture import refuse_vmap
+
 __all__ = ["QPData", "check_inputs", "expand"]
 
 QPData = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
@@ -15,13 +17,8 @@ QPData = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 def _tensor(value: object, name: str) -> Tensor:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}.")
-    if torch._C._functorch.is_batchedtensor(value):
-        # The solver decides per sample when to stop, which vmap's rules cannot express.
-        raise TypeError(
-            f"il.qp does not run under torch.func.vmap ({name} is a vmapped tensor): it solves "
-            "batches natively, so pass the batch as a leading dimension of the inputs instead "
-            "(torch.func.grad and jacrev work)."
-        )
+    refuse_vmap("il.qp", ((name, value),), "it solves batches natively, so pass the batch as a "
+                "leading dimension of the inputs instead (torch.func.grad and jacrev work).")
     if not (value.is_floating_point()):
         raise TypeError(f"{name} must be a floating-point tensor (float32 or float64), got {value.dtype}.")
     return value

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import Tensor
 
+from .._capture import refuse_vmap
 from .._config import check_float_tensor
 from .._info import SolveInfo
 from ._base import LinearSolver
@@ -93,7 +93,12 @@ def solve(
         (True, torch.Size([5]))
     """
     check_float_tensor(b, "b")
-    _refuse_vmap(A, b, x0)
+    refuse_vmap(
+        "il.linear.solve", (("b", b), ("x0", x0), ("A", getattr(A, "matrix", A))),
+        "its solvers stop on data. Pass the systems as one batch instead: b of shape (B, n) with "
+        "A (n, n) or (B, n, n), or a callable A with batched=True; each system is solved to its "
+        "own tolerance.",
+    )
     if batched is not None and not isinstance(batched, bool):
         raise TypeError(f"batched must be True, False or None, got {batched!r}.")
     if isinstance(A, LinearOperator) and (symmetric is not None or positive_definite is not None):
@@ -197,16 +202,3 @@ def _callable_operator(
     )
     return op, bb, not batched
 
-
-def _refuse_vmap(A: object, b: Tensor, x0: Tensor | None) -> None:
-    """A clear error under ``torch.func.vmap``, whose batched tensors cannot drive a loop that
-    stops on data (the solvers read their residuals on the host)."""
-    matrix = getattr(A, "matrix", A)
-    for name, t in (("b", b), ("x0", x0), ("A", matrix)):
-        if isinstance(t, Tensor) and torch._C._functorch.is_batchedtensor(t):
-            raise TypeError(
-                f"il.linear.solve does not run under torch.func.vmap ({name} is vmapped): "
-                "its solvers stop on data. Pass the systems as one batch instead: b of shape "
-                "(B, n) with A (n, n) or (B, n, n), or a callable A with batched=True; each "
-                "system is solved to its own tolerance."
-            )
