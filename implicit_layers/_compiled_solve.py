@@ -27,6 +27,7 @@ from torch.func import functional_call, vjp
 from ._capture import transforms_active
 from ._info import NonFiniteError, OnFailure, SolveInfo, report_failure
 from .backward import Implicit
+from .linear._loop import wide_dtype
 from .linear.neumann import Neumann
 from .solvers.base import ForwardSolver
 from .solvers.picard import Picard
@@ -88,11 +89,10 @@ def _loop(cond, body, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:  # noqa:
 
 
 def _norm(v: Tensor) -> Tensor:
-    """Per-sample norm ``(B, 1)`` of a flat ``(B, n)`` state, accumulated in float64 for
-    narrower dtypes (as the eager forward solvers do)."""
-    if v.dtype == torch.float64:
-        return torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    return torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=torch.float64).to(v.dtype)
+    """Per-sample norm ``(B, 1)`` of a flat ``(B, n)`` state in float64 (float32 on MPS), as
+    the eager forward solvers keep it: the verdicts compare wide norms and tolerances, and
+    the info casts them to the state's dtype."""
+    return torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=wide_dtype(v))
 
 
 class _Map:
@@ -326,7 +326,8 @@ def compiled_fixed_point(
         z, res, tol, steps, bad = _forward_loop(f, flat, x, tensors, settings)
     info = SolveInfo(
         converged=((res <= tol) & ~bad).squeeze(-1), steps=steps.squeeze(-1),
-        residual=res.squeeze(-1), solver="Picard (compiled)", tolerance=tol.squeeze(-1),
+        residual=res.squeeze(-1).to(z0.dtype), solver="Picard (compiled)",
+        tolerance=tol.squeeze(-1).to(z0.dtype),
     )
     if holder is not None:
         holder.append(info)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from ._base import LinearSolver
 
 __all__ = [
-    "Bookkeeping", "sync_flags",
+    "Bookkeeping", "sync_flags", "wide_dtype",
     "LinearLoop", "check_done", "check_active", "first_product", "autograd_records", "records",
 ]
 
@@ -70,6 +70,12 @@ class Bookkeeping:
         )
 
 
+def wide_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the bookkeeping's norms, counts and tolerances for tensors like ``x``:
+    float64, or float32 on MPS (which has no float64)."""
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
 def sync_flags(done: Tensor, watch: Tensor) -> list[bool]:
     """One synchronisation: ``[all samples done, every watched value finite, any sample
     done]``.
@@ -81,8 +87,20 @@ def sync_flags(done: Tensor, watch: Tensor) -> list[bool]:
     Returns:
         The three answers as Python bools.
     """
-    flags = torch.stack([done.all(), torch.isfinite(watch).all(), done.any()]).tolist()
-    return [bool(f) for f in flags]
+    if watch.shape != done.shape:
+        flags = torch.stack([done.all(), torch.isfinite(watch).all(), done.any()]).tolist()
+        return [bool(f) for f in flags]
+    n = _count_if_finite(done, watch)
+    if math.isnan(n):
+        return [False, False, False]
+    return [n == done.numel(), True, n > 0]
+
+
+def _count_if_finite(flags: Tensor, watch: Tensor) -> float:
+    """The number of nonzero ``flags`` (bool or a 0/1 float mask), or NaN when some entry of
+    ``watch`` (the same shape) is NaN or Inf: one sum of ``flags + 0 · watch`` (``0 · ±Inf``
+    is NaN) and one synchronisation, instead of a reduction per answer."""
+    return torch.add(flags, watch, alpha=0).sum(dtype=wide_dtype(watch)).item()
 
 
 class LinearLoop(Bookkeeping):
@@ -271,8 +289,9 @@ def check_active(active: Tensor, watch: Tensor | None, solver: str) -> tuple[boo
     :class:`~implicit_layers.NonFiniteError` if ``watch`` (non-negative norms; ``None``: not
     tested) is not finite.
 
-    Without ``watch``, a batch of up to 4096 samples costs one copy of its flags; with it,
-    three ops: the count of active samples and the largest watched value travel together.
+    Without ``watch``, a batch of up to 4096 samples costs one copy of its flags; with a
+    ``watch`` of the flags' shape, two ops: one sum gives the count of active samples, NaN
+    when some watched value is not finite.
     """
     if watch is None or watch.numel() == 0:
         if active.numel() <= _COPY_FLAGS_UP_TO:
@@ -281,14 +300,23 @@ def check_active(active: Tensor, watch: Tensor | None, solver: str) -> tuple[boo
         else:
             n = int(torch.count_nonzero(active))
     else:
-        wide = torch.float32 if watch.device.type == "mps" else torch.float64
-        count = torch.count_nonzero(active).to(wide)
-        # the infinity norm is NaN or Inf exactly when some entry is
-        top = torch.linalg.vector_norm(watch, ord=float("inf"), dtype=wide)
-        n, top_v = torch.stack([count, top]).tolist()
-        if not math.isfinite(top_v):
+        n = _count_if_finite(active, watch) if watch.shape == active.shape else _count_wide(
+            active, watch
+        )
+        if math.isnan(n):
             _raise_non_finite(solver)
     return n == 0, n < active.numel()
+
+
+def _count_wide(active: Tensor, watch: Tensor) -> float:
+    """The number of nonzero ``active`` entries, or NaN when ``watch`` (non-negative norms, any
+    shape) is not finite: the count and the largest watched value travel together."""
+    wide = wide_dtype(watch)
+    count = torch.count_nonzero(active).to(wide)
+    # the infinity norm is NaN or Inf exactly when some entry is
+    top = torch.linalg.vector_norm(watch, ord=float("inf"), dtype=wide)
+    n, top_v = torch.stack([count, top]).tolist()
+    return n if math.isfinite(top_v) else math.nan
 
 
 # Up to this many per-sample flags, a check copies them to the host rather than counting

@@ -131,12 +131,14 @@ class Neumann(LinearSolver):
             steps = torch.zeros_like(mask)
             step = (
                 partial(_graphed_steps, graphs, op.mv, tol, step_size, loop) if graphs is not None
-                else partial(_in_place_step, op.mv, tol, step_size)
+                else _InPlaceSteps(op.mv, tol, step_size, loop)
             )
         state: tuple[Tensor, ...] = (x, r, mask, steps, res.unsqueeze(-1))
         while loop.proceed(state[4], active=state[2]):
             state = step(*state)
         x, _, mask, steps, res = state
+        if isinstance(step, _InPlaceSteps) and step.uniform:
+            steps = steps + step.uniform
         loop.done = (mask == 0).squeeze(-1)
         loop.steps = steps.squeeze(-1).to(torch.int64)
         return x, loop.info(res.squeeze(-1))
@@ -188,6 +190,27 @@ def _in_place_step(
     return x, r, mask, steps, res
 
 
+class _InPlaceSteps:
+    """:func:`neumann_step` on the loop state, step by step; a step that follows a check which
+    found every sample stepping is counted on the host (:attr:`uniform`, added to the counts
+    once at the end) instead of by an op on the device."""
+
+    def __init__(
+        self, mv: Callable[[Tensor], Tensor], tol: Tensor, alpha: Tensor | None, loop: LinearLoop
+    ) -> None:
+        self.mv, self.tol, self.alpha, self.loop = mv, tol, alpha, loop
+        self.uniform = 0
+
+    def __call__(
+        self, x: Tensor, r: Tensor, mask: Tensor, steps: Tensor, res: Tensor
+    ) -> tuple[Tensor, ...]:
+        if not self.loop.all_active:
+            return _in_place_step(self.mv, self.tol, self.alpha, x, r, mask, steps, res)
+        self.uniform += 1
+        x, r, res, mask, _ = neumann_step(self.mv, x, r, mask, None, self.tol, self.alpha)
+        return x, r, mask, steps, res
+
+
 def _graphed_steps(
     graphs: ChunkGraphs, mv: Callable[[Tensor], Tensor], tol: Tensor, alpha: Tensor | None,
     loop: LinearLoop, *state: Tensor,
@@ -208,9 +231,9 @@ def _graphed_steps(
 
 
 def neumann_step(
-    mv: Callable[[Tensor], Tensor], x: Tensor, r: Tensor, mask: Tensor, steps: Tensor,
+    mv: Callable[[Tensor], Tensor], x: Tensor, r: Tensor, mask: Tensor, steps: Tensor | None,
     tol: Tensor, alpha: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """One Richardson step ``x ← x + α r``, ``r ← r - A α r`` for the samples with ``mask`` 1.
 
     Updates ``x``, ``r``, ``mask`` and ``steps`` in place (no autograd) and returns them with
@@ -221,7 +244,8 @@ def neumann_step(
         mv: the operator product on ``(B, n)``.
         x, r: iterate and residual ``b - A x``, ``(B, n)``.
         mask: ``(B, 1)`` float, 1 for the samples that step, 0 for the done ones.
-        steps: ``(B, 1)`` float step counts.
+        steps: ``(B, 1)`` float step counts, or ``None`` (a step of every sample, counted by
+            the caller).
         tol: ``(B, 1)`` tolerances.
         alpha: ``(B, 1)`` step sizes, or ``None`` for 1.
 
@@ -233,7 +257,10 @@ def neumann_step(
     # times 1 or 0: exact, so a stepping sample gets x + step and a done one keeps x
     x.addcmul_(step, mask)
     r.addcmul_(Ms, mask, value=-1.0)
-    steps.add_(mask)
+    if steps is not None:
+        steps.add_(mask)
     res = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
-    mask.mul_(res > tol)
+    # A done sample's residual no longer moves, so it stays within its tolerance: the new mask
+    # is the comparison itself, written straight into the mask.
+    torch.gt(res, tol, out=mask)
     return x, r, res, mask, steps

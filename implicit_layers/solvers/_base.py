@@ -13,7 +13,7 @@ from torch import Tensor
 from .._config import SolverSettings
 from .._info import NonFiniteError, SolveInfo, report_failure
 from .._problem import KINDS, FixedPointProblem, MinimiseProblem, Problem, RootProblem
-from ..linear._loop import Bookkeeping, sync_flags
+from ..linear._loop import Bookkeeping, sync_flags, wide_dtype
 
 if TYPE_CHECKING:
     from ..linear._base import LinearSolver
@@ -262,15 +262,14 @@ class ForwardSolver(SolverSettings):
 
 def _norm(x: Tensor, keepdim: bool = False) -> Tensor:
     """Per-sample Euclidean norm of the last dimension, for the convergence test only
-    (detached: an unrolled solve does not save the residuals for it). Without overflow for
-    float32 iterates: the squares of entries above ~1e19 overflow float32 (a fixed point at
-    2e30 would read as Inf), so the sum runs in float64 and the norm comes back in ``x``'s
-    dtype."""
+    (detached: an unrolled solve does not save the residuals for it), in float64 (float32 on
+    MPS, which has no float64) whatever ``x``'s dtype. The squares of float32 entries above
+    ~1e19 overflow float32 (a fixed point at 2e30 would read as Inf), so the sum runs wide;
+    the norms stay wide through the bookkeeping (no cast back per check), and the info casts
+    them to the iterate's dtype once."""
     if x.requires_grad:
         x = x.detach()
-    if x.dtype == torch.float64:
-        return torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim)
-    return torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim, dtype=torch.float64).to(x.dtype)
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim, dtype=wide_dtype(x))
 
 
 class ForwardBookkeeping(Bookkeeping):
@@ -303,6 +302,7 @@ class ForwardBookkeeping(Bookkeeping):
         self.atol = solver.atol
         self.relative_to_z = problem.relative_to_z
         self._keepdim = keepdim
+        self._dtype = z0.dtype  # the info's norms come back in the iterate's dtype
         res = _norm(r0, keepdim)
         # Fixed points: the floor of the scale is ‖f(z0)‖ (f(z0) = z0 - r0), so that a fixed
         # point at 0 meets an absolute tolerance instead of chasing ‖z‖ down to underflow.
@@ -347,7 +347,10 @@ class ForwardBookkeeping(Bookkeeping):
         best_res, best_tol, steps = self.best_res, self.best_tol, self.steps
         if self._keepdim:
             best_res, best_tol, steps = best_res.squeeze(-1), best_tol.squeeze(-1), steps.squeeze(-1)
-        info = self.result(best_res <= best_tol, steps, best_res.detach(), best_tol.detach())
+        info = self.result(
+            best_res <= best_tol, steps, best_res.detach().to(self._dtype),
+            best_tol.detach().to(self._dtype),
+        )
         info._known_converged = known_converged
         return self.best_z, info
 

@@ -167,14 +167,18 @@ class WindowMonitor(ForwardBookkeeping):
         self.last_res, self.last_tol = res, tol
         met = res <= tol
         if self.all_active:
-            better = (res <= self.best_res) | met
             self.res, self.done = res, met
-            all_done, finite, any_done, all_better, *rest = self._count_flags(met, res, better)
+            # An iterate that meets its tolerance is kept even if an earlier one had a lower
+            # residual: better = lower | met. The check counts ``lower`` alone; only when some
+            # sample is not lower does the masked path need the full flag.
+            lower = res <= self.best_res
+            all_done, finite, any_done, all_lower, *rest = self._count_flags(met, res, lower)
             self._uniform_steps += 1
-            if all_better:
+            if all_lower:
                 # On the CPU a synchronisation is cheaper than a masked copy of the iterate.
                 self.best_z, self.best_res, self.best_tol = z, res, tol
             else:
+                better = lower | met
                 self.best_z = torch.where(better, z, self.best_z)
                 self.best_res = torch.where(better, res, self.best_res)
                 self.best_tol = torch.where(better, tol, self.best_tol)
@@ -200,26 +204,28 @@ class WindowMonitor(ForwardBookkeeping):
         """``[met.all(), res finite, met.any()]`` (then ``better.all()`` if ``better`` is
         given, and, with ``safe``, the range test of :attr:`safe` when it is set) from one sum
         of per-sample ``(B, 1)`` columns, with the solver's :attr:`extra` values: a few ops
-        and one synchronisation instead of a reduction per flag. A norm is NaN or Inf exactly
-        when it is not below infinity."""
-        columns = [met, res < math.inf]
+        and one synchronisation instead of a reduction per flag.
+
+        The residual norms join the sum as a column of their own: norms are non-negative, so
+        their sum is NaN or Inf exactly when some norm is, or when finite norms overflow the
+        sum (only past ~1e308 / B); in that case an exact test decides."""
+        columns = [met]
         if better is not None:
             columns.append(better)
         if safe and self.safe is not None:
             columns.append((res >= self.safe[0]) & (res <= self.safe[1]))
-        stacked = torch.cat(columns, dim=-1)
+        columns.append(res)
+        stacked = torch.cat(columns, dim=-1)  # promoted to the norms' dtype
         extra = self.extra() if self.extra is not None else []
         if extra:
-            # float counts (exact far beyond any batch size) join the extra values
-            total = stacked.sum(0, dtype=extra[0].dtype)
-            values = torch.cat((total, torch.stack(extra))).tolist()
+            values = torch.cat((stacked.sum(0, dtype=extra[0].dtype), torch.stack(extra))).tolist()
             counts, self.extra_values = values[: len(columns)], values[len(columns):]
         else:
             counts = stacked.sum(0).tolist()
+        *counts, res_sum = counts
+        finite = math.isfinite(res_sum) or bool(torch.isfinite(res).all())
         batch = met.shape[0]
-        return [counts[0] == batch, counts[1] == batch, counts[0] > 0] + [
-            c == batch for c in counts[2:]
-        ]
+        return [counts[0] == batch, finite, counts[0] > 0] + [c == batch for c in counts[1:]]
 
     def _flush(self, flags: list[Tensor]) -> list:
         """``flags`` and the solver's :attr:`extra` values in one synchronisation."""
