@@ -135,3 +135,59 @@ def test_both_forward_monitors_give_the_step_by_step_verdicts(check_every):
         assert bool(info.converged.all()), name
         for i, k in enumerate(expected_steps):
             assert torch.equal(z[i], zs[k][i]), name
+
+
+# The checks: one sum tells the counts and finiteness; a wrong count or a missed NaN would
+# stop a loop early or let a NaN through.
+
+_WATCHES = {
+    "finite": [0.5, 2.0, 0.0, 3.0],
+    "nan": [0.5, float("nan"), 0.0, 3.0],
+    "inf": [0.5, 2.0, float("inf"), 3.0],
+}
+
+
+@pytest.mark.parametrize("watch", list(_WATCHES))
+@pytest.mark.parametrize("flags", [[True, False, True, False], [True] * 4, [False] * 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sync_flags_and_check_active_agree_with_separate_reductions(watch, flags, dtype):
+    from implicit_layers.linear._loop import check_active, sync_flags
+
+    w = torch.tensor(_WATCHES[watch], dtype=dtype)
+    done = torch.tensor(flags)
+    expected = [bool(done.all()), bool(torch.isfinite(w).all()), bool(done.any())]
+    got = sync_flags(done, w)
+    assert got[1] == expected[1]
+    if expected[1]:
+        assert got == expected
+    # the float mask of the in-place loops, (B, 1) columns as Neumann keeps them
+    active = (~done).to(dtype).unsqueeze(-1)
+    if expected[1]:
+        assert check_active(active, w.unsqueeze(-1), "Neumann") == (
+            not bool(active.any()), not bool(active.all())
+        )
+    else:
+        with pytest.raises(il.NonFiniteError):
+            check_active(active, w.unsqueeze(-1), "Neumann")
+
+
+def test_window_check_reads_huge_finite_norms_as_finite():
+    # Norms whose sum overflows float64 are still finite: the exact test decides.
+    z0 = torch.zeros(3, 2, dtype=torch.float64)
+    problem = Problem("fixed_point", lambda z: z, (), z0, batched=True, name="f")
+    mon = WindowMonitor(il.solvers.Picard(), problem, z0, z0)
+    met = torch.zeros(3, 1, dtype=torch.bool)
+    huge = torch.full((3, 1), 1e308, dtype=torch.float64)
+    assert mon._count_flags(met, huge)[1] is True
+    assert mon._count_flags(met, torch.tensor([[1.0], [float("nan")], [1.0]]).double())[1] is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_info_keeps_the_iterate_dtype(dtype):
+    A = 0.5 * torch.eye(3, dtype=dtype)
+    c = torch.tensor([[1.0, -2.0, 3.0]], dtype=dtype)
+    z, info = il.fixed_point(lambda z: z @ A + c, torch.zeros_like(c), return_info=True,
+                             batched=True, solver=il.solvers.Picard(rtol=1e-5))
+    assert info.residual.dtype == dtype and info.tolerance.dtype == dtype
+    assert bool(info.converged.all())
+    torch.testing.assert_close(z, 2 * c, rtol=1e-4, atol=0)
