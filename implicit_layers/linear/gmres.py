@@ -214,15 +214,19 @@ class _InPlaceCycles(_Cycles):
         self.eye = torch.eye(m_max + 1, dtype=dtype, device=device).expand_as(self.omega)
         self.R = torch.zeros(batch, m_max, m_max, dtype=dtype, device=device)
         V, omega, R = self.V, self.omega, self.R
+        # The views of every step, made once per solve. Where a family of views tiles a
+        # tensor, one split makes them all (an op per view otherwise: ~300 ops per solve).
         self.rows = V.unbind(1)
-        self.rows3 = [V[:, j : j + 1] for j in range(m_max + 1)]
+        self.rows3 = V.split(1, dim=1)  # (B, 1, n): row j
         self.basis = [V[:, : j + 1] for j in range(m_max)]
         self.basisT = [v.mT for v in self.basis]
-        self.omegaT = [omega[:, : j + 1, : j + 1].mT for j in range(m_max)]
+        omega_t = omega.mT
+        self.omegaT = [omega_t[:, : j + 1, : j + 1] for j in range(m_max)]
         self.pair = [omega[:, j : j + 2, : j + 2] for j in range(m_max)]
-        self.next0 = [omega[:, j + 1 : j + 2, 0:1] for j in range(m_max)]
-        self.col = [R[:, : j + 1, j].unsqueeze(1) for j in range(m_max)]
-        self.diag = [R[:, j : j + 1, j : j + 1] for j in range(m_max)]
+        self.next0 = omega[:, 1:, :1].split(1, dim=1)  # (B, 1, 1): omega[:, j + 1, 0]
+        cols = R.mT.split(1, dim=1)  # (B, 1, m): column j of R
+        self.col = [c[..., : j + 1] for j, c in enumerate(cols)]
+        self.diag = R.diagonal(dim1=1, dim2=2).unsqueeze(-1).split(1, dim=1)  # (B, 1, 1)
         self.c = {
             "zero": self.zero,
             "one": self.one,
