@@ -239,10 +239,14 @@ def _linear_runner(solver_cls, check_every: int, tiny: bool, spd: bool, **kw):
 
 
 class _NeverSwitch(il.solvers.Adaptive):
-    """Adaptive kept in its Picard phase (with ``rtol = 0`` the budget rule would switch):
-    plain steps plus the contraction estimate at every check."""
+    """Adaptive kept in its Picard phase (with ``rtol = 0`` the budget rule would switch, or
+    try Anderson): plain steps plus the contraction estimate at every check."""
 
     def _switch(self, worst: float, rho: float, needed: float, left: int) -> bool:
+        return False
+
+    @staticmethod
+    def _try(needed: float) -> bool:
         return False
 
 

@@ -180,7 +180,7 @@ class Adaptive(ForwardSolver):
                 if worst > 1.0 or span >= self.window:
                     rho = worst ** (1.0 / span)
                     switch = self._switch(worst, rho, needed, self.max_steps - k)
-                    if not switch and not tried and graphs is None and needed > TRY_ANDERSON_AFTER:
+                    if not switch and not tried and graphs is None and self._try(needed):
                         tried = True
                         trial = (taken, res, rho)
                     if switch or trial is not None:
@@ -245,6 +245,13 @@ class Adaptive(ForwardSolver):
         plain iteration at that rate would need more steps (``needed``) than the ``left``
         steps of the budget."""
         return worst > 1.0 or rho > self.switch_ratio or needed > left
+
+    @staticmethod
+    def _try(needed: float) -> bool:
+        """Whether plain iteration, not switched, tries Anderson for ``TRIAL_STEPS`` steps:
+        when it would need more than ``TRY_ANDERSON_AFTER`` further steps (``needed``, NaN
+        when unknown)."""
+        return needed > TRY_ANDERSON_AFTER
 
     @staticmethod
     def _keep_anderson(
