@@ -96,24 +96,22 @@ class Neumann(LinearSolver):
     def _step_size(self, op: LinearOperator, b: Tensor) -> Tensor:
         if self.alpha is not None:
             return torch.full((b.shape[0], 1), self.alpha, dtype=b.dtype, device=b.device)
-        if not op.symmetric:
-            return torch.ones((b.shape[0], 1), dtype=b.dtype, device=b.device)
         lam = power_iteration(op.mv, b, self.power_steps)
         # 10% margin: the power estimate approaches λ_max from below.
         return (1.0 / (1.1 * lam.clamp_min(torch.finfo(b.dtype).tiny))).unsqueeze(-1)
 
     def _solve(self, op: LinearOperator, b: Tensor, x0: Tensor | None) -> tuple[Tensor, SolveInfo]:
-        alpha = self._step_size(op, b)
+        unit = self.alpha == 1.0 or (self.alpha is None and not op.symmetric)
+        # a unit step multiplies by nothing (no step-size tensor, no power iteration)
+        step_size = None if unit else self._step_size(op, b)
         x, r = initial_residual(op, b, x0)
         res = torch.linalg.vector_norm(r, dim=-1)
         loop = LinearLoop(self, b, res)
-        unit = self.alpha == 1.0 or (self.alpha is None and not op.symmetric)
         graphs = graph_runner(
             self.name, self.cuda_graph, b, recording=torch.is_grad_enabled(),
             autograd_products=True,
         )
         tol = loop.tol.unsqueeze(-1)
-        step_size = None if unit else alpha
         # One loop; the variants differ in their step. The state is (x, r, mask, steps, res),
         # per-sample entries as (B, 1) columns; ``mask`` is nonzero for the samples stepping.
         step: Callable[..., tuple[Tensor, ...]]
