@@ -1,10 +1,13 @@
 """Implicit layers inside ``torch.compile``: graph breaks, graphs per batch size, step times.
 
-Two small models, each a linear layer, an implicit layer and a linear head: an ``il.nn.DEQ``
-(tanh cell) and a box-constrained ``il.nn.ArgminLayer`` (a quartic objective). For each:
+Small models, each a linear layer, an implicit layer and a linear head: an ``il.nn.DEQ`` (tanh
+cell), an ``il.nn.ArgminLayer`` (a quartic objective) with and without a box, and the DEQ with
+the opt-in compiled solve (``compiled_solve=True``, Picard + Neumann); at two sizes, the tiny
+n=16, B=8 and n=256, B=64. For each:
 
 * graph breaks of one forward call (``torch._dynamo.explain``): the implicit layer runs
-  eagerly as one break, the rest of the model compiles;
+  eagerly as one break, the rest of the model compiles (with ``compiled_solve=True`` the
+  layer traces into the model's graph: no break);
 * graphs compiled after two batch sizes and after six (dynamo's ``unique_graphs``);
 * a training step (forward + backward) eager, compiled with the "eager" backend (graph capture
   only) and with inductor, timed alternately in one run; gradients compared with eager;
@@ -70,11 +73,12 @@ class _CompiledSolveDEQModel(_DEQModel):
 class _BoxArgminModel(torch.nn.Module):
     implicit = "layer"
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, bounded: bool = True) -> None:
         super().__init__()
         self.inp = torch.nn.Linear(n, n)
         self.scale = torch.nn.Parameter(torch.linspace(1.0, 2.0, n))
-        self.layer = il.nn.ArgminLayer(self._objective, w_shape=(n,), lower=-0.3, upper=0.3)
+        box = {"lower": -0.3, "upper": 0.3} if bounded else {}
+        self.layer = il.nn.ArgminLayer(self._objective, w_shape=(n,), **box)
         self.out = torch.nn.Linear(n, 3)
 
     def _objective(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -82,6 +86,13 @@ class _BoxArgminModel(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.layer(self.inp(x))).square().mean()
+
+
+class _ArgminModel(_BoxArgminModel):
+    """The same objective without the box (an unconstrained ``ArgminLayer``)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n, bounded=False)
 
 
 def _graphs_over_batch_sizes(model: torch.nn.Module, sizes: list[int], n: int) -> tuple[int, int]:
@@ -110,6 +121,7 @@ def _step(model: torch.nn.Module, call: torch.nn.Module, x: torch.Tensor) -> lis
 MODELS = (
     ("DEQ", _DEQModel),
     ("ArgminLayer (box)", _BoxArgminModel),
+    ("ArgminLayer (unbounded)", _ArgminModel),
     ("DEQ (compiled_solve=True)", _CompiledSolveDEQModel),
 )
 
@@ -123,9 +135,9 @@ def run_compile(cfg: Config) -> Section:
         f"timed over bursts of {BURST} consecutive steps, methods alternated burst by burst."
     )
     section.notes.append(
-        "Two shapes: the tiny model (n=16, B=8), where torch.compile's own cost per call exceeds "
-        "what it saves on the surrounding layers, and a larger one (n=256, B=64, the width and "
-        "batch of the easy DEQ), where the layers around the implicit layer are real work. "
+        "Two shapes: the tiny model (n=16, B=8) and a larger one (n=256, B=64, the width and "
+        "batch of the easy DEQ); the 'layer -> identity' rows show what torch.compile costs or "
+        "saves on the surrounding layers alone at each. "
         "DEQ (compiled_solve=True): the opt-in compiled solve (Picard + Neumann as torch "
         "control-flow operators, traced into the model's graph); its ratios are to the same "
         "model run eagerly, and its case also times the default DEQ model (same weights) "
