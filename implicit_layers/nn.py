@@ -411,6 +411,12 @@ class DEQ(torch.nn.Module):
                 out = z
         return (out, info) if return_info else out
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "forward" in state:
+            # A copy (copy.copy, deepcopy, unpickling) solves with its own settings and map.
+            self.forward = self._eager_forward  # type: ignore[method-assign]
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         # New weights: the bound's power iterations start afresh from them on the next call.
         if self._bound is not None:

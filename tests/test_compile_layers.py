@@ -274,6 +274,13 @@ def test_the_eager_forward_is_bound_to_each_copy_and_saved_layer():
     assert twin.forward.__self__ is twin
     torch.testing.assert_close(deq(x), expected, rtol=0, atol=0)
     assert not torch.allclose(twin(x), expected)
+    # A shallow copy too: put in eval mode, it uses its eval_solver, not the original's mode.
+    shallow = copy.copy(deq)
+    shallow.eval_solver = il.solvers.Picard(max_steps=1, on_failure="ignore")
+    shallow.eval()
+    assert shallow.forward.__self__ is shallow and deq.training
+    assert shallow(x, return_info=True)[1].steps.max() == 1
+    torch.testing.assert_close(deq(x), expected, rtol=0, atol=0)
     buffer = io.BytesIO()
     torch.save(deq, buffer)
     buffer.seek(0)
