@@ -315,10 +315,14 @@ def test_a_subclass_overriding_forward_keeps_its_forward():
 
 
 def test_the_compiled_solve_keeps_the_traced_forward():
-    """With compiled_solve=True the layer traces into the graph: no break, no disabled frame."""
+    """With compiled_solve=True the layer's forward is the method dynamo traces into the graph
+    (tests/test_compiled_solve.py counts no break); without, the eagerly run one."""
     torch.manual_seed(4)
-    model = InfoModel(solver=il.solvers.Picard(max_steps=60), backward=il.linear.Neumann(),
-                  compiled_solve=True)
-    assert "forward" not in vars(model.deq)
+    cell = Cell()
+    settings = {"solver": il.solvers.Picard(max_steps=60), "backward": il.linear.Neumann()}
+    traced = il.nn.DEQ(cell, state_shape=(N,), compiled_solve=True, **settings)
+    assert "forward" not in vars(traced) and traced.forward.__func__ is il.nn.DEQ.forward
+    eager = il.nn.DEQ(cell, state_shape=(N,), lipschitz=None, **settings)
+    assert eager.forward.__func__ is not il.nn.DEQ.forward
     x = torch.randn(6, N, dtype=torch.float64)
-    assert torch._dynamo.explain(model)(x).graph_break_count == 0
+    torch.testing.assert_close(traced(x), eager(x), rtol=0, atol=0)
