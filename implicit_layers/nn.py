@@ -295,6 +295,10 @@ class DEQ(torch.nn.Module):
         self.eval_solver = _check_solver(eval_solver, "eval_solver", "fixed_point")
         self.backward = _check_backward(backward)
         self.state_shape = _check_shape(state_shape, "state_shape")
+        if not compiled_solve and type(self).forward is DEQ.forward:
+            # The whole call runs eagerly under torch.compile: the graph breaks at the layer
+            # call itself, and dynamo has no frame of `forward` to look up and guard per call.
+            self.forward = self._eager_forward  # type: ignore[method-assign]
 
     @property
     def active_solver(self) -> ForwardSolver:
@@ -350,17 +354,20 @@ class DEQ(torch.nn.Module):
             f = cast(torch.nn.Module, self.f)
             z, info = compiled_fixed_point(f, z0, x, self.active_solver, self.backward)
             return (z, info) if return_info else z
-        return self._eager_forward(x, z0, tuple(args), check_states(states), return_info)
+        return self._eager_forward(x, z0, args=args, states=states, return_info=return_info)
 
     @run_eagerly
     def _eager_forward(
         self,
         x: Tensor,
-        z0: Tensor | None,
-        args: tuple[Any, ...],
-        states: int | Sequence[int] | None,
-        return_info: bool,
+        z0: Tensor | None = None,
+        *,
+        args: Sequence[Any] = (),
+        states: int | Sequence[int] | None = None,
+        return_info: bool = False,
     ) -> Any:
+        """:meth:`forward` without the compiled solve (same arguments), run eagerly."""
+        states = check_states(states)
         z0 = _initial_guess(z0, "z0", x, self.state_shape, "state_shape", self)
         args = tuple(args)
         if self.training and isinstance(self.f, torch.nn.Module):
@@ -403,6 +410,12 @@ class DEQ(torch.nn.Module):
             else:
                 out = z
         return (out, info) if return_info else out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "forward" in state:
+            # A copy (copy.copy, deepcopy, unpickling) solves with its own settings and map.
+            self.forward = self._eager_forward  # type: ignore[method-assign]
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         # New weights: the bound's power iterations start afresh from them on the next call.

@@ -134,6 +134,22 @@ def test_compiled_solve_rows(tiny_results):
         assert r["grad_rel_err"] < 1e-4, r
 
 
+def test_compile_rows(tiny_results):
+    """Every model kind of the compile section: one break per eagerly run layer, none with the
+    compiled solve, no new graphs after the second batch size, gradients as eager."""
+    res, _ = tiny_results
+    sec = {s["name"]: s for s in res["sections"]}["compile"]
+    compiled = [r for r in sec["rows"] if r["method"] == "compiled (eager)"]
+    kinds = {r["case"].split(" n=")[0]: r for r in compiled}
+    assert set(kinds) == {"DEQ", "ArgminLayer (box)", "ArgminLayer (unbounded)",
+                          "DEQ (compiled_solve=True)"}
+    for kind, r in kinds.items():
+        assert r["breaks"] == (0 if "compiled_solve" in kind else 1), r
+        assert r["graphs_after_6_sizes"] == r["graphs_after_2_sizes"], r
+        assert r["grad_rel_err"] < 1e-5, r
+    assert any(r["method"] == "default DEQ: eager" for r in sec["rows"])
+
+
 def test_composite_rows_are_accurate(tiny_results):
     # Our hypergradients against the active-set / KKT closed forms and our fits against a tight
     # scipy solve, to the issue's accuracy; jax is simulated missing, so its peers are noted.
