@@ -11,8 +11,9 @@ graph across passes) and takes four CG steps from that linearisation, so the com
 whole product and fuses it with the CG updates.
 
 Everything else is the eager implicit layer of :class:`~implicit_layers.backward.Implicit`:
-the forward, the parameter gradients ``-(∂F/∂θ)ᵀ u`` (one VJP through the graph recorded by
-the forward), the verdicts and warnings, and every path the compiled loop does not serve
+the forward, the parameter gradients ``-(∂F/∂θ)ᵀ u`` (one VJP through a graph of ``F`` recorded
+by the backward, in the same call of the function that checks which tensors it reads), the
+verdicts and warnings, and every path the compiled loop does not serve
 (``create_graph=True``, ``torch.func`` transforms, forward mode, the solves of a double
 backward), which run the same CG settings eagerly.
 
@@ -63,9 +64,9 @@ class CompiledImplicit(Implicit):
     backward's forward + backward time and 0.22x eager CG's
     (``python -m benchmarks.ridge_breakdown``).
 
-    Before each compiled solve the backward calls the function once to check that it still
-    reads the tensors the layer was called with (the loop traces it as it is then); when it
-    does not (module parameters swapped in by a ``torch.func.functional_call`` that has
+    The forward records nothing. Before each compiled solve the backward calls the function
+    once, recording it for the parameter gradient and checking that it still reads the
+    tensors the layer was called with (the loop traces it as it is then); when it does not (module parameters swapped in by a ``torch.func.functional_call`` that has
     returned), that backward runs the eager CG, which substitutes the saved tensors.
 
     Paths the compiled loop does not serve run eagerly with the same CG settings, with the

@@ -404,7 +404,7 @@ def test_ridge_breakdown_benchmark_reports_every_part() -> None:
     threads = torch.get_num_threads()
     parts = ridge_breakdown.main(["--d", "12", "--rounds", "1", "--calls", "1"])
     assert torch.get_num_threads() == threads  # the benchmark's thread settings are undone
-    assert len(parts) == 7 and all(math.isfinite(ms) and ms > 0 for ms in parts.values())
+    assert len(parts) == 11 and all(math.isfinite(ms) and ms > 0 for ms in parts.values())
 
 
 def test_loop_is_one_graph_without_breaks() -> None:
