@@ -66,8 +66,9 @@ class CompiledImplicit(Implicit):
 
     The forward records nothing. Before each compiled solve the backward calls the function
     once, recording it for the parameter gradient and checking that it still reads the
-    tensors the layer was called with (the loop traces it as it is then); when it does not (module parameters swapped in by a ``torch.func.functional_call`` that has
-    returned), that backward runs the eager CG, which substitutes the saved tensors.
+    tensors the layer was called with (the loop traces it as it is then); when it does not
+    (module parameters swapped in by a ``torch.func.functional_call`` that has returned),
+    that backward runs the eager CG, which substitutes the saved tensors.
 
     Paths the compiled loop does not serve run eagerly with the same CG settings, with the
     same results: ``create_graph=True`` (double backward), ``torch.func`` transforms
