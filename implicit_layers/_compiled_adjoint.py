@@ -34,7 +34,7 @@ from torch import Tensor
 from torch._higher_order_ops import while_loop
 
 from ._capture import capture, transforms_active
-from ._implicit import ImplicitCore
+from ._implicit import ImplicitCore, _Repeated
 from ._info import NonFiniteError, SolveInfo, report_failure, user_stacklevel
 from ._linearize import RecordedLinearization
 from ._problem import Problem
@@ -150,6 +150,12 @@ class _CompiledCore(ImplicitCore):
             and not transforms_active() and rhs.shape[0] == self.problem.batch
         )
         if not compiled:  # higher orders, transforms, tangents, folded batches: eagerly
+            checked = lin.lin if isinstance(lin, _Repeated) else lin
+            if isinstance(checked, _CheckedLinearization):
+                # The eager solve's products with ∂F/∂z: recorded now, since the solve may
+                # take them under a vmap (the cotangents of is_grads_batched=True), where
+                # autograd cannot record.
+                checked.record_products()
             return super().linear_solve(lin, rhs, transpose)
         cg: CG = self.linear.adjoint  # type: ignore[assignment]
         # The problem as called (its own parameters, no substitution): the loop traces the
@@ -234,21 +240,20 @@ class _CheckedLinearization:
             return tuple(None for _ in self.params)
         return torch.autograd.grad(self.out, self.params, u, retain_graph=True, allow_unused=True)
 
-    @property
-    def products(self) -> RecordedLinearization:
+    def record_products(self) -> RecordedLinearization:
         """The recording that serves products with ``∂F/∂z`` (made on first use)."""
         if self._products is None:
             self._products = RecordedLinearization(self.problem, self.z)
         return self._products
 
     def rmv(self, v: Tensor) -> Tensor:
-        return self.products.rmv(v)
+        return self.record_products().rmv(v)
 
     def mv(self, v: Tensor) -> Tensor:
-        return self.products.mv(v)
+        return self.record_products().mv(v)
 
     def dense(self, transpose: bool = True) -> Tensor:
-        return self.products.dense(transpose)
+        return self.record_products().dense(transpose)
 
 
 def _record_checked(problem: Problem, z: Tensor) -> _CheckedLinearization | RecordedLinearization | None:
