@@ -11,8 +11,9 @@ graph across passes) and takes four CG steps from that linearisation, so the com
 whole product and fuses it with the CG updates.
 
 Everything else is the eager implicit layer of :class:`~implicit_layers.backward.Implicit`:
-the forward, the parameter gradients ``-(∂F/∂θ)ᵀ u`` (one VJP through the graph recorded by
-the forward), the verdicts and warnings, and every path the compiled loop does not serve
+the forward, the parameter gradients ``-(∂F/∂θ)ᵀ u`` (one VJP through a graph of ``F`` recorded
+by the backward, in the same call of the function that checks which tensors it reads), the
+verdicts and warnings, and every path the compiled loop does not serve
 (``create_graph=True``, ``torch.func`` transforms, forward mode, the solves of a double
 backward), which run the same CG settings eagerly.
 
@@ -33,7 +34,7 @@ from torch import Tensor
 from torch._higher_order_ops import while_loop
 
 from ._capture import capture, transforms_active
-from ._implicit import ImplicitCore
+from ._implicit import ImplicitCore, _Repeated
 from ._info import NonFiniteError, SolveInfo, report_failure, user_stacklevel
 from ._linearize import RecordedLinearization
 from ._problem import Problem
@@ -63,10 +64,11 @@ class CompiledImplicit(Implicit):
     backward's forward + backward time and 0.22x eager CG's
     (``python -m benchmarks.ridge_breakdown``).
 
-    Before each compiled solve the backward calls the function once to check that it still
-    reads the tensors the layer was called with (the loop traces it as it is then); when it
-    does not (module parameters swapped in by a ``torch.func.functional_call`` that has
-    returned), that backward runs the eager CG, which substitutes the saved tensors.
+    The forward records nothing. Before each compiled solve the backward calls the function
+    once, recording it for the parameter gradient and checking that it still reads the
+    tensors the layer was called with (the loop traces it as it is then); when it does not
+    (module parameters swapped in by a ``torch.func.functional_call`` that has returned),
+    that backward runs the eager CG, which substitutes the saved tensors.
 
     Paths the compiled loop does not serve run eagerly with the same CG settings, with the
     same results: ``create_graph=True`` (double backward), ``torch.func`` transforms
@@ -118,15 +120,42 @@ class CompiledImplicit(Implicit):
 
 
 class _CompiledCore(ImplicitCore):
-    """The implicit core whose first-order adjoint solve runs :func:`_cg_loop` compiled."""
+    """The implicit core whose first-order adjoint solve runs :func:`_cg_loop` compiled.
+
+    Its forward records nothing: an ordinary backward calls the function once, recording it
+    for the parameter gradient and checking, in the same call, which tensors it reads (the
+    compiled loop traces the function as it is at the backward).
+    """
+
+    records_at_forward = False
+    #: The recording of the current backward, by a function checked to read its parameters.
+    _checked: object = None
+
+    def _recorded_linearization(self, z: Tensor, values: tuple[Tensor, ...]) -> RecordedLinearization:
+        params = self.problem.params
+        if (self.linearization is None and not torch.is_grad_enabled() and not transforms_active()
+                and len(values) == len(params)
+                and all(v is p for v, p in zip(values, params, strict=True))):
+            lin = _record_checked(self.problem, z)
+            if lin is not None:
+                self._checked = lin
+                return lin  # type: ignore[return-value]
+        # A function that now reads other tensors: recorded with the saved tensors
+        # substituted, solved eagerly.
+        return super()._recorded_linearization(z, values)
 
     def linear_solve(self, lin: Any, rhs: Tensor, transpose: bool) -> Tensor:
         compiled = (
-            transpose and isinstance(lin, RecordedLinearization) and not torch.is_grad_enabled()
+            transpose and lin is self._checked and not torch.is_grad_enabled()
             and not transforms_active() and rhs.shape[0] == self.problem.batch
-            and _reads_its_params(self.problem, lin.zr.detach())
         )
         if not compiled:  # higher orders, transforms, tangents, folded batches: eagerly
+            checked = lin.lin if isinstance(lin, _Repeated) else lin
+            if isinstance(checked, _CheckedLinearization):
+                # The eager solve's products with ∂F/∂z: recorded now, since the solve may
+                # take them under a vmap (the cotangents of is_grads_batched=True), where
+                # autograd cannot record.
+                checked.record_products()
             return super().linear_solve(lin, rhs, transpose)
         cg: CG = self.linear.adjoint  # type: ignore[assignment]
         # The problem as called (its own parameters, no substitution): the loop traces the
@@ -139,8 +168,9 @@ class _CompiledCore(ImplicitCore):
         loop = _compiled_cg(problem.fn)
         # Contiguous inputs: the graph is specialised to strides (the cotangent of a sum is
         # an expanded tensor of stride 0, which would compile a second graph).
+        point = lin.z if isinstance(lin, _CheckedLinearization) else lin.zr.detach()
         try:
-            u, rs, steps = loop(problem.pure_residual, lin.zr.detach().contiguous(), rhs.contiguous(),
+            u, rs, steps = loop(problem.pure_residual, point.contiguous(), rhs.contiguous(),
                                 tol.square(), limit)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             # More shapes or dtypes of this function than dynamo compiles: solve eagerly.
@@ -185,19 +215,93 @@ def _warn_recompile_limit(fn: Any) -> None:
     )
 
 
-def _reads_its_params(problem: Problem, z: Tensor) -> bool:
-    """Whether the user's function, called now at ``z``, uses exactly the tensors carrying
-    derivatives that it used when the layer was called (``problem.params``).
+class _CheckedLinearization:
+    """``F`` recorded at a point held constant, for the parameter gradient ``(∂F/∂θ)ᵀ u``,
+    by a function checked to read exactly the layer's parameters (see
+    :func:`_record_checked`). Products with ``∂F/∂z`` (an eager solve, when the compiled loop
+    cannot serve) record ``F`` again, with the point as a variable, on first use.
+
+    Args:
+        problem: the problem as called (its parameters, no substitution).
+        z: the point ``(B, n)``, detached.
+    """
+
+    def __init__(self, problem: Problem, z: Tensor) -> None:
+        self.problem = problem
+        self.z = z
+        self.params = problem.params
+        self._products: RecordedLinearization | None = None
+        # Differentiable in the parameters only: no graph of the derivatives in z is built.
+        with torch.enable_grad():
+            self.out = problem.residual(z, create_graph=True)
+
+    def param_vjp(self, u: Tensor) -> tuple[Tensor | None, ...]:
+        if not self.out.requires_grad:
+            return tuple(None for _ in self.params)
+        return torch.autograd.grad(self.out, self.params, u, retain_graph=True, allow_unused=True)
+
+    def record_products(self) -> RecordedLinearization:
+        """The recording that serves products with ``∂F/∂z`` (made on first use)."""
+        if self._products is None:
+            self._products = RecordedLinearization(self.problem, self.z)
+        return self._products
+
+    def rmv(self, v: Tensor) -> Tensor:
+        return self.record_products().rmv(v)
+
+    def mv(self, v: Tensor) -> Tensor:
+        return self.record_products().mv(v)
+
+    def dense(self, transpose: bool = True) -> Tensor:
+        return self.record_products().dense(transpose)
+
+
+def _record_checked(problem: Problem, z: Tensor) -> _CheckedLinearization | RecordedLinearization | None:
+    """``F`` recorded at ``z`` for the parameter gradient, if the user's function, called now,
+    uses exactly the tensors carrying derivatives that it used when the layer was called
+    (``problem.params``); ``None`` otherwise.
 
     The compiled loop traces the function as it is at the backward, reading the tensors it
     reads then; a function that now sees others (module parameters swapped in by a
     ``torch.func.functional_call`` that has returned, a closure rebound since) would give
     another operator, so the backward then takes the eager path, which substitutes the saved
-    tensors. Costs one call of the function.
+    tensors. The check and the recording are one call of the function.
     """
-    with torch.no_grad():
-        _, used = capture(lambda: problem.probe(z), exclude=(z,))
-    return {id(t) for t in used} == {id(t) for t in problem.params}
+    z = z.detach()
+    params = problem.params
+    if all(p.grad_fn is None for p in params):
+        recorded: list[_CheckedLinearization] = []
+        _, used = capture(lambda: recorded.append(_CheckedLinearization(problem, z)), exclude=(z,))
+        # What the function computes from the parameters under autograd outside a torch
+        # operation (the gradient a torch.func.grad inside it returns) looks like an outside
+        # tensor to the capture: its graph leads back to a parameter.
+        used = [t for t in used if t.grad_fn is None or not _computed_from(t, params)]
+        lin: _CheckedLinearization | RecordedLinearization | None = recorded[0]
+    else:
+        # A parameter computed from another one is recorded through a leaf copy of its own
+        # (see RecordedLinearization), in a second call: the check comes first.
+        with torch.no_grad():
+            _, used = capture(lambda: problem.probe(z), exclude=(z,))
+        lin = None
+    if {id(t) for t in used} != {id(t) for t in params}:
+        return None
+    return RecordedLinearization(problem, z) if lin is None else lin
+
+
+def _computed_from(t: Tensor, leaves: tuple[Tensor, ...]) -> bool:
+    """Whether ``t``'s autograd graph reaches one of the leaf tensors ``leaves``."""
+    ids = {id(leaf) for leaf in leaves}
+    seen: set[Any] = set()
+    stack = [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if id(getattr(node, "variable", None)) in ids:  # the AccumulateGrad of a leaf
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
 
 
 def _cg_loop(

@@ -74,6 +74,10 @@ class ImplicitCore:
             solvers it returns replace ``linear`` (``None``: no such choice).
     """
 
+    #: Whether the forward records ``F`` at ``z*`` for an ordinary backward (a core whose
+    #: backward records it itself turns this off).
+    records_at_forward = True
+
     def __init__(
         self,
         problem: Problem,
@@ -114,7 +118,7 @@ class ImplicitCore:
             chosen = self.choose(info)
             if chosen is not None:
                 self.linear = chosen
-        if self.records_linearization:
+        if self.records_linearization and self.records_at_forward:
             # Record F at z* now, while the function sees the tensors it saw when called (a
             # functional_call swaps module parameters back when it returns); an ordinary
             # backward reuses this graph for every product.

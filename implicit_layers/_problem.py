@@ -182,8 +182,10 @@ class Problem:
         """A state shaped like ``z0`` (a tensor or pytree) as one ``(B, n)`` tensor."""
         if self.single:
             # A map's output is already (B, n) in the common case: no view op per evaluation.
+            # (No `.to` call for the dtype it has: under the capture of the tensors a function
+            # reads, each torch call is a Python call of the mode.)
             flat = z if z.shape == (self.batch, self.size) else z.reshape(self.batch, self.size)
-            return flat.to(self.dtype)
+            return flat if flat.dtype == self.dtype else flat.to(self.dtype)
         leaves = tree_flatten(z)[0]
         return torch.cat([t.reshape(self.batch, -1).to(self.dtype) for t in leaves], dim=-1)
 
@@ -193,7 +195,7 @@ class Problem:
             # The layer's own output rather than a view of it when no reshape is needed (FSDP2
             # and in-place ops treat views of a custom function's output specially).
             out = z if z.shape == self.leaf_shapes[0] else z.reshape(self.leaf_shapes[0])
-            return out.to(self.leaf_dtypes[0]) if dtype else out
+            return out.to(self.leaf_dtypes[0]) if dtype and out.dtype != self.leaf_dtypes[0] else out
         parts = torch.split(z, list(self.leaf_sizes), dim=-1)
         leaves = [
             p.reshape(s).to(d) if dtype else p.reshape(s)

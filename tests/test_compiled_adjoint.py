@@ -14,6 +14,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import implicit_layers as il
+from implicit_layers import _compiled_adjoint as compiled_adjoint
 from implicit_layers._compiled_adjoint import _cg_loop, _compiled_cg
 
 B, N = 3, 6
@@ -137,6 +138,20 @@ def test_higher_orders_and_transforms_run_eagerly_with_the_same_values() -> None
     got = torch.func.grad(loss)(b.detach(), il.backward.CompiledImplicit(cg))
     want = torch.func.grad(loss)(b.detach(), il.backward.Implicit(cg))
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_cotangents_against_dense_reference() -> None:
+    """``is_grads_batched=True`` (several cotangents at once) takes the eager CG with products
+    through the backward's recording: each gradient equals the dense reference's."""
+    A, b, c = data()
+    w = solve(il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)), A, b, c)
+    gs = torch.stack([torch.ones(B, N, dtype=torch.float64),
+                      torch.linspace(-1, 1, B * N, dtype=torch.float64).view(B, N)])
+    got = torch.autograd.grad(w, (A, b, c), gs, is_grads_batched=True)
+    for k in range(2):
+        want = dense_reference(A, b, c, w, gs[k])
+        for got_k, want_k in zip(got, want, strict=True):
+            torch.testing.assert_close(got_k[k], want_k, rtol=1e-9, atol=1e-11)
 
 
 def test_non_convergence_warns() -> None:
@@ -270,6 +285,80 @@ def test_non_leaf_parameters_take_the_compiled_path() -> None:
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_proximal_root_with_a_gradient_inside_against_dense_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """iMAML's optimality condition ``∇L(φ) + λ (φ - θ) = 0``, its gradient taken by
+    ``torch.func.grad`` inside the function: the backward's check of the tensors the function
+    reads is not misled by that gradient (a tensor made outside a torch operation), the loop
+    runs compiled, and the meta-gradient is ``λ (H + λ I)⁻¹ g`` with the exact Hessian."""
+    gen = torch.Generator().manual_seed(2)
+    X = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(12, generator=gen, dtype=torch.float64)
+    lam = 2.0
+
+    def train_loss(phi):
+        return torch.log(torch.cosh(X @ phi - y)).mean()
+
+    def optimality(phi, theta):
+        return torch.func.grad(train_loss)(phi) + lam * (phi - theta)
+
+    def solve_exactly(theta):
+        def proximal(phi, theta):
+            return train_loss(phi) + 0.5 * lam * (phi - theta).square().sum()
+
+        with torch.no_grad():
+            return il.argmin(proximal, theta.clone(), theta, solver=il.solvers.Newton(rtol=1e-14))
+
+    mode = il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12))
+    inner = il.custom_root(optimality, symmetric=True, backward=mode, has_aux=True)(
+        lambda phi0, theta: (solve_exactly(theta), None))
+    theta = torch.linspace(-1, 1, 5, dtype=torch.float64).requires_grad_(True)
+    g = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    loops = []
+    monkeypatch.setattr(compiled_adjoint, "_compiled_cg", lambda fn: loops.append(fn) or _compiled_cg(fn))
+    phi, _ = inner(theta.detach(), theta)
+    (got,) = torch.autograd.grad(phi, theta, g)
+    H = torch.func.hessian(train_loss)(phi.detach())
+    want = lam * torch.linalg.solve(H + lam * torch.eye(5, dtype=torch.float64), g)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert loops == [optimality]  # the compiled loop served the backward
+
+
+def test_steady_state_call_evaluates_the_function_twice() -> None:
+    """Once compiled, a forward + backward of ``custom_root`` calls the optimality function
+    twice in Python: once to find its tensors (forward), once to record it for the parameter
+    gradient while checking those tensors (backward); the products run in the compiled loop.
+    The gradient is the dense ``(∂F/∂w)⁻¹ 1`` (``∂F/∂θ = -I``)."""
+    G = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+    calls = [0]
+
+    def optimality(w, theta):
+        if not torch.compiler.is_compiling():
+            calls[0] += 1
+        return G @ w + w.pow(3) - theta
+
+    def objective(w, theta):  # optimality is its gradient; the solver does not call it
+        return 0.5 * w @ G @ w + 0.25 * w.pow(4).sum() - theta @ w
+
+    @il.custom_root(optimality, symmetric=True,
+                    backward=il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)))
+    def inner(w0, theta):
+        return il.argmin(objective, w0, theta, solver=il.solvers.Newton(rtol=1e-14))
+
+    theta = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    w0 = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        w_star = inner(w0, theta)
+    jac = G + torch.diag(3 * w_star**2)
+    want = torch.linalg.solve(jac, torch.ones(3, dtype=torch.float64))  # ∂F/∂θ = -I
+    torch.autograd.grad(inner(w0, theta).sum(), theta)  # compiles the loop
+    calls[0] = 0
+    (got,) = torch.autograd.grad(inner(w0, theta).sum(), theta)
+    assert calls[0] == 2
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
 class _Layer(torch.nn.Module):
     """An argmin layer over the shared objective whose linear term is a parameter, read by the
     objective from the module (a closure, not an argument)."""
@@ -329,7 +418,7 @@ def test_ridge_breakdown_benchmark_reports_every_part() -> None:
     threads = torch.get_num_threads()
     parts = ridge_breakdown.main(["--d", "12", "--rounds", "1", "--calls", "1"])
     assert torch.get_num_threads() == threads  # the benchmark's thread settings are undone
-    assert len(parts) == 7 and all(math.isfinite(ms) and ms > 0 for ms in parts.values())
+    assert len(parts) == 11 and all(math.isfinite(ms) and ms > 0 for ms in parts.values())
 
 
 def test_loop_is_one_graph_without_breaks() -> None:
