@@ -250,6 +250,27 @@ def test_float32() -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_under_autocast_the_gradient_is_the_float32_problems() -> None:
+    # The parameter VJP is recorded in the backward, outside the forward's autocast region:
+    # the gradient at the returned point is the float32 problem's implicit gradient (a
+    # bfloat16 forward cannot meet float32 tolerances, so it stops at its step budget).
+    A, b, c = data(torch.float32)
+    g = torch.ones(B, N)
+    solver = il.solvers.Newton(max_steps=20, on_failure="ignore")
+    backward = il.backward.CompiledImplicit(il.linear.CG(rtol=1e-6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = il.argmin(objective, torch.zeros_like(b), A, b, c, solver=solver, backward=backward,
+                      batched=True)
+    got = torch.autograd.grad(w, (A, b), g)
+    A64, b64, c64 = (t.detach().double().requires_grad_(True) for t in (A, b, c))
+    want = dense_reference(A64, b64, c64, w.detach().double(), g.double())[:2]
+    for gi, wi in zip(got, want, strict=True):
+        assert gi.dtype == torch.float32
+        rel = float((gi.double() - wi).norm() / wi.norm())
+        assert rel < 1e-3, rel
+
+
 def test_clear_errors() -> None:
     with pytest.raises(TypeError, match="linear_solver must be il.linear.CG"):
         il.backward.CompiledImplicit(il.linear.GMRES())
