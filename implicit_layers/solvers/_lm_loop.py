@@ -50,14 +50,16 @@ def _norm(v: Tensor) -> Tensor:
 
 def lm_loop(
     residuals: Callable[[Tensor], Tensor], z0: Tensor, s: LoopSettings
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, ...]:
     """Levenberg-Marquardt from ``z0`` (``(B, n)``) with the eager solver's damping rule and
     per-sample stopping, as one loop.
 
     Returns:
-        ``(z, best_res, tol, steps, res)``: each sample's best iterate ``(B, n)``, its gradient
-        norm, the tolerance, the steps it took (int64) and its latest gradient norm (NaN or Inf
-        there is the eager solver's non-finite error), each ``(B, 1)``.
+        ``(z, best_res, tol, steps, finite, flags)``: each sample's best iterate ``(B, n)``;
+        its gradient norm, the tolerance, the steps it took (int64) and whether its latest
+        gradient norm is finite (NaN or Inf there is the eager solver's non-finite error),
+        each ``(B,)``; and ``flags``, bool ``(2,)``: every sample finite, every sample
+        converged.
     """
     r, jt = _value_and_jt(residuals, z0)
     jt = jt.contiguous()
@@ -99,7 +101,11 @@ def lm_loop(
     state = (k, z0, r, jt, g, mu, nu, z0.clone(), res.clone(), res, done, steps)
     out = while_loop(cond, body, state) if torch.compiler.is_compiling() else _python_loop(cond, body, state)
     _, _, _, _, _, _, _, best_z, best_res, res, _, steps = out
-    return best_z, best_res, tol, steps, res
+    best_res, tol, steps = best_res.squeeze(-1), tol.squeeze(-1), steps.squeeze(-1)
+    finite = torch.isfinite(res)
+    # What the caller must know on the host, read in one synchronisation.
+    flags = torch.stack([finite.all(), (best_res <= tol).all()])
+    return best_z, best_res, tol, steps, finite.squeeze(-1), flags
 
 
 def _python_loop(cond, body, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:  # noqa: ANN001

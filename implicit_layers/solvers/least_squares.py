@@ -422,13 +422,14 @@ class LevenbergMarquardt(_NormalEquations):
         settings = LoopSettings(rtol=self.resolved_rtol(z0.dtype), atol=float(self.atol),
                                 max_steps=self.max_steps, damping=self.damping)
         residuals = cast(LeastSquaresProblem, problem).residuals
-        z, best, tol, steps, res = compiled_loop()(residuals, z0, settings)
-        finite = torch.isfinite(res)
-        if not bool(finite.all()):
-            raise non_finite_error(self, problem, ~finite.squeeze(-1))
-        best, tol = best.squeeze(-1), tol.squeeze(-1)
-        info = SolveInfo(converged=best <= tol, steps=steps.squeeze(-1), residual=best,
-                         solver=self.name, tolerance=tol)
+        z, best, tol, steps, finite, flags = compiled_loop()(residuals, z0, settings)
+        all_finite, all_converged = flags.tolist()
+        if not all_finite:
+            raise non_finite_error(self, problem, ~finite)
+        info = SolveInfo(converged=best <= tol, steps=steps, residual=best, solver=self.name,
+                         tolerance=tol)
+        # Read already: the verdict of solve() and of the backward needs no second look.
+        info._known_converged = all_converged
         return z, info
 
 
