@@ -21,7 +21,7 @@ from torch._higher_order_ops import while_loop
 
 from .least_squares import _lm_step, _value_and_jt
 
-__all__ = ["LoopSettings", "compiled_loop", "lm_loop"]
+__all__ = ["LoopSettings", "compiled_loop", "lm_loop", "run_compiled"]
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,33 @@ def _python_loop(cond, body, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:  
     while bool(cond(*state)):
         state = tuple(body(*state))
     return state
+
+
+def run_compiled(
+    residuals: Callable[[Tensor], Tensor], z0: Tensor, s: LoopSettings, name: str
+) -> tuple[Tensor, ...]:
+    """:func:`lm_loop` through :func:`compiled_loop`, with a clear error for a residual function
+    that ``torch.compile`` cannot trace in one graph (``name`` is its name in messages).
+
+    Every residual function, batch size, dtype and setting is one more compiled variant of the
+    one loop; past ``torch._dynamo.config.recompile_limit`` of them (8 by default), where
+    ``fullgraph=True`` would refuse, the limit is raised for that call.
+    """
+    loop = compiled_loop()
+    try:
+        try:
+            return loop(residuals, z0, s)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            limit = torch._dynamo.config.recompile_limit
+            with torch._dynamo.config.patch(recompile_limit=2 * limit):
+                return loop(residuals, z0, s)
+    except torch._dynamo.exc.TorchDynamoException as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(
+            f"LevenbergMarquardt(compile=True) traces {name} into one graph, and torch.compile "
+            f"could not ({reason}). Keep {name} to torch operations on tensors (no .item(), "
+            "NumPy or Python branches on tensor values), or use compile=False."
+        ) from error
 
 
 @functools.cache

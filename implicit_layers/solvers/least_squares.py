@@ -417,12 +417,12 @@ class LevenbergMarquardt(_NormalEquations):
     def _compiled_solve(self, problem: Problem, z0: Tensor) -> tuple[Tensor, SolveInfo]:
         """The whole solve as one compiled loop (:mod:`._lm_loop`), with the verdicts of the
         eager loop: the same info, and the same error for a NaN or Inf gradient."""
-        from ._lm_loop import LoopSettings, compiled_loop  # it imports this module's step
+        from ._lm_loop import LoopSettings, run_compiled  # it imports this module's step
 
         settings = LoopSettings(rtol=self.resolved_rtol(z0.dtype), atol=float(self.atol),
                                 max_steps=self.max_steps, damping=self.damping)
         residuals = cast(LeastSquaresProblem, problem).residuals
-        z, best, tol, steps, finite, flags = compiled_loop()(residuals, z0, settings)
+        z, best, tol, steps, finite, flags = run_compiled(residuals, z0, settings, problem.name)
         all_finite, all_converged = flags.tolist()
         if not all_finite:
             raise non_finite_error(self, problem, ~finite)
