@@ -5,15 +5,16 @@
   with implicit differentiation under jit;
 * a simplex-constrained least-squares fit, d(cᵀw*)/db: ours against jaxopt's ProjectedGradient;
 * batched curve fits (nonzero residual), B = 1 / 64 / 1024: solution error against a tight scipy
-  solve polished by Newton steps (closed-form Hessian) and time, ours (LevenbergMarquardt,
-  batched; eager, and with ``compile=True`` outside ``--tiny``) against optimistix's
+  solve polished by Newton steps (closed-form Hessian) and time of the forward solve alone (no
+  gradient, for every method), ours (LevenbergMarquardt, batched; eager, and with
+  ``compile=True``, the whole solve one compiled loop, outside ``--tiny``) against optimistix's
   LevenbergMarquardt under jit(vmap) and, for B <= 64, a loop of scipy's ``least_squares``.
 
 Times are the suite's (:func:`benchmarks._common.time_alternating`: every method of a case in
 the same process, alternating, median process CPU time on one pinned core); a peer that is not
 installed is skipped with a note. Part of ``python -m benchmarks.run`` (section ``composite``);
 alone, ``python -m benchmarks.composite`` (``--tiny`` for a smoke run) prints the rows and the
-targets and writes nothing.
+targets and writes nothing; ``--cases curves`` runs the curve fits alone.
 """
 
 from __future__ import annotations
@@ -272,18 +273,23 @@ def _fit_case(cfg: Config, section: Section, B: int, peer: Callable[[Any], Any] 
             "sol_abs_err", SOLUTION_TOL, 1.5 if B == 1 else 0.5, cfg)
 
 
-def run_composite(cfg: Config) -> Section:
-    """The lasso and simplex hypergradients and the curve fits, with their targets."""
+#: The cases of this benchmark, by name.
+CASES = {"lasso": _lasso, "simplex": _simplex, "curves": _least_squares}
+
+
+def run_composite(cfg: Config, cases: tuple[str, ...] = tuple(CASES)) -> Section:
+    """The lasso and simplex hypergradients and the curve fits (or the ``cases`` named), with
+    their targets."""
     section = Section("composite", "Composite argmin and least squares against jaxopt, optimistix "
                       "and scipy (float64)")
     section.notes.append(
         "Hypergradient errors are relative to the active-set closed form (lasso) and the KKT system "
         "on the simplex face; curve-fit errors are max abs errors against scipy least_squares at "
-        "1e-15 polished by Newton steps with the closed-form Hessian. Peers run under jax.jit."
+        "1e-15 polished by Newton steps with the closed-form Hessian. Peers run under jax.jit. "
+        "Curve fits time the forward solve alone (no gradient) for every method."
     )
-    _lasso(cfg, section)
-    _simplex(cfg, section)
-    _least_squares(cfg, section)
+    for name in cases:
+        CASES[name](cfg, section)
     return section
 
 
@@ -291,11 +297,13 @@ def main(argv: list[str] | None = None) -> Section:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per case")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
+                        help="the cases to run (default: all)")
     args = parser.parse_args(argv)
     cfg = Config(tiny=args.tiny, repeats=args.repeats)
     prev = set_threads(cfg.threads)
     try:
-        section = run_composite(cfg)
+        section = run_composite(cfg, tuple(args.cases))
     finally:
         restore_threads(prev)
     for row in section.rows:
@@ -304,7 +312,7 @@ def main(argv: list[str] | None = None) -> Section:
         verdict = "met" if tgt["met"] else "NOT met"
         print(f"target {tgt['name']}: {tgt['measured']:.3g} ({tgt['goal']}) {verdict}"
               + (f"; {tgt['detail']}" if tgt["detail"] else ""))
-    for note in section.skipped:
+    for note in section.notes + section.skipped:
         print(note)
     return section
 

@@ -282,3 +282,21 @@ def test_unrolled_damped_solve_matches_cholesky(n: int) -> None:
     torch.testing.assert_close(_unrolled_damped_solve(J.mT @ J, g, mu), dense, rtol=1e-10, atol=1e-12)
     indefinite = -torch.eye(n, dtype=D).expand(5, n, n)
     assert bool((_unrolled_damped_solve(indefinite, g, mu.clamp_max(0.5)) == 0).all())
+
+
+def test_closed_over_tensors_are_found_with_and_without_grad() -> None:
+    # Evaluated with autograd on, a residual that requires no grad needs no capture of the
+    # tensors it closes over; one that closes over a tensor requiring grad is still captured.
+    # The fit scales with the data in (a, c): w(s) = (s a₁, b₁, s c₁), so d(a + b + c)/ds =
+    # (a + c) / s.
+    y = _data(7)
+    scale = torch.tensor(1.5, dtype=D, requires_grad=True)
+    w = il.least_squares(lambda w: _model(w, T) - scale * y, torch.ones(3, dtype=D))
+    (grad,) = torch.autograd.grad(w.sum(), scale)
+    torch.testing.assert_close(grad, (w[0] + w[2]).detach() / 1.5, rtol=1e-7, atol=0.0)
+    plain = il.least_squares(lambda w: _model(w, T) - 1.5 * y, torch.ones(3, dtype=D))
+    assert not plain.requires_grad
+    torch.testing.assert_close(plain, w.detach())
+    # A tensor that enters only without derivatives gives none, as in torch operations.
+    assert not il.least_squares(lambda w: _model(w, T) - scale.detach() * y,
+                                torch.ones(3, dtype=D)).requires_grad

@@ -55,11 +55,11 @@ def lm_loop(
     per-sample stopping, as one loop.
 
     Returns:
-        ``(z, best_res, tol, steps, finite, flags)``: each sample's best iterate ``(B, n)``;
-        its gradient norm, the tolerance, the steps it took (int64) and whether its latest
-        gradient norm is finite (NaN or Inf there is the eager solver's non-finite error),
-        each ``(B,)``; and ``flags``, bool ``(2,)``: every sample finite, every sample
-        converged.
+        ``(z, best_res, tol, steps, converged, finite, flags)``: each sample's best iterate
+        ``(B, n)``; its gradient norm, the tolerance, the steps it took (int64), whether the
+        best iterate meets the tolerance and whether the latest gradient norm is finite (NaN
+        or Inf there is the eager solver's non-finite error), each ``(B,)``; and ``flags``,
+        bool ``(2,)``: every sample finite, every sample converged.
     """
     r, jt = _value_and_jt(residuals, z0)
     jt = jt.contiguous()
@@ -102,10 +102,10 @@ def lm_loop(
     out = while_loop(cond, body, state) if torch.compiler.is_compiling() else _python_loop(cond, body, state)
     _, _, _, _, _, _, _, best_z, best_res, res, _, steps = out
     best_res, tol, steps = best_res.squeeze(-1), tol.squeeze(-1), steps.squeeze(-1)
-    finite = torch.isfinite(res)
+    finite, converged = torch.isfinite(res).squeeze(-1), best_res <= tol
     # What the caller must know on the host, read in one synchronisation.
-    flags = torch.stack([finite.all(), (best_res <= tol).all()])
-    return best_z, best_res, tol, steps, finite.squeeze(-1), flags
+    flags = torch.stack([finite.all(), converged.all()])
+    return best_z, best_res, tol, steps, converged, finite, flags
 
 
 def _python_loop(cond, body, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:  # noqa: ANN001

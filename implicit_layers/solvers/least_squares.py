@@ -422,11 +422,12 @@ class LevenbergMarquardt(_NormalEquations):
         settings = LoopSettings(rtol=self.resolved_rtol(z0.dtype), atol=float(self.atol),
                                 max_steps=self.max_steps, damping=self.damping)
         residuals = cast(LeastSquaresProblem, problem).residuals
-        z, best, tol, steps, finite, flags = run_compiled(residuals, z0, settings, problem.name)
+        z, best, tol, steps, converged, finite, flags = run_compiled(residuals, z0, settings,
+                                                                     problem.name)
         all_finite, all_converged = flags.tolist()
         if not all_finite:
             raise non_finite_error(self, problem, ~finite)
-        info = SolveInfo(converged=best <= tol, steps=steps, residual=best, solver=self.name,
+        info = SolveInfo(converged=converged, steps=steps, residual=best, solver=self.name,
                          tolerance=tol)
         # Read already: the verdict of solve() and of the backward needs no second look.
         info._known_converged = all_converged
