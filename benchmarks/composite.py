@@ -235,10 +235,81 @@ def _optimistix_fits(section: Section) -> Callable[[Any], Any] | None:
     return jax.jit(jax.vmap(one))
 
 
+def _reference_gradient(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``d(Σ w*)/dy`` of one curve at its exact fit ``w``: ``∂(Jᵀr)/∂y = -Jᵀ``, so ``dw*/dy =
+    H⁻¹Jᵀ`` with ``H`` the full Hessian of ``½‖r‖²`` (closed form) and the gradient ``J H⁻¹ 1``."""
+    e, s = np.exp(-w[1] * T), np.sin(3 * T)
+    r = w[0] * e + w[2] * s - y
+    J = np.stack([e, -w[0] * T * e, s], 1)
+    second = np.zeros((3, 3))
+    second[0, 1] = second[1, 0] = -(r * T * e).sum()
+    second[1, 1] = (r * w[0] * T**2 * e).sum()
+    return J @ np.linalg.solve(J.T @ J + second, np.ones(3))
+
+
+def _optimistix_gradients(section: Section) -> Callable[[Any], Any] | None:
+    """``d(Σ w*)/dY`` through optimistix's LevenbergMarquardt (its implicit adjoint, the
+    default) under jit(grad(vmap)), or None (noted)."""
+    peers = peer_or_note(section, "jax", "optimistix")
+    if peers is None:
+        return None
+    jax, optx = peers
+    import jax.numpy as jnp
+
+    tj = jnp.asarray(T)
+    lm = optx.LevenbergMarquardt(rtol=1e-10, atol=1e-12)
+
+    def one(y: Any) -> Any:
+        def fn(w: Any, y: Any) -> Any:
+            return w[0] * jnp.exp(-w[1] * tj) + w[2] * jnp.sin(3 * tj) - y
+
+        return optx.least_squares(fn, lm, jnp.ones(3), args=y, max_steps=200, throw=False).value
+
+    return jax.jit(jax.grad(lambda Y: jax.vmap(one)(Y).sum()))
+
+
 def _least_squares(cfg: Config, section: Section) -> None:
     peer = _optimistix_fits(section)
     for B in [1, 8] if cfg.tiny else [1, 64, 1024]:
         _fit_case(cfg, section, B, peer)
+    if not cfg.tiny:
+        peer_grad = _optimistix_gradients(section)
+        for B in [1, 64]:
+            _gradient_case(cfg, section, B, peer_grad)
+
+
+def _gradient_case(cfg: Config, section: Section, B: int, peer: Callable[[Any], Any] | None) -> None:
+    """Forward and backward: ``d(Σ w*)/dY`` for a batch of curve fits (no target in the issue;
+    shown for what a training step through the fitting layer costs)."""
+    t = torch.tensor(T)
+    Y = _curves(B)
+    ref = np.stack([_reference_gradient(y, _reference_fit(y)) for y in Y])
+
+    def residual(w: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return w[:, :1] * torch.exp(-w[:, 1:2] * t) + w[:, 2:3] * torch.sin(3 * t) - Y
+
+    compiled = il.solvers.LevenbergMarquardt(compile=True)
+
+    def ours(solver: il.solvers.LevenbergMarquardt) -> torch.Tensor:
+        Yt = torch.tensor(Y, requires_grad=True)
+        W = il.least_squares(residual, torch.ones(B, 3, dtype=D), Yt, batched=True, solver=solver)
+        return torch.autograd.grad(W.sum(), Yt)[0]
+
+    methods: dict[str, Callable[[], Any]] = {
+        "ours": lambda: ours(il.solvers.LevenbergMarquardt()),
+        "ours (compile=True)": lambda: ours(compiled),
+    }
+    if peer is not None:
+        import jax.numpy as jnp
+
+        Yj = jnp.asarray(Y)
+        methods["optimistix LevenbergMarquardt (jit, grad, vmap)"] = lambda: peer(Yj)
+    times, outs = time_alternating(methods, cfg)
+    case = f"curve fit gradients B={B} (forward + backward)"
+    for name, seconds in times.items():
+        err = float(np.abs(np.asarray(outs[name]) - ref).max() / np.abs(ref).max())
+        section.add(case=case, method=name, time_ms=1e3 * seconds, grad_rel_err=err)
+    add_failures(section, case)
 
 
 def _fit_case(cfg: Config, section: Section, B: int, peer: Callable[[Any], Any] | None) -> None:
