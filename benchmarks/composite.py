@@ -196,27 +196,41 @@ def _scipy_fit(y: np.ndarray, tight: bool = False) -> np.ndarray:
     return least_squares(fun, np.ones(3), xtol=tol, ftol=tol, gtol=tol, method="lm").x
 
 
+def _residual_jacobian_hessian(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``r``, ``J`` and the full Hessian ``JᵀJ + Σ rᵢ ∇²rᵢ`` of ``½‖r‖²`` for one curve at ``w``
+    (closed form)."""
+    e, s = np.exp(-w[1] * T), np.sin(3 * T)
+    r = w[0] * e + w[2] * s - y
+    J = np.stack([e, -w[0] * T * e, s], 1)
+    # Σ rᵢ ∇²rᵢ: only ∂²r/∂a∂b = -t e and ∂²r/∂b² = a t² e are nonzero.
+    second = np.zeros((3, 3))
+    second[0, 1] = second[1, 0] = -(r * T * e).sum()
+    second[1, 1] = (r * w[0] * T**2 * e).sum()
+    return r, J, J.T @ J + second
+
+
 def _reference_fit(y: np.ndarray) -> np.ndarray:
     """The exact fit of one curve: scipy's ``least_squares`` at 1e-15, then Newton steps on the
     gradient with the closed-form Hessian of ``½‖r‖²``. scipy stops on its cost test, which
     rounding stalls with gradients up to ~1e-8 on some curves (solution errors ~1e-8); the
     Newton steps bring the gradient to rounding level."""
     w = _scipy_fit(y, tight=True)
-    s = np.sin(3 * T)
     for _ in range(3):
-        e = np.exp(-w[1] * T)
-        r = w[0] * e + w[2] * s - y
-        J = np.stack([e, -w[0] * T * e, s], 1)
-        # Σ rᵢ ∇²rᵢ: only ∂²r/∂a∂b = -t e and ∂²r/∂b² = a t² e are nonzero.
-        second = np.zeros((3, 3))
-        second[0, 1] = second[1, 0] = -(r * T * e).sum()
-        second[1, 1] = (r * w[0] * T**2 * e).sum()
-        w = w - np.linalg.solve(J.T @ J + second, J.T @ r)
+        r, J, H = _residual_jacobian_hessian(y, w)
+        w = w - np.linalg.solve(H, J.T @ r)
     return w
 
 
-def _optimistix_fits(section: Section) -> Callable[[Any], Any] | None:
-    """optimistix's LevenbergMarquardt on a batch of curves under jit(vmap), or None (noted)."""
+def _reference_gradient(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``d(Σ w*)/dy`` of one curve at its exact fit ``w``: ``∂(Jᵀr)/∂y = -Jᵀ``, so ``dw*/dy =
+    H⁻¹Jᵀ`` with ``H`` the full Hessian of ``½‖r‖²``, and the gradient is ``J H⁻¹ 1``."""
+    _, J, H = _residual_jacobian_hessian(y, w)
+    return J @ np.linalg.solve(H, np.ones(3))
+
+
+def _optimistix_fit(section: Section) -> tuple[Any, Callable[[Any], Any]] | None:
+    """``(jax, fit)``: ``fit(y)`` one curve's fit by optimistix's LevenbergMarquardt, or None
+    (noted) when the peer is not installed."""
     peers = peer_or_note(section, "jax", "optimistix")
     if peers is None:
         return None
@@ -232,39 +246,25 @@ def _optimistix_fits(section: Section) -> Callable[[Any], Any] | None:
 
         return optx.least_squares(fn, lm, jnp.ones(3), args=y, max_steps=200, throw=False).value
 
+    return jax, one
+
+
+def _optimistix_fits(section: Section) -> Callable[[Any], Any] | None:
+    """optimistix's LevenbergMarquardt on a batch of curves under jit(vmap), or None (noted)."""
+    peer = _optimistix_fit(section)
+    if peer is None:
+        return None
+    jax, one = peer
     return jax.jit(jax.vmap(one))
-
-
-def _reference_gradient(y: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``d(Σ w*)/dy`` of one curve at its exact fit ``w``: ``∂(Jᵀr)/∂y = -Jᵀ``, so ``dw*/dy =
-    H⁻¹Jᵀ`` with ``H`` the full Hessian of ``½‖r‖²`` (closed form) and the gradient ``J H⁻¹ 1``."""
-    e, s = np.exp(-w[1] * T), np.sin(3 * T)
-    r = w[0] * e + w[2] * s - y
-    J = np.stack([e, -w[0] * T * e, s], 1)
-    second = np.zeros((3, 3))
-    second[0, 1] = second[1, 0] = -(r * T * e).sum()
-    second[1, 1] = (r * w[0] * T**2 * e).sum()
-    return J @ np.linalg.solve(J.T @ J + second, np.ones(3))
 
 
 def _optimistix_gradients(section: Section) -> Callable[[Any], Any] | None:
     """``d(Σ w*)/dY`` through optimistix's LevenbergMarquardt (its implicit adjoint, the
     default) under jit(grad(vmap)), or None (noted)."""
-    peers = peer_or_note(section, "jax", "optimistix")
-    if peers is None:
+    peer = _optimistix_fit(section)
+    if peer is None:
         return None
-    jax, optx = peers
-    import jax.numpy as jnp
-
-    tj = jnp.asarray(T)
-    lm = optx.LevenbergMarquardt(rtol=1e-10, atol=1e-12)
-
-    def one(y: Any) -> Any:
-        def fn(w: Any, y: Any) -> Any:
-            return w[0] * jnp.exp(-w[1] * tj) + w[2] * jnp.sin(3 * tj) - y
-
-        return optx.least_squares(fn, lm, jnp.ones(3), args=y, max_steps=200, throw=False).value
-
+    jax, one = peer
     return jax.jit(jax.grad(lambda Y: jax.vmap(one)(Y).sum()))
 
 
