@@ -177,3 +177,16 @@ def test_compiled_solve_errors() -> None:
         il.least_squares(lambda w: _model(w, T) * (2.0 if bool(w.sum() > 0) else 1.0) - Y,
                          torch.ones(4, 3, dtype=D), batched=True,
                          solver=il.solvers.LevenbergMarquardt(compile=True))
+
+
+@pytest.mark.slow
+def test_compiled_solve_past_the_recompile_limit() -> None:
+    # Each setting is one more compiled variant of the one loop; fullgraph=True refuses a
+    # variant past torch's recompile limit, which the solve raises for that call instead.
+    Y = _data(6, 4)
+    W, _ = _fit(Y, False, max_steps=150)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for max_steps in (151, 150):
+            Wc, info = _fit(Y, True, max_steps=max_steps)
+            assert bool(info.converged.all())
+            torch.testing.assert_close(Wc, W, rtol=1e-10, atol=1e-12)

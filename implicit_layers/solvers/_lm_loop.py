@@ -130,8 +130,8 @@ def run_compiled(
         try:
             return loop(residuals, z0, s)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
-            limit = torch._dynamo.config.recompile_limit
-            with torch._dynamo.config.patch(recompile_limit=2 * limit):
+            limit = max(2 * torch._dynamo.config.recompile_limit, 64)
+            with torch._dynamo.config.patch(recompile_limit=limit):
                 return loop(residuals, z0, s)
     except torch._dynamo.exc.TorchDynamoException as error:
         reason = str(error).strip().splitlines()[0]
