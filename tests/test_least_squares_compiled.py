@@ -106,10 +106,18 @@ def test_compiled_solve_matches_eager_and_scipy_with_exact_gradients() -> None:
         minus = (_fit(Y.detach() - E, True)[0] @ c).sum()
         assert abs(float((plus - minus) / (2 * h)) - float(gradc[i, j])) < 1e-6
     # Batched = looped: each sample solved alone (its own compiled batch of one).
+    compiled = il.solvers.LevenbergMarquardt(compile=True)
     for i in range(2):
         w = il.least_squares(lambda w, y: _model(w, T) - y, torch.ones(3, dtype=D), Y[i].detach(),
-                             solver=il.solvers.LevenbergMarquardt(compile=True))
+                             solver=compiled)
         torch.testing.assert_close(w, Wc[i], rtol=1e-9, atol=1e-11)
+    # inference_mode and torch.func transforms run the eager steps (nothing to compile).
+    with torch.inference_mode():
+        Wi = _fit(Y.detach(), True)[0]
+    torch.testing.assert_close(Wi, W, rtol=1e-9, atol=1e-10)
+    Wv = torch.func.vmap(lambda y: il.least_squares(lambda w, y: _model(w, T) - y, torch.ones(3, dtype=D),
+                                                    y, solver=compiled))(Y.detach())
+    torch.testing.assert_close(Wv, W, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.slow
@@ -184,9 +192,9 @@ def test_compiled_solve_past_the_recompile_limit() -> None:
     # Each setting is one more compiled variant of the one loop; fullgraph=True refuses a
     # variant past torch's recompile limit, which the solve raises for that call instead.
     Y = _data(6, 4)
-    W, _ = _fit(Y, False, max_steps=150)
+    W, _ = _fit(Y, False)
     with torch._dynamo.config.patch(recompile_limit=1):
-        for max_steps in (151, 150):
+        for max_steps in (200, 199):  # 200: the graph of the tests above
             Wc, info = _fit(Y, True, max_steps=max_steps)
             assert bool(info.converged.all())
             torch.testing.assert_close(Wc, W, rtol=1e-10, atol=1e-12)

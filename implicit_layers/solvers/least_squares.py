@@ -340,11 +340,12 @@ class LevenbergMarquardt(_NormalEquations):
             the same iterates, statistics, warnings and errors as the eager steps. Worth it
             for a batch of small fits solved again and again with the same residual function
             and shapes (measured in ``benchmarks/composite.py``). The first solve of each new
-            residual function, batch size, dtype or setting compiles (seconds); the residual
-            function must be traceable by ``torch.compile`` without a graph break (else
-            ``torch.compile`` raises its error). Under ``torch.func`` transforms and
-            ``inference_mode`` the eager steps run. ``check_every`` has no effect there (the
-            loop tests every sample after every step, on the device).
+            residual function, batch size, dtype or setting compiles (seconds, a C++ compiler
+            needed as for any ``torch.compile`` on the CPU); the residual function must be
+            traceable by ``torch.compile`` without a graph break (else a ``ValueError`` says
+            so). Under ``torch.func`` transforms and ``inference_mode`` the eager steps run.
+            ``check_every`` has no effect there (the loop tests every sample after every step,
+            on the device).
         rtol, atol, max_steps, check_every, on_failure: as for every forward solver
             (:class:`~implicit_layers.solvers.ForwardSolver`); ``max_steps`` defaults to 200.
 
