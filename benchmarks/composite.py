@@ -5,15 +5,16 @@
   with implicit differentiation under jit;
 * a simplex-constrained least-squares fit, d(cᵀw*)/db: ours against jaxopt's ProjectedGradient;
 * batched curve fits (nonzero residual), B = 1 / 64 / 1024: solution error against a tight scipy
-  solve polished by Newton steps (closed-form Hessian) and time, ours (LevenbergMarquardt,
-  batched; eager, and with ``compile=True`` outside ``--tiny``) against optimistix's
+  solve polished by Newton steps (closed-form Hessian) and time of the forward solve alone (no
+  gradient, for every method), ours (LevenbergMarquardt, batched; eager, and with
+  ``compile=True``, the whole solve one compiled loop, outside ``--tiny``) against optimistix's
   LevenbergMarquardt under jit(vmap) and, for B <= 64, a loop of scipy's ``least_squares``.
 
 Times are the suite's (:func:`benchmarks._common.time_alternating`: every method of a case in
 the same process, alternating, median process CPU time on one pinned core); a peer that is not
 installed is skipped with a note. Part of ``python -m benchmarks.run`` (section ``composite``);
 alone, ``python -m benchmarks.composite`` (``--tiny`` for a smoke run) prints the rows and the
-targets and writes nothing.
+targets and writes nothing; ``--cases curves`` runs the curve fits alone.
 """
 
 from __future__ import annotations
@@ -195,27 +196,41 @@ def _scipy_fit(y: np.ndarray, tight: bool = False) -> np.ndarray:
     return least_squares(fun, np.ones(3), xtol=tol, ftol=tol, gtol=tol, method="lm").x
 
 
+def _residual_jacobian_hessian(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``r``, ``J`` and the full Hessian ``JᵀJ + Σ rᵢ ∇²rᵢ`` of ``½‖r‖²`` for one curve at ``w``
+    (closed form)."""
+    e, s = np.exp(-w[1] * T), np.sin(3 * T)
+    r = w[0] * e + w[2] * s - y
+    J = np.stack([e, -w[0] * T * e, s], 1)
+    # Σ rᵢ ∇²rᵢ: only ∂²r/∂a∂b = -t e and ∂²r/∂b² = a t² e are nonzero.
+    second = np.zeros((3, 3))
+    second[0, 1] = second[1, 0] = -(r * T * e).sum()
+    second[1, 1] = (r * w[0] * T**2 * e).sum()
+    return r, J, J.T @ J + second
+
+
 def _reference_fit(y: np.ndarray) -> np.ndarray:
     """The exact fit of one curve: scipy's ``least_squares`` at 1e-15, then Newton steps on the
     gradient with the closed-form Hessian of ``½‖r‖²``. scipy stops on its cost test, which
     rounding stalls with gradients up to ~1e-8 on some curves (solution errors ~1e-8); the
     Newton steps bring the gradient to rounding level."""
     w = _scipy_fit(y, tight=True)
-    s = np.sin(3 * T)
     for _ in range(3):
-        e = np.exp(-w[1] * T)
-        r = w[0] * e + w[2] * s - y
-        J = np.stack([e, -w[0] * T * e, s], 1)
-        # Σ rᵢ ∇²rᵢ: only ∂²r/∂a∂b = -t e and ∂²r/∂b² = a t² e are nonzero.
-        second = np.zeros((3, 3))
-        second[0, 1] = second[1, 0] = -(r * T * e).sum()
-        second[1, 1] = (r * w[0] * T**2 * e).sum()
-        w = w - np.linalg.solve(J.T @ J + second, J.T @ r)
+        r, J, H = _residual_jacobian_hessian(y, w)
+        w = w - np.linalg.solve(H, J.T @ r)
     return w
 
 
-def _optimistix_fits(section: Section) -> Callable[[Any], Any] | None:
-    """optimistix's LevenbergMarquardt on a batch of curves under jit(vmap), or None (noted)."""
+def _reference_gradient(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``d(Σ w*)/dy`` of one curve at its exact fit ``w``: ``∂(Jᵀr)/∂y = -Jᵀ``, so ``dw*/dy =
+    H⁻¹Jᵀ`` with ``H`` the full Hessian of ``½‖r‖²``, and the gradient is ``J H⁻¹ 1``."""
+    _, J, H = _residual_jacobian_hessian(y, w)
+    return J @ np.linalg.solve(H, np.ones(3))
+
+
+def _optimistix_fit(section: Section) -> tuple[Any, Callable[[Any], Any]] | None:
+    """``(jax, fit)``: ``fit(y)`` one curve's fit by optimistix's LevenbergMarquardt, or None
+    (noted) when the peer is not installed."""
     peers = peer_or_note(section, "jax", "optimistix")
     if peers is None:
         return None
@@ -231,13 +246,70 @@ def _optimistix_fits(section: Section) -> Callable[[Any], Any] | None:
 
         return optx.least_squares(fn, lm, jnp.ones(3), args=y, max_steps=200, throw=False).value
 
+    return jax, one
+
+
+def _optimistix_fits(section: Section) -> Callable[[Any], Any] | None:
+    """optimistix's LevenbergMarquardt on a batch of curves under jit(vmap), or None (noted)."""
+    peer = _optimistix_fit(section)
+    if peer is None:
+        return None
+    jax, one = peer
     return jax.jit(jax.vmap(one))
+
+
+def _optimistix_gradients(section: Section) -> Callable[[Any], Any] | None:
+    """``d(Σ w*)/dY`` through optimistix's LevenbergMarquardt (its implicit adjoint, the
+    default) under jit(grad(vmap)), or None (noted)."""
+    peer = _optimistix_fit(section)
+    if peer is None:
+        return None
+    jax, one = peer
+    return jax.jit(jax.grad(lambda Y: jax.vmap(one)(Y).sum()))
 
 
 def _least_squares(cfg: Config, section: Section) -> None:
     peer = _optimistix_fits(section)
     for B in [1, 8] if cfg.tiny else [1, 64, 1024]:
         _fit_case(cfg, section, B, peer)
+    if not cfg.tiny:
+        peer_grad = _optimistix_gradients(section)
+        for B in [1, 64]:
+            _gradient_case(cfg, section, B, peer_grad)
+
+
+def _gradient_case(cfg: Config, section: Section, B: int, peer: Callable[[Any], Any] | None) -> None:
+    """Forward and backward: ``d(Σ w*)/dY`` for a batch of curve fits (no target in the issue;
+    shown for what a training step through the fitting layer costs)."""
+    t = torch.tensor(T)
+    Y = _curves(B)
+    ref = np.stack([_reference_gradient(y, _reference_fit(y)) for y in Y])
+
+    def residual(w: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return w[:, :1] * torch.exp(-w[:, 1:2] * t) + w[:, 2:3] * torch.sin(3 * t) - Y
+
+    compiled = il.solvers.LevenbergMarquardt(compile=True)
+
+    def ours(solver: il.solvers.LevenbergMarquardt) -> torch.Tensor:
+        Yt = torch.tensor(Y, requires_grad=True)
+        W = il.least_squares(residual, torch.ones(B, 3, dtype=D), Yt, batched=True, solver=solver)
+        return torch.autograd.grad(W.sum(), Yt)[0]
+
+    methods: dict[str, Callable[[], Any]] = {
+        "ours": lambda: ours(il.solvers.LevenbergMarquardt()),
+        "ours (compile=True)": lambda: ours(compiled),
+    }
+    if peer is not None:
+        import jax.numpy as jnp
+
+        Yj = jnp.asarray(Y)
+        methods["optimistix LevenbergMarquardt (jit, grad, vmap)"] = lambda: peer(Yj)
+    times, outs = time_alternating(methods, cfg)
+    case = f"curve fit gradients B={B} (forward + backward)"
+    for name, seconds in times.items():
+        err = float(np.abs(np.asarray(outs[name]) - ref).max() / np.abs(ref).max())
+        section.add(case=case, method=name, time_ms=1e3 * seconds, grad_rel_err=err)
+    add_failures(section, case)
 
 
 def _fit_case(cfg: Config, section: Section, B: int, peer: Callable[[Any], Any] | None) -> None:
@@ -272,18 +344,23 @@ def _fit_case(cfg: Config, section: Section, B: int, peer: Callable[[Any], Any] 
             "sol_abs_err", SOLUTION_TOL, 1.5 if B == 1 else 0.5, cfg)
 
 
-def run_composite(cfg: Config) -> Section:
-    """The lasso and simplex hypergradients and the curve fits, with their targets."""
+#: The cases of this benchmark, by name.
+CASES = {"lasso": _lasso, "simplex": _simplex, "curves": _least_squares}
+
+
+def run_composite(cfg: Config, cases: tuple[str, ...] = tuple(CASES)) -> Section:
+    """The lasso and simplex hypergradients and the curve fits (or the ``cases`` named), with
+    their targets."""
     section = Section("composite", "Composite argmin and least squares against jaxopt, optimistix "
                       "and scipy (float64)")
     section.notes.append(
         "Hypergradient errors are relative to the active-set closed form (lasso) and the KKT system "
         "on the simplex face; curve-fit errors are max abs errors against scipy least_squares at "
-        "1e-15 polished by Newton steps with the closed-form Hessian. Peers run under jax.jit."
+        "1e-15 polished by Newton steps with the closed-form Hessian. Peers run under jax.jit. "
+        "Curve fits time the forward solve alone (no gradient) for every method."
     )
-    _lasso(cfg, section)
-    _simplex(cfg, section)
-    _least_squares(cfg, section)
+    for name in cases:
+        CASES[name](cfg, section)
     return section
 
 
@@ -291,11 +368,13 @@ def main(argv: list[str] | None = None) -> Section:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per case")
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
+                        help="the cases to run (default: all)")
     args = parser.parse_args(argv)
     cfg = Config(tiny=args.tiny, repeats=args.repeats)
     prev = set_threads(cfg.threads)
     try:
-        section = run_composite(cfg)
+        section = run_composite(cfg, tuple(args.cases))
     finally:
         restore_threads(prev)
     for row in section.rows:
@@ -304,7 +383,7 @@ def main(argv: list[str] | None = None) -> Section:
         verdict = "met" if tgt["met"] else "NOT met"
         print(f"target {tgt['name']}: {tgt['measured']:.3g} ({tgt['goal']}) {verdict}"
               + (f"; {tgt['detail']}" if tgt["detail"] else ""))
-    for note in section.skipped:
+    for note in section.notes + section.skipped:
         print(note)
     return section
 

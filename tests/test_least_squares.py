@@ -218,36 +218,6 @@ def test_fewer_residuals_than_unknowns() -> None:
     torch.testing.assert_close(W[0], w)
 
 
-@pytest.mark.slow
-def test_compiled_steps_match_eager_steps() -> None:
-    # One torch.compile of the step (seconds); the solutions, the statistics and the exact
-    # gradient must be those of the eager steps.
-    Y = _data(6, (4,)).requires_grad_(True)
-    fits = {}
-    for compile in (False, True):
-        solver = il.solvers.LevenbergMarquardt(compile=compile)
-        W, info = il.least_squares(lambda w, Y: _model(w, T) - Y, torch.ones(4, 3, dtype=D), Y,
-                                   batched=True, solver=solver, return_info=True)
-        (grad,) = torch.autograd.grad(W[:, 1].sum(), Y)
-        fits[compile] = W.detach(), info, grad
-    (W, info, grad), (Wc, infoc, gradc) = fits[False], fits[True]
-    assert bool(infoc.converged.all())
-    torch.testing.assert_close(Wc, W, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(infoc.steps, info.steps)
-    torch.testing.assert_close(gradc, grad, rtol=1e-7, atol=1e-9)
-    for i in range(4):
-        np.testing.assert_allclose(Wc[i].numpy(), _scipy_fit(Y[i].detach().numpy()), rtol=1e-8)
-    # inference_mode and torch.func transforms run the eager steps (nothing to compile).
-    compiled = il.solvers.LevenbergMarquardt(compile=True)
-    with torch.inference_mode():
-        Wi = il.least_squares(lambda w, Y: _model(w, T) - Y, torch.ones(4, 3, dtype=D), Y.detach(),
-                              batched=True, solver=compiled)
-    torch.testing.assert_close(Wi, W, rtol=1e-9, atol=1e-10)
-    Wv = torch.func.vmap(lambda y: il.least_squares(lambda w, y: _model(w, T) - y, torch.ones(3, dtype=D),
-                                                    y, solver=compiled))(Y.detach())
-    torch.testing.assert_close(Wv, W, rtol=1e-9, atol=1e-10)
-
-
 @pytest.mark.parametrize("n", [3, 10])
 def test_compiled_step_jacobian_matches_jacrev(n: int) -> None:
     # The products of the compiled step (unrolled for few unknowns, one vmap beyond), run
@@ -282,3 +252,21 @@ def test_unrolled_damped_solve_matches_cholesky(n: int) -> None:
     torch.testing.assert_close(_unrolled_damped_solve(J.mT @ J, g, mu), dense, rtol=1e-10, atol=1e-12)
     indefinite = -torch.eye(n, dtype=D).expand(5, n, n)
     assert bool((_unrolled_damped_solve(indefinite, g, mu.clamp_max(0.5)) == 0).all())
+
+
+def test_closed_over_tensors_are_found_with_and_without_grad() -> None:
+    # Evaluated with autograd on, a residual that requires no grad needs no capture of the
+    # tensors it closes over; one that closes over a tensor requiring grad is still captured.
+    # The fit scales with the data in (a, c): w(s) = (s a₁, b₁, s c₁), so d(a + b + c)/ds =
+    # (a + c) / s.
+    y = _data(7)
+    scale = torch.tensor(1.5, dtype=D, requires_grad=True)
+    w = il.least_squares(lambda w: _model(w, T) - scale * y, torch.ones(3, dtype=D))
+    (grad,) = torch.autograd.grad(w.sum(), scale)
+    torch.testing.assert_close(grad, (w[0] + w[2]).detach() / 1.5, rtol=1e-7, atol=0.0)
+    plain = il.least_squares(lambda w: _model(w, T) - 1.5 * y, torch.ones(3, dtype=D))
+    assert not plain.requires_grad
+    torch.testing.assert_close(plain, w.detach())
+    # A tensor that enters only without derivatives gives none, as in torch operations.
+    assert not il.least_squares(lambda w: _model(w, T) - scale.detach() * y,
+                                torch.ones(3, dtype=D)).requires_grad

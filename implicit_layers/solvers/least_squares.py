@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import cast
 
@@ -17,7 +16,7 @@ from .._least_squares import LeastSquaresProblem
 from .._problem import Problem
 from ..linear._operator import FunctionOperator
 from ..linear.cg import CG
-from ._base import ForwardSolver, Monitor
+from ._base import ForwardSolver, Monitor, non_finite_error
 
 __all__ = ["GaussNewton", "LevenbergMarquardt"]
 
@@ -232,7 +231,10 @@ def _value_and_jt(residuals: Callable[[Tensor], Tensor], z: Tensor) -> tuple[Ten
     n = z.shape[-1]
     eye = torch.eye(n, dtype=z.dtype, device=z.device)
     if n <= _UNROLLED_PRODUCTS:
-        products = [torch.func.jvp(residuals, (z,), (eye[j].expand_as(z),)) for j in range(n)]
+        # Contiguous tangents: a broadcast one fails forward mode's write checks when traced
+        # outside a loop body.
+        products = [torch.func.jvp(residuals, (z,), (eye[j].expand_as(z).contiguous(),))
+                    for j in range(n)]
         return products[0][0], torch.stack([p[1] for p in products], -2)
     basis = eye.unsqueeze(1).expand(n, *z.shape)
     jt = torch.func.vmap(lambda v: torch.func.jvp(residuals, (z,), (v,))[1])(basis)  # (n, B, m)
@@ -332,14 +334,18 @@ class LevenbergMarquardt(_NormalEquations):
         dense_max_size: largest number of unknowns solved with the dense normal equations
             (default 128).
         cg_max_steps: CG steps per step beyond (default ``2n``).
-        compile: run each step (dense normal equations only) as one ``torch.compile``'d
-            function, the residual function traced into it (default ``False``). Worth it for
-            a batch of small fits solved again and again with the same residual function and
-            shapes: a step then costs one call instead of some hundred operations (measured in
-            ``benchmarks/composite.py``). The first solve of each new residual function, batch
-            size or dtype compiles (seconds); the residual function must be traceable by
-            ``torch.compile`` (a graph break falls back to eager pieces). Under ``torch.func``
-            transforms and ``inference_mode`` the eager steps run.
+        compile: run the whole solve (dense normal equations only) as one
+            ``torch.compile``'d function, its loop a ``while_loop`` with the residual function
+            traced into it (default ``False``): one call, one host synchronisation at the end,
+            the same iterates, statistics, warnings and errors as the eager steps. Worth it
+            for a batch of small fits solved again and again with the same residual function
+            and shapes (measured in ``benchmarks/composite.py``). The first solve of each new
+            residual function, batch size, dtype or setting compiles (seconds, a C++ compiler
+            needed as for any ``torch.compile`` on the CPU); the residual function must be
+            traceable by ``torch.compile`` without a graph break (else a ``ValueError`` says
+            so). Under ``torch.func`` transforms and ``inference_mode`` the eager steps run.
+            ``check_every`` has no effect there (the loop tests every sample after every step,
+            on the device).
         rtol, atol, max_steps, check_every, on_failure: as for every forward solver
             (:class:`~implicit_layers.solvers.ForwardSolver`); ``max_steps`` defaults to 200.
 
@@ -373,6 +379,8 @@ class LevenbergMarquardt(_NormalEquations):
         self.damping = float(damping)
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
+        if self.compile and self._compiles(problem, z0):
+            return self._compiled_solve(problem, z0)
         residuals, lin, g = self._start(problem, z0)
         mon = Monitor(self, problem, z0, g)
         if lin.dense:
@@ -383,41 +391,48 @@ class LevenbergMarquardt(_NormalEquations):
         # Refused steps at rounding level grow μ without bound; past this the step is nil.
         mu_max = mu / (self.damping * torch.finfo(z0.dtype).eps ** 2)
         nu = torch.full_like(mu, 2.0)
-        # One loop (mon.iterate); the compiled and eager variants differ in their step.
-        advance: Callable[[int], int]
-        if self.compile and lin.dense and lin.recorded:
-            compiled = _compiled_step()
-            z, r, jt = lin.z, lin.r, lin.jt
 
-            def advance(taken: int) -> int:
-                nonlocal z, r, jt, g, mu, nu
-                z, r, jt, g, mu, nu = compiled(residuals, z, r, jt, g, mu, nu, mu_max,
-                                               mon.active.unsqueeze(-1))
-                mon.record(z, g, mon.active)
-                return 1
-        else:
-            def advance(taken: int) -> int:
-                nonlocal lin, g, mu, nu
-                active = mon.active.unsqueeze(-1)
-                delta = self._direction(lin, g, mu)
-                # The residual at the trial point, recorded: its Jacobian is formed only if a
-                # sample accepts the step (a refused step changes only μ, and keeps J).
-                trial = _Linearised(residuals, lin.z + delta, lin.dense)
-                accept, mu, nu = _gain_update(lin.r, trial.r, delta, g, mu, nu, mu_max, active)
-                lin = lin.select(trial, accept.squeeze(-1))
-                g = lin.jtv(lin.r)
-                mon.record(lin.z, g, mon.active)
-                return 1
+        def advance(taken: int) -> int:
+            nonlocal lin, g, mu, nu
+            active = mon.active.unsqueeze(-1)
+            delta = self._direction(lin, g, mu)
+            # The residual at the trial point, recorded: its Jacobian is formed only if a
+            # sample accepts the step (a refused step changes only μ, and keeps J).
+            trial = _Linearised(residuals, lin.z + delta, lin.dense)
+            accept, mu, nu = _gain_update(lin.r, trial.r, delta, g, mu, nu, mu_max, active)
+            lin = lin.select(trial, accept.squeeze(-1))
+            g = lin.jtv(lin.r)
+            mon.record(lin.z, g, mon.active)
+            return 1
 
         mon.iterate(self.max_steps, advance)
         return mon.finish()
 
+    def _compiles(self, problem: Problem, z0: Tensor) -> bool:
+        """Whether ``compile=True`` runs the compiled loop here: dense normal equations, outside
+        ``inference_mode`` and ``torch.func`` transforms (a problem folded from ``vmap`` calls
+        the residual function under the transform)."""
+        return (isinstance(problem, LeastSquaresProblem) and self._dense(z0)
+                and not (torch.is_inference_mode_enabled() or transforms_active()))
 
-@functools.cache
-def _compiled_step() -> Callable[..., tuple[Tensor, ...]]:
-    """:func:`_lm_step` compiled, once per process (its graphs are cached per residual
-    function, shapes and dtype). Static shapes: a batch size is a constant of the loops."""
-    return torch.compile(_lm_step, dynamic=False)
+    def _compiled_solve(self, problem: Problem, z0: Tensor) -> tuple[Tensor, SolveInfo]:
+        """The whole solve as one compiled loop (:mod:`._lm_loop`), with the verdicts of the
+        eager loop: the same info, and the same error for a NaN or Inf gradient."""
+        from ._lm_loop import LoopSettings, run_compiled  # it imports this module's step
+
+        settings = LoopSettings(rtol=self.resolved_rtol(z0.dtype), atol=float(self.atol),
+                                max_steps=self.max_steps, damping=self.damping)
+        residuals = cast(LeastSquaresProblem, problem).residuals
+        z, best, tol, steps, converged, finite, flags = run_compiled(residuals, z0, settings,
+                                                                     problem.name)
+        all_finite, all_converged = flags.tolist()
+        if not all_finite:
+            raise non_finite_error(self, problem, ~finite)
+        info = SolveInfo(converged=converged, steps=steps, residual=best, solver=self.name,
+                         tolerance=tol)
+        # Read already: the verdict of solve() and of the backward needs no second look.
+        info._known_converged = all_converged
+        return z, info
 
 
 class GaussNewton(_NormalEquations):
