@@ -63,34 +63,18 @@ def _derivatives_requested() -> bool:
     )
 
 
-def _reverse_mode_only() -> bool:
-    """Whether derivatives, if any, are reverse mode only (no forward-mode level, no
-    ``torch.func`` transform): then a tensor that requires grad is the only carrier."""
-    return torch.is_grad_enabled() and forward_ad._current_level < 0 and not transforms_active()
-
-
 def _bind(problem: Problem, z: Tensor) -> Problem:
     """Evaluate the user's function once at the flat state ``z``: check its output, and find
     the tensors it depends on that carry derivatives (explicit arguments and closed-over
     tensors, module parameters included)."""
     if _derivatives_requested():
+        # No graph: the capture only looks at which tensors enter the operations.
+        with torch.no_grad():
+            out, params = capture(lambda: problem.probe(z), exclude=(z,))
         # An explicit argument that carries derivatives makes the solution carry them too,
         # even where the function ignores it (its derivative is then zero), as for torch ops.
         explicit = [t for t in tree_flatten((problem.args, problem.kwargs))[0]
                     if isinstance(t, Tensor) and carries_derivatives(t)]
-        if not explicit and isinstance(problem, LeastSquaresProblem) and _reverse_mode_only():
-            # A residual that does not require grad, evaluated with autograd on, shows that no
-            # tensor carrying derivatives entered it differentiably: its solution has none
-            # either. One plain call instead of one under the capturing mode, several times
-            # slower on the small residuals of a compiled least-squares solve; otherwise the
-            # capture below (a second call, one among the solve's many).
-            out = problem.probe(z)
-            if not (isinstance(out, Tensor) and out.requires_grad):
-                problem.check_output(out)
-                return problem.with_params([])
-        # No graph: the capture only looks at which tensors enter the operations.
-        with torch.no_grad():
-            out, params = capture(lambda: problem.probe(z), exclude=(z,))
         params = explicit + [t for t in params if all(t is not e for e in explicit)]
     else:
         out, params = problem.probe(z), []
