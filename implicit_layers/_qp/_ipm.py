@@ -49,7 +49,13 @@ _STEP_FRACTION = 0.99  # fraction of the distance to the boundary s, λ ≥ 0 ta
 _STRICT = 1e-3  # a sample stops at tol * _STRICT, or below tol once it stalls
 _STALL = 3  # iterations without halving the residual that count as a stall below tol
 _GIVE_UP = 12  # iterations without halving the residual after which a sample stops anyway
-_POLISH_FROM = 1e4  # the active-set polish is tried from tol * _POLISH_FROM
+# The active-set polish is tried on samples whose residual is below _POLISH_FROM * tol (and at most
+# _POLISH_BELOW): with the indicator guess (see interior_point) it usually succeeds from a residual
+# of 1e-2 on, two iterations before the test λᵢ > sᵢ names the active set. The wider second guess
+# costs a factorisation that rarely succeeds that far out; it is tried only below _WIDER_FROM * tol.
+_POLISH_FROM = 1e7
+_POLISH_BELOW = 1e-2
+_WIDER_FROM = 1e4
 # On the CPU, iterations at which every running sample's residual is above _SINGLE_ABOVE form and
 # factorise the reduced matrix in float32 (about twice as fast); far from the solution an inexact
 # Newton direction costs no iterations (the residuals stay float64), and near it the matrix is too
@@ -263,6 +269,8 @@ def interior_point(
     # batch to the caller's.
     finished = _Finished(B, n, m, p, dtype, device)
     rows = torch.arange(B, device=device)
+    prev_lam: Tensor | None = None  # the previous iterate's λ and s (the active-set indicator)
+    prev_s: Tensor | None = None
     for it in range(max_steps + 1):
         rd, rpi, rpe, mu = kkt(z, lam, nu, s)
         # Every iteration decides per sample without a host synchronisation; the loop only
@@ -287,16 +295,24 @@ def interior_point(
         if m and checking:
             # Near the solution one equality-constrained solve on the guessed active set reaches
             # the solution to rounding (see _polish); tried at the checks on samples close enough.
-            near = active & ~done & (res <= _POLISH_FROM * tol)
-            # Two guesses of the active set: λᵢ > sᵢ, then a wider one for constraints whose
-            # multiplier is still small (nearly weakly active); the second only if the first fails.
-            for bias in (1.0, 100.0):
+            near = active & ~done & (res <= min(_POLISH_FROM * tol, _POLISH_BELOW))
+            # Two guesses of the active set. First El-Bakry and Tapia's indicator: from one
+            # iterate to the next the slack of an active constraint falls faster than its
+            # multiplier (λᵢ⁺/λᵢ > sᵢ⁺/sᵢ), and that of an inactive one the other way round; it
+            # names the active set iterations before the test λᵢ > sᵢ does. Then a wider guess
+            # for constraints whose multiplier is still small (nearly weakly active), only if
+            # the first fails.
+            guesses = ([(lam * prev_s > s * prev_lam) | (lam > s)] if prev_lam is not None else []) + [
+                100.0 * lam > s]
+            for k, guess in enumerate(guesses):
+                if k:
+                    near = near & (res <= _WIDER_FROM * tol)
                 if not bool(near.any()):
                     break
                 # Only the samples near their solution are factorised (a gather, then a scatter).
                 idx = near.nonzero().squeeze(1)
-                out = _polish(Q[idx], q[idx], G[idx], h[idx], A[idx], b[idx], z[idx], bias * lam[idx],
-                              nu[idx], s[idx], q_scale[idx], h_scale[idx], delta[idx])
+                out = _polish(Q[idx], q[idx], G[idx], h[idx], A[idx], b[idx], z[idx], lam[idx], nu[idx],
+                              s[idx], guess[idx], q_scale[idx], h_scale[idx], delta[idx])
                 pz, pl, pnu, ps = (torch.zeros_like(t).index_copy(0, idx, o)
                                    for t, o in zip((z, lam, nu, s), out[:4], strict=True))
                 pres = torch.full_like(res, float("inf")).index_copy(0, idx, out[4])
@@ -339,6 +355,8 @@ def interior_point(
             z, lam, nu, s, status, steps, best_res, since_better = (
                 t[keep] for t in (z, lam, nu, s, status, steps, best_res, since_better))
             best = (best[0][keep], best[1][keep], best[2][keep], best[3][keep])
+            if prev_lam is not None and prev_s is not None:
+                prev_lam, prev_s = prev_lam[keep], prev_s[keep]
             active = active[keep]
         steps = steps + active
 
@@ -366,6 +384,7 @@ def interior_point(
         ok = torch.isfinite(z_new).all(-1) & torch.isfinite(lam_new).all(-1) & torch.isfinite(
             nu_new).all(-1) & torch.isfinite(s_new).all(-1)
         ok = ok[:, None]
+        prev_lam, prev_s = lam, s
         z = torch.where(ok, z_new, z)
         lam = torch.where(ok, lam_new, lam)
         nu = torch.where(ok, nu_new, nu)
@@ -452,13 +471,13 @@ def _kkt_error(
 
 def _polish(
     Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
-    z: Tensor, lam: Tensor, nu: Tensor, s: Tensor,
+    z: Tensor, lam: Tensor, nu: Tensor, s: Tensor, guess: Tensor,
     q_scale: Tensor, h_scale: Tensor, delta: Tensor, refine: int = 4,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Refine samples by one equality-constrained solve on the guessed active set.
 
     An interior point stops at a small but positive duality measure μ, which leaves an error of
-    order μ/λᵢ in ``z`` along weakly held constraints. Guessing the active set ``λᵢ > sᵢ`` and
+    order μ/λᵢ in ``z`` along weakly held constraints. Guessing the active set (``guess``) and
     solving the KKT system with those rows (``C``, right-hand side ``d``) as equalities, and
     ``λᵢ = 0`` for the others, gives the solution to rounding. The system is regularised,
 
@@ -470,7 +489,7 @@ def _polish(
     break it (the OSQP polish, batched). The caller keeps a polished point only if it reaches
     the tolerance with a lower KKT error than the interior point.
     """
-    active = (lam > s).to(z.dtype)
+    active = guess.to(z.dtype)
     rho = 1e3 * delta[:, None]  # δ is 1e-9 of the data's scale in float64
     # A failed factorisation leaves the sample's polish to fail (its KKT error is set to inf
     # below).
