@@ -426,20 +426,21 @@ def test_single_precision_factor_solves_and_its_conditioning_check():
 
     Q, q, G, h, A, b = random_qp(32, 4, 10, 8, 2)
     eps = torch.full((4,), 1e-9, dtype=DT)
-    Qd = Q + 1e-9 * torch.eye(10, dtype=DT)
+    delta = torch.full((4,), 1e-9, dtype=DT)
     w = torch.rand(4, 8, generator=torch.Generator().manual_seed(0), dtype=DT) + 0.5
-    exact = _Reduced(Qd, G.mT.contiguous(), A, w, eps)
-    single = _Reduced(Qd.float(), G.mT.contiguous().float(), A.float(), w, eps)
+    exact = _Reduced(Q, delta, G.mT.contiguous(), A, w, eps)
+    single = _Reduced(Q.float(), delta, G.mT.contiguous().float(), A.float(), w, eps)
     r1, r2 = torch.randn(4, 10, dtype=DT), torch.randn(4, 2, dtype=DT)
     (dz, dnu), (dz32, dnu32) = exact.solve(r1, r2), single.solve(r1, r2)
     assert dz32.dtype == DT and dnu32.dtype == DT
     assert rel(dz32, dz) < 1e-4 and rel(dnu32, dnu) < 1e-4
     # The direction solves H dz + Aᵀ dν = r₁, A dz - ε dν = r₂ (checked in float64).
-    H = Qd + G.mT @ (w.unsqueeze(-1) * G)
+    H = Q + 1e-9 * torch.eye(10, dtype=DT) + G.mT @ (w.unsqueeze(-1) * G)
     assert rel((H @ dz.unsqueeze(-1)).squeeze(-1) + (A.mT @ dnu.unsqueeze(-1)).squeeze(-1), r1) < 1e-10
     assert single.well_conditioned(1e-4)
     spread = w * torch.logspace(-4, 4, 8, dtype=DT)  # near a solution: λ/s from 1e-4 to 1e4
-    assert not _Reduced(Qd.float(), G.mT.contiguous().float(), A.float(), spread, eps).well_conditioned(1e-4)
+    spread_factor = _Reduced(Q.float(), delta, G.mT.contiguous().float(), A.float(), spread, eps)
+    assert not spread_factor.well_conditioned(1e-4)
 
 
 def test_check_every_changes_when_samples_stop_not_the_answer():
