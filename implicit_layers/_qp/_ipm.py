@@ -80,6 +80,9 @@ class IPMResult:
     steps: Tensor
     residual: Tensor
     tolerance: Tensor
+    # The Cholesky factor of the polish that ended each sample ``(B, n, n)``, its guessed active
+    # set ``(B, m)`` and which samples have one ``(B,)`` (see ``ReducedKKT``), or ``None``.
+    polish_factor: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 def _inf_norm(v: Tensor) -> Tensor:
@@ -317,6 +320,7 @@ def interior_point(
                 idx = near.nonzero().squeeze(1)
                 out = _polish(Q[idx], q[idx], G[idx], h[idx], A[idx], b[idx], z[idx], lam[idx], nu[idx],
                               s[idx], guess[idx], q_scale[idx], h_scale[idx], delta[idx])
+                factor = out[5]
                 pz, pl, pnu, ps = (torch.zeros_like(t).index_copy(0, idx, o)
                                    for t, o in zip((z, lam, nu, s), out[:4], strict=True))
                 pres = torch.full_like(res, float("inf")).index_copy(0, idx, out[4])
@@ -332,6 +336,10 @@ def interior_point(
                 best_res = torch.where(better, pres, best_res)
                 done = done | won
                 near = near & ~won
+                # The backward's KKT system at a polished solution has the polish's matrix (up to
+                # its diagonal regularisation): its factor is kept for the samples it ended.
+                won_here = won[idx]
+                finished.store_factor(rows[idx[won_here]], factor[won_here], guess[idx[won_here]])
         stuck = active & ~done & (since_better >= _GIVE_UP)
         status = torch.where(done, SOLVED, status)
         if checking:
@@ -400,7 +408,7 @@ def interior_point(
     # A sample that stalled or ran out of steps below the tolerance counts as solved.
     status = torch.where((finished.status == MAX_STEPS) & (finished.res <= tol), SOLVED, finished.status)
     return IPMResult(z=z, lam=lam, nu=nu, s=s, status=status, steps=finished.steps, residual=finished.res,
-                     tolerance=tol * q.new_ones(B))
+                     tolerance=tol * q.new_ones(B), polish_factor=finished.factor)
 
 
 class _Finished:
@@ -412,6 +420,8 @@ class _Finished:
         self.status = torch.full((B,), MAX_STEPS, dtype=torch.int64, device=device)
         self.steps = torch.zeros(B, dtype=torch.int64, device=device)
         self.res = torch.full((B,), float("inf"), dtype=dtype, device=device)
+        # The polish factors (see IPMResult), made at the first polish that ends a sample.
+        self.factor: tuple[Tensor, Tensor, Tensor] | None = None
 
     def store(self, leaving: Tensor, rows: Tensor, best: tuple[Tensor, Tensor, Tensor, Tensor],
               status: Tensor, steps: Tensor, res: Tensor) -> None:
@@ -423,6 +433,18 @@ class _Finished:
         self.status.index_copy_(0, at, status[sel])
         self.steps.index_copy_(0, at, steps[sel])
         self.res.index_copy_(0, at, res[sel])
+
+    def store_factor(self, at: Tensor, L: Tensor, active: Tensor) -> None:
+        """Record the polish factors ``L`` ``(k, n, n)`` and active sets ``(k, m)`` of the caller's
+        samples ``at`` ``(k,)``."""
+        if self.factor is None:
+            B, n, m = self.status.shape[0], L.shape[-1], active.shape[-1]
+            # Column-major matrices, as torch's factors are: the solves then take them uncopied.
+            self.factor = (L.new_zeros(B, n, n).mT, active.new_zeros(B, m), torch.zeros(
+                B, dtype=torch.bool, device=L.device))
+        self.factor[0].index_copy_(0, at, L)
+        self.factor[1].index_copy_(0, at, active)
+        self.factor[2][at] = True
 
 
 def _certificates(
@@ -478,7 +500,7 @@ def _polish(
     Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
     z: Tensor, lam: Tensor, nu: Tensor, s: Tensor, guess: Tensor,
     q_scale: Tensor, h_scale: Tensor, delta: Tensor, refine: int = 4,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Refine samples by one equality-constrained solve on the guessed active set.
 
     An interior point stops at a small but positive duality measure μ, which leaves an error of
@@ -493,6 +515,11 @@ def _polish(
     factorisation), and refined against the exact system, so duplicated active rows do not
     break it (the OSQP polish, batched). The caller keeps a polished point only if it reaches
     the tolerance with a lower KKT error than the interior point.
+
+    Returns:
+        The polished ``(z, λ, ν, s)``, its KKT error ``(B,)`` and the Cholesky factor of
+        ``Q + ρI + CᵀC/ρ`` ``(B, n, n)``, which is also that of the backward's reduced KKT
+        system at the polished point (``ReducedKKT``, ρ on the diagonal).
     """
     active = guess.to(z.dtype)
     rho = 1e3 * delta[:, None]  # δ is 1e-9 of the data's scale in float64
@@ -517,4 +544,4 @@ def _polish(
     lp = y_g.clamp(min=0.0)
     res = _kkt_error(Q, q, G, h, A, b, z, lp, y_a, q_scale, h_scale)
     res = torch.where(torch.isfinite(res) & ~failed, res, float("inf"))
-    return z, lp, y_a, (h - bmv(G, z)).clamp(min=0.0), res
+    return z, lp, y_a, (h - bmv(G, z)).clamp(min=0.0), res, L
