@@ -309,8 +309,9 @@ def interior_point(
             # names the active set iterations before the test λᵢ > sᵢ does. Then a wider guess
             # for constraints whose multiplier is still small (nearly weakly active), only if
             # the first fails.
-            guesses = ([(lam * prev_s > s * prev_lam) | (lam > s)] if prev_lam is not None else []) + [
-                100.0 * lam > s]
+            guesses = [100.0 * lam > s]
+            if prev_lam is not None and prev_s is not None:
+                guesses.insert(0, (lam * prev_s > s * prev_lam) | (lam > s))
             for k, guess in enumerate(guesses):
                 if k:
                     near = near & (res <= _WIDER_FROM * tol)
@@ -318,7 +319,8 @@ def interior_point(
                     break
                 # Only the samples near their solution are factorised (a gather, then a scatter).
                 idx = near.nonzero().squeeze(1)
-                out = _polish(Q[idx], q[idx], G[idx], h[idx], A[idx], b[idx], z[idx], lam[idx], nu[idx],
+                # G as the transpose of the contiguous Gᵀ: the layout normal_matrix is fastest with.
+                out = _polish(Q[idx], q[idx], Gt[idx].mT, h[idx], A[idx], b[idx], z[idx], lam[idx], nu[idx],
                               s[idx], guess[idx], q_scale[idx], h_scale[idx], delta[idx])
                 factor = out[5]
                 pz, pl, pnu, ps = (torch.zeros_like(t).index_copy(0, idx, o)
@@ -376,7 +378,7 @@ def interior_point(
         if it == 0 and unit is not None and rows.shape[0] == B:
             red, unit = unit, None
         else:
-            red = unit = None  # the previous factors are freed before the new ones are made
+            unit = None
             if single is not None and not bool((res > _SINGLE_ABOVE).all()):
                 single = None  # the residuals only fall from here on: float64 to the end
             red = _factorise(Q, delta, Gt, A, w, eps, single)
@@ -391,6 +393,10 @@ def interior_point(
             dz, dlam, dnu, ds = _direction(red, G, w, lam, s, rd, rpi, rpe, rc)
             alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam))
             alpha = (_STEP_FRACTION * alpha).clamp(max=1.0)
+        # The factors are freed before the next check's polish and the next factorisation: each
+        # (n, n) matrix alive at once adds to the memory a call takes from the system, and to its
+        # page faults.
+        del red
         step = torch.where(active, alpha, 0.0)[:, None]
         z_new, lam_new, nu_new, s_new = z + step * dz, lam + step * dlam, nu + step * dnu, s + step * ds
         # A non-finite step (a diverging sample) leaves its iterate as it was.

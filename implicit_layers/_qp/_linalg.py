@@ -33,11 +33,16 @@ def normal_matrix(
     Q: Tensor, G: Tensor, g_weight: Tensor, A: Tensor, a_divisor: Tensor, diagonal: Tensor
 ) -> Tensor:
     """``Q + Gᵀ diag(g_weight) G + AᵀA / a_divisor + diagonal I`` (``(B, n, n)``; ``g_weight``
-    ``(B, m)``, ``a_divisor`` and ``diagonal`` ``(B, 1)``): the regularised Schur complement of
-    a KKT system with the rows of ``G`` weighted and those of ``A`` eliminated."""
-    H = torch.baddbmm(Q, G.mT * g_weight.unsqueeze(-2), G)
+    ``(B, m)``, not negative, ``a_divisor`` and ``diagonal`` ``(B, 1)``): the regularised Schur
+    complement of a KKT system with the rows of ``G`` weighted and those of ``A`` eliminated.
+
+    Formed as ``(Gᵀ diag(√w)) (Gᵀ diag(√w))ᵀ``, fastest when ``G`` is the transpose of a
+    contiguous ``Gᵀ``, and then updated in place: one new ``(n, n)`` matrix per call."""
+    Gw = G.mT * g_weight.sqrt().unsqueeze(-2)
+    H = torch.baddbmm(Q, Gw, Gw.mT)
     if A.shape[-2]:
-        H = torch.baddbmm(H, A.mT / a_divisor.unsqueeze(-1), A)
+        As = A / a_divisor.sqrt().unsqueeze(-1)
+        H.baddbmm_(As.mT, As)
     H.diagonal(dim1=-2, dim2=-1).add_(diagonal)
     return H
 
