@@ -51,11 +51,9 @@ _STALL = 3  # iterations without halving the residual that count as a stall belo
 _GIVE_UP = 12  # iterations without halving the residual after which a sample stops anyway
 # The active-set polish is tried on samples whose residual is below _POLISH_FROM * tol (and at most
 # _POLISH_BELOW): with the indicator guess (see interior_point) it usually succeeds from a residual
-# of 1e-2 on, two iterations before the test λᵢ > sᵢ names the active set. The wider second guess
-# costs a factorisation that rarely succeeds that far out; it is tried only below _WIDER_FROM * tol.
+# of 1e-2 on, two iterations before the test λᵢ > sᵢ names the active set.
 _POLISH_FROM = 1e7
 _POLISH_BELOW = 1e-2
-_WIDER_FROM = 1e4
 # On the CPU, iterations at which every running sample's residual is above _SINGLE_ABOVE form and
 # factorise the reduced matrix in float32 (about twice as fast); far from the solution an inexact
 # Newton direction costs no iterations (the residuals stay float64), and near it the matrix is too
@@ -303,18 +301,16 @@ def interior_point(
             # Near the solution one equality-constrained solve on the guessed active set reaches
             # the solution to rounding (see _polish); tried at the checks on samples close enough.
             near = active & ~done & (res <= min(_POLISH_FROM * tol, _POLISH_BELOW))
-            # Two guesses of the active set. First El-Bakry and Tapia's indicator: from one
-            # iterate to the next the slack of an active constraint falls faster than its
-            # multiplier (λᵢ⁺/λᵢ > sᵢ⁺/sᵢ), and that of an inactive one the other way round; it
-            # names the active set iterations before the test λᵢ > sᵢ does. Then a wider guess
-            # for constraints whose multiplier is still small (nearly weakly active), only if
-            # the first fails.
-            guesses = [100.0 * lam > s]
+            # The active set is guessed by El-Bakry and Tapia's indicator: from one iterate to the
+            # next the slack of an active constraint falls faster than its multiplier
+            # (λᵢ⁺/λᵢ > sᵢ⁺/sᵢ), and that of an inactive one the other way round; it names the
+            # active set iterations before the test λᵢ > sᵢ does (kept as well). A polish that
+            # fails gives the second guess, a primal-dual active-set step: its constraints with
+            # a negative multiplier leave the set, those its point violates join it.
+            guess = lam > s
             if prev_lam is not None and prev_s is not None:
-                guesses.insert(0, (lam * prev_s > s * prev_lam) | (lam > s))
-            for k, guess in enumerate(guesses):
-                if k:
-                    near = near & (res <= _WIDER_FROM * tol)
+                guess = guess | (lam * prev_s > s * prev_lam)
+            for _attempt in range(2):
                 if not bool(near.any()):
                     break
                 # Only the samples near their solution are factorised (a gather, then a scatter).
@@ -342,6 +338,10 @@ def interior_point(
                 # its diagonal regularisation): its factor is kept for the samples it ended.
                 won_here = won[idx]
                 finished.store_factor(rows[idx[won_here]], factor[won_here], guess[idx[won_here]])
+                # The second attempt only for the samples whose guess the first one changed.
+                changed = torch.zeros_like(near).index_copy(0, idx, (out[6] != guess[idx]).any(-1))
+                near = near & changed
+                guess = guess.index_copy(0, idx, out[6])
         stuck = active & ~done & (since_better >= _GIVE_UP)
         status = torch.where(done, SOLVED, status)
         if checking:
@@ -506,7 +506,7 @@ def _polish(
     Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
     z: Tensor, lam: Tensor, nu: Tensor, s: Tensor, guess: Tensor,
     q_scale: Tensor, h_scale: Tensor, delta: Tensor, refine: int = 4,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Refine samples by one equality-constrained solve on the guessed active set.
 
     An interior point stops at a small but positive duality measure μ, which leaves an error of
@@ -523,9 +523,11 @@ def _polish(
     the tolerance with a lower KKT error than the interior point.
 
     Returns:
-        The polished ``(z, λ, ν, s)``, its KKT error ``(B,)`` and the Cholesky factor of
+        The polished ``(z, λ, ν, s)``, its KKT error ``(B,)``, the Cholesky factor of
         ``Q + ρI + CᵀC/ρ`` ``(B, n, n)``, which is also that of the backward's reduced KKT
-        system at the polished point (``ReducedKKT``, ρ on the diagonal).
+        system at the polished point (``ReducedKKT``, ρ on the diagonal), and the next guess
+        of the active set ``(B, m)``: the rows of ``guess`` whose multiplier came out
+        positive and the others that the polished point violates.
     """
     active = guess.to(z.dtype)
     rho = 1e3 * delta[:, None]  # δ is 1e-9 of the data's scale in float64
@@ -550,4 +552,7 @@ def _polish(
     lp = y_g.clamp(min=0.0)
     res = _kkt_error(Q, q, G, h, A, b, z, lp, y_a, q_scale, h_scale)
     res = torch.where(torch.isfinite(res) & ~failed, res, float("inf"))
-    return z, lp, y_a, (h - bmv(G, z)).clamp(min=0.0), res, L
+    slack = h - bmv(G, z)
+    # The next guess: a guessed row with a negative multiplier leaves, a violated row joins.
+    next_guess = (guess & (y_g > 0)) | (~guess & (slack < -_ROUNDING * h_scale[:, None]))
+    return z, lp, y_a, slack.clamp(min=0.0), res, L, next_guess
