@@ -346,6 +346,58 @@ def test_reduced_kkt_solves_match_a_dense_solve(m, p, lp):
         assert rel(reduced.apply(u, transpose), (M @ u.unsqueeze(-1)).squeeze(-1)) < 1e-13
 
 
+@pytest.mark.parametrize("m, p, lp", [(7, 2, False), (9, 0, True)])
+def test_backward_takes_the_polish_factor_and_matches_a_dense_solve(m, p, lp):
+    # The forward's polish factor, taken by the backward's reduced system where its active set is
+    # the one found at the solution: the solves with K and Kᵀ still agree with LU of K.
+    from implicit_layers._qp._ipm import interior_point
+    from implicit_layers._qp._kkt import kkt_matrix
+    from implicit_layers._qp._reduced import ReducedKKT
+
+    n = 6
+    Q, q, G, h, A, b = random_qp(23, 5, n, m, p)
+    if lp:
+        Q = torch.zeros_like(Q)
+        G = torch.cat([G, torch.eye(n, dtype=DT).expand(5, n, n), -torch.eye(n, dtype=DT).expand(5, n, n)], 1)
+        h = torch.cat([h, 2 * torch.ones(5, 2 * n, dtype=DT)], 1)
+    result = interior_point(Q, q, G, h, A, b, tol=1e-9, max_steps=50, check_every=2)
+    assert result.polish_factor is not None
+    L, guessed, has = result.polish_factor
+    assert bool(has.all())  # every sample ended by a polish
+    x = torch.cat([result.z, result.lam, result.nu], -1)
+    reduced = ReducedKKT(Q, G, h, A, x, factor=result.polish_factor)
+    taken = (guessed == (reduced.active > 0)).all(-1)
+    assert bool(taken.any())
+    assert torch.equal(reduced.L[taken], L[taken])  # taken, not recomputed
+    K = kkt_matrix(x, Q, G, h, A)
+    rhs = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=DT)
+    for transpose, M in ((False, K), (True, K.mT)):
+        assert rel(reduced.solve(rhs, transpose), torch.linalg.solve(M, rhs)) < 1e-9
+
+
+def test_a_failed_polish_guesses_again_from_its_point():
+    # min ½|z - c|² s.t. z <= 0: the active set is {i: cᵢ > 0}. A first guess that holds an
+    # inactive row and misses an active one fails; its next guess (the negative multiplier
+    # leaves, the violated row joins) is the true set, and that polish solves the problem.
+    from implicit_layers._qp._ipm import _polish
+
+    c = torch.tensor([[1.0, -1.0, 2.0, -2.0]], dtype=DT)
+    eye = torch.eye(4, dtype=DT)[None]
+    no_rows = (torch.zeros(1, 0, 4, dtype=DT), torch.zeros(1, 0, dtype=DT))
+    data = (eye, -c, eye, torch.zeros(1, 4, dtype=DT), *no_rows)
+    start = (torch.zeros(1, 4, dtype=DT), torch.ones(1, 4, dtype=DT), torch.zeros(1, 0, dtype=DT),
+             torch.ones(1, 4, dtype=DT))
+    scales = (torch.tensor([3.0], dtype=DT), torch.tensor([1.0], dtype=DT), torch.tensor([1e-9], dtype=DT))
+    first = torch.tensor([[True, True, False, False]])
+    *_, res, _, next_guess = _polish(*data, *start, first, *scales)
+    assert float(res[0]) > 1e-3
+    assert next_guess.tolist() == [[True, False, True, False]]
+    z, lam, *_, res, _, _ = _polish(*data, *start, next_guess, *scales)
+    assert float(res[0]) < 1e-12
+    torch.testing.assert_close(z, c.clamp(max=0.0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(lam, c.clamp(min=0.0), rtol=0, atol=1e-12)
+
+
 def test_forward_mode_through_the_reduced_kkt_solve():
     # torch.func.jvp takes the tangent solve (K, not Kᵀ): against central differences.
     Q, q, G, h, A, b = (t[0] for t in random_qp(22, 1, 5, 6, 1))
