@@ -402,12 +402,15 @@ def interior_point(
         # A non-finite step (a diverging sample) leaves its iterate as it was.
         ok = torch.isfinite(z_new).all(-1) & torch.isfinite(lam_new).all(-1) & torch.isfinite(
             nu_new).all(-1) & torch.isfinite(s_new).all(-1)
-        ok = ok[:, None]
         prev_lam, prev_s = lam, s
-        z = torch.where(ok, z_new, z)
-        lam = torch.where(ok, lam_new, lam)
-        nu = torch.where(ok, nu_new, nu)
-        s = torch.where(ok, s_new, s)
+        if device.type == "cpu" and bool(ok.all()):
+            z, lam, nu, s = z_new, lam_new, nu_new, s_new  # on the CPU asking costs nothing
+        else:
+            ok = ok[:, None]
+            z = torch.where(ok, z_new, z)
+            lam = torch.where(ok, lam_new, lam)
+            nu = torch.where(ok, nu_new, nu)
+            s = torch.where(ok, s_new, s)
 
     finished.store(torch.ones_like(active), rows, best, status, steps, best_res)
     z, lam, nu, s = finished.best

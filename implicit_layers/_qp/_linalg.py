@@ -24,9 +24,14 @@ def bmtv(M: Tensor, v: Tensor) -> Tensor:
 def matrix_scale(Q: Tensor, G: Tensor, A: Tensor) -> Tensor:
     """The largest absolute entry of ``Q``, ``G`` and ``A`` per sample, at least 1: ``(B,)``."""
     B = Q.shape[0]
-    return torch.stack([
-        t.abs().flatten(1).amax(-1) if t.numel() else Q.new_zeros(B) for t in (Q, G, A)
-    ], -1).amax(-1).clamp(min=1.0)
+
+    def largest(t: Tensor) -> Tensor:
+        if not t.numel():
+            return Q.new_zeros(B)
+        flat = t.flatten(1)  # two reductions, no |t| temporary of t's size
+        return torch.maximum(flat.amax(-1), -flat.amin(-1))
+
+    return torch.stack([largest(t) for t in (Q, G, A)], -1).amax(-1).clamp(min=1.0)
 
 
 def normal_matrix(
