@@ -321,6 +321,16 @@ def test_samples_that_stop_early_leave_the_batch_in_place():
         assert rel(grad[i], grad_i) < 1e-9
 
 
+def qp_or_boxed_lp(seed: int, m: int, p: int, lp: bool, n: int = 6, B: int = 5):
+    """``random_qp``, or with ``lp`` the same constraints plus the box [-2, 2]ⁿ and ``Q = 0``."""
+    Q, q, G, h, A, b = random_qp(seed, B, n, m, p)
+    if lp:
+        Q = torch.zeros_like(Q)
+        G = torch.cat([G, torch.eye(n, dtype=DT).expand(B, n, n), -torch.eye(n, dtype=DT).expand(B, n, n)], 1)
+        h = torch.cat([h, 2 * torch.ones(B, 2 * n, dtype=DT)], 1)
+    return Q, q, G, h, A, b
+
+
 @pytest.mark.parametrize("m, p, lp", [(7, 2, False), (7, 0, False), (0, 3, False), (9, 0, True)])
 def test_reduced_kkt_solves_match_a_dense_solve(m, p, lp):
     # The backward's solves with K and Kᵀ through the eliminated (n, n) system, against LU of the
@@ -328,12 +338,7 @@ def test_reduced_kkt_solves_match_a_dense_solve(m, p, lp):
     from implicit_layers._qp._kkt import kkt_matrix
     from implicit_layers._qp._reduced import ReducedKKT
 
-    n = 6
-    Q, q, G, h, A, b = random_qp(21, 5, n, m, p)
-    if lp:
-        Q = torch.zeros_like(Q)
-        G = torch.cat([G, torch.eye(n, dtype=DT).expand(5, n, n), -torch.eye(n, dtype=DT).expand(5, n, n)], 1)
-        h = torch.cat([h, 2 * torch.ones(5, 2 * n, dtype=DT)], 1)
+    Q, q, G, h, A, b = qp_or_boxed_lp(21, m, p, lp)
     z, lam, nu = il.qp(Q, q, G, h, A, b, return_duals=True)
     x = torch.cat([z, lam, nu], -1)
     K = kkt_matrix(x, Q, G, h, A)
@@ -354,12 +359,7 @@ def test_backward_takes_the_polish_factor_and_matches_a_dense_solve(m, p, lp):
     from implicit_layers._qp._kkt import kkt_matrix
     from implicit_layers._qp._reduced import ReducedKKT
 
-    n = 6
-    Q, q, G, h, A, b = random_qp(23, 5, n, m, p)
-    if lp:
-        Q = torch.zeros_like(Q)
-        G = torch.cat([G, torch.eye(n, dtype=DT).expand(5, n, n), -torch.eye(n, dtype=DT).expand(5, n, n)], 1)
-        h = torch.cat([h, 2 * torch.ones(5, 2 * n, dtype=DT)], 1)
+    Q, q, G, h, A, b = qp_or_boxed_lp(23, m, p, lp)
     result = interior_point(Q, q, G, h, A, b, tol=1e-9, max_steps=50, check_every=2)
     assert result.polish_factor is not None
     L, guessed, has = result.polish_factor
