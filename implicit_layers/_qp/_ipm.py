@@ -92,9 +92,9 @@ def _inf_norm(v: Tensor) -> Tensor:
 class _Reduced:
     """The factorised reduced system of one iteration (Cholesky of H and of the Schur complement).
 
-    ``H = Q + δI + Gᵀ diag(w) G`` is one batched
-    ``baddbmm`` of ``Gᵀ diag(√w)`` with its transpose (``Gt`` is ``Gᵀ``, contiguous: that layout
-    makes the product markedly faster than ``(Gᵀ diag(w)) G``). With equalities, ``Y = L⁻¹Aᵀ``
+    ``H = Q + δI + Gᵀ diag(w) G`` is one batched ``baddbmm`` of ``Gᵀ diag(√w)`` with its
+    transpose (``Gt`` is ``Gᵀ``, contiguous: that layout makes the product markedly faster than
+    ``(Gᵀ diag(w)) G``), with ``δ`` added to its diagonal in place. With equalities, ``Y = L⁻¹Aᵀ``
     is formed once here (one triangular solve with ``p`` columns), so that each solve below
     costs two triangular solves with ``L`` and one ``(p, p)`` Cholesky solve.
     """
