@@ -297,6 +297,10 @@ def interior_point(
         # error along a constraint is about μ/λᵢ); it stops there, or when it stalls.
         done = active & ((res <= _STRICT * tol) | ((best_res <= tol) & (since_better >= _STALL)))
         checking = it == max_steps or (it + 1) % check_every == 0
+        if single is not None and not bool(((res > _SINGLE_ABOVE) | ~active).all()):
+            # The residuals only fall from here on: float64 to the end, and the float32 copies
+            # are freed before this check's polish.
+            single = None
         if m and checking:
             # Near the solution one equality-constrained solve on the guessed active set reaches
             # the solution to rounding (see _polish); tried at the checks on samples close enough.
@@ -379,8 +383,6 @@ def interior_point(
             red, unit = unit, None
         else:
             unit = None
-            if single is not None and not bool((res > _SINGLE_ABOVE).all()):
-                single = None  # the residuals only fall from here on: float64 to the end
             red = _factorise(Q, delta, Gt, A, w, eps, single)
 
         # Predictor (affine scaling), then Mehrotra's centring and second-order correction.
@@ -449,7 +451,7 @@ class _Finished:
         if self.factor is None:
             B, n, m = self.status.shape[0], L.shape[-1], active.shape[-1]
             # Column-major matrices, as torch's factors are: the solves then take them uncopied.
-            self.factor = (L.new_zeros(B, n, n).mT, active.new_zeros(B, m), torch.zeros(
+            self.factor = (L.new_empty(B, n, n).mT, active.new_zeros(B, m), torch.zeros(
                 B, dtype=torch.bool, device=L.device))
         self.factor[0].index_copy_(0, at, L)
         self.factor[1].index_copy_(0, at, active)
