@@ -321,6 +321,16 @@ def test_samples_that_stop_early_leave_the_batch_in_place():
         assert rel(grad[i], grad_i) < 1e-9
 
 
+def qp_or_boxed_lp(seed: int, m: int, p: int, lp: bool, n: int = 6, B: int = 5):
+    """``random_qp``, or with ``lp`` the same constraints plus the box [-2, 2]ⁿ and ``Q = 0``."""
+    Q, q, G, h, A, b = random_qp(seed, B, n, m, p)
+    if lp:
+        Q = torch.zeros_like(Q)
+        G = torch.cat([G, torch.eye(n, dtype=DT).expand(B, n, n), -torch.eye(n, dtype=DT).expand(B, n, n)], 1)
+        h = torch.cat([h, 2 * torch.ones(B, 2 * n, dtype=DT)], 1)
+    return Q, q, G, h, A, b
+
+
 @pytest.mark.parametrize("m, p, lp", [(7, 2, False), (7, 0, False), (0, 3, False), (9, 0, True)])
 def test_reduced_kkt_solves_match_a_dense_solve(m, p, lp):
     # The backward's solves with K and Kᵀ through the eliminated (n, n) system, against LU of the
@@ -328,12 +338,7 @@ def test_reduced_kkt_solves_match_a_dense_solve(m, p, lp):
     from implicit_layers._qp._kkt import kkt_matrix
     from implicit_layers._qp._reduced import ReducedKKT
 
-    n = 6
-    Q, q, G, h, A, b = random_qp(21, 5, n, m, p)
-    if lp:
-        Q = torch.zeros_like(Q)
-        G = torch.cat([G, torch.eye(n, dtype=DT).expand(5, n, n), -torch.eye(n, dtype=DT).expand(5, n, n)], 1)
-        h = torch.cat([h, 2 * torch.ones(5, 2 * n, dtype=DT)], 1)
+    Q, q, G, h, A, b = qp_or_boxed_lp(21, m, p, lp)
     z, lam, nu = il.qp(Q, q, G, h, A, b, return_duals=True)
     x = torch.cat([z, lam, nu], -1)
     K = kkt_matrix(x, Q, G, h, A)
@@ -344,6 +349,53 @@ def test_reduced_kkt_solves_match_a_dense_solve(m, p, lp):
         u = reduced.solve(rhs, transpose)
         assert rel(u, torch.linalg.solve(M, rhs)) < 1e-9
         assert rel(reduced.apply(u, transpose), (M @ u.unsqueeze(-1)).squeeze(-1)) < 1e-13
+
+
+@pytest.mark.parametrize("m, p, lp", [(7, 2, False), (9, 0, True)])
+def test_backward_takes_the_polish_factor_and_matches_a_dense_solve(m, p, lp):
+    # The forward's polish factor, taken by the backward's reduced system where its active set is
+    # the one found at the solution: the solves with K and Kᵀ still agree with LU of K.
+    from implicit_layers._qp._ipm import interior_point
+    from implicit_layers._qp._kkt import kkt_matrix
+    from implicit_layers._qp._reduced import ReducedKKT
+
+    Q, q, G, h, A, b = qp_or_boxed_lp(23, m, p, lp)
+    result = interior_point(Q, q, G, h, A, b, tol=1e-9, max_steps=50, check_every=2)
+    assert result.polish_factor is not None
+    L, guessed, has = result.polish_factor
+    assert bool(has.all())  # every sample ended by a polish
+    x = torch.cat([result.z, result.lam, result.nu], -1)
+    reduced = ReducedKKT(Q, G, h, A, x, factor=result.polish_factor)
+    taken = (guessed == (reduced.active > 0)).all(-1)
+    assert bool(taken.any())
+    assert torch.equal(reduced.L[taken], L[taken])  # taken, not recomputed
+    K = kkt_matrix(x, Q, G, h, A)
+    rhs = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=DT)
+    for transpose, M in ((False, K), (True, K.mT)):
+        assert rel(reduced.solve(rhs, transpose), torch.linalg.solve(M, rhs)) < 1e-9
+
+
+def test_a_failed_polish_guesses_again_from_its_point():
+    # min ½|z - c|² s.t. z <= 0: the active set is {i: cᵢ > 0}. A first guess that holds an
+    # inactive row and misses an active one fails; its next guess (the negative multiplier
+    # leaves, the violated row joins) is the true set, and that polish solves the problem.
+    from implicit_layers._qp._ipm import _polish
+
+    c = torch.tensor([[1.0, -1.0, 2.0, -2.0]], dtype=DT)
+    eye = torch.eye(4, dtype=DT)[None]
+    no_rows = (torch.zeros(1, 0, 4, dtype=DT), torch.zeros(1, 0, dtype=DT))
+    data = (eye, -c, eye, torch.zeros(1, 4, dtype=DT), *no_rows)
+    start = (torch.zeros(1, 4, dtype=DT), torch.ones(1, 4, dtype=DT), torch.zeros(1, 0, dtype=DT),
+             torch.ones(1, 4, dtype=DT))
+    scales = (torch.tensor([3.0], dtype=DT), torch.tensor([1.0], dtype=DT), torch.tensor([1e-9], dtype=DT))
+    first = torch.tensor([[True, True, False, False]])
+    *_, res, _, next_guess = _polish(*data, *start, first, *scales)
+    assert float(res[0]) > 1e-3
+    assert next_guess.tolist() == [[True, False, True, False]]
+    z, lam, *_, res, _, _ = _polish(*data, *start, next_guess, *scales)
+    assert float(res[0]) < 1e-12
+    torch.testing.assert_close(z, c.clamp(max=0.0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(lam, c.clamp(min=0.0), rtol=0, atol=1e-12)
 
 
 def test_forward_mode_through_the_reduced_kkt_solve():
@@ -426,20 +478,21 @@ def test_single_precision_factor_solves_and_its_conditioning_check():
 
     Q, q, G, h, A, b = random_qp(32, 4, 10, 8, 2)
     eps = torch.full((4,), 1e-9, dtype=DT)
-    Qd = Q + 1e-9 * torch.eye(10, dtype=DT)
+    delta = torch.full((4,), 1e-9, dtype=DT)
     w = torch.rand(4, 8, generator=torch.Generator().manual_seed(0), dtype=DT) + 0.5
-    exact = _Reduced(Qd, G.mT.contiguous(), A, w, eps)
-    single = _Reduced(Qd.float(), G.mT.contiguous().float(), A.float(), w, eps)
+    exact = _Reduced(Q, delta, G.mT.contiguous(), A, w, eps)
+    single = _Reduced(Q.float(), delta, G.mT.contiguous().float(), A.float(), w, eps)
     r1, r2 = torch.randn(4, 10, dtype=DT), torch.randn(4, 2, dtype=DT)
     (dz, dnu), (dz32, dnu32) = exact.solve(r1, r2), single.solve(r1, r2)
     assert dz32.dtype == DT and dnu32.dtype == DT
     assert rel(dz32, dz) < 1e-4 and rel(dnu32, dnu) < 1e-4
     # The direction solves H dz + Aᵀ dν = r₁, A dz - ε dν = r₂ (checked in float64).
-    H = Qd + G.mT @ (w.unsqueeze(-1) * G)
+    H = Q + 1e-9 * torch.eye(10, dtype=DT) + G.mT @ (w.unsqueeze(-1) * G)
     assert rel((H @ dz.unsqueeze(-1)).squeeze(-1) + (A.mT @ dnu.unsqueeze(-1)).squeeze(-1), r1) < 1e-10
     assert single.well_conditioned(1e-4)
     spread = w * torch.logspace(-4, 4, 8, dtype=DT)  # near a solution: λ/s from 1e-4 to 1e4
-    assert not _Reduced(Qd.float(), G.mT.contiguous().float(), A.float(), spread, eps).well_conditioned(1e-4)
+    spread_factor = _Reduced(Q.float(), delta, G.mT.contiguous().float(), A.float(), spread, eps)
+    assert not spread_factor.well_conditioned(1e-4)
 
 
 def test_check_every_changes_when_samples_stop_not_the_answer():

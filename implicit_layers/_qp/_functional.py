@@ -124,7 +124,8 @@ def _qp(
     _report(result.status, batch, solver)
 
     if backward is None:
-        backward = KKTSolve(point=(flat[0], flat[2], flat[3], flat[4], x_star.detach()))
+        backward = KKTSolve(point=(flat[0], flat[2], flat[3], flat[4], x_star.detach()),
+                            factor=result.polish_factor)
 
     @custom_root(kkt_residual, backward, batched=True)
     def _solution(x0: Tensor, *_: Tensor) -> Tensor:

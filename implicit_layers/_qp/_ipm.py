@@ -49,7 +49,11 @@ _STEP_FRACTION = 0.99  # fraction of the distance to the boundary s, λ ≥ 0 ta
 _STRICT = 1e-3  # a sample stops at tol * _STRICT, or below tol once it stalls
 _STALL = 3  # iterations without halving the residual that count as a stall below tol
 _GIVE_UP = 12  # iterations without halving the residual after which a sample stops anyway
-_POLISH_FROM = 1e4  # the active-set polish is tried from tol * _POLISH_FROM
+# The active-set polish is tried on samples whose residual is below _POLISH_FROM * tol (and at most
+# _POLISH_BELOW): with the indicator guess (see interior_point) it usually succeeds from a residual
+# of 1e-2 on, two iterations before the test λᵢ > sᵢ names the active set.
+_POLISH_FROM = 1e7
+_POLISH_BELOW = 1e-2
 # On the CPU, iterations at which every running sample's residual is above _SINGLE_ABOVE form and
 # factorise the reduced matrix in float32 (about twice as fast); far from the solution an inexact
 # Newton direction costs no iterations (the residuals stay float64), and near it the matrix is too
@@ -74,6 +78,9 @@ class IPMResult:
     steps: Tensor
     residual: Tensor
     tolerance: Tensor
+    # The Cholesky factor of the polish that ended each sample ``(B, n, n)``, its guessed active
+    # set ``(B, m)`` and which samples have one ``(B,)`` (see ``ReducedKKT``), or ``None``.
+    polish_factor: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 def _inf_norm(v: Tensor) -> Tensor:
@@ -85,18 +92,21 @@ def _inf_norm(v: Tensor) -> Tensor:
 class _Reduced:
     """The factorised reduced system of one iteration (Cholesky of H and of the Schur complement).
 
-    ``Qd`` is ``Q + δI``, formed once per solve; ``H = Qd + Gᵀ diag(w) G`` is one batched
-    ``baddbmm`` of ``Gᵀ diag(√w)`` with its transpose (``Gt`` is ``Gᵀ``, contiguous: that layout
-    makes the product markedly faster than ``(Gᵀ diag(w)) G``). With equalities, ``Y = L⁻¹Aᵀ``
+    ``H = Q + δI + Gᵀ diag(w) G`` is one batched ``baddbmm`` of ``Gᵀ diag(√w)`` with its
+    transpose (``Gt`` is ``Gᵀ``, contiguous: that layout makes the product markedly faster than
+    ``(Gᵀ diag(w)) G``), with ``δ`` added to its diagonal in place. With equalities, ``Y = L⁻¹Aᵀ``
     is formed once here (one triangular solve with ``p`` columns), so that each solve below
     costs two triangular solves with ``L`` and one ``(p, p)`` Cholesky solve.
     """
 
-    def __init__(self, Qd: Tensor, Gt: Tensor, A: Tensor, w: Tensor, eps: Tensor) -> None:
-        self.dtype = w.dtype  # of the right-hand sides and solutions; the factors are in Qd's
-        w = w.to(Qd.dtype)
+    def __init__(self, Q: Tensor, delta: Tensor, Gt: Tensor, A: Tensor, w: Tensor, eps: Tensor) -> None:
+        self.dtype = w.dtype  # of the right-hand sides and solutions; the factors are in Q's
+        w = w.to(Q.dtype)
         Gw = Gt * w.sqrt().unsqueeze(-2)
-        H = torch.baddbmm(Qd, Gw, Gw.mT)
+        H = torch.baddbmm(Q, Gw, Gw.mT)
+        # δI added in place: a regularised copy of Q kept for the whole solve would add to the
+        # memory each call takes from the system (page faults, measured 5-10 % of the time).
+        H.diagonal(dim1=-2, dim2=-1).add_(delta[:, None].to(H.dtype))
         L, info = torch.linalg.cholesky_ex(H)
         # A sample whose H is not numerically positive definite (a diverging, infeasible iterate)
         # takes a diagonally scaled step instead of a Newton step; the others are untouched. On
@@ -145,15 +155,17 @@ class _Reduced:
 
 
 def _factorise(
-    Qd: Tensor, Gt: Tensor, A: Tensor, w: Tensor, eps: Tensor, single: tuple[Tensor, Tensor, Tensor] | None,
+    Q: Tensor, delta: Tensor, Gt: Tensor, A: Tensor, w: Tensor, eps: Tensor,
+    single: tuple[Tensor, Tensor, Tensor] | None,
 ) -> _Reduced:
-    """The iteration's factorisation: from ``single``, float32 copies of ``(Qd, Gt, A)``, when
+    """The iteration's factorisation: from ``single``, float32 copies of ``(Q, Gt, A)``, when
     given and its pivots pass the check, else in float64."""
     if single is not None:
-        red = _Reduced(*single, w, eps)
+        red = _Reduced(single[0], delta, single[1], single[2], w, eps)
         if red.well_conditioned(_SINGLE_PIVOTS):
             return red
-    return _Reduced(Qd, Gt, A, w, eps)
+        del red  # freed before the float64 factorisation (memory, as above)
+    return _Reduced(Q, delta, Gt, A, w, eps)
 
 
 def _direction(
@@ -218,16 +230,15 @@ def interior_point(
     reg = torch.finfo(dtype).eps ** 0.5 if dtype != torch.float64 else 1e-9
     delta = reg * mat_scale
     eps = reg * mat_scale
-    Qd = Q + delta[:, None, None] * torch.eye(n, dtype=dtype, device=device)
     Gt = G.mT.contiguous()
-    single = (Qd.float(), Gt.float(), A.float()) if (
+    single = (Q.float(), Gt.float(), A.float()) if (
         device.type == "cpu" and dtype == torch.float64 and B * n * n * m >= _SINGLE_WORK) else None
 
     # Initial point: the reduced system with unit scaling (λ/s = 1), then shifted into s, λ > 0.
     ones_m = q.new_ones(B, m)
     unit: _Reduced | None = None
     if warm is None:
-        red = unit = _Reduced(Qd, Gt, A, ones_m, eps)
+        red = unit = _Reduced(Q, delta, Gt, A, ones_m, eps)
         z, nu = red.solve(-q + bmtv(G, h), b)
         s = h - bmv(G, z)
         lam = -s.clone()
@@ -263,6 +274,8 @@ def interior_point(
     # batch to the caller's.
     finished = _Finished(B, n, m, p, dtype, device)
     rows = torch.arange(B, device=device)
+    prev_lam: Tensor | None = None  # the previous iterate's λ and s (the active-set indicator)
+    prev_s: Tensor | None = None
     for it in range(max_steps + 1):
         rd, rpi, rpe, mu = kkt(z, lam, nu, s)
         # Every iteration decides per sample without a host synchronisation; the loop only
@@ -284,19 +297,32 @@ def interior_point(
         # error along a constraint is about μ/λᵢ); it stops there, or when it stalls.
         done = active & ((res <= _STRICT * tol) | ((best_res <= tol) & (since_better >= _STALL)))
         checking = it == max_steps or (it + 1) % check_every == 0
+        if single is not None and not bool(((res > _SINGLE_ABOVE) | ~active).all()):
+            # The residuals only fall from here on: float64 to the end, and the float32 copies
+            # are freed before this check's polish.
+            single = None
         if m and checking:
             # Near the solution one equality-constrained solve on the guessed active set reaches
             # the solution to rounding (see _polish); tried at the checks on samples close enough.
-            near = active & ~done & (res <= _POLISH_FROM * tol)
-            # Two guesses of the active set: λᵢ > sᵢ, then a wider one for constraints whose
-            # multiplier is still small (nearly weakly active); the second only if the first fails.
-            for bias in (1.0, 100.0):
+            near = active & ~done & (res <= min(_POLISH_FROM * tol, _POLISH_BELOW))
+            # The active set is guessed by El-Bakry and Tapia's indicator: from one iterate to the
+            # next the slack of an active constraint falls faster than its multiplier
+            # (λᵢ⁺/λᵢ > sᵢ⁺/sᵢ), and that of an inactive one the other way round; it names the
+            # active set iterations before the test λᵢ > sᵢ does (kept as well). A polish that
+            # fails gives the second guess, a primal-dual active-set step: its constraints with
+            # a negative multiplier leave the set, those its point violates join it.
+            guess = lam > s
+            if prev_lam is not None and prev_s is not None:
+                guess = guess | (lam * prev_s > s * prev_lam)
+            for _attempt in range(2):
                 if not bool(near.any()):
                     break
                 # Only the samples near their solution are factorised (a gather, then a scatter).
                 idx = near.nonzero().squeeze(1)
-                out = _polish(Q[idx], q[idx], G[idx], h[idx], A[idx], b[idx], z[idx], bias * lam[idx],
-                              nu[idx], s[idx], q_scale[idx], h_scale[idx], delta[idx])
+                # G as the transpose of the contiguous Gᵀ: the layout normal_matrix is fastest with.
+                out = _polish(Q[idx], q[idx], Gt[idx].mT, h[idx], A[idx], b[idx], z[idx], lam[idx], nu[idx],
+                              s[idx], guess[idx], q_scale[idx], h_scale[idx], delta[idx])
+                factor = out[5]
                 pz, pl, pnu, ps = (torch.zeros_like(t).index_copy(0, idx, o)
                                    for t, o in zip((z, lam, nu, s), out[:4], strict=True))
                 pres = torch.full_like(res, float("inf")).index_copy(0, idx, out[4])
@@ -312,6 +338,14 @@ def interior_point(
                 best_res = torch.where(better, pres, best_res)
                 done = done | won
                 near = near & ~won
+                # The backward's KKT system at a polished solution has the polish's matrix (up to
+                # its diagonal regularisation): its factor is kept for the samples it ended.
+                won_here = won[idx]
+                finished.store_factor(rows[idx[won_here]], factor[won_here], guess[idx[won_here]])
+                # The second attempt only for the samples whose guess the first one changed.
+                changed = torch.zeros_like(near).index_copy(0, idx, (out[6] != guess[idx]).any(-1))
+                near = near & changed
+                guess = guess.index_copy(0, idx, out[6])
         stuck = active & ~done & (since_better >= _GIVE_UP)
         status = torch.where(done, SOLVED, status)
         if checking:
@@ -331,7 +365,7 @@ def interior_point(
             finished.store(~active, rows, best, status, steps, best_res)
             keep = active.nonzero().squeeze(1)
             rows = rows[keep]
-            Q, q, G, h, A, b, Qd, Gt = (t[keep] for t in (Q, q, G, h, A, b, Qd, Gt))
+            Q, q, G, h, A, b, Gt = (t[keep] for t in (Q, q, G, h, A, b, Gt))
             if single is not None:
                 single = (single[0][keep], single[1][keep], single[2][keep])
             q_scale, h_scale, delta, eps = (t[keep] for t in (q_scale, h_scale, delta, eps))
@@ -339,16 +373,17 @@ def interior_point(
             z, lam, nu, s, status, steps, best_res, since_better = (
                 t[keep] for t in (z, lam, nu, s, status, steps, best_res, since_better))
             best = (best[0][keep], best[1][keep], best[2][keep], best[3][keep])
+            if prev_lam is not None and prev_s is not None:
+                prev_lam, prev_s = prev_lam[keep], prev_s[keep]
             active = active[keep]
         steps = steps + active
 
         w = lam / s.clamp(min=tiny)
         if it == 0 and unit is not None and rows.shape[0] == B:
-            red = unit
+            red, unit = unit, None
         else:
-            if single is not None and not bool((res > _SINGLE_ABOVE).all()):
-                single = None  # the residuals only fall from here on: float64 to the end
-            red = _factorise(Qd, Gt, A, w, eps, single)
+            unit = None
+            red = _factorise(Q, delta, Gt, A, w, eps, single)
 
         # Predictor (affine scaling), then Mehrotra's centring and second-order correction.
         dz, dlam, dnu, ds = _direction(red, G, w, lam, s, rd, rpi, rpe, s * lam)
@@ -360,23 +395,31 @@ def interior_point(
             dz, dlam, dnu, ds = _direction(red, G, w, lam, s, rd, rpi, rpe, rc)
             alpha = torch.minimum(_max_step(s, ds), _max_step(lam, dlam))
             alpha = (_STEP_FRACTION * alpha).clamp(max=1.0)
+        # The factors are freed before the next check's polish and the next factorisation: each
+        # (n, n) matrix alive at once adds to the memory a call takes from the system, and to its
+        # page faults.
+        del red
         step = torch.where(active, alpha, 0.0)[:, None]
         z_new, lam_new, nu_new, s_new = z + step * dz, lam + step * dlam, nu + step * dnu, s + step * ds
         # A non-finite step (a diverging sample) leaves its iterate as it was.
         ok = torch.isfinite(z_new).all(-1) & torch.isfinite(lam_new).all(-1) & torch.isfinite(
             nu_new).all(-1) & torch.isfinite(s_new).all(-1)
-        ok = ok[:, None]
-        z = torch.where(ok, z_new, z)
-        lam = torch.where(ok, lam_new, lam)
-        nu = torch.where(ok, nu_new, nu)
-        s = torch.where(ok, s_new, s)
+        prev_lam, prev_s = lam, s
+        if device.type == "cpu" and bool(ok.all()):
+            z, lam, nu, s = z_new, lam_new, nu_new, s_new  # on the CPU asking costs nothing
+        else:
+            ok = ok[:, None]
+            z = torch.where(ok, z_new, z)
+            lam = torch.where(ok, lam_new, lam)
+            nu = torch.where(ok, nu_new, nu)
+            s = torch.where(ok, s_new, s)
 
     finished.store(torch.ones_like(active), rows, best, status, steps, best_res)
     z, lam, nu, s = finished.best
     # A sample that stalled or ran out of steps below the tolerance counts as solved.
     status = torch.where((finished.status == MAX_STEPS) & (finished.res <= tol), SOLVED, finished.status)
     return IPMResult(z=z, lam=lam, nu=nu, s=s, status=status, steps=finished.steps, residual=finished.res,
-                     tolerance=tol * q.new_ones(B))
+                     tolerance=tol * q.new_ones(B), polish_factor=finished.factor)
 
 
 class _Finished:
@@ -388,6 +431,8 @@ class _Finished:
         self.status = torch.full((B,), MAX_STEPS, dtype=torch.int64, device=device)
         self.steps = torch.zeros(B, dtype=torch.int64, device=device)
         self.res = torch.full((B,), float("inf"), dtype=dtype, device=device)
+        # The polish factors (see IPMResult), made at the first polish that ends a sample.
+        self.factor: tuple[Tensor, Tensor, Tensor] | None = None
 
     def store(self, leaving: Tensor, rows: Tensor, best: tuple[Tensor, Tensor, Tensor, Tensor],
               status: Tensor, steps: Tensor, res: Tensor) -> None:
@@ -399,6 +444,18 @@ class _Finished:
         self.status.index_copy_(0, at, status[sel])
         self.steps.index_copy_(0, at, steps[sel])
         self.res.index_copy_(0, at, res[sel])
+
+    def store_factor(self, at: Tensor, L: Tensor, active: Tensor) -> None:
+        """Record the polish factors ``L`` ``(k, n, n)`` and active sets ``(k, m)`` of the caller's
+        samples ``at`` ``(k,)``."""
+        if self.factor is None:
+            B, n, m = self.status.shape[0], L.shape[-1], active.shape[-1]
+            # Column-major matrices, as torch's factors are: the solves then take them uncopied.
+            self.factor = (L.new_empty(B, n, n).mT, active.new_zeros(B, m), torch.zeros(
+                B, dtype=torch.bool, device=L.device))
+        self.factor[0].index_copy_(0, at, L)
+        self.factor[1].index_copy_(0, at, active)
+        self.factor[2][at] = True
 
 
 def _certificates(
@@ -452,13 +509,13 @@ def _kkt_error(
 
 def _polish(
     Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
-    z: Tensor, lam: Tensor, nu: Tensor, s: Tensor,
-    q_scale: Tensor, h_scale: Tensor, delta: Tensor, refine: int = 4,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    z: Tensor, lam: Tensor, nu: Tensor, s: Tensor, guess: Tensor,
+    q_scale: Tensor, h_scale: Tensor, delta: Tensor, refine: int = 3,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Refine samples by one equality-constrained solve on the guessed active set.
 
     An interior point stops at a small but positive duality measure μ, which leaves an error of
-    order μ/λᵢ in ``z`` along weakly held constraints. Guessing the active set ``λᵢ > sᵢ`` and
+    order μ/λᵢ in ``z`` along weakly held constraints. Guessing the active set (``guess``) and
     solving the KKT system with those rows (``C``, right-hand side ``d``) as equalities, and
     ``λᵢ = 0`` for the others, gives the solution to rounding. The system is regularised,
 
@@ -467,10 +524,20 @@ def _polish(
 
     solved through its Schur complement ``Q + ρI + CᵀC/ρ`` (one ``(n, n)`` Cholesky
     factorisation), and refined against the exact system, so duplicated active rows do not
-    break it (the OSQP polish, batched). The caller keeps a polished point only if it reaches
-    the tolerance with a lower KKT error than the interior point.
+    break it (the OSQP polish, batched). Each correction gains about five digits (ρ is 1e-6 of
+    the data's scale): ``refine = 3`` takes a point at a residual of 1e-2, where the polish is
+    first tried, to rounding; the KKT error below checks the result. The caller keeps a
+    polished point only if it reaches the tolerance with a lower KKT error than the interior
+    point.
+
+    Returns:
+        The polished ``(z, λ, ν, s)``, its KKT error ``(B,)``, the Cholesky factor of
+        ``Q + ρI + CᵀC/ρ`` ``(B, n, n)``, which is also that of the backward's reduced KKT
+        system at the polished point (``ReducedKKT``, ρ on the diagonal), and the next guess
+        of the active set ``(B, m)``: the rows of ``guess`` whose multiplier came out
+        positive and the others that the polished point violates.
     """
-    active = (lam > s).to(z.dtype)
+    active = guess.to(z.dtype)
     rho = 1e3 * delta[:, None]  # δ is 1e-9 of the data's scale in float64
     # A failed factorisation leaves the sample's polish to fail (its KKT error is set to inf
     # below).
@@ -493,4 +560,7 @@ def _polish(
     lp = y_g.clamp(min=0.0)
     res = _kkt_error(Q, q, G, h, A, b, z, lp, y_a, q_scale, h_scale)
     res = torch.where(torch.isfinite(res) & ~failed, res, float("inf"))
-    return z, lp, y_a, (h - bmv(G, z)).clamp(min=0.0), res
+    slack = h - bmv(G, z)
+    # The next guess: a guessed row with a negative multiplier leaves, a violated row joins.
+    next_guess = (guess & (y_g > 0)) | (~guess & (slack < -_ROUNDING * h_scale[:, None]))
+    return z, lp, y_a, slack.clamp(min=0.0), res, L, next_guess

@@ -83,6 +83,8 @@ class KKTSolve(LinearSolver):
         point: ``(Q, G, h, A, x)`` batched as ``(B, n, n)``, ``(B, m, n)``, ``(B, m)``,
             ``(B, p, n)`` and ``(B, n + m + p)`` (the solution ``(z, λ, ν)``), or ``None`` to
             always materialise the operator.
+        factor: the forward's polish factors (``IPMResult.polish_factor``), taken by
+            :class:`ReducedKKT` where they fit, or ``None``.
         rtol: relative residual up to which a solve counts as converged (default as
             :class:`~implicit_layers.linear.Dense`).
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``.
@@ -93,8 +95,10 @@ class KKTSolve(LinearSolver):
     uses_initial_guess = False
 
     def __init__(self, point: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None, *,
+                 factor: tuple[Tensor, Tensor, Tensor] | None = None,
                  rtol: float | None = None, on_failure: str = "warn") -> None:
         self.point = point
+        self.factor = factor
         super().__init__(rtol=rtol, on_failure=on_failure)  # type: ignore[arg-type]
 
     @functools.cached_property
@@ -102,7 +106,7 @@ class KKTSolve(LinearSolver):
         # Built at the first solve (a forward without backward needs none) and kept for the
         # others; a cached property is stored past the frozen settings' __setattr__.
         assert self.point is not None
-        return ReducedKKT(*self.point)
+        return ReducedKKT(*self.point, factor=self.factor)
 
     def _reduced(self, op: LinearOperator) -> ReducedKKT | None:
         point = self.point

@@ -24,20 +24,30 @@ def bmtv(M: Tensor, v: Tensor) -> Tensor:
 def matrix_scale(Q: Tensor, G: Tensor, A: Tensor) -> Tensor:
     """The largest absolute entry of ``Q``, ``G`` and ``A`` per sample, at least 1: ``(B,)``."""
     B = Q.shape[0]
-    return torch.stack([
-        t.abs().flatten(1).amax(-1) if t.numel() else Q.new_zeros(B) for t in (Q, G, A)
-    ], -1).amax(-1).clamp(min=1.0)
+
+    def largest(t: Tensor) -> Tensor:
+        if not t.numel():
+            return Q.new_zeros(B)
+        flat = t.flatten(1)  # two reductions, no |t| temporary of t's size
+        return torch.maximum(flat.amax(-1), -flat.amin(-1))
+
+    return torch.stack([largest(t) for t in (Q, G, A)], -1).amax(-1).clamp(min=1.0)
 
 
 def normal_matrix(
     Q: Tensor, G: Tensor, g_weight: Tensor, A: Tensor, a_divisor: Tensor, diagonal: Tensor
 ) -> Tensor:
     """``Q + Gᵀ diag(g_weight) G + AᵀA / a_divisor + diagonal I`` (``(B, n, n)``; ``g_weight``
-    ``(B, m)``, ``a_divisor`` and ``diagonal`` ``(B, 1)``): the regularised Schur complement of
-    a KKT system with the rows of ``G`` weighted and those of ``A`` eliminated."""
-    H = torch.baddbmm(Q, G.mT * g_weight.unsqueeze(-2), G)
+    ``(B, m)``, not negative, ``a_divisor`` and ``diagonal`` ``(B, 1)``): the regularised Schur
+    complement of a KKT system with the rows of ``G`` weighted and those of ``A`` eliminated.
+
+    Formed as ``(Gᵀ diag(√w)) (Gᵀ diag(√w))ᵀ``, fastest when ``G`` is the transpose of a
+    contiguous ``Gᵀ``, and then updated in place: one new ``(n, n)`` matrix per call."""
+    Gw = G.mT * g_weight.sqrt().unsqueeze(-2)
+    H = torch.baddbmm(Q, Gw, Gw.mT)
     if A.shape[-2]:
-        H = torch.baddbmm(H, A.mT / a_divisor.unsqueeze(-1), A)
+        As = A / a_divisor.sqrt().unsqueeze(-1)
+        H.baddbmm_(As.mT, As)
     H.diagonal(dim1=-2, dim2=-1).add_(diagonal)
     return H
 

@@ -22,6 +22,10 @@ the same matrix for ``K`` and for ``Kᵀ`` (only the right-hand side and the rec
 eliminated multipliers differ). It is solved through the Cholesky factor of its regularised
 Schur complement ``H₀ + δI + Cᵀ (E + ρI)⁻¹ C`` (positive definite for LPs, singular ``Q`` and
 duplicated rows alike), refined against the exact system until the residual stops falling.
+At a solution the forward's active-set polish ended, that matrix (with ``E ≈ 0`` and ``λ = 0``
+on the inactive rows) is the polish's with ``δ = ρ``: the polish's factor is taken instead of a
+new one wherever its active set is the one found here, with ``E`` left out of the regularised
+solve as the polish leaves it (the refinement takes as many steps).
 A sample with ``λᵢ = sᵢ = 0`` (a weakly active constraint, where ``K`` is singular), or one
 the refinement does not solve, is left to the caller's dense path.
 """
@@ -45,12 +49,15 @@ class ReducedKKT:
     Args:
         Q: ``(B, n, n)``; G: ``(B, m, n)``; h: ``(B, m)``; A: ``(B, p, n)``.
         x: ``(B, n + m + p)``, the solution ``(z, λ, ν)`` the KKT matrix is taken at.
+        factor: the forward's polish factors ``(B, n, n)``, their active sets ``(B, m)`` and the
+            samples that have one ``(B,)`` (``IPMResult.polish_factor``), or ``None``.
 
     The work is done in float64 whatever the inputs' dtype (the eliminated rows divide by
     multipliers and slacks near zero); :meth:`solve` returns float64.
     """
 
-    def __init__(self, Q: Tensor, G: Tensor, h: Tensor, A: Tensor, x: Tensor) -> None:
+    def __init__(self, Q: Tensor, G: Tensor, h: Tensor, A: Tensor, x: Tensor,
+                 factor: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
         Q, G, h, A, x = (t.detach().to(_F64) for t in (Q, G, h, A, x))
         n, m = Q.shape[-1], G.shape[-2]
         z, lam = x[:, :n], x[:, n:n + m]
@@ -75,8 +82,24 @@ class ReducedKKT:
         # The preconditioner's weights: 1/(E + ρ) on active rows, λ/s (not below 0) on the others.
         self.d = torch.where(active, 1.0 / (self.e.clamp(min=0.0) + self.rho), 0.0)
         omega = torch.where(active, self.d, self.w.clamp(min=0.0))
-        # A sample whose factorisation failed is left to the dense path.
-        self.L, self.failed = cholesky_or_identity(normal_matrix(Q, G, omega, A, self.rho, self.delta))
+        reuse = None
+        if factor is not None:
+            reuse = factor[2] & (factor[1] == active).all(-1)
+        if reuse is None or not bool(reuse.any()):
+            # A sample whose factorisation failed is left to the dense path.
+            self.L, self.failed = cholesky_or_identity(normal_matrix(Q, G, omega, A, self.rho, self.delta))
+            return
+        assert factor is not None
+        # The polish's matrix has 1/ρ on its active rows, not 1/(E + ρ) (E is at rounding there):
+        # the regularised solve takes the weights of the factor it uses.
+        self.d = torch.where(reuse[:, None] & active, 1.0 / self.rho, self.d)
+        self.L, self.failed = factor[0].to(_F64), torch.zeros_like(reuse)
+        if not bool(reuse.all()):
+            idx = (~reuse).nonzero().squeeze(1)
+            L, failed = cholesky_or_identity(normal_matrix(
+                Q[idx], G[idx], omega[idx], A[idx], self.rho[idx], self.delta[idx]))
+            self.L = self.L.index_copy(0, idx, L)
+            self.failed = self.failed.index_copy(0, idx, failed)
 
     # -- the reduced symmetric system -------------------------------------------------------
     def _regularised(self, a: Tensor, cg: Tensor, cnu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
