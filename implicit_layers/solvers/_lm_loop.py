@@ -66,7 +66,9 @@ def lm_loop(
     g = (jt @ r.unsqueeze(-1)).squeeze(-1)
     res = _norm(g)
     tol = torch.clamp(s.rtol * res, min=s.atol)
-    diag = torch.diagonal(jt @ jt.mT, dim1=-2, dim2=-1).amax(-1, keepdim=True)
+    # diag(JᵀJ) as row sums of squares: no n x n product for the start alone (and no
+    # `diagonal`, whose inductor lowering warns with a deprecation of torch's own)
+    diag = jt.square().sum(-1).amax(-1, keepdim=True)
     mu = s.damping * diag.clamp_min(torch.finfo(z0.dtype).tiny)
     # As in the eager loop: refused steps at rounding level grow μ no further than this.
     mu_max = mu / (s.damping * torch.finfo(z0.dtype).eps ** 2)
