@@ -293,6 +293,7 @@ def check_active(active: Tensor, watch: Tensor | None, solver: str) -> tuple[boo
     ``watch`` of the flags' shape, two ops: one sum gives the count of active samples, NaN
     when some watched value is not finite.
     """
+    n: float
     if watch is None or watch.numel() == 0:
         if active.numel() <= _COPY_FLAGS_UP_TO:
             # A small batch's flags cross to the host in one copy (no count kernel first).

@@ -183,8 +183,9 @@ def _in_place_step(
     mv: Callable[[Tensor], Tensor], tol: Tensor, alpha: Tensor | None, x: Tensor, r: Tensor,
     mask: Tensor, steps: Tensor, res: Tensor,
 ) -> tuple[Tensor, ...]:
-    """:func:`neumann_step` on the loop state ``(x, r, mask, steps, res)``."""
-    x, r, res, mask, steps = neumann_step(mv, x, r, mask, steps, tol, alpha)
+    """:func:`neumann_step` on the loop state ``(x, r, mask, steps, res)`` (``steps`` is
+    updated in place)."""
+    x, r, res, mask, _ = neumann_step(mv, x, r, mask, steps, tol, alpha)
     return x, r, mask, steps, res
 
 
