@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._linalg import bmtv, bmv, cholesky_or_identity, matrix_scale, normal_matrix
+from ._linalg import bmtv, bmv, cholesky, cholesky_or_identity, cholesky_solve, matrix_scale, normal_matrix
 
 __all__ = ["IPMResult", "interior_point", "SOLVED", "PRIMAL_INFEASIBLE", "DUAL_INFEASIBLE",
            "MAX_STEPS", "STATUS_NAMES"]
@@ -107,7 +107,7 @@ class _Reduced:
         # δI added in place: a regularised copy of Q kept for the whole solve would add to the
         # memory each call takes from the system (page faults, measured 5-10 % of the time).
         H.diagonal(dim1=-2, dim2=-1).add_(delta[:, None].to(H.dtype))
-        L, info = torch.linalg.cholesky_ex(H)
+        L, info = cholesky(H)
         # A sample whose H is not numerically positive definite (a diverging, infeasible iterate)
         # takes a diagonally scaled step instead of a Newton step; the others are untouched. On
         # an accelerator this is decided without a host synchronisation; on the CPU, where
@@ -144,7 +144,7 @@ class _Reduced:
 
     def _solve(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
         if not self.p:
-            x = torch.cholesky_solve(r1.unsqueeze(-1), self.L).squeeze(-1)
+            x = cholesky_solve(r1.unsqueeze(-1), self.L).squeeze(-1)
             return x, r1.new_zeros(r1.shape[:-1] + (0,))
         # H dz + Aᵀ dν = r₁, A dz - ε dν = r₂ with u = L⁻¹ r₁:  (YᵀY + εI) dν = Yᵀu - r₂,
         # then dz = L⁻ᵀ (u - Y dν).
@@ -450,8 +450,9 @@ class _Finished:
         samples ``at`` ``(k,)``."""
         if self.factor is None:
             B, n, m = self.status.shape[0], L.shape[-1], active.shape[-1]
-            # Column-major matrices, as torch's factors are: the solves then take them uncopied.
-            self.factor = (L.new_empty(B, n, n).mT, active.new_zeros(B, m), torch.zeros(
+            # Row-major matrices, as the factors of cholesky_or_identity are: the solves then take
+            # them uncopied.
+            self.factor = (L.new_empty(B, n, n), active.new_zeros(B, m), torch.zeros(
                 B, dtype=torch.bool, device=L.device))
         self.factor[0].index_copy_(0, at, L)
         self.factor[1].index_copy_(0, at, active)
@@ -553,7 +554,7 @@ def _polish(
                 <= _ROUNDING).all()):
             break  # every sample refined to rounding: a further correction would change nothing
         rhs = r1 + (bmtv(G, r2_g) + bmtv(A, r2_a)) / rho
-        dz = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+        dz = cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
         z = z + dz
         y_g = y_g + active * (bmv(G, dz) - r2_g) / rho
         y_a = y_a + (bmv(A, dz) - r2_a) / rho

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._linalg import bmtv, bmv, cholesky_or_identity, matrix_scale, normal_matrix
+from ._linalg import bmtv, bmv, cholesky_or_identity, cholesky_solve, matrix_scale, normal_matrix
 
 __all__ = ["ReducedKKT"]
 
@@ -104,7 +104,7 @@ class ReducedKKT:
     # -- the reduced symmetric system -------------------------------------------------------
     def _regularised(self, a: Tensor, cg: Tensor, cnu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         rhs = a + bmtv(self.G, self.d * cg) + bmtv(self.A, cnu / self.rho)
-        x = torch.cholesky_solve(rhs.unsqueeze(-1), self.L).squeeze(-1)
+        x = cholesky_solve(rhs.unsqueeze(-1), self.L).squeeze(-1)
         yg = self.d * (self.active * bmv(self.G, x) - cg)
         ynu = (bmv(self.A, x) - cnu) / self.rho
         return x, yg, ynu
