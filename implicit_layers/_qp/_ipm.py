@@ -235,10 +235,12 @@ def interior_point(
         device.type == "cpu" and dtype == torch.float64 and B * n * n * m >= _SINGLE_WORK) else None
 
     # Initial point: the reduced system with unit scaling (λ/s = 1), then shifted into s, λ > 0.
+    # Factorised in float32 where the first iterations are (see _SINGLE_ABOVE): the start is only
+    # a starting point, and the first iteration reuses the factorisation, far from the solution.
     ones_m = q.new_ones(B, m)
     unit: _Reduced | None = None
     if warm is None:
-        red = unit = _Reduced(Q, delta, Gt, A, ones_m, eps)
+        red = unit = _factorise(Q, delta, Gt, A, ones_m, eps, single)
         z, nu = red.solve(-q + bmtv(G, h), b)
         s = h - bmv(G, z)
         lam = -s.clone()
