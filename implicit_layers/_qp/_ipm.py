@@ -319,15 +319,28 @@ def interior_point(
             for _attempt in range(2):
                 if not bool(near.any()):
                     break
-                # Only the samples near their solution are factorised (a gather, then a scatter).
+                # Only the samples near their solution are factorised (a gather, then a scatter);
+                # when they are most of the working batch, the whole batch is (the others' results
+                # are masked out below): the gathered copies of Q and Gᵀ would be fresh memory, whose
+                # page faults cost more than the few samples polished in vain.
                 idx = near.nonzero().squeeze(1)
+                whole = 4 * idx.shape[0] >= 3 * near.shape[0]
+                if whole:
+                    idx = torch.arange(near.shape[0], device=device)
+
+                def take(t: Tensor) -> Tensor:
+                    return t if whole else t[idx]  # noqa: B023 (used within the iteration only)
+
                 # G as the transpose of the contiguous Gᵀ: the layout normal_matrix is fastest with.
-                out = _polish(Q[idx], q[idx], Gt[idx].mT, h[idx], A[idx], b[idx], z[idx], lam[idx], nu[idx],
-                              s[idx], guess[idx], q_scale[idx], h_scale[idx], delta[idx])
+                out = _polish(*(take(t) for t in (Q, q)), take(Gt).mT, *(take(t) for t in (
+                    h, A, b, z, lam, nu, s, guess, q_scale, h_scale, delta)))
                 factor = out[5]
-                pz, pl, pnu, ps = (torch.zeros_like(t).index_copy(0, idx, o)
-                                   for t, o in zip((z, lam, nu, s), out[:4], strict=True))
-                pres = torch.full_like(res, float("inf")).index_copy(0, idx, out[4])
+                if whole:
+                    pz, pl, pnu, ps, pres = out[:5]
+                else:
+                    pz, pl, pnu, ps = (torch.zeros_like(t).index_copy(0, idx, o)
+                                       for t, o in zip((z, lam, nu, s), out[:4], strict=True))
+                    pres = torch.full_like(res, float("inf")).index_copy(0, idx, out[4])
                 # A polished point below the interior point's strict threshold ends the sample; one
                 # only below the best residual so far is kept as its answer while the iterations go
                 # on (the stall rule then returns it), so that a polish short of rounding (a badly
