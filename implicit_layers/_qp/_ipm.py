@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._linalg import bmtv, bmv, cholesky_or_identity, matrix_scale, normal_matrix
+from ._linalg import bmtv, bmv, cholesky, cholesky_or_identity, cholesky_solve, matrix_scale, normal_matrix
 
 __all__ = ["IPMResult", "interior_point", "SOLVED", "PRIMAL_INFEASIBLE", "DUAL_INFEASIBLE",
            "MAX_STEPS", "STATUS_NAMES"]
@@ -107,7 +107,7 @@ class _Reduced:
         # δI added in place: a regularised copy of Q kept for the whole solve would add to the
         # memory each call takes from the system (page faults, measured 5-10 % of the time).
         H.diagonal(dim1=-2, dim2=-1).add_(delta[:, None].to(H.dtype))
-        L, info = torch.linalg.cholesky_ex(H)
+        L, info = cholesky(H)
         # A sample whose H is not numerically positive definite (a diverging, infeasible iterate)
         # takes a diagonally scaled step instead of a Newton step; the others are untouched. On
         # an accelerator this is decided without a host synchronisation; on the CPU, where
@@ -144,7 +144,7 @@ class _Reduced:
 
     def _solve(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
         if not self.p:
-            x = torch.cholesky_solve(r1.unsqueeze(-1), self.L).squeeze(-1)
+            x = cholesky_solve(r1.unsqueeze(-1), self.L).squeeze(-1)
             return x, r1.new_zeros(r1.shape[:-1] + (0,))
         # H dz + Aᵀ dν = r₁, A dz - ε dν = r₂ with u = L⁻¹ r₁:  (YᵀY + εI) dν = Yᵀu - r₂,
         # then dz = L⁻ᵀ (u - Y dν).
@@ -235,10 +235,12 @@ def interior_point(
         device.type == "cpu" and dtype == torch.float64 and B * n * n * m >= _SINGLE_WORK) else None
 
     # Initial point: the reduced system with unit scaling (λ/s = 1), then shifted into s, λ > 0.
+    # Factorised in float32 where the first iterations are (see _SINGLE_ABOVE): the start is only
+    # a starting point, and the first iteration reuses the factorisation, far from the solution.
     ones_m = q.new_ones(B, m)
     unit: _Reduced | None = None
     if warm is None:
-        red = unit = _Reduced(Q, delta, Gt, A, ones_m, eps)
+        red = unit = _factorise(Q, delta, Gt, A, ones_m, eps, single)
         z, nu = red.solve(-q + bmtv(G, h), b)
         s = h - bmv(G, z)
         lam = -s.clone()
@@ -317,15 +319,28 @@ def interior_point(
             for _attempt in range(2):
                 if not bool(near.any()):
                     break
-                # Only the samples near their solution are factorised (a gather, then a scatter).
+                # Only the samples near their solution are factorised (a gather, then a scatter);
+                # when they are most of the working batch, the whole batch is (the others' results
+                # are masked out below): the gathered copies of Q and Gᵀ would be fresh memory, whose
+                # page faults cost more than the few samples polished in vain.
                 idx = near.nonzero().squeeze(1)
+                whole = 4 * idx.shape[0] >= 3 * near.shape[0]
+                if whole:
+                    idx = torch.arange(near.shape[0], device=device)
+
+                def take(t: Tensor) -> Tensor:
+                    return t if whole else t[idx]  # noqa: B023 (used within the iteration only)
+
                 # G as the transpose of the contiguous Gᵀ: the layout normal_matrix is fastest with.
-                out = _polish(Q[idx], q[idx], Gt[idx].mT, h[idx], A[idx], b[idx], z[idx], lam[idx], nu[idx],
-                              s[idx], guess[idx], q_scale[idx], h_scale[idx], delta[idx])
+                out = _polish(*(take(t) for t in (Q, q)), take(Gt).mT, *(take(t) for t in (
+                    h, A, b, z, lam, nu, s, guess, q_scale, h_scale, delta)))
                 factor = out[5]
-                pz, pl, pnu, ps = (torch.zeros_like(t).index_copy(0, idx, o)
-                                   for t, o in zip((z, lam, nu, s), out[:4], strict=True))
-                pres = torch.full_like(res, float("inf")).index_copy(0, idx, out[4])
+                if whole:
+                    pz, pl, pnu, ps, pres = out[:5]
+                else:
+                    pz, pl, pnu, ps = (torch.zeros_like(t).index_copy(0, idx, o)
+                                       for t, o in zip((z, lam, nu, s), out[:4], strict=True))
+                    pres = torch.full_like(res, float("inf")).index_copy(0, idx, out[4])
                 # A polished point below the interior point's strict threshold ends the sample; one
                 # only below the best residual so far is kept as its answer while the iterations go
                 # on (the stall rule then returns it), so that a polish short of rounding (a badly
@@ -450,8 +465,9 @@ class _Finished:
         samples ``at`` ``(k,)``."""
         if self.factor is None:
             B, n, m = self.status.shape[0], L.shape[-1], active.shape[-1]
-            # Column-major matrices, as torch's factors are: the solves then take them uncopied.
-            self.factor = (L.new_empty(B, n, n).mT, active.new_zeros(B, m), torch.zeros(
+            # Row-major matrices, as the factors of cholesky_or_identity are: the solves then take
+            # them uncopied.
+            self.factor = (L.new_empty(B, n, n), active.new_zeros(B, m), torch.zeros(
                 B, dtype=torch.bool, device=L.device))
         self.factor[0].index_copy_(0, at, L)
         self.factor[1].index_copy_(0, at, active)
@@ -553,7 +569,7 @@ def _polish(
                 <= _ROUNDING).all()):
             break  # every sample refined to rounding: a further correction would change nothing
         rhs = r1 + (bmtv(G, r2_g) + bmtv(A, r2_a)) / rho
-        dz = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
+        dz = cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
         z = z + dz
         y_g = y_g + active * (bmv(G, dz) - r2_g) / rho
         y_a = y_a + (bmv(A, dz) - r2_a) / rho

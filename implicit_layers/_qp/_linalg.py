@@ -5,20 +5,26 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["bmv", "bmtv", "matrix_scale", "normal_matrix", "cholesky_or_identity"]
+__all__ = ["bmv", "bmtv", "matrix_scale", "normal_matrix", "cholesky", "cholesky_solve",
+           "cholesky_or_identity"]
 
 
 def bmv(M: Tensor, v: Tensor) -> Tensor:
     """``M v`` per sample for ``M`` ``(B, r, c)`` and ``v`` ``(B, c)``.
 
     As a row vector times ``Mᵀ``: torch's batched matrix times one column is several times
-    slower on the CPU than the same product laid out as one row."""
-    return (v.unsqueeze(-2) @ M.mT).squeeze(-2)
+    slower on the CPU than the same product laid out as one row. ``torch.bmm`` rather than ``@``:
+    the same kernel without matmul's reshapes (half the dispatched operations of a product)."""
+    if M.dim() != 3 or v.dim() != 2 or M.shape[0] != v.shape[0]:
+        return (v.unsqueeze(-2) @ M.mT).squeeze(-2)  # broadcast batch dimensions
+    return torch.bmm(v.unsqueeze(1), M.mT).squeeze(1)
 
 
 def bmtv(M: Tensor, v: Tensor) -> Tensor:
     """``Mᵀ v`` per sample for ``M`` ``(B, r, c)`` and ``v`` ``(B, r)``."""
-    return (v.unsqueeze(-2) @ M).squeeze(-2)
+    if M.dim() != 3 or v.dim() != 2 or M.shape[0] != v.shape[0]:
+        return (v.unsqueeze(-2) @ M).squeeze(-2)  # broadcast batch dimensions
+    return torch.bmm(v.unsqueeze(1), M).squeeze(1)
 
 
 def matrix_scale(Q: Tensor, G: Tensor, A: Tensor) -> Tensor:
@@ -52,12 +58,31 @@ def normal_matrix(
     return H
 
 
+def cholesky(H: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.cholesky_ex(H)``: the lower factor ``L`` ``(B, n, n)`` and ``info`` ``(B,)``.
+
+    Computed as the upper factor and returned as its transpose (``L`` row-major): torch zeroes the
+    other triangle of its factor, and on the CPU that pass is markedly cheaper for the upper
+    factor (about a tenth of a batched factorisation at n = 50). Solve with :func:`cholesky_solve`."""
+    U, info = torch.linalg.cholesky_ex(H, upper=True)
+    return U.mT, info
+
+
+def cholesky_solve(b: Tensor, L: Tensor) -> Tensor:
+    """``torch.cholesky_solve(b, L)`` for a lower factor ``L`` of either memory layout: a row-major
+    ``L`` (from :func:`cholesky`) is passed as its column-major transpose, which the solve takes
+    uncopied."""
+    if L.is_contiguous():
+        return torch.cholesky_solve(b, L.mT, upper=True)
+    return torch.cholesky_solve(b, L)
+
+
 def cholesky_or_identity(H: Tensor) -> tuple[Tensor, Tensor]:
     """The Cholesky factor of ``H`` ``(B, n, n)`` and the samples whose factorisation failed
     ``(B,)``; those get the identity as factor, which keeps the batched solves finite until the
     caller sets them aside. On the CPU, where asking costs nothing, the masked replacement is
     skipped when no sample failed."""
-    L, info = torch.linalg.cholesky_ex(H)
+    L, info = cholesky(H)
     failed = info != 0
     if L.device.type != "cpu" or bool(failed.any()):
         eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
