@@ -332,8 +332,10 @@ def interior_point(
                     return t if whole else t[idx]  # noqa: B023 (used within the iteration only)
 
                 # G as the transpose of the contiguous Gᵀ: the layout normal_matrix is fastest with.
-                out = _polish(*(take(t) for t in (Q, q)), take(Gt).mT, *(take(t) for t in (
-                    h, A, b, z, lam, nu, s, guess, q_scale, h_scale, delta)))
+                out = _polish(
+                    take(Q), take(q), take(Gt).mT, take(h), take(A), take(b), take(z), take(lam),
+                    take(nu), take(s), take(guess), take(q_scale), take(h_scale), take(delta),
+                )
                 factor = out[5]
                 if whole:
                     pz, pl, pnu, ps, pres = out[:5]
