@@ -27,8 +27,8 @@ from torch.func import functional_call, vjp
 from ._capture import transforms_active
 from ._info import NonFiniteError, OnFailure, SolveInfo, report_failure
 from .backward import Implicit
-from .linear._loop import wide_dtype
 from .linear.neumann import Neumann
+from .solvers._base import _norm as forward_norm
 from .solvers.base import ForwardSolver
 from .solvers.picard import Picard
 
@@ -89,10 +89,9 @@ def _loop(cond, body, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:  # noqa:
 
 
 def _norm(v: Tensor) -> Tensor:
-    """Per-sample norm ``(B, 1)`` of a flat ``(B, n)`` state in float64 (float32 on MPS), as
-    the eager forward solvers keep it: the verdicts compare wide norms and tolerances, and
-    the info casts them to the state's dtype."""
-    return torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=wide_dtype(v))
+    """Per-sample norm ``(B, 1)`` of a flat ``(B, n)`` state, in the eager monitors' wide dtype:
+    the verdicts compare wide norms and tolerances, and the info casts them to the state's."""
+    return forward_norm(v, keepdim=True)
 
 
 class _Map:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch._higher_order_ops import while_loop
 
+from ._base import _norm
 from .least_squares import _lm_step, _value_and_jt
 
 __all__ = ["LoopSettings", "compiled_loop", "lm_loop", "run_compiled"]
@@ -40,14 +41,6 @@ class LoopSettings:
     damping: float
 
 
-def _norm(v: Tensor) -> Tensor:
-    """Per-sample norm ``(B, 1)``, accumulated in float64 for narrower dtypes (as the eager
-    monitor's)."""
-    if v.dtype == torch.float64:
-        return torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    return torch.linalg.vector_norm(v, dim=-1, keepdim=True, dtype=torch.float64).to(v.dtype)
-
-
 def lm_loop(
     residuals: Callable[[Tensor], Tensor], z0: Tensor, s: LoopSettings
 ) -> tuple[Tensor, ...]:
@@ -64,7 +57,7 @@ def lm_loop(
     r, jt = _value_and_jt(residuals, z0)
     jt = jt.contiguous()
     g = (jt @ r.unsqueeze(-1)).squeeze(-1)
-    res = _norm(g)
+    res = _norm(g, keepdim=True)  # float64, as the eager monitor keeps its norms
     tol = torch.clamp(s.rtol * res, min=s.atol)
     # diag(JᵀJ) as row sums of squares: no n x n product for the start alone (and no
     # `diagonal`, whose inductor lowering warns with a deprecation of torch's own)
@@ -88,7 +81,7 @@ def lm_loop(
              steps: Tensor) -> tuple[Tensor, ...]:
         active = ~done
         z, r, jt, g, mu, nu = _lm_step(residuals, z, r, jt, g, mu, nu, mu_max, active)
-        new = _norm(g)
+        new = _norm(g, keepdim=True)
         met = new <= tol
         # Monitor.record: the best iterate, the latest norm and the flags of the samples that
         # stepped.

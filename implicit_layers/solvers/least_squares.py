@@ -428,8 +428,8 @@ class LevenbergMarquardt(_NormalEquations):
         all_finite, all_converged = flags.tolist()
         if not all_finite:
             raise non_finite_error(self, problem, ~finite)
-        info = SolveInfo(converged=converged, steps=steps, residual=best, solver=self.name,
-                         tolerance=tol)
+        info = SolveInfo(converged=converged, steps=steps, residual=best.to(z0.dtype),
+                         solver=self.name, tolerance=tol.to(z0.dtype))
         # Read already: the verdict of solve() and of the backward needs no second look.
         info._known_converged = all_converged
         return z, info
