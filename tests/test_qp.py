@@ -489,10 +489,36 @@ def test_single_precision_factor_solves_and_its_conditioning_check():
     # The direction solves H dz + Aᵀ dν = r₁, A dz - ε dν = r₂ (checked in float64).
     H = Q + 1e-9 * torch.eye(10, dtype=DT) + G.mT @ (w.unsqueeze(-1) * G)
     assert rel((H @ dz.unsqueeze(-1)).squeeze(-1) + (A.mT @ dnu.unsqueeze(-1)).squeeze(-1), r1) < 1e-10
-    assert single.well_conditioned(1e-4)
-    spread = w * torch.logspace(-4, 4, 8, dtype=DT)  # near a solution: λ/s from 1e-4 to 1e4
+    assert bool(single.well_conditioned(1e-4).all())
+    # The check is per sample: only sample 1 is near a solution (λ/s from 1e-5 to 1e5).
+    spread = w.clone()
+    spread[1] = spread[1] * torch.logspace(-5, 5, 8, dtype=DT)
     spread_factor = _Reduced(Q.float(), delta, G.mT.contiguous().float(), A.float(), spread, eps)
-    assert not spread_factor.well_conditioned(1e-4)
+    assert spread_factor.well_conditioned(1e-4).tolist() == [True, False, True, True]
+
+
+def test_single_precision_factor_redoes_only_its_failed_samples_in_double():
+    from implicit_layers._qp._ipm import _factorise, _Patched, _Reduced
+
+    Q, q, G, h, A, b = random_qp(32, 4, 10, 8, 2)
+    eps = torch.full((4,), 1e-9, dtype=DT)
+    delta = torch.full((4,), 1e-9, dtype=DT)
+    w = torch.rand(4, 8, generator=torch.Generator().manual_seed(0), dtype=DT) + 0.5
+    w[2] = w[2] * torch.logspace(-5, 5, 8, dtype=DT)  # sample 2 fails the float32 pivot check
+    Gt = G.mT.contiguous()
+    single = (Q.float(), Gt.float(), A.float())
+    red = _factorise(Q, delta, Gt, A, w, eps, single)
+    assert isinstance(red, _Patched) and red.rows.tolist() == [2] and red.fix.L.dtype == DT
+    exact = _Reduced(Q, delta, Gt, A, w, eps)
+    r1, r2 = torch.randn(4, 10, dtype=DT), torch.randn(4, 2, dtype=DT)
+    (dz, dnu), (pz, pnu) = exact.solve(r1, r2), red.solve(r1, r2)
+    # Sample 2 is solved in float64 (to rounding), the others in float32.
+    assert rel(pz[2], dz[2]) < 1e-12 and rel(pnu[2], dnu[2]) < 1e-12
+    assert rel(pz, dz) < 1e-4 and rel(pnu, dnu) < 1e-4
+    # With more than a quarter of the samples failing, the whole batch is factorised in float64.
+    w[0] = w[0] * torch.logspace(5, -5, 8, dtype=DT)
+    red = _factorise(Q, delta, Gt, A, w, eps, single)
+    assert isinstance(red, _Reduced) and red.L.dtype == DT
 
 
 def test_check_every_changes_when_samples_stop_not_the_answer():
