@@ -531,3 +531,19 @@ def test_check_every_changes_when_samples_stop_not_the_answer():
     assert rel(z, ref) < 1e-10 and rel(z3, ref) < 1e-10
     # Checking at every iteration stops (or polishes) each sample at its first chance.
     assert int(info.steps.sum()) <= int(info3.steps.sum())
+
+
+def test_cholesky_solve_matches_a_dense_solve_for_both_factor_layouts():
+    from implicit_layers._qp._linalg import cholesky, cholesky_solve
+
+    g = torch.Generator().manual_seed(3)
+    M = torch.randn(5, 7, 7, generator=g, dtype=DT)
+    H = M @ M.mT + 0.5 * torch.eye(7, dtype=DT)
+    rhs = torch.randn(5, 7, 2, generator=g, dtype=DT)
+    exact = torch.linalg.solve(H, rhs)
+    L_rows, info = cholesky(H)  # row-major lower factor
+    L_cols = torch.linalg.cholesky(H)  # torch's own (column-major) lower factor
+    assert not bool(info.any()) and L_rows.is_contiguous() and not L_cols.is_contiguous()
+    for L in (L_rows, L_cols):
+        assert rel(cholesky_solve(rhs, L), exact) < 1e-12
+        assert rel(cholesky_solve(rhs.float(), L.float()), exact) < 1e-4
