@@ -156,10 +156,12 @@ def test_sync_flags_and_check_active_agree_with_separate_reductions(watch, flags
     w = torch.tensor(_WATCHES[watch], dtype=dtype)
     done = torch.tensor(flags)
     expected = [bool(done.all()), bool(torch.isfinite(w).all()), bool(done.any())]
-    got = sync_flags(done, w)
-    assert got[1] == expected[1]
-    if expected[1]:
-        assert got == expected
+    # the watch shaped like the flags, and shaped otherwise ((B, 1) columns)
+    for watched in (w, w.unsqueeze(-1)):
+        got = sync_flags(done, watched)
+        assert got[1] == expected[1]
+        if expected[1]:
+            assert got == expected
     # the float mask of the in-place loops, (B, 1) columns as Neumann keeps them
     active = (~done).to(dtype).unsqueeze(-1)
     if expected[1]:
@@ -169,6 +171,14 @@ def test_sync_flags_and_check_active_agree_with_separate_reductions(watch, flags
     else:
         with pytest.raises(il.NonFiniteError):
             check_active(active, w.unsqueeze(-1), "Neumann")
+
+
+def test_sync_flags_of_an_empty_batch():
+    from implicit_layers.linear._loop import sync_flags
+
+    done = torch.zeros(0, dtype=torch.bool)
+    for watch in (torch.empty(0), torch.empty(0, 1)):
+        assert sync_flags(done, watch) == [True, True, False]
 
 
 def test_window_check_reads_huge_finite_norms_as_finite():

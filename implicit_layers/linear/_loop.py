@@ -87,9 +87,6 @@ def sync_flags(done: Tensor, watch: Tensor) -> list[bool]:
     Returns:
         The three answers as Python bools.
     """
-    if watch.shape != done.shape:
-        flags = torch.stack([done.all(), torch.isfinite(watch).all(), done.any()]).tolist()
-        return [bool(f) for f in flags]
     n = _count_if_finite(done, watch)
     if math.isnan(n):
         return [False, False, False]
@@ -98,9 +95,19 @@ def sync_flags(done: Tensor, watch: Tensor) -> list[bool]:
 
 def _count_if_finite(flags: Tensor, watch: Tensor) -> float:
     """The number of nonzero ``flags`` (bool or a 0/1 float mask), or NaN when some entry of
-    ``watch`` (the same shape) is NaN or Inf: one sum of ``flags + 0 · watch`` (``0 · ±Inf``
-    is NaN) and one synchronisation, instead of a reduction per answer."""
-    return torch.add(flags, watch, alpha=0).sum(dtype=wide_dtype(watch)).item()
+    ``watch`` is NaN or Inf, in one synchronisation instead of a reduction per answer. With a
+    ``watch`` of the flags' shape, one sum of ``flags + 0 · watch`` (``0 · ±Inf`` is NaN);
+    otherwise the count and the largest watched magnitude travel together."""
+    wide = wide_dtype(watch)
+    if watch.shape == flags.shape:
+        return torch.add(flags, watch, alpha=0).sum(dtype=wide).item()
+    count = torch.count_nonzero(flags).to(wide)
+    if watch.numel() == 0:  # nothing to test (an infinity norm has no empty value)
+        return count.item()
+    # the infinity norm is NaN or Inf exactly when some entry is
+    top = torch.linalg.vector_norm(watch, ord=float("inf"), dtype=wide)
+    n, top_v = torch.stack([count, top]).tolist()
+    return n if math.isfinite(top_v) else math.nan
 
 
 class LinearLoop(Bookkeeping):
@@ -301,23 +308,10 @@ def check_active(active: Tensor, watch: Tensor | None, solver: str) -> tuple[boo
         else:
             n = int(torch.count_nonzero(active))
     else:
-        n = _count_if_finite(active, watch) if watch.shape == active.shape else _count_wide(
-            active, watch
-        )
+        n = _count_if_finite(active, watch)
         if math.isnan(n):
             _raise_non_finite(solver)
     return n == 0, n < active.numel()
-
-
-def _count_wide(active: Tensor, watch: Tensor) -> float:
-    """The number of nonzero ``active`` entries, or NaN when ``watch`` (non-negative norms, any
-    shape) is not finite: the count and the largest watched value travel together."""
-    wide = wide_dtype(watch)
-    count = torch.count_nonzero(active).to(wide)
-    # the infinity norm is NaN or Inf exactly when some entry is
-    top = torch.linalg.vector_norm(watch, ord=float("inf"), dtype=wide)
-    n, top_v = torch.stack([count, top]).tolist()
-    return n if math.isfinite(top_v) else math.nan
 
 
 # Up to this many per-sample flags, a check copies them to the host rather than counting
