@@ -111,30 +111,66 @@ def _map_tensors(tree: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return tree
 
 
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_level_of = torch._C._functorch.maybe_get_level
+_unwrap = torch._C._functorch.get_unwrapped
+
+
 class _Capture(TorchFunctionMode):
+    """Records the outside tensors that carry derivatives as the operations see them.
+
+    It runs on every torch operation of the function, so it does the least it can per
+    operation: one set of the ids already settled (``seen``: the excluded state, the tensors
+    produced inside, the dependencies found), checked before anything else; a flat loop over
+    the positional arguments (nested lists only where an operation takes them, ``torch.cat``);
+    and the one output of most operations recorded without walking a tree.
+    """
+
     def __init__(self, exclude: Sequence[Tensor]) -> None:
         super().__init__()
-        self.inside: set[int] = {id(t) for t in exclude}
+        self.seen: set[int] = {id(t) for t in exclude}
         self.keep: list[Tensor] = []  # keeps produced tensors alive, so their ids stay unique
         self.found: dict[int, Tensor] = {}
         self.level = current_level()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        kwargs = kwargs or {}
-        for t in _tensors((args, kwargs)):
-            if id(t) in self.inside or id(t) in self.found:
-                continue
+    def _consider(self, t: Tensor) -> None:
+        """Record ``t`` (not in ``seen``) if it is an outside tensor that carries derivatives."""
+        if _is_wrapped(t):
             # An argument of a transform the function runs itself (torch.func.grad(g)(w,
             # lam)) arrives wrapped; the dependency is the tensor underneath.
-            t = outer_tensor(t, self.level)
-            if id(t) in self.inside or id(t) in self.found:
-                continue
-            if carries_derivatives(t) and not from_inner_transform(t, self.level):
-                self.found[id(t)] = t
-        out = func(*args, **kwargs)
-        for t in _tensors(out):
-            self.inside.add(id(t))
-            self.keep.append(t)
+            level = self.level
+            while _is_wrapped(t) and _level_of(t) > level:
+                t = _unwrap(t)
+            if id(t) in self.seen:
+                return
+        if carries_derivatives(t):
+            self.found[id(t)] = t
+            self.seen.add(id(t))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        seen = self.seen
+        for a in args:
+            if isinstance(a, Tensor):
+                if id(a) not in seen:
+                    self._consider(a)
+            elif isinstance(a, (tuple, list, dict)):
+                for t in _tensors(a):
+                    if id(t) not in seen:
+                        self._consider(t)
+        if kwargs:
+            for t in _tensors(kwargs):
+                if id(t) not in seen:
+                    self._consider(t)
+            out = func(*args, **kwargs)
+        else:
+            out = func(*args)
+        if isinstance(out, Tensor):
+            seen.add(id(out))
+            self.keep.append(out)
+        else:
+            for t in _tensors(out):
+                seen.add(id(t))
+                self.keep.append(t)
         return out
 
 

@@ -320,7 +320,28 @@ def _zeros_for(parts: Sequence[Tensor | None], like: Sequence[Tensor]) -> tuple[
     return tuple(torch.zeros_like(v) if t is None else t for t, v in zip(parts, like, strict=True))
 
 
-class _Solution(torch.autograd.Function):
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+class _Function(torch.autograd.Function):
+    """An ``autograd.Function`` whose ``apply`` skips what torch's adds for nothing here.
+
+    Outside ``torch.func`` transforms, torch's ``Function.apply`` binds the arguments to the
+    signature of ``forward`` (``inspect.signature`` on every call, some 15 µs) to fill in
+    defaults, which these ``forward`` methods do not have, then unwraps dead ``torch.func``
+    wrappers and calls the C++ ``apply``. This does the last two alone; under transforms it is
+    torch's ``apply``.
+    """
+
+    @classmethod
+    def apply(cls, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+        if kwargs or torch._C._are_functorch_transforms_active():
+            return super().apply(*args, **kwargs)
+        args = tuple(_unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args)
+        return super(torch.autograd.Function, cls).apply(*args)  # the C++ apply
+
+
+class _Solution(_Function):
     """``z* = solve(z0; θ)``, differentiated by the implicit function theorem."""
 
     @staticmethod
@@ -373,7 +394,7 @@ def _fold_state(V: int, dim: int | None, z: Tensor) -> Tensor:
     return z.reshape(V * z.shape[1], z.shape[2])
 
 
-class _LinearSolve(torch.autograd.Function):
+class _LinearSolve(_Function):
     """``u = A⁻ᵀ rhs`` (``transpose``) or ``A⁻¹ rhs`` with ``A = ∂F/∂z`` at ``(z, θ)``: a linear
     implicit layer, differentiable in ``rhs``, ``z`` and ``θ`` to every order."""
 

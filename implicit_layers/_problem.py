@@ -68,6 +68,29 @@ DENSE_MAX_ENTRIES = 2**21
 MEASURED_MAX_ENTRIES = 2**20
 
 
+#: The structure of a state that is one tensor (what ``tree_flatten`` gives for any leaf).
+LEAF_SPEC: TreeSpec = tree_flatten(0)[1]
+#: Values ``tree_flatten`` keeps as leaves in every PyTorch version (``None`` is not among them:
+#: some versions treat it as an empty node).
+_PLAIN_LEAVES = (Tensor, bool, int, float, complex, str)
+
+
+def _flat(tree: Any) -> bool:
+    """Whether ``tree`` is a plain tuple or list of tensors and numbers (its own leaves)."""
+    return type(tree) in (tuple, list) and all(isinstance(x, _PLAIN_LEAVES) for x in tree)
+
+
+def leaves(tree: Any) -> list[Any]:
+    """``tree_flatten(tree)[0]``: without walking pytree machinery (several microseconds per
+    call, on every layer call) for the common trees, a tensor or a tuple or list of tensors and
+    numbers; anything else goes through ``tree_flatten``."""
+    if isinstance(tree, Tensor):
+        return [tree]
+    if _flat(tree):
+        return list(tree)
+    return tree_flatten(tree)[0]
+
+
 class Problem:
     """A user function bound to its arguments, acting on flat ``(B, n)`` iterates.
 
@@ -128,7 +151,7 @@ class Problem:
         params: Sequence[Tensor] = (),
         values: Sequence[Tensor] | None = None,
     ) -> None:
-        leaves, spec = tree_flatten(z0)
+        z0_leaves, spec = ([z0], LEAF_SPEC) if isinstance(z0, Tensor) else tree_flatten(z0)
         self.fn = fn
         self.args = args
         self.kwargs = kwargs or {}
@@ -136,19 +159,19 @@ class Problem:
         self.batched = batched
         self.symmetric = symmetric
         self.spec: TreeSpec = spec
-        self.leaf_shapes = tuple(t.shape for t in leaves)
-        self.leaf_dtypes = tuple(t.dtype for t in leaves)
-        self.single = len(leaves) == 1 and isinstance(z0, Tensor)
-        self.batch = leaves[0].shape[0] if batched else 1
+        self.leaf_shapes = tuple(t.shape for t in z0_leaves)
+        self.leaf_dtypes = tuple(t.dtype for t in z0_leaves)
+        self.single = len(z0_leaves) == 1 and isinstance(z0, Tensor)
+        self.batch = z0_leaves[0].shape[0] if batched else 1
         per_sample = [math.prod(s[1:]) if batched else math.prod(s) for s in self.leaf_shapes]
         self.leaf_sizes = tuple(per_sample)
         self.size = sum(per_sample)
-        dtype = leaves[0].dtype
-        for t in leaves[1:]:
+        dtype = z0_leaves[0].dtype
+        for t in z0_leaves[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
         self.io_dtype = dtype
         self.dtype = torch.float32 if dtype in HALF_DTYPES else dtype
-        self.device = leaves[0].device
+        self.device = z0_leaves[0].device
         # The precision the map computes in: a half-precision state, or autocast's dtype.
         self.precision = dtype
         if dtype not in HALF_DTYPES and torch.is_autocast_enabled(self.device.type):
@@ -186,8 +209,7 @@ class Problem:
             # reads, each torch call is a Python call of the mode.)
             flat = z if z.shape == (self.batch, self.size) else z.reshape(self.batch, self.size)
             return flat if flat.dtype == self.dtype else flat.to(self.dtype)
-        leaves = tree_flatten(z)[0]
-        return torch.cat([t.reshape(self.batch, -1).to(self.dtype) for t in leaves], dim=-1)
+        return torch.cat([t.reshape(self.batch, -1).to(self.dtype) for t in leaves(z)], dim=-1)
 
     def unflatten(self, z: Tensor, dtype: bool = True) -> Any:
         """The ``(B, n)`` state in the structure, shapes (and, if ``dtype``, dtypes) of ``z0``."""
@@ -197,11 +219,11 @@ class Problem:
             out = z if z.shape == self.leaf_shapes[0] else z.reshape(self.leaf_shapes[0])
             return out.to(self.leaf_dtypes[0]) if dtype and out.dtype != self.leaf_dtypes[0] else out
         parts = torch.split(z, list(self.leaf_sizes), dim=-1)
-        leaves = [
+        shaped = [
             p.reshape(s).to(d) if dtype else p.reshape(s)
             for p, s, d in zip(parts, self.leaf_shapes, self.leaf_dtypes, strict=False)
         ]
-        return tree_unflatten(leaves, self.spec)
+        return tree_unflatten(shaped, self.spec)
 
     # -- calling the user's function ---------------------------------------------------
     def _call(self, z: Tensor) -> Any:
@@ -217,8 +239,11 @@ class Problem:
         state = self.unflatten(z)
         if not self._substitute:
             return fn(state, *args, **kwargs)
-        mode = Substitute(self.params, self.values, exclude=(z, *tree_flatten(state)[0], *exclude))
-        args, kwargs = tree_map_only(Tensor, mode._resolve, (args, kwargs))
+        mode = Substitute(self.params, self.values, exclude=(z, *leaves(state), *exclude))
+        if not kwargs and _flat(args):  # no pytree walk
+            args = tuple(mode._resolve(a) if isinstance(a, Tensor) else a for a in args)
+        else:
+            args, kwargs = tree_map_only(Tensor, mode._resolve, (args, kwargs))
         with mode:
             return fn(state, *args, **kwargs)
 
@@ -231,7 +256,7 @@ class Problem:
     def check_output(self, out: object) -> None:
         """Raise a clear error if ``fn``'s output does not fit the problem (here: a state
         shaped like ``z0``)."""
-        leaves, spec = tree_flatten(out)
+        out_leaves, spec = ([out], LEAF_SPEC) if isinstance(out, Tensor) else tree_flatten(out)
         if self.single:
             if not isinstance(out, Tensor):
                 raise TypeError(
@@ -243,14 +268,14 @@ class Problem:
                     f"got {tuple(out.shape)}."
                 )
         else:
-            shapes = tuple(t.shape if isinstance(t, Tensor) else None for t in leaves)
+            shapes = tuple(t.shape if isinstance(t, Tensor) else None for t in out_leaves)
             if spec != self.spec or shapes != self.leaf_shapes:
                 raise ValueError(
                     f"{self.name} must return a state with the structure and shapes of z0 "
                     f"({self.spec} with shapes {[tuple(s) for s in self.leaf_shapes]}), got "
                     f"{spec} with shapes {[None if s is None else tuple(s) for s in shapes]}."
                 )
-        for t in leaves:
+        for t in out_leaves:
             if (
                 t.is_floating_point() and t.dtype != self.io_dtype and t.dtype not in HALF_DTYPES
                 and self.io_dtype not in HALF_DTYPES

@@ -18,7 +18,8 @@ from ._config import check_float_tensor, default_rtol
 from ._eager import run_eagerly
 from ._info import SolveInfo
 from ._least_squares import LeastSquaresProblem
-from ._problem import FixedPointProblem, Kind, MinimiseProblem, Problem, RootProblem
+from ._problem import LEAF_SPEC, FixedPointProblem, Kind, MinimiseProblem, Problem, RootProblem
+from ._problem import leaves as tree_leaves
 from .backward import BackwardMode, resolve_backward
 from .linear._base import LinearSolver
 from .solvers import ForwardSolver
@@ -33,7 +34,7 @@ def _check_common(fn: object, name: str, z0: object, z0_name: str, batched: obje
         raise TypeError(f"{name} must be callable, got {type(fn).__name__}.")
     if not isinstance(batched, bool):
         raise TypeError(f"batched must be True or False, got {batched!r}.")
-    leaves, _ = tree_flatten(z0)
+    leaves = tree_leaves(z0)
     if isinstance(z0, Tensor) or not leaves:
         check_float_tensor(z0, z0_name)
     for i, leaf in enumerate(leaves):
@@ -73,8 +74,8 @@ def _bind(problem: Problem, z: Tensor) -> Problem:
             out, params = capture(lambda: problem.probe(z), exclude=(z,))
         # An explicit argument that carries derivatives makes the solution carry them too,
         # even where the function ignores it (its derivative is then zero), as for torch ops.
-        explicit = [t for t in tree_flatten((problem.args, problem.kwargs))[0]
-                    if isinstance(t, Tensor) and carries_derivatives(t)]
+        given = tree_leaves(problem.args) + (tree_leaves(problem.kwargs) if problem.kwargs else [])
+        explicit = [t for t in given if isinstance(t, Tensor) and carries_derivatives(t)]
         params = explicit + [t for t in params if all(t is not e for e in explicit)]
     else:
         out, params = problem.probe(z), []
@@ -427,8 +428,7 @@ def _custom(
         @run_eagerly
         def wrapped(z0: Any, *args: Any, **kwargs: Any) -> Any:
             z0 = _check_common(fn, name, z0, "z0", batched)
-            detach = functools.partial(tree_map_only, Tensor, lambda t: t.detach())
-            result = _run_black_box(solver_fn, z0, detach(args), detach(kwargs))
+            result = _run_black_box(solver_fn, z0, _detached(args), _detached(kwargs))
             aux = None
             if has_aux:
                 if not (isinstance(result, tuple) and len(result) == 2):
@@ -443,7 +443,8 @@ def _custom(
                 z = problem.flatten(result).detach()
             except (AttributeError, RuntimeError, TypeError, ValueError):
                 z = None
-            if z is None or tree_flatten(result)[1] != problem.spec or z.shape != (
+            spec = LEAF_SPEC if isinstance(result, Tensor) else tree_flatten(result)[1]
+            if z is None or spec != problem.spec or z.shape != (
                 problem.batch, problem.size
             ):
                 raise ValueError(
@@ -476,7 +477,7 @@ def _run_black_box(
     into their own leaves (``torch.optim``) keep working.
     """
     try:
-        return solver_fn(tree_map_only(Tensor, lambda t: t.detach(), z0), *args, **kwargs)
+        return solver_fn(_detached(z0), *args, **kwargs)
     except RuntimeError as err:
         if _NO_GRAD_MESSAGE not in str(err) or not torch.is_grad_enabled():
             raise
@@ -492,6 +493,18 @@ def _run_black_box(
             "require grad. Its other inputs (args, kwargs) arrive detached: inside the solver, "
             "differentiate with respect to its own copies, e.g. t = t.detach().requires_grad_()."
         ) from err
+
+
+def _detached(tree: Any) -> Any:
+    """``tree`` with every tensor detached (a tensor, a flat tuple or an empty dict without a
+    pytree walk: this runs on every call of a ``custom_root`` layer)."""
+    if isinstance(tree, Tensor):
+        return tree.detach()
+    if type(tree) is tuple and all(isinstance(x, (Tensor, int, float, bool)) for x in tree):
+        return tuple(x.detach() if isinstance(x, Tensor) else x for x in tree)
+    if type(tree) is dict and not tree:
+        return {}
+    return tree_map_only(Tensor, lambda t: t.detach(), tree)
 
 
 def _differentiable_leaves(state: Any) -> Any:
