@@ -334,11 +334,11 @@ class _Function(torch.autograd.Function):
     """
 
     @classmethod
-    def apply(cls, *args: Any, **kwargs: Any) -> Any:  # noqa: D102
+    def apply(cls, *args: Any, **kwargs: Any) -> Any:
         if kwargs or torch._C._are_functorch_transforms_active():
             return super().apply(*args, **kwargs)
         args = tuple(_unwrap_if_dead(a) if isinstance(a, Tensor) else a for a in args)
-        return super(torch.autograd.Function, cls).apply(*args)  # the C++ apply
+        return super(torch.autograd.Function, cls).apply(*args)  # type: ignore[misc]  # the C++ apply
 
 
 class _Solution(_Function):

@@ -465,10 +465,14 @@ def _positive_step(value: object, name: str) -> float | None:
     return step
 
 
+#: The backward mode of ``backward=None``.
+_DEFAULT = Implicit()
+
+
 def resolve_backward(backward: BackwardMode | LinearSolver | None) -> BackwardMode:
     """The backward mode meant by ``backward=`` (a mode, a linear solver, or ``None``)."""
     if backward is None:
-        return Implicit()
+        return _DEFAULT  # immutable settings: one instance serves every call
     if isinstance(backward, LinearSolver):
         return Implicit(backward)
     if isinstance(backward, BackwardMode):

@@ -40,6 +40,13 @@ class LoopSettings:
     max_steps: int
     damping: float
 
+    @staticmethod
+    @functools.lru_cache(maxsize=64)
+    def of(rtol: float, atol: float, max_steps: int, damping: float) -> LoopSettings:
+        """The settings with these values, one object per distinct values (built once, not
+        on every solve)."""
+        return LoopSettings(rtol, atol, max_steps, damping)
+
 
 def lm_loop(
     residuals: Callable[[Tensor], Tensor], z0: Tensor, s: LoopSettings

@@ -420,8 +420,8 @@ class LevenbergMarquardt(_NormalEquations):
         eager loop: the same info, and the same error for a NaN or Inf gradient."""
         from ._lm_loop import LoopSettings, run_compiled  # it imports this module's step
 
-        settings = LoopSettings(rtol=self.resolved_rtol(z0.dtype), atol=float(self.atol),
-                                max_steps=self.max_steps, damping=self.damping)
+        settings = LoopSettings.of(self.resolved_rtol(z0.dtype), float(self.atol), self.max_steps,
+                                   self.damping)
         residuals = cast(LeastSquaresProblem, problem).residuals
         z, best, tol, steps, converged, finite, flags = run_compiled(residuals, z0, settings,
                                                                      problem.name)
