@@ -153,7 +153,16 @@ class _Capture(TorchFunctionMode):
             if isinstance(a, Tensor):
                 if id(a) not in seen:
                     self._consider(a)
-            elif isinstance(a, (tuple, list, dict)):
+            elif isinstance(a, (tuple, list)):  # an index (w[:, :1]) or torch.cat's list
+                for x in a:
+                    if isinstance(x, Tensor):
+                        if id(x) not in seen:
+                            self._consider(x)
+                    elif isinstance(x, (tuple, list, dict)):
+                        for t in _tensors(x):
+                            if id(t) not in seen:
+                                self._consider(t)
+            elif isinstance(a, dict):
                 for t in _tensors(a):
                     if id(t) not in seen:
                         self._consider(t)
