@@ -41,8 +41,8 @@ class LeastSquaresProblem(MinimiseProblem):
     def check_output(self, out: object) -> None:
         """Raise a clear error unless ``fn`` returned a floating tensor of residuals (one row
         per problem when batched)."""
-        leaves = tree_flatten(out)[0]
         if not isinstance(out, Tensor) or not out.is_floating_point():
+            leaves = tree_flatten(out)[0]  # only for the message: a walk on every call otherwise
             raise TypeError(
                 f"{self.name} must return a floating-point torch.Tensor of residuals, got "
                 f"{type(out).__name__ if not isinstance(out, Tensor) else out.dtype}"

@@ -225,3 +225,11 @@ def test_nested_explicit_arguments_still_reach_the_gradient():
     torch.testing.assert_close(gs, -a.sum() / s ** 2, rtol=1e-8, atol=1e-10)
     (dgs_ds,) = torch.autograd.grad(gs, s)
     torch.testing.assert_close(dgs_ds, 2 * a.sum().detach() / 8.0, rtol=1e-6, atol=1e-9)
+
+
+def test_least_squares_output_errors_unchanged():
+    w0 = torch.ones(2, dtype=D)
+    with pytest.raises(TypeError, match=r"got tuple \(a tuple of tensors: concatenate them with torch.cat\)"):
+        il.least_squares(lambda w: (w, w), w0)
+    with pytest.raises(TypeError, match=r"floating-point torch.Tensor of residuals, got torch.int64\."):
+        il.least_squares(lambda w: (w > 0).long(), w0)
