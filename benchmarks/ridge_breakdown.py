@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -127,7 +128,36 @@ def _measure(d: int, rounds: int, calls: int) -> dict[str, float]:
     print(f"ridge d={d}, CPU ms per call (minimum of {rounds} rounds of {calls} calls):")
     for name, ms in out.items():
         print(f"  {name:55s} {ms:8.3f}")
+    counts = python_calls(lambda: step(compiled))
+    print("Python-level calls of one forward + backward, CompiledImplicit(CG): "
+          + ", ".join(f"{where} {n}" for where, n in counts.items()))
     return out
+
+
+def python_calls(fn) -> dict[str, int]:  # noqa: ANN001
+    """The Python-level calls one call of ``fn`` makes (``sys.setprofile``: Python functions
+    and builtins), in all and by where they are defined: this package, torch's Python, builtins
+    (C functions and methods, torch's bindings among them), anything else."""
+    counts = {"in all": 0, "implicit_layers": 0, "torch": 0, "builtins": 0, "other": 0}
+
+    def record(frame, event, arg) -> None:  # noqa: ANN001
+        if event not in ("call", "c_call"):
+            return
+        counts["in all"] += 1
+        if event == "c_call":
+            counts["builtins"] += 1
+            return
+        path = frame.f_code.co_filename.replace("\\", "/")
+        where = ("implicit_layers" if "/implicit_layers/" in path
+                 else "torch" if "/torch/" in path else "other")
+        counts[where] += 1
+
+    sys.setprofile(record)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return counts
 
 
 if __name__ == "__main__":

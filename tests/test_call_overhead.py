@@ -233,3 +233,20 @@ def test_least_squares_output_errors_unchanged():
         il.least_squares(lambda w: (w, w), w0)
     with pytest.raises(TypeError, match=r"floating-point torch.Tensor of residuals, got torch.int64\."):
         il.least_squares(lambda w: (w > 0).long(), w0)
+
+
+def test_python_call_count_of_the_ridge_breakdown():
+    """The count that ``benchmarks.ridge_breakdown`` prints: every call is counted once, by
+    where it is defined."""
+    from benchmarks.ridge_breakdown import python_calls
+
+    def two() -> int:
+        return len([1]) + len([2])
+
+    counts = python_calls(lambda: two())
+    # the lambda and two(); len twice and the sys.setprofile(None) that ends the count
+    assert counts["other"] == 2 and counts["builtins"] == 3
+    x = torch.tensor([1.0, -2.0], dtype=D, requires_grad=True)
+    counts = python_calls(lambda: _affine_fixed_point(x))
+    assert counts["implicit_layers"] > 10 and counts["torch"] > 0
+    assert counts["in all"] == sum(v for k, v in counts.items() if k != "in all")
