@@ -379,8 +379,7 @@ def interior_point(
                 near = near & ~won
                 # The backward's KKT system at a polished solution has the polish's matrix (up to
                 # its diagonal regularisation): its factor is kept for the samples it ended.
-                won_here = won[idx]
-                finished.store_factor(rows[idx[won_here]], factor[won_here], guess[idx[won_here]])
+                finished.store_factor(rows[idx], factor, guess[idx], won[idx])
                 # The second attempt only for the samples whose guess the first one changed.
                 changed = torch.zeros_like(near).index_copy(0, idx, (out[6] != guess[idx]).any(-1))
                 near = near & changed
@@ -490,9 +489,17 @@ class _Finished:
         self.steps.index_copy_(0, at, steps[sel])
         self.res.index_copy_(0, at, res[sel])
 
-    def store_factor(self, at: Tensor, L: Tensor, active: Tensor) -> None:
+    def store_factor(self, at: Tensor, L: Tensor, active: Tensor, won: Tensor) -> None:
         """Record the polish factors ``L`` ``(k, n, n)`` and active sets ``(k, m)`` of the caller's
-        samples ``at`` ``(k,)``."""
+        samples ``at`` ``(k,)`` that the polish ended (``won``, ``(k,)``)."""
+        if self.factor is None and at.shape[0] == self.status.shape[0]:
+            # A polish of the whole call (``at`` is then every sample in order): its factors are
+            # kept as they are, with the samples it did not end flagged out, instead of a gather
+            # and a copy into a fresh (B, n, n) buffer (memory whose page faults cost more).
+            self.factor = (L, active.clone(), won.clone())
+            return
+        sel = won.nonzero().squeeze(1)
+        at, L, active = at[sel], L[sel], active[sel]
         if self.factor is None:
             B, n, m = self.status.shape[0], L.shape[-1], active.shape[-1]
             # Row-major matrices, as the factors of cholesky_or_identity are: the solves then take
