@@ -480,8 +480,8 @@ def test_single_precision_factor_solves_and_its_conditioning_check():
     eps = torch.full((4,), 1e-9, dtype=DT)
     delta = torch.full((4,), 1e-9, dtype=DT)
     w = torch.rand(4, 8, generator=torch.Generator().manual_seed(0), dtype=DT) + 0.5
-    exact = _Reduced(Q, delta, G.mT.contiguous(), A, w, eps)
-    single = _Reduced(Q.float(), delta, G.mT.contiguous().float(), A.float(), w, eps)
+    exact = _Reduced(Q, delta, G, A, w, eps)
+    single = _Reduced(Q.float(), delta, G.float(), A.float(), w, eps)
     r1, r2 = torch.randn(4, 10, dtype=DT), torch.randn(4, 2, dtype=DT)
     (dz, dnu), (dz32, dnu32) = exact.solve(r1, r2), single.solve(r1, r2)
     assert dz32.dtype == DT and dnu32.dtype == DT
@@ -493,7 +493,7 @@ def test_single_precision_factor_solves_and_its_conditioning_check():
     # The check is per sample: only sample 1 is near a solution (λ/s from 1e-5 to 1e5).
     spread = w.clone()
     spread[1] = spread[1] * torch.logspace(-5, 5, 8, dtype=DT)
-    spread_factor = _Reduced(Q.float(), delta, G.mT.contiguous().float(), A.float(), spread, eps)
+    spread_factor = _Reduced(Q.float(), delta, G.float(), A.float(), spread, eps)
     assert spread_factor.well_conditioned(1e-4).tolist() == [True, False, True, True]
 
 
@@ -505,11 +505,10 @@ def test_single_precision_factor_redoes_only_its_failed_samples_in_double():
     delta = torch.full((4,), 1e-9, dtype=DT)
     w = torch.rand(4, 8, generator=torch.Generator().manual_seed(0), dtype=DT) + 0.5
     w[2] = w[2] * torch.logspace(-5, 5, 8, dtype=DT)  # sample 2 fails the float32 pivot check
-    Gt = G.mT.contiguous()
-    single = (Q.float(), Gt.float(), A.float())
-    red = _factorise(Q, delta, Gt, A, w, eps, single)
+    single = (Q.float(), G.float(), A.float())
+    red = _factorise(Q, delta, G, A, w, eps, single)
     assert isinstance(red, _Patched) and red.rows.tolist() == [2] and red.fix.L.dtype == DT
-    exact = _Reduced(Q, delta, Gt, A, w, eps)
+    exact = _Reduced(Q, delta, G, A, w, eps)
     r1, r2 = torch.randn(4, 10, dtype=DT), torch.randn(4, 2, dtype=DT)
     (dz, dnu), (pz, pnu) = exact.solve(r1, r2), red.solve(r1, r2)
     # Sample 2 is solved in float64 (to rounding), the others in float32.
@@ -517,7 +516,7 @@ def test_single_precision_factor_redoes_only_its_failed_samples_in_double():
     assert rel(pz, dz) < 1e-4 and rel(pnu, dnu) < 1e-4
     # With more than a quarter of the samples failing, the whole batch is factorised in float64.
     w[0] = w[0] * torch.logspace(5, -5, 8, dtype=DT)
-    red = _factorise(Q, delta, Gt, A, w, eps, single)
+    red = _factorise(Q, delta, G, A, w, eps, single)
     assert isinstance(red, _Reduced) and red.L.dtype == DT
 
 

@@ -93,17 +93,18 @@ class _Reduced:
     """The factorised reduced system of one iteration (Cholesky of H and of the Schur complement).
 
     ``H = Q + δI + Gᵀ diag(w) G`` is one batched ``baddbmm`` of ``Gᵀ diag(√w)`` with its
-    transpose (``Gt`` is ``Gᵀ``, contiguous: that layout makes the product markedly faster than
-    ``(Gᵀ diag(w)) G``), with ``δ`` added to its diagonal in place. With equalities, ``Y = L⁻¹Aᵀ``
+    transpose (the rows of ``G`` scaled by ``√w``; ``(Gᵀ diag(w)) G`` is markedly slower), with
+    ``δ`` added to its diagonal in place. With equalities, ``Y = L⁻¹Aᵀ``
     is formed once here (one triangular solve with ``p`` columns), so that each solve below
     costs two triangular solves with ``L`` and one ``(p, p)`` Cholesky solve.
     """
 
-    def __init__(self, Q: Tensor, delta: Tensor, Gt: Tensor, A: Tensor, w: Tensor, eps: Tensor) -> None:
+    def __init__(self, Q: Tensor, delta: Tensor, G: Tensor, A: Tensor, w: Tensor, eps: Tensor) -> None:
         self.dtype = w.dtype  # of the right-hand sides and solutions; the factors are in Q's
         w = w.to(Q.dtype)
-        Gw = Gt * w.sqrt().unsqueeze(-2)
-        H = torch.baddbmm(Q, Gw, Gw.mT)
+        Gw = G * w.sqrt().unsqueeze(-1)
+        H = torch.baddbmm(Q, Gw.mT, Gw)
+        del Gw  # freed before the factorisation (memory, as below)
         # δI added in place: a regularised copy of Q kept for the whole solve would add to the
         # memory each call takes from the system (page faults, measured 5-10 % of the time).
         H.diagonal(dim1=-2, dim2=-1).add_(delta[:, None].to(H.dtype))
@@ -172,10 +173,10 @@ _Factor = _Reduced | _Patched
 
 
 def _factorise(
-    Q: Tensor, delta: Tensor, Gt: Tensor, A: Tensor, w: Tensor, eps: Tensor,
+    Q: Tensor, delta: Tensor, G: Tensor, A: Tensor, w: Tensor, eps: Tensor,
     single: tuple[Tensor, Tensor, Tensor] | None,
 ) -> _Factor:
-    """The iteration's factorisation: from ``single``, float32 copies of ``(Q, Gt, A)``, when
+    """The iteration's factorisation: from ``single``, float32 copies of ``(Q, G, A)``, when
     given and its pivots pass the check, else in float64. When only a few samples fail the
     check (at most a quarter), only those are factorised again in float64."""
     if single is not None:
@@ -185,9 +186,9 @@ def _factorise(
             return red
         bad = (~ok).nonzero().squeeze(1)
         if 4 * bad.shape[0] <= ok.shape[0]:
-            return _Patched(red, bad, _Reduced(Q[bad], delta[bad], Gt[bad], A[bad], w[bad], eps[bad]))
+            return _Patched(red, bad, _Reduced(Q[bad], delta[bad], G[bad], A[bad], w[bad], eps[bad]))
         del red  # freed before the float64 factorisation (memory, as above)
-    return _Reduced(Q, delta, Gt, A, w, eps)
+    return _Reduced(Q, delta, G, A, w, eps)
 
 
 def _direction(
@@ -255,8 +256,9 @@ def interior_point(
     reg = torch.finfo(dtype).eps ** 0.5 if dtype != torch.float64 else 1e-9
     delta = reg * mat_scale
     eps = reg * mat_scale
-    Gt = G.mT.contiguous()
-    single = (Q.float(), Gt.float(), A.float()) if (
+    # G is used as given (row-major): every product takes it in that layout, and a transposed
+    # copy would add its memory to what each call takes from the system (page faults).
+    single = (Q.float(), G.float(), A.float()) if (
         device.type == "cpu" and dtype == torch.float64 and B * n * n * m >= _SINGLE_WORK) else None
 
     # Initial point: the reduced system with unit scaling (λ/s = 1), then shifted into s, λ > 0.
@@ -265,7 +267,7 @@ def interior_point(
     ones_m = q.new_ones(B, m)
     unit: _Factor | None = None
     if warm is None:
-        red = unit = _factorise(Q, delta, Gt, A, ones_m, eps, single)
+        red = unit = _factorise(Q, delta, G, A, ones_m, eps, single)
         z, nu = red.solve(-q + bmtv(G, h), b)
         Gz = bmv(G, z)
         s = h - Gz
@@ -351,7 +353,7 @@ def interior_point(
                     break
                 # Only the samples near their solution are factorised (a gather, then a scatter);
                 # when they are most of the working batch, the whole batch is (the others' results
-                # are masked out below): the gathered copies of Q and Gᵀ would be fresh memory, whose
+                # are masked out below): the gathered copies of Q and G would be fresh memory, whose
                 # page faults cost more than the few samples polished in vain.
                 idx = near.nonzero().squeeze(1)
                 whole = 4 * idx.shape[0] >= 3 * near.shape[0]
@@ -361,9 +363,8 @@ def interior_point(
                 def take(t: Tensor) -> Tensor:
                     return t if whole else t[idx]  # noqa: B023 (used within the iteration only)
 
-                # G as the transpose of the contiguous Gᵀ: the layout normal_matrix is fastest with.
                 out = _polish(
-                    take(Q), take(q), take(Gt).mT, take(h), take(A), take(b), take(z), take(lam),
+                    take(Q), take(q), take(G), take(h), take(A), take(b), take(z), take(lam),
                     take(nu), take(s), take(guess), take(q_scale), take(h_scale), take(delta),
                 )
                 factor = out[5]
@@ -411,7 +412,7 @@ def interior_point(
             finished.store(~active, rows, best, status, steps, best_res)
             keep = active.nonzero().squeeze(1)
             rows = rows[keep]
-            Q, q, G, h, A, b, Gt = (t[keep] for t in (Q, q, G, h, A, b, Gt))
+            Q, q, G, h, A, b = (t[keep] for t in (Q, q, G, h, A, b))
             if single is not None:
                 single = (single[0][keep], single[1][keep], single[2][keep])
             q_scale, h_scale, delta, eps = (t[keep] for t in (q_scale, h_scale, delta, eps))
@@ -429,7 +430,7 @@ def interior_point(
             red, unit = unit, None
         else:
             unit = None
-            red = _factorise(Q, delta, Gt, A, w, eps, single)
+            red = _factorise(Q, delta, G, A, w, eps, single)
 
         # Predictor (affine scaling), then Mehrotra's centring and second-order correction.
         sl = s * lam

@@ -47,10 +47,11 @@ def normal_matrix(
     ``(B, m)``, not negative, ``a_divisor`` and ``diagonal`` ``(B, 1)``): the regularised Schur
     complement of a KKT system with the rows of ``G`` weighted and those of ``A`` eliminated.
 
-    Formed as ``(Gᵀ diag(√w)) (Gᵀ diag(√w))ᵀ``, fastest when ``G`` is the transpose of a
-    contiguous ``Gᵀ``, and then updated in place: one new ``(n, n)`` matrix per call."""
-    Gw = G.mT * g_weight.sqrt().unsqueeze(-2)
-    H = torch.baddbmm(Q, Gw, Gw.mT)
+    Formed as ``(diag(√w) G)ᵀ (diag(√w) G)`` (the rows of ``G`` scaled), and then updated in
+    place: one new ``(n, n)`` matrix per call, and the scaled copy freed before it returns."""
+    Gw = G * g_weight.sqrt().unsqueeze(-1)
+    H = torch.baddbmm(Q, Gw.mT, Gw)
+    del Gw
     if A.shape[-2]:
         As = A / a_divisor.sqrt().unsqueeze(-1)
         H.baddbmm_(As.mT, As)
