@@ -540,7 +540,10 @@ def test_cholesky_solve_matches_a_dense_solve_for_both_factor_layouts():
     H = M @ M.mT + 0.5 * torch.eye(7, dtype=DT)
     rhs = torch.randn(5, 7, 2, generator=g, dtype=DT)
     exact = torch.linalg.solve(H, rhs)
-    L_rows, info = cholesky(H)  # row-major lower factor
+    work = H.clone()
+    L_rows, info = cholesky(work)  # row-major lower factor, made in place over its argument
+    assert L_rows.data_ptr() == work.data_ptr() and torch.equal(L_rows, L_rows.tril())
+    assert rel(L_rows @ L_rows.mT, H) < 1e-14
     L_cols = torch.linalg.cholesky(H)  # torch's own (column-major) lower factor
     assert not bool(info.any()) and L_rows.is_contiguous() and not L_cols.is_contiguous()
     for L in (L_rows, L_cols):

@@ -108,6 +108,7 @@ class _Reduced:
         # δI added in place: a regularised copy of Q kept for the whole solve would add to the
         # memory each call takes from the system (page faults, measured 5-10 % of the time).
         H.diagonal(dim1=-2, dim2=-1).add_(delta[:, None].to(H.dtype))
+        h_diag = H.diagonal(dim1=-2, dim2=-1).clone()  # for the fallback below (H is overwritten)
         L, info = cholesky(H)
         # A sample whose H is not numerically positive definite (a diverging, infeasible iterate)
         # takes a diagonally scaled step instead of a Newton step; the others are untouched. On
@@ -115,7 +116,7 @@ class _Reduced:
         # asking costs nothing, the masked replacement is skipped when no sample needs it.
         if L.device.type != "cpu" or bool(info.any()):
             bad = (info != 0)[:, None, None]
-            jacobi = torch.diag_embed(H.diagonal(dim1=-2, dim2=-1).abs().clamp(min=1.0).sqrt())
+            jacobi = torch.diag_embed(h_diag.abs().clamp(min=1.0).sqrt())
             L = torch.where(bad, jacobi, L)
         self.L = L
         self.p = A.shape[-2]
