@@ -532,6 +532,26 @@ def test_check_every_changes_when_samples_stop_not_the_answer():
     assert int(info.steps.sum()) <= int(info3.steps.sum())
 
 
+def test_step_to_the_boundary_matches_its_definition():
+    from implicit_layers._qp._ipm import _max_step
+
+    g = torch.Generator().manual_seed(5)
+    v = torch.rand(64, 9, generator=g, dtype=DT) + 1e-3
+    dv = torch.randn(64, 9, generator=g, dtype=DT) * torch.logspace(-3, 3, 64, dtype=DT)[:, None]
+    # The largest α <= 1 with v + α dv >= 0, from the rows with dv < 0 only.
+    ratios = torch.where(dv < 0, -v / dv, torch.full_like(v, float("inf")))
+    expected = ratios.amin(-1).clamp(max=1.0)
+    alpha = _max_step(v, dv)
+    assert rel(alpha, expected) < 1e-15
+    assert bool((v + alpha[:, None] * dv >= -1e-15 * v.abs()).all())
+    # No row moving towards the boundary: the full step. A zero entry that stays put (0/0)
+    # leaves α defined; one moving down allows no step (α below the smallest normal number).
+    up = torch.tensor([[1.0, 2.0, 0.0]], dtype=DT)
+    assert _max_step(up, torch.tensor([[0.5, 0.0, 0.0]], dtype=DT)).tolist() == [1.0]
+    assert _max_step(up, torch.tensor([[-4.0, 1.0, 0.0]], dtype=DT)).tolist() == [0.25]
+    assert 0.0 <= float(_max_step(up, torch.tensor([[1.0, 1.0, -1.0]], dtype=DT))) <= torch.finfo(DT).tiny
+
+
 def test_cholesky_solve_matches_a_dense_solve_for_both_factor_layouts():
     from implicit_layers._qp._linalg import cholesky, cholesky_solve
 
