@@ -532,6 +532,24 @@ def test_check_every_changes_when_samples_stop_not_the_answer():
     assert int(info.steps.sum()) <= int(info3.steps.sum())
 
 
+def test_cholesky_falls_back_to_a_new_factor_where_torch_refuses_the_in_place_one(monkeypatch):
+    from implicit_layers._qp import _linalg
+
+    g = torch.Generator().manual_seed(4)
+    M = torch.randn(3, 6, 6, generator=g, dtype=DT)
+    H = M @ M.mT + 0.5 * torch.eye(6, dtype=DT)
+    original = torch.linalg.cholesky_ex
+
+    def refusing(A, *, upper=False, out=None):
+        if out is not None:
+            raise RuntimeError("unsupported operation: the output aliases the input")
+        return original(A, upper=upper)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", refusing)
+    L, info = _linalg.cholesky(H.clone())
+    assert not bool(info.any()) and rel(L @ L.mT, H) < 1e-14 and torch.equal(L, L.tril())
+
+
 def test_step_to_the_boundary_matches_its_definition():
     from implicit_layers._qp._ipm import _max_step
 

@@ -72,8 +72,11 @@ def cholesky(H: Tensor) -> tuple[Tensor, Tensor]:
     Solve with :func:`cholesky_solve`."""
     if H.device.type == "cpu" and H.is_contiguous():
         info = torch.empty(H.shape[:-2], dtype=torch.int32, device=H.device)
-        torch.linalg.cholesky_ex(H.mT, upper=True, out=(H.mT, info))
-        return H, info
+        try:
+            torch.linalg.cholesky_ex(H.mT, upper=True, out=(H.mT, info))
+            return H, info
+        except RuntimeError:  # a torch that refuses an output aliasing its input: a new factor
+            pass
     U, info = torch.linalg.cholesky_ex(H, upper=True)
     return U.mT, info
 
