@@ -480,8 +480,8 @@ def test_single_precision_factor_solves_and_its_conditioning_check():
     eps = torch.full((4,), 1e-9, dtype=DT)
     delta = torch.full((4,), 1e-9, dtype=DT)
     w = torch.rand(4, 8, generator=torch.Generator().manual_seed(0), dtype=DT) + 0.5
-    exact = _Reduced(Q, delta, G.mT.contiguous(), A, w, eps)
-    single = _Reduced(Q.float(), delta, G.mT.contiguous().float(), A.float(), w, eps)
+    exact = _Reduced(Q, delta, G, A, w, eps)
+    single = _Reduced(Q.float(), delta, G.float(), A.float(), w, eps)
     r1, r2 = torch.randn(4, 10, dtype=DT), torch.randn(4, 2, dtype=DT)
     (dz, dnu), (dz32, dnu32) = exact.solve(r1, r2), single.solve(r1, r2)
     assert dz32.dtype == DT and dnu32.dtype == DT
@@ -493,7 +493,7 @@ def test_single_precision_factor_solves_and_its_conditioning_check():
     # The check is per sample: only sample 1 is near a solution (λ/s from 1e-5 to 1e5).
     spread = w.clone()
     spread[1] = spread[1] * torch.logspace(-5, 5, 8, dtype=DT)
-    spread_factor = _Reduced(Q.float(), delta, G.mT.contiguous().float(), A.float(), spread, eps)
+    spread_factor = _Reduced(Q.float(), delta, G.float(), A.float(), spread, eps)
     assert spread_factor.well_conditioned(1e-4).tolist() == [True, False, True, True]
 
 
@@ -505,11 +505,10 @@ def test_single_precision_factor_redoes_only_its_failed_samples_in_double():
     delta = torch.full((4,), 1e-9, dtype=DT)
     w = torch.rand(4, 8, generator=torch.Generator().manual_seed(0), dtype=DT) + 0.5
     w[2] = w[2] * torch.logspace(-5, 5, 8, dtype=DT)  # sample 2 fails the float32 pivot check
-    Gt = G.mT.contiguous()
-    single = (Q.float(), Gt.float(), A.float())
-    red = _factorise(Q, delta, Gt, A, w, eps, single)
+    single = (Q.float(), G.float(), A.float())
+    red = _factorise(Q, delta, G, A, w, eps, single)
     assert isinstance(red, _Patched) and red.rows.tolist() == [2] and red.fix.L.dtype == DT
-    exact = _Reduced(Q, delta, Gt, A, w, eps)
+    exact = _Reduced(Q, delta, G, A, w, eps)
     r1, r2 = torch.randn(4, 10, dtype=DT), torch.randn(4, 2, dtype=DT)
     (dz, dnu), (pz, pnu) = exact.solve(r1, r2), red.solve(r1, r2)
     # Sample 2 is solved in float64 (to rounding), the others in float32.
@@ -517,7 +516,7 @@ def test_single_precision_factor_redoes_only_its_failed_samples_in_double():
     assert rel(pz, dz) < 1e-4 and rel(pnu, dnu) < 1e-4
     # With more than a quarter of the samples failing, the whole batch is factorised in float64.
     w[0] = w[0] * torch.logspace(5, -5, 8, dtype=DT)
-    red = _factorise(Q, delta, Gt, A, w, eps, single)
+    red = _factorise(Q, delta, G, A, w, eps, single)
     assert isinstance(red, _Reduced) and red.L.dtype == DT
 
 
@@ -533,6 +532,44 @@ def test_check_every_changes_when_samples_stop_not_the_answer():
     assert int(info.steps.sum()) <= int(info3.steps.sum())
 
 
+def test_cholesky_falls_back_to_a_new_factor_where_torch_refuses_the_in_place_one(monkeypatch):
+    from implicit_layers._qp import _linalg
+
+    g = torch.Generator().manual_seed(4)
+    M = torch.randn(3, 6, 6, generator=g, dtype=DT)
+    H = M @ M.mT + 0.5 * torch.eye(6, dtype=DT)
+    original = torch.linalg.cholesky_ex
+
+    def refusing(A, *, upper=False, out=None):
+        if out is not None:
+            raise RuntimeError("unsupported operation: the output aliases the input")
+        return original(A, upper=upper)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", refusing)
+    L, info = _linalg.cholesky(H.clone())
+    assert not bool(info.any()) and rel(L @ L.mT, H) < 1e-14 and torch.equal(L, L.tril())
+
+
+def test_step_to_the_boundary_matches_its_definition():
+    from implicit_layers._qp._ipm import _max_step
+
+    g = torch.Generator().manual_seed(5)
+    v = torch.rand(64, 9, generator=g, dtype=DT) + 1e-3
+    dv = torch.randn(64, 9, generator=g, dtype=DT) * torch.logspace(-3, 3, 64, dtype=DT)[:, None]
+    # The largest α <= 1 with v + α dv >= 0, from the rows with dv < 0 only.
+    ratios = torch.where(dv < 0, -v / dv, torch.full_like(v, float("inf")))
+    expected = ratios.amin(-1).clamp(max=1.0)
+    alpha = _max_step(v, dv)
+    assert rel(alpha, expected) < 1e-15
+    assert bool((v + alpha[:, None] * dv >= -1e-15 * v.abs()).all())
+    # No row moving towards the boundary: the full step. A zero entry that stays put (0/0)
+    # leaves α defined; one moving down allows no step (α below the smallest normal number).
+    up = torch.tensor([[1.0, 2.0, 0.0]], dtype=DT)
+    assert _max_step(up, torch.tensor([[0.5, 0.0, 0.0]], dtype=DT)).tolist() == [1.0]
+    assert _max_step(up, torch.tensor([[-4.0, 1.0, 0.0]], dtype=DT)).tolist() == [0.25]
+    assert 0.0 <= float(_max_step(up, torch.tensor([[1.0, 1.0, -1.0]], dtype=DT))) <= torch.finfo(DT).tiny
+
+
 def test_cholesky_solve_matches_a_dense_solve_for_both_factor_layouts():
     from implicit_layers._qp._linalg import cholesky, cholesky_solve
 
@@ -541,7 +578,10 @@ def test_cholesky_solve_matches_a_dense_solve_for_both_factor_layouts():
     H = M @ M.mT + 0.5 * torch.eye(7, dtype=DT)
     rhs = torch.randn(5, 7, 2, generator=g, dtype=DT)
     exact = torch.linalg.solve(H, rhs)
-    L_rows, info = cholesky(H)  # row-major lower factor
+    work = H.clone()
+    L_rows, info = cholesky(work)  # row-major lower factor, made in place over its argument
+    assert L_rows.data_ptr() == work.data_ptr() and torch.equal(L_rows, L_rows.tril())
+    assert rel(L_rows @ L_rows.mT, H) < 1e-14
     L_cols = torch.linalg.cholesky(H)  # torch's own (column-major) lower factor
     assert not bool(info.any()) and L_rows.is_contiguous() and not L_cols.is_contiguous()
     for L in (L_rows, L_cols):

@@ -47,10 +47,11 @@ def normal_matrix(
     ``(B, m)``, not negative, ``a_divisor`` and ``diagonal`` ``(B, 1)``): the regularised Schur
     complement of a KKT system with the rows of ``G`` weighted and those of ``A`` eliminated.
 
-    Formed as ``(Gᵀ diag(√w)) (Gᵀ diag(√w))ᵀ``, fastest when ``G`` is the transpose of a
-    contiguous ``Gᵀ``, and then updated in place: one new ``(n, n)`` matrix per call."""
-    Gw = G.mT * g_weight.sqrt().unsqueeze(-2)
-    H = torch.baddbmm(Q, Gw, Gw.mT)
+    Formed as ``(diag(√w) G)ᵀ (diag(√w) G)`` (the rows of ``G`` scaled), and then updated in
+    place: one new ``(n, n)`` matrix per call, and the scaled copy freed before it returns."""
+    Gw = G * g_weight.sqrt().unsqueeze(-1)
+    H = torch.baddbmm(Q, Gw.mT, Gw)
+    del Gw
     if A.shape[-2]:
         As = A / a_divisor.sqrt().unsqueeze(-1)
         H.baddbmm_(As.mT, As)
@@ -61,9 +62,21 @@ def normal_matrix(
 def cholesky(H: Tensor) -> tuple[Tensor, Tensor]:
     """``torch.linalg.cholesky_ex(H)``: the lower factor ``L`` ``(B, n, n)`` and ``info`` ``(B,)``.
 
-    Computed as the upper factor and returned as its transpose (``L`` row-major): torch zeroes the
-    other triangle of its factor, and on the CPU that pass is markedly cheaper for the upper
-    factor (about a tenth of a batched factorisation at n = 50). Solve with :func:`cholesky_solve`."""
+    ``H`` is a temporary of the caller's and is overwritten: on the CPU a contiguous ``H`` is
+    factorised in place and ``L`` is ``H`` itself (row-major). ``H`` is symmetric, so ``Hᵀ`` is
+    the same matrix in torch's column-major layout, and ``cholesky_ex(Hᵀ, upper=True,
+    out=Hᵀ)`` writes the upper factor ``U = Lᵀ`` over it: no new ``(B, n, n)`` matrix and no copy
+    of ``H`` into one (each call's fresh memory costs page faults). Elsewhere it is computed as
+    the upper factor and returned as its transpose (``L`` row-major): torch zeroes the other
+    triangle of its factor, and on the CPU that pass is markedly cheaper for the upper factor.
+    Solve with :func:`cholesky_solve`."""
+    if H.device.type == "cpu" and H.is_contiguous():
+        info = torch.empty(H.shape[:-2], dtype=torch.int32, device=H.device)
+        try:
+            torch.linalg.cholesky_ex(H.mT, upper=True, out=(H.mT, info))
+            return H, info
+        except RuntimeError:  # a torch that refuses an output aliasing its input: a new factor
+            pass
     U, info = torch.linalg.cholesky_ex(H, upper=True)
     return U.mT, info
 
@@ -87,7 +100,7 @@ def cholesky_or_identity(H: Tensor) -> tuple[Tensor, Tensor]:
     """The Cholesky factor of ``H`` ``(B, n, n)`` and the samples whose factorisation failed
     ``(B,)``; those get the identity as factor, which keeps the batched solves finite until the
     caller sets them aside. On the CPU, where asking costs nothing, the masked replacement is
-    skipped when no sample failed."""
+    skipped when no sample failed. ``H`` is overwritten (see :func:`cholesky`)."""
     L, info = cholesky(H)
     failed = info != 0
     if L.device.type != "cpu" or bool(failed.any()):

@@ -106,24 +106,27 @@ class ReducedKKT:
             self.failed = self.failed.index_copy(0, idx, failed)
 
     # -- the reduced symmetric system -------------------------------------------------------
-    def _regularised(self, a: Tensor, cg: Tensor, cnu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _regularised(self, a: Tensor, cg: Tensor, cnu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The regularised solve ``(x, y_g, y_ν)``, and ``G x``."""
         rhs = a + bmtv(self.G, self.d * cg) + bmtv(self.A, cnu / self.rho)
         x = cholesky_solve(rhs.unsqueeze(-1), self.L).squeeze(-1)
-        yg = self.d * (self.active * bmv(self.G, x) - cg)
-        ynu = (bmv(self.A, x) - cnu) / self.rho
-        return x, yg, ynu
-
-    def _exact(self, x: Tensor, yg: Tensor, ynu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         Gx = bmv(self.G, x)
+        yg = self.d * (self.active * Gx - cg)
+        ynu = (bmv(self.A, x) - cnu) / self.rho
+        return x, yg, ynu, Gx
+
+    def _exact(self, x: Tensor, yg: Tensor, ynu: Tensor, Gx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         top = bmv(self.Q, x) + bmtv(self.G, self.w * Gx + self.active * yg) + bmtv(self.A, ynu)
         return top, self.active * Gx - self.e * yg, bmv(self.A, x)
 
-    def _symmetric_solve(self, a: Tensor, cg: Tensor, cnu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x, yg, ynu = self._regularised(a, cg, cnu)
+    def _symmetric_solve(self, a: Tensor, cg: Tensor, cnu: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The solution ``(x, y_g, y_ν)`` of the symmetric system, and ``G x``: carried along with
+        ``x`` by the products ``G dx`` of the corrections (one product with ``G`` fewer a step)."""
+        x, yg, ynu, Gx = self._regularised(a, cg, cnu)
         size = torch.cat([a, cg, cnu], -1).norm(dim=-1)
         previous = torch.full_like(size, float("inf"))
         for _ in range(_REFINE_STEPS):
-            top, mid, bottom = self._exact(x, yg, ynu)
+            top, mid, bottom = self._exact(x, yg, ynu, Gx)
             ra, rg, rnu = a - top, cg - mid, cnu - bottom
             res = torch.cat([ra, rg, rnu], -1).norm(dim=-1)
             # Refinement gains a few digits a step; it stops at rounding or when it stalls.
@@ -136,11 +139,11 @@ class ReducedKKT:
             last = x.device.type == "cpu" and not bool(
                 (going & ~(previous.isfinite() & (res * res <= _ROUNDING * size * previous))).any())
             previous = res
-            dx, dyg, dynu = self._regularised(ra, rg, rnu)
-            x, yg, ynu = x + dx, yg + dyg, ynu + dynu
+            dx, dyg, dynu, Gdx = self._regularised(ra, rg, rnu)
+            x, yg, ynu, Gx = x + dx, yg + dyg, ynu + dynu, Gx + Gdx
             if last:
                 break
-        return x, yg, ynu
+        return x, yg, ynu, Gx
 
     # -- K and Kᵀ ------------------------------------------------------------------------
     def solve(self, rhs: Tensor, transpose: bool) -> Tensor:
@@ -156,8 +159,7 @@ class ReducedKKT:
             # K: λᵢ Gᵢ dz - sᵢ dλᵢ = r2ᵢ; active rows are divided by λᵢ.
             a = r1 + bmtv(self.G, self.inv_s * r2)
             cg = r2 * self.inv_lam
-        x, yg, ynu = self._symmetric_solve(a, cg, r3)
-        Gx = bmv(self.G, x)
+        x, yg, ynu, Gx = self._symmetric_solve(a, cg, r3)
         if transpose:
             lam = torch.where(self.active > 0, yg * self.inv_lam, (Gx - r2) * self.inv_s)
         else:
