@@ -291,6 +291,8 @@ class ForwardBookkeeping(Bookkeeping):
     """
 
     steps: Tensor  # the steps each sample took (int64)
+    _best_tol: Tensor | None
+    _best_znorm: Tensor
 
     def __init__(
         self, solver: ForwardSolver, problem: Problem, z0: Tensor, r0: Tensor, keepdim: bool
@@ -340,6 +342,27 @@ class ForwardBookkeeping(Bookkeeping):
     def _tol(self, znorm: Tensor) -> Tensor:
         """The tolerances of iterates of norms ``znorm`` (fixed points)."""
         return torch.clamp(znorm * self.rtol, min=self.tol0)
+
+    @property
+    def best_tol(self) -> Tensor:
+        """The tolerances of each sample's best iterate. A check that judged the tolerance on
+        the host keeps only the iterate's norm (:meth:`_best_tol_from`); the tolerance is
+        formed from it when read (at the end, or at a masked update), by the same ops."""
+        if self._best_tol is None:
+            self._best_tol = self._tol(self._best_znorm)
+        return self._best_tol
+
+    @best_tol.setter
+    def best_tol(self, value: Tensor) -> None:
+        self._best_tol = value
+
+    def _best_tol_from(self, znorm: Tensor | None) -> None:
+        """The best iterates' tolerances, to be formed from their norms ``znorm`` when read
+        (``None``: not relative to the iterate, the tolerances are :attr:`tol0`)."""
+        if znorm is None:
+            self._best_tol = self.tol0
+        else:
+            self._best_tol, self._best_znorm = None, znorm
 
     def _best(self, known_converged: bool) -> tuple[Tensor, SolveInfo]:
         """Each sample's best iterate and the info: converged where that iterate meets its

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,6 +62,9 @@ def judge_window(
     worst = res.masked_fill(dead, 0.0).amax()
     return (top - 1).clamp_min(0), met, dead, top > 0, worst
 
+
+#: The host's dtype of the bookkeeping's columns (float64; float32 on MPS).
+_NUMPY = {torch.float64: np.float64, torch.float32: np.float32}
 
 _ARANGE: dict[tuple[int, torch.device, int], Tensor] = {}
 
@@ -124,9 +128,10 @@ class WindowMonitor(ForwardBookkeeping):
         self._judged = False
         self._all_done = False
         #: At a check with iterates to judge (while :attr:`extra` runs): the ``(B, 1)``
-        #: residual norms and tolerances of the latest iterate; ``None`` otherwise.
+        #: residual norms of the latest iterate; ``None`` otherwise.
         self.last_res: Tensor | None = None
-        self.last_tol: Tensor | None = None
+        self._last_tol: Tensor | None = None
+        self._last_znorm: Tensor | None = None
 
     @property
     def steps(self) -> Tensor:
@@ -163,7 +168,10 @@ class WindowMonitor(ForwardBookkeeping):
         z, r = self._zs[0], self._rs[0]
         self._zs, self._rs = [], []
         res = _norm(r, keepdim=True)
-        tol = self._tol(_norm(z, keepdim=True)) if self.relative_to_z else self.tol0
+        znorm = _norm(z, keepdim=True) if self.relative_to_z else None
+        if self.all_active and self.extra is None:
+            return self._judge_one_on_host(z, res, znorm)
+        tol = self._tol(znorm) if znorm is not None else self.tol0
         self.last_res, self.last_tol = res, tol
         met = res <= tol
         if self.all_active:
@@ -178,17 +186,12 @@ class WindowMonitor(ForwardBookkeeping):
                 # On the CPU a synchronisation is cheaper than a masked copy of the iterate.
                 self.best_z, self.best_res, self.best_tol = z, res, tol
             else:
-                better = lower | met
-                self.best_z = torch.where(better, z, self.best_z)
-                self.best_res = torch.where(better, res, self.best_res)
-                self.best_tol = torch.where(better, tol, self.best_tol)
+                self._take_better(z, res, tol, lower | met)
         else:
             alive = ~self.done
             better = alive & ((res <= self.best_res) | met)
             self.steps = self.steps + alive
-            self.best_z = torch.where(better, z, self.best_z)
-            self.best_res = torch.where(better, res, self.best_res)
-            self.best_tol = torch.where(better, tol, self.best_tol)
+            self._take_better(z, res, tol, better)
             self.res = torch.where(alive, res, self.res)
             self.done = self.done | met
             all_done, finite, any_done, *rest = self._count_flags(self.done, self.res)
@@ -197,6 +200,66 @@ class WindowMonitor(ForwardBookkeeping):
         if rest:
             self.res_in_safe_range = bool(rest[0])
         return [all_done, finite]
+
+    def _take_better(self, z: Tensor, res: Tensor, tol: Tensor, better: Tensor) -> None:
+        """The new best iterate where ``better`` ``(B, 1)``, with its norm and tolerance."""
+        self.best_z = torch.where(better, z, self.best_z)
+        self.best_res = torch.where(better, res, self.best_res)
+        self.best_tol = torch.where(better, tol, self.best_tol)
+
+    def _judge_one_on_host(self, z: Tensor, res: Tensor, znorm: Tensor | None) -> list[bool]:
+        """:meth:`_judge_one` while every sample is stepping: the columns the rule reads (the
+        residual norms, the iterate's norms, the tolerance floors and the lowest residuals so
+        far) travel to the host in the check's one synchronisation, where the tolerances,
+        verdicts and flags are formed by the same float operations as on the device (IEEE
+        multiply, max and comparisons give the same bits). Between the norms and the read the
+        device runs one op (the columns' ``cat``) instead of the tolerance's multiply and
+        clamp, the two comparisons and the count. The device's per-sample flags are formed
+        only when some sample is done or not lower (rare: a check or two per solve)."""
+        columns = [res] if znorm is None else [res, znorm]
+        columns += [self.tol0, self.best_res]
+        host = np.array(torch.cat(columns, dim=-1).tolist(), dtype=_NUMPY[res.dtype])
+        res_h, floor_h, best_h = host[:, 0], host[:, -2], host[:, -1]
+        tol_h = floor_h if znorm is None else np.maximum(host[:, 1] * host.dtype.type(self.rtol), floor_h)
+        met_h = res_h <= tol_h
+        lower_h = res_h <= best_h
+        self.res = res
+        self.last_res, self._last_znorm, self._last_tol = res, znorm, None
+        self._uniform_steps += 1
+        any_done = bool(met_h.any())
+        if any_done:
+            # the samples done: the device's flags, from the same comparison
+            self.done = res <= self._latest_tol(znorm)
+        if lower_h.all():
+            self.best_z, self.best_res = z, res
+            self._best_tol_from(znorm)
+        else:
+            tol = self._latest_tol(znorm)
+            self._take_better(z, res, tol, (res <= self.best_res) | (res <= tol))
+        self.all_active = not any_done
+        self._dead = None
+        if self.safe is not None:
+            self.res_in_safe_range = bool(((res_h >= self.safe[0]) & (res_h <= self.safe[1])).all())
+        return [bool(met_h.all()), bool(np.isfinite(res_h).all())]
+
+    @property
+    def last_tol(self) -> Tensor | None:
+        """At a check with iterates to judge (while :attr:`extra` runs): the ``(B, 1)``
+        tolerances of the latest iterate (formed when read, after a check on the host);
+        ``None`` otherwise."""
+        if self._last_tol is None and self.last_res is not None:
+            return self._latest_tol(self._last_znorm)
+        return self._last_tol
+
+    @last_tol.setter
+    def last_tol(self, value: Tensor | None) -> None:
+        self._last_tol, self._last_znorm = value, None
+
+    def _latest_tol(self, znorm: Tensor | None) -> Tensor:
+        """The latest iterate's tolerances from its norms (formed once per check)."""
+        if self._last_tol is None:
+            self._last_tol = self._tol(znorm) if znorm is not None else self.tol0
+        return self._last_tol
 
     def _count_flags(
         self, met: Tensor, res: Tensor, better: Tensor | None = None, safe: bool = True
