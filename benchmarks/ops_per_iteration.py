@@ -133,23 +133,29 @@ class OpCounter(TorchDispatchMode):
 
 def _count(run: Callable[[OpCounter], object]) -> OpCounter:
     counter = OpCounter()
-    # ``Tensor.tolist`` reads the data without dispatching an aten op (on an accelerator it
-    # copies to the host, a synchronisation): counted by hand as one op and one sync.
-    tolist = torch.Tensor.tolist
+    # ``Tensor.tolist`` and ``Tensor.numpy`` read the data without dispatching an aten op (on
+    # an accelerator the read copies to the host, a synchronisation): each counted by hand as
+    # one op and one sync.
+    reads = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
 
-    def counted_tolist(self):
-        if not counter._pause:
-            counter.ops += 1
-            counter.syncs += 1
-            counter.names["tolist"] = counter.names.get("tolist", 0) + 1
-        return tolist(self)
+    def counted(name: str, read: Callable) -> Callable:
+        def read_counted(self, *args, **kwargs):
+            if not counter._pause:
+                counter.ops += 1
+                counter.syncs += 1
+                counter.names[name] = counter.names.get(name, 0) + 1
+            return read(self, *args, **kwargs)
 
-    torch.Tensor.tolist = counted_tolist
+        return read_counted
+
+    for name, read in reads.items():
+        setattr(torch.Tensor, name, counted(name, read))
     try:
         with counter:
             run(counter)
     finally:
-        torch.Tensor.tolist = tolist
+        for name, read in reads.items():
+            setattr(torch.Tensor, name, read)
     return counter
 
 

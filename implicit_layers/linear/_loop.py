@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from ._base import LinearSolver
 
 __all__ = [
-    "Bookkeeping", "sync_flags", "wide_dtype",
+    "Bookkeeping", "sync_flags", "to_host", "wide_dtype",
     "LinearLoop", "check_done", "check_active", "first_product", "autograd_records", "records",
 ]
 
@@ -74,6 +75,14 @@ def wide_dtype(x: Tensor) -> torch.dtype:
     """The dtype of the bookkeeping's norms, counts and tolerances for tensors like ``x``:
     float64, or float32 on MPS (which has no float64)."""
     return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def to_host(t: Tensor) -> np.ndarray:
+    """``t``'s values on the host, as a NumPy array: a check's one synchronisation (a copy on
+    an accelerator, none on the CPU). A check that reads per-sample columns and forms its
+    flags on the host runs no reduction on the device; reading a few thousand values costs
+    less than launching the ops (and on the CPU, less than running them)."""
+    return t.cpu().numpy()
 
 
 def sync_flags(done: Tensor, watch: Tensor) -> list[bool]:

@@ -25,6 +25,7 @@ from torch import Tensor
 from .._cuda_graph import Chunk, ChunkGraphs
 from .._info import SolveInfo
 from .._problem import Problem
+from ..linear._loop import to_host
 from ._base import ForwardBookkeeping, ForwardSolver, _norm
 
 __all__ = ["WindowMonitor", "judge_window", "ChunkAdvance"]
@@ -62,9 +63,6 @@ def judge_window(
     worst = res.masked_fill(dead, 0.0).amax()
     return (top - 1).clamp_min(0), met, dead, top > 0, worst
 
-
-#: The host's dtype of the bookkeeping's columns (float64; float32 on MPS).
-_NUMPY = {torch.float64: np.float64, torch.float32: np.float32}
 
 _ARANGE: dict[tuple[int, torch.device, int], Tensor] = {}
 
@@ -120,7 +118,15 @@ class WindowMonitor(ForwardBookkeeping):
         #: host in the check's one synchronisation (a solver's own test of the iterates); their
         #: values land in :attr:`extra_values`.
         self.extra: Callable[[], list[Tensor]] | None = None
+        #: The same values computed on the host, for a check judged there: called with the
+        #: ``(B,)`` residual norms, tolerances and done flags of the latest iterate (after the
+        #: bookkeeping) as NumPy arrays. A check with :attr:`extra` set and no
+        #: ``host_extra`` is judged on the device.
+        self.host_extra: Callable[[np.ndarray, np.ndarray, np.ndarray], list[float]] | None = None
         self.extra_values: list[float] = []
+        #: After a check judged on the host: the ``(B,)`` residual norms it read (of the
+        #: latest iterate, or of the initial one at the first check); ``None`` otherwise.
+        self.host_res: np.ndarray | None = None
         self._stacked: tuple[Tensor, Tensor] | None = None
         # Whether a check has judged every recorded iterate (then finish() needs no check),
         # and whether that check found every sample done (then every sample converged: its
@@ -169,7 +175,7 @@ class WindowMonitor(ForwardBookkeeping):
         self._zs, self._rs = [], []
         res = _norm(r, keepdim=True)
         znorm = _norm(z, keepdim=True) if self.relative_to_z else None
-        if self.all_active and self.extra is None:
+        if self.all_active and (self.extra is None or self.host_extra is not None):
             return self._judge_one_on_host(z, res, znorm)
         tol = self._tol(znorm) if znorm is not None else self.tol0
         self.last_res, self.last_tol = res, tol
@@ -218,7 +224,7 @@ class WindowMonitor(ForwardBookkeeping):
         only when some sample is done or not lower (rare: a check or two per solve)."""
         columns = [res] if znorm is None else [res, znorm]
         columns += [self.tol0, self.best_res]
-        host = np.array(torch.cat(columns, dim=-1).tolist(), dtype=_NUMPY[res.dtype])
+        host = to_host(torch.cat(columns, dim=-1))
         res_h, floor_h, best_h = host[:, 0], host[:, -2], host[:, -1]
         tol_h = floor_h if znorm is None else np.maximum(host[:, 1] * host.dtype.type(self.rtol), floor_h)
         met_h = res_h <= tol_h
@@ -238,6 +244,9 @@ class WindowMonitor(ForwardBookkeeping):
             self._take_better(z, res, tol, (res <= self.best_res) | (res <= tol))
         self.all_active = not any_done
         self._dead = None
+        self.host_res = res_h
+        if self.host_extra is not None:
+            self.extra_values = self.host_extra(res_h, tol_h, met_h)
         if self.safe is not None:
             self.res_in_safe_range = bool(((res_h >= self.safe[0]) & (res_h <= self.safe[1])).all())
         return [bool(met_h.all()), bool(np.isfinite(res_h).all())]
@@ -265,13 +274,10 @@ class WindowMonitor(ForwardBookkeeping):
         self, met: Tensor, res: Tensor, better: Tensor | None = None, safe: bool = True
     ) -> list[bool]:
         """``[met.all(), res finite, met.any()]`` (then ``better.all()`` if ``better`` is
-        given, and, with ``safe``, the range test of :attr:`safe` when it is set) from one sum
-        of per-sample ``(B, 1)`` columns, with the solver's :attr:`extra` values: a few ops
-        and one synchronisation instead of a reduction per flag.
-
-        The residual norms join the sum as a column of their own: norms are non-negative, so
-        their sum is NaN or Inf exactly when some norm is, or when finite norms overflow the
-        sum (only past ~1e308 / B); in that case an exact test decides."""
+        given, and, with ``safe``, the range test of :attr:`safe` when it is set), counted on
+        the host from one read of the per-sample ``(B, 1)`` columns (with the solver's
+        :attr:`extra` values): one ``cat`` and one synchronisation instead of a reduction per
+        flag."""
         columns = [met]
         if better is not None:
             columns.append(better)
@@ -280,14 +286,15 @@ class WindowMonitor(ForwardBookkeeping):
         columns.append(res)
         stacked = torch.cat(columns, dim=-1)  # promoted to the norms' dtype
         extra = self.extra() if self.extra is not None else []
-        if extra:
-            values = torch.cat((stacked.sum(0, dtype=extra[0].dtype), torch.stack(extra))).tolist()
-            counts, self.extra_values = values[: len(columns)], values[len(columns):]
-        else:
-            counts = stacked.sum(0).tolist()
-        *counts, res_sum = counts
-        finite = math.isfinite(res_sum) or bool(torch.isfinite(res).all())
         batch = met.shape[0]
+        if extra:
+            flat = to_host(torch.cat((stacked.view(-1), torch.stack(extra).to(stacked.dtype))))
+            n = stacked.numel()
+            host, self.extra_values = flat[:n].reshape(stacked.shape), flat[n:].tolist()
+        else:
+            host = to_host(stacked)
+        counts = host[:, :-1].sum(0)
+        finite = bool(np.isfinite(host[:, -1]).all())
         return [counts[0] == batch, finite, counts[0] > 0] + [c == batch for c in counts[1:]]
 
     def _flush(self, flags: list[Tensor]) -> list:
@@ -342,6 +349,7 @@ class WindowMonitor(ForwardBookkeeping):
         if not due:
             return False
         self.last_res = self.last_tol = None
+        self.host_res = None
         if self._stacked is not None:
             flags = self._judge()
         elif not self._zs:
