@@ -127,6 +127,7 @@ class WindowMonitor(ForwardBookkeeping):
         #: After a check judged on the host: the ``(B,)`` residual norms it read (of the
         #: latest iterate, or of the initial one at the first check); ``None`` otherwise.
         self.host_res: np.ndarray | None = None
+        self._host_norms: np.ndarray | None = None  # the norms column of the last read
         self._stacked: tuple[Tensor, Tensor] | None = None
         # Whether a check has judged every recorded iterate (then finish() needs no check),
         # and whether that check found every sample done (then every sample converged: its
@@ -293,8 +294,9 @@ class WindowMonitor(ForwardBookkeeping):
             host, self.extra_values = flat[:n].reshape(stacked.shape), flat[n:].tolist()
         else:
             host = to_host(stacked)
+        self._host_norms = host[:, -1]
         counts = host[:, :-1].sum(0)
-        finite = bool(np.isfinite(host[:, -1]).all())
+        finite = bool(np.isfinite(self._host_norms).all())
         return [counts[0] == batch, finite, counts[0] > 0] + [c == batch for c in counts[1:]]
 
     def _flush(self, flags: list[Tensor]) -> list:
@@ -355,6 +357,7 @@ class WindowMonitor(ForwardBookkeeping):
         elif not self._zs:
             flags = self._count_flags(self.done, self.res, safe=False)
             self.all_active = not flags[2]
+            self.host_res = self._host_norms
         elif len(self._zs) == 1:
             flags = self._judge_one()
         else:
