@@ -82,6 +82,8 @@ def to_host(t: Tensor) -> np.ndarray:
     an accelerator, none on the CPU). A check that reads per-sample columns and forms its
     flags on the host runs no reduction on the device; reading a few thousand values costs
     less than launching the ops (and on the CPU, less than running them)."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return np.array(t.tolist())  # a torch.func wrapper has no storage of its own to read
     return t.cpu().numpy()
 
 
@@ -179,6 +181,7 @@ class LinearLoop(Bookkeeping):
         self.steps = torch.zeros(batch, dtype=torch.int64, device=b.device)
         self._inplace: bool | None = None
         self._stopped_at_check = False
+        self._host_tol: np.ndarray | None = None  # read by proceed_above's first check
 
     def proceed(
         self, watch: Tensor, *, done: Tensor | None = None, active: Tensor | None = None,
@@ -220,6 +223,41 @@ class LinearLoop(Bookkeeping):
                 self._stopped_at_check = finite
                 return False
             self.all_active = not any_done
+        self.k += 1
+        return True
+
+    def proceed_above(self, res: Tensor, tol: Tensor) -> bool:
+        """:meth:`proceed` for a loop whose samples step while their residual norm is above
+        the tolerance (active exactly where ``res > tol``), judged on the host: a check reads
+        the norms (the tolerances too, at the first check) and counts there, with no op on
+        the device besides the read.
+
+        Args:
+            res: the residual norms ``(B, 1)``.
+            tol: the tolerances ``(B, 1)``, the same at every call.
+
+        Returns:
+            As :meth:`proceed`.
+
+        Raises:
+            implicit_layers.NonFiniteError: when a check finds a norm NaN or Inf.
+        """
+        self.all_active = False
+        if self.k >= self.max_steps:
+            return False
+        if self.check_due():
+            if self._host_tol is None:
+                both = to_host(torch.cat((res, tol), dim=-1))
+                res_h, self._host_tol = both[:, 0], both[:, 1]
+            else:
+                res_h = to_host(res)[:, 0]
+            if not np.isfinite(res_h).all():
+                _raise_non_finite(self.name)
+            active = int(np.count_nonzero(res_h > self._host_tol))
+            if active == 0:
+                self._stopped_at_check = True
+                return False
+            self.all_active = active == res_h.shape[0]
         self.k += 1
         return True
 
