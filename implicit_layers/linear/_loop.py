@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ._base import LinearSolver
 
 __all__ = [
-    "Bookkeeping", "sync_flags", "to_host", "wide_dtype",
+    "Bookkeeping", "sync_flags", "to_host", "from_host", "wide_dtype",
     "LinearLoop", "check_done", "check_active", "first_product", "autograd_records", "records",
 ]
 
@@ -85,6 +85,12 @@ def to_host(t: Tensor) -> np.ndarray:
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return np.array(t.tolist())  # a torch.func wrapper has no storage of its own to read
     return t.cpu().numpy()
+
+
+def from_host(a: np.ndarray, like: Tensor) -> Tensor:
+    """A host array (flags or counts a check formed there) as a tensor on ``like``'s device
+    (a copy on an accelerator, none on the CPU)."""
+    return torch.from_numpy(np.ascontiguousarray(a)).to(like.device)
 
 
 def sync_flags(done: Tensor, watch: Tensor) -> list[bool]:

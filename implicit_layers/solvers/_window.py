@@ -25,7 +25,7 @@ from torch import Tensor
 from .._cuda_graph import Chunk, ChunkGraphs
 from .._info import SolveInfo
 from .._problem import Problem
-from ..linear._loop import to_host
+from ..linear._loop import from_host, to_host
 from ._base import ForwardBookkeeping, ForwardSolver, _norm
 
 __all__ = ["WindowMonitor", "judge_window", "ChunkAdvance"]
@@ -106,7 +106,7 @@ class WindowMonitor(ForwardBookkeeping):
         self._steps = torch.zeros(z0.shape[0], 1, dtype=torch.int64, device=z0.device)
         # Steps every sample took since the last masked update, counted on the host (no op
         # per step while no sample is done) and added when :attr:`steps` is read.
-        self._uniform_steps = 0
+        self._uniform_steps: int | np.ndarray = 0
         self._zs: list[Tensor] = []
         self._rs: list[Tensor] = []
         self._dead: Tensor | None = None
@@ -143,9 +143,12 @@ class WindowMonitor(ForwardBookkeeping):
     @property
     def steps(self) -> Tensor:
         """Per-sample step counts ``(B, 1)``."""
-        if self._uniform_steps:
-            self._steps = self._steps + self._uniform_steps
-            self._uniform_steps = 0
+        pending = self._uniform_steps
+        if isinstance(pending, np.ndarray):  # counted per sample on the host
+            self._steps = self._steps + from_host(pending, self._steps)
+        elif pending:
+            self._steps = self._steps + pending
+        self._uniform_steps = 0
         return self._steps
 
     @steps.setter
@@ -176,7 +179,7 @@ class WindowMonitor(ForwardBookkeeping):
         self._zs, self._rs = [], []
         res = _norm(r, keepdim=True)
         znorm = _norm(z, keepdim=True) if self.relative_to_z else None
-        if self.all_active and (self.extra is None or self.host_extra is not None):
+        if self.extra is None or self.host_extra is not None:
             return self._judge_one_on_host(z, res, znorm)
         tol = self._tol(znorm) if znorm is not None else self.tol0
         self.last_res, self.last_tol = res, tol
@@ -215,42 +218,55 @@ class WindowMonitor(ForwardBookkeeping):
         self.best_tol = torch.where(better, tol, self.best_tol)
 
     def _judge_one_on_host(self, z: Tensor, res: Tensor, znorm: Tensor | None) -> list[bool]:
-        """:meth:`_judge_one` while every sample is stepping: the columns the rule reads (the
-        residual norms, the iterate's norms, the tolerance floors and the lowest residuals so
-        far) travel to the host in the check's one synchronisation, where the tolerances,
-        verdicts and flags are formed by the same float operations as on the device (IEEE
-        multiply, max and comparisons give the same bits). Between the norms and the read the
-        device runs one op (the columns' ``cat``) instead of the tolerance's multiply and
-        clamp, the two comparisons and the count. The device's per-sample flags are formed
-        only when some sample is done or not lower (rare: a check or two per solve)."""
+        """:meth:`_judge_one` on the host: the columns the rule reads (the residual norms, the
+        iterate's norms, the tolerance floors, the lowest residuals so far; once some sample
+        is done, also the done flags and the norms they froze) travel to the host in the
+        check's one synchronisation, where the tolerances, verdicts and flags are formed by
+        the same float operations as on the device (IEEE multiply, max and comparisons give
+        the same bits). Between the norms and the read the device runs one op (the columns'
+        ``cat``) instead of the tolerance's multiply and clamp, the comparisons and the
+        counts; the device's per-sample state is updated only where the flags are mixed (a
+        check or two per solve), the step counts on the host."""
+        masked = not self.all_active
         columns = [res] if znorm is None else [res, znorm]
         columns += [self.tol0, self.best_res]
+        if masked:
+            columns += [self.done, self.res]
         host = to_host(torch.cat(columns, dim=-1))
-        res_h, floor_h, best_h = host[:, 0], host[:, -2], host[:, -1]
+        res_h, best_h = host[:, 0], host[:, 3 if znorm is not None else 2]
+        floor_h = host[:, 2 if znorm is not None else 1]
         tol_h = floor_h if znorm is None else np.maximum(host[:, 1] * host.dtype.type(self.rtol), floor_h)
         met_h = res_h <= tol_h
-        lower_h = res_h <= best_h
-        self.res = res
+        better_h = (res_h <= best_h) | met_h
         self.last_res, self._last_znorm, self._last_tol = res, znorm, None
-        self._uniform_steps += 1
-        any_done = bool(met_h.any())
+        if masked:
+            alive_h = host[:, -2] == 0
+            better_h &= alive_h
+            done_h = ~alive_h | met_h
+            self._uniform_steps = self._uniform_steps + alive_h[:, None].astype(np.int64)
+            res_h = np.where(alive_h, res_h, host[:, -1])  # the norms that count
+            self.res = res if alive_h.all() else torch.where(from_host(alive_h[:, None], res), res, self.res)
+        else:
+            done_h = met_h
+            self._uniform_steps += 1
+            self.res = res
+        any_done = bool(done_h.any())
         if any_done:
-            # the samples done: the device's flags, from the same comparison
-            self.done = res <= self._latest_tol(znorm)
-        if lower_h.all():
+            # the device's flags: the same comparison (every sample stepped) or the host's
+            self.done = from_host(done_h[:, None], res) if masked else res <= self._latest_tol(znorm)
+        if better_h.all():
             self.best_z, self.best_res = z, res
             self._best_tol_from(znorm)
-        else:
-            tol = self._latest_tol(znorm)
-            self._take_better(z, res, tol, (res <= self.best_res) | (res <= tol))
+        elif better_h.any():
+            self._take_better(z, res, self._latest_tol(znorm), from_host(better_h[:, None], res))
         self.all_active = not any_done
         self._dead = None
         self.host_res = res_h
         if self.host_extra is not None:
-            self.extra_values = self.host_extra(res_h, tol_h, met_h)
+            self.extra_values = self.host_extra(res_h, tol_h, done_h)
         if self.safe is not None:
             self.res_in_safe_range = bool(((res_h >= self.safe[0]) & (res_h <= self.safe[1])).all())
-        return [bool(met_h.all()), bool(np.isfinite(res_h).all())]
+        return [bool(done_h.all()), bool(np.isfinite(res_h).all())]
 
     @property
     def last_tol(self) -> Tensor | None:
