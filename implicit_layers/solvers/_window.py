@@ -102,11 +102,15 @@ class WindowMonitor(ForwardBookkeeping):
         safe: tuple[float, float] | None = None,
     ) -> None:
         super().__init__(solver, problem, z0, r0, keepdim=True)
-        # Per-sample state as (B, 1) columns: they broadcast against a window's (B, W).
-        self._steps = torch.zeros(z0.shape[0], 1, dtype=torch.int64, device=z0.device)
-        # Steps every sample took since the last masked update, counted on the host (no op
-        # per step while no sample is done) and added when :attr:`steps` is read.
+        # Per-sample state as (B, 1) columns: they broadcast against a window's (B, W). The
+        # step counts are kept on the host (no op per step) until :attr:`steps` is read:
+        # ``_steps`` the device's counts (``None`` before the first read), ``_uniform_steps``
+        # the steps since, for every sample (an int) or per sample (an array).
+        self._steps: Tensor | None = None
         self._uniform_steps: int | np.ndarray = 0
+        # The first check judges the initial iterate on the host; its done flags and
+        # tolerances are not formed on the device before.
+        self._initial = True
         self._zs: list[Tensor] = []
         self._rs: list[Tensor] = []
         self._dead: Tensor | None = None
@@ -144,7 +148,9 @@ class WindowMonitor(ForwardBookkeeping):
     def steps(self) -> Tensor:
         """Per-sample step counts ``(B, 1)``."""
         pending = self._uniform_steps
-        if isinstance(pending, np.ndarray):  # counted per sample on the host
+        if self._steps is None:
+            self._steps = from_host(np.zeros((self.res.shape[0], 1), np.int64) + pending, self.res)
+        elif isinstance(pending, np.ndarray):  # counted per sample on the host
             self._steps = self._steps + from_host(pending, self._steps)
         elif pending:
             self._steps = self._steps + pending
@@ -211,11 +217,33 @@ class WindowMonitor(ForwardBookkeeping):
             self.res_in_safe_range = bool(rest[0])
         return [all_done, finite]
 
-    def _take_better(self, z: Tensor, res: Tensor, tol: Tensor, better: Tensor) -> None:
-        """The new best iterate where ``better`` ``(B, 1)``, with its norm and tolerance."""
+    def _judge_initial(self) -> list[bool]:
+        """The first check, of the initial iterate, on the host (one read of its residual
+        norms, norms and tolerance floors; the done flags formed there)."""
+        znorm = self._znorm0
+        columns = [self.res] if znorm is None else [self.res, znorm]
+        host = to_host(torch.cat(columns + [self.tol0], dim=-1))
+        res_h, floor_h = host[:, 0], host[:, -1]
+        tol_h = floor_h if znorm is None else np.maximum(host[:, 1] * host.dtype.type(self.rtol), floor_h)
+        done_h = res_h <= tol_h
+        self.done = from_host(done_h[:, None], self.res)
+        self.all_active = not done_h.any()
+        self.host_res = res_h
+        return [bool(done_h.all()), bool(np.isfinite(res_h).all())]
+
+    def _take_better(
+        self, z: Tensor, res: Tensor, tol: Tensor | None, better: Tensor, znorm: Tensor | None = None
+    ) -> None:
+        """The new best iterate where ``better`` ``(B, 1)``, with its residual norm and its
+        tolerance ``tol`` (``None``: formed from the iterate's norms ``znorm``; while the best
+        tolerances are still to be formed from norms, the norms are taken instead)."""
         self.best_z = torch.where(better, z, self.best_z)
         self.best_res = torch.where(better, res, self.best_res)
-        self.best_tol = torch.where(better, tol, self.best_tol)
+        if tol is None and znorm is not None and self._best_tol is None:
+            self._best_znorm = torch.where(better, znorm, self._best_znorm)
+        else:
+            tol = self._latest_tol(znorm) if tol is None else tol
+            self.best_tol = torch.where(better, tol, self.best_tol)
 
     def _judge_one_on_host(self, z: Tensor, res: Tensor, znorm: Tensor | None) -> list[bool]:
         """:meth:`_judge_one` on the host: the columns the rule reads (the residual norms, the
@@ -258,7 +286,7 @@ class WindowMonitor(ForwardBookkeeping):
             self.best_z, self.best_res = z, res
             self._best_tol_from(znorm)
         elif better_h.any():
-            self._take_better(z, res, self._latest_tol(znorm), from_host(better_h[:, None], res))
+            self._take_better(z, res, None, from_host(better_h[:, None], res), znorm)
         self.all_active = not any_done
         self._dead = None
         self.host_res = res_h
@@ -370,7 +398,11 @@ class WindowMonitor(ForwardBookkeeping):
         self.host_res = None
         if self._stacked is not None:
             flags = self._judge()
+        elif self._initial and not self._zs and (self.extra is None or self.host_extra is not None):
+            flags = self._judge_initial()
         elif not self._zs:
+            if self._initial:
+                self._initial_verdict()
             flags = self._count_flags(self.done, self.res, safe=False)
             self.all_active = not flags[2]
             self.host_res = self._host_norms
@@ -378,6 +410,7 @@ class WindowMonitor(ForwardBookkeeping):
             flags = self._judge_one()
         else:
             flags = self._judge()
+        self._initial = False
         if not flags[1]:
             self._raise_non_finite(self._non_finite_samples())
         self._judged, self._all_done = True, bool(flags[0])
