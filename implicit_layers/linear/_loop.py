@@ -84,7 +84,7 @@ def to_host(t: Tensor) -> np.ndarray:
     less than launching the ops (and on the CPU, less than running them)."""
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return np.array(t.tolist())  # a torch.func wrapper has no storage of its own to read
-    return t.cpu().numpy()
+    return (t.detach() if t.requires_grad else t).cpu().numpy()
 
 
 def from_host(a: np.ndarray, like: Tensor) -> Tensor:
@@ -113,11 +113,13 @@ def sync_flags(done: Tensor, watch: Tensor) -> list[bool]:
 def _count_if_finite(flags: Tensor, watch: Tensor) -> float:
     """The number of nonzero ``flags`` (bool or a 0/1 float mask), or NaN when some entry of
     ``watch`` is NaN or Inf, in one synchronisation instead of a reduction per answer. With a
-    ``watch`` of the flags' shape, one sum of ``flags + 0 · watch`` (``0 · ±Inf`` is NaN);
+    ``watch`` of the flags' shape, both are read at once and counted and tested on the host;
     otherwise the count and the largest watched magnitude travel together."""
     wide = wide_dtype(watch)
     if watch.shape == flags.shape:
-        return torch.add(flags, watch, alpha=0).sum(dtype=wide).item()
+        # one read of both, counted and tested on the host
+        host = to_host(torch.stack((flags, watch)))
+        return float(np.count_nonzero(host[0])) if np.isfinite(host[1]).all() else math.nan
     count = torch.count_nonzero(flags).to(wide)
     if watch.numel() == 0:  # nothing to test (an infinity norm has no empty value)
         return count.item()
@@ -350,8 +352,8 @@ def check_active(active: Tensor, watch: Tensor | None, solver: str) -> tuple[boo
     tested) is not finite.
 
     Without ``watch``, a batch of up to 4096 samples costs one copy of its flags; with a
-    ``watch`` of the flags' shape, two ops: one sum gives the count of active samples, NaN
-    when some watched value is not finite.
+    ``watch`` of the flags' shape, one op: flags and values are stacked and read at once, and
+    counted and tested on the host.
     """
     n: float
     if watch is None or watch.numel() == 0:

@@ -212,21 +212,25 @@ class _InPlaceCycles(_Cycles):
         self.V = torch.zeros(batch, m_max + 1, n, dtype=dtype, device=device)
         self.omega = torch.zeros(batch, m_max + 1, m_max + 1, dtype=dtype, device=device)
         self.eye = torch.eye(m_max + 1, dtype=dtype, device=device).expand_as(self.omega)
-        self.R = torch.zeros(batch, m_max, m_max, dtype=dtype, device=device)
+        # one row more than the factor has: column j is written whole (its entries past j
+        # are zeros), through a view that a split makes for every j at once
+        self.R = torch.zeros(batch, m_max + 1, m_max, dtype=dtype, device=device)
         V, omega, R = self.V, self.omega, self.R
-        # The views of every step, made once per solve. Where a family of views tiles a
-        # tensor, one split makes them all (an op per view otherwise: ~300 ops per solve).
+        # The views the steps work through, made once per solve (where a family of views
+        # tiles a tensor, one split makes them all). A step works on the whole basis and
+        # the whole rotations: the basis rows past step j are zeros (their coefficients come
+        # out zero, and subtract nothing) and the rotations' rows past j + 1 are those of the
+        # identity, so no step makes a view of its leading block; only the pair of rotation
+        # rows it rotates (:meth:`pair`, made on the first cycle that reaches the step).
         self.rows = V.unbind(1)
         self.rows3 = V.split(1, dim=1)  # (B, 1, n): row j
-        self.basis = [V[:, : j + 1] for j in range(m_max)]
-        self.basisT = [v.mT for v in self.basis]
-        omega_t = omega.mT
-        self.omegaT = [omega_t[:, : j + 1, : j + 1] for j in range(m_max)]
-        self.pair = [omega[:, j : j + 2, : j + 2] for j in range(m_max)]
+        self.VT = V.mT
+        self.omegaT = omega.mT
         self.next0 = omega[:, 1:, :1].split(1, dim=1)  # (B, 1, 1): omega[:, j + 1, 0]
-        cols = R.mT.split(1, dim=1)  # (B, 1, m): column j of R
-        self.col = [c[..., : j + 1] for j, c in enumerate(cols)]
+        self.cols = R.mT.split(1, dim=1)  # (B, 1, m + 1): column j of R
         self.diag = R.diagonal(dim1=1, dim2=2).unsqueeze(-1).split(1, dim=1)  # (B, 1, 1)
+        self._pairs: list[Tensor] = []
+        self._cycles = 0
         self.c = {
             "zero": self.zero,
             "one": self.one,
@@ -243,18 +247,28 @@ class _InPlaceCycles(_Cycles):
         beta3 = beta.view(batch, 1, 1)
         # The steps track residuals relative to beta (the rotations' entry |omega_{j+1,0}|).
         rel_tol = loop.tol.view(batch, 1, 1) / beta3
+        if self._cycles:  # the basis rows of the last cycle: zeros again (see __init__)
+            self.V.zero_()
+        self._cycles += 1
         self.rows3[0].copy_(r.unsqueeze(1) / torch.where(beta3 > 0, beta3, self.one))
         self.omega.copy_(self.eye)
         active = started.view(batch, 1, 1)
         used = torch.zeros(batch, 1, 1, dtype=torch.int64, device=r.device)
         return rel_tol, torch.ones_like(beta3), active, used
 
+    def pair(self, j: int) -> Tensor:
+        """Rows ``j`` and ``j + 1`` of the rotations, ``(B, 2, m + 1)`` (a view made once)."""
+        while len(self._pairs) <= j:
+            i = len(self._pairs)
+            self._pairs.append(self.omega[:, i : i + 2])
+        return self._pairs[j]
+
     def _step(self, j: int, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         rel_tol, res, active, used = state
         res, active = arnoldi_step(
-            self.mv, j, self.rows[j], self.rows3[j + 1], self.basis[j], self.basisT[j],
-            self.omegaT[j], self.pair[j], self.next0[j], self.col[j], self.diag[j],
-            rel_tol, res, active, used, self.eps, self.c,
+            self.mv, j, self.rows[j], self.rows3[j + 1], self.V, self.VT, self.omegaT,
+            self.pair(j), self.next0[j], self.cols[j], self.diag[j], rel_tol, res, active,
+            used, self.eps, self.c,
         )
         return rel_tol, res, active, used
 
@@ -347,18 +361,24 @@ def arnoldi_step(
     drops the step. Samples that are done keep rotating harmlessly: only their first ``used``
     rows and columns enter their solution (their later rotations may even hold NaN). Free of
     host synchronisation and of Python branches on data (it compiles with
-    ``torch.compile(fullgraph=True)``).
+    ``torch.compile(fullgraph=True)``; with the whole basis given, make ``v_next`` inside the
+    compiled region, ``basis[:, j + 1 : j + 2]``: a view of the written row passed in beside
+    the basis is an aliased input that is also mutated, which inductor gets wrong).
 
     Args:
         mv: the operator product on ``(B, n)``.
         j: the step within the cycle.
         v: basis vector ``j``, ``(B, n)``; ``v_next``: the view ``(B, 1, n)`` of vector ``j+1``.
-        basis, basisT: the first ``j + 1`` basis vectors ``(B, j+1, n)`` and their transpose.
-        omegaT: the transposed accumulated rotations ``(B, j+1, j+1)``; ``pair``: rows ``j``
-            and ``j + 1`` of the rotations ``(B, 2, j+2)``; ``next0``: their entry
-            ``(j + 1, 0)``, ``(B, 1, 1)``.
-        col: column ``j`` of the triangular factor, ``(B, 1, j+1)``; ``diag``: its entry
-            ``(j, j)``, ``(B, 1, 1)``.
+        basis, basisT: the first ``j + 1`` basis vectors ``(B, j+1, n)`` and their
+            transpose, or the whole basis ``(B, m+1, n)`` with zeros past row ``j``.
+        omegaT: the transposed accumulated rotations ``(B, j+1, j+1)``, or as many rows as
+            ``basis`` has, each as long as ``col``: the new column's entries past ``j`` come
+            out zero, as the rotations' rows past ``j`` are still those of the identity;
+            ``pair``: rows ``j`` and ``j + 1`` of the rotations ``(B, 2, j+2)`` (or longer:
+            their entries past ``j + 1`` are zeros); ``next0``: their entry ``(j + 1, 0)``,
+            ``(B, 1, 1)``.
+        col: column ``j`` of the triangular factor, ``(B, 1, j+1)`` or longer; ``diag``: its
+            entry ``(j, j)``, ``(B, 1, 1)``.
         rel_tol: the tolerances divided by the cycle's initial residual norms, ``(B, 1, 1)``.
         res: the residual estimates relative to the cycle's initial residual norms;
             ``active``: the samples stepping, ``(B, 1, 1)``.
@@ -385,13 +405,13 @@ def arnoldi_step(
     # The previous rotations applied to the new column, written into the factor's column;
     # then a new rotation zeroes h_{j+1,j}.
     col.copy_(torch.bmm(h, omegaT))
-    d = torch.hypot(diag, hnorm)
     # [[c, s], [-s, c]] with c = t_j / d, s = h_{j+1,j} / d (NaN where d = 0: such a step
     # is dropped below, and a dropped or done sample's later rotations never enter its
-    # solution)
-    rot = torch.addcmul(diag * c["I2"], hnorm, c["J2"]) * d.reciprocal()
+    # solution); d = hypot(t_j, h_{j+1,j}) written over t_j, the factor's diagonal entry
+    t_j = diag * c["I2"]
+    d = diag.hypot_(hnorm)
+    rot = torch.addcmul(t_j, hnorm, c["J2"]) * d.reciprocal()
     pair.copy_(torch.bmm(rot, pair))
-    diag.copy_(d)
     # the residual estimate relative to the cycle's initial residual norm
     new_res = next0.abs()
     # d ~ 0: the new column is in the span of the previous ones (singular operator); the
