@@ -212,6 +212,9 @@ def test_from_host_and_to_host_round_trip():
     assert isinstance(host, np.ndarray) and host.tolist() == t.tolist()
     back = from_host(host > 0, t)
     assert back.dtype == torch.bool and back.tolist() == [[True, False], [False, True]]
+    # NumPy has no bfloat16: read through float32, which holds it exactly
+    b16 = torch.tensor([1.0078125, -3.0, float("inf")], dtype=torch.bfloat16)
+    assert to_host(b16).tolist() == [1.0078125, -3.0, float("inf")]
 
 
 def test_problem_monitor_doc_example_still_holds():

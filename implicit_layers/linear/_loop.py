@@ -84,7 +84,14 @@ def to_host(t: Tensor) -> np.ndarray:
     less than launching the ops (and on the CPU, less than running them)."""
     if torch._C._functorch.is_functorch_wrapped_tensor(t):
         return np.array(t.tolist())  # a torch.func wrapper has no storage of its own to read
-    return (t.detach() if t.requires_grad else t).cpu().numpy()
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_floating_point() and t.dtype not in _NUMPY_FLOATS:
+        t = t.float()  # bfloat16, float8: NumPy has no such dtype (float32 holds them exactly)
+    return t.cpu().numpy()
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 def from_host(a: np.ndarray, like: Tensor) -> Tensor:
