@@ -279,9 +279,8 @@ class WindowMonitor(ForwardBookkeeping):
             self._uniform_steps += 1
             self.res = res
         any_done = bool(done_h.any())
-        if any_done:
-            # the device's flags: the same comparison (every sample stepped) or the host's
-            self.done = from_host(done_h[:, None], res) if masked else res <= self._latest_tol(znorm)
+        if any_done:  # the device's flags (all False until now)
+            self.done = from_host(done_h[:, None], res)
         if better_h.all():
             self.best_z, self.best_res = z, res
             self._best_tol_from(znorm)
