@@ -168,7 +168,7 @@ def test_arnoldi_step_compiles():
         used = torch.zeros(B, 1, 1, dtype=torch.int64)
         for j in range(2):
             res, active = fn(
-                mv, j, cyc.rows[j], cyc.rows3[j + 1], cyc.V, cyc.VT, cyc.omegaT, cyc.pair(j),
+                mv, j, cyc.rows[j], cyc.rows3[j + 1], cyc.V, cyc.VT, cyc.omegaT, cyc.pairs[j],
                 cyc.next0[j], cyc.cols[j], cyc.diag[j], rel_tol, res, active, used, cyc.eps,
                 cyc.c,
             )

@@ -220,8 +220,7 @@ class _InPlaceCycles(_Cycles):
         # tiles a tensor, one split makes them all). A step works on the whole basis and
         # the whole rotations: the basis rows past step j are zeros (their coefficients come
         # out zero, and subtract nothing) and the rotations' rows past j + 1 are those of the
-        # identity, so no step makes a view of its leading block; only the pair of rotation
-        # rows it rotates (:meth:`pair`, made on the first cycle that reaches the step).
+        # identity, so no step makes a view of its leading block.
         self.rows = V.unbind(1)
         self.rows3 = V.split(1, dim=1)  # (B, 1, n): row j
         self.VT = V.mT
@@ -229,7 +228,8 @@ class _InPlaceCycles(_Cycles):
         self.next0 = omega[:, 1:, :1].split(1, dim=1)  # (B, 1, 1): omega[:, j + 1, 0]
         self.cols = R.mT.split(1, dim=1)  # (B, 1, m + 1): column j of R
         self.diag = R.diagonal(dim1=1, dim2=2).unsqueeze(-1).split(1, dim=1)  # (B, 1, 1)
-        self._pairs: list[Tensor] = []
+        # (B, 2, m + 1): rows j and j + 1 of the rotations, overlapping windows of one unfold
+        self.pairs = omega.unfold(1, 2, 1).transpose(-1, -2).unbind(1)
         self._cycles = 0
         self.c = {
             "zero": self.zero,
@@ -256,18 +256,11 @@ class _InPlaceCycles(_Cycles):
         used = torch.zeros(batch, 1, 1, dtype=torch.int64, device=r.device)
         return rel_tol, torch.ones_like(beta3), active, used
 
-    def pair(self, j: int) -> Tensor:
-        """Rows ``j`` and ``j + 1`` of the rotations, ``(B, 2, m + 1)`` (a view made once)."""
-        while len(self._pairs) <= j:
-            i = len(self._pairs)
-            self._pairs.append(self.omega[:, i : i + 2])
-        return self._pairs[j]
-
     def _step(self, j: int, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         rel_tol, res, active, used = state
         res, active = arnoldi_step(
             self.mv, j, self.rows[j], self.rows3[j + 1], self.V, self.VT, self.omegaT,
-            self.pair(j), self.next0[j], self.cols[j], self.diag[j], rel_tol, res, active,
+            self.pairs[j], self.next0[j], self.cols[j], self.diag[j], rel_tol, res, active,
             used, self.eps, self.c,
         )
         return rel_tol, res, active, used
