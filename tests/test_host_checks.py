@@ -100,6 +100,29 @@ def test_host_checks_equal_the_window_rule_on_the_device(solver_cls, dtype):
     assert torch.equal(i1.tolerance, i4.tolerance)
 
 
+def test_anderson_residual_in_its_ring_equals_the_copied_one():
+    """With a check at least every ``memory`` steps Anderson writes each residual straight
+    into its history ring; with checks further apart it copies it there: same results."""
+    W = 0.9 * torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(4),
+                                          dtype=F64))[0]
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(5), dtype=F64)
+
+    def f(z):
+        return torch.tanh(z @ W.T + x)
+
+    out = []
+    # memory 3: in the ring, copied (a check every step also skips the rescaling; here both
+    # check less often, so both rescale)
+    for check_every in (3, 4):
+        solver = il.solvers.Anderson(memory=3, max_steps=60, check_every=check_every)
+        out.append(il.fixed_point(f, torch.zeros_like(x), solver=solver, batched=True,
+                                  return_info=True))
+    (z3, i3), (z4, i4) = out
+    assert torch.equal(i3.steps, i4.steps) and i3.converged.all()
+    assert torch.equal(z3, z4)
+    torch.testing.assert_close(z3, f(z3), rtol=0, atol=1e-9)
+
+
 def test_host_check_raises_on_a_non_finite_residual():
     def f(z):
         out = 0.5 * z + 1.0

@@ -110,6 +110,12 @@ class Anderson(ForwardSolver):
             else _RingHistory(z, r, self.memory, beta)
         )
         ones = torch.ones(z.shape[0], 1, self.memory, dtype=z.dtype, device=z.device)
+        # A fixed point's residual z - f(z) written straight into the ring slot that keeps it
+        # (no copy there): the monitor holds it until the next check, within `memory` steps.
+        into_ring = (
+            isinstance(history, _RingHistory) and history.fused and problem.has_fixed_point_map
+            and mon.check_every <= self.memory
+        )
 
         def step(taken: int) -> int:
             nonlocal z, r
@@ -117,7 +123,11 @@ class Anderson(ForwardSolver):
             # are in the safe range, which skips the rescaling pass.
             rescale = mon.check_every != 1 or not mon.res_in_safe_range
             z = history.step(z, r, ones, reg, rescale)
-            r = problem.residual(z, create_graph=differentiable)
+            if into_ring:
+                assert isinstance(history, _RingHistory)
+                r = history.residual_into_ring(problem.fixed_point_map, z)
+            else:
+                r = problem.residual(z, create_graph=differentiable)
             mon.record(z, r)
             return 1
 
@@ -238,6 +248,15 @@ class _RingHistory:
         # (nor when compiled: the compiler writes the history as it sees fit)
         self.fused = not torch.compiler.is_compiling() and _no_tangent(z) and _no_tangent(r)
         self.count = 0
+        self._kept: Tensor | None = None  # the slot that already holds the next residual
+
+    def residual_into_ring(self, fmap: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
+        """The fixed-point residual ``z - f(z)`` ``(B, n)``, written into the slot where the
+        next :meth:`step` keeps it (a view of the ring, valid for ``memory`` steps)."""
+        slot = self.R_slots[self.count % self.memory]
+        torch.sub(z, fmap(z), out=slot)
+        self._kept = slot
+        return slot
 
     def step(self, z: Tensor, r: Tensor, ones: Tensor, reg: float, rescale: bool) -> Tensor:
         """As :meth:`_ListHistory.step`."""
@@ -248,7 +267,9 @@ class _RingHistory:
             torch.sub(z, r, alpha=self.beta, out=g)
         else:
             g.copy_(torch.sub(z, r, alpha=self.beta))
-        self.R_slots[slot].copy_(r)
+        if r is not self._kept:
+            self.R_slots[slot].copy_(r)
+        self._kept = None
         self.count += 1
         k = min(self.count, m)
         if k == 1:
