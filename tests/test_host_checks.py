@@ -245,3 +245,22 @@ def test_problem_monitor_doc_example_still_holds():
     problem = Problem("fixed_point", torch.cos, (), z0, batched=True, name="f")
     z, info = il.solvers.Picard(max_steps=200).solve(problem, z0)
     assert bool(info.converged) and torch.allclose(z, torch.cos(z))
+
+
+def test_gmres_constants_first_made_in_inference_mode_serve_a_recorded_solve():
+    """The cycles' constants are made once per dtype and device; made first inside
+    ``inference_mode``, they are normal tensors that a solve autograd records can use."""
+    from implicit_layers.linear import gmres
+
+    gmres._CONSTANTS.pop((torch.float64, torch.device("cpu")), None)
+    M = torch.eye(5, dtype=F64) + 0.1 * torch.randn(2, 5, 5, generator=torch.Generator().manual_seed(6),
+                                                    dtype=F64)
+    b = torch.ones(2, 5, dtype=F64)
+    with torch.inference_mode():
+        x, _ = il.linear.GMRES(rtol=1e-12).solve(_op(M), b)
+    assert not gmres._CONSTANTS[(torch.float64, torch.device("cpu"))]["one"].is_inference()
+    Mg = M.clone().requires_grad_(True)
+    x_rec, _ = il.linear.GMRES(rtol=1e-12).solve(_op(Mg), b)
+    x_rec.sum().backward()
+    torch.testing.assert_close(x_rec.detach(), torch.linalg.solve(M, b), rtol=1e-10, atol=1e-12)
+    assert Mg.grad is not None and torch.isfinite(Mg.grad).all()

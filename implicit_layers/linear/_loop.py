@@ -192,7 +192,7 @@ class LinearLoop(Bookkeeping):
             torch.zeros(batch, dtype=torch.bool, device=b.device) if residual is None
             else residual <= self.tol
         )
-        self.bad = torch.zeros(batch, dtype=torch.bool, device=b.device)
+        self._bad: Tensor | None = None  # made when first read (no sample stopped till then)
         self.steps = torch.zeros(batch, dtype=torch.int64, device=b.device)
         self._inplace: bool | None = None
         self._stopped_at_check = False
@@ -240,6 +240,22 @@ class LinearLoop(Bookkeeping):
             self.all_active = not any_done
         self.k += 1
         return True
+
+    @property
+    def bad(self) -> Tensor:
+        """Samples stopped without converging, bool ``(B,)``."""
+        if self._bad is None:
+            self._bad = torch.zeros_like(self.done)
+        return self._bad
+
+    @bad.setter
+    def bad(self, value: Tensor) -> None:
+        self._bad = value
+
+    @property
+    def bad_if_any(self) -> Tensor | None:
+        """:attr:`bad`, or ``None`` while no sample was stopped (and nothing read it)."""
+        return self._bad
 
     def proceed_above(self, res: Tensor, tol: Tensor) -> bool:
         """:meth:`proceed` for a loop whose samples step while their residual norm is above
@@ -292,6 +308,18 @@ class LinearLoop(Bookkeeping):
         self._stopped_at_check = all_done or self.k >= self.max_steps
         return not self._stopped_at_check
 
+    def next_round_judged(self, all_done: bool, watch: np.ndarray) -> bool:
+        """:meth:`next_round` when the check was made on the host (the flags ``all_done``
+        and the values ``watch`` read there).
+
+        Raises:
+            implicit_layers.NonFiniteError: if ``watch`` is not finite.
+        """
+        if not np.isfinite(watch).all():
+            _raise_non_finite(self.name)
+        self._stopped_at_check = all_done or self.k >= self.max_steps
+        return not self._stopped_at_check
+
     def inplace(self, *tensors: Tensor) -> bool:
         """Whether the solver may update its vectors in place, decided once per solve: yes
         unless autograd records the solve (a differentiable operator or right-hand side, e.g.
@@ -325,7 +353,10 @@ class LinearLoop(Bookkeeping):
         """
         if not self._stopped_at_check:
             check_done(self.done, residual if watch is None else watch, self.name)
-        return self.result((residual <= self.tol) & ~self.bad, self.steps, residual, self.tol)
+        converged = residual <= self.tol
+        if self._bad is not None:
+            converged = converged & ~self._bad
+        return self.result(converged, self.steps, residual, self.tol)
 
 
 def check_done(done: Tensor, watch: Tensor, solver: str) -> tuple[bool, bool]:

@@ -106,6 +106,30 @@ class GMRES(LinearSolver):
         )
 
 
+_CONSTANTS: dict[tuple[torch.dtype, torch.device], dict[str, Tensor]] = {}
+
+
+def _constants(dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    """The constants of the cycles in ``dtype`` on ``device`` (``zero``, ``one``, ``inf``;
+    ``I2`` and ``J2``: a rotation ``[[c, s], [-s, c]]`` is ``c · I + s · J``), made once:
+    each is an op. Normal tensors (also when first asked for in inference mode), never
+    written; not kept while compiling."""
+    key = (dtype, device)
+    constants = _CONSTANTS.get(key)
+    if constants is None:
+        with torch.inference_mode(False):
+            constants = {
+                "zero": torch.zeros((), dtype=dtype, device=device),
+                "one": torch.ones((), dtype=dtype, device=device),
+                "inf": torch.full((), torch.inf, dtype=dtype, device=device),
+                "I2": torch.eye(2, dtype=dtype, device=device),
+                "J2": torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=dtype, device=device),
+            }
+        if not torch.compiler.is_compiling():
+            _CONSTANTS[key] = constants
+    return constants
+
+
 class _Cycles:
     """The GMRES cycle of :func:`run_in_rounds`, shared by the in-place and the recorded
     variants: up to ``restart`` Arnoldi steps (``check_every`` of them between two checks, or
@@ -126,8 +150,8 @@ class _Cycles:
         self.graphs = graphs
         self.m_max = m_max
         self.eps = torch.finfo(b.dtype).eps
-        self.zero = torch.zeros((), dtype=b.dtype, device=b.device)
-        self.one = torch.ones((), dtype=b.dtype, device=b.device)
+        self.c = _constants(b.dtype, b.device)
+        self.zero, self.one = self.c["zero"], self.c["one"]
 
     def _start(
         self, m: int, r: Tensor, beta: Tensor, started: Tensor, loop: LinearLoop
@@ -155,13 +179,12 @@ class _Cycles:
         used = state[3].view(x.shape[0])
         if j_end == 0:
             return x, used
-        # Per sample, solve the triangular system of its first `used` steps only.
+        # Per sample, solve the triangular system of its first `used` steps only: the columns
+        # past them are those of the identity (the solve reads the upper triangle only).
         k = j_end
-        idx = torch.arange(k, device=x.device)
-        mask = idx.unsqueeze(0) < used.unsqueeze(-1)  # (B, k)
-        Rk = self.R[:, :k, :k]
-        Rk = torch.where(mask.unsqueeze(-1) & mask.unsqueeze(-2), Rk, self.zero)
-        Rk = Rk + torch.diag_embed((~mask).to(x.dtype))
+        mask = torch.arange(k, device=x.device) < used.unsqueeze(-1)  # (B, k)
+        eye = torch.eye(k, dtype=x.dtype, device=x.device)
+        Rk = torch.where(mask.unsqueeze(-2), self.R[:, :k, :k], eye)
         g = torch.where(mask, beta.unsqueeze(-1) * self.omega[:, :k, 0], self.zero)
         y = torch.linalg.solve_triangular(Rk, g.unsqueeze(-1), upper=True)
         return x + torch.bmm(y.mT, self.V[:, :k]).squeeze(1), used
@@ -210,8 +233,9 @@ class _InPlaceCycles(_Cycles):
         batch, n = b.shape
         dtype, device = b.dtype, b.device
         self.V = torch.zeros(batch, m_max + 1, n, dtype=dtype, device=device)
-        self.omega = torch.zeros(batch, m_max + 1, m_max + 1, dtype=dtype, device=device)
-        self.eye = torch.eye(m_max + 1, dtype=dtype, device=device).expand_as(self.omega)
+        # the rotations start as the identity (again at each later cycle, from _eye)
+        self._eye = torch.eye(m_max + 1, dtype=dtype, device=device)
+        self.omega = self._eye.repeat(batch, 1, 1)
         # one row more than the factor has: column j is written whole (its entries past j
         # are zeros), through a view that a split makes for every j at once
         self.R = torch.zeros(batch, m_max + 1, m_max, dtype=dtype, device=device)
@@ -231,14 +255,11 @@ class _InPlaceCycles(_Cycles):
         # (B, 2, m + 1): rows j and j + 1 of the rotations, overlapping windows of one unfold
         self.pairs = omega.unfold(1, 2, 1).transpose(-1, -2).unbind(1)
         self._cycles = 0
-        self.c = {
-            "zero": self.zero,
-            "one": self.one,
-            "inf": torch.full((), torch.inf, dtype=dtype, device=device),
-            # a rotation [[c, s], [-s, c]] is c · I + s · J
-            "I2": torch.eye(2, dtype=dtype, device=device),
-            "J2": torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=dtype, device=device),
-        }
+
+    @property
+    def eye(self) -> Tensor:
+        """The identity, ``(B, m + 1, m + 1)`` (a view)."""
+        return self._eye.expand_as(self.omega)
 
     def _start(
         self, m: int, r: Tensor, beta: Tensor, started: Tensor, loop: LinearLoop
@@ -247,11 +268,11 @@ class _InPlaceCycles(_Cycles):
         beta3 = beta.view(batch, 1, 1)
         # The steps track residuals relative to beta (the rotations' entry |omega_{j+1,0}|).
         rel_tol = loop.tol.view(batch, 1, 1) / beta3
-        if self._cycles:  # the basis rows of the last cycle: zeros again (see __init__)
+        if self._cycles:  # the basis rows and rotations of the last cycle: reset
             self.V.zero_()
+            self.omega.copy_(self.eye)
         self._cycles += 1
-        self.rows3[0].copy_(r.unsqueeze(1) / torch.where(beta3 > 0, beta3, self.one))
-        self.omega.copy_(self.eye)
+        torch.div(r.unsqueeze(1), torch.where(beta3 > 0, beta3, self.one), out=self.rows3[0])
         active = started.view(batch, 1, 1)
         used = torch.zeros(batch, 1, 1, dtype=torch.int64, device=r.device)
         return rel_tol, torch.ones_like(beta3), active, used
