@@ -11,9 +11,9 @@ aten op dispatched by a solve, except those dispatched inside the map, its VJP o
 product (counting pauses there). Each loop runs twice without converging (``rtol = 0``), for
 ``K`` and ``2K`` iterations; the difference divided by ``K`` is the cost of one iteration,
 free of set-up and result assembly. ``aten._local_scalar_dense`` is the host synchronisation
-(``.item()``, ``bool()``); it and ``Tensor.tolist`` (which reads the data without
-dispatching an op, and copies to the host on an accelerator) are counted as synchronisations
-(and also among the ops).
+(``.item()``, ``bool()``); it, ``Tensor.tolist`` and ``Tensor.numpy`` (which read the data
+without a kernel, and copy to the host on an accelerator) are counted as synchronisations
+(and also among the ops, one each).
 
 Two settings: ``check_every=1`` (the CPU default: a convergence check every step) and
 ``check_every=8`` (the accelerator default), where synchronisations happen only at checks.
@@ -133,23 +133,30 @@ class OpCounter(TorchDispatchMode):
 
 def _count(run: Callable[[OpCounter], object]) -> OpCounter:
     counter = OpCounter()
-    # ``Tensor.tolist`` reads the data without dispatching an aten op (on an accelerator it
-    # copies to the host, a synchronisation): counted by hand as one op and one sync.
-    tolist = torch.Tensor.tolist
+    # ``Tensor.tolist`` and ``Tensor.numpy`` read the data without a kernel (on an
+    # accelerator the read copies to the host, a synchronisation): each counted by hand as one
+    # op and one sync. ``numpy`` makes an alias first (an aten ``detach``, no kernel): part of
+    # the read, not counted apart.
+    reads = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
 
-    def counted_tolist(self):
-        if not counter._pause:
-            counter.ops += 1
-            counter.syncs += 1
-            counter.names["tolist"] = counter.names.get("tolist", 0) + 1
-        return tolist(self)
+    def counted(name: str, read: Callable) -> Callable:
+        def read_counted(self, *args, **kwargs):
+            if not counter._pause:
+                counter.ops += 1
+                counter.syncs += 1
+                counter.names[name] = counter.names.get(name, 0) + 1
+            return counter.paused(read)(self, *args, **kwargs)
 
-    torch.Tensor.tolist = counted_tolist
+        return read_counted
+
+    for name, read in reads.items():
+        setattr(torch.Tensor, name, counted(name, read))
     try:
         with counter:
             run(counter)
     finally:
-        torch.Tensor.tolist = tolist
+        for name, read in reads.items():
+            setattr(torch.Tensor, name, read)
     return counter
 
 

@@ -24,11 +24,14 @@ def test_counter_counts_ops_and_synchronisations():
         counter.paused(torch.mul)(c, c)  # hidden
         float(c.sum())  # sum, _local_scalar_dense
         c.tolist()  # counted by hand
+        c.numpy()  # counted by hand as one read (its internal alias is part of it)
 
     counter = _count(run)
-    assert counter.ops == 4
-    assert counter.syncs == 2
-    assert counter.names == {"add": 1, "sum": 1, "_local_scalar_dense": 1, "tolist": 1}
+    assert counter.ops == 5
+    assert counter.syncs == 3
+    assert counter.names == {"add": 1, "sum": 1, "_local_scalar_dense": 1, "tolist": 1, "numpy": 1}
+    # the reads are restored after counting
+    assert torch.Tensor.numpy.__name__ == "numpy" and torch.Tensor.tolist.__name__ == "tolist"
 
 
 # Ops per iteration beyond the map / operator product at check_every=8 (the accelerator
@@ -63,7 +66,7 @@ def test_whole_call_counts_only_the_layer_own_ops():
     stays within the count measured when it was last cut."""
     from benchmarks._whole_call import call_configs, count_call
 
-    budgets = {"Picard + Neumann": 291, "default": 379, "Anderson + GMRES": 1011}
+    budgets = {"Picard + Neumann": 195, "default": 214, "Anderson + GMRES": 655}
     for label, (solver, backward) in call_configs().items():
         functional = count_call("il.fixed_point", True, solver, backward)
         module = count_call("il.nn.DEQ", True, solver, backward)

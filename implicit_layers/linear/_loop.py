@@ -9,6 +9,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from ._base import LinearSolver
 
 __all__ = [
-    "Bookkeeping", "sync_flags", "wide_dtype",
+    "Bookkeeping", "sync_flags", "to_host", "from_host", "wide_dtype",
     "LinearLoop", "check_done", "check_active", "first_product", "autograd_records", "records",
 ]
 
@@ -76,6 +77,29 @@ def wide_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "mps" else torch.float64
 
 
+def to_host(t: Tensor) -> np.ndarray:
+    """``t``'s values on the host, as a NumPy array: a check's one synchronisation (a copy on
+    an accelerator, none on the CPU). A check that reads per-sample columns and forms its
+    flags on the host runs no reduction on the device; reading a few thousand values costs
+    less than launching the ops (and on the CPU, less than running them)."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return np.array(t.tolist())  # a torch.func wrapper has no storage of its own to read
+    if t.requires_grad:
+        t = t.detach()
+    if t.is_floating_point() and t.dtype not in _NUMPY_FLOATS:
+        t = t.float()  # bfloat16, float8: NumPy has no such dtype (float32 holds them exactly)
+    return t.cpu().numpy()
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def from_host(a: np.ndarray, like: Tensor) -> Tensor:
+    """A host array (flags or counts a check formed there) as a tensor on ``like``'s device
+    (a copy on an accelerator, none on the CPU)."""
+    return torch.from_numpy(np.ascontiguousarray(a)).to(like.device)
+
+
 def sync_flags(done: Tensor, watch: Tensor) -> list[bool]:
     """One synchronisation: ``[all samples done, every watched value finite, any sample
     done]``.
@@ -96,11 +120,13 @@ def sync_flags(done: Tensor, watch: Tensor) -> list[bool]:
 def _count_if_finite(flags: Tensor, watch: Tensor) -> float:
     """The number of nonzero ``flags`` (bool or a 0/1 float mask), or NaN when some entry of
     ``watch`` is NaN or Inf, in one synchronisation instead of a reduction per answer. With a
-    ``watch`` of the flags' shape, one sum of ``flags + 0 · watch`` (``0 · ±Inf`` is NaN);
+    ``watch`` of the flags' shape, both are read at once and counted and tested on the host;
     otherwise the count and the largest watched magnitude travel together."""
     wide = wide_dtype(watch)
     if watch.shape == flags.shape:
-        return torch.add(flags, watch, alpha=0).sum(dtype=wide).item()
+        # one read of both, counted and tested on the host
+        host = to_host(torch.stack((flags, watch)))
+        return float(np.count_nonzero(host[0])) if np.isfinite(host[1]).all() else math.nan
     count = torch.count_nonzero(flags).to(wide)
     if watch.numel() == 0:  # nothing to test (an infinity norm has no empty value)
         return count.item()
@@ -166,10 +192,11 @@ class LinearLoop(Bookkeeping):
             torch.zeros(batch, dtype=torch.bool, device=b.device) if residual is None
             else residual <= self.tol
         )
-        self.bad = torch.zeros(batch, dtype=torch.bool, device=b.device)
+        self._bad: Tensor | None = None  # made when first read (no sample stopped till then)
         self.steps = torch.zeros(batch, dtype=torch.int64, device=b.device)
         self._inplace: bool | None = None
         self._stopped_at_check = False
+        self._host_tol: np.ndarray | None = None  # read by proceed_above's first check
 
     def proceed(
         self, watch: Tensor, *, done: Tensor | None = None, active: Tensor | None = None,
@@ -214,6 +241,57 @@ class LinearLoop(Bookkeeping):
         self.k += 1
         return True
 
+    @property
+    def bad(self) -> Tensor:
+        """Samples stopped without converging, bool ``(B,)``."""
+        if self._bad is None:
+            self._bad = torch.zeros_like(self.done)
+        return self._bad
+
+    @bad.setter
+    def bad(self, value: Tensor) -> None:
+        self._bad = value
+
+    @property
+    def bad_if_any(self) -> Tensor | None:
+        """:attr:`bad`, or ``None`` while no sample was stopped (and nothing read it)."""
+        return self._bad
+
+    def proceed_above(self, res: Tensor, tol: Tensor) -> bool:
+        """:meth:`proceed` for a loop whose samples step while their residual norm is above
+        the tolerance (active exactly where ``res > tol``), judged on the host: a check reads
+        the norms (the tolerances too, at the first check) and counts there, with no op on
+        the device besides the read.
+
+        Args:
+            res: the residual norms ``(B, 1)``.
+            tol: the tolerances ``(B, 1)``, the same at every call.
+
+        Returns:
+            As :meth:`proceed`.
+
+        Raises:
+            implicit_layers.NonFiniteError: when a check finds a norm NaN or Inf.
+        """
+        self.all_active = False
+        if self.k >= self.max_steps:
+            return False
+        if self.check_due():
+            if self._host_tol is None:
+                both = to_host(torch.cat((res, tol), dim=-1))
+                res_h, self._host_tol = both[:, 0], both[:, 1]
+            else:
+                res_h = to_host(res)[:, 0]
+            if not np.isfinite(res_h).all():
+                _raise_non_finite(self.name)
+            active = int(np.count_nonzero(res_h > self._host_tol))
+            if active == 0:
+                self._stopped_at_check = True
+                return False
+            self.all_active = active == res_h.shape[0]
+        self.k += 1
+        return True
+
     def next_round(self, watch: Tensor) -> bool:
         """For solvers that run in rounds: a check now.
 
@@ -227,6 +305,18 @@ class LinearLoop(Bookkeeping):
             implicit_layers.NonFiniteError: if ``watch`` is not finite.
         """
         all_done, _ = check_done(self.done, watch, self.name)
+        self._stopped_at_check = all_done or self.k >= self.max_steps
+        return not self._stopped_at_check
+
+    def next_round_judged(self, all_done: bool, watch: np.ndarray) -> bool:
+        """:meth:`next_round` when the check was made on the host (the flags ``all_done``
+        and the values ``watch`` read there).
+
+        Raises:
+            implicit_layers.NonFiniteError: if ``watch`` is not finite.
+        """
+        if not np.isfinite(watch).all():
+            _raise_non_finite(self.name)
         self._stopped_at_check = all_done or self.k >= self.max_steps
         return not self._stopped_at_check
 
@@ -263,7 +353,10 @@ class LinearLoop(Bookkeeping):
         """
         if not self._stopped_at_check:
             check_done(self.done, residual if watch is None else watch, self.name)
-        return self.result((residual <= self.tol) & ~self.bad, self.steps, residual, self.tol)
+        converged = residual <= self.tol
+        if self._bad is not None:
+            converged = converged & ~self._bad
+        return self.result(converged, self.steps, residual, self.tol)
 
 
 def check_done(done: Tensor, watch: Tensor, solver: str) -> tuple[bool, bool]:
@@ -297,8 +390,8 @@ def check_active(active: Tensor, watch: Tensor | None, solver: str) -> tuple[boo
     tested) is not finite.
 
     Without ``watch``, a batch of up to 4096 samples costs one copy of its flags; with a
-    ``watch`` of the flags' shape, two ops: one sum gives the count of active samples, NaN
-    when some watched value is not finite.
+    ``watch`` of the flags' shape, one op: flags and values are stacked and read at once, and
+    counted and tested on the host.
     """
     n: float
     if watch is None or watch.numel() == 0:

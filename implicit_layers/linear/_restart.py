@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .._info import SolveInfo
 from ._base import LinearSolver, initial_residual
-from ._loop import LinearLoop
+from ._loop import LinearLoop, from_host, to_host
 from ._operator import LinearOperator
 
 # inner(x, r, beta, active, loop) -> (x, used)
@@ -83,21 +84,49 @@ def run_in_rounds(
     x, r = initial_residual(op, b, x0)
     beta = torch.linalg.vector_norm(r, dim=-1)
     loop = LinearLoop(solver, b, beta)
-    tol = loop.tol
-    while loop.next_round(beta):
-        started = ~loop.done
-        x_new, used = inner(x, r, beta, started, loop)
+    another = loop.next_round(beta)
+    while another:
+        x_new, used = inner(x, r, beta, ~loop.done, loop)
         loop.steps = loop.steps + used
         r_new = b - op.mv(x_new)
         new_beta = torch.linalg.vector_norm(r_new, dim=-1)
-        # A sample that went through a round without reducing its true residual stagnates:
-        # it is stopped, and keeps its previous iterate if the round made it worse.
-        worked = used > 0
-        stalled = worked & ~(new_beta < beta) & (new_beta > tol)
-        loop.bad = loop.bad | (started & ~worked) | stalled
-        keep = worked & ~(new_beta > beta)  # NaN is kept, for the next check to see
-        x = torch.where(keep.unsqueeze(-1), x_new, x)
-        r = torch.where(keep.unsqueeze(-1), r_new, r)
-        beta = torch.where(keep, new_beta, beta)
-        loop.done = (beta <= tol) | loop.bad
+        # The round's verdicts on the host, from one read (the next round's check): the
+        # device's iterate, norms and flags change only where they are mixed.
+        keep, bad, done, beta_h = _judge_round(used, new_beta, beta, loop)
+        if keep.all():
+            x, r, beta = x_new, r_new, new_beta
+        elif keep.any():
+            keep_t = from_host(keep[:, None], x)
+            x, r = torch.where(keep_t, x_new, x), torch.where(keep_t, r_new, r)
+            beta = torch.where(keep_t.squeeze(-1), new_beta, beta)
+        if bad is not None:
+            loop.bad = from_host(bad, x)
+        loop.done = from_host(done, x)
+        another = loop.next_round_judged(bool(done.all()), beta_h)
     return x, loop.info(beta)
+
+
+def _judge_round(
+    used: Tensor, new_beta: Tensor, beta: Tensor, loop: LinearLoop
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """A round's verdicts per sample, formed on the host from one read of the steps it
+    used, the true residual norms after and before it, the tolerances and the flags: which
+    samples keep the round's iterate, which are stopped (``None``: no sample newly), which
+    are done, and the residual norms kept (the same comparisons as on the device).
+
+    A sample that went through a round without reducing its true residual stagnates: it is
+    stopped, and keeps its previous iterate if the round made it worse. NaN is kept, for the
+    check to see."""
+    columns = [used, new_beta, beta, loop.tol, loop.done]
+    bad_before = loop.bad_if_any
+    host = to_host(torch.stack(columns if bad_before is None else columns + [bad_before]))
+    used_h, new_h, beta_h, tol_h = host[0], host[1], host[2], host[3]
+    started = host[4] == 0
+    bad_h = host[5] != 0 if bad_before is not None else np.zeros_like(started)
+    worked = used_h > 0
+    stalled = worked & ~(new_h < beta_h) & (new_h > tol_h)
+    stopped = (started & ~worked) | stalled
+    bad = bad_h | stopped
+    keep = worked & ~(new_h > beta_h)
+    kept = np.where(keep, new_h, beta_h)
+    return keep, bad if stopped.any() else None, (kept <= tol_h) | bad, kept

@@ -106,6 +106,33 @@ class GMRES(LinearSolver):
         )
 
 
+#: Rows of the basis per block of the in-place cycles' Gram-Schmidt products.
+_BLOCK = 8
+
+_CONSTANTS: dict[tuple[torch.dtype, torch.device], dict[str, Tensor]] = {}
+
+
+def _constants(dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    """The constants of the cycles in ``dtype`` on ``device`` (``zero``, ``one``, ``inf``;
+    ``I2`` and ``J2``: a rotation ``[[c, s], [-s, c]]`` is ``c · I + s · J``), made once:
+    each is an op. Normal tensors (also when first asked for in inference mode), never
+    written; not kept while compiling."""
+    key = (dtype, device)
+    constants = _CONSTANTS.get(key)
+    if constants is None:
+        with torch.inference_mode(False):
+            constants = {
+                "zero": torch.zeros((), dtype=dtype, device=device),
+                "one": torch.ones((), dtype=dtype, device=device),
+                "inf": torch.full((), torch.inf, dtype=dtype, device=device),
+                "I2": torch.eye(2, dtype=dtype, device=device),
+                "J2": torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=dtype, device=device),
+            }
+        if not torch.compiler.is_compiling():
+            _CONSTANTS[key] = constants
+    return constants
+
+
 class _Cycles:
     """The GMRES cycle of :func:`run_in_rounds`, shared by the in-place and the recorded
     variants: up to ``restart`` Arnoldi steps (``check_every`` of them between two checks, or
@@ -126,8 +153,8 @@ class _Cycles:
         self.graphs = graphs
         self.m_max = m_max
         self.eps = torch.finfo(b.dtype).eps
-        self.zero = torch.zeros((), dtype=b.dtype, device=b.device)
-        self.one = torch.ones((), dtype=b.dtype, device=b.device)
+        self.c = _constants(b.dtype, b.device)
+        self.zero, self.one = self.c["zero"], self.c["one"]
 
     def _start(
         self, m: int, r: Tensor, beta: Tensor, started: Tensor, loop: LinearLoop
@@ -155,13 +182,12 @@ class _Cycles:
         used = state[3].view(x.shape[0])
         if j_end == 0:
             return x, used
-        # Per sample, solve the triangular system of its first `used` steps only.
+        # Per sample, solve the triangular system of its first `used` steps only: the columns
+        # past them are those of the identity (the solve reads the upper triangle only).
         k = j_end
-        idx = torch.arange(k, device=x.device)
-        mask = idx.unsqueeze(0) < used.unsqueeze(-1)  # (B, k)
-        Rk = self.R[:, :k, :k]
-        Rk = torch.where(mask.unsqueeze(-1) & mask.unsqueeze(-2), Rk, self.zero)
-        Rk = Rk + torch.diag_embed((~mask).to(x.dtype))
+        mask = torch.arange(k, device=x.device) < used.unsqueeze(-1)  # (B, k)
+        eye = torch.eye(k, dtype=x.dtype, device=x.device)
+        Rk = torch.where(mask.unsqueeze(-2), self.R[:, :k, :k], eye)
         g = torch.where(mask, beta.unsqueeze(-1) * self.omega[:, :k, 0], self.zero)
         y = torch.linalg.solve_triangular(Rk, g.unsqueeze(-1), upper=True)
         return x + torch.bmm(y.mT, self.V[:, :k]).squeeze(1), used
@@ -210,31 +236,40 @@ class _InPlaceCycles(_Cycles):
         batch, n = b.shape
         dtype, device = b.dtype, b.device
         self.V = torch.zeros(batch, m_max + 1, n, dtype=dtype, device=device)
-        self.omega = torch.zeros(batch, m_max + 1, m_max + 1, dtype=dtype, device=device)
-        self.eye = torch.eye(m_max + 1, dtype=dtype, device=device).expand_as(self.omega)
-        self.R = torch.zeros(batch, m_max, m_max, dtype=dtype, device=device)
+        # the rotations start as the identity (again at each later cycle, from _eye)
+        self._eye = torch.eye(m_max + 1, dtype=dtype, device=device)
+        self.omega = self._eye.repeat(batch, 1, 1)
+        # one row more than the factor has: column j is written whole (its entries past j
+        # are zeros), through a view that a split makes for every j at once
+        self.R = torch.zeros(batch, m_max + 1, m_max, dtype=dtype, device=device)
         V, omega, R = self.V, self.omega, self.R
-        # The views of every step, made once per solve. Where a family of views tiles a
-        # tensor, one split makes them all (an op per view otherwise: ~300 ops per solve).
+        # The views the steps work through, made once per solve (where a family of views
+        # tiles a tensor, one split makes them all). A step works on the whole basis and
+        # the whole rotations: the basis rows past step j are zeros (their coefficients come
+        # out zero, and subtract nothing) and the rotations' rows past j + 1 are those of the
+        # identity, so no step makes a view of its leading block.
         self.rows = V.unbind(1)
         self.rows3 = V.split(1, dim=1)  # (B, 1, n): row j
-        self.basis = [V[:, : j + 1] for j in range(m_max)]
-        self.basisT = [v.mT for v in self.basis]
-        omega_t = omega.mT
-        self.omegaT = [omega_t[:, : j + 1, : j + 1] for j in range(m_max)]
-        self.pair = [omega[:, j : j + 2, : j + 2] for j in range(m_max)]
+        self.VT = V.mT
+        self.omegaT = omega.mT
+        # The Gram-Schmidt products read the basis's leading rows in blocks of _BLOCK rows
+        # (the block's rows past step j are zeros): the whole basis at every step would read
+        # up to twice the rows the step needs (12 % more time for a solve at n = 256), a view
+        # of the step's own rows would cost a view op per step; a block's views are made once.
+        ends = sorted({min(m_max + 1, -(-(j + 1) // _BLOCK) * _BLOCK) for j in range(m_max)})
+        blocks = {k: (V[:, :k], self.VT[:, :, :k], self.omegaT[:, :k]) for k in ends}
+        self.block = [blocks[min(m_max + 1, -(-(j + 1) // _BLOCK) * _BLOCK)] for j in range(m_max)]
         self.next0 = omega[:, 1:, :1].split(1, dim=1)  # (B, 1, 1): omega[:, j + 1, 0]
-        cols = R.mT.split(1, dim=1)  # (B, 1, m): column j of R
-        self.col = [c[..., : j + 1] for j, c in enumerate(cols)]
+        self.cols = R.mT.split(1, dim=1)  # (B, 1, m + 1): column j of R
         self.diag = R.diagonal(dim1=1, dim2=2).unsqueeze(-1).split(1, dim=1)  # (B, 1, 1)
-        self.c = {
-            "zero": self.zero,
-            "one": self.one,
-            "inf": torch.full((), torch.inf, dtype=dtype, device=device),
-            # a rotation [[c, s], [-s, c]] is c · I + s · J
-            "I2": torch.eye(2, dtype=dtype, device=device),
-            "J2": torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=dtype, device=device),
-        }
+        # (B, 2, m + 1): rows j and j + 1 of the rotations, overlapping windows of one unfold
+        self.pairs = omega.unfold(1, 2, 1).transpose(-1, -2).unbind(1)
+        self._cycles = 0
+
+    @property
+    def eye(self) -> Tensor:
+        """The identity, ``(B, m + 1, m + 1)`` (a view)."""
+        return self._eye.expand_as(self.omega)
 
     def _start(
         self, m: int, r: Tensor, beta: Tensor, started: Tensor, loop: LinearLoop
@@ -243,8 +278,11 @@ class _InPlaceCycles(_Cycles):
         beta3 = beta.view(batch, 1, 1)
         # The steps track residuals relative to beta (the rotations' entry |omega_{j+1,0}|).
         rel_tol = loop.tol.view(batch, 1, 1) / beta3
-        self.rows3[0].copy_(r.unsqueeze(1) / torch.where(beta3 > 0, beta3, self.one))
-        self.omega.copy_(self.eye)
+        if self._cycles:  # the basis rows and rotations of the last cycle: reset
+            self.V.zero_()
+            self.omega.copy_(self.eye)
+        self._cycles += 1
+        torch.div(r.unsqueeze(1), torch.where(beta3 > 0, beta3, self.one), out=self.rows3[0])
         active = started.view(batch, 1, 1)
         used = torch.zeros(batch, 1, 1, dtype=torch.int64, device=r.device)
         return rel_tol, torch.ones_like(beta3), active, used
@@ -252,9 +290,9 @@ class _InPlaceCycles(_Cycles):
     def _step(self, j: int, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         rel_tol, res, active, used = state
         res, active = arnoldi_step(
-            self.mv, j, self.rows[j], self.rows3[j + 1], self.basis[j], self.basisT[j],
-            self.omegaT[j], self.pair[j], self.next0[j], self.col[j], self.diag[j],
-            rel_tol, res, active, used, self.eps, self.c,
+            self.mv, j, self.rows[j], self.rows3[j + 1], *self.block[j], self.pairs[j],
+            self.next0[j], self.cols[j], self.diag[j], rel_tol, res, active, used, self.eps,
+            self.c,
         )
         return rel_tol, res, active, used
 
@@ -347,18 +385,26 @@ def arnoldi_step(
     drops the step. Samples that are done keep rotating harmlessly: only their first ``used``
     rows and columns enter their solution (their later rotations may even hold NaN). Free of
     host synchronisation and of Python branches on data (it compiles with
-    ``torch.compile(fullgraph=True)``).
+    ``torch.compile(fullgraph=True)``; with more of the basis given than its first ``j + 1``
+    rows, make ``v_next`` inside the compiled region, ``basis[:, j + 1 : j + 2]``: a view of
+    the written row passed in beside the basis is an aliased input that is also mutated,
+    which inductor gets wrong).
 
     Args:
         mv: the operator product on ``(B, n)``.
         j: the step within the cycle.
         v: basis vector ``j``, ``(B, n)``; ``v_next``: the view ``(B, 1, n)`` of vector ``j+1``.
-        basis, basisT: the first ``j + 1`` basis vectors ``(B, j+1, n)`` and their transpose.
-        omegaT: the transposed accumulated rotations ``(B, j+1, j+1)``; ``pair``: rows ``j``
-            and ``j + 1`` of the rotations ``(B, 2, j+2)``; ``next0``: their entry
-            ``(j + 1, 0)``, ``(B, 1, 1)``.
-        col: column ``j`` of the triangular factor, ``(B, 1, j+1)``; ``diag``: its entry
-            ``(j, j)``, ``(B, 1, 1)``.
+        basis, basisT: the first ``j + 1`` basis vectors ``(B, j+1, n)`` and their
+            transpose, or more leading rows of it (up to the whole basis ``(B, m+1, n)``)
+            with zeros past row ``j``.
+        omegaT: the transposed accumulated rotations ``(B, j+1, j+1)``, or as many rows as
+            ``basis`` has, each as long as ``col`` (up to ``m + 1``): the new column's entries past ``j`` come
+            out zero, as the rotations' rows past ``j`` are still those of the identity;
+            ``pair``: rows ``j`` and ``j + 1`` of the rotations ``(B, 2, j+2)`` (or longer:
+            their entries past ``j + 1`` are zeros); ``next0``: their entry ``(j + 1, 0)``,
+            ``(B, 1, 1)``.
+        col: column ``j`` of the triangular factor, ``(B, 1, j+1)`` or longer; ``diag``: its
+            entry ``(j, j)``, ``(B, 1, 1)``.
         rel_tol: the tolerances divided by the cycle's initial residual norms, ``(B, 1, 1)``.
         res: the residual estimates relative to the cycle's initial residual norms;
             ``active``: the samples stepping, ``(B, 1, 1)``.
@@ -385,13 +431,13 @@ def arnoldi_step(
     # The previous rotations applied to the new column, written into the factor's column;
     # then a new rotation zeroes h_{j+1,j}.
     col.copy_(torch.bmm(h, omegaT))
-    d = torch.hypot(diag, hnorm)
     # [[c, s], [-s, c]] with c = t_j / d, s = h_{j+1,j} / d (NaN where d = 0: such a step
     # is dropped below, and a dropped or done sample's later rotations never enter its
-    # solution)
-    rot = torch.addcmul(diag * c["I2"], hnorm, c["J2"]) * d.reciprocal()
+    # solution); d = hypot(t_j, h_{j+1,j}) written over t_j, the factor's diagonal entry
+    t_j = diag * c["I2"]
+    d = diag.hypot_(hnorm)
+    rot = torch.addcmul(t_j, hnorm, c["J2"]) * d.reciprocal()
     pair.copy_(torch.bmm(rot, pair))
-    diag.copy_(d)
     # the residual estimate relative to the cycle's initial residual norm
     new_res = next0.abs()
     # d ~ 0: the new column is in the span of the previous ones (singular operator); the

@@ -132,8 +132,14 @@ class Neumann(LinearSolver):
                 else _InPlaceSteps(op.mv, tol, step_size, loop)
             )
         state: tuple[Tensor, ...] = (x, r, mask, steps, res.unsqueeze(-1))
-        while loop.proceed(state[4], active=state[2]):
-            state = step(*state)
+        if isinstance(step, _InPlaceSteps):
+            # the mask is the comparison res > tol: the checks count it on the host
+            while loop.proceed_above(state[4], tol):
+                state = step(*state)
+            step.write_mask(state[4], state[2])
+        else:
+            while loop.proceed(state[4], active=state[2]):
+                state = step(*state)
         x, _, mask, steps, res = state
         if isinstance(step, _InPlaceSteps) and step.uniform:
             steps = steps + step.uniform
@@ -185,29 +191,40 @@ def _in_place_step(
 ) -> tuple[Tensor, ...]:
     """:func:`neumann_step` on the loop state ``(x, r, mask, steps, res)`` (``steps`` is
     updated in place)."""
-    x, r, res, mask, _ = neumann_step(mv, x, r, mask, steps, tol, alpha)
+    x, r, res, _, _ = neumann_step(mv, x, r, mask, steps, tol, alpha)
     return x, r, mask, steps, res
 
 
 class _InPlaceSteps:
     """:func:`neumann_step` on the loop state, step by step; a step that follows a check which
     found every sample stepping is counted on the host (:attr:`uniform`, added to the counts
-    once at the end) instead of by an op on the device."""
+    once at the end) instead of by an op on the device, and updates every sample without the
+    mask, whose comparison is then made only when a step needs it (:meth:`write_mask`)."""
 
     def __init__(
         self, mv: Callable[[Tensor], Tensor], tol: Tensor, alpha: Tensor | None, loop: LinearLoop
     ) -> None:
         self.mv, self.tol, self.alpha, self.loop = mv, tol, alpha, loop
         self.uniform = 0
+        self.stale = False  # the mask is not the comparison of the latest norms
 
     def __call__(
         self, x: Tensor, r: Tensor, mask: Tensor, steps: Tensor, res: Tensor
     ) -> tuple[Tensor, ...]:
         if not self.loop.all_active:
+            self.write_mask(res, mask)
             return _in_place_step(self.mv, self.tol, self.alpha, x, r, mask, steps, res)
         self.uniform += 1
-        x, r, res, mask, _ = neumann_step(self.mv, x, r, mask, None, self.tol, self.alpha)
+        self.stale = True
+        x, r, res, _, _ = neumann_step(self.mv, x, r, None, None, self.tol, self.alpha)
         return x, r, mask, steps, res
+
+    def write_mask(self, res: Tensor, mask: Tensor) -> None:
+        """The mask of the norms ``res``, ``res > tol``, if the steps since the last one made
+        none (each sample stepped)."""
+        if self.stale:
+            torch.gt(res, self.tol, out=mask)
+            self.stale = False
 
 
 def _graphed_steps(
@@ -230,9 +247,9 @@ def _graphed_steps(
 
 
 def neumann_step(
-    mv: Callable[[Tensor], Tensor], x: Tensor, r: Tensor, mask: Tensor, steps: Tensor | None,
+    mv: Callable[[Tensor], Tensor], x: Tensor, r: Tensor, mask: Tensor | None, steps: Tensor | None,
     tol: Tensor, alpha: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """One Richardson step ``x ← x + α r``, ``r ← r - A α r`` for the samples with ``mask`` 1.
 
     Updates ``x``, ``r``, ``mask`` and ``steps`` in place (no autograd) and returns them with
@@ -242,7 +259,8 @@ def neumann_step(
     Args:
         mv: the operator product on ``(B, n)``.
         x, r: iterate and residual ``b - A x``, ``(B, n)``.
-        mask: ``(B, 1)`` float, 1 for the samples that step, 0 for the done ones.
+        mask: ``(B, 1)`` float, 1 for the samples that step, 0 for the done ones; ``None``:
+            every sample steps (the mask is then neither read nor written).
         steps: ``(B, 1)`` float step counts, or ``None`` (a step of every sample, counted by
             the caller).
         tol: ``(B, 1)`` tolerances.
@@ -253,6 +271,10 @@ def neumann_step(
     """
     step = r if alpha is None else alpha * r
     Ms = mv(step)
+    if mask is None:  # every sample steps
+        x.add_(step)
+        r.sub_(Ms)
+        return x, r, torch.linalg.vector_norm(r, dim=-1, keepdim=True), mask, steps
     # times 1 or 0: exact, so a stepping sample gets x + step and a done one keeps x
     x.addcmul_(step, mask)
     r.addcmul_(Ms, mask, value=-1.0)

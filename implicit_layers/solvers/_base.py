@@ -272,6 +272,11 @@ def _norm(x: Tensor, keepdim: bool = False) -> Tensor:
     return torch.linalg.vector_norm(x, dim=-1, keepdim=keepdim, dtype=wide_dtype(x))
 
 
+def _detached(x: Tensor) -> Tensor:
+    """``x`` out of autograd's graph (no op when it is not in one)."""
+    return x.detach() if x.requires_grad else x
+
+
 class ForwardBookkeeping(Bookkeeping):
     """The state both forward monitors share: the tolerance rule of the problem's kind, the
     latest residual norms, the done flags and each sample's best iterate.
@@ -291,6 +296,10 @@ class ForwardBookkeeping(Bookkeeping):
     """
 
     steps: Tensor  # the steps each sample took (int64)
+    tol: Tensor  # the latest tolerances (Monitor)
+    done: Tensor  # the samples done, bool
+    _best_tol: Tensor | None
+    _best_znorm: Tensor
 
     def __init__(
         self, solver: ForwardSolver, problem: Problem, z0: Tensor, r0: Tensor, keepdim: bool
@@ -308,14 +317,20 @@ class ForwardBookkeeping(Bookkeeping):
         # point at 0 meets an absolute tolerance instead of chasing ‖z‖ down to underflow.
         scale0 = _norm(z0 - r0, keepdim) if self.relative_to_z else res
         self.tol0 = torch.clamp(self.rtol * scale0, min=self.atol)
-        self.tol = self._tol(_norm(z0, keepdim)) if self.relative_to_z else self.tol0
         self.res = res
         self.best_z = z0
         self.best_res = res
         # The tolerance of the best iterate itself: the convergence verdict must compare the
-        # residual and the tolerance of one and the same iterate.
-        self.best_tol = self.tol
-        self.done = res <= self.tol
+        # residual and the tolerance of one and the same iterate. Formed when read, from the
+        # initial iterate's norms (a monitor that judges on the host may never read it).
+        self._znorm0 = _norm(z0, keepdim) if self.relative_to_z else None
+        self._best_tol_from(self._znorm0)
+
+    def _initial_verdict(self) -> None:
+        """The initial iterate's tolerances :attr:`tol` and done flags :attr:`done` on the
+        device."""
+        self.tol = self.best_tol
+        self.done = self.res <= self.tol
 
     def stop(self, force: bool = False) -> bool:
         raise NotImplementedError
@@ -341,6 +356,27 @@ class ForwardBookkeeping(Bookkeeping):
         """The tolerances of iterates of norms ``znorm`` (fixed points)."""
         return torch.clamp(znorm * self.rtol, min=self.tol0)
 
+    @property
+    def best_tol(self) -> Tensor:
+        """The tolerances of each sample's best iterate. A check that judged the tolerance on
+        the host keeps only the iterate's norm (:meth:`_best_tol_from`); the tolerance is
+        formed from it when read (at the end, or at a masked update), by the same ops."""
+        if self._best_tol is None:
+            self._best_tol = self._tol(self._best_znorm)
+        return self._best_tol
+
+    @best_tol.setter
+    def best_tol(self, value: Tensor) -> None:
+        self._best_tol = value
+
+    def _best_tol_from(self, znorm: Tensor | None) -> None:
+        """The best iterates' tolerances, to be formed from their norms ``znorm`` when read
+        (``None``: not relative to the iterate, the tolerances are :attr:`tol0`)."""
+        if znorm is None:
+            self._best_tol = self.tol0
+        else:
+            self._best_tol, self._best_znorm = None, znorm
+
     def _best(self, known_converged: bool) -> tuple[Tensor, SolveInfo]:
         """Each sample's best iterate and the info: converged where that iterate meets its
         own tolerance."""
@@ -348,8 +384,8 @@ class ForwardBookkeeping(Bookkeeping):
         if self._keepdim:
             best_res, best_tol, steps = best_res.squeeze(-1), best_tol.squeeze(-1), steps.squeeze(-1)
         info = self.result(
-            best_res <= best_tol, steps, best_res.detach().to(self._dtype),
-            best_tol.detach().to(self._dtype),
+            best_res <= best_tol, steps, _detached(best_res).to(self._dtype),
+            _detached(best_tol).to(self._dtype),
         )
         info._known_converged = known_converged
         return self.best_z, info
@@ -394,6 +430,7 @@ class Monitor(ForwardBookkeeping):
 
     def __init__(self, solver: ForwardSolver, problem: Problem, z0: Tensor, r0: Tensor) -> None:
         super().__init__(solver, problem, z0, r0, keepdim=False)
+        self._initial_verdict()
         self.steps = torch.zeros(z0.shape[0], dtype=torch.int64, device=z0.device)
 
     @property

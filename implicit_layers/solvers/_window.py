@@ -18,12 +18,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .._cuda_graph import Chunk, ChunkGraphs
 from .._info import SolveInfo
 from .._problem import Problem
+from ..linear._loop import from_host, to_host
 from ._base import ForwardBookkeeping, ForwardSolver, _norm
 
 __all__ = ["WindowMonitor", "judge_window", "ChunkAdvance"]
@@ -100,11 +102,15 @@ class WindowMonitor(ForwardBookkeeping):
         safe: tuple[float, float] | None = None,
     ) -> None:
         super().__init__(solver, problem, z0, r0, keepdim=True)
-        # Per-sample state as (B, 1) columns: they broadcast against a window's (B, W).
-        self._steps = torch.zeros(z0.shape[0], 1, dtype=torch.int64, device=z0.device)
-        # Steps every sample took since the last masked update, counted on the host (no op
-        # per step while no sample is done) and added when :attr:`steps` is read.
-        self._uniform_steps = 0
+        # Per-sample state as (B, 1) columns: they broadcast against a window's (B, W). The
+        # step counts are kept on the host (no op per step) until :attr:`steps` is read:
+        # ``_steps`` the device's counts (``None`` before the first read), ``_uniform_steps``
+        # the steps since, for every sample (an int) or per sample (an array).
+        self._steps: Tensor | None = None
+        self._uniform_steps: int | np.ndarray = 0
+        # The first check judges the initial iterate on the host; its done flags and
+        # tolerances are not formed on the device before.
+        self._initial = True
         self._zs: list[Tensor] = []
         self._rs: list[Tensor] = []
         self._dead: Tensor | None = None
@@ -116,7 +122,16 @@ class WindowMonitor(ForwardBookkeeping):
         #: host in the check's one synchronisation (a solver's own test of the iterates); their
         #: values land in :attr:`extra_values`.
         self.extra: Callable[[], list[Tensor]] | None = None
+        #: The same values computed on the host, for a check judged there: called with the
+        #: ``(B,)`` residual norms, tolerances and done flags of the latest iterate (after the
+        #: bookkeeping) as NumPy arrays. A check with :attr:`extra` set and no
+        #: ``host_extra`` is judged on the device.
+        self.host_extra: Callable[[np.ndarray, np.ndarray, np.ndarray], list[float]] | None = None
         self.extra_values: list[float] = []
+        #: After a check judged on the host: the ``(B,)`` residual norms it read (of the
+        #: latest iterate, or of the initial one at the first check); ``None`` otherwise.
+        self.host_res: np.ndarray | None = None
+        self._host_norms: np.ndarray | None = None  # the norms column of the last read
         self._stacked: tuple[Tensor, Tensor] | None = None
         # Whether a check has judged every recorded iterate (then finish() needs no check),
         # and whether that check found every sample done (then every sample converged: its
@@ -124,16 +139,22 @@ class WindowMonitor(ForwardBookkeeping):
         self._judged = False
         self._all_done = False
         #: At a check with iterates to judge (while :attr:`extra` runs): the ``(B, 1)``
-        #: residual norms and tolerances of the latest iterate; ``None`` otherwise.
+        #: residual norms of the latest iterate; ``None`` otherwise.
         self.last_res: Tensor | None = None
-        self.last_tol: Tensor | None = None
+        self._last_tol: Tensor | None = None
+        self._last_znorm: Tensor | None = None
 
     @property
     def steps(self) -> Tensor:
         """Per-sample step counts ``(B, 1)``."""
-        if self._uniform_steps:
-            self._steps = self._steps + self._uniform_steps
-            self._uniform_steps = 0
+        pending = self._uniform_steps
+        if self._steps is None:
+            self._steps = from_host(np.zeros((self.res.shape[0], 1), np.int64) + pending, self.res)
+        elif isinstance(pending, np.ndarray):  # counted per sample on the host
+            self._steps = self._steps + from_host(pending, self._steps)
+        elif pending:
+            self._steps = self._steps + pending
+        self._uniform_steps = 0
         return self._steps
 
     @steps.setter
@@ -163,7 +184,10 @@ class WindowMonitor(ForwardBookkeeping):
         z, r = self._zs[0], self._rs[0]
         self._zs, self._rs = [], []
         res = _norm(r, keepdim=True)
-        tol = self._tol(_norm(z, keepdim=True)) if self.relative_to_z else self.tol0
+        znorm = _norm(z, keepdim=True) if self.relative_to_z else None
+        if self.extra is None or self.host_extra is not None:
+            return self._judge_one_on_host(z, res, znorm)
+        tol = self._tol(znorm) if znorm is not None else self.tol0
         self.last_res, self.last_tol = res, tol
         met = res <= tol
         if self.all_active:
@@ -178,17 +202,12 @@ class WindowMonitor(ForwardBookkeeping):
                 # On the CPU a synchronisation is cheaper than a masked copy of the iterate.
                 self.best_z, self.best_res, self.best_tol = z, res, tol
             else:
-                better = lower | met
-                self.best_z = torch.where(better, z, self.best_z)
-                self.best_res = torch.where(better, res, self.best_res)
-                self.best_tol = torch.where(better, tol, self.best_tol)
+                self._take_better(z, res, tol, lower | met)
         else:
             alive = ~self.done
             better = alive & ((res <= self.best_res) | met)
             self.steps = self.steps + alive
-            self.best_z = torch.where(better, z, self.best_z)
-            self.best_res = torch.where(better, res, self.best_res)
-            self.best_tol = torch.where(better, tol, self.best_tol)
+            self._take_better(z, res, tol, better)
             self.res = torch.where(alive, res, self.res)
             self.done = self.done | met
             all_done, finite, any_done, *rest = self._count_flags(self.done, self.res)
@@ -198,17 +217,111 @@ class WindowMonitor(ForwardBookkeeping):
             self.res_in_safe_range = bool(rest[0])
         return [all_done, finite]
 
+    def _judge_initial(self) -> list[bool]:
+        """The first check, of the initial iterate, on the host (one read of its residual
+        norms, norms and tolerance floors; the done flags formed there)."""
+        znorm = self._znorm0
+        columns = [self.res] if znorm is None else [self.res, znorm]
+        host = to_host(torch.cat(columns + [self.tol0], dim=-1))
+        res_h, floor_h = host[:, 0], host[:, -1]
+        tol_h = floor_h if znorm is None else np.maximum(host[:, 1] * host.dtype.type(self.rtol), floor_h)
+        done_h = res_h <= tol_h
+        self.done = from_host(done_h[:, None], self.res)
+        self.all_active = not done_h.any()
+        self.host_res = res_h
+        return [bool(done_h.all()), bool(np.isfinite(res_h).all())]
+
+    def _take_better(
+        self, z: Tensor, res: Tensor, tol: Tensor | None, better: Tensor, znorm: Tensor | None = None
+    ) -> None:
+        """The new best iterate where ``better`` ``(B, 1)``, with its residual norm and its
+        tolerance ``tol`` (``None``: formed from the iterate's norms ``znorm``; while the best
+        tolerances are still to be formed from norms, the norms are taken instead)."""
+        self.best_z = torch.where(better, z, self.best_z)
+        self.best_res = torch.where(better, res, self.best_res)
+        if tol is None and znorm is not None and self._best_tol is None:
+            self._best_znorm = torch.where(better, znorm, self._best_znorm)
+        else:
+            tol = self._latest_tol(znorm) if tol is None else tol
+            self.best_tol = torch.where(better, tol, self.best_tol)
+
+    def _judge_one_on_host(self, z: Tensor, res: Tensor, znorm: Tensor | None) -> list[bool]:
+        """:meth:`_judge_one` on the host: the columns the rule reads (the residual norms, the
+        iterate's norms, the tolerance floors, the lowest residuals so far; once some sample
+        is done, also the done flags and the norms they froze) travel to the host in the
+        check's one synchronisation, where the tolerances, verdicts and flags are formed by
+        the same float operations as on the device (IEEE multiply, max and comparisons give
+        the same bits). Between the norms and the read the device runs one op (the columns'
+        ``cat``) instead of the tolerance's multiply and clamp, the comparisons and the
+        counts; the device's per-sample state is updated only where the flags are mixed (a
+        check or two per solve), the step counts on the host."""
+        masked = not self.all_active
+        columns = [res] if znorm is None else [res, znorm]
+        columns += [self.tol0, self.best_res]
+        if masked:
+            columns += [self.done, self.res]
+        host = to_host(torch.cat(columns, dim=-1))
+        res_h, best_h = host[:, 0], host[:, 3 if znorm is not None else 2]
+        floor_h = host[:, 2 if znorm is not None else 1]
+        tol_h = floor_h if znorm is None else np.maximum(host[:, 1] * host.dtype.type(self.rtol), floor_h)
+        met_h = res_h <= tol_h
+        better_h = (res_h <= best_h) | met_h
+        self.last_res, self._last_znorm, self._last_tol = res, znorm, None
+        if masked:
+            alive_h = host[:, -2] == 0
+            better_h &= alive_h
+            done_h = ~alive_h | met_h
+            self._uniform_steps = self._uniform_steps + alive_h[:, None].astype(np.int64)
+            res_h = np.where(alive_h, res_h, host[:, -1])  # the norms that count
+            self.res = res if alive_h.all() else torch.where(from_host(alive_h[:, None], res), res, self.res)
+        else:
+            done_h = met_h
+            self._uniform_steps += 1
+            self.res = res
+        any_done = bool(done_h.any())
+        if any_done:  # the device's flags (all False until now)
+            self.done = from_host(done_h[:, None], res)
+        if better_h.all():
+            self.best_z, self.best_res = z, res
+            self._best_tol_from(znorm)
+        elif better_h.any():
+            self._take_better(z, res, None, from_host(better_h[:, None], res), znorm)
+        self.all_active = not any_done
+        self._dead = None
+        self.host_res = res_h
+        if self.host_extra is not None:
+            self.extra_values = self.host_extra(res_h, tol_h, done_h)
+        if self.safe is not None:
+            self.res_in_safe_range = bool(((res_h >= self.safe[0]) & (res_h <= self.safe[1])).all())
+        return [bool(done_h.all()), bool(np.isfinite(res_h).all())]
+
+    @property
+    def last_tol(self) -> Tensor | None:
+        """At a check with iterates to judge (while :attr:`extra` runs): the ``(B, 1)``
+        tolerances of the latest iterate (formed when read, after a check on the host);
+        ``None`` otherwise."""
+        if self._last_tol is None and self.last_res is not None:
+            return self._latest_tol(self._last_znorm)
+        return self._last_tol
+
+    @last_tol.setter
+    def last_tol(self, value: Tensor | None) -> None:
+        self._last_tol, self._last_znorm = value, None
+
+    def _latest_tol(self, znorm: Tensor | None) -> Tensor:
+        """The latest iterate's tolerances from its norms (formed once per check)."""
+        if self._last_tol is None:
+            self._last_tol = self._tol(znorm) if znorm is not None else self.tol0
+        return self._last_tol
+
     def _count_flags(
         self, met: Tensor, res: Tensor, better: Tensor | None = None, safe: bool = True
     ) -> list[bool]:
         """``[met.all(), res finite, met.any()]`` (then ``better.all()`` if ``better`` is
-        given, and, with ``safe``, the range test of :attr:`safe` when it is set) from one sum
-        of per-sample ``(B, 1)`` columns, with the solver's :attr:`extra` values: a few ops
-        and one synchronisation instead of a reduction per flag.
-
-        The residual norms join the sum as a column of their own: norms are non-negative, so
-        their sum is NaN or Inf exactly when some norm is, or when finite norms overflow the
-        sum (only past ~1e308 / B); in that case an exact test decides."""
+        given, and, with ``safe``, the range test of :attr:`safe` when it is set), counted on
+        the host from one read of the per-sample ``(B, 1)`` columns (with the solver's
+        :attr:`extra` values): one ``cat`` and one synchronisation instead of a reduction per
+        flag."""
         columns = [met]
         if better is not None:
             columns.append(better)
@@ -217,14 +330,16 @@ class WindowMonitor(ForwardBookkeeping):
         columns.append(res)
         stacked = torch.cat(columns, dim=-1)  # promoted to the norms' dtype
         extra = self.extra() if self.extra is not None else []
-        if extra:
-            values = torch.cat((stacked.sum(0, dtype=extra[0].dtype), torch.stack(extra))).tolist()
-            counts, self.extra_values = values[: len(columns)], values[len(columns):]
-        else:
-            counts = stacked.sum(0).tolist()
-        *counts, res_sum = counts
-        finite = math.isfinite(res_sum) or bool(torch.isfinite(res).all())
         batch = met.shape[0]
+        if extra:
+            flat = to_host(torch.cat((stacked.view(-1), torch.stack(extra).to(stacked.dtype))))
+            n = stacked.numel()
+            host, self.extra_values = flat[:n].reshape(stacked.shape), flat[n:].tolist()
+        else:
+            host = to_host(stacked)
+        self._host_norms = host[:, -1]
+        counts = host[:, :-1].sum(0)
+        finite = bool(np.isfinite(self._host_norms).all())
         return [counts[0] == batch, finite, counts[0] > 0] + [c == batch for c in counts[1:]]
 
     def _flush(self, flags: list[Tensor]) -> list:
@@ -279,15 +394,22 @@ class WindowMonitor(ForwardBookkeeping):
         if not due:
             return False
         self.last_res = self.last_tol = None
+        self.host_res = None
         if self._stacked is not None:
             flags = self._judge()
+        elif self._initial and not self._zs and (self.extra is None or self.host_extra is not None):
+            flags = self._judge_initial()
         elif not self._zs:
+            if self._initial:
+                self._initial_verdict()
             flags = self._count_flags(self.done, self.res, safe=False)
             self.all_active = not flags[2]
+            self.host_res = self._host_norms
         elif len(self._zs) == 1:
             flags = self._judge_one()
         else:
             flags = self._judge()
+        self._initial = False
         if not flags[1]:
             self._raise_non_finite(self._non_finite_samples())
         self._judged, self._all_done = True, bool(flags[0])

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 from typing_extensions import Unpack
@@ -140,6 +141,9 @@ class Adaptive(ForwardSolver):
         res0 = mon.res  # (B, 1)
         # the reference residual norms, floored once where they are set (not at every check)
         ref_res, ref_k = res0.clamp_min(tiny), 0
+        # The same reference on the host, where a check judged on the host read the norms it
+        # comes from (then the contraction test runs there, with no op on the device).
+        ref_host: np.ndarray | None = None
         k = 0  # plain steps taken
         switched_at: float | None = None
         # Anderson on trial: (steps taken at the switch, residual norms there, plain rho).
@@ -166,10 +170,15 @@ class Adaptive(ForwardSolver):
             if look:
                 span = k - ref_k
                 mon.extra = _contraction_test(mon, z, r, ref_res, span >= self.window, span, tiny)
+                if ref_host is not None:
+                    mon.host_extra = _host_contraction_test(ref_host, span >= self.window, span)
             stop = mon.stop()
-            mon.extra = None
+            mon.extra = mon.host_extra = None
             if stop:
                 break
+            if k == ref_k == 0 and ref_host is None and mon.host_res is not None:
+                # the first check read the initial norms (ref_res is res0, floored)
+                ref_host = np.maximum(mon.host_res, tiny)
             if look:
                 res = mon.last_res if mon.last_res is not None else _norm(r).unsqueeze(-1)
                 if span >= self.window:
@@ -194,6 +203,8 @@ class Adaptive(ForwardSolver):
                         finfo = torch.finfo(z.dtype)
                         mon.safe = (finfo.tiny**0.25, finfo.max**0.25)
                     ref_res, ref_k = res.clamp_min(tiny), k
+                    host_res = mon.host_res if mon.last_res is not None else None
+                    ref_host = None if host_res is None else np.maximum(host_res, tiny)
             if trial is not None and taken - trial[0] >= TRIAL_STEPS and mon.k % mon.check_every == 0:
                 if not self._keep_anderson(mon, r, trial, taken, tiny):
                     # Back to plain iteration, from the best iterate, for the rest of the solve.
@@ -207,6 +218,7 @@ class Adaptive(ForwardSolver):
                         r = residual(z)
                     k = taken
                     ref_res, ref_k = _norm(r).unsqueeze(-1).clamp_min(tiny), k
+                    ref_host = None
                 trial = None
             if switched_at is None and graphs is not None:
                 w = chunks(taken)
@@ -308,5 +320,24 @@ def _contraction_test(
             return [ratio.max()]
         need = torch.log(tol / res) / torch.log(ratio) * span
         return [ratio.max(), need.masked_fill(mon.done, 0.0).max()]
+
+    return values
+
+
+def _host_contraction_test(
+    ref: np.ndarray, budget: bool, span: int
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray], list[float]]:
+    """:func:`_contraction_test` for a check judged on the host (a
+    :attr:`WindowMonitor.host_extra`): the same values by the same float operations, from the
+    ``(B,)`` residual norms, tolerances and done flags the check formed there, and the
+    reference norms ``ref`` ``(B,)`` (floored)."""
+
+    def values(res: np.ndarray, tol: np.ndarray, done: np.ndarray) -> list[float]:
+        with np.errstate(all="ignore"):  # as on the device: log(0), 0 / 0 give -inf, NaN
+            ratio = np.where(done, 0.0, res / ref)
+            if not budget:
+                return [float(ratio.max())]
+            need = np.log(tol / res) / np.log(ratio) * span
+        return [float(ratio.max()), float(np.where(done, 0.0, need).max())]
 
     return values

@@ -110,6 +110,12 @@ class Anderson(ForwardSolver):
             else _RingHistory(z, r, self.memory, beta)
         )
         ones = torch.ones(z.shape[0], 1, self.memory, dtype=z.dtype, device=z.device)
+        # A fixed point's residual z - f(z) written straight into the ring slot that keeps it
+        # (no copy there): the monitor holds it until the next check, within `memory` steps.
+        into_ring = (
+            isinstance(history, _RingHistory) and history.fused and problem.has_fixed_point_map
+            and mon.check_every <= self.memory
+        )
 
         def step(taken: int) -> int:
             nonlocal z, r
@@ -117,7 +123,11 @@ class Anderson(ForwardSolver):
             # are in the safe range, which skips the rescaling pass.
             rescale = mon.check_every != 1 or not mon.res_in_safe_range
             z = history.step(z, r, ones, reg, rescale)
-            r = problem.residual(z, create_graph=differentiable)
+            if into_ring:
+                assert isinstance(history, _RingHistory)
+                r = history.residual_into_ring(problem.fixed_point_map, z)
+            else:
+                r = problem.residual(z, create_graph=differentiable)
             mon.record(z, r)
             return 1
 
@@ -233,10 +243,20 @@ class _RingHistory:
         self.R = torch.empty_like(self.G)
         # the views of every slot, made once (a view is an op too)
         self.G_slots, self.R_slots = self.G.unbind(1), self.R.unbind(1)
+        self.RT = self.R.mT  # the Gram product's transpose, once the ring is full
         # out= writes have no forward-mode derivative: not with tangents (jvp, dual)
         # (nor when compiled: the compiler writes the history as it sees fit)
         self.fused = not torch.compiler.is_compiling() and _no_tangent(z) and _no_tangent(r)
         self.count = 0
+        self._kept: Tensor | None = None  # the slot that already holds the next residual
+
+    def residual_into_ring(self, fmap: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
+        """The fixed-point residual ``z - f(z)`` ``(B, n)``, written into the slot where the
+        next :meth:`step` keeps it (a view of the ring, valid for ``memory`` steps)."""
+        slot = self.R_slots[self.count % self.memory]
+        torch.sub(z, fmap(z), out=slot)
+        self._kept = slot
+        return slot
 
     def step(self, z: Tensor, r: Tensor, ones: Tensor, reg: float, rescale: bool) -> Tensor:
         """As :meth:`_ListHistory.step`."""
@@ -247,17 +267,22 @@ class _RingHistory:
             torch.sub(z, r, alpha=self.beta, out=g)
         else:
             g.copy_(torch.sub(z, r, alpha=self.beta))
-        self.R_slots[slot].copy_(r)
+        if r is not self._kept:
+            self.R_slots[slot].copy_(r)
+        self._kept = None
         self.count += 1
         k = min(self.count, m)
         if k == 1:
             # a copy: the ring slot is overwritten later, the monitor keeps the iterate
             return g.clone()
-        G, R = (self.G, self.R) if k == m else (self.G[:, :k], self.R[:, :k])
-        return anderson_step(G, R, ones[..., :k], reg, rescale)
+        if k == m:
+            return anderson_step(self.G, self.R, ones, reg, rescale, self.RT)
+        return anderson_step(self.G[:, :k], self.R[:, :k], ones[..., :k], reg, rescale)
 
 
-def anderson_step(G: Tensor, R: Tensor, ones: Tensor, reg: float, rescale: bool = True) -> Tensor:
+def anderson_step(
+    G: Tensor, R: Tensor, ones: Tensor, reg: float, rescale: bool = True, RT: Tensor | None = None
+) -> Tensor:
     """The next Anderson iterate from a history of ``m`` steps, per sample.
 
     The mixing weights minimise ``‖Σ α_i r_i‖`` subject to ``Σ α_i = 1`` (the order of the
@@ -272,6 +297,7 @@ def anderson_step(G: Tensor, R: Tensor, ones: Tensor, reg: float, rescale: bool 
         rescale: divide the residuals by their largest entry first. The weights do not depend
             on the scale of the residuals; this keeps the Gram matrix away from underflow
             (residuals of 1e-160 have a Gram matrix of 0 in float64) and from overflow.
+        RT: ``R.mT`` made beforehand (a view is an op too), used when not rescaling.
 
     Returns:
         The next iterate, ``(B, n)``.
@@ -280,8 +306,8 @@ def anderson_step(G: Tensor, R: Tensor, ones: Tensor, reg: float, rescale: bool 
     if rescale:
         # max |R| per sample in one op (the infinity norm over both dimensions)
         top = torch.linalg.vector_norm(R, ord=float("inf"), dim=(-2, -1), keepdim=True)
-        R = R / top.clamp_min(tiny)
-    H = torch.bmm(R, R.mT)
+        R, RT = R / top.clamp_min(tiny), None
+    H = torch.bmm(R, R.mT if RT is None else RT)
     if H.dtype != ones.dtype:  # autocast ran the product in lower precision: solve in z's
         H = H.to(ones.dtype)
     diag = H.diagonal(dim1=-2, dim2=-1)
