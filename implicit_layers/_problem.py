@@ -129,6 +129,11 @@ class Problem:
     adjoint_by_size: ClassVar[bool] = False
     #: The built-in forward solvers to suggest for this kind in messages.
     solvers_hint: ClassVar[str] = ""
+    #: Whether every tensor that :meth:`probe` uses reaches the output it returns (one user
+    #: function, nothing else called): then a probe at a detached state, gradients on, whose
+    #: output does not require grad shows that no tensor it used requires grad, and the layer
+    #: skips the capture (see :meth:`probe_plain`).
+    probe_output_covers_inputs: ClassVar[bool] = False
 
     def __new__(cls, kind: str, *args: Any, **kwargs: Any) -> Problem:
         if cls is Problem:
@@ -252,6 +257,18 @@ class Problem:
         ``fn``'s output (for :meth:`check_output`). The layer captures the tensors these calls
         use; a kind whose residual calls more than ``fn`` (a proximal operator) calls it here."""
         return self._call(z)
+
+    def probe_plain(self, z: Tensor) -> tuple[Any, bool]:
+        """:meth:`probe` without the capture, where that can settle the capture's question:
+        ``(output, settled)``, ``settled`` true when the output shows that no tensor the probe
+        used carries derivatives (then it has none to capture). Called with gradients on, at a
+        detached ``z``, outside forward mode and ``torch.func`` transforms: there a tensor that
+        requires grad and enters a differentiable operation makes the output require grad.
+        Otherwise (or for a kind whose probe calls more than it returns) ``(None, False)``."""
+        if not self.probe_output_covers_inputs:
+            return None, False
+        out = self.probe(z)
+        return out, isinstance(out, Tensor) and not out.requires_grad
 
     def check_output(self, out: object) -> None:
         """Raise a clear error if ``fn``'s output does not fit the problem (here: a state
