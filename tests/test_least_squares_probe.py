@@ -45,9 +45,10 @@ SOLVERS = [il.solvers.LevenbergMarquardt(), il.solvers.GaussNewton(),
 
 @pytest.mark.parametrize("solver", SOLVERS, ids=["lm", "gauss-newton", "lm-cg"])
 @pytest.mark.parametrize("batched", [False, True])
-def test_same_solution_and_info_as_with_the_capture(solver, batched, captures, monkeypatch) -> None:
-    y = Y.expand(3, -1) * torch.tensor([[1.0], [1.2], [0.8]], dtype=D) if batched else Y
-    w0 = torch.ones(*y.shape[:-1], 3, dtype=D)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_same_solution_and_info_as_with_the_capture(solver, batched, dtype, captures, monkeypatch) -> None:
+    y = (Y.expand(3, -1) * torch.tensor([[1.0], [1.2], [0.8]], dtype=D) if batched else Y).to(dtype)
+    w0 = torch.ones(*y.shape[:-1], 3, dtype=dtype)
     w, info = il.least_squares(_residual, w0, y, solver=solver, batched=batched, return_info=True)
     assert captures[0] == 0 and not w.requires_grad
     _forced_capture(monkeypatch)
