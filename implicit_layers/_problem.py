@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map_only, tree_unflatten
 
-from ._capture import Substitute, transforms_active
+from ._capture import Substitute, reaches_no_derivatives, transforms_active
 from .linear._base import LinearSolver
 from .linear.cg import CG
 from .linear.combinators import DenseThenGMRES
@@ -260,12 +260,14 @@ class Problem:
 
     def probe_plain(self, z: Tensor) -> tuple[Any, bool]:
         """:meth:`probe` without the capture, where that can settle the capture's question:
-        ``(output, settled)``, ``settled`` true when the output shows that no tensor the probe
-        used carries derivatives (then it has none to capture). Called with gradients on, at a
-        detached ``z``, outside forward mode and ``torch.func`` transforms: there a tensor that
-        requires grad and enters a differentiable operation makes the output require grad.
-        Otherwise (or for a kind whose probe calls more than it returns) ``(None, False)``."""
-        if not self.probe_output_covers_inputs:
+        ``(output, settled)``, ``settled`` true when no tensor the probe used carries
+        derivatives (then it has none to capture). Called with gradients on, at a detached
+        ``z``, outside forward mode and ``torch.func`` transforms: there a tensor that requires
+        grad and enters a differentiable operation makes the output require grad, and one that
+        enters only others (a comparison) must be among the objects ``fn`` names
+        (:func:`~implicit_layers._capture.reaches_no_derivatives`). Otherwise (or for a kind
+        whose probe calls more than it returns) ``(None, False)``."""
+        if not (self.probe_output_covers_inputs and reaches_no_derivatives(self.fn)):
             return None, False
         out = self.probe(z)
         return out, isinstance(out, Tensor) and not out.requires_grad

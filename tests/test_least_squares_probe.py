@@ -125,3 +125,32 @@ def test_torch_func_grad_of_a_closed_over_tensor(captures) -> None:
     assert captures[0] >= 1
     w = il.least_squares(lambda w: _residual(w, 1.5 * Y), torch.ones(3, dtype=D))
     torch.testing.assert_close(grad, (w[0] + w[2]) / 1.5, rtol=1e-7, atol=0.0)
+
+
+def test_tensor_that_requires_grad_only_in_a_comparison_is_captured(captures, monkeypatch) -> None:
+    # The residual does not require grad, but a tensor that does enters an operation: as with
+    # the capture, the solution carries a (zero) derivative to it.
+    p = torch.tensor(1.0, dtype=D, requires_grad=True)
+    results = []
+    for forced in (False, True):
+        if forced:
+            _forced_capture(monkeypatch)
+        w = il.least_squares(lambda w: _residual(w, Y * (p > 0)), torch.ones(3, dtype=D))
+        assert w.requires_grad
+        results.append((w.detach(), torch.autograd.grad(w.sum(), p)[0]))
+    assert captures[0] == 2
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], torch.zeros((), dtype=D)) and torch.equal(results[1][1], results[0][1])
+
+
+def test_residual_that_is_not_a_plain_function_is_captured(captures) -> None:
+    # A module (or a bound method, a partial) may hold tensors the check cannot see: captured.
+    model = torch.nn.Linear(3, 25, dtype=D).requires_grad_(False)
+    w = il.least_squares(lambda w: model(w) - Y, torch.ones(3, dtype=D))
+    assert captures[0] == 1 and not w.requires_grad
+    w2 = il.least_squares(model, torch.ones(3, dtype=D))
+    assert captures[0] == 2 and not w2.requires_grad
+    # Both are linear fits: the gradient of ½‖r‖², Aᵀr, vanishes at the solution.
+    A = model.weight
+    torch.testing.assert_close(A.T @ (model(w) - Y), torch.zeros(3, dtype=D), rtol=0.0, atol=1e-8)
+    torch.testing.assert_close(A.T @ model(w2), torch.zeros(3, dtype=D), rtol=0.0, atol=1e-8)
