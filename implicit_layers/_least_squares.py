@@ -37,10 +37,10 @@ class LeastSquaresProblem(MinimiseProblem):
 
     kind = "least_squares"
     solvers_hint = "LevenbergMarquardt, GaussNewton or LBFGS"
-    # The probe is the residual function alone: a residual that does not require grad shows
-    # that nothing it used does, and the layer skips the capture, about a sixth of a small
-    # compiled fit (a residual that closes over tensors that require grad is evaluated once
-    # more, under the capture).
+    # The probe is the residual function alone: for a plain function that names no tensor
+    # that requires grad, a residual that does not require grad shows that nothing it used
+    # does, and the layer skips the capture, about a sixth of a small compiled fit (see
+    # Problem.probe_plain).
     probe_output_covers_inputs = True
 
     def check_output(self, out: object) -> None:
