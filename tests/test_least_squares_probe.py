@@ -76,14 +76,26 @@ def test_same_errors_as_with_the_capture(bad, error, match, monkeypatch) -> None
     assert str(plain.value) == str(captured.value)
 
 
-def test_closed_over_tensor_that_requires_grad_is_captured(captures) -> None:
-    # The plain probe's residual requires grad: the capture runs and finds the closed-over scale.
-    # The fit scales with the data in (a, c), so d(a + b + c)/ds = (a + c) / s.
+def test_closed_over_tensor_that_requires_grad_is_captured(captures, monkeypatch) -> None:
+    # The function names a tensor that requires grad: the capture runs at once (no plain
+    # probe before it) and finds it. The fit scales with the data in (a, c), so
+    # d(a + b + c)/ds = (a + c) / s.
     scale = torch.tensor(1.5, dtype=D, requires_grad=True)
-    w = il.least_squares(lambda w: _residual(w, scale * Y), torch.ones(3, dtype=D))
+    calls = [0]
+
+    def residual(w: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return _residual(w, scale * Y)
+
+    w = il.least_squares(residual, torch.ones(3, dtype=D))
     assert captures[0] == 1
+    first = calls[0]
     (grad,) = torch.autograd.grad(w.sum(), scale)
     torch.testing.assert_close(grad, (w[0] + w[2]).detach() / 1.5, rtol=1e-7, atol=0.0)
+    calls[0] = first
+    _forced_capture(monkeypatch)
+    il.least_squares(residual, torch.ones(3, dtype=D))
+    assert captures[0] == 2 and calls[0] == 2 * first
 
 
 def test_explicit_argument_that_requires_grad_skips_the_plain_probe(captures, monkeypatch) -> None:
