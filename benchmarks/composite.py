@@ -15,12 +15,21 @@ the same process, alternating, median process CPU time on one pinned core); a pe
 installed is skipped with a note. Part of ``python -m benchmarks.run`` (section ``composite``);
 alone, ``python -m benchmarks.composite`` (``--tiny`` for a smoke run) prints the rows and the
 targets and writes nothing; ``--cases curves`` runs the curve fits alone.
+
+``--side-by-side CALLS`` measures the single fit (B = 1) alone: ours with ``compile=True`` and
+optimistix alternated call by call, ``CALLS`` pairs in one process (the order within a pair
+swapped every pair), and reports the median process CPU time of each and the median of the
+per-pair ratios, with the spread of that ratio over ten consecutive blocks of pairs. Load that
+comes and goes on a shared machine then weighs on both methods alike, which the suite's rounds
+of many calls per method do not ensure (their B = 1 ratio moved between 1.0x and 2.4x from
+run to run).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +48,7 @@ import implicit_layers as il  # noqa: E402
 from benchmarks._common import (  # noqa: E402
     Config,
     Section,
+    _block,
     add_failures,
     peer_or_note,
     restore_threads,
@@ -344,6 +354,77 @@ def _fit_case(cfg: Config, section: Section, B: int, peer: Callable[[Any], Any] 
             "sol_abs_err", SOLUTION_TOL, 1.5 if B == 1 else 0.5, cfg)
 
 
+def alternate_pairs(
+    a: Callable[[], Any], b: Callable[[], Any], calls: int, blocks: int = 10,
+    clock: Callable[[], float] = time.process_time,
+) -> dict[str, float]:
+    """Time ``a`` and ``b`` in ``calls`` pairs of consecutive calls (``a`` first in even pairs,
+    ``b`` first in odd ones), each call on ``clock`` (process CPU time by default).
+
+    Returns:
+        ``a_ms`` and ``b_ms``, the median time of a call of each; ``ratio``, the median of the
+        per-pair ratios ``a / b``; ``ratio_low`` and ``ratio_high``, the smallest and largest
+        median per-pair ratio among ``blocks`` consecutive blocks of pairs (how much it moves
+        within the run).
+    """
+    if calls < blocks:
+        raise ValueError(f"calls must be at least blocks = {blocks}, got {calls}.")
+
+    def timed(fn: Callable[[], Any]) -> float:
+        start = clock()
+        _block(fn())
+        return clock() - start
+
+    ta, tb = [], []
+    for i in range(calls):
+        if i % 2 == 0:
+            ta.append(timed(a))
+            tb.append(timed(b))
+        else:
+            tb.append(timed(b))
+            ta.append(timed(a))
+    ratios = [x / y for x, y in zip(ta, tb, strict=True)]
+    size = calls // blocks
+    per_block = [statistics.median(ratios[k * size:(k + 1) * size]) for k in range(blocks)]
+    return {"a_ms": 1e3 * statistics.median(ta), "b_ms": 1e3 * statistics.median(tb),
+            "ratio": statistics.median(ratios), "ratio_low": min(per_block),
+            "ratio_high": max(per_block)}
+
+
+def side_by_side(calls: int) -> dict[str, float] | None:
+    """The single curve fit (B = 1, forward solve): ours (``LevenbergMarquardt(compile=True)``)
+    against optimistix's LevenbergMarquardt under jit(vmap), alternated call by call
+    (:func:`alternate_pairs`), with both solutions' max abs errors (``ours_err``, ``peer_err``)
+    against the polished reference fit. None when optimistix is not installed (printed)."""
+    section = Section("side-by-side", "")
+    peer = _optimistix_fits(section)
+    if peer is None:
+        print("\n".join(section.skipped))
+        return None
+    import jax.numpy as jnp
+
+    t = torch.tensor(T)
+    Y = _curves(1)
+    ref = _reference_fit(Y[0])
+    Yt, Yj = torch.tensor(Y), jnp.asarray(Y)
+
+    def residual(w: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return w[:, :1] * torch.exp(-w[:, 1:2] * t) + w[:, 2:3] * torch.sin(3 * t) - Y
+
+    compiled = il.solvers.LevenbergMarquardt(compile=True)
+
+    def ours() -> torch.Tensor:
+        return il.least_squares(residual, torch.ones(1, 3, dtype=D), Yt, batched=True, solver=compiled)
+
+    w_ours, w_peer = ours(), peer(Yj)  # compiles both (not timed)
+    for _ in range(20):  # warm
+        ours(), peer(Yj).block_until_ready()
+    out = alternate_pairs(ours, lambda: peer(Yj), calls)
+    out["ours_err"] = float(np.abs(w_ours.numpy()[0] - ref).max())
+    out["peer_err"] = float(np.abs(np.asarray(w_peer)[0] - ref).max())
+    return out
+
+
 #: The cases of this benchmark, by name.
 CASES = {"lasso": _lasso, "simplex": _simplex, "curves": _least_squares}
 
@@ -370,9 +451,25 @@ def main(argv: list[str] | None = None) -> Section:
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds per case")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES),
                         help="the cases to run (default: all)")
+    parser.add_argument("--side-by-side", type=int, metavar="CALLS", default=0,
+                        help="only the single curve fit (B = 1): ours (compile=True) and optimistix "
+                        "alternated call by call, CALLS pairs (e.g. 2000)")
     args = parser.parse_args(argv)
     cfg = Config(tiny=args.tiny, repeats=args.repeats)
     prev = set_threads(cfg.threads)
+    if args.side_by_side:
+        try:
+            pairs = side_by_side(args.side_by_side)
+        finally:
+            restore_threads(prev)
+        if pairs is not None:
+            print(f"curve fit B=1, {args.side_by_side} alternated pairs (median process CPU time): "
+                  f"ours (compile=True) {pairs['a_ms']:.3f} ms, err {pairs['ours_err']:.1e}; "
+                  f"optimistix LevenbergMarquardt (jit, vmap) {pairs['b_ms']:.3f} ms, err "
+                  f"{pairs['peer_err']:.1e}; median ratio {pairs['ratio']:.2f}x (per block of "
+                  f"{args.side_by_side // 10} pairs {pairs['ratio_low']:.2f}-{pairs['ratio_high']:.2f}x; "
+                  "target <= 1.5x)")
+        return Section("side-by-side", "")
     try:
         section = run_composite(cfg, tuple(args.cases))
     finally:

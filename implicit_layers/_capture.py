@@ -17,6 +17,7 @@ Both work on every torch operation through a ``TorchFunctionMode``; Python-level
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from types import BuiltinFunctionType, CodeType, FunctionType, ModuleType
 from typing import Any
 
 import torch
@@ -80,6 +81,53 @@ def refuse_vmap(entry: str, values: Iterable[tuple[str, object]], instead: str) 
 def transforms_active() -> bool:
     """Whether a ``torch.func`` transform is active at this point of the program."""
     return bool(torch._C._functorch.peek_interpreter_stack() is not None)
+
+
+#: Values a function may reach by name without reaching a tensor through them (module
+#: attributes aside, see :func:`reaches_no_derivatives`).
+_INERT = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def reaches_no_derivatives(fn: Any, depth: int = 3) -> bool:
+    """Whether ``fn`` is a plain function and every object it names (its closure cells,
+    defaults and the globals its code names, through the plain functions it names, up to
+    ``depth`` levels) is a tensor that carries no derivatives, a number, a string, a dtype, a
+    device, a module or a builtin function. Anything else (an object, a class, a container, a
+    bound method, an ``nn.Module``) may hold a tensor that carries derivatives, and gives
+    ``False``; attributes of modules are not followed. With a plain evaluation whose output
+    does not require grad, this shows that the capture would find nothing: no tensor that
+    requires grad enters the function's operations, not even one that does not reach its
+    output (a comparison, ``.detach()``)."""
+    if not isinstance(fn, FunctionType) or depth == 0:
+        return False
+    try:
+        named = [cell.cell_contents for cell in fn.__closure__ or ()]
+    except ValueError:  # a cell not yet assigned
+        return False
+    named += fn.__defaults__ or ()
+    named += (fn.__kwdefaults__ or {}).values()
+    names = fn.__globals__
+    # The global names of the code and of the functions defined inside it (the other names
+    # are attribute names).
+    named += [names[k] for k in _global_names(fn.__code__) if k in names]
+    for obj in named:
+        if isinstance(obj, Tensor):
+            if carries_derivatives(obj):
+                return False
+        elif isinstance(obj, FunctionType):
+            if obj is not fn and not reaches_no_derivatives(obj, depth - 1):
+                return False
+        elif not isinstance(obj, (_INERT, ModuleType, BuiltinFunctionType)):
+            return False
+    return True
+
+
+def _global_names(code: CodeType) -> Iterator[str]:
+    """The names ``code`` and the code objects nested in it look up (globals or attributes)."""
+    yield from code.co_names
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            yield from _global_names(const)
 
 
 def _tensors(tree: Any) -> Iterator[Tensor]:

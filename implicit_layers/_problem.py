@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map_only, tree_unflatten
 
-from ._capture import Substitute, transforms_active
+from ._capture import Substitute, reaches_no_derivatives, transforms_active
 from .linear._base import LinearSolver
 from .linear.cg import CG
 from .linear.combinators import DenseThenGMRES
@@ -129,6 +129,11 @@ class Problem:
     adjoint_by_size: ClassVar[bool] = False
     #: The built-in forward solvers to suggest for this kind in messages.
     solvers_hint: ClassVar[str] = ""
+    #: Whether every tensor that :meth:`probe` uses reaches the output it returns (one user
+    #: function, nothing else called): then a probe at a detached state, gradients on, whose
+    #: output does not require grad shows that no tensor it used requires grad, and the layer
+    #: skips the capture (see :meth:`probe_plain`).
+    probe_output_covers_inputs: ClassVar[bool] = False
 
     def __new__(cls, kind: str, *args: Any, **kwargs: Any) -> Problem:
         if cls is Problem:
@@ -252,6 +257,20 @@ class Problem:
         ``fn``'s output (for :meth:`check_output`). The layer captures the tensors these calls
         use; a kind whose residual calls more than ``fn`` (a proximal operator) calls it here."""
         return self._call(z)
+
+    def probe_plain(self, z: Tensor) -> tuple[Any, bool]:
+        """:meth:`probe` without the capture, where that can settle the capture's question:
+        ``(output, settled)``, ``settled`` true when no tensor the probe used carries
+        derivatives (then it has none to capture). Called with gradients on, at a detached
+        ``z``, outside forward mode and ``torch.func`` transforms: there a tensor that requires
+        grad and enters a differentiable operation makes the output require grad, and one that
+        enters only others (a comparison) must be among the objects ``fn`` names
+        (:func:`~implicit_layers._capture.reaches_no_derivatives`). Otherwise (or for a kind
+        whose probe calls more than it returns) ``(None, False)``."""
+        if not (self.probe_output_covers_inputs and reaches_no_derivatives(self.fn)):
+            return None, False
+        out = self.probe(z)
+        return out, isinstance(out, Tensor) and not out.requires_grad
 
     def check_output(self, out: object) -> None:
         """Raise a clear error if ``fn``'s output does not fit the problem (here: a state

@@ -69,13 +69,19 @@ def _bind(problem: Problem, z: Tensor) -> Problem:
     the tensors it depends on that carry derivatives (explicit arguments and closed-over
     tensors, module parameters included)."""
     if _derivatives_requested():
-        # No graph: the capture only looks at which tensors enter the operations.
-        with torch.no_grad():
-            out, params = capture(lambda: problem.probe(z), exclude=(z,))
         # An explicit argument that carries derivatives makes the solution carry them too,
         # even where the function ignores it (its derivative is then zero), as for torch ops.
         given = tree_leaves(problem.args) + (tree_leaves(problem.kwargs) if problem.kwargs else [])
         explicit = [t for t in given if isinstance(t, Tensor) and carries_derivatives(t)]
+        if not explicit and torch.is_grad_enabled() and forward_ad._current_level < 0 \
+                and not transforms_active():
+            out, settled = problem.probe_plain(z)
+            if settled:  # nothing the function used carries derivatives
+                problem.check_output(out)
+                return problem.with_params(())
+        # No graph: the capture only looks at which tensors enter the operations.
+        with torch.no_grad():
+            out, params = capture(lambda: problem.probe(z), exclude=(z,))
         params = explicit + [t for t in params if all(t is not e for e in explicit)]
     else:
         out, params = problem.probe(z), []

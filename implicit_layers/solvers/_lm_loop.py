@@ -56,10 +56,10 @@ def lm_loop(
 
     Returns:
         ``(z, best_res, tol, steps, converged, finite, flags)``: each sample's best iterate
-        ``(B, n)``; its gradient norm, the tolerance, the steps it took (int64), whether the
-        best iterate meets the tolerance and whether the latest gradient norm is finite (NaN
-        or Inf there is the eager solver's non-finite error), each ``(B,)``; and ``flags``,
-        bool ``(2,)``: every sample finite, every sample converged.
+        ``(B, n)``; its gradient norm and the tolerance (in ``z0``'s dtype), the steps it took
+        (int64), whether the best iterate meets the tolerance and whether the latest gradient
+        norm is finite (NaN or Inf there is the eager solver's non-finite error), each
+        ``(B,)``; and ``flags``, bool ``(2,)``: every sample finite, every sample converged.
     """
     r, jt = _value_and_jt(residuals, z0)
     jt = jt.contiguous()
@@ -107,7 +107,9 @@ def lm_loop(
     finite, converged = torch.isfinite(res).squeeze(-1), best_res <= tol
     # What the caller must know on the host, read in one synchronisation.
     flags = torch.stack([finite.all(), converged.all()])
-    return best_z, best_res, tol, steps, converged, finite, flags
+    # The norms in the state's dtype, as the eager solver's info holds them (converted here,
+    # not by two more eager calls after the loop).
+    return best_z, best_res.to(z0.dtype), tol.to(z0.dtype), steps, converged, finite, flags
 
 
 def _python_loop(cond, body, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:  # noqa: ANN001

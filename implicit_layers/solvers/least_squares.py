@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
+from types import ModuleType
 from typing import cast
 
 import torch
@@ -418,21 +420,29 @@ class LevenbergMarquardt(_NormalEquations):
     def _compiled_solve(self, problem: Problem, z0: Tensor) -> tuple[Tensor, SolveInfo]:
         """The whole solve as one compiled loop (:mod:`._lm_loop`), with the verdicts of the
         eager loop: the same info, and the same error for a NaN or Inf gradient."""
-        from ._lm_loop import LoopSettings, run_compiled  # it imports this module's step
-
-        settings = LoopSettings.of(self.resolved_rtol(z0.dtype), float(self.atol), self.max_steps,
-                                   self.damping)
+        loop = _compiled_loop_module()
+        settings = loop.LoopSettings.of(self.resolved_rtol(z0.dtype), float(self.atol), self.max_steps,
+                                        self.damping)
         residuals = cast(LeastSquaresProblem, problem).residuals
-        z, best, tol, steps, converged, finite, flags = run_compiled(residuals, z0, settings,
-                                                                     problem.name)
+        z, best, tol, steps, converged, finite, flags = loop.run_compiled(residuals, z0, settings,
+                                                                          problem.name)
         all_finite, all_converged = flags.tolist()
         if not all_finite:
             raise non_finite_error(self, problem, ~finite)
-        info = SolveInfo(converged=converged, steps=steps, residual=best.to(z0.dtype),
-                         solver=self.name, tolerance=tol.to(z0.dtype))
+        info = SolveInfo(converged=converged, steps=steps, residual=best, solver=self.name,
+                         tolerance=tol)
         # Read already: the verdict of solve() and of the backward needs no second look.
         info._known_converged = all_converged
         return z, info
+
+
+@functools.cache
+def _compiled_loop_module() -> ModuleType:
+    """:mod:`._lm_loop`, imported on the first compiled solve (it imports this module's step),
+    then without an import statement's lookup on every call."""
+    from . import _lm_loop
+
+    return _lm_loop
 
 
 class GaussNewton(_NormalEquations):
