@@ -426,11 +426,20 @@ def arnoldi_step(
     hnorm = torch.linalg.vector_norm(w, dim=-1, keepdim=True)
     # Happy breakdown: the Krylov space is invariant, the solution lies in it.
     breakdown = hnorm <= scale
-    v_next.copy_(w / torch.where(breakdown, c["inf"], hnorm))
+    # Eagerly the quotient and the column below are written in place by `out=` (one op each
+    # instead of two); dynamo refuses `out=` into a strided view, so a compiled step copies.
+    eager = not torch.compiler.is_compiling()
+    if eager:
+        torch.div(w, torch.where(breakdown, c["inf"], hnorm), out=v_next)
+    else:
+        v_next.copy_(w / torch.where(breakdown, c["inf"], hnorm))
     hnorm = torch.where(breakdown, c["zero"], hnorm)
     # The previous rotations applied to the new column, written into the factor's column;
     # then a new rotation zeroes h_{j+1,j}.
-    col.copy_(torch.bmm(h, omegaT))
+    if eager:
+        torch.bmm(h, omegaT, out=col)
+    else:
+        col.copy_(torch.bmm(h, omegaT))
     # [[c, s], [-s, c]] with c = t_j / d, s = h_{j+1,j} / d (NaN where d = 0: such a step
     # is dropped below, and a dropped or done sample's later rotations never enter its
     # solution); d = hypot(t_j, h_{j+1,j}) written over t_j, the factor's diagonal entry
