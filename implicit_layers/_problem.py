@@ -75,7 +75,7 @@ LEAF_SPEC: TreeSpec = tree_flatten(0)[1]
 _PLAIN_LEAVES = (Tensor, bool, int, float, complex, str)
 
 
-def _flat(tree: Any) -> bool:
+def is_flat(tree: Any) -> bool:
     """Whether ``tree`` is a plain tuple or list of tensors and numbers (its own leaves)."""
     return type(tree) in (tuple, list) and all(isinstance(x, _PLAIN_LEAVES) for x in tree)
 
@@ -86,9 +86,15 @@ def leaves(tree: Any) -> list[Any]:
     numbers; anything else goes through ``tree_flatten``."""
     if isinstance(tree, Tensor):
         return [tree]
-    if _flat(tree):
+    if is_flat(tree):
         return list(tree)
     return tree_flatten(tree)[0]
+
+
+def flatten(tree: Any) -> tuple[list[Any], TreeSpec]:
+    """``tree_flatten(tree)``, without the pytree walk for a single tensor (the common state
+    and output of a layer)."""
+    return ([tree], LEAF_SPEC) if isinstance(tree, Tensor) else tree_flatten(tree)
 
 
 class Problem:
@@ -156,7 +162,7 @@ class Problem:
         params: Sequence[Tensor] = (),
         values: Sequence[Tensor] | None = None,
     ) -> None:
-        z0_leaves, spec = ([z0], LEAF_SPEC) if isinstance(z0, Tensor) else tree_flatten(z0)
+        z0_leaves, spec = flatten(z0)
         self.fn = fn
         self.args = args
         self.kwargs = kwargs or {}
@@ -245,7 +251,7 @@ class Problem:
         if not self._substitute:
             return fn(state, *args, **kwargs)
         mode = Substitute(self.params, self.values, exclude=(z, *leaves(state), *exclude))
-        if not kwargs and _flat(args):  # no pytree walk
+        if not kwargs and is_flat(args):  # no pytree walk
             args = tuple(mode._resolve(a) if isinstance(a, Tensor) else a for a in args)
         else:
             args, kwargs = tree_map_only(Tensor, mode._resolve, (args, kwargs))
@@ -275,7 +281,7 @@ class Problem:
     def check_output(self, out: object) -> None:
         """Raise a clear error if ``fn``'s output does not fit the problem (here: a state
         shaped like ``z0``)."""
-        out_leaves, spec = ([out], LEAF_SPEC) if isinstance(out, Tensor) else tree_flatten(out)
+        out_leaves, spec = flatten(out)
         if self.single:
             if not isinstance(out, Tensor):
                 raise TypeError(

@@ -18,7 +18,8 @@ from ._config import check_float_tensor, default_rtol
 from ._eager import run_eagerly
 from ._info import SolveInfo
 from ._least_squares import LeastSquaresProblem
-from ._problem import LEAF_SPEC, FixedPointProblem, Kind, MinimiseProblem, Problem, RootProblem
+from ._problem import FixedPointProblem, Kind, MinimiseProblem, Problem, RootProblem, is_flat
+from ._problem import flatten as flatten_tree
 from ._problem import leaves as tree_leaves
 from .backward import BackwardMode, resolve_backward
 from .linear._base import LinearSolver
@@ -449,7 +450,7 @@ def _custom(
                 z = problem.flatten(result).detach()
             except (AttributeError, RuntimeError, TypeError, ValueError):
                 z = None
-            spec = LEAF_SPEC if isinstance(result, Tensor) else tree_flatten(result)[1]
+            spec = flatten_tree(result)[1]
             if z is None or spec != problem.spec or z.shape != (
                 problem.batch, problem.size
             ):
@@ -502,12 +503,12 @@ def _run_black_box(
 
 
 def _detached(tree: Any) -> Any:
-    """``tree`` with every tensor detached (a tensor, a flat tuple or an empty dict without a
-    pytree walk: this runs on every call of a ``custom_root`` layer)."""
+    """``tree`` with every tensor detached (a tensor, a flat tuple or list or an empty dict
+    without a pytree walk: this runs on every call of a ``custom_root`` layer)."""
     if isinstance(tree, Tensor):
         return tree.detach()
-    if type(tree) is tuple and all(isinstance(x, (Tensor, int, float, bool)) for x in tree):
-        return tuple(x.detach() if isinstance(x, Tensor) else x for x in tree)
+    if is_flat(tree):
+        return type(tree)(x.detach() if isinstance(x, Tensor) else x for x in tree)
     if type(tree) is dict and not tree:
         return {}
     return tree_map_only(Tensor, lambda t: t.detach(), tree)

@@ -261,8 +261,8 @@ def neumann_step(
         x, r: iterate and residual ``b - A x``, ``(B, n)``.
         mask: ``(B, 1)`` float, 1 for the samples that step, 0 for the done ones; ``None``:
             every sample steps (the mask is then neither read nor written).
-        steps: ``(B, 1)`` float step counts, or ``None`` (a step of every sample, counted by
-            the caller).
+        steps: ``(B, 1)`` float step counts; ``None`` only with ``mask`` ``None`` (a step of
+            every sample, counted by the caller).
         tol: ``(B, 1)`` tolerances.
         alpha: ``(B, 1)`` step sizes, or ``None`` for 1.
 
@@ -275,11 +275,11 @@ def neumann_step(
         x.add_(step)
         r.sub_(Ms)
         return x, r, torch.linalg.vector_norm(r, dim=-1, keepdim=True), mask, steps
+    assert steps is not None  # a masked step counts its samples
     # times 1 or 0: exact, so a stepping sample gets x + step and a done one keeps x
     x.addcmul_(step, mask)
     r.addcmul_(Ms, mask, value=-1.0)
-    if steps is not None:
-        steps.add_(mask)
+    steps.add_(mask)
     res = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
     # A done sample's residual no longer moves, so it stays within its tolerance: the new mask
     # is the comparison itself, written straight into the mask.

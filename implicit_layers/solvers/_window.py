@@ -224,12 +224,17 @@ class WindowMonitor(ForwardBookkeeping):
         columns = [self.res] if znorm is None else [self.res, znorm]
         host = to_host(torch.cat(columns + [self.tol0], dim=-1))
         res_h, floor_h = host[:, 0], host[:, -1]
-        tol_h = floor_h if znorm is None else np.maximum(host[:, 1] * host.dtype.type(self.rtol), floor_h)
+        tol_h = self._tol_host(None if znorm is None else host[:, 1], floor_h)
         done_h = res_h <= tol_h
         self.done = from_host(done_h[:, None], self.res)
         self.all_active = not done_h.any()
         self.host_res = res_h
         return [bool(done_h.all()), bool(np.isfinite(res_h).all())]
+
+    def _tol_host(self, znorm: np.ndarray | None, floor: np.ndarray) -> np.ndarray:
+        """:meth:`_tol` on the host, by the same float operations: the tolerances of iterates
+        of norms ``znorm`` (``None``: not relative to the iterate) over the floors ``floor``."""
+        return floor if znorm is None else np.maximum(znorm * znorm.dtype.type(self.rtol), floor)
 
     def _take_better(
         self, z: Tensor, res: Tensor, tol: Tensor | None, better: Tensor, znorm: Tensor | None = None
@@ -263,7 +268,7 @@ class WindowMonitor(ForwardBookkeeping):
         host = to_host(torch.cat(columns, dim=-1))
         res_h, best_h = host[:, 0], host[:, 3 if znorm is not None else 2]
         floor_h = host[:, 2 if znorm is not None else 1]
-        tol_h = floor_h if znorm is None else np.maximum(host[:, 1] * host.dtype.type(self.rtol), floor_h)
+        tol_h = self._tol_host(None if znorm is None else host[:, 1], floor_h)
         met_h = res_h <= tol_h
         better_h = (res_h <= best_h) | met_h
         self.last_res, self._last_znorm, self._last_tol = res, znorm, None

@@ -437,9 +437,10 @@ class LevenbergMarquardt(_NormalEquations):
 
 
 @functools.cache
+@functools.cache
 def _compiled_loop_module() -> ModuleType:
     """:mod:`._lm_loop`, imported on the first compiled solve (it imports this module's step),
-    then without an import statement's lookup on every call."""
+    then returned from the cache without an import statement on every call."""
     from . import _lm_loop
 
     return _lm_loop
