@@ -32,7 +32,7 @@ from .solvers._base import _norm as forward_norm
 from .solvers.base import ForwardSolver
 from .solvers.picard import Picard
 
-__all__ = ["CompiledSettings", "compiled_fixed_point", "compiled_settings", "check_call"]
+__all__ = ["CompiledSettings", "compiled_fixed_point", "compiled_settings", "check_call", "run_while"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class CompiledSettings:
 _ADJOINT_CHUNK = 4
 
 
-def _loop(cond, body, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:  # noqa: ANN001
+def run_while(cond, body, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:  # noqa: ANN001
     """``while cond(*state): state = body(*state)``: a ``while_loop`` under ``torch.compile``,
     a Python loop eagerly (same step functions, so the same iterates)."""
     if torch.compiler.is_compiling():
@@ -158,7 +158,7 @@ def _forward_loop(
 
     # No two loop inputs may alias (inductor refuses them): the best iterate starts as a copy.
     state = (k, z0, fz, r, z0.clone(), res, tol, done, steps, bad)
-    _, _, _, _, z, res, tol, _, steps, bad = _loop(cond, body, state)
+    _, _, _, _, z, res, tol, _, steps, bad = run_while(cond, body, state)
     return z, res, tol, steps, bad
 
 
@@ -204,7 +204,7 @@ def _adjoint_loop(
 
     chunk = min(_ADJOINT_CHUNK, s.adjoint_max_steps)
     state = (k, torch.zeros_like(g), g.clone(), res, mask, steps, bad, z, x, *tensors)
-    _, u, _, res, _, steps, bad, *_ = _loop(cond, body, state)
+    _, u, _, res, _, steps, bad, *_ = run_while(cond, body, state)
     return u, res, tol, steps.to(torch.int64), bad
 
 

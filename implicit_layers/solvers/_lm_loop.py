@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch._higher_order_ops import while_loop
 
+from .._compiled_solve import run_while
 from ._base import _norm
 from .least_squares import _lm_step, _value_and_jt
 
@@ -101,7 +101,7 @@ def lm_loop(
 
     # No two loop inputs may alias (inductor refuses them): the best iterate and norm are copies.
     state = (k, z0, r, jt, g, mu, nu, z0.clone(), res.clone(), res, done, steps)
-    out = while_loop(cond, body, state) if torch.compiler.is_compiling() else _python_loop(cond, body, state)
+    out = run_while(cond, body, state)
     _, _, _, _, _, _, _, best_z, best_res, res, _, steps = out
     best_res, tol, steps = best_res.squeeze(-1), tol.squeeze(-1), steps.squeeze(-1)
     finite, converged = torch.isfinite(res).squeeze(-1), best_res <= tol
@@ -110,13 +110,6 @@ def lm_loop(
     # The norms in the state's dtype, as the eager solver's info holds them (converted here,
     # not by two more eager calls after the loop).
     return best_z, best_res.to(z0.dtype), tol.to(z0.dtype), steps, converged, finite, flags
-
-
-def _python_loop(cond, body, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:  # noqa: ANN001
-    """The same loop run eagerly (tests compare it with the compiled one step for step)."""
-    while bool(cond(*state)):
-        state = tuple(body(*state))
-    return state
 
 
 def run_compiled(
