@@ -33,7 +33,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._linalg import bmtv, bmv, cholesky, cholesky_or_identity, cholesky_solve, matrix_scale, normal_matrix
+from ._linalg import (
+    bmtv,
+    bmv,
+    cholesky,
+    cholesky_or_identity,
+    cholesky_solve,
+    matrix_scale,
+    normal_matrix,
+    weighted_gram,
+)
 
 __all__ = ["IPMResult", "interior_point", "SOLVED", "PRIMAL_INFEASIBLE", "DUAL_INFEASIBLE",
            "MAX_STEPS", "STATUS_NAMES"]
@@ -92,9 +101,8 @@ def _inf_norm(v: Tensor) -> Tensor:
 class _Reduced:
     """The factorised reduced system of one iteration (Cholesky of H and of the Schur complement).
 
-    ``H = Q + δI + Gᵀ diag(w) G`` is one batched ``baddbmm`` of ``Gᵀ diag(√w)`` with its
-    transpose (the rows of ``G`` scaled by ``√w``; ``(Gᵀ diag(w)) G`` is markedly slower), with
-    ``δ`` added to its diagonal in place. With equalities, ``Y = L⁻¹Aᵀ``
+    ``H = Q + δI + Gᵀ diag(w) G`` is :func:`weighted_gram` with ``δ`` added to its diagonal in
+    place. With equalities, ``Y = L⁻¹Aᵀ``
     is formed once here (one triangular solve with ``p`` columns), so that each solve below
     costs two triangular solves with ``L`` and one ``(p, p)`` Cholesky solve.
     """
@@ -102,9 +110,7 @@ class _Reduced:
     def __init__(self, Q: Tensor, delta: Tensor, G: Tensor, A: Tensor, w: Tensor, eps: Tensor) -> None:
         self.dtype = w.dtype  # of the right-hand sides and solutions; the factors are in Q's
         w = w.to(Q.dtype)
-        Gw = G * w.sqrt().unsqueeze(-1)
-        H = torch.baddbmm(Q, Gw.mT, Gw)
-        del Gw  # freed before the factorisation (memory, as below)
+        H = weighted_gram(Q, G, w)
         # δI added in place: a regularised copy of Q kept for the whole solve would add to the
         # memory each call takes from the system (page faults, measured 5-10 % of the time).
         H.diagonal(dim1=-2, dim2=-1).add_(delta[:, None].to(H.dtype))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["bmv", "bmtv", "matrix_scale", "normal_matrix", "cholesky", "cholesky_solve",
-           "cholesky_or_identity"]
+__all__ = ["bmv", "bmtv", "matrix_scale", "weighted_gram", "normal_matrix", "cholesky",
+           "cholesky_solve", "cholesky_or_identity"]
 
 
 def bmv(M: Tensor, v: Tensor) -> Tensor:
@@ -40,6 +40,15 @@ def matrix_scale(Q: Tensor, G: Tensor, A: Tensor) -> Tensor:
     return torch.stack([largest(t) for t in (Q, G, A)], -1).amax(-1).clamp(min=1.0)
 
 
+def weighted_gram(Q: Tensor, G: Tensor, w: Tensor) -> Tensor:
+    """``Q + Gᵀ diag(w) G`` ``(B, n, n)``, a new matrix (``w`` ``(B, m)``, not negative): one
+    batched ``baddbmm`` of ``(diag(√w) G)ᵀ`` with ``diag(√w) G``, the rows of ``G`` scaled
+    (``(Gᵀ diag(w)) G`` is markedly slower); the scaled copy is freed when this returns, before
+    the caller factorises."""
+    Gw = G * w.sqrt().unsqueeze(-1)
+    return torch.baddbmm(Q, Gw.mT, Gw)
+
+
 def normal_matrix(
     Q: Tensor, G: Tensor, g_weight: Tensor, A: Tensor, a_divisor: Tensor, diagonal: Tensor
 ) -> Tensor:
@@ -47,11 +56,9 @@ def normal_matrix(
     ``(B, m)``, not negative, ``a_divisor`` and ``diagonal`` ``(B, 1)``): the regularised Schur
     complement of a KKT system with the rows of ``G`` weighted and those of ``A`` eliminated.
 
-    Formed as ``(diag(√w) G)ᵀ (diag(√w) G)`` (the rows of ``G`` scaled), and then updated in
-    place: one new ``(n, n)`` matrix per call, and the scaled copy freed before it returns."""
-    Gw = G * g_weight.sqrt().unsqueeze(-1)
-    H = torch.baddbmm(Q, Gw.mT, Gw)
-    del Gw
+    Formed by :func:`weighted_gram`, and then updated in place: one new ``(n, n)`` matrix per
+    call."""
+    H = weighted_gram(Q, G, g_weight)
     if A.shape[-2]:
         As = A / a_divisor.sqrt().unsqueeze(-1)
         H.baddbmm_(As.mT, As)
