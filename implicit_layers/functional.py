@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.utils._pytree import tree_flatten, tree_map_only
 
-from ._capture import capture, carries_derivatives, transforms_active
+from ._capture import capture, carries_derivatives, reaches_no_derivatives, transforms_active
 from ._composite import CompositeProblem, constraint_as_prox
 from ._config import check_float_tensor, default_rtol
 from ._eager import run_eagerly
@@ -21,7 +21,7 @@ from ._least_squares import LeastSquaresProblem
 from ._problem import FixedPointProblem, Kind, MinimiseProblem, Problem, RootProblem, is_flat
 from ._problem import flatten as flatten_tree
 from ._problem import leaves as tree_leaves
-from .backward import BackwardMode, resolve_backward
+from .backward import BackwardMode, Implicit, resolve_backward
 from .linear._base import LinearSolver
 from .solvers import ForwardSolver
 
@@ -90,6 +90,28 @@ def _bind(problem: Problem, z: Tensor) -> Problem:
     return problem.with_params(params)
 
 
+def _solve_unbound(
+    problem: Problem, z0: Tensor, solver: ForwardSolver, mode: BackwardMode
+) -> tuple[Tensor, SolveInfo] | None:
+    """The solve before :func:`_bind`, where the solver shows that the function reads no
+    tensor carrying derivatives (:meth:`ForwardSolver.solve_unbound`): then the problem has
+    no parameters, and the implicit backward modes solve it as it is, without a graph. Tried
+    only where that is likely: gradients on, outside forward mode and ``torch.func``
+    transforms, no explicit argument carrying derivatives, and a plain function that names
+    none (:func:`~implicit_layers._capture.reaches_no_derivatives`); a function that reads one
+    all the same is solved again after the binding. ``None`` where not tried or not shown."""
+    if not (isinstance(mode, Implicit) and torch.is_grad_enabled()
+            and forward_ad._current_level < 0 and not transforms_active()):
+        return None
+    if problem.kwargs or not is_flat(problem.args) or any(
+            isinstance(a, Tensor) and carries_derivatives(a) for a in problem.args):
+        return None
+    if not reaches_no_derivatives(problem.fn):
+        return None
+    with torch.no_grad():
+        return solver.solve_unbound(problem.with_params(()), z0.detach())
+
+
 @run_eagerly
 def _run(
     kind: Kind,
@@ -119,12 +141,16 @@ def _run(
     problem = Problem(kind, fn, args, z0, batched=batched, name=name, **(problem_options or {}))
     # z0 stays attached: Unrolled() differentiates through the initial guess too (MAML).
     z0f = problem.flatten(z0)
-    problem = _bind(problem, z0f.detach())
     if solver.rtol is None and problem.precision != problem.dtype:
         # The state is iterated in float32 but the map computes in half precision: hold the
         # solve (and the backward, which inherits it) to what that precision can reach.
         solver = solver.replace(rtol=default_rtol(problem.precision))
-    z, info = mode.solve(problem, z0f, solver)
+    solved = _solve_unbound(problem, z0f, solver, mode)
+    if solved is None:
+        problem = _bind(problem, z0f.detach())
+        z, info = mode.solve(problem, z0f, solver)
+    else:
+        z, info = solved
     if not problem.batched and info.converged.numel() == 1:  # (V,) fields under vmap
         info.squeeze_batch()
     z = problem.unflatten(z)

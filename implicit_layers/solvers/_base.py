@@ -246,12 +246,25 @@ class ForwardSolver(SolverSettings):
             (torch.Size([1, 3]), tensor([True]))
         """
         z, info = self._solve(problem, z0, differentiable)
+        self._conclude(problem, z, info)
+        return z, info
+
+    def solve_unbound(self, problem: Problem, z0: Tensor) -> tuple[Tensor, SolveInfo] | None:
+        """:meth:`solve` for a problem whose tensors carrying derivatives have not been looked
+        for, where the solve itself shows that its functions read none (then the problem has
+        no parameters) and that their outputs fit it (:meth:`Problem.check_output`). ``None``
+        where this solver cannot show it (the default): the caller then looks for them first.
+        Run under :func:`torch.no_grad`, with ``z0`` ``(B, n)`` detached."""
+        return None
+
+    def _conclude(self, problem: Problem, z: Tensor, info: SolveInfo) -> None:
+        """The verdict of a solve: the warning or error of ``on_failure`` for samples that did
+        not converge, with the problem's diagnosis."""
         advice = self._advice(problem)
         if (self.on_failure != "ignore" and not info._known_converged
                 and not bool(info.converged.all())):
             advice += problem.diagnose(z, ~info.converged.reshape(-1))
         report_failure(info, self.on_failure, f"forward solve of {problem.kind}", advice)
-        return z, info
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
         raise NotImplementedError

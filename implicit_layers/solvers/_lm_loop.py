@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .._compiled_reads import inductor_reporting_reads
 from .._compiled_solve import run_while
 from ._base import _norm
 from .least_squares import _lm_step, _value_and_jt
@@ -49,10 +50,18 @@ class LoopSettings:
 
 
 def lm_loop(
-    residuals: Callable[[Tensor], Tensor], z0: Tensor, s: LoopSettings
+    residuals: Callable[[Tensor], Tensor], z0: Tensor, s: LoopSettings,
+    probe: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, ...]:
     """Levenberg-Marquardt from ``z0`` (``(B, n)``) with the eager solver's damping rule and
     per-sample stopping, as one loop.
+
+    Args:
+        residuals: ``r(z)``, ``(B, m)``.
+        z0: the initial iterate ``(B, n)``.
+        s: the settings.
+        probe: the user's function at ``z0`` as it returns its residuals (any shape and
+            dtype), returned for the checks of its output; ``None``: not called.
 
     Returns:
         ``(z, best_res, tol, steps, converged, finite, flags)``: each sample's best iterate
@@ -60,6 +69,7 @@ def lm_loop(
         (int64), whether the best iterate meets the tolerance and whether the latest gradient
         norm is finite (NaN or Inf there is the eager solver's non-finite error), each
         ``(B,)``; and ``flags``, bool ``(2,)``: every sample finite, every sample converged.
+        With a ``probe``, its output at ``z0`` follows.
     """
     r, jt = _value_and_jt(residuals, z0)
     jt = jt.contiguous()
@@ -109,14 +119,18 @@ def lm_loop(
     flags = torch.stack([finite.all(), converged.all()])
     # The norms in the state's dtype, as the eager solver's info holds them (converted here,
     # not by two more eager calls after the loop).
-    return best_z, best_res.to(z0.dtype), tol.to(z0.dtype), steps, converged, finite, flags
+    out = best_z, best_res.to(z0.dtype), tol.to(z0.dtype), steps, converged, finite, flags
+    return out if probe is None else (*out, probe(z0))
 
 
 def run_compiled(
-    residuals: Callable[[Tensor], Tensor], z0: Tensor, s: LoopSettings, name: str
+    residuals: Callable[[Tensor], Tensor], z0: Tensor, s: LoopSettings, name: str,
+    probe: Callable[[Tensor], Tensor],
 ) -> tuple[Tensor, ...]:
-    """:func:`lm_loop` through :func:`compiled_loop`, with a clear error for a residual function
-    that ``torch.compile`` cannot trace in one graph (``name`` is its name in messages).
+    """:func:`lm_loop` (with its ``probe``) through :func:`compiled_loop`, with a clear error
+    for a residual function that ``torch.compile`` cannot trace in one graph (``name`` is its
+    name in messages). After the call, :func:`~implicit_layers._compiled_reads.last_derivative_reads`
+    gives the tensors carrying derivatives that the loop read.
 
     Every residual function, batch size, dtype and setting is one more compiled variant of the
     one loop; past ``torch._dynamo.config.recompile_limit`` of them (8 by default), where
@@ -125,11 +139,11 @@ def run_compiled(
     loop = compiled_loop()
     try:
         try:
-            return loop(residuals, z0, s)
+            return loop(residuals, z0, s, probe)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             limit = max(2 * torch._dynamo.config.recompile_limit, 64)
             with torch._dynamo.config.patch(recompile_limit=limit):
-                return loop(residuals, z0, s)
+                return loop(residuals, z0, s, probe)
     except torch._dynamo.exc.TorchDynamoException as error:
         reason = str(error).strip().splitlines()[0]
         raise ValueError(
@@ -145,5 +159,7 @@ def compiled_loop() -> Callable[..., tuple[Tensor, ...]]:
     per residual function, shapes, dtype and settings). Static shapes: a batch size is a
     constant of the loop."""
     # The C++ wrapper runs the loop without returning to Python between steps: half the time
-    # of the Python wrapper on a few-step solve of a small batch (measured at B = 1).
-    return torch.compile(lm_loop, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+    # of the Python wrapper on a few-step solve of a small batch (measured at B = 1). The
+    # backend notes which tensors carrying derivatives the loop read.
+    backend = inductor_reporting_reads({"cpp_wrapper": True})
+    return torch.compile(lm_loop, fullgraph=True, dynamic=False, backend=backend)

@@ -12,6 +12,7 @@ from torch import Tensor
 from typing_extensions import Unpack
 
 from .._capture import transforms_active
+from .._compiled_reads import last_derivative_reads
 from .._config import SolverKeywords, check_positive_int
 from .._info import SolveInfo
 from .._least_squares import LeastSquaresProblem
@@ -420,23 +421,51 @@ class LevenbergMarquardt(_NormalEquations):
     def _compiled_solve(self, problem: Problem, z0: Tensor) -> tuple[Tensor, SolveInfo]:
         """The whole solve as one compiled loop (:mod:`._lm_loop`), with the verdicts of the
         eager loop: the same info, and the same error for a NaN or Inf gradient."""
+        z, info, finite, _ = self._run_compiled(problem, z0)
+        if finite is not None:
+            raise non_finite_error(self, problem, ~finite)
+        return z, info
+
+    def solve_unbound(self, problem: Problem, z0: Tensor) -> tuple[Tensor, SolveInfo] | None:
+        """With ``compile=True``: the compiled loop, which reads every tensor the residual
+        function reads and says which of them carry derivatives
+        (:mod:`~implicit_layers._compiled_reads`), and returns the function's output at ``z0``
+        for its checks. ``None`` where the function read one (or where the loop does not
+        serve, or could not be compiled: the caller's ordinary path then says why)."""
+        if not (self.compile and self._compiles(problem, z0)):
+            return None
+        last_derivative_reads()  # an answer left by an earlier call is not this one's
+        try:
+            z, info, finite, out = self._run_compiled(problem, z0)
+        except ValueError:
+            return None
+        reads = last_derivative_reads()
+        if reads is None or reads:  # no graph ran (an eager stance), or it read some
+            return None
+        problem.check_output(out)
+        if finite is not None:
+            raise non_finite_error(self, problem, ~finite)
+        self._conclude(problem, z, info)
+        return z, info
+
+    def _run_compiled(self, problem: Problem, z0: Tensor) -> tuple[Tensor, SolveInfo, Tensor | None, Tensor]:
+        """The compiled loop: ``(z, info, finite, out)``, ``finite`` the per-sample flags where
+        a gradient norm is NaN or Inf (``None`` where all are finite), ``out`` the function's
+        output at ``z0``."""
         loop = _compiled_loop_module()
         settings = loop.LoopSettings.of(self.resolved_rtol(z0.dtype), float(self.atol), self.max_steps,
                                         self.damping)
         residuals = cast(LeastSquaresProblem, problem).residuals
-        z, best, tol, steps, converged, finite, flags = loop.run_compiled(residuals, z0, settings,
-                                                                          problem.name)
+        z, best, tol, steps, converged, finite, flags, out = loop.run_compiled(
+            residuals, z0, settings, problem.name, problem.probe)
         all_finite, all_converged = flags.tolist()
-        if not all_finite:
-            raise non_finite_error(self, problem, ~finite)
         info = SolveInfo(converged=converged, steps=steps, residual=best, solver=self.name,
                          tolerance=tol)
         # Read already: the verdict of solve() and of the backward needs no second look.
         info._known_converged = all_converged
-        return z, info
+        return z, info, None if all_finite else finite, out
 
 
-@functools.cache
 @functools.cache
 def _compiled_loop_module() -> ModuleType:
     """:mod:`._lm_loop`, imported on the first compiled solve (it imports this module's step),

@@ -1,0 +1,60 @@
+"""Which tensors carrying derivatives a compiled function read on its latest call.
+
+``torch.compile`` lifts every tensor a traced function reads into an input of its graph: the
+arguments, closure cells, globals, attributes of objects and modules, whatever path reached
+them. Its guards check each such tensor's ``requires_grad`` on every call (a change compiles
+again). The backend of :func:`inductor_reporting_reads` is inductor's, wrapped so that each call
+of a compiled graph notes its inputs that require grad, before running it. After a call of the
+compiled function, :func:`last_derivative_reads` says which tensors that carry derivatives the
+function read: the question the capture of ``_capture.py`` answers with an eager call of the
+function, answered here by the compiled call itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["inductor_reporting_reads", "last_derivative_reads"]
+
+_LAST = threading.local()
+
+
+def inductor_reporting_reads(config_patches: dict[str, Any]) -> Callable[..., Any]:
+    """A ``torch.compile`` backend: inductor with ``config_patches`` (as ``options=`` would
+    give them), each compiled graph noting its inputs that require grad when called."""
+
+    def backend(graph: Any, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        from torch._inductor.compile_fx import compile_fx
+
+        # Tensors the graph holds as attributes rather than inputs (constants dynamo makes
+        # while tracing, parameters of modules it does not inline): read on every call too.
+        held = [t for t in (_attribute(graph, node.target) for node in graph.graph.nodes
+                            if node.op == "get_attr") if isinstance(t, Tensor)]
+        compiled = compile_fx(graph, example_inputs, config_patches=config_patches)
+
+        def run(*args: Any) -> Any:
+            _LAST.reads = tuple(a for a in (*args, *held) if isinstance(a, Tensor) and a.requires_grad)
+            return compiled(*args)
+
+        return run
+
+    return backend
+
+
+def _attribute(module: Any, target: str) -> Any:
+    for name in target.split("."):
+        module = getattr(module, name)
+    return module
+
+
+def last_derivative_reads() -> tuple[Tensor, ...] | None:
+    """The inputs that required grad of the compiled graph this thread ran last (``None``
+    before any), taken: a second call returns ``None``, so that a stale answer is never read
+    for a call that ran no graph."""
+    reads = getattr(_LAST, "reads", None)
+    _LAST.reads = None
+    return reads
