@@ -34,7 +34,7 @@ def inductor_reporting_reads(config_patches: dict[str, Any]) -> Callable[..., An
         # while tracing, parameters of modules it does not inline): read on every call too.
         held = [t for t in (_attribute(graph, node.target) for node in graph.graph.nodes
                             if node.op == "get_attr") if isinstance(t, Tensor)]
-        compiled = compile_fx(graph, example_inputs, config_patches=config_patches)
+        compiled: Callable[..., Any] = compile_fx(graph, example_inputs, config_patches=config_patches)  # type: ignore[assignment]
 
         def run(*args: Any) -> Any:
             _LAST.reads = tuple(a for a in (*args, *held) if isinstance(a, Tensor) and a.requires_grad)
