@@ -12,7 +12,9 @@ whole product and fuses it with the CG updates.
 
 Everything else is the eager implicit layer of :class:`~implicit_layers.backward.Implicit`:
 the forward, the parameter gradients ``-(∂F/∂θ)ᵀ u`` (one VJP through a graph of ``F`` recorded
-by the backward, in the same call of the function that checks which tensors it reads), the
+by the backward, in the same call of the function that checks which tensors it reads; for
+``custom_root``, by the forward's call that finds them, checked by the loop's report of the
+tensors it read, see :mod:`._compiled_reads`), the
 verdicts and warnings, and every path the compiled loop does not serve
 (``create_graph=True``, ``torch.func`` transforms, forward mode, the solves of a double
 backward), which run the same CG settings eagerly.
@@ -34,7 +36,8 @@ from torch import Tensor
 from torch._higher_order_ops import while_loop
 
 from ._capture import capture, transforms_active
-from ._implicit import ImplicitCore, _Repeated
+from ._compiled_reads import inductor_reporting_reads, last_derivative_reads
+from ._implicit import ImplicitCore, _Repeated, implicit_solution
 from ._info import NonFiniteError, SolveInfo, report_failure, user_stacklevel
 from ._linearize import RecordedLinearization
 from ._problem import Problem
@@ -64,11 +67,15 @@ class CompiledImplicit(Implicit):
     backward's forward + backward time and 0.22x eager CG's
     (``python -m benchmarks.ridge_breakdown``).
 
-    The forward records nothing. Before each compiled solve the backward calls the function
-    once, recording it for the parameter gradient and checking that it still reads the
-    tensors the layer was called with (the loop traces it as it is then); when it does not
-    (module parameters swapped in by a ``torch.func.functional_call`` that has returned),
-    that backward runs the eager CG, which substitutes the saved tensors.
+    With ``custom_root`` the function is called once per forward + backward: the forward's
+    call, which finds the tensors it reads, also records it for the parameter gradient, and
+    the compiled loop reports which tensors carrying derivatives it read at the backward.
+    Otherwise (``argmin``, ``root``) the forward records nothing, and before each compiled
+    solve the backward calls the function once, recording it and checking that it still
+    reads the tensors the layer was called with (the loop traces it as it is then). Where it
+    does not (module parameters swapped in by a ``torch.func.functional_call`` that has
+    returned, a closure rebound since), that backward runs the eager CG, which substitutes
+    the saved tensors.
 
     Paths the compiled loop does not serve run eagerly with the same CG settings, with the
     same results: ``create_graph=True`` (double backward), ``torch.func`` transforms
@@ -107,6 +114,42 @@ class CompiledImplicit(Implicit):
             )
         super().__init__(CG() if linear_solver is None else linear_solver)
 
+    def _bind_recorded(
+        self, problem: Problem, z: Tensor, explicit: list[Tensor]
+    ) -> tuple[Problem, object] | None:
+        """One call of the function at ``z`` (``custom_root``) that finds the tensors it reads
+        carrying derivatives and records it for the parameter gradient; the backward then
+        calls it no more (its compiled loop reports which tensors it read). ``None`` for a
+        kind whose residual is not the function's output, or where a tensor found has a graph
+        of its own (a parameter computed from another, or a gradient the function takes of
+        one, which the capture sees as an outside tensor): then the ordinary two calls."""
+        z = z.detach()
+        recorded: list[_CheckedLinearization] = []
+
+        def call() -> None:
+            out = problem.probe(z)
+            problem.check_output(out)
+            residual = problem.residual_from_output(z, out)
+            if residual is not None:
+                recorded.append(_CheckedLinearization(problem, z, residual))
+
+        with torch.enable_grad():
+            _, used = capture(call, exclude=(z,))
+        if not recorded or any(t.grad_fn is not None for t in (*explicit, *used)):
+            return None
+        params = explicit + [t for t in used if all(t is not e for e in explicit)]
+        bound = problem.with_params(params)
+        recorded[0].problem, recorded[0].params = bound, bound.params
+        return bound, recorded[0]
+
+    def _attach_recorded(self, problem: Problem, z: Tensor, forward_rtol: float, recording: object) -> Tensor:
+        if not problem.params:
+            return z
+        core = self._core(problem, lambda bound, start: (start, None), forward_rtol, None)
+        assert isinstance(core, _CompiledCore) and isinstance(recording, _CheckedLinearization)
+        core.bound_recording = recording
+        return implicit_solution(core, z)
+
     def _core(self, problem: Problem, forward: Any, forward_rtol: float, solver: Any) -> ImplicitCore:
         if not problem.symmetric:
             raise ValueError(
@@ -124,18 +167,26 @@ class _CompiledCore(ImplicitCore):
 
     Its forward records nothing: an ordinary backward calls the function once, recording it
     for the parameter gradient and checking, in the same call, which tensors it reads (the
-    compiled loop traces the function as it is at the backward).
+    compiled loop traces the function as it is at the backward). For ``custom_root`` the
+    call that found the parameters recorded it already (:attr:`bound_recording`); the
+    compiled loop's report of what it read is then the check.
     """
 
     records_at_forward = False
     #: The recording of the current backward, by a function checked to read its parameters.
     _checked: object = None
+    #: The recording made by the call that found the parameters (``custom_root``), if any:
+    #: checked by the compiled loop's report of what it read, not by a call of its own.
+    bound_recording: _CheckedLinearization | None = None
 
     def _recorded_linearization(self, z: Tensor, values: tuple[Tensor, ...]) -> RecordedLinearization:
         params = self.problem.params
         if (self.linearization is None and not torch.is_grad_enabled() and not transforms_active()
                 and len(values) == len(params)
                 and all(v is p for v, p in zip(values, params, strict=True))):
+            if self.bound_recording is not None:
+                self._checked = self.bound_recording
+                return self.bound_recording  # type: ignore[return-value]
             lin = _record_checked(self.problem, z)
             if lin is not None:
                 self._checked = lin
@@ -169,6 +220,7 @@ class _CompiledCore(ImplicitCore):
         # Contiguous inputs: the graph is specialised to strides (the cotangent of a sum is
         # an expanded tensor of stride 0, which would compile a second graph).
         point = lin.z if isinstance(lin, _CheckedLinearization) else lin.zr.detach()
+        last_derivative_reads()  # an answer left by an earlier call is not this one's
         try:
             u, rs, steps = loop(problem.pure_residual, point.contiguous(), rhs.contiguous(),
                                 tol.square(), limit)
@@ -183,6 +235,11 @@ class _CompiledCore(ImplicitCore):
                 "torch.compile(fullgraph=True): torch operations only, no .item(), .tolist() or "
                 "Python branches on tensor values. Use backward=il.linear.CG(...) (eager) for it."
             ) from exc
+        if isinstance(lin, _CheckedLinearization) and lin is self.bound_recording \
+                and not _reads_exactly(problem.params):
+            # The function reads other tensors than when the layer was called: the eager
+            # solve, whose products go through the saved tensors.
+            return super().linear_solve(lin.record_products(), rhs, transpose)
         res = rs.sqrt()
         if not bool(torch.isfinite(res).all()):
             raise NonFiniteError(
@@ -224,16 +281,23 @@ class _CheckedLinearization:
     Args:
         problem: the problem as called (its parameters, no substitution).
         z: the point ``(B, n)``, detached.
+        out: ``F(z)`` already recorded (differentiable in the parameters); ``None``: recorded
+            here.
     """
 
-    def __init__(self, problem: Problem, z: Tensor) -> None:
+    def __init__(self, problem: Problem, z: Tensor, out: Tensor | None = None) -> None:
         self.problem = problem
         self.z = z
         self.params = problem.params
         self._products: RecordedLinearization | None = None
+        #: Whether products record the function through the saved tensors (a recording no
+        #: call has checked since the layer was called).
+        self.substitutes = out is not None
         # Differentiable in the parameters only: no graph of the derivatives in z is built.
-        with torch.enable_grad():
-            self.out = problem.residual(z, create_graph=True)
+        if out is None:
+            with torch.enable_grad():
+                out = problem.residual(z, create_graph=True)
+        self.out = out
 
     def param_vjp(self, u: Tensor) -> tuple[Tensor | None, ...]:
         if not self.out.requires_grad:
@@ -243,7 +307,8 @@ class _CheckedLinearization:
     def record_products(self) -> RecordedLinearization:
         """The recording that serves products with ``∂F/∂z`` (made on first use)."""
         if self._products is None:
-            self._products = RecordedLinearization(self.problem, self.z)
+            problem = self.problem.bind(self.params, deferred=True) if self.substitutes else self.problem
+            self._products = RecordedLinearization(problem, self.z)
         return self._products
 
     def rmv(self, v: Tensor) -> Tensor:
@@ -286,6 +351,13 @@ def _record_checked(problem: Problem, z: Tensor) -> _CheckedLinearization | Reco
     if {id(t) for t in used} != {id(t) for t in params}:
         return None
     return RecordedLinearization(problem, z) if lin is None else lin
+
+
+def _reads_exactly(params: tuple[Tensor, ...]) -> bool:
+    """Whether the compiled loop just run read, of the tensors carrying derivatives, exactly
+    ``params`` (``False`` where no graph ran to say so)."""
+    reads = last_derivative_reads()
+    return reads is not None and {id(t) for t in reads} == {id(p) for p in params}
 
 
 def _computed_from(t: Tensor, leaves: tuple[Tensor, ...]) -> bool:
@@ -403,4 +475,5 @@ def _compile_copy() -> Any:
     # Static shapes: dynamo keeps its record of shapes seen per source location, shared by the
     # copies, so that with automatic dynamic shapes one function's sizes would make another's
     # first graph dynamic (and while_loop does not take the size objects that lifts).
-    return torch.compile(copy, fullgraph=True, dynamic=False, options={"size_asserts": False})
+    return torch.compile(copy, fullgraph=True, dynamic=False,
+                         backend=inductor_reporting_reads({"size_asserts": False}))

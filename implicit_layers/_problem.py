@@ -357,6 +357,12 @@ class Problem:
         kinds whose residual calls no autograd."""
         return self.residual(z)
 
+    def residual_from_output(self, z: Tensor, out: Any) -> Tensor | None:
+        """``F(z)`` ``(B, n)`` from ``fn``'s output ``out`` at ``z`` (checked by
+        :meth:`check_output`), for the kinds whose residual is that output rearranged; ``None``
+        for the others (the default)."""
+        return None
+
     # -- policy ---------------------------------------------------------------------------
     def adjoint_structure(self) -> tuple[bool | None, bool | None]:
         """``(symmetric, positive_definite)`` of ``∂F/∂z`` as far as the kind knows (``None``:
@@ -415,6 +421,9 @@ class FixedPointProblem(Problem):
     def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
         return z - self.flatten(self._call(z))
 
+    def residual_from_output(self, z: Tensor, out: Any) -> Tensor | None:
+        return z - self.flatten(out)
+
     def adjoint_structure(self) -> tuple[bool | None, bool | None]:
         return (True if self.symmetric else False), None
 
@@ -438,6 +447,9 @@ class RootProblem(Problem):
 
     def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
         return self.flatten(self._call(z))
+
+    def residual_from_output(self, z: Tensor, out: Any) -> Tensor | None:
+        return self.flatten(out)
 
 
 class ObjectiveProblem(Problem):

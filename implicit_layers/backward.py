@@ -126,6 +126,21 @@ class BackwardMode(Settings):
         """
         raise NotImplementedError
 
+    def _bind_recorded(
+        self, problem: Problem, z: Tensor, explicit: list[Tensor]
+    ) -> tuple[Problem, object] | None:
+        """For ``custom_root``: where this mode's backward records ``F`` at the solution ``z``
+        ``(B, n)`` itself, one call of the function that finds the tensors it reads that carry
+        derivatives (``explicit`` first, the explicit arguments that do) and records it:
+        ``(problem with those params, the recording)`` for :meth:`_attach_recorded`. ``None``
+        (the default) where the caller finds them on its own call."""
+        return None
+
+    def _attach_recorded(self, problem: Problem, z: Tensor, forward_rtol: float, recording: object) -> Tensor:
+        """:meth:`attach` for a black-box solution, with the recording of
+        :meth:`_bind_recorded`."""
+        return self.attach(problem, z, forward_rtol)
+
 
 class _StepMode(BackwardMode):
     """Differentiates ``steps`` steps of ``z ← z - η F(z)`` started at the detached solution.

@@ -65,15 +65,19 @@ def _derivatives_requested() -> bool:
     )
 
 
+def _explicit(problem: Problem) -> list[Tensor]:
+    """The explicit arguments that carry derivatives. Each makes the solution carry them too,
+    even where the function ignores it (its derivative is then zero), as for torch ops."""
+    given = tree_leaves(problem.args) + (tree_leaves(problem.kwargs) if problem.kwargs else [])
+    return [t for t in given if isinstance(t, Tensor) and carries_derivatives(t)]
+
+
 def _bind(problem: Problem, z: Tensor) -> Problem:
     """Evaluate the user's function once at the flat state ``z``: check its output, and find
     the tensors it depends on that carry derivatives (explicit arguments and closed-over
     tensors, module parameters included)."""
     if _derivatives_requested():
-        # An explicit argument that carries derivatives makes the solution carry them too,
-        # even where the function ignores it (its derivative is then zero), as for torch ops.
-        given = tree_leaves(problem.args) + (tree_leaves(problem.kwargs) if problem.kwargs else [])
-        explicit = [t for t in given if isinstance(t, Tensor) and carries_derivatives(t)]
+        explicit = _explicit(problem)
         if not explicit and torch.is_grad_enabled() and forward_ad._current_level < 0 \
                 and not transforms_active():
             out, settled = problem.probe_plain(z)
@@ -484,10 +488,19 @@ def _custom(
                     f"the decorated solver {solver_fn.__name__} must return a solution shaped like "
                     f"z0 ({_describe(z0)}), got {_describe(result)}."
                 )
-            problem = _bind(problem, z)
             tol = default_rtol(problem.dtype) if rtol is None else rtol
-            if _derivatives_requested():
-                z = mode.attach(problem, z, tol)
+            recorded = None
+            if torch.is_grad_enabled() and forward_ad._current_level < 0 and not transforms_active():
+                # A mode that records the function at the solution for its backward may do it
+                # in the call that finds the tensors to differentiate.
+                recorded = mode._bind_recorded(problem, z, _explicit(problem))
+            if recorded is not None:
+                problem, recording = recorded
+                z = mode._attach_recorded(problem, z, tol, recording)
+            else:
+                problem = _bind(problem, z)
+                if _derivatives_requested():
+                    z = mode.attach(problem, z, tol)
             out = problem.unflatten(z)
             return (out, aux) if has_aux else out
 
