@@ -24,3 +24,20 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def captures(monkeypatch):
+    """The number of capture runs (``implicit_layers._capture.capture`` as the functional API
+    calls it) of the layer calls made with it."""
+    from implicit_layers import functional
+
+    count = [0]
+    real = functional.capture
+
+    def counted(*args, **kwargs):
+        count[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "capture", counted)
+    return count

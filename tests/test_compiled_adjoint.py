@@ -8,6 +8,8 @@ verdicts), and torch's own graph counters for the compiled loop.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -346,33 +348,43 @@ def test_proximal_root_with_a_gradient_inside_against_dense_reference(
     assert loops == [optimality]  # the compiled loop served the backward
 
 
-def test_steady_state_call_evaluates_the_function_once() -> None:
-    """Once compiled, a forward + backward of ``custom_root`` calls the optimality function
-    once in Python: the forward's call finds its tensors and records it for the parameter
-    gradient; the products run in the compiled loop, whose report of the tensors it read
-    checks them. The gradient is the dense ``(∂F/∂w)⁻¹ 1`` (``∂F/∂θ = -I``)."""
-    G = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
-    calls = [0]
+G3 = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+
+
+def _cubic_layer(scale: Callable[[], Any], calls: list[int]) -> Callable[..., torch.Tensor]:
+    """``custom_root`` over ``F(w, θ) = G w + s w³ - θ`` (the gradient of ``½ wᵀGw + ¼ Σ s w⁴
+    - θᵀw``, minimised by Newton), ``s = scale()`` read at each call, with the compiled
+    adjoint; ``calls`` counts the optimality function's eager calls."""
 
     def optimality(w, theta):
         if not torch.compiler.is_compiling():
             calls[0] += 1
-        return G @ w + w.pow(3) - theta
+        return G3 @ w + scale() * w.pow(3) - theta
 
     def objective(w, theta):  # optimality is its gradient; the solver does not call it
-        return 0.5 * w @ G @ w + 0.25 * w.pow(4).sum() - theta @ w
+        return 0.5 * w @ G3 @ w + 0.25 * (scale() * w.pow(4)).sum() - theta @ w
 
     @il.custom_root(optimality, symmetric=True,
                     backward=il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)))
     def inner(w0, theta):
         return il.argmin(objective, w0, theta, solver=il.solvers.Newton(rtol=1e-14))
 
+    return inner
+
+
+def test_steady_state_call_evaluates_the_function_once() -> None:
+    """Once compiled, a forward + backward of ``custom_root`` calls the optimality function
+    once in Python: the forward's call finds its tensors and records it for the parameter
+    gradient; the products run in the compiled loop, whose report of the tensors it read
+    checks them. The gradient is the dense ``(∂F/∂w)⁻¹ 1`` (``∂F/∂θ = -I``)."""
+    calls = [0]
+    inner = _cubic_layer(lambda: 1.0, calls)
     theta = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
     w0 = torch.zeros(3, dtype=torch.float64)
     with torch.no_grad():
         w_star = inner(w0, theta)
-    jac = G + torch.diag(3 * w_star**2)
-    want = torch.linalg.solve(jac, torch.ones(3, dtype=torch.float64))  # ∂F/∂θ = -I
+    jac = G3 + torch.diag(3 * w_star**2)
+    want = torch.linalg.solve(jac, torch.ones(3, dtype=torch.float64))
     torch.autograd.grad(inner(w0, theta).sum(), theta)  # compiles the loop
     calls[0] = 0
     (got,) = torch.autograd.grad(inner(w0, theta).sum(), theta)
@@ -384,28 +396,15 @@ def test_custom_root_function_that_reads_other_tensors_at_the_backward() -> None
     """The closed-over tensor is rebound between the forward and the backward: the compiled
     loop reads the new one, its report says so, and the backward solves eagerly through the
     tensor the layer was called with (the gradient of that problem, not of the new one)."""
-    G = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
     state = {"scale": torch.tensor([1.0, 0.5, 2.0], dtype=torch.float64, requires_grad=True)}
-
-    def optimality(w, theta):
-        return G @ w + state["scale"] * w.pow(3) - theta
-
-    def objective(w, theta):
-        return 0.5 * w @ G @ w + 0.25 * (state["scale"] * w.pow(4)).sum() - theta @ w
-
-    @il.custom_root(optimality, symmetric=True,
-                    backward=il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)))
-    def inner(w0, theta):
-        return il.argmin(objective, w0, theta, solver=il.solvers.Newton(rtol=1e-14))
-
+    inner = _cubic_layer(lambda: state["scale"], [0])
     theta = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
     w0 = torch.zeros(3, dtype=torch.float64)
     torch.autograd.grad(inner(w0, theta).sum(), theta)  # compiles the loop
     scale = state["scale"]
     w = inner(w0, theta)
     w2 = w.detach() ** 2
-    jac = G + torch.diag(3 * scale.detach() * w2)
-    u = torch.linalg.solve(jac, torch.ones(3, dtype=torch.float64))
+    u = torch.linalg.solve(G3 + torch.diag(3 * scale.detach() * w2), torch.ones(3, dtype=torch.float64))
     state["scale"] = torch.tensor([5.0, 5.0, 5.0], dtype=torch.float64, requires_grad=True)
     got_theta, got_scale = torch.autograd.grad(w.sum(), (theta, scale))
     torch.testing.assert_close(got_theta, u, rtol=1e-10, atol=1e-12)  # ∂F/∂θ = -I

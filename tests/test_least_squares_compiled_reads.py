@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import implicit_layers as il
-from implicit_layers import _compiled_reads, functional
+from implicit_layers import _compiled_reads
 
 D = torch.float64
 T = torch.linspace(0, 2, 25, dtype=D)
@@ -40,20 +40,6 @@ def _residual(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _scaled(w: torch.Tensor) -> torch.Tensor:
     return _residual(w, params.scale * Y)
-
-
-@pytest.fixture
-def captures(monkeypatch):
-    """The number of capture runs of the layer calls made with it."""
-    count = [0]
-    real = functional.capture
-
-    def counted(*args, **kwargs):
-        count[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(functional, "capture", counted)
-    return count
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ import torch
 from torch.autograd import forward_ad
 
 import implicit_layers as il
-from implicit_layers import functional
 from implicit_layers._least_squares import LeastSquaresProblem
 
 D = torch.float64
@@ -19,20 +18,6 @@ Y = 2.0 * torch.exp(-1.5 * T) + 0.5 * torch.sin(3 * T) + 0.1 * torch.cos(7 * T)
 
 def _residual(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return w[..., 0:1] * torch.exp(-w[..., 1:2] * T) + w[..., 2:3] * torch.sin(3 * T) - y
-
-
-@pytest.fixture
-def captures(monkeypatch):
-    """The number of capture runs of the layer calls made with it."""
-    count = [0]
-    real = functional.capture
-
-    def counted(*args, **kwargs):
-        count[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(functional, "capture", counted)
-    return count
 
 
 def _forced_capture(monkeypatch) -> None:
