@@ -139,8 +139,12 @@ class CompiledImplicit(Implicit):
             return None
         params = explicit + [t for t in used if all(t is not e for e in explicit)]
         bound = problem.with_params(params)
-        recorded[0].problem, recorded[0].params = bound, bound.params
-        return bound, recorded[0]
+        recording = recorded[0]
+        recording.problem, recording.params = bound, bound.params
+        # What the compiled loop must read for its operator to be this one: the tensors the
+        # call used (an explicit argument the function ignores is a parameter, not a read).
+        recording.read_ids = frozenset(id(t) for t in used)
+        return bound, recording
 
     def _attach_recorded(self, problem: Problem, z: Tensor, forward_rtol: float, recording: object) -> Tensor:
         if not problem.params:
@@ -236,7 +240,7 @@ class _CompiledCore(ImplicitCore):
                 "Python branches on tensor values. Use backward=il.linear.CG(...) (eager) for it."
             ) from exc
         if isinstance(lin, _CheckedLinearization) and lin is self.bound_recording \
-                and not _reads_exactly(problem.params):
+                and not _reads_exactly(lin.read_ids):
             # The function reads other tensors than when the layer was called: the eager
             # solve, whose products go through the saved tensors.
             return super().linear_solve(lin.record_products(), rhs, transpose)
@@ -293,6 +297,9 @@ class _CheckedLinearization:
         #: Whether products record the function through the saved tensors (a recording no
         #: call has checked since the layer was called).
         self.substitutes = out is not None
+        #: The ids of the tensors carrying derivatives that the recording call used, where
+        #: the compiled loop's reads are to be checked against them (``custom_root``).
+        self.read_ids: frozenset[int] | None = None
         # Differentiable in the parameters only: no graph of the derivatives in z is built.
         if out is None:
             with torch.enable_grad():
@@ -353,11 +360,11 @@ def _record_checked(problem: Problem, z: Tensor) -> _CheckedLinearization | Reco
     return RecordedLinearization(problem, z) if lin is None else lin
 
 
-def _reads_exactly(params: tuple[Tensor, ...]) -> bool:
+def _reads_exactly(ids: frozenset[int] | None) -> bool:
     """Whether the compiled loop just run read, of the tensors carrying derivatives, exactly
-    ``params`` (``False`` where no graph ran to say so)."""
+    the tensors of ``ids`` (``False`` where no graph ran to say so)."""
     reads = last_derivative_reads()
-    return reads is not None and {id(t) for t in reads} == {id(p) for p in params}
+    return reads is not None and ids is not None and {id(t) for t in reads} == ids
 
 
 def _computed_from(t: Tensor, leaves: tuple[Tensor, ...]) -> bool:

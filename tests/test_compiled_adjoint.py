@@ -483,3 +483,31 @@ def test_loop_is_one_graph_without_breaks() -> None:
     tol2 = torch.full((B,), 1e-20, dtype=torch.float64)
     explained = torch._dynamo.explain(_cg_loop)(problem.pure_residual, w, b.detach(), tol2, torch.tensor(100))
     assert explained.graph_break_count == 0 and explained.graph_count == 1
+
+
+def test_custom_root_explicit_argument_the_function_ignores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An explicit argument that requires grad is a parameter even where the function ignores
+    it (a zero gradient); the compiled loop, which does not read it, still serves the backward."""
+    from implicit_layers._implicit import ImplicitCore
+
+    eager = []
+    real = ImplicitCore.linear_solve
+    monkeypatch.setattr(ImplicitCore, "linear_solve",
+                        lambda self, *a: eager.append(1) or real(self, *a))
+
+    def optimality(w, theta, ignored):
+        return G3 @ w + w.pow(3) - theta
+
+    @il.custom_root(optimality, symmetric=True,
+                    backward=il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)))
+    def inner(w0, theta, ignored):
+        return il.argmin(lambda w, t: 0.5 * w @ G3 @ w + 0.25 * w.pow(4).sum() - t @ w, w0, theta,
+                         solver=il.solvers.Newton(rtol=1e-14))
+
+    theta = torch.tensor([1.0, -1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    ignored = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    w = inner(torch.zeros(3, dtype=torch.float64), theta, ignored)
+    got_theta, got_ignored = torch.autograd.grad(w.sum(), (theta, ignored))
+    u = torch.linalg.solve(G3 + torch.diag(3 * w.detach() ** 2), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(got_theta, u, rtol=1e-10, atol=1e-12)
+    assert got_ignored == 0.0 and not eager
