@@ -5,9 +5,9 @@ Times, each alone (CPU ms, minimum over rounds), the parts of one forward + back
 
 * the closed-form forward alone (Cholesky and two triangular solves);
 * the layer call around it (forward + attaching the gradient, no backward);
-* the optimality function alone, and the two calls of it that the layer makes: finding the
-  tensors it reads (forward) and recording it for the parameter gradient while checking
-  those tensors again (backward); the parameter VJP through that recording;
+* the optimality function alone, and the one call of it that the layer makes: finding the
+  tensors it reads and recording it for the parameter gradient (forward); the parameter VJP
+  through that recording;
 * the compiled CG loop alone (called directly, 42 steps) and its call with no step to take;
 * the whole forward + backward, and the same with the eager Dense and CG backwards.
 
@@ -25,8 +25,7 @@ import time
 import torch
 
 import implicit_layers as il
-from implicit_layers._capture import capture
-from implicit_layers._compiled_adjoint import _compiled_cg, _record_checked
+from implicit_layers._compiled_adjoint import _compiled_cg
 from implicit_layers._problem import Problem
 
 from ._common import restore_threads, set_threads
@@ -92,32 +91,28 @@ def _measure(d: int, rounds: int, calls: int) -> dict[str, float]:
     problem = Problem("root", optimality, (theta0,), w[0], batched=False, name="optimality_fn",
                       symmetric=True)
     theta_p = theta0.clone().requires_grad_(True)
-    called = Problem("root", optimality, (theta_p,), w[0], batched=False, name="optimality_fn",
-                     symmetric=True).with_params((theta_p,))
+    unbound = Problem("root", optimality, (theta_p,), w[0], batched=False, name="optimality_fn",
+                      symmetric=True)
+    mode = il.backward.CompiledImplicit(il.linear.CG(rtol=TOL))
 
-    def find_tensors() -> object:
-        with torch.no_grad():
-            return capture(lambda: called.probe(w), exclude=(w,))
+    def find_and_record() -> object:
+        return mode._bind_recorded(unbound, w, [theta_p])
 
-    def record_and_check() -> object:
-        with torch.no_grad():
-            return _record_checked(called, w)
-
-    recorded = record_and_check()
-    assert recorded is not None
+    bound = find_and_record()
+    assert bound is not None
+    recorded = bound[1]
     loop = _compiled_cg(optimality)
     limit = torch.tensor(1000)
-    tol2 = (TOL * torch.linalg.vector_norm(g, dim=-1)) ** 2
-    huge = torch.full_like(tol2, 1e300)
-    steps = int(loop(problem.pure_residual, w, g, tol2, limit)[2])
+    tol = TOL * torch.linalg.vector_norm(g, dim=-1)
+    huge = torch.full_like(tol, 1e150)
+    steps = int(loop(problem.pure_residual, w, g, tol, limit)[2])
     parts = {
         "closed-form forward alone": lambda: closed_form(theta0),
         "layer call (forward + attach, no backward)": call_only,
         "optimality function alone": lambda: optimality(w[0], theta0),
-        "finding its tensors (forward, one call)": find_tensors,
-        "recording + checking its tensors (backward, one call)": record_and_check,
-        "parameter VJP through that recording": lambda: recorded.param_vjp(g),
-        f"compiled CG loop alone ({steps} steps)": lambda: loop(problem.pure_residual, w, g, tol2, limit),
+        "finding its tensors and recording it (forward, one call)": find_and_record,
+        "parameter VJP through that recording": lambda: recorded.param_vjp(g),  # type: ignore[attr-defined]
+        f"compiled CG loop alone ({steps} steps)": lambda: loop(problem.pure_residual, w, g, tol, limit),
         "compiled CG loop, no step to take (call cost)": lambda: loop(
             problem.pure_residual, w, g, huge, limit),
         "whole forward + backward, CompiledImplicit(CG)": lambda: step(compiled),

@@ -226,8 +226,8 @@ class _CompiledCore(ImplicitCore):
         point = lin.z if isinstance(lin, _CheckedLinearization) else lin.zr.detach()
         last_derivative_reads()  # an answer left by an earlier call is not this one's
         try:
-            u, rs, steps = loop(problem.pure_residual, point.contiguous(), rhs.contiguous(),
-                                tol.square(), limit)
+            u, res, steps, converged, flags = loop(problem.pure_residual, point.contiguous(),
+                                                   rhs.contiguous(), tol, limit)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             # More shapes or dtypes of this function than dynamo compiles: solve eagerly.
             _warn_recompile_limit(problem.fn)
@@ -244,14 +244,15 @@ class _CompiledCore(ImplicitCore):
             # The function reads other tensors than when the layer was called: the eager
             # solve, whose products go through the saved tensors.
             return super().linear_solve(lin.record_products(), rhs, transpose)
-        res = rs.sqrt()
-        if not bool(torch.isfinite(res).all()):
+        finite, all_converged = flags.tolist()
+        if not finite:
             raise NonFiniteError(
                 "CG: the residual of the compiled adjoint solve became NaN or Inf. Check the "
                 "objective for NaN at the solution; the Hessian there must be finite."
             )
-        info = SolveInfo(converged=res <= tol, steps=steps, residual=res, solver="CG (compiled)",
+        info = SolveInfo(converged=converged, steps=steps, residual=res, solver="CG (compiled)",
                          tolerance=tol)
+        info._known_converged = all_converged  # read already: report_failure needs no look
         if self.info is not None:
             self.info.backward = info if problem.batched else info.squeeze_batch()
         report_failure(info, cg.on_failure, f"backward (adjoint) solve of {problem.kind}", cg._advice())
@@ -384,22 +385,25 @@ def _computed_from(t: Tensor, leaves: tuple[Tensor, ...]) -> bool:
 
 
 def _cg_loop(
-    residual: Any, z: Tensor, g: Tensor, tol2: Tensor, max_steps: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+    residual: Any, z: Tensor, g: Tensor, tol: Tensor, max_steps: Tensor
+) -> tuple[Tensor, ...]:
     """CG for ``A u = g`` with ``A v = (∂F/∂z)ᵀ v`` at ``z`` (symmetric), per sample.
 
     Args:
         residual: ``F``, a pure function of the flat ``(B, n)`` point (``torch.func`` only).
         z: the point ``(B, n)``.
         g: right-hand sides ``(B, n)``.
-        tol2: squared tolerances ``(B,)``.
+        tol: tolerances of the residual norms ``(B,)``.
         max_steps: iteration limit, a 0-d int64 tensor.
 
     Returns:
-        ``(u, ‖r‖², steps)``: the solution ``(B, n)``, squared residual norms ``(B,)`` and
-        steps per sample (int64 ``(B,)``). A sample that meets non-positive curvature (or NaN)
+        ``(u, res, steps, converged, flags)``: the solution ``(B, n)``, residual norms
+        ``(B,)``, steps per sample (int64 ``(B,)``), whether each met its tolerance, and
+        ``flags``, bool ``(2,)``: every norm finite, every sample converged (what the caller
+        reads on the host, in one read). A sample that meets non-positive curvature (or NaN)
         stops there.
     """
+    tol2 = tol.square()
     rs = torch.linalg.vecdot(g, g)
     active = rs > tol2
     steps = torch.zeros_like(rs, dtype=torch.int64)
@@ -440,7 +444,9 @@ def _cg_loop(
 
     state = (k, torch.zeros_like(g), g.clone(), g.clone(), rs, active, steps, z)
     _, u, _, _, rs, _, steps, _ = while_loop(cond, body, state)
-    return u, rs, steps
+    res = rs.sqrt()
+    converged = res <= tol
+    return u, res, steps, converged, torch.stack([torch.isfinite(res).all(), converged.all()])
 
 
 #: CG steps per pass of the compiled loop.
