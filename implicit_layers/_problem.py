@@ -191,6 +191,13 @@ class Problem:
         self.values = self.params if values is None else tuple(values)
         self._substitute = any(a is not b for a, b in zip(self.params, self.values, strict=False))
 
+    @property
+    def substitutes(self) -> bool:
+        """Whether calls of the user's functions run under the substitution of ``values`` for
+        ``params`` (see :meth:`bind`), as under ``torch.func`` transforms, whose custom-function
+        forwards see unwrapped values."""
+        return self._substitute
+
     def bind(self, values: Sequence[Tensor], *, deferred: bool = False) -> Problem:
         """The same problem with ``values[i]`` in place of ``params[i]`` wherever ``fn`` uses it.
 

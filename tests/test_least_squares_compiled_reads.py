@@ -149,3 +149,18 @@ def test_reads_are_taken_once() -> None:
         compiled(x, torch.ones(3))
     assert [t is x for t in _compiled_reads.last_derivative_reads() or ()] == [True]
     assert _compiled_reads.last_derivative_reads() is None
+
+
+@pytest.mark.slow
+def test_torch_func_grad_through_a_compiled_fit() -> None:
+    # Under torch.func.grad the layer's forward calls the residual with unwrapped values
+    # substituted: the eager steps serve it, with the gradient of the eager solver.
+    def fit_sum(y: torch.Tensor, solver: il.solvers.LevenbergMarquardt) -> torch.Tensor:
+        return il.least_squares(_residual, torch.ones(3, dtype=D), y, solver=solver).sum()
+
+    got = torch.func.grad(fit_sum)(Y, COMPILED)
+    want = torch.func.grad(fit_sum)(Y, il.solvers.LevenbergMarquardt())
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    y = Y.clone().requires_grad_()
+    (plain,) = torch.autograd.grad(fit_sum(y, COMPILED), y)
+    torch.testing.assert_close(got, plain, rtol=1e-9, atol=1e-12)

@@ -414,9 +414,12 @@ class LevenbergMarquardt(_NormalEquations):
     def _compiles(self, problem: Problem, z0: Tensor) -> bool:
         """Whether ``compile=True`` runs the compiled loop here: dense normal equations, outside
         ``inference_mode`` and ``torch.func`` transforms (a problem folded from ``vmap`` calls
-        the residual function under the transform)."""
+        the residual function under the transform), and with the function called as it is
+        (under ``torch.func.grad`` the layer's forward calls it with unwrapped values
+        substituted, a mode the compiled loop cannot trace)."""
         return (isinstance(problem, LeastSquaresProblem) and self._dense(z0)
-                and not (torch.is_inference_mode_enabled() or transforms_active()))
+                and not (torch.is_inference_mode_enabled() or transforms_active()
+                         or problem.substitutes))
 
     def _compiled_solve(self, problem: Problem, z0: Tensor) -> tuple[Tensor, SolveInfo]:
         """The whole solve as one compiled loop (:mod:`._lm_loop`), with the verdicts of the
