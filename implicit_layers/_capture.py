@@ -92,11 +92,12 @@ def reaches_no_derivatives(fn: Any, depth: int = 3) -> bool:
     """Whether ``fn`` is a plain function and every object it names (its closure cells,
     defaults and the globals its code names, through the plain functions it names, up to
     ``depth`` levels) is a tensor that carries no derivatives, a number, a string, a dtype, a
-    device, a module or a builtin function. Anything else (an object, a class, a container, a
-    bound method, an ``nn.Module``) may hold a tensor that carries derivatives, and gives
-    ``False``; attributes of modules are not followed. With a plain evaluation whose output
-    does not require grad, this shows that the capture would find nothing: no tensor that
-    requires grad enters the function's operations, not even one that does not reach its
+    device, a module, a builtin function, or a small tuple, list, set or dict of those (a
+    global ``SIZES = [(1, 40), (40, 1)]``). Anything else (an object, a class, a large
+    container, a bound method, an ``nn.Module``) may hold a tensor that carries derivatives,
+    and gives ``False``; attributes of modules are not followed. With a plain evaluation whose
+    output does not require grad, this shows that the capture would find nothing: no tensor
+    that requires grad enters the function's operations, not even one that does not reach its
     output (a comparison, ``.detach()``)."""
     if not isinstance(fn, FunctionType) or depth == 0:
         return False
@@ -117,7 +118,29 @@ def reaches_no_derivatives(fn: Any, depth: int = 3) -> bool:
         elif isinstance(obj, FunctionType):
             if obj is not fn and not reaches_no_derivatives(obj, depth - 1):
                 return False
-        elif not isinstance(obj, (_INERT, ModuleType, BuiltinFunctionType)):
+        elif not isinstance(obj, (_INERT, ModuleType, BuiltinFunctionType)) and not _inert_container(obj):
+            return False
+    return True
+
+
+#: The most items :func:`reaches_no_derivatives` reads through in one named container.
+_CONTAINER_ITEMS = 64
+
+
+def _inert_container(obj: Any, depth: int = 3) -> bool:
+    """Whether ``obj`` is a tuple, list, set, frozenset or dict (exactly those types) holding,
+    up to ``depth`` levels and :data:`_CONTAINER_ITEMS` items, only tensors that carry no
+    derivatives and the inert values above."""
+    if type(obj) not in (tuple, list, set, frozenset, dict) or depth == 0:
+        return False
+    items = [*obj.keys(), *obj.values()] if type(obj) is dict else list(obj)
+    if len(items) > _CONTAINER_ITEMS:
+        return False
+    for item in items:
+        if isinstance(item, Tensor):
+            if carries_derivatives(item):
+                return False
+        elif not isinstance(item, _INERT) and not _inert_container(item, depth - 1):
             return False
     return True
 

@@ -151,3 +151,42 @@ def test_residual_that_is_not_a_plain_function_is_captured(captures) -> None:
     A = model.weight
     torch.testing.assert_close(A.T @ (model(w) - Y), torch.zeros(3, dtype=D), rtol=0.0, atol=1e-8)
     torch.testing.assert_close(A.T @ model(w2), torch.zeros(3, dtype=D), rtol=0.0, atol=1e-8)
+
+
+#: Constants a residual may name: small containers of numbers are read through.
+_GRID = (0.0, 1.0, 2.0)
+_SETTINGS = {"weights": [1.0, 1.0, 1.0], "name": "curve"}
+_HOLDER: list[torch.Tensor] = []
+
+
+def _weighted(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    scale = _HOLDER[0] if _HOLDER else 1.0
+    return scale * _SETTINGS["weights"][0] * _residual(w, y) + 0 * _GRID[0]
+
+
+def test_small_containers_of_constants_skip_the_capture(captures) -> None:
+    from implicit_layers._capture import reaches_no_derivatives
+
+    assert reaches_no_derivatives(_weighted)
+    w = il.least_squares(_weighted, torch.ones(3, dtype=D), Y)
+    assert captures[0] == 0 and not w.requires_grad
+    torch.testing.assert_close(w, il.least_squares(_residual, torch.ones(3, dtype=D), Y), rtol=0, atol=0)
+    # A tensor that requires grad in a container the function names: the capture runs and finds
+    # it (scaling the whole residual leaves the fit where it is: a zero gradient).
+    scale = torch.tensor(2.0, dtype=D, requires_grad=True)
+    _HOLDER.append(scale)
+    try:
+        assert not reaches_no_derivatives(_weighted)
+        w = il.least_squares(_weighted, torch.ones(3, dtype=D), Y)
+        assert captures[0] == 1 and w.requires_grad
+        (grad,) = torch.autograd.grad(w.sum(), scale)
+    finally:
+        _HOLDER.clear()
+    torch.testing.assert_close(grad, torch.zeros((), dtype=D), rtol=0, atol=1e-8)
+    # A container too large to read through, or holding an object: the capture decides.
+    big = [0.0] * 100
+    assert not reaches_no_derivatives(lambda w: w * big[0])
+    thing = [object()]
+    assert not reaches_no_derivatives(lambda w: w * len(thing))
+    nested = ((1, 2), {"a": (3.0, None)})
+    assert reaches_no_derivatives(lambda w: w * nested[0][0])
