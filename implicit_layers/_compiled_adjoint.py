@@ -92,6 +92,7 @@ class CompiledImplicit(Implicit):
             (a fixed point, or a root without ``symmetric=True``), or, in the backward, a
             function that ``torch.compile(fullgraph=True)`` cannot trace (``.item()``, Python
             branches on tensor values).
+        RuntimeError: in the backward, where the compiler itself fails on the traced loop.
 
     Warns:
         implicit_layers.ConvergenceWarning: when a sample's adjoint solve does not converge
@@ -232,7 +233,13 @@ class _CompiledCore(ImplicitCore):
             # More shapes or dtypes of this function than dynamo compiles: solve eagerly.
             _warn_recompile_limit(problem.fn)
             return super().linear_solve(lin, rhs, transpose)
-        except torch._dynamo.exc.TorchDynamoException as exc:  # tracing or code generation
+        except torch._dynamo.exc.BackendCompilerFailed as exc:  # traced; the compiler failed
+            raise RuntimeError(
+                f"CompiledImplicit traced the adjoint loop through {problem.name}, but "
+                f"torch.compile's compiler failed on it ({str(exc).splitlines()[0]}). Use "
+                "backward=il.linear.CG(...) (the same steps, eagerly)."
+            ) from exc
+        except torch._dynamo.exc.TorchDynamoException as exc:  # tracing
             raise ValueError(
                 f"CompiledImplicit could not compile the adjoint loop through {problem.name} "
                 f"(torch.compile: {str(exc).splitlines()[0]}). The function must be traceable by "

@@ -164,3 +164,30 @@ def test_torch_func_grad_through_a_compiled_fit() -> None:
     y = Y.clone().requires_grad_()
     (plain,) = torch.autograd.grad(fit_sum(y, COMPILED), y)
     torch.testing.assert_close(got, plain, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_a_compiler_failure_is_not_blamed_on_the_function(monkeypatch) -> None:
+    import torch._inductor.compile_fx
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("simulated code generation failure")
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", failing)
+
+    def residual(w: torch.Tensor) -> torch.Tensor:  # a new function: traced and compiled anew
+        return _residual(w, 1.25 * Y)
+
+    with pytest.raises(RuntimeError, match="compiler failed on the loop .*Use compile=False"):
+        il.least_squares(residual, torch.ones(3, dtype=D), solver=COMPILED)
+
+    def optimality(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return 2.0 * w - theta
+
+    @il.custom_root(optimality, symmetric=True, backward=il.backward.CompiledImplicit(il.linear.CG()))
+    def inner(w0: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return theta / 2
+
+    theta = torch.ones(3, dtype=D, requires_grad=True)
+    with pytest.raises(RuntimeError, match="compiler failed on it .*backward=il.linear.CG"):
+        inner(torch.zeros(3, dtype=D), theta).sum().backward()

@@ -144,6 +144,13 @@ def run_compiled(
             limit = max(2 * torch._dynamo.config.recompile_limit, 64)
             with torch._dynamo.config.patch(recompile_limit=limit):
                 return loop(residuals, z0, s, probe)
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        # Traced: the failure is the compiler's, not the residual function's.
+        reason = str(error).strip().splitlines()[0]
+        raise RuntimeError(
+            f"LevenbergMarquardt(compile=True) traced {name}, but torch.compile's compiler "
+            f"failed on the loop ({reason}). Use compile=False (the same steps, eagerly)."
+        ) from error
     except torch._dynamo.exc.TorchDynamoException as error:
         reason = str(error).strip().splitlines()[0]
         raise ValueError(

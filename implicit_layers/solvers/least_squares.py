@@ -346,7 +346,8 @@ class LevenbergMarquardt(_NormalEquations):
             residual function, batch size, dtype or setting compiles (seconds, a C++ compiler
             needed as for any ``torch.compile`` on the CPU); the residual function must be
             traceable by ``torch.compile`` without a graph break (else a ``ValueError`` says
-            so). Under ``torch.func`` transforms and ``inference_mode`` the eager steps run.
+            so; a ``RuntimeError`` where the compiler itself fails on a traced loop). Under
+            ``torch.func`` transforms and ``inference_mode`` the eager steps run.
             ``check_every`` has no effect there (the loop tests every sample after every step,
             on the device).
         rtol, atol, max_steps, check_every, on_failure: as for every forward solver
