@@ -36,7 +36,7 @@ from torch import Tensor
 from torch._higher_order_ops import while_loop
 
 from ._capture import capture, transforms_active
-from ._compiled_reads import inductor_reporting_reads, last_derivative_reads
+from ._compiled_reads import inductor_reporting_reads, with_reads
 from ._implicit import ImplicitCore, _Repeated, implicit_solution
 from ._info import NonFiniteError, SolveInfo, report_failure, user_stacklevel
 from ._linearize import RecordedLinearization
@@ -125,27 +125,21 @@ class CompiledImplicit(Implicit):
         of its own (a parameter computed from another, or a gradient the function takes of
         one, which the capture sees as an outside tensor): then the ordinary two calls."""
         z = z.detach()
-        recorded: list[_CheckedLinearization] = []
 
-        def call() -> None:
+        def call() -> Tensor | None:
             out = problem.probe(z)
             problem.check_output(out)
-            residual = problem.residual_from_output(z, out)
-            if residual is not None:
-                recorded.append(_CheckedLinearization(problem, z, residual))
+            return problem.residual_from_output(z, out)
 
         with torch.enable_grad():
-            _, used = capture(call, exclude=(z,))
-        if not recorded or any(t.grad_fn is not None for t in (*explicit, *used)):
+            residual, used = capture(call, exclude=(z,))
+        if residual is None or any(t.grad_fn is not None for t in (*explicit, *used)):
             return None
         params = explicit + [t for t in used if all(t is not e for e in explicit)]
         bound = problem.with_params(params)
-        recording = recorded[0]
-        recording.problem, recording.params = bound, bound.params
         # What the compiled loop must read for its operator to be this one: the tensors the
         # call used (an explicit argument the function ignores is a parameter, not a read).
-        recording.read_ids = frozenset(id(t) for t in used)
-        return bound, recording
+        return bound, _CheckedLinearization(bound, z, residual, frozenset(id(t) for t in used))
 
     def _attach_recorded(self, problem: Problem, z: Tensor, forward_rtol: float, recording: object) -> Tensor:
         if not problem.params:
@@ -225,10 +219,9 @@ class _CompiledCore(ImplicitCore):
         # Contiguous inputs: the graph is specialised to strides (the cotangent of a sum is
         # an expanded tensor of stride 0, which would compile a second graph).
         point = lin.z if isinstance(lin, _CheckedLinearization) else lin.zr.detach()
-        last_derivative_reads()  # an answer left by an earlier call is not this one's
         try:
-            u, res, steps, converged, flags = loop(problem.pure_residual, point.contiguous(),
-                                                   rhs.contiguous(), tol, limit)
+            (u, res, steps, converged, flags), reads = with_reads(
+                lambda: loop(problem.pure_residual, point.contiguous(), rhs.contiguous(), tol, limit))
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             # More shapes or dtypes of this function than dynamo compiles: solve eagerly.
             _warn_recompile_limit(problem.fn)
@@ -246,11 +239,12 @@ class _CompiledCore(ImplicitCore):
                 "torch.compile(fullgraph=True): torch operations only, no .item(), .tolist() or "
                 "Python branches on tensor values. Use backward=il.linear.CG(...) (eager) for it."
             ) from exc
-        if isinstance(lin, _CheckedLinearization) and lin is self.bound_recording \
-                and not _reads_exactly(lin.read_ids):
-            # The function reads other tensors than when the layer was called: the eager
-            # solve, whose products go through the saved tensors.
-            return super().linear_solve(lin.record_products(), rhs, transpose)
+        bound = self.bound_recording
+        if lin is bound and bound is not None and (
+                reads is None or {id(t) for t in reads} != bound.read_ids):
+            # The function reads other tensors than when the layer was called (or no graph
+            # ran to say): the eager solve, whose products go through the saved tensors.
+            return super().linear_solve(bound.record_products(), rhs, transpose)
         finite, all_converged = flags.tolist()
         if not finite:
             raise NonFiniteError(
@@ -293,21 +287,21 @@ class _CheckedLinearization:
     Args:
         problem: the problem as called (its parameters, no substitution).
         z: the point ``(B, n)``, detached.
-        out: ``F(z)`` already recorded (differentiable in the parameters); ``None``: recorded
-            here.
+        out: ``F(z)`` already recorded (differentiable in the parameters) by the call that
+            found the parameters; ``None``: recorded here.
+        read_ids: with ``out``, the ids of the tensors carrying derivatives that this call
+            used, against which the compiled loop's reads are checked. Such a recording has
+            not been checked by a call of its own since the layer was called: its products
+            record the function through the saved tensors.
     """
 
-    def __init__(self, problem: Problem, z: Tensor, out: Tensor | None = None) -> None:
+    def __init__(self, problem: Problem, z: Tensor, out: Tensor | None = None,
+                 read_ids: frozenset[int] | None = None) -> None:
         self.problem = problem
         self.z = z
         self.params = problem.params
         self._products: RecordedLinearization | None = None
-        #: Whether products record the function through the saved tensors (a recording no
-        #: call has checked since the layer was called).
-        self.substitutes = out is not None
-        #: The ids of the tensors carrying derivatives that the recording call used, where
-        #: the compiled loop's reads are to be checked against them (``custom_root``).
-        self.read_ids: frozenset[int] | None = None
+        self.read_ids = read_ids
         # Differentiable in the parameters only: no graph of the derivatives in z is built.
         if out is None:
             with torch.enable_grad():
@@ -322,7 +316,8 @@ class _CheckedLinearization:
     def record_products(self) -> RecordedLinearization:
         """The recording that serves products with ``∂F/∂z`` (made on first use)."""
         if self._products is None:
-            problem = self.problem.bind(self.params, deferred=True) if self.substitutes else self.problem
+            unchecked = self.read_ids is not None
+            problem = self.problem.bind(self.params, deferred=True) if unchecked else self.problem
             self._products = RecordedLinearization(problem, self.z)
         return self._products
 
@@ -366,13 +361,6 @@ def _record_checked(problem: Problem, z: Tensor) -> _CheckedLinearization | Reco
     if {id(t) for t in used} != {id(t) for t in params}:
         return None
     return RecordedLinearization(problem, z) if lin is None else lin
-
-
-def _reads_exactly(ids: frozenset[int] | None) -> bool:
-    """Whether the compiled loop just run read, of the tensors carrying derivatives, exactly
-    the tensors of ``ids`` (``False`` where no graph ran to say so)."""
-    reads = last_derivative_reads()
-    return reads is not None and ids is not None and {id(t) for t in reads} == ids
 
 
 def _computed_from(t: Tensor, leaves: tuple[Tensor, ...]) -> bool:

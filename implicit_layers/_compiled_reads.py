@@ -4,23 +4,24 @@
 arguments, closure cells, globals, attributes of objects and modules, whatever path reached
 them. Its guards check each such tensor's ``requires_grad`` on every call (a change compiles
 again). The backend of :func:`inductor_reporting_reads` is inductor's, wrapped so that each call
-of a compiled graph notes its inputs that require grad, before running it. After a call of the
-compiled function, :func:`last_derivative_reads` says which tensors that carry derivatives the
-function read: the question the capture of ``_capture.py`` answers with an eager call of the
-function, answered here by the compiled call itself.
+of a compiled graph notes its inputs that require grad, before running it. :func:`with_reads`
+runs a call of the compiled function and says which tensors that carry derivatives it read: the
+question the capture of ``_capture.py`` answers with an eager call of the function, answered
+here by the compiled call itself.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import Tensor
 
-__all__ = ["inductor_reporting_reads", "last_derivative_reads"]
+__all__ = ["inductor_reporting_reads", "with_reads"]
 
 _LAST = threading.local()
+T = TypeVar("T")
 
 
 def inductor_reporting_reads(config_patches: dict[str, Any]) -> Callable[..., Any]:
@@ -51,10 +52,11 @@ def _attribute(module: Any, target: str) -> Any:
     return module
 
 
-def last_derivative_reads() -> tuple[Tensor, ...] | None:
-    """The inputs that required grad of the compiled graph this thread ran last (``None``
-    before any), taken: a second call returns ``None``, so that a stale answer is never read
-    for a call that ran no graph."""
-    reads = getattr(_LAST, "reads", None)
+def with_reads(call: Callable[[], T]) -> tuple[T, tuple[Tensor, ...] | None]:
+    """``call()``'s result and the inputs that required grad of the compiled graph it ran
+    last on this thread (``None`` where it ran none: an eager stance, or no compiled call).
+    An answer left by an earlier call is cleared first, so it is never read for this one."""
     _LAST.reads = None
-    return reads
+    result = call()
+    reads, _LAST.reads = _LAST.reads, None
+    return result, reads

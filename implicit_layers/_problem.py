@@ -426,9 +426,9 @@ class FixedPointProblem(Problem):
     relative_to_z = True
 
     def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
-        return z - self.flatten(self._call(z))
+        return self.residual_from_output(z, self._call(z))
 
-    def residual_from_output(self, z: Tensor, out: Any) -> Tensor | None:
+    def residual_from_output(self, z: Tensor, out: Any) -> Tensor:
         return z - self.flatten(out)
 
     def adjoint_structure(self) -> tuple[bool | None, bool | None]:
@@ -453,9 +453,9 @@ class RootProblem(Problem):
     adjoint_by_size = True
 
     def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
-        return self.flatten(self._call(z))
+        return self.residual_from_output(z, self._call(z))
 
-    def residual_from_output(self, z: Tensor, out: Any) -> Tensor | None:
+    def residual_from_output(self, z: Tensor, out: Any) -> Tensor:
         return self.flatten(out)
 
 

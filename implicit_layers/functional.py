@@ -65,21 +65,28 @@ def _derivatives_requested() -> bool:
     )
 
 
+def _reverse_mode_only() -> bool:
+    """Gradients on, outside forward mode and ``torch.func`` transforms: the only derivatives
+    a tensor can carry are reverse mode's, which ``requires_grad`` shows."""
+    return torch.is_grad_enabled() and forward_ad._current_level < 0 and not transforms_active()
+
+
 def _explicit(problem: Problem) -> list[Tensor]:
-    """The explicit arguments that carry derivatives. Each makes the solution carry them too,
-    even where the function ignores it (its derivative is then zero), as for torch ops."""
+    """The explicit arguments that carry derivatives (none where no derivatives are requested).
+    Each makes the solution carry them too, even where the function ignores it (its derivative
+    is then zero), as for torch ops."""
+    if not _derivatives_requested():
+        return []
     given = tree_leaves(problem.args) + (tree_leaves(problem.kwargs) if problem.kwargs else [])
     return [t for t in given if isinstance(t, Tensor) and carries_derivatives(t)]
 
 
-def _bind(problem: Problem, z: Tensor) -> Problem:
+def _bind(problem: Problem, z: Tensor, explicit: list[Tensor]) -> Problem:
     """Evaluate the user's function once at the flat state ``z``: check its output, and find
-    the tensors it depends on that carry derivatives (explicit arguments and closed-over
-    tensors, module parameters included)."""
+    the tensors it depends on that carry derivatives (the ``explicit`` arguments that do, from
+    :func:`_explicit`, and closed-over tensors, module parameters included)."""
     if _derivatives_requested():
-        explicit = _explicit(problem)
-        if not explicit and torch.is_grad_enabled() and forward_ad._current_level < 0 \
-                and not transforms_active():
+        if not explicit and _reverse_mode_only():
             out, settled = problem.probe_plain(z)
             if settled:  # nothing the function used carries derivatives
                 problem.check_output(out)
@@ -95,22 +102,17 @@ def _bind(problem: Problem, z: Tensor) -> Problem:
 
 
 def _solve_unbound(
-    problem: Problem, z0: Tensor, solver: ForwardSolver, mode: BackwardMode
+    problem: Problem, z0: Tensor, solver: ForwardSolver, mode: BackwardMode, explicit: list[Tensor]
 ) -> tuple[Tensor, SolveInfo] | None:
     """The solve before :func:`_bind`, where the solver shows that the function reads no
     tensor carrying derivatives (:meth:`ForwardSolver.solve_unbound`): then the problem has
     no parameters, and the implicit backward modes solve it as it is, without a graph. Tried
-    only where that is likely: gradients on, outside forward mode and ``torch.func``
-    transforms, no explicit argument carrying derivatives, and a plain function that names
-    none (:func:`~implicit_layers._capture.reaches_no_derivatives`); a function that reads one
-    all the same is solved again after the binding. ``None`` where not tried or not shown."""
-    if not (isinstance(mode, Implicit) and torch.is_grad_enabled()
-            and forward_ad._current_level < 0 and not transforms_active()):
-        return None
-    if problem.kwargs or not is_flat(problem.args) or any(
-            isinstance(a, Tensor) and carries_derivatives(a) for a in problem.args):
-        return None
-    if not reaches_no_derivatives(problem.fn):
+    only where that is likely: reverse mode only, no ``explicit`` argument carrying
+    derivatives, and a plain function that names none
+    (:func:`~implicit_layers._capture.reaches_no_derivatives`); a function that reads one all
+    the same is solved again after the binding. ``None`` where not tried or not shown."""
+    if explicit or not (isinstance(mode, Implicit) and _reverse_mode_only()
+                        and reaches_no_derivatives(problem.fn)):
         return None
     with torch.no_grad():
         return solver.solve_unbound(problem.with_params(()), z0.detach())
@@ -149,9 +151,10 @@ def _run(
         # The state is iterated in float32 but the map computes in half precision: hold the
         # solve (and the backward, which inherits it) to what that precision can reach.
         solver = solver.replace(rtol=default_rtol(problem.precision))
-    solved = _solve_unbound(problem, z0f, solver, mode)
+    explicit = _explicit(problem)
+    solved = _solve_unbound(problem, z0f, solver, mode, explicit)
     if solved is None:
-        problem = _bind(problem, z0f.detach())
+        problem = _bind(problem, z0f.detach(), explicit)
         z, info = mode.solve(problem, z0f, solver)
     else:
         z, info = solved
@@ -489,16 +492,15 @@ def _custom(
                     f"z0 ({_describe(z0)}), got {_describe(result)}."
                 )
             tol = default_rtol(problem.dtype) if rtol is None else rtol
-            recorded = None
-            if torch.is_grad_enabled() and forward_ad._current_level < 0 and not transforms_active():
-                # A mode that records the function at the solution for its backward may do it
-                # in the call that finds the tensors to differentiate.
-                recorded = mode._bind_recorded(problem, z, _explicit(problem))
+            explicit = _explicit(problem)
+            # A mode that records the function at the solution for its backward may do it in
+            # the call that finds the tensors to differentiate.
+            recorded = mode._bind_recorded(problem, z, explicit) if _reverse_mode_only() else None
             if recorded is not None:
                 problem, recording = recorded
                 z = mode._attach_recorded(problem, z, tol, recording)
             else:
-                problem = _bind(problem, z)
+                problem = _bind(problem, z, explicit)
                 if _derivatives_requested():
                     z = mode.attach(problem, z, tol)
             out = problem.unflatten(z)

@@ -131,24 +131,24 @@ def test_module_parameters_are_reads() -> None:
     compiled = torch.compile(lambda x: net(x), fullgraph=True,
                              backend=_compiled_reads.inductor_reporting_reads({}))
     with torch.no_grad():
-        compiled(torch.ones(2, 3))
-    reads = _compiled_reads.last_derivative_reads()
+        _, reads = _compiled_reads.with_reads(lambda: compiled(torch.ones(2, 3)))
     assert reads is not None and {id(t) for t in reads} == {id(net.weight), id(net.bias)}
     net.requires_grad_(False)  # a new graph (dynamo guards requires_grad), reading none
     with torch.no_grad():
-        compiled(torch.ones(2, 3))
-    assert _compiled_reads.last_derivative_reads() == ()
+        assert _compiled_reads.with_reads(lambda: compiled(torch.ones(2, 3)))[1] == ()
 
 
-def test_reads_are_taken_once() -> None:
-    # An answer is read once: a later call that runs no graph cannot read a stale one.
+def test_reads_are_those_of_the_call() -> None:
+    # A call that runs no compiled graph cannot read the answer an earlier call left.
     compiled = torch.compile(lambda x, y: x * y, fullgraph=True,
                              backend=_compiled_reads.inductor_reporting_reads({}))
     x = torch.ones(3, requires_grad=True)
     with torch.no_grad():
-        compiled(x, torch.ones(3))
-    assert [t is x for t in _compiled_reads.last_derivative_reads() or ()] == [True]
-    assert _compiled_reads.last_derivative_reads() is None
+        _, reads = _compiled_reads.with_reads(lambda: compiled(x, torch.ones(3)))
+    assert [t is x for t in reads or ()] == [True]
+    with torch.no_grad():
+        compiled(x, torch.ones(3))  # leaves an answer behind
+    assert _compiled_reads.with_reads(lambda: None) == (None, None)
 
 
 @pytest.mark.slow

@@ -129,8 +129,8 @@ def run_compiled(
 ) -> tuple[Tensor, ...]:
     """:func:`lm_loop` (with its ``probe``) through :func:`compiled_loop`, with a clear error
     for a residual function that ``torch.compile`` cannot trace in one graph (``name`` is its
-    name in messages). After the call, :func:`~implicit_layers._compiled_reads.last_derivative_reads`
-    gives the tensors carrying derivatives that the loop read.
+    name in messages). Its backend reports the tensors carrying derivatives that the loop read
+    (see :func:`~implicit_layers._compiled_reads.with_reads`).
 
     Every residual function, batch size, dtype and setting is one more compiled variant of the
     one loop; past ``torch._dynamo.config.recompile_limit`` of them (8 by default), where

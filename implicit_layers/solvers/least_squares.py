@@ -12,7 +12,7 @@ from torch import Tensor
 from typing_extensions import Unpack
 
 from .._capture import transforms_active
-from .._compiled_reads import last_derivative_reads
+from .._compiled_reads import with_reads
 from .._config import SolverKeywords, check_positive_int
 from .._info import SolveInfo
 from .._least_squares import LeastSquaresProblem
@@ -383,7 +383,7 @@ class LevenbergMarquardt(_NormalEquations):
         self.damping = float(damping)
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
-        if self.compile and self._compiles(problem, z0):
+        if self._compiles(problem, z0):
             return self._compiled_solve(problem, z0)
         residuals, lin, g = self._start(problem, z0)
         mon = Monitor(self, problem, z0, g)
@@ -413,12 +413,12 @@ class LevenbergMarquardt(_NormalEquations):
         return mon.finish()
 
     def _compiles(self, problem: Problem, z0: Tensor) -> bool:
-        """Whether ``compile=True`` runs the compiled loop here: dense normal equations, outside
+        """Whether the compiled loop runs here: ``compile=True``, dense normal equations, outside
         ``inference_mode`` and ``torch.func`` transforms (a problem folded from ``vmap`` calls
         the residual function under the transform), and with the function called as it is
         (under ``torch.func.grad`` the layer's forward calls it with unwrapped values
         substituted, a mode the compiled loop cannot trace)."""
-        return (isinstance(problem, LeastSquaresProblem) and self._dense(z0)
+        return (self.compile and isinstance(problem, LeastSquaresProblem) and self._dense(z0)
                 and not (torch.is_inference_mode_enabled() or transforms_active()
                          or problem.substitutes))
 
@@ -431,19 +431,17 @@ class LevenbergMarquardt(_NormalEquations):
         return z, info
 
     def solve_unbound(self, problem: Problem, z0: Tensor) -> tuple[Tensor, SolveInfo] | None:
-        """With ``compile=True``: the compiled loop, which reads every tensor the residual
+        """Where the compiled loop runs: the loop, which reads every tensor the residual
         function reads and says which of them carry derivatives
         (:mod:`~implicit_layers._compiled_reads`), and returns the function's output at ``z0``
         for its checks. ``None`` where the function read one (or where the loop does not
         serve, or could not be compiled: the caller's ordinary path then says why)."""
-        if not (self.compile and self._compiles(problem, z0)):
+        if not self._compiles(problem, z0):
             return None
-        last_derivative_reads()  # an answer left by an earlier call is not this one's
         try:
-            z, info, finite, out = self._run_compiled(problem, z0)
+            (z, info, finite, out), reads = with_reads(lambda: self._run_compiled(problem, z0))
         except ValueError:
             return None
-        reads = last_derivative_reads()
         if reads is None or reads:  # no graph ran (an eager stance), or it read some
             return None
         problem.check_output(out)
