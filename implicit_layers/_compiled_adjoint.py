@@ -478,10 +478,12 @@ def _compiled_cg(fn: Any) -> Any:
 def _compile_copy() -> Any:
     code = _cg_loop.__code__.replace()  # a new code object: a dynamo cache of its own
     copy = types.FunctionType(code, _cg_loop.__globals__, _cg_loop.__name__)
-    # The C++ wrapper runs the passes of the loop without returning to Python between them
-    # (a fifth less time per pass on the ridge problem of d = 200). Without the wrapper's size
-    # and stride assertions (the shapes are fixed by the guards). Static shapes: dynamo keeps its record of shapes seen per source location, shared by the
-    # copies, so that with automatic dynamic shapes one function's sizes would make another's
-    # first graph dynamic (and while_loop does not take the size objects that lifts).
-    return torch.compile(copy, fullgraph=True, dynamic=False,
-                         backend=inductor_reporting_reads({"size_asserts": False, "cpp_wrapper": True}))
+    # On the CPU, the C++ wrapper runs the passes of the loop without returning to Python
+    # between them (a fifth less time per pass on the ridge problem of d = 200; elsewhere the
+    # Python wrapper, whose per-pass cost is small next to kernel launches). Without the size
+    # and stride assertions (the shapes are fixed by the guards). Static shapes: dynamo keeps
+    # its record of shapes seen per source location, shared by the copies, so that with
+    # automatic dynamic shapes one function's sizes would make another's first graph dynamic
+    # (and while_loop does not take the size objects that lifts).
+    backend = inductor_reporting_reads({"size_asserts": False}, {"cpp_wrapper": True})
+    return torch.compile(copy, fullgraph=True, dynamic=False, backend=backend)

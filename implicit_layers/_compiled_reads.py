@@ -24,18 +24,26 @@ _LAST = threading.local()
 T = TypeVar("T")
 
 
-def inductor_reporting_reads(config_patches: dict[str, Any]) -> Callable[..., Any]:
+def inductor_reporting_reads(
+    config_patches: dict[str, Any], cpu_config_patches: dict[str, Any] | None = None
+) -> Callable[..., Any]:
     """A ``torch.compile`` backend: inductor with ``config_patches`` (as ``options=`` would
-    give them), each compiled graph noting its inputs that require grad when called."""
+    give them), and ``cpu_config_patches`` too for a graph whose tensor inputs are all on the
+    CPU, each compiled graph noting its inputs that require grad when called."""
 
     def backend(graph: Any, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         from torch._inductor.compile_fx import compile_fx
+
+        patches = config_patches
+        if cpu_config_patches and all(t.device.type == "cpu" for t in example_inputs
+                                      if isinstance(t, Tensor)):
+            patches = {**config_patches, **cpu_config_patches}
 
         # Tensors the graph holds as attributes rather than inputs (constants dynamo makes
         # while tracing, parameters of modules it does not inline): read on every call too.
         held = [t for t in (_attribute(graph, node.target) for node in graph.graph.nodes
                             if node.op == "get_attr") if isinstance(t, Tensor)]
-        compiled: Callable[..., Any] = compile_fx(graph, example_inputs, config_patches=config_patches)  # type: ignore[assignment]
+        compiled: Callable[..., Any] = compile_fx(graph, example_inputs, config_patches=patches)  # type: ignore[assignment]
 
         def run(*args: Any) -> Any:
             _LAST.reads = tuple(a for a in (*args, *held) if isinstance(a, Tensor) and a.requires_grad)

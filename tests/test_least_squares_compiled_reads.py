@@ -151,6 +151,25 @@ def test_reads_are_those_of_the_call() -> None:
     assert _compiled_reads.with_reads(lambda: None) == (None, None)
 
 
+def test_cpu_patches_apply_to_cpu_graphs_only(monkeypatch) -> None:
+    # The C++ wrapper of the compiled loops is asked for on the CPU only; a graph with an input
+    # elsewhere (here "meta", standing in for an accelerator) gets the other patches alone.
+    import torch._inductor.compile_fx
+
+    seen = []
+
+    def recording(graph, example_inputs, config_patches=None):  # noqa: ANN001, ANN202
+        seen.append(config_patches)
+        return graph
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", recording)
+    backend = _compiled_reads.inductor_reporting_reads({"size_asserts": False}, {"cpp_wrapper": True})
+    graph = torch.fx.symbolic_trace(lambda x, y: x * y)
+    backend(graph, [torch.ones(2), 3])
+    backend(graph, [torch.ones(2), torch.ones(2, device="meta")])
+    assert seen == [{"size_asserts": False, "cpp_wrapper": True}, {"size_asserts": False}]
+
+
 @pytest.mark.slow
 def test_torch_func_grad_through_a_compiled_fit() -> None:
     # Under torch.func.grad the layer's forward calls the residual with unwrapped values

@@ -165,8 +165,9 @@ def compiled_loop() -> Callable[..., tuple[Tensor, ...]]:
     """:func:`lm_loop` compiled with ``fullgraph=True``, once per process (its graphs are cached
     per residual function, shapes, dtype and settings). Static shapes: a batch size is a
     constant of the loop."""
-    # The C++ wrapper runs the loop without returning to Python between steps: half the time
-    # of the Python wrapper on a few-step solve of a small batch (measured at B = 1). The
-    # backend notes which tensors carrying derivatives the loop read.
-    backend = inductor_reporting_reads({"cpp_wrapper": True})
+    # On the CPU, the C++ wrapper runs the loop without returning to Python between steps:
+    # half the time of the Python wrapper on a few-step solve of a small batch (measured at
+    # B = 1); elsewhere the Python wrapper. The backend notes which tensors carrying
+    # derivatives the loop read.
+    backend = inductor_reporting_reads({}, {"cpp_wrapper": True})
     return torch.compile(lm_loop, fullgraph=True, dynamic=False, backend=backend)
