@@ -93,6 +93,8 @@ def polyhedron(
             "G and h (G y <= h), or both; without constraints the projection is x itself."
         )
     N = math.prod(batch)
+    if N == 0:  # no vector to project
+        return x.clone()
     q = -x.reshape(N, n) if batch else -x
     Q = torch.eye(n, dtype=x.dtype, device=x.device)
     G_, h_ = (_flat(ineq[0], 2, N), _flat(ineq[1], 1, N)) if ineq is not None else (None, None)

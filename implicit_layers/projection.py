@@ -14,7 +14,13 @@ matrix is formed.
 Where a projection is not differentiable (a point exactly on the boundary of the region where a
 constraint becomes active) the derivative is the one-sided one of the *inactive* side: a
 coordinate of ``box`` with ``x_i == upper_i`` passes its gradient through, a point of
-``l2_ball`` with ``‖x‖ == radius`` is treated as inside. It is finite, never NaN.
+``l2_ball`` with ``‖x‖ == radius`` is treated as inside, an entry of ``simplex`` exactly at the
+threshold counts in the support. It is finite, never NaN, also for infinite parameters (a
+radius of ``inf``). A set that is a single point (a radius of 0, ``lower == upper``) has no
+inactive side: its projection is constant, with derivative 0 in ``x``.
+
+A NaN in ``x`` is never hidden: it gives NaN in that coordinate (the elementwise projections)
+or in the whole vector (those that couple the coordinates: ``simplex``, ``l1_ball``).
 
 Bad sets raise ``ValueError`` naming the argument. The checks read the data, so they are skipped
 under ``torch.func.vmap`` (the same call without vmap raises).
@@ -51,20 +57,23 @@ __all__ = [
 
 def _clip(x: Tensor, lower: Tensor, upper: Tensor) -> Tensor:
     # torch.where rather than clamp: a tie x == bound takes the inactive (pass-through) side,
-    # so the gradient goes to x and none to the bound, as documented.
-    return torch.where(x > upper, upper, torch.where(x < lower, lower, x)).to(x.dtype)
+    # so the gradient goes to x and none to the bound, as documented. A coordinate whose
+    # bounds meet has no inactive side: it is the bound, constant in x.
+    clipped = torch.where(x > upper, upper, torch.where(x < lower, lower, x))
+    return torch.where(lower == upper, upper, clipped).to(x.dtype)
 
 
 def _ball(x: Tensor, radius: float | Tensor) -> tuple[Tensor, Tensor]:
     x = require_tensor(x, "x")
     r = per_vector(radius, x, "radius")
-    require(r >= 0, "radius must be >= 0; got a negative radius.")
+    require(r >= 0, "radius must be >= 0.", r)
     return x, r
 
 
 def _box(x: Tensor, lower: float | Tensor, upper: float | Tensor) -> tuple[Tensor, Tensor]:
     lo, up = as_vector(lower, x, "lower"), as_vector(upper, x, "upper")
-    require(lo <= up, "lower must be <= upper everywhere (the box is empty otherwise); got lower > upper.")
+    require(lo <= up, "lower must be <= upper everywhere (the box is empty otherwise), and neither NaN.",
+            torch.where(lo <= up, up, lo))
     return lo, up
 
 
@@ -128,22 +137,35 @@ def simplex(x: Tensor, total: float | Tensor = 1.0) -> Tensor:
         tensor([0., 1., 0.])
     """
     x = require_tensor(x, "x")
+    if x.shape[-1] == 0:
+        raise ValueError(
+            f"x must have a nonempty last dimension (no point of length 0 sums to total); got shape "
+            f"{tuple(x.shape)}."
+        )
     t = per_vector(total, x, "total")
-    require(t > 0, "total must be > 0 (the simplex {y >= 0, sum(y) = total} is empty or a point otherwise).")
+    require(t > 0, "total must be > 0 (the simplex {y >= 0, sum(y) = total} is empty or a point "
+            "otherwise).", t)
     return _simplex(x, t)
 
 
 def _simplex(x: Tensor, t: Tensor) -> Tensor:
-    # Also used by l1_ball with total >= 0: with total == 0 the support count is clamped to one,
-    # which gives y = 0.
+    # Also used by l1_ball with total > 0. The projection does not change when every entry
+    # moves by the same amount: shifted so that the largest entry is 0 (a constant for the
+    # derivatives), the partial sums do not lose the total to cancellation when it is far
+    # below the entries (x ~ 1e7 in float32, or a total of 1e-300).
+    x = x - x.detach().amax(-1, keepdim=True)
     u, _ = torch.sort(x, dim=-1, descending=True)
     n = x.shape[-1]
     ks = torch.arange(1, n + 1, dtype=x.dtype, device=x.device)
     css = torch.cumsum(u, dim=-1) - t
-    support = (u - css / ks > 0).sum(-1, keepdim=True).clamp(min=1)
+    # Ties (an entry exactly at the threshold) count in the support: the inactive side of the
+    # constraint y_i >= 0, as documented; the threshold is the same either way.
+    support = (u - css / ks >= 0).sum(-1, keepdim=True).clamp(min=1)
     tau = torch.gather(css, -1, support - 1) / support.to(x.dtype)
     z = x - tau
-    return torch.where(z > 0, z, torch.zeros_like(z))
+    y = torch.where(z >= 0, z, torch.zeros_like(z))
+    # A NaN entry makes the whole projection undefined: NaN, not a point of the set.
+    return torch.where(torch.isnan(x).any(-1, keepdim=True), torch.full_like(y, float("nan")), y)
 
 
 def l1_ball(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
@@ -163,8 +185,14 @@ def l1_ball(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
         ValueError: if ``radius < 0``.
     """
     x, r = _ball(x, radius)
+    if x.shape[-1] == 0:
+        return x.clone()
     inside = x.abs().sum(-1, keepdim=True) <= r
-    return torch.where(inside, x, torch.sign(x) * _simplex(x.abs(), r))
+    # A radius of 0 makes the ball the point 0: the projection is constant, with no inactive
+    # side at x = 0 (where `inside` would pass the gradient through).
+    onto = torch.where(r > 0, r, torch.ones_like(r))
+    y = torch.where(inside & (r > 0), x, torch.sign(x) * _simplex(x.abs(), onto))
+    return torch.where(r > 0, y, torch.zeros_like(y))
 
 
 def l2_ball(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
@@ -182,7 +210,11 @@ def l2_ball(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
     """
     x, r = _ball(x, radius)
     norm, safe = safe_norm(x)
-    return torch.where(norm > r, x * (r / safe), x)
+    # A radius of 0 (the point 0) has no inactive side at x = 0. The radius enters the
+    # product only where it is used, so that an infinite one (never used) keeps the
+    # gradient finite.
+    outside = (norm > r) | (r == 0)
+    return torch.where(outside, x * (torch.where(outside, r, torch.zeros_like(r)) / safe), x)
 
 
 def linf_ball(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
@@ -208,8 +240,10 @@ def _normal(x: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(
             f"a must be a vector of length n = {x.shape[-1]} (last dimension); got shape {tuple(a.shape)}."
         )
+    # A normal of length 1 stands for n equal entries: its norm is that of the n entries.
+    a = a.expand(*a.shape[:-1], x.shape[-1])
     sq = (a * a).sum(-1, keepdim=True)
-    require(sq > 0, "a must be nonzero (a zero normal does not define a hyperplane).")
+    require(sq > 0, "a must be nonzero and finite (a zero normal does not define a hyperplane).", sq)
     return a, sq
 
 
@@ -288,6 +322,13 @@ def affine_set(x: Tensor, A: Tensor, b: Tensor) -> Tensor:
         raise ValueError(
             f"b must have shape (m,) with m = {A.shape[-2]} = A.shape[-2]; got {tuple(b.shape)}."
         )
+    try:
+        torch.broadcast_shapes(x.shape[:-1], A.shape[:-2], b.shape[:-1])
+    except RuntimeError:
+        raise ValueError(
+            f"the batch dimensions of x {tuple(x.shape[:-1])}, A {tuple(A.shape[:-2])} and b "
+            f"{tuple(b.shape[:-1])} must broadcast (one set per vector, or one for all)."
+        ) from None
     if A.shape[-2] > A.shape[-1]:
         raise ValueError(
             f"A has more rows ({A.shape[-2]}) than columns ({A.shape[-1]}), so it cannot have full row rank; "

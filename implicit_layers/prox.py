@@ -18,7 +18,8 @@ of a set is the projection, for every step):
 **Kinks.** Where the operator is not differentiable (``|x_i| == step·strength`` for the l1
 family, ``‖x‖ == step·strength`` for the group lasso, ``x_i == 0`` for the nonnegative ones)
 the output is the thresholded value ``0`` and the derivative is the one of the zero side: 0 with
-respect to ``x`` and to the strength. It is finite, never NaN.
+respect to ``x`` and to the strength. It is finite, never NaN, also for an infinite strength.
+A NaN in ``x`` stays NaN (in its coordinate; in the whole vector for ``group_lasso``).
 """
 
 from __future__ import annotations
@@ -48,15 +49,12 @@ Prox = Callable[..., Tensor]
 
 
 def _nonnegative(s: Tensor, name: str) -> Tensor:
-    require(
-        s >= 0,
-        f"{name} must be >= 0 (a negative strength makes the problem nonconvex); got a negative value.",
-    )
+    require(s >= 0, f"{name} must be >= 0 (a negative strength makes the problem nonconvex).", s)
     return s
 
 
 def _positive(h: Tensor) -> Tensor:
-    require(h > 0, "step must be > 0; got a nonpositive step.")
+    require(h > 0, "step must be > 0.", h)
     return h
 
 
@@ -74,9 +72,9 @@ def _scaled(x: Tensor, strength: float | Tensor, step: float | Tensor) -> Tensor
 
 
 def _shrink(x: Tensor, threshold: Tensor) -> Tensor:
-    # Soft-thresholding; strict inequality puts the kink |x| == threshold on the zero side.
-    zero = torch.zeros_like(x)
-    return torch.where(x > threshold, x - threshold, torch.where(x < -threshold, x + threshold, zero))
+    # Soft-thresholding. relu puts the kink |x| == threshold on the zero side (its derivative
+    # at 0 is 0), and a NaN in x stays NaN.
+    return torch.sign(x) * torch.relu(x.abs() - threshold)
 
 
 def l1(x: Tensor, strength: float | Tensor, step: float | Tensor = 1.0) -> Tensor:
@@ -112,8 +110,7 @@ def nonnegative_l1(x: Tensor, strength: float | Tensor, step: float | Tensor = 1
         The prox, shape of ``x`` broadcast with the strengths.
     """
     x = require_tensor(x, "x")
-    z = x - _scaled(x, strength, step)
-    return torch.where(z > 0, z, torch.zeros_like(z))
+    return torch.relu(x - _scaled(x, strength, step))
 
 
 def elastic_net(x: Tensor, l1: float | Tensor, l2: float | Tensor, step: float | Tensor = 1.0) -> Tensor:
@@ -151,7 +148,11 @@ def group_lasso(x: Tensor, strength: float | Tensor, step: float | Tensor = 1.0)
         per_vector(strength, x, "strength"), "strength"
     )
     norm, safe = safe_norm(x)
-    return torch.where(norm > threshold, x * (1 - threshold / safe), torch.zeros_like(x))
+    # The threshold enters the product only where it is used, so that an infinite one (never
+    # used) keeps the gradient finite; a vector holding a NaN stays NaN.
+    kept = (norm > threshold) | torch.isnan(norm)
+    used = torch.where(kept, threshold, torch.zeros_like(threshold))
+    return torch.where(kept, x * (1 - used / safe), torch.zeros_like(x))
 
 
 def ridge(x: Tensor, strength: float | Tensor, step: float | Tensor = 1.0) -> Tensor:
@@ -183,8 +184,7 @@ def nonnegative_ridge(x: Tensor, strength: float | Tensor, step: float | Tensor 
         The prox, shape of ``x`` broadcast with the strengths.
     """
     x = require_tensor(x, "x")
-    positive = torch.where(x > 0, x, torch.zeros_like(x))
-    return positive / (1 + _scaled(x, strength, step))
+    return torch.relu(x) / (1 + _scaled(x, strength, step))
 
 
 def indicator(projection: Callable[..., Tensor], *params: Any, **kwargs: Any) -> Prox:
