@@ -57,8 +57,9 @@ class CompositeProblem(ObjectiveProblem):
 
     kind = "composite"
     solvers_hint = "ProximalGradient"
-    # The residual is a proximal-gradient step in z.
+    # The residual is a proximal-gradient step in z (of unit length).
     relative_to_z = True
+    steps_need_size = True
     adjoint_by_size = True
 
     def __init__(

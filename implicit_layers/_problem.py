@@ -130,6 +130,12 @@ class Problem:
     #: Whether the residual is the gradient of an objective, so that a step ``-η F(z)`` is a
     #: gradient step whose size comes from the forward solver.
     is_gradient: ClassVar[bool] = False
+    #: Whether the steps ``z ← z - η F(z)`` of the step backward modes (``Truncated``,
+    #: ``JacobianFree``, ``Phantom``) need a step of the problem's scale (about ``1 / L``, from
+    #: the mode or the forward solver) rather than 1: ``F`` grows with the curvature ``L`` (a
+    #: gradient, or a proximal-gradient step of unit length), and unit steps diverge for
+    #: ``L > 2``.
+    steps_need_size: ClassVar[bool] = False
     #: Whether the default adjoint solver of a non-symmetric problem is chosen by size (Dense
     #: when small) rather than always GMRES.
     adjoint_by_size: ClassVar[bool] = False
@@ -343,13 +349,15 @@ class Problem:
         with torch.enable_grad():
             zz = z if (create_graph and z.requires_grad) else z.detach().requires_grad_(True)
             value = self.objective(zz)
-            if not value.requires_grad:
+            # A value that requires grad through a parameter alone does not depend on w either.
+            grad = (torch.autograd.grad(value.sum(), zz, create_graph=create_graph, allow_unused=True)[0]
+                    if value.requires_grad else None)
+            if grad is None:
                 raise ValueError(
                     f"{self.name}(w, ...) does not depend on w (its value does not require "
                     "grad as a function of w), so it has no minimiser to find. Check that the "
                     "objective uses its first argument in differentiable operations."
                 )
-            (grad,) = torch.autograd.grad(value.sum(), zz, create_graph=create_graph)
         if not create_graph:
             value = value.detach()
         return value, grad
@@ -490,6 +498,7 @@ class MinimiseProblem(ObjectiveProblem):
     kind = "argmin"
     solvers_hint = "LBFGS, Newton or GradientDescent"
     is_gradient = True
+    steps_need_size = True
     adjoint_by_size = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

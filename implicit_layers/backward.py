@@ -155,10 +155,11 @@ class _StepMode(BackwardMode):
     step_size: float | None
 
     def step_size_for(self, problem: Problem, solver: Any) -> float | Tensor:
-        """``η``: the mode's own, 1 for fixed points and roots, or the forward solver's step."""
+        """``η``: the mode's own, 1 for fixed points and roots, or the forward solver's step
+        (argmin, composite argmin)."""
         if self.step_size is not None:
             return self.step_size
-        if not problem.is_gradient:
+        if not problem.steps_need_size:
             return 1.0
         eta = solver.gradient_step_size() if solver is not None else None
         if isinstance(eta, Tensor):
@@ -168,9 +169,10 @@ class _StepMode(BackwardMode):
         if eta is not None:
             return float(eta)
         raise ValueError(
-            f"{type(self).__name__} on an argmin problem needs a step size for its gradient "
-            f"steps; got step_size=None and a forward solver ({type(solver).__name__}) without "
-            "a fixed step size. Pass e.g. step_size=0.1 (about 1 / largest Hessian eigenvalue)."
+            f"{type(self).__name__} on an argmin problem needs a step size for its steps "
+            f"(unit steps diverge where the largest Hessian eigenvalue exceeds 2); got "
+            f"step_size=None and a forward solver ({type(solver).__name__}) without a fixed step "
+            "size. Pass e.g. step_size=0.1 (about 1 / largest Hessian eigenvalue)."
         )
 
     def attach(
@@ -378,7 +380,8 @@ class Truncated(_StepMode):
         steps: number of differentiated steps ``K >= 1``; the one positional argument.
         step_size: ``η > 0``; ``None`` (default) means 1 for fixed points and roots, and for
             argmin the ``step_size`` of a :class:`~implicit_layers.solvers.GradientDescent`
-            forward solver.
+            forward solver (of a :class:`~implicit_layers.solvers.ProximalGradient` with
+            ``prox=`` or ``constraint=``).
 
     Raises:
         TypeError: if ``steps`` is not an int or ``step_size`` not a float.
@@ -412,7 +415,9 @@ class JacobianFree(_StepMode):
     Args:
         step_size: ``η > 0`` of the step; ``None`` (default) means 1 for fixed points and
             roots, and for argmin the ``step_size`` of a
-            :class:`~implicit_layers.solvers.GradientDescent` forward solver. Keyword-only.
+            :class:`~implicit_layers.solvers.GradientDescent` forward solver (of a
+            :class:`~implicit_layers.solvers.ProximalGradient` with ``prox=`` or
+            ``constraint=``). Keyword-only.
 
     Raises:
         TypeError: if ``step_size`` is not a float, or is passed positionally.

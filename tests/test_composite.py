@@ -276,3 +276,50 @@ def test_inference_mode_and_no_grad_give_the_same_solution() -> None:
     with torch.inference_mode():
         w = il.argmin(lambda w: 0.5 * (A @ w - b).square().sum(), torch.zeros(4, dtype=D), prox=p)
     torch.testing.assert_close(w, ref, rtol=1e-8, atol=1e-10)
+
+
+def test_fista_momentum_grows_as_it_should_on_an_ill_conditioned_problem() -> None:
+    # The momentum sequence m' = (1 + sqrt(1 + 4 m²)) / 2 grows by about 1/2 per step; grown
+    # geometrically, it overflowed after some 900 steps (110 in float32) and the solve ended
+    # in a NonFiniteError.
+    h = torch.logspace(0, -3, 5, dtype=D)
+    b = torch.ones(5, dtype=D)
+    w, info = il.argmin(lambda w: 0.5 * (h * (w - b) ** 2).sum(), torch.zeros(5, dtype=D),
+                        prox=il.prox.bind(il.prox.l1, 1e-4), return_info=True)
+    assert bool(info.converged)
+    torch.testing.assert_close(w, (b - 1e-4 / h).clamp(min=0), rtol=1e-7, atol=1e-9)
+    h32 = torch.logspace(0, -2, 6)
+    layer = il.nn.ArgminLayer(lambda w, x: 0.5 * (h32 * (w - x) ** 2).sum(-1), w_shape=(6,),
+                              constraint=lambda w: il.projection.box(w, -0.5, 0.5))
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(layer(x), x.clamp(-0.5, 0.5), rtol=0, atol=2e-3)
+
+
+def test_step_backward_modes_on_a_composite_problem_need_a_step_size() -> None:
+    # The residual is a proximal-gradient step of unit length: unit steps diverge where the
+    # Hessian's largest eigenvalue exceeds 2 (here 2.07), so the step modes take the forward
+    # solver's step size or their own, as on a plain argmin.
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(40, 8, dtype=D, generator=gen)
+    w_true = torch.tensor([1.0, -2.0, 0, 0, 0.5, 0, 0, 3.0], dtype=D)
+    y = X @ w_true + 0.1 * torch.randn(40, dtype=D, generator=gen)
+
+    def grad(backward, solver=None):  # noqa: ANN001, ANN202
+        lam = torch.tensor(0.2, dtype=D, requires_grad=True)
+        w = il.argmin(lambda w: 0.5 * (X @ w - y).square().sum() / 40, torch.zeros(8, dtype=D),
+                      prox=il.prox.bind(il.prox.l1, lam), backward=backward, solver=solver)
+        return torch.autograd.grad(w.sum(), lam)[0]
+
+    with pytest.raises(ValueError, match="Truncated on an argmin problem needs a step size"):
+        grad(il.backward.Truncated(200))
+    exact = grad(None)
+    borrowed = grad(il.backward.Truncated(400), il.solvers.ProximalGradient(0.05))
+    own = grad(il.backward.Truncated(400, step_size=0.05))
+    torch.testing.assert_close(borrowed, exact, rtol=1e-3, atol=0)
+    torch.testing.assert_close(own, borrowed, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("step", [float("nan"), float("inf"), 0.0])
+def test_step_size_must_be_finite_and_positive(step: float) -> None:
+    with pytest.raises(ValueError, match="step_size must be a finite number > 0"):
+        il.solvers.ProximalGradient(step)

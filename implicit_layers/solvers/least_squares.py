@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from types import ModuleType
 from typing import cast
@@ -172,7 +173,10 @@ def _gain_update(
     predicted = 0.5 * (delta * (mu * delta - g)).sum(-1, keepdim=True)
     rho = _decrease(r, r_trial).unsqueeze(-1) / predicted.clamp_min(torch.finfo(r.dtype).tiny)
     accept = ((rho > 0) | (predicted < _noise(r).unsqueeze(-1))) & active
-    scale = torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3)
+    # Nielsen's factor, for a step that decreased the cost. A step taken on the model's word
+    # (rho <= 0 within rounding) keeps mu: the factor there grows as -rho³ (a rounding rho of
+    # -40 would multiply mu by 5e5 and stall the solve).
+    scale = torch.where(rho > 0, torch.clamp(1 - (2 * rho - 1) ** 3, min=1 / 3), torch.ones_like(rho))
     mu = torch.where(accept, mu * scale, torch.where(active, mu * nu, mu)).minimum(mu_max)
     nu = torch.where(accept, torch.full_like(nu, 2.0), torch.where(active, nu * 2, nu))
     return accept, mu, nu
@@ -378,8 +382,8 @@ class LevenbergMarquardt(_NormalEquations):
         self.compile = compile
         if isinstance(damping, bool) or not isinstance(damping, (int, float)):
             raise TypeError(f"damping must be a float, got {type(damping).__name__}.")
-        if damping <= 0:
-            raise ValueError(f"damping must be > 0, got {damping}.")
+        if not 0 < damping < math.inf:
+            raise ValueError(f"damping must be a finite number > 0, got {damping}.")
         self.damping = float(damping)
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:

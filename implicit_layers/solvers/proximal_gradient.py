@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import cast
 
 import torch
@@ -80,8 +81,8 @@ class ProximalGradient(ForwardSolver):
         if step_size is not None:
             if isinstance(step_size, bool) or not isinstance(step_size, (int, float)):
                 raise TypeError(f"step_size must be a float or None, got {type(step_size).__name__}.")
-            if step_size <= 0:
-                raise ValueError(f"step_size must be > 0, got {step_size}.")
+            if not 0 < step_size < math.inf:
+                raise ValueError(f"step_size must be a finite number > 0, got {step_size}.")
             step_size = float(step_size)
         if isinstance(shrink, bool) or not isinstance(shrink, (int, float)):
             raise TypeError(f"shrink must be a float, got {type(shrink).__name__}.")
@@ -93,6 +94,17 @@ class ProximalGradient(ForwardSolver):
         self.shrink = float(shrink)
         self.max_backtracks = check_positive_int(max_backtracks, "max_backtracks")
         self.power_steps = check_positive_int(power_steps, "power_steps")
+
+    def gradient_step_size(self) -> float | None:
+        """The ``step_size`` given (``None`` when it is estimated at ``w0``), borrowed by the
+        step backward modes (``Truncated``, ``JacobianFree``, ``Phantom``) on composite
+        problems.
+
+        Examples:
+            >>> il.solvers.ProximalGradient(0.05).gradient_step_size()
+            0.05
+        """
+        return self.step_size
 
     def _initial_step(self, problem: Problem, z0: Tensor) -> Tensor:
         if self.step_size is not None:
@@ -132,7 +144,7 @@ class ProximalGradient(ForwardSolver):
                 break
             active = mon.active.unsqueeze(-1)
             if self.accelerated:
-                following = (momentum + torch.sqrt(1 + 4 * momentum.square())) / 2
+                following = (1 + torch.sqrt(1 + 4 * momentum.square())) / 2
                 beta = (momentum - 1) / following
                 if self.restart:
                     # Restart where the momentum points against the step just taken.
