@@ -289,6 +289,16 @@ def test_nan_raises_non_finite_error(case, where):
             il.linear.solve(op, b, case.make())
 
 
+def test_dense_names_a_non_finite_right_hand_side_not_the_matrix():
+    a, b = make_problem("spd", 2, 8, 2, F64)
+    b[1, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="right-hand side holds NaN/Inf.*not the cause"):
+        il.linear.solve(a, b, il.linear.Dense())
+    singular = torch.zeros(2, 8, 8, dtype=F64)
+    with pytest.raises(NonFiniteError, match="matrix is singular"):
+        il.linear.solve(singular, torch.ones(2, 8, dtype=F64), il.linear.Dense())
+
+
 # ----------------------------------------------------------------------------------------------
 # Error paths.
 

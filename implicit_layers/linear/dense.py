@@ -59,6 +59,13 @@ class Dense(LinearSolver):
         matrix = op.to_dense()
         x, err = torch.linalg.solve_ex(matrix, b)
         if bool((err != 0).any()) or not bool(torch.isfinite(x).all()):
+            if not bool(torch.isfinite(b).all()):
+                # In a backward, the right-hand side is the incoming gradient.
+                raise NonFiniteError(
+                    "Dense: the right-hand side holds NaN/Inf for at least one sample (in a "
+                    "backward, the gradient arriving at the layer's output: look upstream, at "
+                    "the loss); the matrix is not the cause."
+                )
             raise NonFiniteError(
                 "Dense: the matrix is singular (or holds NaN/Inf) for at least one sample, so "
                 "the linear system has no unique solution. Check that the problem's Jacobian is "
