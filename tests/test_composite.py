@@ -323,3 +323,23 @@ def test_step_backward_modes_on_a_composite_problem_need_a_step_size() -> None:
 def test_step_size_must_be_finite_and_positive(step: float) -> None:
     with pytest.raises(ValueError, match="step_size must be a finite number > 0"):
         il.solvers.ProximalGradient(step)
+
+
+@pytest.mark.parametrize("accelerated", [True, False])
+def test_a_step_made_small_by_a_curved_start_grows_back(accelerated: bool) -> None:
+    # From far out, the quartic term makes the curvature ~1000 times its value near the
+    # solution: the first step is ~1/1000 of the step there. A step that never grew back moved
+    # so little per iteration that the convergence test was met 15,818 steps later with an
+    # error of 2.7e-6 (rtol 1e-10); grown back (up to 1 / the largest Hessian eigenvalue,
+    # estimated again where it has fallen), the solve is accurate in about a hundred steps.
+    b = torch.tensor([2.0, -1.0, 0.5, 3.0], dtype=D)
+
+    def f(w: torch.Tensor) -> torch.Tensor:
+        return (0.5 * (w - b) ** 2 + 0.1 * (w - b) ** 4).sum()
+
+    p = il.prox.bind(il.prox.l1, 0.05)
+    ref = il.argmin(f, b.clone(), prox=p, solver=il.solvers.ProximalGradient(rtol=1e-14, max_steps=100000))
+    w, info = il.argmin(f, b + 30, prox=p, return_info=True,
+                        solver=il.solvers.ProximalGradient(accelerated=accelerated, max_steps=5000))
+    assert bool(info.converged) and int(info.steps) < 500
+    torch.testing.assert_close(w, ref, rtol=0, atol=1e-7)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["power_iteration"]
+__all__ = ["power_iteration", "power_iteration_from"]
 
 
 def power_iteration(
@@ -40,11 +40,18 @@ def power_iteration(
     batch, n = like.shape
     gen = torch.Generator(device=like.device).manual_seed(seed)
     v = torch.randn(n, dtype=like.dtype, device=like.device, generator=gen).expand(batch, n)
-    lam = torch.ones(batch, dtype=like.dtype, device=like.device)
-    tiny = torch.finfo(like.dtype).tiny
+    return power_iteration_from(mv, v, steps)[0]
+
+
+def power_iteration_from(mv: Callable[[Tensor], Tensor], v: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """:func:`power_iteration` from the start vectors ``v`` (``(B, n)``): ``(|λ_max|, v)``, the
+    estimates ``(B,)`` and the last iterates, from which a later estimate of a nearby map
+    (the Hessian at a nearby point) can start and need few products."""
+    lam = torch.ones(v.shape[0], dtype=v.dtype, device=v.device)
+    tiny = torch.finfo(v.dtype).tiny
     for _ in range(steps):
         v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(tiny)
         Av = mv(v)
         lam = torch.linalg.vecdot(v, Av).abs()
         v = Av
-    return lam
+    return lam, v

@@ -9,7 +9,7 @@ from typing_extensions import Unpack
 from .._config import SolverKeywords, check_positive_int
 from .._info import SolveInfo
 from .._problem import MinimiseProblem, Problem
-from ..linear._power import power_iteration
+from ..linear._power import power_iteration_from
 from ._base import ForwardSolver, Monitor
 
 __all__ = ["GradientDescent"]
@@ -143,19 +143,30 @@ def lipschitz_estimate(problem: Problem, z: Tensor, steps: int) -> Tensor:
     Hessian-vector products come from one recorded gradient graph, or, under
     ``torch.inference_mode`` where autograd cannot record, from ``torch.func.jvp`` of the
     gradient (``value_and_grad`` switches to ``torch.func.grad`` there)."""
+    return lipschitz_estimate_from(problem, z, steps, None)[0]
+
+
+def lipschitz_estimate_from(
+    problem: Problem, z: Tensor, steps: int, start: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """:func:`lipschitz_estimate` from the start vectors ``start`` (``(B, n)``; ``None``: the
+    shared seeded vector), and the last iterates of the power iteration."""
+    if start is None:
+        gen = torch.Generator(device=z.device).manual_seed(0)
+        start = torch.randn(z.shape[-1], dtype=z.dtype, device=z.device, generator=gen).expand_as(z)
     if torch.is_inference_mode_enabled():
         def hvp_func(v: Tensor) -> Tensor:
             return torch.func.jvp(lambda zz: problem.value_and_grad(zz)[1], (z,), (v,))[1]
 
-        lam = power_iteration(hvp_func, z, steps)
-        return (1.1 * lam).clamp_min(torch.finfo(z.dtype).eps).detach()
-    with torch.enable_grad():
-        zz = z.detach().requires_grad_(True)
-        _, g = problem.value_and_grad(zz, create_graph=True)
+        lam, v = power_iteration_from(hvp_func, start, steps)
+    else:
+        with torch.enable_grad():
+            zz = z.detach().requires_grad_(True)
+            _, g = problem.value_and_grad(zz, create_graph=True)
 
-        def hvp(v: Tensor) -> Tensor:
-            return torch.autograd.grad(g, zz, v, retain_graph=True)[0]
+            def hvp(v: Tensor) -> Tensor:
+                return torch.autograd.grad(g, zz, v, retain_graph=True)[0]
 
-        lam = power_iteration(hvp, z, steps)
+            lam, v = power_iteration_from(hvp, start, steps)
     # 10% margin: the power estimate approaches λ_max from below.
-    return (1.1 * lam).clamp_min(torch.finfo(z.dtype).eps).detach()
+    return (1.1 * lam).clamp_min(torch.finfo(z.dtype).eps).detach(), v.detach()

@@ -14,9 +14,14 @@ from .._config import SolverKeywords, check_bool, check_positive_int
 from .._info import SolveInfo
 from .._problem import Problem
 from ._base import ForwardSolver, Monitor
-from .gradient_descent import lipschitz_estimate
+from .gradient_descent import lipschitz_estimate_from
 
 __all__ = ["ProximalGradient"]
+
+#: Power-iteration products of a later estimate of the cap on the step, from the last vectors.
+_REESTIMATE_STEPS = 3
+#: Iterations between the measurements of whether the step may grow.
+_GROWTH_EVERY = 8
 
 
 class ProximalGradient(ForwardSolver):
@@ -27,7 +32,11 @@ class ProximalGradient(ForwardSolver):
 
     * **step**: starts at ``1 / L`` with ``L`` a power-iteration estimate of the largest
       Hessian eigenvalue at ``w0`` (or ``step_size``), and is multiplied by ``shrink`` until
-      the sufficient-decrease test ``L(x) <= L(y) + ⟨∇L(y), x - y⟩ + ‖x - y‖² / (2s)`` holds;
+      the sufficient-decrease test ``L(x) <= L(y) + ⟨∇L(y), x - y⟩ + ‖x - y‖² / (2s)`` holds.
+      Every 8 iterations, where the curvature along the step just taken allows four times
+      the step, it grows by ``1 / shrink``, up to ``1 / L`` (with ``L`` estimated again, from
+      the last power-iteration vectors, where that stops it): a start of high curvature no
+      longer leaves the step, and the convergence test that scales with it, small for good;
     * **restart**: the momentum is reset when it points against the last step
       (``⟨y - x_new, x_new - x⟩ > 0``, O'Donoghue and Candès' gradient scheme), which keeps the
       linear rate of proximal gradient on strongly convex problems;
@@ -106,43 +115,82 @@ class ProximalGradient(ForwardSolver):
         """
         return self.step_size
 
-    def _initial_step(self, problem: Problem, z0: Tensor) -> Tensor:
+    def _initial_step(self, problem: Problem, z0: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The first step per sample ``(B, 1)``, and the power iteration's last iterates
+        (``None`` where the step is given), from which later estimates start."""
         if self.step_size is not None:
-            return torch.full((z0.shape[0], 1), self.step_size, dtype=z0.dtype, device=z0.device)
-        return 1.0 / lipschitz_estimate(problem, z0, self.power_steps).unsqueeze(-1)
+            return torch.full((z0.shape[0], 1), self.step_size, dtype=z0.dtype, device=z0.device), None
+        L, v = lipschitz_estimate_from(problem, z0, self.power_steps, None)
+        return 1.0 / L.unsqueeze(-1), v
 
     def _prox_step(
         self, problem: CompositeProblem, y: Tensor, fy: Tensor, gy: Tensor, step: Tensor,
-        differentiable: bool,
-    ) -> tuple[Tensor, Tensor]:
-        """The proximal-gradient point from ``y`` and the step that passed the decrease test."""
+        differentiable: bool, measure: bool = False,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The proximal-gradient point from ``y``, the step that passed the decrease test,
+        and (with ``measure``; else ``None``) where the step could grow (bool ``(B, 1)``): it
+        passed at once, the curvature of ``L`` along it allows four times it, and it
+        decreased ``L`` by more than rounding."""
         x = problem.gradient_step(y, gy, step)
         # Rounding slack of the test: a step at the solution must not shrink forever.
         slack = 64 * torch.finfo(y.dtype).eps * (fy.abs() + 1)
-        for _ in range(self.max_backtracks):
+        grow = None
+        for attempt in range(self.max_backtracks):
             fx = problem.objective(x) if differentiable else problem.objective(x).detach()
             d = x - y
-            bound = fy + (gy * d).sum(-1) + d.square().sum(-1) / (2 * step.squeeze(-1)) + slack
-            ok = (fx <= bound).detach()
+            linear = fy + (gy * d).sum(-1)
+            sq = d.square().sum(-1)
+            ok = (fx <= linear + sq / (2 * step.squeeze(-1)) + slack).detach()
             if bool(ok.all()):
+                if measure and attempt == 0:
+                    with torch.no_grad():
+                        curvature = 2 * (fx - linear) / sq.clamp_min(torch.finfo(sq.dtype).tiny)
+                        grow = ((4 * curvature * step.squeeze(-1) < 1)
+                                & (fy - fx > 1024 * slack)).unsqueeze(-1)
                 break
             step = torch.where(ok.unsqueeze(-1), step, step * self.shrink)
             x = torch.where(ok.unsqueeze(-1), x, problem.gradient_step(y, gy, step))
-        return x, step
+        return x, step, grow
+
+    def _grown(
+        self, problem: Problem, y: Tensor, step: Tensor, grow: Tensor, cap: Tensor,
+        vectors: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(step, cap, vectors)`` for the next iteration. The step grows (by ``1 / shrink``)
+        where ``grow`` says so, up to ``cap``, the step of the largest Hessian eigenvalue: a
+        start of high curvature leaves the step small, and a small step moves little, so
+        that the convergence test would be met far from the solution. The curvature along
+        the step just taken does not show the largest eigenvalue (a step above ``1 / L``
+        stalls the accelerated iteration), hence the cap; where it stops the growth and the
+        step size is estimated (``vectors``, the power iteration's last iterates), it is
+        estimated again at ``y``, from those vectors: a few products where the Hessian has
+        not changed (``None`` for the vectors: not again)."""
+        wanted = step / self.shrink
+        blocked = grow & (wanted > cap)
+        if vectors is not None and bool(blocked.any()):
+            L, fresh_vectors = lipschitz_estimate_from(problem, y, _REESTIMATE_STEPS, vectors)
+            fresh = 1.0 / L.unsqueeze(-1)
+            # Estimate again only while the curvature keeps falling (a quadratic: once).
+            vectors = fresh_vectors if bool((blocked & (fresh > 1.5 * cap)).any()) else None
+            cap = torch.where(blocked, fresh, cap)
+        return torch.where(grow, torch.minimum(wanted, cap), step), cap, vectors
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
         # A CompositeProblem (check_kind), or its fold under vmap, which has the same methods.
         composite = cast(CompositeProblem, problem)
-        step = self._initial_step(problem, z0)
+        step, vectors = self._initial_step(problem, z0)
+        cap = step
         x = y = z0
         momentum = torch.ones(z0.shape[0], 1, dtype=z0.dtype, device=z0.device)
         fy, gy = problem.value_and_grad(y, create_graph=differentiable)
-        x_new, step = self._prox_step(composite, y, fy, gy, step, differentiable)
+        x_new, step, grow = self._prox_step(composite, y, fy, gy, step, differentiable, True)
         mon = Monitor(self, problem, z0, y - x_new)
-        for _ in range(self.max_steps):
+        for it in range(1, self.max_steps + 1):
             if mon.stop():
                 break
             active = mon.active.unsqueeze(-1)
+            if grow is not None and bool(grow.any()):
+                step, cap, vectors = self._grown(problem, x_new, step, grow & active, cap, vectors)
             if self.accelerated:
                 following = (1 + torch.sqrt(1 + 4 * momentum.square())) / 2
                 beta = (momentum - 1) / following
@@ -158,6 +206,9 @@ class ProximalGradient(ForwardSolver):
             x = torch.where(active, x_new, x)
             y = torch.where(active, y_next, y)
             fy, gy = problem.value_and_grad(y, create_graph=differentiable)
-            x_new, step = self._prox_step(composite, y, fy, gy, step, differentiable)
+            # Whether the step may grow is measured every few iterations: a few small
+            # operations and a host read, which would add a tenth to a small problem's steps.
+            x_new, step, grow = self._prox_step(composite, y, fy, gy, step, differentiable,
+                                                it % _GROWTH_EVERY == 0)
             mon.record(x_new, y - x_new, mon.active)
         return mon.finish()
