@@ -587,3 +587,40 @@ def test_cholesky_solve_matches_a_dense_solve_for_both_factor_layouts():
     for L in (L_rows, L_cols):
         assert rel(cholesky_solve(rhs, L), exact) < 1e-12
         assert rel(cholesky_solve(rhs.float(), L.float()), exact) < 1e-4
+
+
+def test_a_nonsymmetric_q_is_its_symmetric_part():
+    # ½zᵀQz depends on (Q + Qᵀ)/2 alone: the minimiser of the objective as written.
+    Q = torch.tensor([[2.0, 1.0], [0.0, 2.0]], dtype=torch.float64, requires_grad=True)
+    q = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+    z = il.qp(Q, q)
+    sym = torch.tensor([[2.0, 0.5], [0.5, 2.0]], dtype=torch.float64)
+    torch.testing.assert_close(z, torch.linalg.solve(sym, -q))
+    (g,) = torch.autograd.grad(z.sum(), Q)
+    # The gradient of a function of the symmetric part is symmetric.
+    torch.testing.assert_close(g, g.mT)
+
+
+@pytest.mark.parametrize("Q", [
+    torch.tensor([[1.0, 1.0001], [1.0001, 1.0]]),  # eigenvalue -1e-4
+    -torch.eye(2),
+    torch.diag(torch.tensor([1.0, -1.0])),
+])
+def test_a_q_that_is_not_positive_semidefinite_is_an_error(Q):
+    # A nonconvex QP: the interior-point method would return a stationary point as solved.
+    G = torch.cat([torch.eye(2), -torch.eye(2)]).double()
+    with pytest.raises(ValueError, match="Q must be positive semidefinite"):
+        il.qp(Q.double(), torch.tensor([0.1, 0.2], dtype=torch.float64), G,
+              torch.ones(4, dtype=torch.float64))
+    batched = torch.stack([torch.eye(2, dtype=torch.float64), Q.double()])
+    with pytest.raises(ValueError, match=r"\(batch sample 1\)"):
+        il.qp(batched, torch.zeros(2, 2, dtype=torch.float64), G, torch.ones(4, dtype=torch.float64))
+
+
+def test_positive_semidefinite_q_at_any_scale_is_accepted():
+    G = torch.cat([torch.eye(2), -torch.eye(2)]).double()
+    h = torch.ones(4, dtype=torch.float64)
+    q = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    for Q in (torch.zeros(2, 2), 1e-12 * torch.eye(2), 1e8 * torch.ones(2, 2)):  # LP, tiny, rank one
+        z = il.qp(Q.double(), q, G, h)
+        assert torch.isfinite(z).all() and (z.abs() <= 1 + 1e-9).all()

@@ -49,7 +49,8 @@ def qp(
     inconsistent the backward warns.
 
     Args:
-        Q: ``(n, n)`` or ``(B, n, n)``, symmetric positive semidefinite.
+        Q: ``(n, n)`` or ``(B, n, n)``, positive semidefinite; only its symmetric part
+            ``(Q + Qᵀ)/2`` enters the objective, and is what the solve uses.
         q: ``(n,)`` or ``(B, n)``.
         G: ``(m, n)`` or ``(B, m, n)``, or ``None`` (no inequalities); with ``h``.
         h: ``(m,)`` or ``(B, m)``, or ``None``.
@@ -70,7 +71,8 @@ def qp(
     Raises:
         TypeError: a non-tensor or non-float input, a ``solver`` that is not an
             ``InteriorPoint``. Mixed float dtypes are promoted to the widest.
-        ValueError: shapes that do not fit together.
+        ValueError: shapes that do not fit together, or a ``Q`` with a negative eigenvalue
+            beyond rounding (a nonconvex QP).
         implicit_layers.ConvergenceError: a sample not solved, with
             ``solver=InteriorPoint(on_failure="raise")``.
 

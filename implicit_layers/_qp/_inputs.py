@@ -91,7 +91,31 @@ def check_inputs(
     devices = {t.device for t in data}
     if len(devices) > 1:
         raise ValueError(f"Q, q, G, h, A, b must be on one device, got {sorted(map(str, devices))}.")
-    return data, batch
+    # The objective ½zᵀQz depends on the symmetric part of Q alone, which the solver's Newton
+    # systems need (a symmetric Q is unchanged, bit for bit).
+    Q_t = (Q_t + Q_t.mT) / 2
+    _check_positive_semidefinite(Q_t)
+    return (Q_t, q_t, G_t, h_t, A_t, b_t), batch
+
+
+def _check_positive_semidefinite(Q: Tensor) -> None:
+    """Raise a ``ValueError`` naming ``Q`` if it has a negative eigenvalue beyond rounding (a
+    nonconvex QP, whose stationary points the interior-point method would return as solved)."""
+    if Q.device.type == "meta" or Q.shape[-1] == 0:
+        return
+    M = Q.detach()
+    n = M.shape[-1]
+    size = M.abs().amax((-2, -1), keepdim=True)
+    scale = torch.where(size > 0, size, torch.ones_like(size))
+    eye = torch.eye(n, dtype=M.dtype, device=M.device)
+    _, info = torch.linalg.cholesky_ex(M + 100 * n * torch.finfo(M.dtype).eps * scale * eye)
+    if bool((info != 0).any()):
+        where = "" if info.dim() == 0 else f" (batch sample {int((info != 0).nonzero()[0, 0])})"
+        raise ValueError(
+            f"Q must be positive semidefinite (a convex QP){where}: it has a negative eigenvalue "
+            "beyond rounding. For a nonconvex objective use il.argmin with a constraint, or make "
+            "Q convex (e.g. Q = L Lᵀ + εI)."
+        )
 
 
 def expand(data: QPData, batch: int) -> QPData:
