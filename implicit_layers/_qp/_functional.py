@@ -71,8 +71,9 @@ def qp(
     Raises:
         TypeError: a non-tensor or non-float input, a ``solver`` that is not an
             ``InteriorPoint``. Mixed float dtypes are promoted to the widest.
-        ValueError: shapes that do not fit together, or a ``Q`` with a negative eigenvalue
-            beyond rounding (a nonconvex QP).
+        ValueError: shapes that do not fit together, or a ``Q`` with a negative diagonal
+            entry (a nonconvex QP; only the diagonal is checked, so an indefinite ``Q`` with a
+            nonnegative diagonal is not caught: it must be positive semidefinite).
         implicit_layers.ConvergenceError: a sample not solved, with
             ``solver=InteriorPoint(on_failure="raise")``.
 
