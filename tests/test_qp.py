@@ -625,3 +625,22 @@ def test_positive_semidefinite_q_at_any_scale_is_accepted():
     for Q in (torch.zeros(2, 2), 1e-12 * torch.eye(2), 1e8 * torch.ones(2, 2)):  # LP, tiny, rank one
         z = il.qp(Q.double(), q, G, h)
         assert torch.isfinite(z).all() and (z.abs() <= 1 + 1e-9).all()
+
+
+def test_a_warm_start_of_the_wrong_shape_names_the_part():
+    Q = torch.eye(2, dtype=torch.float64).expand(3, 2, 2)
+    q = torch.zeros(3, 2, dtype=torch.float64)
+    G, h = torch.eye(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    z, lam, nu = il.qp(Q, q, G, h, return_duals=True)
+    with pytest.raises(ValueError, match=r"warm_start's z must have 6 entries \(batch 3 × 2\)"):
+        il.qp(Q, q, G, h, warm_start=(z[0], lam, nu))
+    with pytest.raises(TypeError, match="warm_start must be a tuple"):
+        il.qp(Q, q, G, h, warm_start=z)
+    torch.testing.assert_close(il.qp(Q, q, G, h, warm_start=(z, lam, nu)), z)
+
+
+def test_the_warning_of_an_unbatched_problem_reads():
+    G = torch.cat([torch.eye(2), -torch.eye(2)]).double()
+    with pytest.warns(il.ConvergenceWarning, match=r"qp: the problem \(primal infeasible\) not solved"):
+        il.qp(torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), G,
+              -torch.ones(4, dtype=torch.float64))

@@ -118,8 +118,7 @@ def _qp(
         flat = expand(_detached(data, torch.float64), B)
         warm = None
         if warm_start is not None:
-            wz, wl, wn = (t.detach().to(torch.float64).reshape(B, -1) for t in warm_start)
-            warm = (wz, wl, wn)
+            warm = _warm(warm_start, B, n, m, data[5].shape[-1])
         result = interior_point(*flat, tol=tol, max_steps=solver.max_steps,
                                 check_every=solver.check_every, warm=warm)
         x_star = torch.cat([result.z, result.lam, result.nu], dim=-1).to(dtype)
@@ -174,6 +173,22 @@ def _detached(data: QPData, dtype: torch.dtype) -> QPData:
     return Q, q, G, h, A, b
 
 
+def _warm(warm_start: Any, B: int, n: int, m: int, p: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The warm start ``(z, λ, ν)`` as float64 ``(B, n)``, ``(B, m)``, ``(B, p)``, or a clear
+    error naming the part that does not fit."""
+    if not (isinstance(warm_start, (tuple, list)) and len(warm_start) == 3
+            and all(isinstance(t, Tensor) for t in warm_start)):
+        raise TypeError("warm_start must be a tuple (z, λ, ν) of three tensors, e.g. the solution "
+                        "and duals of an earlier call with return_duals=True.")
+    out = []
+    for t, k, name in zip(warm_start, (n, m, p), ("z", "λ", "ν"), strict=True):
+        if t.numel() != B * k:
+            raise ValueError(f"warm_start's {name} must have {B * k} entries (batch {B} × {k}), "
+                             f"got shape {tuple(t.shape)}.")
+        out.append(t.detach().to(torch.float64).reshape(B, k))
+    return out[0], out[1], out[2]
+
+
 def _report(status: Tensor, batch: int | None, solver: InteriorPoint) -> None:
     """One warning (or error) naming every sample that was not solved."""
     if solver.on_failure == "ignore":
@@ -184,11 +199,11 @@ def _report(status: Tensor, batch: int | None, solver: InteriorPoint) -> None:
     codes = status.tolist()
     where = "the problem" if batch is None else "batch sample(s) " + ", ".join(
         f"{i} ({STATUS_NAMES[codes[i]]})" for i in failed[:20]) + (" ..." if len(failed) > 20 else "")
-    what = STATUS_NAMES[codes[failed[0]]] if batch is None else ""
+    what = f"({STATUS_NAMES[codes[failed[0]]]})" if batch is None else ""
     closest = (" Primal infeasible samples return the solution of the closest feasible problem "
                "(infeasible='closest').") if solver.infeasible == "closest" else ""
     message = (
-        f"qp: {where}{' is ' + what if what else ''} not solved: {len(failed)} of {len(codes)} "
+        f"qp: {where}{' ' + what if what else ''} not solved: {len(failed)} of {len(codes)} "
         f"problem(s).{closest} Their outputs are not solutions (the others are exact): check that the "
         "constraints are feasible and the objective bounded below, or raise max_steps (now "
         f"{solver.max_steps}) for a sample stopped at max steps. info.status (return_info=True) "
