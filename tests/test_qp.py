@@ -644,3 +644,14 @@ def test_the_warning_of_an_unbatched_problem_reads():
     with pytest.warns(il.ConvergenceWarning, match=r"qp: the problem \(primal infeasible\) not solved"):
         il.qp(torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64), G,
               -torch.ones(4, dtype=torch.float64))
+
+
+def test_an_empty_batch_returns_empty_outputs():
+    q = torch.zeros(0, 2, dtype=torch.float64, requires_grad=True)
+    eye = torch.eye(2, dtype=torch.float64)
+    z, lam, nu, info = il.qp(eye, q, eye, torch.ones(2, dtype=torch.float64),
+                             return_duals=True, return_info=True)
+    assert z.shape == (0, 2) and lam.shape == (0, 2) and nu.shape == (0, 0)
+    assert info.status.shape == (0,) and info.converged.shape == (0,)
+    z.sum().backward()
+    assert q.grad is not None and q.grad.shape == (0, 2)

@@ -111,6 +111,8 @@ def _qp(
     n, m = data[1].shape[-1], data[3].shape[-1]
     dtype = data[1].dtype
     tol = solver.resolved_tol(dtype)
+    if B == 0:
+        return _empty(data, return_duals, return_info)
 
     with torch.no_grad():
         # The interior point runs in float64 whatever the inputs' dtype: its last iterations
@@ -171,6 +173,21 @@ def _replace_by_closest(
 def _detached(data: QPData, dtype: torch.dtype) -> QPData:
     Q, q, G, h, A, b = (t.detach().to(dtype) for t in data)
     return Q, q, G, h, A, b
+
+
+def _empty(data: QPData, return_duals: bool, return_info: bool) -> Any:
+    """The outputs of an empty batch (``B = 0``), shaped ``(0, n)``, ``(0, m)``, ``(0, p)``, as
+    torch's operations return for an empty batch (connected to the inputs, with no entries)."""
+    Q, q, G, h, A, b = expand(data, 0)
+    z, lam, nu = q * 0, h * 0, b * 0
+    out: list[Any] = [z]
+    if return_duals:
+        out += [lam, nu]
+    if return_info:
+        none = q.new_zeros(0)
+        out.append(QPInfo(converged=none.bool(), steps=none.long(), residual=none, solver="InteriorPoint",
+                          tolerance=none, status=none.long(), duals=(lam.detach(), nu.detach())))
+    return out[0] if len(out) == 1 else tuple(out)
 
 
 def _warm(warm_start: Any, B: int, n: int, m: int, p: int) -> tuple[Tensor, Tensor, Tensor]:
