@@ -191,7 +191,7 @@ def l1_ball(x: Tensor, radius: float | Tensor = 1.0) -> Tensor:
     # A radius of 0 makes the ball the point 0: the projection is constant, with no inactive
     # side at x = 0 (where `inside` would pass the gradient through).
     onto = torch.where(r > 0, r, torch.ones_like(r))
-    y = torch.where(inside & (r > 0), x, torch.sign(x) * _simplex(x.abs(), onto))
+    y = torch.where(inside, x, torch.sign(x) * _simplex(x.abs(), onto))
     return torch.where(r > 0, y, torch.zeros_like(y))
 
 

@@ -178,7 +178,7 @@ def _detached(data: QPData, dtype: torch.dtype) -> QPData:
 def _empty(data: QPData, return_duals: bool, return_info: bool) -> Any:
     """The outputs of an empty batch (``B = 0``), shaped ``(0, n)``, ``(0, m)``, ``(0, p)``, as
     torch's operations return for an empty batch (connected to the inputs, with no entries)."""
-    Q, q, G, h, A, b = expand(data, 0)
+    _, q, _, h, _, b = expand(data, 0)
     z, lam, nu = q * 0, h * 0, b * 0
     out: list[Any] = [z]
     if return_duals:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["power_iteration", "power_iteration_from"]
+__all__ = ["power_iteration", "power_iteration_from", "seeded_start"]
 
 
 def power_iteration(
@@ -37,10 +37,14 @@ def power_iteration(
         >>> torch.allclose(lam, torch.tensor([3.0, 2.0], dtype=torch.float64))
         True
     """
-    batch, n = like.shape
+    return power_iteration_from(mv, seeded_start(like, seed), steps)[0]
+
+
+def seeded_start(like: Tensor, seed: int = 0) -> Tensor:
+    """The start vector of :func:`power_iteration`, shaped like the ``(B, n)`` tensor ``like``:
+    one vector drawn from a local generator seeded with ``seed``, shared by every sample."""
     gen = torch.Generator(device=like.device).manual_seed(seed)
-    v = torch.randn(n, dtype=like.dtype, device=like.device, generator=gen).expand(batch, n)
-    return power_iteration_from(mv, v, steps)[0]
+    return torch.randn(like.shape[-1], dtype=like.dtype, device=like.device, generator=gen).expand_as(like)
 
 
 def power_iteration_from(mv: Callable[[Tensor], Tensor], v: Tensor, steps: int) -> tuple[Tensor, Tensor]:

@@ -9,7 +9,7 @@ from typing_extensions import Unpack
 from .._config import SolverKeywords, check_positive_int
 from .._info import SolveInfo
 from .._problem import MinimiseProblem, Problem
-from ..linear._power import power_iteration_from
+from ..linear._power import power_iteration_from, seeded_start
 from ._base import ForwardSolver, Monitor
 
 __all__ = ["GradientDescent"]
@@ -152,8 +152,7 @@ def lipschitz_estimate_from(
     """:func:`lipschitz_estimate` from the start vectors ``start`` (``(B, n)``; ``None``: the
     shared seeded vector), and the last iterates of the power iteration."""
     if start is None:
-        gen = torch.Generator(device=z.device).manual_seed(0)
-        start = torch.randn(z.shape[-1], dtype=z.dtype, device=z.device, generator=gen).expand_as(z)
+        start = seeded_start(z)
     if torch.is_inference_mode_enabled():
         def hvp_func(v: Tensor) -> Tensor:
             return torch.func.jvp(lambda zz: problem.value_and_grad(zz)[1], (z,), (v,))[1]
