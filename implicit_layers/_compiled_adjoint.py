@@ -37,6 +37,7 @@ from torch._higher_order_ops import while_loop
 
 from ._capture import capture, transforms_active
 from ._compiled_reads import inductor_reporting_reads, with_reads
+from ._guarded_call import GuardedCall
 from ._implicit import ImplicitCore, _Repeated, implicit_solution
 from ._info import NonFiniteError, SolveInfo, report_failure, user_stacklevel
 from ._linearize import RecordedLinearization
@@ -486,4 +487,5 @@ def _compile_copy() -> Any:
     # automatic dynamic shapes one function's sizes would make another's first graph dynamic
     # (and while_loop does not take the size objects that lifts).
     backend = inductor_reporting_reads({"size_asserts": False}, {"cpp_wrapper": True})
-    return torch.compile(copy, fullgraph=True, dynamic=False, backend=backend)
+    # Called through its guards, without dynamo's frame around each call.
+    return GuardedCall(copy, torch.compile(copy, fullgraph=True, dynamic=False, backend=backend))

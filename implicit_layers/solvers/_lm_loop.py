@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .._compiled_reads import inductor_reporting_reads
 from .._compiled_solve import run_while
+from .._guarded_call import GuardedCall
 from ._base import _norm
 from .least_squares import _lm_step, _value_and_jt
 
@@ -170,4 +171,6 @@ def compiled_loop() -> Callable[..., tuple[Tensor, ...]]:
     # B = 1); elsewhere the Python wrapper. The backend notes which tensors carrying
     # derivatives the loop read.
     backend = inductor_reporting_reads({}, {"cpp_wrapper": True})
-    return torch.compile(lm_loop, fullgraph=True, dynamic=False, backend=backend)
+    # Called through its guards: dynamo's frame around a compiled variant costs about as much
+    # as the loop of a small fit.
+    return GuardedCall(lm_loop, torch.compile(lm_loop, fullgraph=True, dynamic=False, backend=backend))
