@@ -75,7 +75,7 @@ class GuardedCall:
 
     def __call__(self, *args: Any) -> Any:
         if self._variants and _default_stance() and not torch.compiler.is_compiling():
-            frame = dict(zip(self._names, args, strict=True))
+            frame = dict(zip(self._names, args))  # the frame's locals as dynamo's guards read them
             for check, run in self._variants:
                 if check(frame):
                     self.direct_calls += 1

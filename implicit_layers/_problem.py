@@ -168,34 +168,44 @@ class Problem:
         params: Sequence[Tensor] = (),
         values: Sequence[Tensor] | None = None,
     ) -> None:
-        z0_leaves, spec = flatten(z0)
         self.fn = fn
         self.args = args
         self.kwargs = kwargs or {}
         self.name = name
         self.batched = batched
         self.symmetric = symmetric
-        self.spec: TreeSpec = spec
-        self.leaf_shapes = tuple(t.shape for t in z0_leaves)
-        self.leaf_dtypes = tuple(t.dtype for t in z0_leaves)
-        self.single = len(z0_leaves) == 1 and isinstance(z0, Tensor)
-        self.batch = z0_leaves[0].shape[0] if batched else 1
-        per_sample = [math.prod(s[1:]) if batched else math.prod(s) for s in self.leaf_shapes]
-        self.leaf_sizes = tuple(per_sample)
-        self.size = sum(per_sample)
-        dtype = z0_leaves[0].dtype
-        for t in z0_leaves[1:]:
-            dtype = torch.promote_types(dtype, t.dtype)
+        self.single = isinstance(z0, Tensor)
+        if self.single:  # the common state, without the generic walk below (on every call)
+            shape, dtype = z0.shape, z0.dtype
+            self.spec: TreeSpec = LEAF_SPEC
+            self.leaf_shapes, self.leaf_dtypes = (shape,), (dtype,)
+            self.batch = shape[0] if batched else 1
+            self.size = math.prod(shape[1:]) if batched else z0.numel()
+            self.leaf_sizes = (self.size,)
+            first = z0
+        else:
+            z0_leaves, self.spec = flatten(z0)
+            self.leaf_shapes = tuple(t.shape for t in z0_leaves)
+            self.leaf_dtypes = tuple(t.dtype for t in z0_leaves)
+            self.batch = z0_leaves[0].shape[0] if batched else 1
+            per_sample = [math.prod(s[1:]) if batched else math.prod(s) for s in self.leaf_shapes]
+            self.leaf_sizes = tuple(per_sample)
+            self.size = sum(per_sample)
+            dtype = self.leaf_dtypes[0]
+            for d in self.leaf_dtypes[1:]:
+                dtype = torch.promote_types(dtype, d)
+            first = z0_leaves[0]
         self.io_dtype = dtype
         self.dtype = torch.float32 if dtype in HALF_DTYPES else dtype
-        self.device = z0_leaves[0].device
+        self.device = first.device
         # The precision the map computes in: a half-precision state, or autocast's dtype.
         self.precision = dtype
         if dtype not in HALF_DTYPES and torch.is_autocast_enabled(self.device.type):
             self.precision = torch.get_autocast_dtype(self.device.type)
         self.params = tuple(params)
         self.values = self.params if values is None else tuple(values)
-        self._substitute = any(a is not b for a, b in zip(self.params, self.values, strict=False))
+        self._substitute = values is not None and any(
+            a is not b for a, b in zip(self.params, self.values, strict=False))
 
     @property
     def substitutes(self) -> bool:
