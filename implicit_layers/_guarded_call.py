@@ -8,7 +8,9 @@ variant is compiled, :class:`GuardedCall` checks that variant's own guards (dyna
 manager, the same checks the cache lookup makes: settings, tensor shapes, dtypes and strides,
 the functions traced, grad mode and the rest of the global state) and runs its transformed
 code directly. Where no variant's guards pass, the call goes through ``torch.compile`` as
-before (which recompiles or falls back as it would), and the new variant is picked up.
+before (which recompiles or falls back as it would), and the new variant is picked up. A
+variant stays in use after ``torch._dynamo.reset()`` as long as its guards pass (its compiled
+code is still valid there; only dynamo's cache forgot it).
 
 With ``fullgraph=True`` the transformed code is one call of the compiled graph and the
 reconstruction of its outputs: nothing in it is left for dynamo to trace. What it relies on
@@ -40,12 +42,14 @@ def _cache_entries(code: types.CodeType) -> list[Any] | None:
         return None
 
 
-def _default_stance() -> bool:
-    """Whether torch.compile runs compiled code as usual (``torch.compiler.set_stance`` can
-    make it run eagerly, or fail on a recompilation, instead: then every call takes the
-    ordinary route)."""
-    stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", None)
-    return stance == "default"
+def _runs_compiled_code() -> bool:
+    """Whether torch.compile runs compiled code as usual: not while tracing, not with dynamo
+    switched off (``torch._dynamo.config.disable``), and in the default stance
+    (``torch.compiler.set_stance`` can make it run eagerly, or fail on a recompilation,
+    instead). Otherwise every call takes the ordinary route."""
+    dynamo = torch._dynamo
+    stance = getattr(getattr(dynamo.eval_frame, "_stance", None), "stance", None)
+    return stance == "default" and not dynamo.config.disable and not torch.compiler.is_compiling()
 
 
 class GuardedCall:
@@ -74,7 +78,7 @@ class GuardedCall:
         self.direct_calls = 0  # how many calls skipped dynamo's frame (for tests)
 
     def __call__(self, *args: Any) -> Any:
-        if self._variants and _default_stance() and not torch.compiler.is_compiling():
+        if self._variants and _runs_compiled_code():
             frame = dict(zip(self._names, args))  # the frame's locals as dynamo's guards read them
             for check, run in self._variants:
                 if check(frame):

@@ -132,3 +132,80 @@ def test_compiled_least_squares_takes_the_direct_route_and_tells_functions_apart
         torch.testing.assert_close(w_e, w_true, rtol=0, atol=1e-8)
         torch.testing.assert_close(w_s, w_true, rtol=0, atol=1e-8)
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_dynamo_switched_off_is_respected(monkeypatch: pytest.MonkeyPatch) -> None:
+    call = _guarded()
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    call(x, y)
+    before = call.direct_calls
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    assert torch.equal(call(x, y), scaled_sum(x, y))
+    assert call.direct_calls == before
+
+
+def test_direct_calls_still_report_the_tensors_read() -> None:
+    """The compiled loop reports the tensors carrying derivatives that it read (so that the
+    layer binds them): on the direct route too, the fit's gradient with respect to a closed-over
+    parameter is the implicit derivative (against central differences in float64)."""
+    solver = il.solvers.LevenbergMarquardt(compile=True)
+    loop = _lm_loop.compiled_loop()
+    scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    y = 2.0 * torch.exp(-1.5 * T).unsqueeze(0)
+
+    def residual(w: torch.Tensor) -> torch.Tensor:
+        return w[:, :1] * torch.exp(-w[:, 1:2] * T) - scale * y
+
+    def fit(s: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            scale.copy_(s)
+        return il.least_squares(residual, torch.ones(1, 2, dtype=torch.float64), batched=True,
+                                solver=solver)
+
+    start = torch.ones(1, 2, dtype=torch.float64)
+    grads = []
+    for _ in range(2):
+        w = il.least_squares(residual, start, batched=True, solver=solver)
+        grads.append(torch.autograd.grad(w.sum(), scale)[0])
+    before = loop.direct_calls
+    w = il.least_squares(residual, start, batched=True, solver=solver)
+    assert loop.direct_calls == before + 1
+    (grad,) = torch.autograd.grad(w.sum(), scale)
+    h = 1e-6
+    with torch.no_grad():
+        fd = (fit(torch.tensor(1.3 + h, dtype=torch.float64)).sum()
+              - fit(torch.tensor(1.3 - h, dtype=torch.float64)).sum()) / (2 * h)
+        scale.fill_(1.3)
+    torch.testing.assert_close(grad, fd.to(grad.dtype), rtol=1e-6, atol=0)
+    assert torch.equal(grad, grads[1])
+
+
+def test_compiled_adjoint_loop_takes_the_direct_route() -> None:
+    """The compiled CG loop of CompiledImplicit: direct from the second call, and the
+    hypergradient of a ridge solution equal to the closed form's on every call."""
+    from implicit_layers._compiled_adjoint import _compiled_cg
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 6, dtype=torch.float64, generator=gen)
+    y = torch.randn(30, dtype=torch.float64, generator=gen)
+    G, b = X.T @ X, X.T @ y
+
+    def optimality(w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        return G @ w - b + lam * w
+
+    def closed(lam: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(G + lam * torch.eye(6, dtype=torch.float64), b)
+
+    layer = il.custom_root(optimality, symmetric=True, rtol=1e-12,
+                           backward=il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)))(
+        lambda w0, lam: closed(lam))
+    lam = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad(closed(lam).square().sum(), lam)
+    loop = _compiled_cg(optimality)
+    grads = []
+    for _ in range(3):
+        (grad,) = torch.autograd.grad(layer(torch.zeros(6, dtype=torch.float64), lam).square().sum(), lam)
+        grads.append(grad)
+    assert loop.direct_calls >= 2
+    for grad in grads:
+        torch.testing.assert_close(grad, expected, rtol=1e-9, atol=0)
