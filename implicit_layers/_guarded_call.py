@@ -79,7 +79,7 @@ class GuardedCall:
 
     def __call__(self, *args: Any) -> Any:
         if self._variants and _runs_compiled_code():
-            frame = dict(zip(self._names, args))  # the frame's locals as dynamo's guards read them
+            frame = dict(zip(self._names, args, strict=True))  # the locals dynamo's guards read
             for check, run in self._variants:
                 if check(frame):
                     self.direct_calls += 1
