@@ -65,7 +65,9 @@ class GuardedCall:
     (its cache entries are the variants).
     """
 
-    def __init__(self, fn: types.FunctionType, compiled: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], compiled: Callable[..., Any]) -> None:
+        if not isinstance(fn, types.FunctionType):
+            raise TypeError(f"fn must be a Python function, got {type(fn).__name__}.")
         code = fn.__code__
         if code.co_flags & (0x04 | 0x08) or fn.__closure__:  # CO_VARARGS, CO_VARKEYWORDS
             raise TypeError(f"{fn.__name__} must be a module-level function of named positional "
@@ -91,7 +93,7 @@ class GuardedCall:
     def _refresh(self) -> None:
         """Pick up the variants compiled so far (after a call that may have compiled one)."""
         entries = _cache_entries(self._fn.__code__)
-        variants = []
+        variants: list[tuple[Callable[[dict[str, Any]], bool], Callable[..., Any]]] = []
         for entry in entries or ():
             check = getattr(getattr(entry, "guard_manager", None), "check", None)
             code = getattr(entry, "code", None)

@@ -178,7 +178,8 @@ class Problem:
         if self.single:  # the common state, without the generic walk below (on every call)
             shape, dtype = z0.shape, z0.dtype
             self.spec: TreeSpec = LEAF_SPEC
-            self.leaf_shapes, self.leaf_dtypes = (shape,), (dtype,)
+            self.leaf_shapes: tuple[torch.Size, ...] = (shape,)
+            self.leaf_dtypes: tuple[torch.dtype, ...] = (dtype,)
             self.batch = shape[0] if batched else 1
             self.size = math.prod(shape[1:]) if batched else z0.numel()
             self.leaf_sizes = (self.size,)
@@ -192,8 +193,8 @@ class Problem:
             self.leaf_sizes = tuple(per_sample)
             self.size = sum(per_sample)
             dtype = self.leaf_dtypes[0]
-            for d in self.leaf_dtypes[1:]:
-                dtype = torch.promote_types(dtype, d)
+            for other in self.leaf_dtypes[1:]:
+                dtype = torch.promote_types(dtype, other)
             first = z0_leaves[0]
         self.io_dtype = dtype
         self.dtype = torch.float32 if dtype in HALF_DTYPES else dtype
