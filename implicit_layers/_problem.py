@@ -182,7 +182,7 @@ class Problem:
             self.leaf_dtypes: tuple[torch.dtype, ...] = (dtype,)
             self.batch = shape[0] if batched else 1
             self.size = math.prod(shape[1:]) if batched else z0.numel()
-            self.leaf_sizes = (self.size,)
+            self.leaf_sizes: tuple[int, ...] = (self.size,)
             first = z0
         else:
             z0_leaves, self.spec = flatten(z0)
