@@ -655,3 +655,39 @@ def test_an_empty_batch_returns_empty_outputs():
     assert info.status.shape == (0,) and info.converged.shape == (0,)
     z.sum().backward()
     assert q.grad is not None and q.grad.shape == (0, 2)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e-6, 1e-9, 1e-200])
+def test_small_scale_data_solved_as_order_one(scale: float) -> None:
+    """A QP whose vectors are all of order ``scale`` has the solution ``scale`` times that of
+    the same QP at order 1 (``z(αq, αh) = α z(q, h)``), and the same derivatives; the stopping
+    tests relative to ``1 + ‖q‖`` once accepted a point 2000 times too small at 1e-6."""
+    I = torch.eye(3, dtype=DT)
+    G = torch.cat([I, -I])
+    x = torch.tensor([1.3778, 0.25, -3.5413], dtype=DT)
+    h1 = torch.full((6,), 1.0, dtype=DT)
+
+    def solve(q: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return il.qp(I, q, G, h)
+
+    expected = torch.clamp(x, -1.0, 1.0)  # the projection onto the box [-1, 1]^3
+    q, h = (-x * scale).requires_grad_(), (h1 * scale).requires_grad_()
+    z, info = il.qp(I, q, G, h, return_info=True)
+    assert int(info.status) == 0
+    torch.testing.assert_close(z / scale, expected, rtol=1e-9, atol=1e-9)
+    # Derivatives equal those at order 1 (the map is positively homogeneous of degree 1).
+    jac = torch.autograd.functional.jacobian(solve, (q.detach(), h.detach()))
+    jac1 = torch.autograd.functional.jacobian(solve, (-x, h1))
+    for a, b in zip(jac, jac1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-7)
+
+
+def test_small_scale_batched_samples_scaled_apart() -> None:
+    """Scaling is per sample: a batch mixing order 1 and order 1e-7 solves both."""
+    I = torch.eye(2, dtype=DT).expand(2, 2, 2)
+    G = torch.cat([torch.eye(2, dtype=DT), -torch.eye(2, dtype=DT)]).expand(2, 4, 2)
+    x = torch.tensor([[2.0, 0.5], [2.0e-7, -0.3e-7]], dtype=DT)
+    h = torch.tensor([[1.0] * 4, [1e-7] * 4], dtype=DT)
+    z = il.qp(I, -x, G, h)
+    torch.testing.assert_close(z, torch.minimum(torch.maximum(x, -h[:, :2]), h[:, :2]),
+                               rtol=1e-9, atol=1e-16)
