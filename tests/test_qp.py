@@ -691,3 +691,18 @@ def test_small_scale_batched_samples_scaled_apart() -> None:
     z = il.qp(I, -x, G, h)
     torch.testing.assert_close(z, torch.minimum(torch.maximum(x, -h[:, :2]), h[:, :2]),
                                rtol=1e-9, atol=1e-16)
+
+
+@pytest.mark.parametrize("name", ["Q", "q", "G", "h", "A", "b"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_data_is_a_clear_error(name: str, value: float) -> None:
+    """NaN or Inf in the data ran the whole step budget and returned NaN as 'max steps', and
+    the backward failed in an SVD; it is a ValueError naming the input and the sample."""
+    I = torch.eye(3, dtype=DT)
+    data = {"Q": I.expand(2, 3, 3).clone(), "q": -torch.ones(2, 3, dtype=DT),
+            "G": torch.cat([I, -I]).expand(2, 6, 3).clone(), "h": torch.ones(2, 6, dtype=DT),
+            "A": torch.ones(2, 1, 3, dtype=DT), "b": torch.ones(2, 1, dtype=DT)}
+    data[name].view(2, -1)[1, 0] = value
+    with pytest.raises(ValueError, match=rf"^{name} must be finite, got a NaN or infinite entry "
+                       r"\(batch sample 1\)"):
+        il.qp(data["Q"], data["q"], data["G"], data["h"], data["A"], data["b"])

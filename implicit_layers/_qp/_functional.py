@@ -71,9 +71,11 @@ def qp(
     Raises:
         TypeError: a non-tensor or non-float input, a ``solver`` that is not an
             ``InteriorPoint``. Mixed float dtypes are promoted to the widest.
-        ValueError: shapes that do not fit together, or a ``Q`` with a negative diagonal
-            entry (a nonconvex QP; only the diagonal is checked, so an indefinite ``Q`` with a
-            nonnegative diagonal is not caught: it must be positive semidefinite).
+        ValueError: shapes that do not fit together, a NaN or infinite entry in any input
+            (an infinite bound in ``h`` is no constraint: drop its row), or a ``Q`` with a
+            negative diagonal entry (a nonconvex QP; only the diagonal is checked, so an
+            indefinite ``Q`` with a nonnegative diagonal is not caught: it must be positive
+            semidefinite).
         implicit_layers.ConvergenceError: a sample not solved, with
             ``solver=InteriorPoint(on_failure="raise")``.
 

@@ -93,9 +93,30 @@ def check_inputs(
         raise ValueError(f"Q, q, G, h, A, b must be on one device, got {sorted(map(str, devices))}.")
     # The objective ½zᵀQz depends on the symmetric part of Q alone, which the solver's Newton
     # systems need. A Q symmetric to rounding is used as given (no new tensor in its graph).
+    _check_finite(data, names, core)
     Q_t = _symmetric_part(Q_t)
     _check_positive_semidefinite(Q_t)
     return (Q_t, q_t, G_t, h_t, A_t, b_t), batch
+
+
+def _check_finite(data: QPData, names: tuple[str, ...], core: tuple[int, ...]) -> None:
+    """Raise a ``ValueError`` naming the first input with a NaN or infinite entry (and its
+    batch sample): the interior point would run its whole step budget on it and return NaN as
+    if the constraints were infeasible, and its backward fail in a linear-algebra routine."""
+    if data[0].device.type == "meta":
+        return
+    # One host synchronisation for the six tests (a pass over the data, small next to a solve).
+    finite = torch.stack([torch.isfinite(t).all() for t in data])
+    if bool(finite.all()):
+        return
+    name, t, c = next((n, t, c) for n, t, c, ok in zip(names, data, core, finite.tolist(), strict=True)
+                      if not ok)
+    where = ""
+    if t.dim() == c + 1:
+        bad = ~torch.isfinite(t.flatten(1)).all(-1)
+        where = f" (batch sample {int(bad.nonzero()[0, 0])})"
+    hint = (" An infinite bound is no constraint: drop that row of G and h." if name == "h" else "")
+    raise ValueError(f"{name} must be finite, got a NaN or infinite entry{where}.{hint}")
 
 
 def _symmetric_part(Q: Tensor) -> Tensor:
