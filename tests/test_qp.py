@@ -706,3 +706,19 @@ def test_non_finite_data_is_a_clear_error(name: str, value: float) -> None:
     with pytest.raises(ValueError, match=rf"^{name} must be finite, got a NaN or infinite entry "
                        r"\(batch sample 1\)"):
         il.qp(data["Q"], data["q"], data["G"], data["h"], data["A"], data["b"])
+
+
+def test_finite_data_whose_sum_overflows_is_accepted() -> None:
+    """The finiteness check sums each input first; a sum that overflows on finite entries
+    falls back to the entry-wise test instead of refusing the data."""
+    from implicit_layers._qp._inputs import check_inputs
+
+    big = torch.finfo(DT).max / 2
+    Q = torch.eye(2, dtype=DT)
+    q = torch.tensor([big, big, big], dtype=DT)[:2].clone()
+    G = torch.full((3, 2), big, dtype=DT)
+    (Qc, qc, Gc, *_), _ = check_inputs(Q, q, G, torch.ones(3, dtype=DT), None, None)
+    assert torch.isinf(Gc.sum()) and torch.equal(Gc, G)
+    with pytest.raises(ValueError, match="^G must be finite"):
+        check_inputs(Q, q, torch.cat([G[:2], torch.full((1, 2), float("inf"), dtype=DT)]),
+                     torch.ones(3, dtype=DT), None, None)

@@ -105,7 +105,11 @@ def _check_finite(data: QPData, names: tuple[str, ...], core: tuple[int, ...]) -
     if the constraints were infeasible, and its backward fail in a linear-algebra routine."""
     if data[0].device.type == "meta":
         return
-    # One host synchronisation for the six tests (a pass over the data, small next to a solve).
+    # One sum per input decides first, in one host synchronisation: it is finite when every
+    # entry is (a sum of finite entries that overflows takes the entry-wise test below). A
+    # tenth of the time of entry-wise tests, which allocate a mask the size of the data.
+    if bool(torch.isfinite(torch.stack([t.sum() for t in data])).all()):
+        return
     finite = torch.stack([torch.isfinite(t).all() for t in data])
     if bool(finite.all()):
         return
