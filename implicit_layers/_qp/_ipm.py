@@ -244,7 +244,8 @@ def interior_point(
     than 1 is solved scaled by the largest of their norms ``c``: ``z = c z'``, ``λ = c λ'``,
     ``ν = c ν'`` solve the QP with ``q/c, h/c, b/c`` (its objective is the original one over
     ``c²``), so every sample is solved as one of order 1. Other samples are divided by 1
-    (exactly the same iterates as unscaled).
+    (exactly the same iterates as unscaled), and a batch without such a sample is passed on
+    as it is.
 
     Args:
         Q: ``(B, n, n)`` positive semidefinite.
@@ -262,8 +263,11 @@ def interior_point(
     scale = torch.maximum(_inf_norm(q), torch.maximum(_inf_norm(h), _inf_norm(b)))
     # Not below the smallest normal number: a scale that underflows would overflow q/c. All-zero
     # vectors (the solution z = 0 where it is feasible) keep c = 1.
-    c = torch.where((scale < 1.0) & (scale > 0.0),
-                    scale.clamp(min=torch.finfo(q.dtype).tiny), 1.0).unsqueeze(-1)
+    small = (scale < 1.0) & (scale > 0.0)
+    if not bool(small.any()):  # one host synchronisation, among the solve's many
+        return _interior_point(Q, q, G, h, A, b, tol=tol, max_steps=max_steps,
+                               check_every=check_every, warm=warm)
+    c = torch.where(small, scale.clamp(min=torch.finfo(q.dtype).tiny), 1.0).unsqueeze(-1)
     if warm is not None:
         warm = (warm[0] / c, warm[1] / c, warm[2] / c)
     out = _interior_point(Q, q / c, G, h / c, A, b / c, tol=tol, max_steps=max_steps,
