@@ -722,3 +722,14 @@ def test_finite_data_whose_sum_overflows_is_accepted() -> None:
     with pytest.raises(ValueError, match="^G must be finite"):
         check_inputs(Q, q, torch.cat([G[:2], torch.full((1, 2), float("inf"), dtype=DT)]),
                      torch.ones(3, dtype=DT), None, None)
+
+
+def test_small_scale_data_in_float32() -> None:
+    """float32 data of order 1e-20 (its solve runs in float64, scaled): the projection onto a
+    box of that scale, to float32 rounding."""
+    x = torch.tensor([3.0, -0.5, 0.25], dtype=torch.float32) * 1e-20
+    I = torch.eye(3, dtype=torch.float32)
+    h = torch.full((6,), 1e-20, dtype=torch.float32)
+    z = il.qp(I, -x, torch.cat([I, -I]), h)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z, torch.clamp(x, -1e-20, 1e-20), rtol=1e-6, atol=0)
