@@ -12,7 +12,7 @@ from .._info import ConvergenceError, ConvergenceWarning
 from ..functional import custom_root
 from ._closest import closest_feasible_shift
 from ._inputs import QPData, check_inputs, expand
-from ._ipm import PRIMAL_INFEASIBLE, SOLVED, STATUS_NAMES, interior_point
+from ._ipm import PRIMAL_INFEASIBLE, SOLVED, STATUS_NAMES, interior_point_scaled
 from ._kkt import KKTSolve, kkt_residual
 from ._settings import InteriorPoint, QPInfo
 
@@ -123,8 +123,8 @@ def _qp(
         warm = None
         if warm_start is not None:
             warm = _warm(warm_start, B, n, m, data[5].shape[-1])
-        result = interior_point(*flat, tol=tol, max_steps=solver.max_steps,
-                                check_every=solver.check_every, warm=warm)
+        result = interior_point_scaled(*flat, tol=tol, max_steps=solver.max_steps,
+                                       check_every=solver.check_every, warm=warm)
         x_star = torch.cat([result.z, result.lam, result.nu], dim=-1).to(dtype)
         flat = expand(_detached(data, dtype), B)
     _report(result.status, batch, solver)
