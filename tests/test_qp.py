@@ -733,3 +733,18 @@ def test_small_scale_data_in_float32() -> None:
     z = il.qp(I, -x, torch.cat([I, -I]), h)
     assert z.dtype == torch.float32
     torch.testing.assert_close(z, torch.clamp(x, -1e-20, 1e-20), rtol=1e-6, atol=0)
+
+
+def test_gradient_wrt_a_symmetric_q_is_symmetric_and_passes_gradcheck():
+    """For an exactly symmetric Q the gradient was -y zᵀ (not symmetric); the solution depends
+    on the symmetric part alone, so single-entry finite differences see the symmetric gradient
+    and gradcheck failed w.r.t. Q."""
+    gen = torch.Generator().manual_seed(3)
+    M = torch.randn(3, 3, dtype=DT, generator=gen)
+    Q = (M @ M.T + torch.eye(3, dtype=DT)).requires_grad_()
+    q = torch.randn(3, dtype=DT, generator=gen)
+    G = torch.cat([torch.eye(3, dtype=DT), -torch.eye(3, dtype=DT)])
+    h = torch.full((6,), 0.3, dtype=DT)
+    (g,) = torch.autograd.grad(il.qp(Q, q, G, h).square().sum(), Q)
+    torch.testing.assert_close(g, g.mT, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda Q_: il.qp(Q_, q, G, h), (Q,), atol=1e-6)

@@ -7,7 +7,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .._capture import refuse_vmap
+from .._capture import refuse_vmap, transforms_active
 
 __all__ = ["QPData", "check_inputs", "expand"]
 
@@ -124,9 +124,15 @@ def _check_finite(data: QPData, names: tuple[str, ...], core: tuple[int, ...]) -
 
 
 def _symmetric_part(Q: Tensor) -> Tensor:
-    """``(Q + Qᵀ)/2``, or ``Q`` itself where it is symmetric up to rounding."""
+    """``(Q + Qᵀ)/2``, or ``Q`` itself where it is symmetric up to rounding and carries no
+    derivatives. Where it carries them, always the symmetric part (the same values for a
+    symmetric ``Q``): the solution depends on it alone, so its gradient is symmetric, as
+    finite differences of single entries and ``gradcheck`` see it; ``Q`` itself would give
+    ``-y zᵀ``, wrong along antisymmetric directions."""
     if Q.device.type == "meta" or Q.shape[-1] == 0:
         return Q
+    if Q.requires_grad or transforms_active():
+        return (Q + Q.mT) / 2
     M = Q.detach()
     if torch.equal(M, M.mT):  # the common case, without a temporary the size of Q
         return Q
