@@ -48,6 +48,11 @@ def qp(
     minimum-norm least-squares solution, a finite gradient, and when that system is
     inconsistent the backward warns.
 
+    The stopping tests are relative to ``1 + ‖q‖`` and ``1 + ‖h‖``: data whose vectors are all
+    small are rescaled (exactly), but data of very different scales (bounds of order 1e-8 with
+    ``q`` of order 1, rows of ``G`` of order 1e-10) can be solved inaccurately without a
+    warning; bring them near 1 first (the troubleshooting guide says how).
+
     Args:
         Q: ``(n, n)`` or ``(B, n, n)``, positive semidefinite; only its symmetric part
             ``(Q + Qᵀ)/2`` enters the objective, and is what the solve uses.
