@@ -8,9 +8,8 @@ variant is compiled, :class:`GuardedCall` checks that variant's own guards (dyna
 manager, the same checks the cache lookup makes: settings, tensor shapes, dtypes and strides,
 the functions traced, grad mode and the rest of the global state) and runs its transformed
 code directly. Where no variant's guards pass, the call goes through ``torch.compile`` as
-before (which recompiles or falls back as it would), and the new variant is picked up. A
-variant stays in use after ``torch._dynamo.reset()`` as long as its guards pass (its compiled
-code is still valid there; only dynamo's cache forgot it).
+before (which recompiles or falls back as it would). The variants are dynamo's cache entries
+as they stand at each call, so an entry that dynamo invalidated or dropped is never run.
 
 With ``fullgraph=True`` the transformed code is one call of the compiled graph and the
 reconstruction of its outputs: nothing in it is left for dynamo to trace. What it relies on
@@ -63,6 +62,10 @@ class GuardedCall:
     Only positional arguments are passed; ``fn`` must be a module-level function taking
     exactly those (no ``*args``, no closure), compiled by this one ``torch.compile`` wrapper
     (its cache entries are the variants).
+
+    The variants are read from dynamo's cache on every call (1.5 us), not kept: an entry that
+    dynamo invalidated (an object its guards match by identity was freed, so that a new object
+    may now sit at the same address) or dropped (``torch._dynamo.reset()``) is never run.
     """
 
     def __init__(self, fn: Callable[..., Any], compiled: Callable[..., Any]) -> None:
@@ -75,31 +78,37 @@ class GuardedCall:
         self._fn = fn
         self._compiled = compiled
         self._names = code.co_varnames[: code.co_argcount]
-        # (guard check, transformed code as a function) per compiled variant.
-        self._variants: list[tuple[Callable[[dict[str, Any]], bool], Callable[..., Any]]] = []
+        # The transformed code of each entry seen, as a function, by its guard manager's id
+        # (the manager is kept with it, so that the id is not reused while the entry is cached).
+        self._runs: dict[int, tuple[Any, Callable[..., Any]]] = {}
         self.direct_calls = 0  # how many calls skipped dynamo's frame (for tests)
 
     def __call__(self, *args: Any) -> Any:
-        if self._variants and _runs_compiled_code():
-            frame = dict(zip(self._names, args, strict=True))  # the locals dynamo's guards read
-            for check, run in self._variants:
-                if check(frame):
-                    self.direct_calls += 1
-                    return run(*args)
-        out = self._compiled(*args)
-        self._refresh()
-        return out
+        if _runs_compiled_code():
+            entries = _cache_entries(self._fn.__code__)
+            if entries:
+                frame = dict(zip(self._names, args, strict=True))  # the locals dynamo's guards read
+                for entry in entries:
+                    run = self._run_of(entry)
+                    if run is not None and run[0].check(frame):
+                        self.direct_calls += 1
+                        return run[1](*args)
+        return self._compiled(*args)
 
-    def _refresh(self) -> None:
-        """Pick up the variants compiled so far (after a call that may have compiled one)."""
-        entries = _cache_entries(self._fn.__code__)
-        variants: list[tuple[Callable[[dict[str, Any]], bool], Callable[..., Any]]] = []
-        for entry in entries or ():
-            check = getattr(getattr(entry, "guard_manager", None), "check", None)
-            code = getattr(entry, "code", None)
-            if check is None or not isinstance(code, types.CodeType):
-                return  # not the cache this class knows: stay on the ordinary route
-            run = types.FunctionType(code, self._fn.__globals__, self._fn.__name__,
-                                     self._fn.__defaults__)
-            variants.append((check, run))
-        self._variants = variants
+    def _run_of(self, entry: Any) -> tuple[Any, Callable[..., Any]] | None:
+        """The guard manager of a cache entry and its transformed code as a function, or None
+        for an entry without code (invalidated) or of a form this class does not know."""
+        manager = getattr(entry, "guard_manager", None)
+        known = self._runs.get(id(manager))
+        if known is not None and known[0] is manager:
+            return known
+        code = getattr(entry, "code", None)
+        if manager is None or not callable(getattr(manager, "check", None)) or not isinstance(
+                code, types.CodeType):
+            return None
+        if len(self._runs) > 64:  # entries dropped by dynamo: forget their code
+            self._runs.clear()
+        run = (manager, types.FunctionType(code, self._fn.__globals__, self._fn.__name__,
+                                           self._fn.__defaults__))
+        self._runs[id(manager)] = run
+        return run

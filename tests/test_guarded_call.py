@@ -209,3 +209,19 @@ def test_compiled_adjoint_loop_takes_the_direct_route() -> None:
     assert loop.direct_calls >= 2
     for grad in grads:
         torch.testing.assert_close(grad, expected, rtol=1e-9, atol=0)
+
+
+def test_variants_are_dynamos_live_entries() -> None:
+    """After torch._dynamo.reset() (or an entry's invalidation, when an object its guards
+    match by identity is freed and a new one may take its address) the dropped variant is not
+    run: the next call compiles again through the ordinary route."""
+    call = _guarded()
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    call(x, y)
+    call(x, y)
+    before = call.direct_calls
+    torch._dynamo.reset()
+    assert torch.equal(call(x, y), scaled_sum(x, y))
+    assert call.direct_calls == before
+    call(x, y)
+    assert call.direct_calls == before + 1
