@@ -83,6 +83,15 @@ def transforms_active() -> bool:
     return bool(torch._C._functorch.peek_interpreter_stack() is not None)
 
 
+def modes_active() -> bool:
+    """Whether a torch-function or dispatch mode, or forward-mode AD, is active: a compiled
+    solve would not see them (``torch.compile(fullgraph=True)`` refuses to compile under a
+    dispatch mode, compiles nothing under a torch-function mode, and cannot trace forward-mode
+    products inside a dual level), so the eager steps run."""
+    return bool(torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
+                or forward_ad._current_level >= 0)
+
+
 #: Values a function may reach by name without reaching a tensor through them (module
 #: attributes aside, see :func:`reaches_no_derivatives`).
 _INERT = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)

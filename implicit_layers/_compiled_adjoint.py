@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch._higher_order_ops import while_loop
 
-from ._capture import capture, transforms_active
+from ._capture import capture, modes_active, transforms_active
 from ._compiled_reads import inductor_reporting_reads, with_reads
 from ._guarded_call import GuardedCall
 from ._implicit import ImplicitCore, _Repeated, implicit_solution
@@ -198,7 +198,7 @@ class _CompiledCore(ImplicitCore):
     def linear_solve(self, lin: Any, rhs: Tensor, transpose: bool) -> Tensor:
         compiled = (
             transpose and lin is self._checked and not torch.is_grad_enabled()
-            and not transforms_active() and rhs.shape[0] == self.problem.batch
+            and not transforms_active() and not modes_active() and rhs.shape[0] == self.problem.batch
         )
         if not compiled:  # higher orders, transforms, tangents, folded batches: eagerly
             checked = lin.lin if isinstance(lin, _Repeated) else lin

@@ -225,3 +225,64 @@ def test_variants_are_dynamos_live_entries() -> None:
     assert call.direct_calls == before
     call(x, y)
     assert call.direct_calls == before + 1
+
+
+class _DoubleExp(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that changes the math (every exp doubled)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        return out * 2 if func is torch.ops.aten.exp.default else out
+
+
+class _Counting(torch.overrides.TorchFunctionMode):
+    calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        _Counting.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["dispatch", "function", "dual_level"])
+def test_compiled_fit_under_a_mode_runs_the_eager_steps(mode: str) -> None:
+    """Under a dispatch mode, a torch-function mode or a forward-mode dual level the compiled
+    loop failed in torch.compile (or, for a mode, would not see it); the eager steps run, with
+    the eager solver's answer (a dispatch mode that doubles exp changes the fit)."""
+    from torch.autograd import forward_ad
+
+    y = (2.0 * torch.exp(-1.5 * T)).unsqueeze(0)
+    start = torch.ones(1, 2, dtype=torch.float64)
+    contexts = {"dispatch": _DoubleExp, "function": _Counting, "dual_level": forward_ad.dual_level}
+
+    def fit(compile: bool) -> torch.Tensor:
+        with contexts[mode]():
+            return il.least_squares(exp_residual, start, y, batched=True,
+                                    solver=il.solvers.LevenbergMarquardt(compile=compile))
+
+    fit(True)  # a compiled variant may exist from other tests: it must not be used here
+    torch.testing.assert_close(fit(True), fit(False), rtol=1e-12, atol=1e-12)
+    if mode == "dispatch":  # the mode's math: w0 exp(-w1 t) * 2 fits y with w0 = 1
+        torch.testing.assert_close(fit(True), torch.tensor([[1.0, 1.5]], dtype=torch.float64),
+                                   rtol=0, atol=1e-8)
+
+
+def test_compiled_adjoint_under_a_torch_function_mode_solves_eagerly() -> None:
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(20, 4, dtype=torch.float64, generator=gen)
+    G, b = X.T @ X, X.T @ torch.randn(20, dtype=torch.float64, generator=gen)
+
+    def optimality(w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        return G @ w - b + lam * w
+
+    def closed(lam: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(G + lam * torch.eye(4, dtype=torch.float64), b)
+
+    layer = il.custom_root(optimality, symmetric=True, rtol=1e-12,
+                           backward=il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)))(
+        lambda w0, lam: closed(lam))
+    lam = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad(closed(lam).square().sum(), lam)
+    for _ in range(2):
+        with _Counting():
+            (grad,) = torch.autograd.grad(layer(torch.zeros(4, dtype=torch.float64), lam).square().sum(), lam)
+        torch.testing.assert_close(grad, expected, rtol=1e-9, atol=0)

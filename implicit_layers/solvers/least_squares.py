@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from typing_extensions import Unpack
 
-from .._capture import transforms_active
+from .._capture import modes_active, transforms_active
 from .._compiled_reads import with_reads
 from .._config import SolverKeywords, check_positive_int
 from .._info import SolveInfo
@@ -418,12 +418,14 @@ class LevenbergMarquardt(_NormalEquations):
 
     def _compiles(self, problem: Problem, z0: Tensor) -> bool:
         """Whether the compiled loop runs here: ``compile=True``, dense normal equations, outside
-        ``inference_mode`` and ``torch.func`` transforms (a problem folded from ``vmap`` calls
-        the residual function under the transform), and with the function called as it is
+        ``inference_mode``, torch-function and dispatch modes, forward-mode AD (see
+        :func:`~implicit_layers._capture.modes_active`) and ``torch.func`` transforms (a
+        problem folded from ``vmap`` calls the residual function under the transform), and
+        with the function called as it is
         (under ``torch.func.grad`` the layer's forward calls it with unwrapped values
         substituted, a mode the compiled loop cannot trace)."""
         return (self.compile and isinstance(problem, LeastSquaresProblem) and self._dense(z0)
-                and not (torch.is_inference_mode_enabled() or transforms_active()
+                and not (torch.is_inference_mode_enabled() or transforms_active() or modes_active()
                          or problem.substitutes))
 
     def _compiled_solve(self, problem: Problem, z0: Tensor) -> tuple[Tensor, SolveInfo]:
