@@ -28,17 +28,14 @@ import torch
 __all__ = ["GuardedCall"]
 
 
-def _cache_entries(code: types.CodeType) -> list[Any] | None:
-    """Dynamo's cache entries for ``code`` (newest first), or None where this torch does not
-    expose them."""
+def _entry_lister() -> Callable[[types.CodeType], Any] | None:
+    """Dynamo's reader of a code object's cache entries (newest first), or None where this
+    torch does not expose it."""
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     except ImportError:
         return None
-    try:
-        return list(_debug_get_cache_entry_list(code))
-    except Exception:  # an internal API: any failure means "not available"
-        return None
+    return _debug_get_cache_entry_list  # type: ignore[no-any-return]
 
 
 def _runs_compiled_code() -> bool:
@@ -77,6 +74,7 @@ class GuardedCall:
                             "arguments.")
         self._fn = fn
         self._compiled = compiled
+        self._entries = _entry_lister()
         self._names = code.co_varnames[: code.co_argcount]
         # The transformed code of each entry seen, as a function, by its guard manager's id
         # (the manager is kept with it, so that the id is not reused while the entry is cached).
@@ -84,8 +82,11 @@ class GuardedCall:
         self.direct_calls = 0  # how many calls skipped dynamo's frame (for tests)
 
     def __call__(self, *args: Any) -> Any:
-        if _runs_compiled_code():
-            entries = _cache_entries(self._fn.__code__)
+        if self._entries is not None and _runs_compiled_code():
+            try:
+                entries = self._entries(self._fn.__code__)
+            except Exception:  # an internal API: any failure means "not available"
+                entries = None
             if entries:
                 frame = dict(zip(self._names, args, strict=True))  # the locals dynamo's guards read
                 for entry in entries:
