@@ -35,7 +35,7 @@ def _entry_lister() -> Callable[[types.CodeType], Any] | None:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     except ImportError:
         return None
-    return _debug_get_cache_entry_list  # type: ignore[no-any-return]
+    return _debug_get_cache_entry_list
 
 
 def _runs_compiled_code() -> bool:
