@@ -180,25 +180,31 @@ def test_direct_calls_still_report_the_tensors_read() -> None:
     assert torch.equal(grad, grads[1])
 
 
-def test_compiled_adjoint_loop_takes_the_direct_route() -> None:
-    """The compiled CG loop of CompiledImplicit: direct from the second call, and the
-    hypergradient of a ridge solution equal to the closed form's on every call."""
-    from implicit_layers._compiled_adjoint import _compiled_cg
-
-    gen = torch.Generator().manual_seed(0)
-    X = torch.randn(30, 6, dtype=torch.float64, generator=gen)
-    y = torch.randn(30, dtype=torch.float64, generator=gen)
-    G, b = X.T @ X, X.T @ y
+def _ridge_layer(d: int, seed: int) -> tuple:
+    """A ridge solution ``w(λ)`` by its closed form, with ``CompiledImplicit(CG)``'s backward:
+    ``(layer, closed_form, optimality)``."""
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(5 * d, d, dtype=torch.float64, generator=gen)
+    G, b = X.T @ X, X.T @ torch.randn(5 * d, dtype=torch.float64, generator=gen)
 
     def optimality(w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         return G @ w - b + lam * w
 
     def closed(lam: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.solve(G + lam * torch.eye(6, dtype=torch.float64), b)
+        return torch.linalg.solve(G + lam * torch.eye(d, dtype=torch.float64), b)
 
     layer = il.custom_root(optimality, symmetric=True, rtol=1e-12,
                            backward=il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)))(
         lambda w0, lam: closed(lam))
+    return layer, closed, optimality
+
+
+def test_compiled_adjoint_loop_takes_the_direct_route() -> None:
+    """The compiled CG loop of CompiledImplicit: direct from the second call, and the
+    hypergradient of a ridge solution equal to the closed form's on every call."""
+    from implicit_layers._compiled_adjoint import _compiled_cg
+
+    layer, closed, optimality = _ridge_layer(6, seed=0)
     lam = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     (expected,) = torch.autograd.grad(closed(lam).square().sum(), lam)
     loop = _compiled_cg(optimality)
@@ -267,19 +273,7 @@ def test_compiled_fit_under_a_mode_runs_the_eager_steps(mode: str) -> None:
 
 
 def test_compiled_adjoint_under_a_torch_function_mode_solves_eagerly() -> None:
-    gen = torch.Generator().manual_seed(1)
-    X = torch.randn(20, 4, dtype=torch.float64, generator=gen)
-    G, b = X.T @ X, X.T @ torch.randn(20, dtype=torch.float64, generator=gen)
-
-    def optimality(w: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        return G @ w - b + lam * w
-
-    def closed(lam: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.solve(G + lam * torch.eye(4, dtype=torch.float64), b)
-
-    layer = il.custom_root(optimality, symmetric=True, rtol=1e-12,
-                           backward=il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)))(
-        lambda w0, lam: closed(lam))
+    layer, closed, _ = _ridge_layer(4, seed=1)
     lam = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
     (expected,) = torch.autograd.grad(closed(lam).square().sum(), lam)
     for _ in range(2):
