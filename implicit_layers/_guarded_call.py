@@ -3,7 +3,7 @@ machinery once compiled.
 
 A call of a compiled function goes through dynamo's wrapper (contexts, the frame-evaluation
 hook, the cache lookup) before the guards and the compiled code run: about 30-40 us on this
-project's CPUs, as much as the whole compiled solve of a small least-squares fit. Once a
+project's CPUs, about half the time of the compiled solve of a small least-squares fit. Once a
 variant is compiled, :class:`GuardedCall` checks that variant's own guards (dynamo's guard
 manager, the same checks the cache lookup makes: settings, tensor shapes, dtypes and strides,
 the functions traced, grad mode and the rest of the global state) and runs its transformed
