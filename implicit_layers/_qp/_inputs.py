@@ -93,7 +93,9 @@ def check_inputs(
         raise ValueError(f"Q, q, G, h, A, b must be on one device, got {sorted(map(str, devices))}.")
     _check_finite(data, names, core)
     # The objective ½zᵀQz depends on the symmetric part of Q alone, which the solver's Newton
-    # systems need. A Q symmetric to rounding is used as given (no new tensor in its graph).
+    # systems need. A Q symmetric to rounding that carries no derivatives is used as given (no
+    # new tensor); one that carries them always enters as its symmetric part (a symmetric
+    # gradient).
     Q_t = _symmetric_part(Q_t)
     _check_positive_semidefinite(Q_t)
     return (Q_t, q_t, G_t, h_t, A_t, b_t), batch

@@ -171,6 +171,6 @@ def compiled_loop() -> Callable[..., tuple[Tensor, ...]]:
     # B = 1); elsewhere the Python wrapper. The backend notes which tensors carrying
     # derivatives the loop read.
     backend = inductor_reporting_reads({}, {"cpp_wrapper": True})
-    # Called through its guards: dynamo's frame around a compiled variant costs about as much
-    # as the loop of a small fit.
+    # Called through its guards: dynamo's frame around a compiled variant costs about half as
+    # much as the loop of a small fit.
     return GuardedCall(lm_loop, torch.compile(lm_loop, fullgraph=True, dynamic=False, backend=backend))
