@@ -12,8 +12,9 @@ from .._info import ConvergenceError, ConvergenceWarning
 from ..functional import custom_root
 from ._closest import closest_feasible_shift
 from ._inputs import QPData, check_inputs, expand
-from ._ipm import PRIMAL_INFEASIBLE, SOLVED, STATUS_NAMES, interior_point_scaled
+from ._ipm import PRIMAL_INFEASIBLE, SOLVED, STATUS_NAMES
 from ._kkt import KKTSolve, kkt_residual
+from ._scaling import interior_point_scaled
 from ._settings import InteriorPoint, QPInfo
 
 __all__ = ["qp"]
@@ -128,15 +129,31 @@ def _qp(
         warm = None
         if warm_start is not None:
             warm = _warm(warm_start, B, n, m, data[5].shape[-1])
-        result = interior_point_scaled(*flat, tol=tol, max_steps=solver.max_steps,
-                                       check_every=solver.check_every, warm=warm)
+        result, scaling = interior_point_scaled(*flat, tol=tol, max_steps=solver.max_steps,
+                                                check_every=solver.check_every, warm=warm)
         x_star = torch.cat([result.z, result.lam, result.nu], dim=-1).to(dtype)
-        flat = expand(_detached(data, dtype), B)
+        factor, scale = result.polish_factor, None
+        if backward is None and scaling is not None:
+            scale = scaling.kkt_factors()
+            if bool(torch.isfinite(torch.cat(scale, -1)).all() and (scale[0] > 0).all()):
+                # The backward solves the KKT system of the scaled problem (float64), where the
+                # forward's polish factors were made; its solutions are unscaled exactly.
+                Qs, _, Gs, hs, As, _ = scaling.apply(*flat)
+                xs = torch.cat(scaling.to_scaled(result.z, result.lam, result.nu), dim=-1)
+                point = (Qs, Gs, hs, As, xs)
+            else:
+                # Factors beyond float64's range (data of order 1e-160 and below): the
+                # backward solves in the original units, without the scaled polish factors.
+                scale = None
+                if factor is not None:
+                    factor = (factor[0], factor[1], factor[2] & ~scaling.scaled)
+        if scale is None:
+            flat = expand(_detached(data, dtype), B)
+            point = (flat[0], flat[2], flat[3], flat[4], x_star.detach())
     _report(result.status, batch, solver)
 
     if backward is None:
-        backward = KKTSolve(point=(flat[0], flat[2], flat[3], flat[4], x_star.detach()),
-                            factor=result.polish_factor)
+        backward = KKTSolve(point=point, factor=factor, scale=scale)
 
     @custom_root(kkt_residual, backward, batched=True)
     def _solution(x0: Tensor, *_: Tensor) -> Tensor:

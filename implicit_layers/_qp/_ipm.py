@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,7 +44,7 @@ from ._linalg import (
     weighted_gram,
 )
 
-__all__ = ["IPMResult", "interior_point", "interior_point_scaled", "SOLVED", "PRIMAL_INFEASIBLE",
+__all__ = ["IPMResult", "interior_point", "SOLVED", "PRIMAL_INFEASIBLE",
            "DUAL_INFEASIBLE", "MAX_STEPS", "STATUS_NAMES"]
 
 # Per-sample status codes (see QPInfo.status).
@@ -493,35 +492,6 @@ def interior_point(
     status = torch.where((finished.status == MAX_STEPS) & (finished.res <= tol), SOLVED, finished.status)
     return IPMResult(z=z, lam=lam, nu=nu, s=s, status=status, steps=finished.steps, residual=finished.res,
                      tolerance=tol * q.new_ones(B), polish_factor=finished.factor)
-
-
-def interior_point_scaled(
-    Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
-    warm: tuple[Tensor, Tensor, Tensor] | None = None, **settings: Any,
-) -> IPMResult:
-    """:func:`interior_point` (the same arguments), with the samples of small data scaled.
-
-    The stopping tests are relative to ``1 + ‖q‖`` and ``1 + ‖h‖, ‖b‖``: for data far below
-    1 that would accept points far from the solution (a QP whose data are of order 1e-6 stopped
-    with a point 2000 times too small). Each sample whose vectors ``q, h, b`` are all smaller
-    than 1 is solved scaled by the largest of their norms ``c``: ``z = c z'``, ``λ = c λ'``,
-    ``ν = c ν'`` solve the QP with ``q/c, h/c, b/c`` (its objective is the original one over
-    ``c²``), so every sample is solved as one of order 1. Other samples are divided by 1
-    (exactly the same iterates as unscaled), and a batch without such a sample is passed on
-    as it is.
-    """
-    scale = torch.maximum(_inf_norm(q), torch.maximum(_inf_norm(h), _inf_norm(b)))
-    small = (scale < 1.0) & (scale > 0.0)
-    if not bool(small.any()):  # one host synchronisation, among the solve's many
-        return interior_point(Q, q, G, h, A, b, warm=warm, **settings)
-    # Not below the smallest normal number: a scale that underflows would overflow q/c. All-zero
-    # vectors (the solution z = 0 where it is feasible) keep c = 1.
-    c = torch.where(small, scale.clamp(min=torch.finfo(q.dtype).tiny), 1.0).unsqueeze(-1)
-    if warm is not None:
-        warm = (warm[0] / c, warm[1] / c, warm[2] / c)
-    out = interior_point(Q, q / c, G, h / c, A, b / c, warm=warm, **settings)
-    out.z, out.lam, out.nu, out.s = out.z * c, out.lam * c, out.nu * c, out.s * c
-    return out
 
 
 class _Finished:

@@ -85,6 +85,10 @@ class KKTSolve(LinearSolver):
             always materialise the operator.
         factor: the forward's polish factors (``IPMResult.polish_factor``), taken by
             :class:`ReducedKKT` where they fit, or ``None``.
+        scale: ``(P, R)`` ``(B, n + m + p)`` when ``point`` is a scaled problem (float64): the
+            KKT matrix of the caller's problem is then ``K = P⁻¹ K' R⁻¹`` with ``K'`` that of
+            ``point``, and the solves with ``K`` go through ``K'`` (see ``Scaling.kkt_factors``);
+            ``None`` when ``point`` is the caller's problem.
         rtol: relative residual up to which a solve counts as converged (default as
             :class:`~implicit_layers.linear.Dense`).
         on_failure: ``"warn"`` (default), ``"raise"`` or ``"ignore"``.
@@ -96,9 +100,11 @@ class KKTSolve(LinearSolver):
 
     def __init__(self, point: tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None = None, *,
                  factor: tuple[Tensor, Tensor, Tensor] | None = None,
+                 scale: tuple[Tensor, Tensor] | None = None,
                  rtol: float | None = None, on_failure: str = "warn") -> None:
         self.point = point
         self.factor = factor
+        self.scale = scale
         super().__init__(rtol=rtol, on_failure=on_failure)  # type: ignore[arg-type]
 
     @functools.cached_property
@@ -125,24 +131,32 @@ class KKTSolve(LinearSolver):
             x, residual = _dense_solve(op.to_dense().to(b.dtype), b, rtol)
         else:
             transposed = bool(op.transposed)
-            x64 = reduced.solve(b, transposed)
-            residual = torch.linalg.vector_norm(reduced.apply(x64, transposed) - b.to(x64.dtype), dim=-1)
-            x, residual = x64.to(b.dtype), residual.to(b.dtype)
+            rhs = b
+            if self.scale is not None:
+                # K⁻¹ r = R K'⁻¹ (P r), K⁻ᵀ r = P K'⁻ᵀ (R r), in float64 (the factors may be far
+                # outside float32's range); the residuals below are those of the scaled system.
+                rhs = b.to(torch.float64) * self.scale[1 if transposed else 0]
+                b_norm = torch.linalg.vector_norm(rhs, dim=-1)
+            x64 = reduced.solve(rhs, transposed)
+            residual = torch.linalg.vector_norm(reduced.apply(x64, transposed) - rhs.to(x64.dtype), dim=-1)
+            x, residual = x64.to(rhs.dtype), residual.to(rhs.dtype)
             bad = (reduced.degenerate | reduced.failed | ~torch.isfinite(x).all(-1)
                    | ~(residual <= 1e3 * rtol * b_norm))
             if bool(bad.any()):
                 idx = bad.nonzero().squeeze(1)
                 Q, G, h, A, xs = (t[idx] for t in self.point)  # type: ignore[union-attr]
-                K = kkt_matrix(xs, Q, G, h, A).to(b.dtype)
-                x_bad, res_bad = _dense_solve(K.mT if transposed else K, b[idx], rtol)
+                K = kkt_matrix(xs, Q, G, h, A).to(rhs.dtype)
+                x_bad, res_bad = _dense_solve(K.mT if transposed else K, rhs[idx], rtol)
                 x = x.index_copy(0, idx, x_bad)
                 residual = residual.index_copy(0, idx, res_bad)
+            if self.scale is not None:
+                x = (x * self.scale[0 if transposed else 1]).to(b.dtype)
         # A consistent singular system is solved exactly; an inconsistent one (a weakly active
         # constraint) has no exact adjoint, and its least-squares solution is reported as such.
         converged = residual <= 1e3 * rtol * b_norm + torch.finfo(b.dtype).tiny
         steps = torch.ones(b.shape[0], dtype=torch.int64, device=b.device)
-        return x, SolveInfo(converged=converged, steps=steps, residual=residual, solver=self.name,
-                            tolerance=rtol * b_norm)
+        return x, SolveInfo(converged=converged, steps=steps, residual=residual.to(b.dtype),
+                            solver=self.name, tolerance=(rtol * b_norm).to(b.dtype))
 
 
 def _dense_solve(matrix: Tensor, b: Tensor, rtol: float) -> tuple[Tensor, Tensor]:

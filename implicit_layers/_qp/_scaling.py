@@ -1,0 +1,228 @@
+"""The interior point on equilibrated data, and the verdict on its answer in the original units.
+
+The interior point's stopping tests are relative to ``1 + ‖q‖`` and ``1 + ‖h‖``: they suit
+data of order 1, and accept points far from the solution when the parts of the data have very
+different scales (bounds of order 1e-8 with ``q`` of order 1, a row of ``G`` of order 1e-10,
+a cost of order 1e-10). Each such sample is solved in scaled units,
+
+    z = σ D z',    rows of G and h scaled by E,    rows of A and b by F,
+
+with ``D, E, F`` from Ruiz's equilibration of the KKT matrix ``[Q Gᵀ Aᵀ; G 0 0; A 0 0]`` (each
+pass divides every row and column by the square root of its largest entry), ``σ`` the typical
+bound (the median of the nonzero ``|Eh|``, ``|Fb|``, which a loose bound of another order does
+not move) and ``t`` the cost's scale, so that the scaled problem
+
+    Q' = (σ/t) DQD,  q' = Dq/t,  G' = EGD,  h' = Eh/σ,  A' = FAD,  b' = Fb/σ
+
+has matrices and vectors of order 1 (a row whose bound is still far above the others, a loose
+one, is scaled down further). Its solution gives the original one exactly:
+
+    z = σ D z',  λ = t E λ',  ν = t F ν',  s = σ s' / E.
+
+Every factor is a power of two, so the scaling and its inverse are exact in floating point. A
+sample whose data are already near order 1 (every factor within ``_BAND``) is not scaled at all,
+and a batch of such samples is passed on as it is: the same iterates as the plain interior point.
+
+Whatever the scaling, the answer is then checked in the original units (``kkt_verdict``):
+stationarity, feasibility and complementarity relative to the magnitudes of their own terms.
+A sample the interior point called solved that fails the check is reported as not solved
+(``MAX_STEPS``, with that error as its residual): a point far from the solution never comes
+back as solved without a warning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._ipm import MAX_STEPS, SOLVED, IPMResult, interior_point
+from ._linalg import bmtv, bmv
+
+__all__ = ["Scaling", "equilibrate", "kkt_verdict", "interior_point_scaled"]
+
+_PASSES = 10  # Ruiz passes (proxsuite's default; the factors settle within a few)
+_BAND = 16.0  # a sample whose norms and scales are all within [1/_BAND, _BAND] is not scaled
+_LOOSE = 16.0  # a row of G whose scaled bound is above _LOOSE is scaled down to it
+_VERDICT = 1e3  # the check in the original units fails above _VERDICT * tol
+_FLOOR = 1e-3  # of the solve's own units: the least scale a term is measured against
+
+
+@dataclass
+class Scaling:
+    """The factors of a batch's scaling: ``D`` ``(B, n)``, ``E`` ``(B, m)``, ``F`` ``(B, p)``,
+    ``sigma`` and ``t`` ``(B, 1)``, and the samples it scales ``(B,)`` (the others have every
+    factor 1)."""
+
+    D: Tensor
+    E: Tensor
+    F: Tensor
+    sigma: Tensor
+    t: Tensor
+    scaled: Tensor
+
+    def apply(self, Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> tuple[Tensor, ...]:
+        """The scaled problem ``(Q', q', G', h', A', b')``."""
+        D, E, F, sigma, t = self.D, self.E, self.F, self.sigma, self.t
+        Dr = D.unsqueeze(-2)
+        return ((sigma / t).unsqueeze(-1) * D.unsqueeze(-1) * Q * Dr, D * q / t,
+                E.unsqueeze(-1) * G * Dr, E * h / sigma, F.unsqueeze(-1) * A * Dr, F * b / sigma)
+
+    def to_scaled(self, z: Tensor, lam: Tensor, nu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """A point ``(z, λ, ν)`` in the scaled units (a warm start)."""
+        return z / (self.sigma * self.D), lam / (self.t * self.E), nu / (self.t * self.F)
+
+    def unscale(self, out: IPMResult) -> None:
+        """The scaled solve's iterate in the original units, in place. Its polish factors stay
+        those of the scaled KKT matrix, which the backward solves with (see ``kkt_factors``)."""
+        out.z = self.sigma * self.D * out.z
+        out.lam = self.t * self.E * out.lam
+        out.nu = self.t * self.F * out.nu
+        out.s = self.sigma * out.s / self.E
+
+    def kkt_factors(self) -> tuple[Tensor, Tensor]:
+        """``(P, R)`` ``(B, n + m + p)`` with ``F'(x') = P F(x)`` at ``x = R x'`` for the KKT
+        residual ``F`` of ``_kkt.py``: the scaled KKT matrix is ``K' = P K R``, so
+        ``K⁻¹ r = R K'⁻¹ (P r)`` and ``K⁻ᵀ r = P K'⁻ᵀ (R r)``."""
+        m = self.E.shape[-1]
+        ts = (self.t * self.sigma).expand(-1, m)
+        P = torch.cat([self.D / self.t, 1.0 / ts, self.F / self.sigma], -1)
+        R = torch.cat([self.sigma * self.D, self.t * self.E, self.t * self.F], -1)
+        return P, R
+
+
+def _pow2(x: Tensor) -> Tensor:
+    """The power of two nearest to ``x > 0`` (in the logarithm)."""
+    return torch.exp2(torch.round(torch.log2(x)))
+
+
+def _largest(t: Tensor, dim: int, size: tuple[int, ...]) -> Tensor:
+    """``|t|.amax(dim)``, zeros for an empty reduction (shape ``size``)."""
+    if t.shape[dim] == 0:
+        return t.new_zeros(size)
+    return torch.maximum(t.amax(dim), -t.amin(dim))
+
+
+def _norms(Q: Tensor, G: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The largest entry of each column of the KKT matrix (``(B, n)`` for ``z``) and of each row
+    of ``G`` ``(B, m)`` and ``A`` ``(B, p)``."""
+    B, n = Q.shape[0], Q.shape[-1]
+    col = torch.maximum(_largest(Q, -2, (B, n)), torch.maximum(
+        _largest(G, -2, (B, n)), _largest(A, -2, (B, n))))
+    return col, _largest(G, -1, G.shape[:-1]), _largest(A, -1, A.shape[:-1])
+
+
+def _inf(v: Tensor) -> Tensor:
+    return _largest(v, -1, v.shape[:-1])
+
+
+def _typical(h: Tensor, b: Tensor) -> Tensor:
+    """The median of the nonzero ``|h|``, ``|b|`` per sample, 1 where every bound is 0: ``(B,)``."""
+    v = torch.cat([h, b], -1).abs()
+    if v.shape[-1] == 0:
+        return v.new_ones(v.shape[:-1])
+    med = torch.where(v > 0, v, float("nan")).nanmedian(-1).values
+    return torch.where(torch.isnan(med), 1.0, med)
+
+
+def _within(x: Tensor, band: float) -> Tensor:
+    """Per sample: every entry of ``x`` ``(B, k)`` is 0 or within ``[1/band, band]``."""
+    ok = (x == 0) | ((x >= 1.0 / band) & (x <= band))
+    return ok.all(-1)
+
+
+def equilibrate(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> Scaling | None:
+    """The scaling of each sample (see the module's docstring), or ``None`` when every sample
+    is near order 1 already."""
+    col, row_g, row_a = _norms(Q, G, A)
+    q_max = _inf(Q.flatten(1))
+    sigma0 = _typical(h, b)
+    t0 = torch.maximum(sigma0 * q_max, _inf(q))
+    bound = torch.maximum(_inf(h), _inf(b))
+    plain = (_within(col, _BAND) & _within(row_g, _BAND) & _within(row_a, _BAND)
+             & _within(q_max[:, None], _BAND) & _within(sigma0[:, None], _BAND)
+             & _within(t0[:, None], _BAND) & (bound <= _BAND * sigma0))
+    if bool(plain.all()):  # one host synchronisation, among the solve's many
+        return None
+
+    # Ruiz's equilibration of the KKT matrix; a zero row or column keeps its factor.
+    D, E, F = torch.ones_like(q), torch.ones_like(h), torch.ones_like(b)
+    Qs, Gs, As = Q, G, A
+    for _ in range(_PASSES):
+        d, e, f = (torch.where(x > 0, x, 1.0).rsqrt() for x in (col, row_g, row_a))
+        D, E, F = D * d, E * e, F * f
+        dr = d.unsqueeze(-2)
+        Qs = d.unsqueeze(-1) * Qs * dr
+        Gs = e.unsqueeze(-1) * Gs * dr
+        As = f.unsqueeze(-1) * As * dr
+        col, row_g, row_a = _norms(Qs, Gs, As)
+    keep = ~plain
+    D, E, F = (torch.where(keep[:, None], _pow2(x), 1.0) for x in (D, E, F))
+
+    # The typical bound, and the loose rows scaled down to _LOOSE times it.
+    sigma = torch.where(keep, _pow2(_typical(E * h, F * b)), 1.0)[:, None]
+    over = (E * h).abs() / (_LOOSE * sigma)
+    E = torch.where(keep[:, None] & (over > 1.0), E * torch.exp2(-torch.ceil(torch.log2(over))), E)
+    # The cost's scale: the largest entry of Q' = (σ/t) DQD and of q' = Dq/t is 1.
+    cost = torch.maximum(sigma.squeeze(-1) * _inf((D.unsqueeze(-1) * Q * D.unsqueeze(-2)).flatten(1)),
+                         _inf(D * q))
+    t = torch.where(keep & (cost > 0), _pow2(torch.where(cost > 0, cost, 1.0)), 1.0)[:, None]
+    return Scaling(D=D, E=E, F=F, sigma=sigma, t=t, scaled=keep)
+
+
+def kkt_verdict(
+    Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
+    z: Tensor, lam: Tensor, nu: Tensor, scaling: Scaling | None,
+) -> Tensor:
+    """The relative KKT error ``(B,)`` of ``(z, λ, ν)`` in the original units: stationarity
+    against the largest of ``Qz, q, Gᵀλ, Aᵀν``, feasibility against the largest of
+    ``Gz, h, Az, b``, complementarity ``Σ λᵢ|sᵢ|`` against the largest of ``zᵀQz, qᵀz, hᵀλ,
+    bᵀν``, each measured with the rows and columns weighted by ``D, E, F`` (so that a row of
+    another order counts as much as the others) and with a floor ``_FLOOR`` times the solve's
+    unit (``t``, ``σ``, ``σt``) for a problem whose terms are all zero. Multiplying ``z`` (with
+    the bounds) or the cost by a constant changes none of the three."""
+    tiny = torch.finfo(q.dtype).tiny
+    if scaling is None:
+        D, E, F = torch.ones_like(q), torch.ones_like(h), torch.ones_like(b)
+        sigma = t = q.new_ones(q.shape[0])
+    else:
+        D, E, F = scaling.D, scaling.E, scaling.F
+        sigma, t = scaling.sigma.squeeze(-1), scaling.t.squeeze(-1)
+    Qz, Gl, An = bmv(Q, z), bmtv(G, lam), bmtv(A, nu)
+    Gz, Az = bmv(G, z), bmv(A, z)
+    rd = Qz + q + Gl + An
+    dual = torch.stack([_inf(D * v) for v in (Qz, q, Gl, An)], -1).amax(-1)
+    err_d = _inf(D * rd) / torch.maximum(dual, _FLOOR * t).clamp(min=tiny)
+    primal = torch.stack([_inf(E * Gz), _inf(E * h), _inf(F * Az), _inf(F * b)], -1).amax(-1)
+    viol = torch.maximum(_inf(E * (Gz - h).clamp(min=0.0)), _inf(F * (Az - b)))
+    err_p = viol / torch.maximum(primal, _FLOOR * sigma).clamp(min=tiny)
+    objective = torch.stack([(z * Qz).sum(-1), (q * z).sum(-1), (h * lam).sum(-1), (b * nu).sum(-1)],
+                            -1).abs().amax(-1)
+    gap = (lam.clamp(min=0.0) * (h - Gz).abs()).sum(-1)
+    err_c = gap / torch.maximum(objective, _FLOOR * sigma * t).clamp(min=tiny)
+    err = torch.maximum(torch.maximum(err_d, err_p), err_c)
+    return torch.where(torch.isfinite(err), err, float("inf"))
+
+
+def interior_point_scaled(
+    Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
+    warm: tuple[Tensor, Tensor, Tensor] | None = None, **settings: Any,
+) -> tuple[IPMResult, Scaling | None]:
+    """:func:`interior_point` (the same arguments) on the equilibrated data of the samples that
+    need it, its answer unscaled and checked in the original units (see the module's docstring).
+    Returns the result and the scaling (``None`` where no sample was scaled)."""
+    scaling = equilibrate(Q, q, G, h, A, b)
+    if scaling is None:
+        out = interior_point(Q, q, G, h, A, b, warm=warm, **settings)
+    else:
+        if warm is not None:
+            warm = scaling.to_scaled(*warm)
+        out = interior_point(*scaling.apply(Q, q, G, h, A, b), warm=warm, **settings)
+        scaling.unscale(out)
+    err = kkt_verdict(Q, q, G, h, A, b, out.z, out.lam, out.nu, scaling)
+    failed = (out.status == SOLVED) & (err > _VERDICT * settings["tol"])
+    out.status = torch.where(failed, MAX_STEPS, out.status)
+    out.residual = torch.where(failed, err, out.residual)
+    return out, scaling

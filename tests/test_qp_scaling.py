@@ -1,0 +1,211 @@
+"""il.qp on data whose parts have very different scales, against solutions known by construction.
+
+Each problem is built from its solution: a point ``z*``, an active set with multipliers
+``λ* > 0`` on it (strict complementarity), ``ν*``, then ``q = -Qz* - Gᵀλ* - Aᵀν*``,
+``h = Gz*`` on the active rows and ``Gz* +`` a positive slack on the others, ``b = Az*``. The
+parts of each are put at the scales of a failure the interior point once reported as solved
+without a warning; every batch also holds a sample of order 1.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import implicit_layers as il
+
+DT = torch.float64
+
+
+def constructed(
+    seed: int, n: int = 6, m: int = 8, p: int = 1, active: int = 3, *, z_scale: float = 1.0,
+    lam_scale: float = 1.0, q_scale: float = 1.0, slack_scale: float = 1.0, lp: bool = False,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """One QP ``(Q, q, G, h, A, b)`` and its solution ``(z, λ, ν)``: ``z*`` of order
+    ``z_scale``, multipliers of order ``lam_scale``, ``Q`` of order ``q_scale`` (0 for an LP,
+    whose active rows then number ``n - p``: a vertex, unique in z and the multipliers) and
+    slacks of the inactive rows of order ``slack_scale``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=DT)
+
+    def between(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=DT)
+
+    if lp:
+        active = n - p
+        Q = torch.zeros(n, n, dtype=DT)
+    else:
+        M = randn(n, n)
+        Q = q_scale * (M @ M.T / n + 0.5 * torch.eye(n, dtype=DT))
+    z = z_scale * randn(n)
+    G, A = randn(m, n), randn(p, n)
+    lam = torch.zeros(m, dtype=DT)
+    lam[:active] = lam_scale * between(0.5, 2.0, active)
+    nu = lam_scale * randn(p)
+    slack = torch.zeros(m, dtype=DT)
+    slack[active:] = slack_scale * between(0.5, 2.0, m - active)
+    q = -(Q @ z + G.T @ lam + A.T @ nu)
+    h = G @ z + slack
+    b = A @ z
+    return (Q, q, G, h, A, b), (z, lam, nu)
+
+
+def batch(*samples: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]):
+    data = tuple(torch.stack(ts) for ts in zip(*(s[0] for s in samples), strict=True))
+    sol = tuple(torch.stack(ts) for ts in zip(*(s[1] for s in samples), strict=True))
+    return data, sol
+
+
+def rel_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per sample ``‖a - b‖∞ / ‖b‖∞``."""
+    return (a - b).abs().amax(-1) / b.abs().amax(-1).clamp_min(1e-300)
+
+
+def order_one(seed: int = 100, **kw):
+    return constructed(seed, **kw)
+
+
+def row_scaled(sample, row: int, factor: float):
+    """The same problem with one constraint row (of G and h) multiplied by ``factor``: its
+    multiplier is divided by it, the rest of the solution is unchanged."""
+    (Q, q, G, h, A, b), (z, lam, nu) = sample
+    G, h, lam = G.clone(), h.clone(), lam.clone()
+    G[row] *= factor
+    h[row] *= factor
+    lam[row] /= factor
+    return (Q, q, G, h, A, b), (z, lam, nu)
+
+
+def loose_row(sample, row: int, value: float):
+    """The same problem with the inactive row ``row``'s bound moved to ``value`` above Gz*."""
+    (Q, q, G, h, A, b), (z, lam, nu) = sample
+    h = h.clone()
+    h[row] = G[row] @ z + value
+    return (Q, q, G, h, A, b), (z, lam, nu)
+
+
+CASES = {
+    # q of order 1, the bounds (h, b) and so the solution of order 1e-8 (Q of order 1), at a
+    # vertex: the bounds decide the solution, not the curvature (1e-8 of the cost there).
+    "bounds_1e-8": lambda: constructed(1, active=5, z_scale=1e-8, slack_scale=1e-8),
+    # Bounds of order 1e-6 next to one loose bound of order 1e3.
+    "tight_1e-6_loose_1e3": lambda: loose_row(
+        constructed(2, active=5, z_scale=1e-6, slack_scale=1e-6), 7, 1e3),
+    # Q and q of order 1e-10 (so the multipliers too), bounds of order 1.
+    "cost_1e-10": lambda: constructed(3, q_scale=1e-10, lam_scale=1e-10),
+    # An LP whose cost is of order 1e-10.
+    "lp_cost_1e-10": lambda: constructed(4, lp=True, lam_scale=1e-10),
+    # An active constraint row written with coefficients of order 1e-10.
+    "row_1e-10": lambda: row_scaled(constructed(5), 0, 1e-10),
+    # h and b of order 1e-6 with q of order 1: the duals.
+    "bounds_1e-6": lambda: constructed(7, active=5, z_scale=1e-6, slack_scale=1e-6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_mixed_scale_solution_and_multipliers(name: str) -> None:
+    data, (z, lam, nu) = batch(CASES[name](), order_one())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        zs, ls, ns, info = il.qp(*data, return_duals=True, return_info=True)
+    assert info.status.tolist() == [0, 0]
+    assert float(rel_rows(zs, z).max()) < 1e-8
+    assert float(rel_rows(ls, lam).max()) < 1e-8
+    assert float(rel_rows(ns, nu).max()) < 1e-8
+
+
+@pytest.mark.parametrize("bound", [1e-8, 1e-12])
+def test_box_bounds_far_below_q_come_back_on_the_bounds(bound: float) -> None:
+    """Q = I, q of order 1 and a box of half-width ``bound``: the projection of ``-q`` onto the
+    box, which once came back near 0 (at 1e-12) with status solved."""
+    g = torch.Generator().manual_seed(0)
+    I = torch.eye(4, dtype=DT)
+    q = torch.randn(2, 4, generator=g, dtype=DT)
+    h = torch.tensor([[bound] * 8, [1.0] * 8], dtype=DT)
+    z, info = il.qp(I, q, torch.cat([I, -I]), h, return_info=True)
+    assert info.status.tolist() == [0, 0]
+    expected = torch.minimum(torch.maximum(-q, -h[:, :4]), h[:, :4])
+    assert float(rel_rows(z, expected).max()) < 1e-10
+
+
+def test_tiny_infeasible_bounds_are_not_reported_solved() -> None:
+    """``z₁ <= -1e-9`` and ``z₁ >= 1e-9``: infeasible by 2e-9, far below 1 + ‖h‖, and once
+    reported solved; it is primal infeasible, with a warning."""
+    Q = torch.eye(2, dtype=DT)
+    q = torch.tensor([[1.0, -1.0], [1.0, -1.0]], dtype=DT)
+    G = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]], dtype=DT)
+    h = torch.tensor([[-1e-9, -1e-9, 1e-9, 1e-9], [1.0, 1.0, 1.0, 1.0]], dtype=DT)
+    with pytest.warns(il.ConvergenceWarning, match=r"batch sample\(s\) 0 \(primal infeasible\)"):
+        _, info = il.qp(Q, q, G, h, return_info=True)
+    assert info.status.tolist() == [1, 0]
+    # With bounds of order 1 on the other variable the interior point cannot scale both
+    # variables to order 1 at once: the sample is still reported not solved.
+    h[0, 2:] = 1.0
+    with pytest.warns(il.ConvergenceWarning, match=r"batch sample\(s\) 0 "):
+        _, info = il.qp(Q, q, G, h, return_info=True)
+    assert info.status[0] != 0 and info.status[1] == 0
+
+
+def test_the_check_in_original_units_flags_a_point_the_unscaled_solve_accepted() -> None:
+    """The interior point on the unscaled data of a mixed-scale problem stops with a point far
+    from the solution; the check in the original units rejects it (and accepts the solution)."""
+    from implicit_layers._qp._ipm import interior_point
+    from implicit_layers._qp._scaling import _VERDICT, equilibrate, kkt_verdict
+
+    tol = 1e-9
+    data, (z, lam, nu) = batch(CASES["tight_1e-6_loose_1e3"](), order_one())
+    out = interior_point(*data, tol=tol, max_steps=50, check_every=2)
+    assert out.status.tolist() == [0, 0] and float(rel_rows(out.z, z)[0]) > 1e-3
+    scaling = equilibrate(*data)
+    err = kkt_verdict(*data, out.z, out.lam, out.nu, scaling)
+    assert float(err[0]) > _VERDICT * tol and float(err[1]) < tol
+    assert float(kkt_verdict(*data, z, lam, nu, scaling).max()) < 1e-12
+
+
+@pytest.mark.parametrize("name", ["bounds_1e-6", "cost_1e-10", "row_1e-10", "tight_1e-6_loose_1e3"])
+def test_mixed_scale_gradients_match_central_differences(name: str) -> None:
+    """Directional derivatives of ``z`` and ``λ`` w.r.t. every input, each perturbed entry by
+    entry in proportion to itself (a row of order 1e-10 stays of that order), against central
+    differences of the solve (the problems are strictly complementary)."""
+    data, (z0, lam0, nu0) = batch(CASES[name](), order_one())
+    g = torch.Generator().manual_seed(11)
+    dirs = []
+    for t in data:
+        v = torch.randn(t.shape, generator=g, dtype=DT) * t
+        dirs.append(0.5 * (v + v.mT) if t is data[0] else v)
+    wz = torch.randn(z0.shape, generator=g, dtype=DT) / z0.abs().amax(-1, keepdim=True)
+    wl = torch.randn(lam0.shape, generator=g, dtype=DT) / lam0.abs().amax(-1, keepdim=True)
+    wn = torch.randn(nu0.shape, generator=g, dtype=DT) / nu0.abs().amax(-1, keepdim=True)
+
+    def loss(*d: torch.Tensor) -> torch.Tensor:
+        z, lam, nu = il.qp(*d, return_duals=True)
+        return (wz * z).sum() + (wl * lam).sum() + (wn * nu).sum()
+
+    inputs = [t.clone().requires_grad_() for t in data]
+    grads = torch.autograd.grad(loss(*inputs), inputs)
+    eps = 1e-6
+    with torch.no_grad():
+        for grad, v, i in zip(grads, dirs, range(6), strict=True):
+            plus = [t + eps * v if j == i else t for j, t in enumerate(data)]
+            minus = [t - eps * v if j == i else t for j, t in enumerate(data)]
+            fd = (loss(*plus) - loss(*minus)) / (2 * eps)
+            analytic = (grad * v).sum()
+            assert abs(float(analytic - fd)) <= 1e-6 * (1.0 + abs(float(fd))), (i, float(analytic), float(fd))
+
+
+def test_mixed_scale_unbatched_float32_and_warm_started() -> None:
+    """One sample without a batch dimension, in float32 (solved in float64, scaled), and warm
+    started from its solution."""
+    (Q, q, G, h, A, b), (z, lam, nu) = CASES["bounds_1e-6"]()
+    z64, lam64, nu64 = il.qp(Q, q, G, h, A, b, return_duals=True)
+    assert float(rel_rows(z64, z)) < 1e-8 and float(rel_rows(lam64, lam)) < 1e-8
+    data32 = [t.float() for t in (Q, q, G, h, A, b)]
+    z32, info = il.qp(*data32, return_info=True)
+    assert z32.dtype == torch.float32 and int(info.status) == 0
+    assert float(rel_rows(z32.double(), z)) < 1e-5
+    zw, info = il.qp(Q, q, G, h, A, b, warm_start=(z, lam, nu), return_info=True)
+    assert int(info.status) == 0 and float(rel_rows(zw, z)) < 1e-8
