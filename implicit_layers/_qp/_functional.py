@@ -49,10 +49,11 @@ def qp(
     minimum-norm least-squares solution, a finite gradient, and when that system is
     inconsistent the backward warns.
 
-    The stopping tests are relative to ``1 + ‖q‖`` and ``1 + ‖h‖``: data whose vectors are all
-    small are rescaled (exactly), but data of very different scales (bounds of order 1e-8 with
-    ``q`` of order 1, rows of ``G`` of order 1e-10) can be solved inaccurately without a
-    warning; bring them near 1 first (the troubleshooting guide says how).
+    Samples whose data are not near order 1 (bounds of order 1e-8 with ``q`` of order 1, rows
+    of ``G`` or a cost of order 1e-10) are solved on equilibrated data, scaled back exactly,
+    and every answer is checked in the original units: one that fails the check is reported
+    as not solved (a warning), never as solved. Variables of very different orders within one
+    sample are still hard; the troubleshooting guide says what is covered.
 
     Args:
         Q: ``(n, n)`` or ``(B, n, n)``, positive semidefinite; only its symmetric part
