@@ -608,7 +608,6 @@ def test_a_nonsymmetric_q_is_its_symmetric_part():
 ])
 def test_a_q_with_a_negative_diagonal_entry_is_an_error(Q):
     # A nonconvex QP: the interior-point method would return a stationary point as solved.
-    # (Only the diagonal is checked: an indefinite Q with a nonnegative one is not caught.)
     G = torch.cat([torch.eye(2), -torch.eye(2)]).double()
     with pytest.raises(ValueError, match="Q must be positive semidefinite"):
         il.qp(Q.double(), torch.tensor([0.1, 0.2], dtype=torch.float64), G,
@@ -616,6 +615,38 @@ def test_a_q_with_a_negative_diagonal_entry_is_an_error(Q):
     batched = torch.stack([torch.eye(2, dtype=torch.float64), Q.double()])
     with pytest.raises(ValueError, match=r"\(batch sample 1\)"):
         il.qp(batched, torch.zeros(2, 2, dtype=torch.float64), G, torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("Q", [
+    torch.tensor([[1.0, 1.0], [1.0, 0.1]]),  # eigenvalues -0.55 and 1.65
+    torch.tensor([[1.0, -2.0], [-2.0, 3.9]]),  # a rank-one Q made indefinite by 2.5%
+])
+def test_an_indefinite_q_with_a_nonnegative_diagonal_is_an_error(Q):
+    # Before, solved "successfully" to a stationary point (status 0, no warning).
+    assert torch.linalg.eigvalsh(Q.double()).min() < 0
+    G = torch.cat([torch.eye(2), -torch.eye(2)]).double()
+    with pytest.raises(ValueError, match="a 2 x 2 principal minor is negative"):
+        il.qp(Q.double(), torch.tensor([0.1, 0.2], dtype=torch.float64), G,
+              torch.ones(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.filterwarnings("ignore::implicit_layers.ConvergenceWarning")  # float32, rank one
+def test_positive_semidefinite_q_built_in_floating_point_is_accepted(dtype):
+    # Rank-deficient products, duplicated variables and rank one: 2 x 2 minors at or near
+    # zero, which rounding must not turn into an error.
+    g = torch.Generator().manual_seed(3)
+    n = 12
+    M = torch.randn(16, n, 4, generator=g, dtype=dtype)
+    M[:, 1] = M[:, 0]  # a duplicated variable
+    v = torch.randn(16, n, 1, generator=g, dtype=dtype) * 1e3
+    Q = torch.cat([M @ M.mT, v @ v.mT, 1e-20 * (M @ M.mT)])
+    G = torch.cat([torch.eye(n), -torch.eye(n)]).to(dtype)
+    q = torch.randn(Q.shape[0], n, generator=g, dtype=dtype)
+    for Q_in, q_in in ((Q, q), (Q.double(), q.double())):  # and float32 data passed as float64
+        z, info = il.qp(Q_in, q_in, G.to(Q_in.dtype), torch.ones(2 * n, dtype=Q_in.dtype),
+                        return_info=True)
+        assert torch.isfinite(z).all()
 
 
 def test_positive_semidefinite_q_at_any_scale_is_accepted():

@@ -51,9 +51,9 @@ def qp(
 
     Samples whose data are not near order 1 (bounds of order 1e-8 with ``q`` of order 1, rows
     of ``G`` or a cost of order 1e-10) are solved on equilibrated data, scaled back exactly,
-    and every answer is checked in the original units: one that fails the check is reported
-    as not solved (a warning), never as solved. Variables of very different orders within one
-    sample are still hard; the troubleshooting guide says what is covered.
+    and the answers of such a batch are checked in the original units: one that fails the
+    check is reported as not solved (a warning), never as solved. Variables of very different
+    orders within one sample are still hard; the troubleshooting guide says what is covered.
 
     Args:
         Q: ``(n, n)`` or ``(B, n, n)``, positive semidefinite; only its symmetric part
@@ -80,9 +80,9 @@ def qp(
             ``InteriorPoint``. Mixed float dtypes are promoted to the widest.
         ValueError: shapes that do not fit together, a NaN or infinite entry in any input
             (an infinite bound in ``h`` is no constraint: drop its row), or a ``Q`` with a
-            negative diagonal entry (a nonconvex QP; only the diagonal is checked, so an
-            indefinite ``Q`` with a nonnegative diagonal is not caught: it must be positive
-            semidefinite).
+            negative diagonal entry or an indefinite 2 x 2 principal minor (a nonconvex QP;
+            these entry-wise tests are all that is checked, so an indefinite ``Q`` that
+            passes them is not caught: it must be positive semidefinite).
         implicit_layers.ConvergenceError: a sample not solved, with
             ``solver=InteriorPoint(on_failure="raise")``.
 

@@ -144,23 +144,39 @@ def _symmetric_part(Q: Tensor) -> Tensor:
 
 
 def _check_positive_semidefinite(Q: Tensor) -> None:
-    """Raise a ``ValueError`` naming ``Q`` if a diagonal entry is negative beyond rounding: a
-    nonconvex QP, whose stationary points the interior-point method would return as solved.
-    Only the diagonal is read (a full test, a Cholesky factorisation of every ``Q``, measured
-    a tenth of a batched solve's time): an indefinite ``Q`` with a nonnegative diagonal is
-    not caught here."""
+    """Raise a ``ValueError`` naming ``Q`` if a diagonal entry is negative, or an entry is
+    larger than the geometric mean of its two diagonal entries (``Qᵢⱼ² > QᵢᵢQⱼⱼ``: an
+    indefinite 2 x 2 principal minor) by more than a relative 1e-3 (rounding, in whatever
+    precision ``Q`` was built): a nonconvex QP, whose stationary points
+    the interior-point method would return as solved. Both are entry-wise tests; a full test
+    (a Cholesky factorisation of every ``Q``, measured a tenth of a batched solve's time) is
+    not made, so an indefinite ``Q`` whose 2 x 2 principal minors are all nonnegative is not
+    caught here."""
     if Q.device.type == "meta" or Q.shape[-1] == 0:
         return
-    diag = Q.detach().diagonal(dim1=-2, dim2=-1)
+    Qd = Q.detach()
+    diag = Qd.diagonal(dim1=-2, dim2=-1)
     # The largest entry of a positive semidefinite matrix is on its diagonal.
     scale = diag.abs().amax(-1, keepdim=True)
-    bad = (diag < -64 * torch.finfo(diag.dtype).eps * scale).any(-1)
+    slack = 64 * torch.finfo(diag.dtype).eps * scale
+    negative = (diag < -slack).any(-1)
+    # A Q built in a lower precision than it is passed in (float32 data made float64), rank
+    # one or with duplicated variables, has 2 x 2 minors at zero up to that precision's rounding
+    # (relative to QᵢᵢQⱼⱼ, times the length of the sums that formed it): those are not errors.
+    # |Qᵢⱼ| / √(dᵢdⱼ) row by row, in one temporary (a tenth of the time of the products).
+    root = (diag.clamp_min(0.0) + slack).rsqrt()
+    ratio = torch.mul(Qd, root.unsqueeze(-2)).abs_().amax(-1) * root
+    minor = (ratio > 1 + 5e-4).any(-1)
+    bad = negative | minor
     if bool(bad.any()):
-        where = "" if bad.dim() == 0 else f" (batch sample {int(bad.nonzero()[0, 0])})"
+        first = int(bad.flatten().nonzero()[0, 0])
+        where = "" if bad.dim() == 0 else f" (batch sample {first})"
+        what = ("it has a negative diagonal entry" if bool(negative.flatten()[first]) else
+                "an entry exceeds the geometric mean of its two diagonal entries, so a 2 x 2 "
+                "principal minor is negative")
         raise ValueError(
-            f"Q must be positive semidefinite (a convex QP){where}: it has a negative diagonal "
-            "entry. For a nonconvex objective use il.argmin with a constraint, or make Q convex "
-            "(e.g. Q = L Lᵀ + εI)."
+            f"Q must be positive semidefinite (a convex QP){where}: {what}. For a nonconvex "
+            "objective use il.argmin with a constraint, or make Q convex (e.g. Q = L Lᵀ + εI)."
         )
 
 
