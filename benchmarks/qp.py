@@ -2,7 +2,7 @@
 
 For each batch size ``B`` and size ``n`` (``n`` inequalities, ``n // 5`` equalities, float64,
 CPU), times forward + backward of ``loss = Σ w ∘ z*`` (median of repeats, every method in the
-same process, the order of the methods rotating from repeat to repeat), the solution error
+same process, the order of the methods shuffled from repeat to repeat), the solution error
 against ProxQP at 1e-14 per sample, and the error of the gradient with respect to ``h`` (one
 random direction) against central differences of that reference. Peers that are not installed
 are skipped with a note.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import random
 import statistics
 import sys
 import time
@@ -174,10 +175,15 @@ def run(B: int, n: int, repeats: int, missing: list[str] | None = None,
     failures: dict[str, str] = {}
     names = list(found)
     for r in range(repeats):
-        # The order rotates from repeat to repeat: the call after another library's pays for
-        # the caches and memory that library left behind (measured: up to 25 % of il.qp's time),
-        # and no method should always be that one.
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        # The order is shuffled from repeat to repeat (seeded): the call after another
+        # library's pays for the caches and memory that library left behind (measured: up to
+        # 25 % of il.qp's time), so no method may always follow the same one. (A rotation kept
+        # each method's predecessor fixed: the baseline always ran after il.qp, and il.qp after
+        # the last peer; two versions timed twice, their places swapped, read 12-15 % slower in
+        # il.qp's place.)
+        order = names[:]
+        random.Random(r).shuffle(order)
+        for name in order:
             fn = found[name]
             args = [t.clone().requires_grad_(k == 3) for k, t in enumerate(data)]
             t0 = clock()
