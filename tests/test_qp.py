@@ -619,7 +619,8 @@ def test_a_q_with_a_negative_diagonal_entry_is_an_error(Q):
 
 @pytest.mark.parametrize("Q", [
     torch.tensor([[1.0, 1.0], [1.0, 0.1]]),  # eigenvalues -0.55 and 1.65
-    torch.tensor([[1.0, -2.0], [-2.0, 3.9]]),  # a rank-one Q made indefinite by 2.5%
+    torch.tensor([[1.0, -2.0], [-2.0, 3.5]]),  # a rank-one Q made indefinite by 12 %
+    torch.tensor([[0.0, 1.0], [1.0, 0.0]]),  # a zero diagonal: nothing to measure rounding by
 ])
 def test_an_indefinite_q_with_a_nonnegative_diagonal_is_an_error(Q):
     # Before, solved "successfully" to a stationary point (status 0, no warning).
@@ -643,6 +644,8 @@ def test_positive_semidefinite_q_built_in_floating_point_is_accepted(dtype):
     Q = torch.cat([M @ M.mT, v @ v.mT, 1e-20 * (M @ M.mT)])
     G = torch.cat([torch.eye(n), -torch.eye(n)]).to(dtype)
     q = torch.randn(Q.shape[0], n, generator=g, dtype=dtype)
+    bf16 = (v[:4].bfloat16() @ v[:4].bfloat16().mT).to(dtype)  # rank one, rounded to bfloat16
+    Q, q = torch.cat([Q, bf16]), torch.cat([q, q[:4]])
     for Q_in, q_in in ((Q, q), (Q.double(), q.double())):  # and float32 data passed as float64
         z, info = il.qp(Q_in, q_in, G.to(Q_in.dtype), torch.ones(2 * n, dtype=Q_in.dtype),
                         return_info=True)

@@ -209,3 +209,41 @@ def test_mixed_scale_unbatched_float32_and_warm_started() -> None:
     assert float(rel_rows(z32.double(), z)) < 1e-5
     zw, info = il.qp(Q, q, G, h, A, b, warm_start=(z, lam, nu), return_info=True)
     assert int(info.status) == 0 and float(rel_rows(zw, z)) < 1e-8
+
+
+@pytest.mark.parametrize("bound", [0.0, 1e-17, 1e-14, 1e-10])
+def test_an_equality_whose_bound_is_the_rounding_of_a_zero_keeps_its_solution(bound: float) -> None:
+    """A single tiny bound makes the typical bound (the scaling's unit for ``z``) tiny: the
+    scaled solve fails there, and the unscaled answer, which the check accepts, is kept."""
+    Q = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=DT)
+    q = torch.tensor([1.0, -2.0], dtype=DT)
+    A, b = torch.tensor([[1.0, 1.0]], dtype=DT), torch.tensor([bound], dtype=DT)
+    # The exact solution of the equality-constrained QP (its KKT system, solved densely).
+    K = torch.cat([torch.cat([Q, A.T], 1), torch.cat([A, torch.zeros(1, 1, dtype=DT)], 1)])
+    exact = torch.linalg.solve(K, torch.cat([-q, b]))[:2]
+    G, h = torch.zeros(0, 2, dtype=DT), torch.zeros(0, dtype=DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z, info = il.qp(Q, q, G, h, A, b, return_info=True)
+    assert int(info.status) == 0
+    torch.testing.assert_close(z, exact, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("c", [1e-12, 1e-8, 1e8, 1e12])
+@pytest.mark.parametrize("bounded", [True, False])
+def test_a_cost_of_any_scale_with_no_bounds_of_its_own(c: float, bounded: bool) -> None:
+    """No nonzero bound to measure ``z`` by (``z >= 0`` or no constraint at all) and a cost
+    of order ``c``: the solution does not depend on ``c``."""
+    Q = c * torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=DT)
+    q = c * torch.tensor([1.0, -2.0], dtype=DT)
+    if bounded:
+        G, h = -torch.eye(2, dtype=DT), torch.zeros(2, dtype=DT)
+        exact = torch.tensor([0.0, 2.0], dtype=DT)
+    else:
+        G, h = torch.zeros(0, 2, dtype=DT), torch.zeros(0, dtype=DT)
+        exact = torch.linalg.solve(Q / c, -q / c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z, info = il.qp(Q, q, G, h, return_info=True)
+    assert int(info.status) == 0
+    torch.testing.assert_close(z, exact, rtol=1e-8, atol=1e-8)

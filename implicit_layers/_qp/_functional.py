@@ -50,10 +50,11 @@ def qp(
     inconsistent the backward warns.
 
     Samples whose data are not near order 1 (bounds of order 1e-8 with ``q`` of order 1, rows
-    of ``G`` or a cost of order 1e-10) are solved on equilibrated data, scaled back exactly,
-    and the answers of such a batch are checked in the original units: one that fails the
-    check is reported as not solved (a warning), never as solved. Variables of very different
-    orders within one sample are still hard; the troubleshooting guide says what is covered.
+    of ``G`` or a cost of order 1e-10) have their answers checked in the original units and,
+    where the check fails, are solved again on equilibrated data, scaled back exactly; an
+    answer that fails the check is reported as not solved (a warning), never as solved.
+    Variables of very different orders within one sample are still hard; the troubleshooting
+    guide says what is covered.
 
     Args:
         Q: ``(n, n)`` or ``(B, n, n)``, positive semidefinite; only its symmetric part

@@ -146,27 +146,33 @@ def _symmetric_part(Q: Tensor) -> Tensor:
 def _check_positive_semidefinite(Q: Tensor) -> None:
     """Raise a ``ValueError`` naming ``Q`` if a diagonal entry is negative, or an entry is
     larger than the geometric mean of its two diagonal entries (``Qᵢⱼ² > QᵢᵢQⱼⱼ``: an
-    indefinite 2 x 2 principal minor) by more than a relative 1e-3 (rounding, in whatever
-    precision ``Q`` was built): a nonconvex QP, whose stationary points
+    indefinite 2 x 2 principal minor), beyond rounding: a nonconvex QP, whose stationary points
     the interior-point method would return as solved. Both are entry-wise tests; a full test
     (a Cholesky factorisation of every ``Q``, measured a tenth of a batched solve's time) is
     not made, so an indefinite ``Q`` whose 2 x 2 principal minors are all nonnegative is not
-    caught here."""
+    caught here.
+
+    Rounding is allowed for at the precision ``Q`` may have been built in, not only the one it
+    is passed in (float32 data passed as float64, a Schur complement that is zero up to
+    rounding): a diagonal entry down to ``-1e-6`` of the largest entry, and minors at zero up
+    to a relative ``1/32`` on ``Qᵢⱼ²`` (rank one or duplicated variables, rounded down to
+    bfloat16, as an autocast matmul returns them). A ``Q`` that is zero up to the rounding of a
+    cancellation has no larger entry to measure that rounding against, and may be refused."""
     if Q.device.type == "meta" or Q.shape[-1] == 0:
         return
     Qd = Q.detach()
     diag = Qd.diagonal(dim1=-2, dim2=-1)
-    # The largest entry of a positive semidefinite matrix is on its diagonal.
-    scale = diag.abs().amax(-1, keepdim=True)
-    slack = 64 * torch.finfo(diag.dtype).eps * scale
+    # The largest entry, on the diagonal for a positive semidefinite matrix (read over the
+    # whole matrix: an indefinite Q may have a zero diagonal).
+    low, high = Qd.flatten(-2).aminmax(dim=-1)
+    scale = torch.maximum(high, -low).unsqueeze(-1)
+    slack = max(64 * torch.finfo(diag.dtype).eps, 1e-6) * scale
     negative = (diag < -slack).any(-1)
-    # A Q built in a lower precision than it is passed in (float32 data made float64), rank
-    # one or with duplicated variables, has 2 x 2 minors at zero up to that precision's rounding
-    # (relative to QᵢᵢQⱼⱼ, times the length of the sums that formed it): those are not errors.
-    # |Qᵢⱼ| / √(dᵢdⱼ) row by row, in one temporary (a tenth of the time of the products).
+    # |Qᵢⱼ| / √(dᵢdⱼ) row by row, in one temporary (a tenth of the time of the products). For
+    # Q = 0 (an LP) this is 0/0: NaN, which passes the test.
     root = (diag.clamp_min(0.0) + slack).rsqrt()
     ratio = torch.mul(Qd, root.unsqueeze(-2)).abs_().amax(-1) * root
-    minor = (ratio > 1 + 5e-4).any(-1)
+    minor = (ratio > (1 + 1 / 32) ** 0.5).any(-1)
     bad = negative | minor
     if bool(bad.any()):
         first = int(bad.flatten().nonzero()[0, 0])

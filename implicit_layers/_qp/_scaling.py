@@ -1,9 +1,14 @@
-"""The interior point on equilibrated data, and the verdict on its answer in the original units.
+"""The interior point's answer checked in the original units, and solved again on
+equilibrated data where the check fails.
 
 The interior point's stopping tests are relative to ``1 + ‖q‖`` and ``1 + ‖h‖``: they suit
 data of order 1, and accept points far from the solution when the parts of the data have very
 different scales (bounds of order 1e-8 with ``q`` of order 1, a row of ``G`` of order 1e-10,
-a cost of order 1e-10). Each such sample is solved in scaled units,
+a cost of order 1e-10). Every sample is solved as given first. A batch whose data are all near
+order 1 (every factor below within ``_BAND``) is done. Otherwise the answer of each sample
+that is not near order 1 is checked in the original units (``kkt_verdict``: stationarity,
+feasibility and complementarity relative to the magnitudes of their own terms), and one the
+check does not accept at the solve's own tolerance is solved again in scaled units,
 
     z = σ D z',    rows of G and h scaled by E,    rows of A and b by F,
 
@@ -19,16 +24,12 @@ one, is scaled down further). Its solution gives the original one exactly:
 
     z = σ D z',  λ = t E λ',  ν = t F ν',  s = σ s' / E.
 
-Every factor is a power of two, so the scaling and its inverse are exact in floating point. A
-sample whose data are already near order 1 (every factor within ``_BAND``) is not scaled at all,
-and a batch of such samples is passed on as it is: the same iterates as the plain interior point.
-
-The answer of a batch with a scaled sample is then checked in the original units
-(``kkt_verdict``): stationarity, feasibility and complementarity relative to the magnitudes of
-their own terms. A sample the interior point called solved that fails the check is reported as
-not solved (``MAX_STEPS``, with that error as its residual): a point far from the solution
-never comes back as solved without a warning. (A batch of data near order 1 throughout is not
-checked again: there the interior point's own tests suit the data.)
+Every factor is a power of two, so the scaling and its inverse are exact in floating point.
+Of the two answers the one with the smaller error in the check is kept (the unscaled one where
+that check passes at the solve's tolerance, so a sample the scaling would not help, such as an
+equality whose bound is the rounding of a zero, keeps the answer it had). An answer that fails
+the check is reported as not solved (``MAX_STEPS``, with that error as its residual): a point
+far from the solution never comes back as solved without a warning.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ _BAND = 16.0  # a sample whose norms and scales are all within [1/_BAND, _BAND] 
 _LOOSE = 16.0  # a row of G whose scaled bound is above _LOOSE is scaled down to it
 _VERDICT = 1e3  # the check in the original units fails above _VERDICT * tol
 _FLOOR = 1e-3  # of the solve's own units: the least scale a term is measured against
+_ACCEPT = 1e-2  # an unscaled answer within _ACCEPT * tol is not compared with a scaled solve
 
 
 @dataclass
@@ -177,13 +179,17 @@ def kkt_verdict(
     Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
     z: Tensor, lam: Tensor, nu: Tensor, scaling: Scaling | None,
 ) -> Tensor:
-    """The relative KKT error ``(B,)`` of ``(z, λ, ν)`` in the original units: stationarity
-    against the largest of ``Qz, q, Gᵀλ, Aᵀν``, feasibility against the largest of
-    ``Gz, h, Az, b``, complementarity ``Σ λᵢ|sᵢ|`` against the largest of ``zᵀQz, qᵀz, hᵀλ,
-    bᵀν``, each measured with the rows and columns weighted by ``D, E, F`` (so that a row of
-    another order counts as much as the others) and with a floor ``_FLOOR`` times the solve's
-    unit (``t``, ``σ``, ``σt``) for a problem whose terms are all zero. Multiplying ``z`` (with
-    the bounds) or the cost by a constant changes none of the three."""
+    """The relative KKT error ``(B,)`` of ``(z, λ, ν)`` in the original units.
+
+    Stationarity against the magnitude of its terms, ``|Q||z| + |q| + |G|ᵀ|λ| + |A|ᵀ|ν|``;
+    feasibility against ``|G||z| + |h|`` and ``|A||z| + |b|`` (magnitudes of the terms, not of
+    ``Gz``, whose terms may cancel: an equality ``z₁ + z₂ = 0`` meets rounding there); both
+    with the rows and columns weighted by ``D, E, F`` (so that a row of another order counts as
+    much as the others). Complementarity ``Σ λᵢ|sᵢ|`` against the largest of ``|zᵀQz|``,
+    ``|qᵀz|``, ``|bᵀν|`` and ``Σ λᵢ(|G||z| + |h|)ᵢ``. Each against at least ``_FLOOR`` times
+    the solve's unit (``t``, ``σ``, ``σt``): at ``z = 0`` on bounds ``h = 0`` every term is
+    the rounding of the solve. Multiplying ``z`` (with the bounds), the cost, a row or a
+    variable by a constant changes none of the three."""
     tiny = torch.finfo(q.dtype).tiny
     if scaling is None:
         D, E, F = torch.ones_like(q), torch.ones_like(h), torch.ones_like(b)
@@ -191,40 +197,108 @@ def kkt_verdict(
     else:
         D, E, F = scaling.D, scaling.E, scaling.F
         sigma, t = scaling.sigma.squeeze(-1), scaling.t.squeeze(-1)
-    Qz, Gl, An = bmv(Q, z), bmtv(G, lam), bmtv(A, nu)
-    Gz, Az = bmv(G, z), bmv(A, z)
-    rd = Qz + q + Gl + An
-    dual = torch.stack([_inf(D * v) for v in (Qz, q, Gl, An)], -1).amax(-1)
-    err_d = _inf(D * rd) / torch.maximum(dual, _FLOOR * t).clamp(min=tiny)
-    primal = torch.stack([_inf(E * Gz), _inf(E * h), _inf(F * Az), _inf(F * b)], -1).amax(-1)
+    za, la, na = z.abs(), lam.abs(), nu.abs()
+    Qz, Gz, Az = bmv(Q, z), bmv(G, z), bmv(A, z)
+    rd = Qz + q + bmtv(G, lam) + bmtv(A, nu)
+    Ga, Aa = G.abs(), A.abs()
+    dual = bmv(Q.abs(), za) + q.abs() + bmtv(Ga, la) + bmtv(Aa, na)
+    err_d = _inf(D * rd) / torch.maximum(_inf(D * dual), _FLOOR * t).clamp(min=tiny)
+    row_g, row_a = bmv(Ga, za) + h.abs(), bmv(Aa, za) + b.abs()
     viol = torch.maximum(_inf(E * (Gz - h).clamp(min=0.0)), _inf(F * (Az - b)))
-    err_p = viol / torch.maximum(primal, _FLOOR * sigma).clamp(min=tiny)
-    objective = torch.stack([(z * Qz).sum(-1), (q * z).sum(-1), (h * lam).sum(-1), (b * nu).sum(-1)],
-                            -1).abs().amax(-1)
+    err_p = viol / torch.maximum(torch.maximum(_inf(E * row_g), _inf(F * row_a)),
+                                 _FLOOR * sigma).clamp(min=tiny)
     gap = (lam.clamp(min=0.0) * (h - Gz).abs()).sum(-1)
+    objective = torch.stack([(z * Qz).sum(-1).abs(), (q * z).sum(-1).abs(), (b * nu).sum(-1).abs(),
+                             (la * row_g).sum(-1)], -1).amax(-1)
     err_c = gap / torch.maximum(objective, _FLOOR * sigma * t).clamp(min=tiny)
     err = torch.maximum(torch.maximum(err_d, err_p), err_c)
     return torch.where(torch.isfinite(err), err, float("inf"))
+
+
+def _take(out: IPMResult, sub: IPMResult, at: Tensor) -> None:
+    """``out`` with the samples ``at`` ``(k,)`` replaced by ``sub``'s ``k`` samples, in place
+    (the polish factors too: ``out``'s are those of the unscaled problem for its other samples,
+    ``sub``'s those of the scaled one, which the backward is then given)."""
+    for name in ("z", "lam", "nu", "s", "status", "steps", "residual", "tolerance"):
+        setattr(out, name, getattr(out, name).index_copy(0, at, getattr(sub, name)))
+    base, new = out.polish_factor, sub.polish_factor
+    if base is None and new is None:
+        return
+    B, n, m = out.z.shape[0], out.z.shape[-1], out.lam.shape[-1]
+    if base is None:
+        base = (out.z.new_zeros(B, n, n), torch.zeros(B, m, dtype=torch.bool, device=out.z.device),
+                torch.zeros(B, dtype=torch.bool, device=out.z.device))
+    if new is None:
+        out.polish_factor = (base[0], base[1], base[2].index_fill(0, at, False))
+        return
+    out.polish_factor = (base[0].index_copy(0, at, new[0].to(base[0].dtype)),
+                         base[1].index_copy(0, at, new[1].to(base[1].dtype)),
+                         base[2].index_copy(0, at, new[2]))
 
 
 def interior_point_scaled(
     Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
     warm: tuple[Tensor, Tensor, Tensor] | None = None, **settings: Any,
 ) -> tuple[IPMResult, Scaling | None]:
-    """:func:`interior_point` (the same arguments) on the equilibrated data of the samples that
-    need it, its answer unscaled and checked in the original units (see the module's docstring).
-    Returns the result and the scaling (``None`` where no sample was scaled)."""
+    """:func:`interior_point` (the same arguments), with the samples whose data are not near
+    order 1 checked in the original units and, where the check fails, solved again on their
+    equilibrated data (see the module's docstring).
+
+    Returns the result and the scaling of the samples solved scaled (every other sample's
+    factors are 1), or ``None`` where none was.
+    """
+    out = interior_point(Q, q, G, h, A, b, warm=warm, **settings)
     scaling = equilibrate(Q, q, G, h, A, b)
     if scaling is None:
         # Data near order 1 throughout: the interior point's own tests, relative to 1 + ‖q‖ and
         # 1 + ‖h‖, are the ones that suit it (the check below would cost 2% of the solve).
-        return interior_point(Q, q, G, h, A, b, warm=warm, **settings), None
-    if warm is not None:
-        warm = scaling.to_scaled(*warm)
-    out = interior_point(*scaling.apply(Q, q, G, h, A, b), warm=warm, **settings)
-    scaling.unscale(out)
+        return out, None
+    limit = _VERDICT * settings["tol"]
     err = kkt_verdict(Q, q, G, h, A, b, out.z, out.lam, out.nu, scaling)
-    failed = (out.status == SOLVED) & (err > _VERDICT * settings["tol"])
-    out.status = torch.where(failed, MAX_STEPS, out.status)
-    out.residual = torch.where(failed, err, out.residual)
-    return out, scaling
+    # An answer the check accepts at the solve's own tolerance stands; any other of a sample
+    # that is not near order 1 is compared with that sample's scaled solve.
+    retry = scaling.scaled & ~((out.status == SOLVED) & (err <= _ACCEPT * settings["tol"]))
+    if not bool(retry.any()):
+        return out, None
+    # Those samples once more, on equilibrated data: the unscaled solve's answer is kept for
+    # the others (the same iterates as without the check).
+    at = retry.nonzero().squeeze(1)
+    part = Scaling(*(x[at] for x in (scaling.D, scaling.E, scaling.F, scaling.sigma, scaling.t,
+                                     scaling.scaled)))
+    if warm is not None:
+        warm = part.to_scaled(warm[0][at], warm[1][at], warm[2][at])
+    Qa, qa, Ga, ha, Aa, ba = (x[at] for x in (Q, q, G, h, A, b))
+    sub = interior_point(*part.apply(Qa, qa, Ga, ha, Aa, ba), warm=warm, **settings)
+    part.unscale(sub)
+    sub_err = kkt_verdict(Qa, qa, Ga, ha, Aa, ba, sub.z, sub.lam, sub.nu, part)
+    # The answer with the smaller error among those that are solutions (called solved by their
+    # solve, and accepted by the check); the scaled one where neither is (its verdict,
+    # infeasible or unfinished, is the better informed).
+    inf = torch.full_like(sub_err, float("inf"))
+    score = torch.where((out.status[at] == SOLVED) & (err[at] <= limit), err[at], inf)
+    sub_score = torch.where((sub.status == SOLVED) & (sub_err <= limit), sub_err, inf)
+    take = sub_score <= score
+    # Whichever is kept, an answer the check rejects is not reported as solved.
+    keep = at[~take]
+    bad = keep[err[keep] > limit]
+    if bad.numel():
+        out.status = out.status.index_fill(0, bad, MAX_STEPS)
+        out.residual = out.residual.index_copy(0, bad, err[bad])
+    at, sub_idx = at[take], take.nonzero().squeeze(1)
+    if at.numel() == 0:
+        return out, None
+    chosen = IPMResult(**{name: getattr(sub, name)[sub_idx] for name in (
+        "z", "lam", "nu", "s", "status", "steps", "residual", "tolerance")},
+        polish_factor=None if sub.polish_factor is None else tuple(  # type: ignore[arg-type]
+            f[sub_idx] for f in sub.polish_factor))
+    chosen_err = sub_err[sub_idx]
+    failed = (chosen.status == SOLVED) & (chosen_err > limit)
+    chosen.status = torch.where(failed, MAX_STEPS, chosen.status)
+    chosen.residual = torch.where(failed, chosen_err, chosen.residual)
+    _take(out, chosen, at)
+    used = torch.zeros_like(scaling.scaled).index_fill(0, at, True)
+    one = used.unsqueeze(-1)
+    final = Scaling(D=torch.where(one, scaling.D, 1.0), E=torch.where(one, scaling.E, 1.0),
+                    F=torch.where(one, scaling.F, 1.0), sigma=torch.where(one, scaling.sigma, 1.0),
+                    t=torch.where(one, scaling.t, 1.0), scaled=used)
+    return out, final
