@@ -292,6 +292,7 @@ def interior_point_scaled(
         polish_factor=None if sub.polish_factor is None else tuple(  # type: ignore[arg-type]
             f[sub_idx] for f in sub.polish_factor))
     chosen_err = sub_err[sub_idx]
+    chosen.steps = chosen.steps + out.steps[at]  # a sample solved twice took both solves' steps
     failed = (chosen.status == SOLVED) & (chosen_err > limit)
     chosen.status = torch.where(failed, MAX_STEPS, chosen.status)
     chosen.residual = torch.where(failed, chosen_err, chosen.residual)
