@@ -24,12 +24,12 @@ one, is scaled down further). Its solution gives the original one exactly:
 
     z = σ D z',  λ = t E λ',  ν = t F ν',  s = σ s' / E.
 
-Every factor is a power of two, so the scaling and its inverse are exact in floating point.
-Of the two answers the one with the smaller error in the check is kept (the unscaled one where
-that check passes at the solve's tolerance, so a sample the scaling would not help, such as an
-equality whose bound is the rounding of a zero, keeps the answer it had). An answer that fails
-the check is reported as not solved (``MAX_STEPS``, with that error as its residual): a point
-far from the solution never comes back as solved without a warning.
+Every factor is a power of two, so the scaling and its inverse are exact in floating point. Of
+the two answers the one with the smaller error in the check is kept (the unscaled one where
+that check accepts it at a hundredth of the solve's tolerance, so a sample the scaling would
+not help, such as an equality whose bound is the rounding of a zero, keeps the answer it had).
+An answer that fails the check is reported as not solved (``MAX_STEPS``, with that error as its
+residual): a point far from the solution never comes back as solved without a warning.
 """
 
 from __future__ import annotations
