@@ -247,3 +247,70 @@ def test_a_cost_of_any_scale_with_no_bounds_of_its_own(c: float, bounded: bool) 
         z, info = il.qp(Q, q, G, h, return_info=True)
     assert int(info.status) == 0
     torch.testing.assert_close(z, exact, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("factor", [1e6, 1e7, 1e-6])
+def test_multiplier_gradients_of_rows_of_another_order(factor: float) -> None:
+    """Every row of ``G`` and ``h`` multiplied by ``factor``: the solution is unchanged and
+    ``λ`` divided by it. The gradient of ``w·λ`` w.r.t. ``q`` against the dense KKT system of
+    the active set (the problem is strictly complementary). The unscaled adjoint solve gave it
+    wrong by 2e-3 at 1e6 and by 0.8 at 1e7 with status solved."""
+    (Q, q, G, h, A, b), (z, lam, nu) = constructed(21, active=3)
+    G, h, lam = G * factor, h * factor, lam / factor
+    n, act = q.shape[0], lam > 0
+    Ga = G[act]
+    K = torch.zeros(n + int(act.sum()) + A.shape[0], n + int(act.sum()) + A.shape[0], dtype=DT)
+    K[:n, :n], K[:n, n:n + Ga.shape[0]], K[:n, n + Ga.shape[0]:] = Q, Ga.T, A.T
+    K[n:n + Ga.shape[0], :n], K[n + Ga.shape[0]:, :n] = Ga, A
+    w = torch.linspace(0.5, 1.5, G.shape[0], dtype=DT)
+    # d(w·λ)/dq = -[0, w_active, 0] K⁻¹ [I; 0; 0] (K symmetric).
+    e = torch.zeros(K.shape[0], dtype=DT)
+    e[n:n + Ga.shape[0]] = w[act]
+    expected = -torch.linalg.solve(K, e)[:n]
+    batch_data = [torch.stack([t, u]) for t, u in zip((Q, q, G, h, A, b), order_one()[0], strict=True)]
+    qv = batch_data[1].clone().requires_grad_(True)
+    _, lam_out, _ = il.qp(batch_data[0], qv, *batch_data[2:], return_duals=True)
+    torch.testing.assert_close(lam_out[0].detach(), lam, rtol=1e-7, atol=1e-7 * float(lam.abs().max()))
+    (grad,) = torch.autograd.grad((lam_out[0] * w).sum(), qv)
+    torch.testing.assert_close(grad[0], expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
+def _box(seed: int, n: int, delta: float) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """``|zᵢ| <= δ`` with ``Q``, ``q`` of order 1: each coordinate at its upper or lower bound
+    (multiplier in [0.5, 1.5]) or free inside; the solution by construction."""
+    g = torch.Generator().manual_seed(seed)
+    L = torch.randn(n, n, generator=g, dtype=DT)
+    Q = L @ L.T / n + 0.1 * torch.eye(n, dtype=DT)
+    G = torch.cat([torch.eye(n), -torch.eye(n)]).to(DT)
+    where = torch.randint(0, 3, (n,), generator=g)
+    inside = delta * (1.6 * torch.rand(n, generator=g, dtype=DT) - 0.8)
+    z = torch.where(where == 0, delta, torch.where(where == 1, -delta, inside))
+    lam = torch.zeros(2 * n, dtype=DT)
+    lam[:n] = torch.where(where == 0, 0.5 + torch.rand(n, generator=g, dtype=DT), 0.0)
+    lam[n:] = torch.where(where == 1, 0.5 + torch.rand(n, generator=g, dtype=DT), 0.0)
+    q = -(Q @ z + G.T @ lam)
+    return (Q, q, G, delta * torch.ones(2 * n, dtype=DT)), z
+
+
+def test_tiny_boxes_with_free_coordinates_are_never_silently_wrong() -> None:
+    """Bounds of order 1e-9 to 1e-7 with ``Q``, ``q`` of order 1 and some coordinates free
+    inside the box, in batches with a sample of order 1: each answer reported solved is within
+    1e-4 of the bound of the solution (the solve's tolerance is close to absolute: 1e-14 is
+    3e-6 of a bound of 3e-9), and a worse one is reported not solved. (The solver before
+    reported an answer 0.2 of the bound off as solved; a version that kept whichever of the
+    unscaled and the scaled answers its check scored lower kept, for some of these, a scaled
+    answer off by half the bound, judged by rows whose terms were of order 1.)"""
+    wrong = []
+    for seed in range(40):
+        delta = (2.9e-9, 3e-8, 1e-7)[seed % 3]
+        data, z = _box(seed, 3 + seed % 4, delta)
+        ref, z_ref = _box(1000 + seed, data[1].shape[0], 1.0)
+        batch_data = [torch.stack([a, b]) for a, b in zip(data, ref, strict=True)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out, info = il.qp(*batch_data, return_info=True)
+        error = float((out[0] - z).abs().max()) / delta
+        if int(info.status[0]) == 0 and error > 1e-4:
+            wrong.append((seed, delta, error))
+        assert int(info.status[1]) == 0 and torch.allclose(out[1], z_ref, atol=1e-8)
+    assert not wrong, wrong

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._ipm import MAX_STEPS, SOLVED, IPMResult, interior_point
+from ._ipm import DUAL_INFEASIBLE, MAX_STEPS, PRIMAL_INFEASIBLE, SOLVED, IPMResult, interior_point
 from ._linalg import bmtv, bmv
 
 __all__ = ["Scaling", "equilibrate", "kkt_verdict", "interior_point_scaled"]
@@ -181,28 +181,30 @@ def kkt_verdict(
 ) -> Tensor:
     """The relative KKT error ``(B,)`` of ``(z, λ, ν)`` in the original units.
 
-    Stationarity against the magnitude of its terms, ``|Q||z| + |q| + |G|ᵀ|λ| + |A|ᵀ|ν|``;
-    feasibility against ``|G||z| + |h|`` and ``|A||z| + |b|`` (magnitudes of the terms, not of
-    ``Gz``, whose terms may cancel: an equality ``z₁ + z₂ = 0`` meets rounding there); both
-    with the rows and columns weighted by ``D, E, F`` (so that a row of another order counts as
-    much as the others). Complementarity ``Σ λᵢ|sᵢ|`` against the largest of ``|zᵀQz|``,
-    ``|qᵀz|``, ``|bᵀν|`` and ``Σ λᵢ(|G||z| + |h|)ᵢ``. Each against at least ``_FLOOR`` times
-    the solve's unit (``t``, ``σ``, ``σt``): at ``z = 0`` on bounds ``h = 0`` every term is
-    the rounding of the solve. Multiplying ``z`` (with the bounds), the cost, a row or a
-    variable by a constant changes none of the three."""
+    Stationarity coordinate by coordinate against the magnitude of its terms,
+    ``|Q||z| + |q| + |G|ᵀ|λ| + |A|ᵀ|ν|`` (a variable whose terms are all far below the others',
+    the free coordinate of a face left by tiny bounds, is judged against its own terms).
+    Feasibility against ``|G||z| + |h|`` and ``|A||z| + |b|`` (magnitudes of the terms, not of
+    ``Gz``, whose terms may cancel: an equality ``z₁ + z₂ = 0`` meets rounding there), with
+    the rows weighted by ``E, F`` (so that a row of another order counts as much as the
+    others). Complementarity ``Σ λᵢ|sᵢ|`` against the largest of ``|zᵀQz|``, ``|qᵀz|``,
+    ``|bᵀν|`` and ``Σ λᵢ(|G||z| + |h|)ᵢ``. Feasibility and complementarity against at least
+    ``_FLOOR`` times the solve's unit (``σ``, ``σt``): at ``z = 0`` on bounds ``h = 0`` every
+    term is the rounding of the solve. Multiplying ``z`` (with the bounds), the cost, a row or
+    a variable by a constant changes none of the three."""
     tiny = torch.finfo(q.dtype).tiny
     if scaling is None:
-        D, E, F = torch.ones_like(q), torch.ones_like(h), torch.ones_like(b)
+        E, F = torch.ones_like(h), torch.ones_like(b)
         sigma = t = q.new_ones(q.shape[0])
     else:
-        D, E, F = scaling.D, scaling.E, scaling.F
+        E, F = scaling.E, scaling.F
         sigma, t = scaling.sigma.squeeze(-1), scaling.t.squeeze(-1)
     za, la, na = z.abs(), lam.abs(), nu.abs()
     Qz, Gz, Az = bmv(Q, z), bmv(G, z), bmv(A, z)
     rd = Qz + q + bmtv(G, lam) + bmtv(A, nu)
     Ga, Aa = G.abs(), A.abs()
     dual = bmv(Q.abs(), za) + q.abs() + bmtv(Ga, la) + bmtv(Aa, na)
-    err_d = _inf(D * rd) / torch.maximum(_inf(D * dual), _FLOOR * t).clamp(min=tiny)
+    err_d = _inf(rd / dual.clamp(min=tiny))
     row_g, row_a = bmv(Ga, za) + h.abs(), bmv(Aa, za) + b.abs()
     viol = torch.maximum(_inf(E * (Gz - h).clamp(min=0.0)), _inf(F * (Az - b)))
     err_p = viol / torch.maximum(torch.maximum(_inf(E * row_g), _inf(F * row_a)),
@@ -244,8 +246,9 @@ def interior_point_scaled(
     order 1 checked in the original units and, where the check fails, solved again on their
     equilibrated data (see the module's docstring).
 
-    Returns the result and the scaling of the samples solved scaled (every other sample's
-    factors are 1), or ``None`` where none was.
+    Returns the result and the scaling of the samples that are not near order 1 (every other
+    sample's factors are 1), in whose units the backward solves, or ``None`` for a batch near
+    order 1 throughout.
     """
     out = interior_point(Q, q, G, h, A, b, warm=warm, **settings)
     scaling = equilibrate(Q, q, G, h, A, b)
@@ -259,7 +262,7 @@ def interior_point_scaled(
     # that is not near order 1 is compared with that sample's scaled solve.
     retry = scaling.scaled & ~((out.status == SOLVED) & (err <= _ACCEPT * settings["tol"]))
     if not bool(retry.any()):
-        return out, None
+        return _for_scaled_backward(out, scaling, used=None), scaling
     # Those samples once more, on equilibrated data: the unscaled solve's answer is kept for
     # the others (the same iterates as without the check).
     at = retry.nonzero().squeeze(1)
@@ -271,13 +274,18 @@ def interior_point_scaled(
     sub = interior_point(*part.apply(Qa, qa, Ga, ha, Aa, ba), warm=warm, **settings)
     part.unscale(sub)
     sub_err = kkt_verdict(Qa, qa, Ga, ha, Aa, ba, sub.z, sub.lam, sub.nu, part)
-    # The answer with the smaller error among those that are solutions (called solved by their
-    # solve, and accepted by the check); the scaled one where neither is (its verdict,
-    # infeasible or unfinished, is the better informed).
+    # The answer the check accepts, the one with the smaller error where both are accepted;
+    # where neither is, the scaled solve's verdict if it found the problem infeasible (the
+    # unscaled one may have called a point of tiny infeasible bounds solved), else again the
+    # one with the smaller error (reported as not solved below: a bound of 3e-9 with a free
+    # coordinate inside can leave both answers 1e-5 to 0.2 of the bound off).
+    sub_solved, solved = sub.status == SOLVED, out.status[at] == SOLVED
     inf = torch.full_like(sub_err, float("inf"))
-    score = torch.where((out.status[at] == SOLVED) & (err[at] <= limit), err[at], inf)
-    sub_score = torch.where((sub.status == SOLVED) & (sub_err <= limit), sub_err, inf)
-    take = sub_score <= score
+    sub_score, score = torch.where(sub_solved, sub_err, inf), torch.where(solved, err[at], inf)
+    sub_ok, ok = sub_score <= limit, score <= limit
+    infeasible = (sub.status == PRIMAL_INFEASIBLE) | (sub.status == DUAL_INFEASIBLE)
+    take = torch.where(sub_ok | ok, sub_ok & (~ok | (sub_score <= score)),
+                       infeasible | (sub_score < score) | ~solved)
     # Whichever is kept, an answer the check rejects is not reported as solved.
     keep = at[~take]
     bad = keep[err[keep] > limit]
@@ -286,7 +294,7 @@ def interior_point_scaled(
         out.residual = out.residual.index_copy(0, bad, err[bad])
     at, sub_idx = at[take], take.nonzero().squeeze(1)
     if at.numel() == 0:
-        return out, None
+        return _for_scaled_backward(out, scaling, used=None), scaling
     chosen = IPMResult(**{name: getattr(sub, name)[sub_idx] for name in (
         "z", "lam", "nu", "s", "status", "steps", "residual", "tolerance")},
         polish_factor=None if sub.polish_factor is None else tuple(  # type: ignore[arg-type]
@@ -297,9 +305,18 @@ def interior_point_scaled(
     chosen.status = torch.where(failed, MAX_STEPS, chosen.status)
     chosen.residual = torch.where(failed, chosen_err, chosen.residual)
     _take(out, chosen, at)
-    used = torch.zeros_like(scaling.scaled).index_fill(0, at, True)
-    one = used.unsqueeze(-1)
-    final = Scaling(D=torch.where(one, scaling.D, 1.0), E=torch.where(one, scaling.E, 1.0),
-                    F=torch.where(one, scaling.F, 1.0), sigma=torch.where(one, scaling.sigma, 1.0),
-                    t=torch.where(one, scaling.t, 1.0), scaled=used)
-    return out, final
+    return _for_scaled_backward(out, scaling, used=at), scaling
+
+
+def _for_scaled_backward(out: IPMResult, scaling: Scaling, used: Tensor | None) -> IPMResult:
+    """``out`` with the polish factors of the scaled samples whose answer came from the unscaled
+    solve (all but ``used``) flagged out: the backward of every scaled sample solves its KKT
+    system in the scaled units (better conditioned: with rows of ``G`` of order 1e6 the unscaled
+    one gave gradients of ``λ`` wrong by 1e-3 and more), where those factors, made in the
+    original units, do not apply."""
+    if out.polish_factor is None:
+        return out
+    stale = scaling.scaled if used is None else scaling.scaled.index_fill(0, used, False)
+    L, active, has = out.polish_factor
+    out.polish_factor = (L, active, has & ~stale)
+    return out
