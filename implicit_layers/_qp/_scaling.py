@@ -4,7 +4,8 @@ equilibrated data where the check fails.
 The interior point's stopping tests are relative to ``1 + ‖q‖`` and ``1 + ‖h‖``: they suit
 data of order 1, and accept points far from the solution when the parts of the data have very
 different scales (bounds of order 1e-8 with ``q`` of order 1, a row of ``G`` of order 1e-10,
-a cost of order 1e-10). Every sample is solved as given first. A batch whose data are all near
+a cost of order 1e-10). Every sample is solved as given first (data uniformly far below 1
+divided by their largest vector norm, which is exact). A batch whose data are all near
 order 1 (every factor below within ``_BAND``) is done. Otherwise the answer of each sample
 that is not near order 1 is checked in the original units (``kkt_verdict``: stationarity,
 feasibility and complementarity relative to the magnitudes of their own terms), and one the
@@ -238,6 +239,29 @@ def _take(out: IPMResult, sub: IPMResult, at: Tensor) -> None:
                          base[2].index_copy(0, at, new[2]))
 
 
+def _homogeneous(
+    Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
+    warm: tuple[Tensor, Tensor, Tensor] | None = None, **settings: Any,
+) -> IPMResult:
+    """:func:`interior_point`, each sample whose vectors ``q, h, b`` are all smaller than 1
+    solved divided by the largest of their norms ``c`` (``z = c z'``, ``λ = c λ'``, ``ν = c ν'``
+    solve the QP with ``q/c, h/c, b/c``): data uniformly far below 1 are then solved as data of
+    order 1. Samples of order 1 and above are divided by 1 (the same iterates), and a batch
+    without such a sample is passed on as it is. The first solve of every sample."""
+    c = torch.maximum(_inf(q), torch.maximum(_inf(h), _inf(b)))
+    small = (c < 1.0) & (c > 0.0)
+    if not bool(small.any()):  # one host synchronisation, among the solve's many
+        return interior_point(Q, q, G, h, A, b, warm=warm, **settings)
+    # Not below the smallest normal number: a scale that underflows would overflow q/c. All-zero
+    # vectors (the solution z = 0 where it is feasible) keep c = 1.
+    c = torch.where(small, c.clamp(min=torch.finfo(q.dtype).tiny), 1.0).unsqueeze(-1)
+    if warm is not None:
+        warm = (warm[0] / c, warm[1] / c, warm[2] / c)
+    out = interior_point(Q, q / c, G, h / c, A, b / c, warm=warm, **settings)
+    out.z, out.lam, out.nu, out.s = out.z * c, out.lam * c, out.nu * c, out.s * c
+    return out
+
+
 def interior_point_scaled(
     Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
     warm: tuple[Tensor, Tensor, Tensor] | None = None, **settings: Any,
@@ -250,7 +274,7 @@ def interior_point_scaled(
     sample's factors are 1), in whose units the backward solves, or ``None`` for a batch near
     order 1 throughout.
     """
-    out = interior_point(Q, q, G, h, A, b, warm=warm, **settings)
+    out = _homogeneous(Q, q, G, h, A, b, warm=warm, **settings)
     scaling = equilibrate(Q, q, G, h, A, b)
     if scaling is None:
         # Data near order 1 throughout: the interior point's own tests, relative to 1 + ‖q‖ and
@@ -274,18 +298,18 @@ def interior_point_scaled(
     sub = interior_point(*part.apply(Qa, qa, Ga, ha, Aa, ba), warm=warm, **settings)
     part.unscale(sub)
     sub_err = kkt_verdict(Qa, qa, Ga, ha, Aa, ba, sub.z, sub.lam, sub.nu, part)
-    # The answer the check accepts, the one with the smaller error where both are accepted;
-    # where neither is, the scaled solve's verdict if it found the problem infeasible (the
-    # unscaled one may have called a point of tiny infeasible bounds solved), else again the
-    # one with the smaller error (reported as not solved below: a bound of 3e-9 with a free
-    # coordinate inside can leave both answers 1e-5 to 0.2 of the bound off).
+    # The answer the check accepts, the one with the smaller error where both are accepted.
+    # Where neither is: the scaled solve's verdict if it found the problem infeasible (the
+    # unscaled one may have called a point of tiny infeasible bounds solved) or if the unscaled
+    # solve did not call its answer solved; otherwise the unscaled answer, reported as not
+    # solved below (the check's error is no measure of which answer is nearer then: on weakly
+    # active bounds of 1e-9 it put an answer right to 1e-10 behind one 0.5 of the bound off).
     sub_solved, solved = sub.status == SOLVED, out.status[at] == SOLVED
     inf = torch.full_like(sub_err, float("inf"))
     sub_score, score = torch.where(sub_solved, sub_err, inf), torch.where(solved, err[at], inf)
     sub_ok, ok = sub_score <= limit, score <= limit
     infeasible = (sub.status == PRIMAL_INFEASIBLE) | (sub.status == DUAL_INFEASIBLE)
-    take = torch.where(sub_ok | ok, sub_ok & (~ok | (sub_score <= score)),
-                       infeasible | (sub_score < score) | ~solved)
+    take = torch.where(sub_ok | ok, sub_ok & (~ok | (sub_score <= score)), infeasible | ~solved)
     # Whichever is kept, an answer the check rejects is not reported as solved.
     keep = at[~take]
     bad = keep[err[keep] > limit]
