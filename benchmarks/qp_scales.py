@@ -35,6 +35,7 @@ from benchmarks.qp import load_baseline  # noqa: E402
 
 F64 = torch.float64
 VARIANTS = ("plain", "weak", "dup", "lp", "rank")
+KINDS = ("right", "near", "silently wrong", "not solved")
 
 
 def box_problem(
@@ -69,11 +70,11 @@ def box_problem(
     return (Q, q, G, h, torch.zeros(0, n, dtype=F64), torch.zeros(0, dtype=F64)), z, lam
 
 
-def count(qp: Callable[..., Any], batches: int) -> dict[str, int]:
+def count(qp: Callable[..., Any], batches: int) -> list[str]:
     """Over ``batches`` batches: right (within ``1e-6``), near (within ``1e-4``: the solve's
     tolerance is close to absolute, and 1e-14 is 3e-6 of a bound of 3e-9), wrong with status
-    solved, and reported not solved."""
-    tally = {"right": 0, "near": 0, "silently wrong": 0, "not solved": 0}
+    solved, and reported not solved: one verdict per sample, in order."""
+    verdicts = []
     for seed in range(batches):
         g = torch.Generator().manual_seed(seed)
         n = 3 + seed % 4
@@ -90,14 +91,14 @@ def count(qp: Callable[..., Any], batches: int) -> dict[str, int]:
             if lam_true is not None:
                 error = max(error, float((lam[i] - lam_true).abs().max()) / (1 + float(lam_true.abs().max())))
             if int(info.status[i]) != 0:
-                tally["not solved"] += 1
+                verdicts.append("not solved")
             elif error <= 1e-6:
-                tally["right"] += 1
+                verdicts.append("right")
             elif error <= 1e-4:
-                tally["near"] += 1
+                verdicts.append("near")
             else:
-                tally["silently wrong"] += 1
-    return tally
+                verdicts.append("silently wrong")
+    return verdicts
 
 
 def mixed_batch(tiny: bool) -> tuple[torch.Tensor, ...]:
@@ -129,17 +130,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batches", type=int, default=200,
                         help="batches of known solutions (4 samples each)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed solves of each batch")
+    parser.add_argument("--repeats", type=int, default=15, help="timed solves of each batch")
     parser.add_argument("--baseline", type=Path, default=None, help="a checkout whose il.qp is run too")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     solvers: dict[str, Callable[..., Any]] = {"il.qp": il.qp}
     if args.baseline is not None:
         solvers["il.qp (baseline)"] = load_baseline(args.baseline).qp
-    for name, qp in solvers.items():
-        tally = count(qp, args.batches)
-        print(f"{name:>17}: " + ", ".join(f"{v} {k}" for k, v in tally.items())
-              + f" of {sum(tally.values())} samples")
+    verdicts = {name: count(qp, args.batches) for name, qp in solvers.items()}
+    for name, found in verdicts.items():
+        print(f"{name:>17}: " + ", ".join(f"{found.count(k)} {k}" for k in KINDS)
+              + f" of {len(found)} samples")
+    if len(verdicts) == 2:
+        ours, base = verdicts.values()
+        print("  of the samples the baseline had right or near, now: " + ", ".join(
+            f"{sum(1 for a, b in zip(ours, base, strict=True) if b in ('right', 'near') and a == k)} {k}"
+            for k in KINDS))
     for tiny in (False, True):
         label = "half bounded at 1e-8" if tiny else "order 1"
         data = mixed_batch(tiny)
