@@ -9,7 +9,7 @@ divided by their largest vector norm, which is exact). A batch whose data are al
 order 1 (every factor below within ``_BAND``) is done. Otherwise the answer of each sample
 that is not near order 1 is checked in the original units (``kkt_verdict``: stationarity,
 feasibility and complementarity relative to the magnitudes of their own terms), and one the
-check does not accept at the solve's own tolerance is solved again in scaled units,
+check does not accept at a hundredth of the solve's tolerance is solved again in scaled units,
 
     z = σ D z',    rows of G and h scaled by E,    rows of A and b by F,
 
@@ -25,12 +25,13 @@ one, is scaled down further). Its solution gives the original one exactly:
 
     z = σ D z',  λ = t E λ',  ν = t F ν',  s = σ s' / E.
 
-Every factor is a power of two, so the scaling and its inverse are exact in floating point. Of
-the two answers the one with the smaller error in the check is kept (the unscaled one where
-that check accepts it at a hundredth of the solve's tolerance, so a sample the scaling would
-not help, such as an equality whose bound is the rounding of a zero, keeps the answer it had).
-An answer that fails the check is reported as not solved (``MAX_STEPS``, with that error as its
-residual): a point far from the solution never comes back as solved without a warning.
+Every factor is a power of two, so the scaling and its inverse are exact in floating point.
+The scaled answer is kept where the check accepts it (and the first answer is not closer);
+where the check accepts neither, the first answer is kept (or the scaled solve's verdict of
+infeasibility, or its answer where the first solve did not call its own solved), reported as
+not solved (``MAX_STEPS``, with the check's error as its residual): a point far from the
+solution never comes back as solved without a warning, and a sample the scaling does not help
+(an equality whose bound is the rounding of a zero) keeps the answer it had.
 """
 
 from __future__ import annotations
