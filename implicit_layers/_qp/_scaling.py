@@ -6,7 +6,7 @@ data of order 1, and accept points far from the solution when the parts of the d
 different scales (bounds of order 1e-8 with ``q`` of order 1, a row of ``G`` of order 1e-10,
 a cost of order 1e-10). Every sample is solved as given first (data uniformly far below 1
 divided by their largest vector norm, which is exact). A batch whose data are all near
-order 1 (every factor below within ``_BAND``) is done. Otherwise the answer of each sample
+order 1 (every factor below within ``_BAND``, 1000) is done. Otherwise the answer of each sample
 that is not near order 1 is checked in the original units (``kkt_verdict``: stationarity,
 feasibility and complementarity relative to the magnitudes of their own terms), and one the
 check does not accept at a hundredth of the solve's tolerance is solved again in scaled units,
@@ -48,7 +48,7 @@ from ._linalg import bmtv, bmv
 __all__ = ["Scaling", "equilibrate", "kkt_verdict", "interior_point_scaled"]
 
 _PASSES = 10  # Ruiz passes (proxsuite's default; the factors settle within a few)
-_BAND = 16.0  # a sample whose norms and scales are all within [1/_BAND, _BAND] is not scaled
+_BAND = 1e3  # a sample whose norms and scales are all within [1/_BAND, _BAND] is not scaled
 _LOOSE = 16.0  # a row of G whose scaled bound is above _LOOSE is scaled down to it
 _VERDICT = 1e3  # the check in the original units fails above _VERDICT * tol
 _FLOOR = 1e-3  # of the solve's own units: the least scale a term is measured against
