@@ -11,7 +11,7 @@ from torch import Tensor
 from ._capture import refuse_vmap
 from ._info import ConvergenceError, ConvergenceWarning
 from ._qp._functional import qp
-from ._qp._ipm import SOLVED, STATUS_NAMES
+from ._qp._ipm import SOLVED, STATUS_NAMES, inaccurate_hint
 from ._qp._settings import InteriorPoint
 from ._set_params import require_tensor
 
@@ -160,7 +160,7 @@ def _report(status: Tensor, batch: torch.Size, solver: InteriorPoint) -> None:
         f"projection.polyhedron: no projection found for {where}: {len(failed)} of {len(codes)} "
         f"vector(s).{closest} 'primal infeasible' means the set {{A y = b, G y <= h}} is empty: check "
         f"the constraints; 'max steps' means the solver stopped early: raise max_steps (now "
-        f"{solver.max_steps}) in solver=il.InteriorPoint(...)."
+        f"{solver.max_steps}) in solver=il.InteriorPoint(...).{inaccurate_hint(codes)}"
     )
     if solver.on_failure == "raise":
         raise ConvergenceError(message)

@@ -314,3 +314,15 @@ def test_tiny_boxes_with_free_coordinates_are_never_silently_wrong() -> None:
             wrong.append((seed, delta, error))
         assert int(info.status[1]) == 0 and torch.allclose(out[1], z_ref, atol=1e-8)
     assert not wrong, wrong
+
+
+def test_an_answer_failing_the_check_is_reported_inaccurate_with_what_to_do() -> None:
+    """A free coordinate inside bounds of 3e-9 that neither solve resolves (seed 18 of the box
+    problems): status 4, 'inaccurate', and a warning that says more steps do not help."""
+    data, z = _box(18, 5, 2.9e-9)
+    ref, _ = _box(1018, 5, 1.0)
+    batch_data = [torch.stack([a, b]) for a, b in zip(data, ref, strict=True)]
+    with pytest.warns(il.ConvergenceWarning, match=r"0 \(inaccurate\).*more steps do not help"):
+        _, info = il.qp(*batch_data, return_info=True)
+    assert info.status.tolist() == [4, 0] and info.status_names == ["inaccurate", "solved"]
+    assert float(info.residual[0]) > 1e3 * il.InteriorPoint().resolved_tol(torch.float64)

@@ -12,7 +12,7 @@ from .._info import ConvergenceError, ConvergenceWarning
 from ..functional import custom_root
 from ._closest import closest_feasible_shift
 from ._inputs import QPData, check_inputs, expand
-from ._ipm import PRIMAL_INFEASIBLE, SOLVED, STATUS_NAMES
+from ._ipm import PRIMAL_INFEASIBLE, SOLVED, STATUS_NAMES, inaccurate_hint
 from ._kkt import KKTSolve, kkt_residual
 from ._scaling import interior_point_scaled
 from ._settings import InteriorPoint, QPInfo
@@ -249,8 +249,8 @@ def _report(status: Tensor, batch: int | None, solver: InteriorPoint) -> None:
         f"qp: {where}{' ' + what if what else ''} not solved: {len(failed)} of {len(codes)} "
         f"problem(s).{closest} Their outputs are not solutions (the others are exact): check that the "
         "constraints are feasible and the objective bounded below, or raise max_steps (now "
-        f"{solver.max_steps}) for a sample stopped at max steps. info.status (return_info=True) "
-        "gives every sample's status."
+        f"{solver.max_steps}) for a sample stopped at max steps.{inaccurate_hint(codes)} "
+        "info.status (return_info=True) gives every sample's status."
     )
     if solver.on_failure == "raise":
         raise ConvergenceError(message)

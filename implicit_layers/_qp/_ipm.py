@@ -45,14 +45,29 @@ from ._linalg import (
 )
 
 __all__ = ["IPMResult", "interior_point", "SOLVED", "PRIMAL_INFEASIBLE",
-           "DUAL_INFEASIBLE", "MAX_STEPS", "STATUS_NAMES"]
+           "DUAL_INFEASIBLE", "MAX_STEPS", "INACCURATE", "STATUS_NAMES", "inaccurate_hint"]
 
 # Per-sample status codes (see QPInfo.status).
 SOLVED = 0
 PRIMAL_INFEASIBLE = 1
 DUAL_INFEASIBLE = 2
 MAX_STEPS = 3
-STATUS_NAMES = ("solved", "primal infeasible", "dual infeasible", "max steps")
+# An answer the interior point called solved that fails the check in the original units
+# (data of very different scales: see _scaling.py).
+INACCURATE = 4
+STATUS_NAMES = ("solved", "primal infeasible", "dual infeasible", "max steps", "inaccurate")
+
+
+def inaccurate_hint(codes: list[int]) -> str:
+    """The advice for samples whose answer failed the check in the original units (status
+    ``INACCURATE`` among ``codes``), or an empty string."""
+    if INACCURATE not in codes:
+        return ""
+    return (" 'inaccurate' means the answer fails the check made in the original units for data "
+            "of very different scales (a free variable inside bounds far below the cost's scale, "
+            "variables of very different orders): more steps do not help; the troubleshooting "
+            "guide, 'Data of very different scales', says which data this happens for and what "
+            "helps.")
 
 _STEP_FRACTION = 0.99  # fraction of the distance to the boundary s, λ ≥ 0 taken per step
 _STRICT = 1e-3  # a sample stops at tol * _STRICT, or below tol once it stalls

@@ -29,7 +29,7 @@ Every factor is a power of two, so the scaling and its inverse are exact in floa
 The scaled answer is kept where the check accepts it (and the first answer is not closer);
 where the check accepts neither, the first answer is kept (or the scaled solve's verdict of
 infeasibility, or its answer where the first solve did not call its own solved), reported as
-not solved (``MAX_STEPS``, with the check's error as its residual): a point far from the
+not solved (``INACCURATE``, with the check's error as its residual): a point far from the
 solution never comes back as solved without a warning, and a sample the scaling does not help
 (an equality whose bound is the rounding of a zero) keeps the answer it had.
 """
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._ipm import DUAL_INFEASIBLE, MAX_STEPS, PRIMAL_INFEASIBLE, SOLVED, IPMResult, interior_point
+from ._ipm import DUAL_INFEASIBLE, INACCURATE, PRIMAL_INFEASIBLE, SOLVED, IPMResult, interior_point
 from ._linalg import bmtv, bmv
 
 __all__ = ["Scaling", "equilibrate", "kkt_verdict", "interior_point_scaled"]
@@ -315,7 +315,7 @@ def interior_point_scaled(
     keep = at[~take]
     bad = keep[err[keep] > limit]
     if bad.numel():
-        out.status = out.status.index_fill(0, bad, MAX_STEPS)
+        out.status = out.status.index_fill(0, bad, INACCURATE)
         out.residual = out.residual.index_copy(0, bad, err[bad])
     at, sub_idx = at[take], take.nonzero().squeeze(1)
     if at.numel() == 0:
@@ -327,7 +327,7 @@ def interior_point_scaled(
     chosen_err = sub_err[sub_idx]
     chosen.steps = chosen.steps + out.steps[at]  # a sample solved twice took both solves' steps
     failed = (chosen.status == SOLVED) & (chosen_err > limit)
-    chosen.status = torch.where(failed, MAX_STEPS, chosen.status)
+    chosen.status = torch.where(failed, INACCURATE, chosen.status)
     chosen.residual = torch.where(failed, chosen_err, chosen.residual)
     _take(out, chosen, at)
     return _for_scaled_backward(out, scaling, used=at), scaling

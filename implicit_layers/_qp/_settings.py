@@ -87,7 +87,9 @@ class QPInfo(SolveInfo):
 
     Attributes:
         status: int64 tensor, ``(B,)`` or ``()``: 0 solved, 1 primal infeasible, 2 dual
-            infeasible (unbounded), 3 max steps (see :attr:`status_names`).
+            infeasible (unbounded), 3 max steps, 4 inaccurate (called solved, but the answer
+            fails the check in the original units made for data of very different scales; see
+            the troubleshooting guide) (see :attr:`status_names`).
         duals: ``(λ, ν)``, the multipliers of ``Gz <= h`` and ``Az = b`` (detached).
     """
 
