@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .._capture import refuse_vmap, transforms_active
+from ._linalg import largest_abs
 
 __all__ = ["QPData", "check_inputs", "expand"]
 
@@ -164,8 +165,7 @@ def _check_positive_semidefinite(Q: Tensor) -> None:
     diag = Qd.diagonal(dim1=-2, dim2=-1)
     # The largest entry, on the diagonal for a positive semidefinite matrix (read over the
     # whole matrix: an indefinite Q may have a zero diagonal).
-    low, high = Qd.flatten(-2).aminmax(dim=-1)
-    scale = torch.maximum(high, -low).unsqueeze(-1)
+    scale = largest_abs(Qd.flatten(-2)).unsqueeze(-1)
     slack = max(64 * torch.finfo(diag.dtype).eps, 1e-6) * scale
     negative = (diag < -slack).any(-1)
     # |Qᵢⱼ| / √(dᵢdⱼ) row by row, in one temporary (a tenth of the time of the products). For

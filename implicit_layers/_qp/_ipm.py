@@ -39,6 +39,7 @@ from ._linalg import (
     cholesky,
     cholesky_or_identity,
     cholesky_solve,
+    inf_norm,
     matrix_scale,
     normal_matrix,
     weighted_gram,
@@ -105,12 +106,6 @@ class IPMResult:
     # The Cholesky factor of the polish that ended each sample ``(B, n, n)``, its guessed active
     # set ``(B, m)`` and which samples have one ``(B,)`` (see ``ReducedKKT``), or ``None``.
     polish_factor: tuple[Tensor, Tensor, Tensor] | None = None
-
-
-def _inf_norm(v: Tensor) -> Tensor:
-    if v.shape[-1] == 0:
-        return v.new_zeros(v.shape[:-1])
-    return v.abs().amax(dim=-1)
 
 
 class _Reduced:
@@ -272,8 +267,8 @@ def interior_point(
     tiny = torch.finfo(dtype).tiny
 
     # Scales for the relative stopping tests and the regularisation.
-    q_scale = 1.0 + _inf_norm(q)
-    h_scale = 1.0 + torch.maximum(_inf_norm(h), _inf_norm(b))
+    q_scale = 1.0 + inf_norm(q)
+    h_scale = 1.0 + torch.maximum(inf_norm(h), inf_norm(b))
     mat_scale = matrix_scale(Q, G, A)
     reg = torch.finfo(dtype).eps ** 0.5 if dtype != torch.float64 else 1e-9
     delta = reg * mat_scale
@@ -336,8 +331,8 @@ def interior_point(
         rd, rpi, rpe, mu = kkt(z, lam, nu, s, Gz)
         # Every iteration decides per sample without a host synchronisation; the loop only
         # asks the device whether any sample is left every `check_every` iterations.
-        err_d = _inf_norm(rd) / q_scale
-        err_p = torch.maximum(_inf_norm(rpi), _inf_norm(rpe)) / h_scale
+        err_d = inf_norm(rd) / q_scale
+        err_p = torch.maximum(inf_norm(rpi), inf_norm(rpe)) / h_scale
         gap = mu * max(m, 1) / (q_scale * h_scale)
         res = torch.maximum(torch.maximum(err_d, err_p), gap)
         res = torch.where(torch.isfinite(res), res, float("inf"))
@@ -566,26 +561,26 @@ def _certificates(
     approach such directions when the problem has no solution.
     """
     cert_tol = max(tol, 1e-6) ** 0.5 * 1e-2
-    y_norm = torch.maximum(_inf_norm(lam), _inf_norm(nu)).clamp(min=torch.finfo(q.dtype).tiny)
-    d_norm = _inf_norm(z).clamp(min=torch.finfo(q.dtype).tiny)
+    y_norm = torch.maximum(inf_norm(lam), inf_norm(nu)).clamp(min=torch.finfo(q.dtype).tiny)
+    d_norm = inf_norm(z).clamp(min=torch.finfo(q.dtype).tiny)
     if q.device.type == "cpu" and not bool(((y_norm > 1.0 / cert_tol) | (d_norm > 1.0 / cert_tol)).any()):
         # Both certificates need a diverging iterate; on the CPU, where asking costs nothing,
         # the products below are skipped while no sample diverges.
         none = torch.zeros_like(y_norm, dtype=torch.bool)
         return none, none
     lam_n, nu_n = lam / y_norm[:, None], nu / y_norm[:, None]
-    g_scale = 1.0 + torch.maximum(_inf_norm(G.flatten(1)), _inf_norm(A.flatten(1)))
-    stat = _inf_norm(bmtv(G, lam_n) + bmtv(A, nu_n)) / g_scale
+    g_scale = 1.0 + torch.maximum(inf_norm(G.flatten(1)), inf_norm(A.flatten(1)))
+    stat = inf_norm(bmtv(G, lam_n) + bmtv(A, nu_n)) / g_scale
     farkas = (h * lam_n).sum(-1) + (b * nu_n).sum(-1)
-    hb_scale = 1.0 + torch.maximum(_inf_norm(h), _inf_norm(b))
+    hb_scale = 1.0 + torch.maximum(inf_norm(h), inf_norm(b))
     pinf = (y_norm > 1.0 / cert_tol) & (stat <= cert_tol) & (farkas < -cert_tol * hb_scale)
 
     d = z / d_norm[:, None]
-    m_scale = 1.0 + torch.maximum(_inf_norm(Q.flatten(1)), g_scale)
-    cond_q = _inf_norm(bmv(Q, d)) <= cert_tol * m_scale
+    m_scale = 1.0 + torch.maximum(inf_norm(Q.flatten(1)), g_scale)
+    cond_q = inf_norm(bmv(Q, d)) <= cert_tol * m_scale
     cond_g = (bmv(G, d).amax(-1) if G.shape[-2] else d_norm.new_zeros(d.shape[0])) <= cert_tol * m_scale
-    cond_a = _inf_norm(bmv(A, d)) <= cert_tol * m_scale
-    cond_obj = (q * d).sum(-1) < -cert_tol * (1.0 + _inf_norm(q))
+    cond_a = inf_norm(bmv(A, d)) <= cert_tol * m_scale
+    cond_obj = (q * d).sum(-1) < -cert_tol * (1.0 + inf_norm(q))
     dinf = (d_norm > 1.0 / cert_tol) & cond_q & cond_g & cond_a & cond_obj
     return pinf, dinf
 
@@ -597,9 +592,9 @@ def _kkt_error(
     """Relative KKT error of a primal-dual point with ``λ ≥ 0`` (stationarity, feasibility, gap),
     given its slack ``h - Gz`` and equality residual ``Az - b``."""
     rd = bmv(Q, z) + q + bmtv(G, lam) + bmtv(A, nu)
-    err_d = _inf_norm(rd) / q_scale
-    err_p = torch.maximum(_inf_norm((-slack).clamp(min=0.0)), _inf_norm(r_eq)) / h_scale
-    gap = _inf_norm(lam * slack.clamp(min=0.0)) / (q_scale * h_scale)
+    err_d = inf_norm(rd) / q_scale
+    err_p = torch.maximum(inf_norm((-slack).clamp(min=0.0)), inf_norm(r_eq)) / h_scale
+    gap = inf_norm(lam * slack.clamp(min=0.0)) / (q_scale * h_scale)
     return torch.maximum(torch.maximum(err_d, err_p), gap)
 
 
@@ -649,7 +644,7 @@ def _polish(
         r2_g = active * (h - Gz)
         r2_a = b - Az
         if step and z.device.type == "cpu" and bool((torch.maximum(
-                _inf_norm(r1) / q_scale, torch.maximum(_inf_norm(r2_g), _inf_norm(r2_a)) / h_scale)
+                inf_norm(r1) / q_scale, torch.maximum(inf_norm(r2_g), inf_norm(r2_a)) / h_scale)
                 <= _ROUNDING).all()):
             break  # every sample refined to rounding: a further correction would change nothing
         rhs = r1 + (bmtv(G, r2_g) + bmtv(A, r2_a)) / rho

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["bmv", "bmtv", "matrix_scale", "weighted_gram", "normal_matrix", "cholesky",
-           "cholesky_solve", "cholesky_or_identity"]
+__all__ = ["bmv", "bmtv", "inf_norm", "largest_abs", "matrix_scale", "weighted_gram",
+           "normal_matrix", "cholesky", "cholesky_solve", "cholesky_or_identity"]
 
 
 def bmv(M: Tensor, v: Tensor) -> Tensor:
@@ -27,17 +27,27 @@ def bmtv(M: Tensor, v: Tensor) -> Tensor:
     return torch.bmm(v.unsqueeze(1), M).squeeze(1)
 
 
+def inf_norm(v: Tensor) -> Tensor:
+    """The largest absolute entry of ``v`` along its last dimension (zeros for an empty one):
+    two ops, for the vectors of the solve's loops."""
+    if v.shape[-1] == 0:
+        return v.new_zeros(v.shape[:-1])
+    return v.abs().amax(dim=-1)
+
+
+def largest_abs(t: Tensor, dim: int = -1) -> Tensor:
+    """The largest absolute entry of ``t`` along ``dim`` (zeros for an empty one), by two
+    reductions: no ``|t|`` temporary of ``t``'s size, for matrices."""
+    if t.shape[dim] == 0:
+        shape = list(t.shape)
+        del shape[dim]
+        return t.new_zeros(shape)
+    return torch.maximum(t.amax(dim), -t.amin(dim))
+
+
 def matrix_scale(Q: Tensor, G: Tensor, A: Tensor) -> Tensor:
     """The largest absolute entry of ``Q``, ``G`` and ``A`` per sample, at least 1: ``(B,)``."""
-    B = Q.shape[0]
-
-    def largest(t: Tensor) -> Tensor:
-        if not t.numel():
-            return Q.new_zeros(B)
-        flat = t.flatten(1)  # two reductions, no |t| temporary of t's size
-        return torch.maximum(flat.amax(-1), -flat.amin(-1))
-
-    return torch.stack([largest(t) for t in (Q, G, A)], -1).amax(-1).clamp(min=1.0)
+    return torch.stack([largest_abs(t.flatten(1)) for t in (Q, G, A)], -1).amax(-1).clamp(min=1.0)
 
 
 def weighted_gram(Q: Tensor, G: Tensor, w: Tensor) -> Tensor:

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ._ipm import DUAL_INFEASIBLE, INACCURATE, PRIMAL_INFEASIBLE, SOLVED, IPMResult, interior_point
-from ._linalg import bmtv, bmv
+from ._linalg import bmtv, bmv, inf_norm, largest_abs
 
 __all__ = ["Scaling", "equilibrate", "kkt_verdict", "interior_point_scaled"]
 
@@ -103,24 +103,11 @@ def _pow2(x: Tensor) -> Tensor:
     return torch.exp2(torch.round(torch.log2(x)))
 
 
-def _largest(t: Tensor, dim: int, size: tuple[int, ...]) -> Tensor:
-    """``|t|.amax(dim)``, zeros for an empty reduction (shape ``size``)."""
-    if t.shape[dim] == 0:
-        return t.new_zeros(size)
-    return torch.maximum(t.amax(dim), -t.amin(dim))
-
-
 def _norms(Q: Tensor, G: Tensor, A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The largest entry of each column of the KKT matrix (``(B, n)`` for ``z``) and of each row
     of ``G`` ``(B, m)`` and ``A`` ``(B, p)``."""
-    B, n = Q.shape[0], Q.shape[-1]
-    col = torch.maximum(_largest(Q, -2, (B, n)), torch.maximum(
-        _largest(G, -2, (B, n)), _largest(A, -2, (B, n))))
-    return col, _largest(G, -1, G.shape[:-1]), _largest(A, -1, A.shape[:-1])
-
-
-def _inf(v: Tensor) -> Tensor:
-    return _largest(v, -1, v.shape[:-1])
+    col = torch.maximum(largest_abs(Q, -2), torch.maximum(largest_abs(G, -2), largest_abs(A, -2)))
+    return col, largest_abs(G), largest_abs(A)
 
 
 def _typical(h: Tensor, b: Tensor) -> Tensor:
@@ -142,10 +129,10 @@ def equilibrate(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor
     """The scaling of each sample (see the module's docstring), or ``None`` when every sample
     is near order 1 already."""
     col, row_g, row_a = _norms(Q, G, A)
-    q_max = _inf(Q.flatten(1))
+    q_max = largest_abs(Q.flatten(1))
     sigma0 = _typical(h, b)
-    t0 = torch.maximum(sigma0 * q_max, _inf(q))
-    bound = torch.maximum(_inf(h), _inf(b))
+    t0 = torch.maximum(sigma0 * q_max, inf_norm(q))
+    bound = torch.maximum(inf_norm(h), inf_norm(b))
     plain = (_within(col, _BAND) & _within(row_g, _BAND) & _within(row_a, _BAND)
              & _within(q_max[:, None], _BAND) & _within(sigma0[:, None], _BAND)
              & _within(t0[:, None], _BAND) & (bound <= _BAND * sigma0))
@@ -171,8 +158,8 @@ def equilibrate(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor
     over = (E * h).abs() / (_LOOSE * sigma)
     E = torch.where(keep[:, None] & (over > 1.0), E * torch.exp2(-torch.ceil(torch.log2(over))), E)
     # The cost's scale: the largest entry of Q' = (σ/t) DQD and of q' = Dq/t is 1.
-    cost = torch.maximum(sigma.squeeze(-1) * _inf((D.unsqueeze(-1) * Q * D.unsqueeze(-2)).flatten(1)),
-                         _inf(D * q))
+    cost = torch.maximum(sigma.squeeze(-1) * largest_abs((D.unsqueeze(-1) * Q * D.unsqueeze(-2)).flatten(1)),
+                         inf_norm(D * q))
     t = torch.where(keep & (cost > 0), _pow2(torch.where(cost > 0, cost, 1.0)), 1.0)[:, None]
     return Scaling(D=D, E=E, F=F, sigma=sigma, t=t, scaled=keep)
 
@@ -206,10 +193,10 @@ def kkt_verdict(
     rd = Qz + q + bmtv(G, lam) + bmtv(A, nu)
     Ga, Aa = G.abs(), A.abs()
     dual = bmv(Q.abs(), za) + q.abs() + bmtv(Ga, la) + bmtv(Aa, na)
-    err_d = _inf(rd / dual.clamp(min=tiny))
+    err_d = inf_norm(rd / dual.clamp(min=tiny))
     row_g, row_a = bmv(Ga, za) + h.abs(), bmv(Aa, za) + b.abs()
-    viol = torch.maximum(_inf(E * (Gz - h).clamp(min=0.0)), _inf(F * (Az - b)))
-    err_p = viol / torch.maximum(torch.maximum(_inf(E * row_g), _inf(F * row_a)),
+    viol = torch.maximum(inf_norm(E * (Gz - h).clamp(min=0.0)), inf_norm(F * (Az - b)))
+    err_p = viol / torch.maximum(torch.maximum(inf_norm(E * row_g), inf_norm(F * row_a)),
                                  _FLOOR * sigma).clamp(min=tiny)
     gap = (lam.clamp(min=0.0) * (h - Gz).abs()).sum(-1)
     objective = torch.stack([(z * Qz).sum(-1).abs(), (q * z).sum(-1).abs(), (b * nu).sum(-1).abs(),
@@ -249,7 +236,7 @@ def _homogeneous(
     solve the QP with ``q/c, h/c, b/c``): data uniformly far below 1 are then solved as data of
     order 1. Samples of order 1 and above are divided by 1 (the same iterates), and a batch
     without such a sample is passed on as it is. The first solve of every sample."""
-    c = torch.maximum(_inf(q), torch.maximum(_inf(h), _inf(b)))
+    c = torch.maximum(inf_norm(q), torch.maximum(inf_norm(h), inf_norm(b)))
     small = (c < 1.0) & (c > 0.0)
     if not bool(small.any()):  # one host synchronisation, among the solve's many
         return interior_point(Q, q, G, h, A, b, warm=warm, **settings)
