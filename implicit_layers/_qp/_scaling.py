@@ -166,7 +166,7 @@ def equilibrate(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor
 
 def kkt_verdict(
     Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
-    z: Tensor, lam: Tensor, nu: Tensor, scaling: Scaling | None,
+    z: Tensor, lam: Tensor, nu: Tensor, scaling: Scaling,
 ) -> Tensor:
     """The relative KKT error ``(B,)`` of ``(z, λ, ν)`` in the original units.
 
@@ -182,12 +182,8 @@ def kkt_verdict(
     term is the rounding of the solve. Multiplying ``z`` (with the bounds), the cost, a row or
     a variable by a constant changes none of the three."""
     tiny = torch.finfo(q.dtype).tiny
-    if scaling is None:
-        E, F = torch.ones_like(h), torch.ones_like(b)
-        sigma = t = q.new_ones(q.shape[0])
-    else:
-        E, F = scaling.E, scaling.F
-        sigma, t = scaling.sigma.squeeze(-1), scaling.t.squeeze(-1)
+    E, F = scaling.E, scaling.F
+    sigma, t = scaling.sigma.squeeze(-1), scaling.t.squeeze(-1)
     za, la, na = z.abs(), lam.abs(), nu.abs()
     Qz, Gz, Az = bmv(Q, z), bmv(G, z), bmv(A, z)
     rd = Qz + q + bmtv(G, lam) + bmtv(A, nu)
