@@ -139,7 +139,12 @@ def equilibrate(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor
     if bool(plain.all()):  # one host synchronisation, among the solve's many
         return None
 
-    # Ruiz's equilibration of the KKT matrix; a zero row or column keeps its factor.
+    # Ruiz's equilibration of the KKT matrix, of the samples that are not near order 1 alone;
+    # a zero row or column keeps its factor.
+    keep = ~plain
+    at = keep.nonzero().squeeze(1)
+    Q, q, G, h, A, b = (x[at] for x in (Q, q, G, h, A, b))
+    col, row_g, row_a = col[at], row_g[at], row_a[at]
     D, E, F = torch.ones_like(q), torch.ones_like(h), torch.ones_like(b)
     Qs, Gs, As = Q, G, A
     for _ in range(_PASSES):
@@ -150,18 +155,21 @@ def equilibrate(Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor
         Gs = e.unsqueeze(-1) * Gs * dr
         As = f.unsqueeze(-1) * As * dr
         col, row_g, row_a = _norms(Qs, Gs, As)
-    keep = ~plain
-    D, E, F = (torch.where(keep[:, None], _pow2(x), 1.0) for x in (D, E, F))
+    D, E, F = _pow2(D), _pow2(E), _pow2(F)
 
     # The typical bound, and the loose rows scaled down to _LOOSE times it.
-    sigma = torch.where(keep, _pow2(_typical(E * h, F * b)), 1.0)[:, None]
+    sigma = _pow2(_typical(E * h, F * b))[:, None]
     over = (E * h).abs() / (_LOOSE * sigma)
-    E = torch.where(keep[:, None] & (over > 1.0), E * torch.exp2(-torch.ceil(torch.log2(over))), E)
+    E = torch.where(over > 1.0, E * torch.exp2(-torch.ceil(torch.log2(over))), E)
     # The cost's scale: the largest entry of Q' = (σ/t) DQD and of q' = Dq/t is 1.
     cost = torch.maximum(sigma.squeeze(-1) * largest_abs((D.unsqueeze(-1) * Q * D.unsqueeze(-2)).flatten(1)),
                          inf_norm(D * q))
-    t = torch.where(keep & (cost > 0), _pow2(torch.where(cost > 0, cost, 1.0)), 1.0)[:, None]
-    return Scaling(D=D, E=E, F=F, sigma=sigma, t=t, scaled=keep)
+    t = torch.where(cost > 0, _pow2(torch.where(cost > 0, cost, 1.0)), 1.0)[:, None]
+    def spread(x: Tensor) -> Tensor:  # every factor of the other samples is 1
+        return x.new_ones((keep.shape[0], *x.shape[1:])).index_copy(0, at, x)
+
+    return Scaling(D=spread(D), E=spread(E), F=spread(F), sigma=spread(sigma), t=spread(t),
+                   scaled=keep)
 
 
 def kkt_verdict(
