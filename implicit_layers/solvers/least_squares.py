@@ -421,9 +421,8 @@ class LevenbergMarquardt(_NormalEquations):
         ``inference_mode``, torch-function and dispatch modes, forward-mode AD (see
         :func:`~implicit_layers._capture.modes_active`) and ``torch.func`` transforms (a
         problem folded from ``vmap`` calls the residual function under the transform), and
-        with the function called as it is
-        (under ``torch.func.grad`` the layer's forward calls it with unwrapped values
-        substituted, a mode the compiled loop cannot trace)."""
+        with the function called as it is (under ``torch.func.grad`` the layer's forward calls
+        it with unwrapped values substituted, a mode the compiled loop cannot trace)."""
         return (self.compile and isinstance(problem, LeastSquaresProblem) and self._dense(z0)
                 and not (torch.is_inference_mode_enabled() or transforms_active() or modes_active()
                          or problem.substitutes))
