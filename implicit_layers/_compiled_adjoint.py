@@ -426,7 +426,10 @@ def _cg_loop(
             # Masked-out samples may divide by zero here; ``where`` discards those values.
             alpha = torch.where(ok, rs / pAp, 0.0).unsqueeze(-1)
             u = u + alpha * p
-            r = r - alpha * Ap
+            # Where a NaN product stopped a sample, alpha = 0 would still carry it into r
+            # (0 · NaN), then into p and, at the next step, into u: the stopped sample's r is
+            # kept instead.
+            r = torch.where(ok.unsqueeze(-1), r - alpha * Ap, r)
             rs_new = torch.linalg.vecdot(r, r)
             beta = torch.where(ok, rs_new / rs, 0.0).unsqueeze(-1)
             p = r + beta * p

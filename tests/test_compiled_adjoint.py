@@ -183,6 +183,23 @@ def test_indefinite_stops_without_nan() -> None:
     assert torch.isfinite(t.grad).all()
 
 
+def test_nan_in_the_jacobian_stops_without_nan() -> None:
+    # A NaN product stops CG (as negative curvature does); 0 · NaN must not carry it into the
+    # solution at the loop's next step.
+    scale = torch.tensor(float("nan"), dtype=torch.float64)
+    t = torch.ones(3, dtype=torch.float64, requires_grad=True)
+
+    @il.custom_root(lambda z, t: scale * z - t, symmetric=True,
+                    backward=il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)))
+    def inner(z0, t):
+        return t.clone()
+
+    z = inner(torch.zeros(3, dtype=torch.float64), t)
+    with pytest.warns(il.ConvergenceWarning, match="did not converge"):
+        z.sum().backward()
+    assert torch.isfinite(t.grad).all()
+
+
 def test_vmap_inference_mode_and_no_grad() -> None:
     """vmap (of grad) runs the eager CG with the same results; without a graph the layer is
     the forward alone, with the same solution."""
