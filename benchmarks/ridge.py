@@ -21,6 +21,7 @@ import implicit_layers as il
 
 from ._common import (
     COMPILED,
+    WHOLE,
     Config,
     Section,
     add_failures,
@@ -29,6 +30,7 @@ from ._common import (
     peer_or_note,
     rel_err,
     time_alternating,
+    whole_call_options,
 )
 
 TOL = 1e-10
@@ -77,15 +79,22 @@ def ridge_methods(data: dict[str, np.ndarray], cfg: Config, section: Section) ->
         w = closed_form(theta.exp())
         return torch.autograd.grad(outer(w), theta)[0]
 
-    def ours(backward):
+    def ours(backward, whole: bool = False):
         @il.custom_root(optimality, backward=backward, symmetric=True, rtol=TOL)
         def inner(w0, theta):
             return closed_form(theta.exp())
 
+        w0 = torch.zeros(d, dtype=X.dtype, device=X.device)
+
+        def loss(theta: torch.Tensor) -> torch.Tensor:
+            return outer(inner(w0, theta))
+
+        if whole:  # forward and backward each one graph, as jax.jit compiles jaxopt's
+            loss = torch.compile(loss, fullgraph=True, options=whole_call_options(X.device))
+
         def run() -> torch.Tensor:
             theta = theta0.clone().requires_grad_(True)
-            w = inner(torch.zeros(d, dtype=X.dtype, device=X.device), theta)
-            return torch.autograd.grad(outer(w), theta)[0]
+            return torch.autograd.grad(loss(theta), theta)[0]
 
         return run
 
@@ -98,6 +107,7 @@ def ridge_methods(data: dict[str, np.ndarray], cfg: Config, section: Section) ->
             il.linear.Neumann(rtol=TOL, alpha=1.0 / L, max_steps=20000)
         ),
         COMPILED: ours(il.backward.CompiledImplicit(il.linear.CG(rtol=TOL))),
+        WHOLE: ours(il.backward.CompiledImplicit(il.linear.CG(rtol=TOL)), whole=True),
     }
 
     def unrolled(K: int):
@@ -185,7 +195,7 @@ def run_ridge(cfg: Config) -> Section:
         data = make_ridge(d)
         methods = ridge_methods(data, cfg, section)
         ref = methods["dense autograd"]()
-        first = first_calls(methods, (COMPILED, "jaxopt CG (jit)"))
+        first = first_calls(methods, (COMPILED, WHOLE, "jaxopt CG (jit)"))
         times, outs = time_alternating(methods, cfg)
         for name, sec in times.items():
             section.add(
@@ -206,10 +216,12 @@ def run_ridge(cfg: Config) -> Section:
                 r = ours_t / times["jaxopt CG (jit)"]
                 section.target("ridge d=200: ours/jaxopt CG", "<= 3 (<= 1.5 earlier)", r, r <= 3,
                                f"{1e3 * ours_t:.2f} vs {1e3 * times['jaxopt CG (jit)']:.2f} ms")
-            if "jaxopt CG (jit)" in times and COMPILED in times:
-                t_c, t_j = paired_times(methods, COMPILED, "jaxopt CG (jit)", cfg)
-                compile_s = f"{first[COMPILED]:.1f} s vs jit {first['jaxopt CG (jit)']:.1f} s"
-                section.target("ridge d=200: ours (compiled solve) / jaxopt CG (jit)", "<= 2", t_c / t_j,
+            for name, goal in ((WHOLE, "<= 2"), (COMPILED, "reported")):
+                if "jaxopt CG (jit)" not in times or name not in times:
+                    continue
+                t_c, t_j = paired_times(methods, name, "jaxopt CG (jit)", cfg)
+                compile_s = f"{first[name]:.1f} s vs jit {first['jaxopt CG (jit)']:.1f} s"
+                section.target(f"ridge d=200: {name} / jaxopt CG (jit)", goal, t_c / t_j,
                                t_c / t_j <= 2, f"{1e3 * t_c / 2:.2f} vs {1e3 * t_j / 2:.2f} ms (paired "
                                f"re-timing); first call {compile_s}")
     run_logistic(cfg, section)

@@ -87,14 +87,15 @@ class _AdjointSolve(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         r: Tensor, z: Tensor, fn: Callable[..., Tensor], cg: CG, rtol: float, batched: bool,
-        what: str, *args: Any,
+        what: str, advice: str, *args: Any,
     ) -> Tensor:
         return torch.zeros_like(r)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]  # noqa: ANN001
-        _, z, fn, cg, rtol, batched, what, *args = inputs
-        ctx.fn, ctx.cg, ctx.rtol, ctx.batched, ctx.what = fn, cg, rtol, batched, what
+        _, z, fn, cg, rtol, batched, what, advice, *args = inputs
+        ctx.fn, ctx.cg, ctx.rtol, ctx.batched = fn, cg, rtol, batched
+        ctx.what, ctx.advice = what, advice
         # The arguments travel as saved tensors (detached: constants of the adjoint operator)
         # and Python values, in their places.
         ctx.places = tuple(isinstance(a, Tensor) for a in args)
@@ -113,8 +114,12 @@ class _AdjointSolve(torch.autograd.Function):
         B = shape[0] if ctx.batched else 1
         flat_z = z.reshape(B, -1)
 
+        # A tuple of sizes, not the torch.Size: under dynamic shapes what the loop's body
+        # closes over becomes an input of the loop, and while_loop takes sizes but no Size.
+        dims = tuple(shape)
+
         def residual(flat: Tensor, *args: Tensor) -> Tensor:
-            return fn(flat.view(shape), *args).reshape(flat.shape)
+            return fn(flat.view(dims), *args).reshape(flat.shape)
 
         gf = g.reshape(B, -1).contiguous()
         rtol = ctx.rtol if cg.rtol is None else cg.resolved_rtol(g.dtype)
@@ -125,9 +130,8 @@ class _AdjointSolve(torch.autograd.Function):
         else:  # a backward run eagerly (the "eager" backend): the loop compiled on its own
             u, res, steps, _, _ = _compiled_cg(fn)(
                 lambda v: residual(v, *args), flat_z.contiguous(), gf, tol, limit)
-        u = adjoint_verdict(u, res, steps, tol, cg.on_failure,
-                            f"backward (adjoint) solve of {ctx.what}", cg._advice())
-        return (-u.view(shape), None, None, None, None, None, None) + (None,) * len(ctx.places)
+        u = adjoint_verdict(u, res, steps, tol, cg.on_failure, ctx.what, ctx.advice)
+        return (-u.view(shape),) + (None,) * (7 + len(ctx.places))
 
 
 def traced_custom_root(
@@ -140,6 +144,7 @@ def traced_custom_root(
     batched: bool,
     has_aux: bool,
     what: str,
+    advice: str,
 ) -> Any:
     """The ``custom_root`` layer as torch operations only (called while dynamo traces).
 
@@ -153,7 +158,9 @@ def traced_custom_root(
             default of the dtype).
         batched: whether the leading dimension indexes independent problems.
         has_aux: the solver returns ``(z*, aux)``.
-        what: the problem's description in warnings.
+        what, advice: the subject and the advice of the adjoint solve's warnings (made before
+            tracing: under dynamic shapes dynamo makes the settings' integers symbolic, and
+            cannot format those into a string).
 
     Returns:
         ``z*`` (and ``aux``), or ``None`` where the solver's output or the optimality
@@ -178,5 +185,5 @@ def traced_custom_root(
         from ._config import default_rtol
 
         tol = default_rtol(z.dtype) if rtol is None else rtol
-        z = z + _AdjointSolve.apply(r, z, fn, cg, tol, batched, what, *detached)
+        z = z + _AdjointSolve.apply(r, z, fn, cg, tol, batched, what, advice, *detached)
     return (z, aux) if has_aux else z

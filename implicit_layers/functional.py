@@ -510,6 +510,8 @@ def _custom(
         if not (kind == "root" and symmetric and isinstance(mode, CompiledImplicit)):
             return wrapped
         cg = mode.linear_solver
+        what = f"backward (adjoint) solve of custom_root ({name})"
+        advice = cg._advice()
 
         @functools.wraps(solver_fn)
         def traced_or_eager(z0: Any, *args: Any, **kwargs: Any) -> Any:
@@ -517,7 +519,7 @@ def _custom(
             # what the traced form does not cover runs eagerly, as one break.
             if torch.compiler.is_compiling() and isinstance(z0, Tensor) and not kwargs:
                 out = traced_custom_root(fn, solver_fn, z0, args, cg, rtol, batched, has_aux,
-                                         f"custom_root ({name})")
+                                         what, advice)
                 if out is not None:
                     return out
             return wrapped(z0, *args, **kwargs)

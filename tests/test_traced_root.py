@@ -84,6 +84,20 @@ def test_inductor_matches_eager_layer_and_compiles_once() -> None:
     assert not torch.equal(eager[0], want[0])  # the values did change
 
 
+def test_dynamic_shapes() -> None:
+    torch._dynamo.reset()
+    for d in (6, 9):
+        _, _, s, theta, optimality, closed_form = _ridge(d=d, n=20, seed=d)
+        inner = _layer(optimality, closed_form)
+        w0 = torch.zeros_like(theta)
+        compiled = torch.compile(lambda th, inner=inner, w0=w0: inner(w0, th).square().sum(),
+                                 fullgraph=True, dynamic=True, backend="aot_eager")
+        got = _grads(compiled(theta), theta, s)
+        want = _grads(closed_form(theta).square().sum(), theta, s)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_batched_float32() -> None:
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(2)
