@@ -82,6 +82,12 @@ class CompiledImplicit(Implicit):
     same results: ``create_graph=True`` (double backward), ``torch.func`` transforms
     (``grad``, ``vmap``, ``jacrev``, ``jvp``) and forward-mode AD.
 
+    Inside a function compiled by ``torch.compile``, a ``custom_root`` layer with this mode
+    (a tensor ``z0``, no keyword arguments) traces into the caller's graph instead of running
+    as a graph break: its solver, one call of the optimality function and this CG loop
+    compile with the rest, forward and backward (``fullgraph=True`` holds); a
+    ``ConvergenceWarning`` of the adjoint solve is still raised, from the compiled backward.
+
     Args:
         linear_solver: the CG settings (``rtol``, ``atol``, ``max_steps``, ``on_failure``;
             ``check_every`` is not used: the compiled loop tests once per pass of four steps).

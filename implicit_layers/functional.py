@@ -631,6 +631,11 @@ def custom_root(
     The decorated function is called as ``solver(z0, *args, **kwargs)``; ``optimality_fn``
     receives the same ``*args`` and ``**kwargs``. ``z0`` may be a tuple/list/dict of tensors.
 
+    Under ``torch.compile`` the layer runs eagerly, as one graph break, except with
+    ``backward=il.backward.CompiledImplicit(...)`` and ``symmetric=True`` (a tensor ``z0``, no
+    keyword arguments): the solver, one call of ``optimality_fn`` and the adjoint CG loop then
+    trace into the caller's graph, which may be compiled with ``fullgraph=True``.
+
     Returns:
         The decorator. The decorated solver returns ``z*`` (and ``aux``), differentiable to
         every order in ``args``, ``kwargs`` and what ``optimality_fn`` closes over.
