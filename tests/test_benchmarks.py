@@ -64,6 +64,7 @@ def test_our_gradients_are_accurate_in_tiny_run(tiny_results):
     res, _ = tiny_results
     sec = {s["name"]: s for s in res["sections"]}
     for name, method in (("ridge", "ours CG"), ("ridge", "ours Dense"), ("ridge", "ours (compiled solve)"),
+                         ("ridge", "ours (whole call compiled)"),
                          ("deq", "ours Anderson+GMRES"), ("deq", "ours default"), ("imaml", "ours Dense")):
         rows = [r for r in sec[name]["rows"] if r["method"] == method]
         assert rows and all(r["grad_rel_err"] < 1e-6 for r in rows), (name, method, rows)
