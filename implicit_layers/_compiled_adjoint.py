@@ -122,6 +122,11 @@ class CompiledImplicit(Implicit):
             )
         super().__init__(CG() if linear_solver is None else linear_solver)
 
+    @property
+    def cg(self) -> CG:
+        """The CG settings of the adjoint solve."""
+        return self.linear_solver  # type: ignore[return-value]  # a CG: __init__ checks it
+
     def _bind_recorded(
         self, problem: Problem, z: Tensor, explicit: list[Tensor]
     ) -> tuple[Problem, object] | None:

@@ -509,7 +509,7 @@ def _custom(
 
         if not (kind == "root" and symmetric and isinstance(mode, CompiledImplicit)):
             return wrapped
-        cg = mode.linear_solver
+        cg = mode.cg
         what = f"backward (adjoint) solve of custom_root ({name})"
         advice = cg._advice()
 
