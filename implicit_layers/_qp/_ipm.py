@@ -45,7 +45,7 @@ from ._linalg import (
     weighted_gram,
 )
 
-__all__ = ["IPMResult", "interior_point", "SOLVED", "PRIMAL_INFEASIBLE",
+__all__ = ["IPMResult", "interior_point", "polish", "solve_scales", "SOLVED", "PRIMAL_INFEASIBLE",
            "DUAL_INFEASIBLE", "MAX_STEPS", "INACCURATE", "STATUS_NAMES", "inaccurate_hint"]
 
 # Per-sample status codes (see QPInfo.status).
@@ -266,13 +266,8 @@ def interior_point(
     dtype, device = q.dtype, q.device
     tiny = torch.finfo(dtype).tiny
 
-    # Scales for the relative stopping tests and the regularisation.
-    q_scale = 1.0 + inf_norm(q)
-    h_scale = 1.0 + torch.maximum(inf_norm(h), inf_norm(b))
-    mat_scale = matrix_scale(Q, G, A)
-    reg = torch.finfo(dtype).eps ** 0.5 if dtype != torch.float64 else 1e-9
-    delta = reg * mat_scale
-    eps = reg * mat_scale
+    q_scale, h_scale, delta = solve_scales(Q, q, G, h, A, b)
+    eps = delta
     # G is used as given (row-major): every product takes it in that layout, and a transposed
     # copy would add its memory to what each call takes from the system (page faults).
     single = (Q.float(), G.float(), A.float()) if (
@@ -596,6 +591,34 @@ def _kkt_error(
     err_p = torch.maximum(inf_norm((-slack).clamp(min=0.0)), inf_norm(r_eq)) / h_scale
     gap = inf_norm(lam * slack.clamp(min=0.0)) / (q_scale * h_scale)
     return torch.maximum(torch.maximum(err_d, err_p), gap)
+
+
+def solve_scales(
+    Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The scales of the relative stopping tests, ``1 + ‖q‖`` and ``1 + max(‖h‖, ‖b‖)``, and the
+    regularisation ``δ`` (1e-9 of the matrices' scale in float64, ``√eps`` of it otherwise), each
+    ``(B,)``."""
+    reg = torch.finfo(q.dtype).eps ** 0.5 if q.dtype != torch.float64 else 1e-9
+    return (1.0 + inf_norm(q), 1.0 + torch.maximum(inf_norm(h), inf_norm(b)),
+            reg * matrix_scale(Q, G, A))
+
+
+def polish(
+    Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
+    z: Tensor, lam: Tensor, nu: Tensor, guess: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One active-set polish of the point ``(z, λ, ν)`` on the guessed active set ``guess``
+    ``(B, m)`` (see :func:`_polish`), outside the interior point's loop.
+
+    Returns:
+        The polished ``(z, λ, ν, s)`` and the next guess of the active set.
+    """
+    q_scale, h_scale, delta = solve_scales(Q, q, G, h, A, b)
+    s = (h - bmv(G, z)).clamp(min=0.0)
+    pz, pl, pnu, ps, _, _, nxt = _polish(Q, q, G, h, A, b, z, lam, nu, s, guess, q_scale,
+                                         h_scale, delta)
+    return pz, pl, pnu, ps, nxt
 
 
 def _polish(
