@@ -8,6 +8,7 @@ verdicts), and torch's own graph counters for the compiled loop.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -240,6 +241,36 @@ def test_untraceable_function_is_a_clear_error() -> None:
                   backward=il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)))
     with pytest.raises(ValueError, match=r"could not compile.*traceable.*il.linear.CG"):
         w.sum().backward()
+
+
+def test_an_internal_compile_failure_falls_back_to_the_eager_cg() -> None:
+    """``.T`` of a closed-over tensor inside the function makes torch 2.13's tracer fail on
+    the loop with an internal AssertionError (not the function's fault): the backward warns
+    once and solves with the eager CG, the same gradient as ``backward=il.linear.CG``."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    y = torch.randn(30, generator=g, dtype=torch.float64)
+
+    def optimality(w, th):
+        return X.T @ (X @ w - y) / 30 + th.exp() * w
+
+    def layer(backward):
+        return il.custom_root(optimality, symmetric=True, backward=backward)(
+            lambda w0, th: torch.linalg.solve(X.T @ X / 30 + torch.diag(th.exp()), X.T @ y / 30))
+
+    def grad(backward):
+        th = torch.zeros(8, dtype=torch.float64, requires_grad=True)
+        return torch.autograd.grad(layer(backward)(torch.zeros_like(th), th).square().sum(), th)[0]
+
+    mode = il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12))
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed.*eager CG.*\.T"):
+        got = grad(mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        again = grad(mode)  # said once; no second attempt to compile
+    want = grad(il.linear.CG(rtol=1e-12))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(again, want, rtol=1e-10, atol=1e-14)
 
 
 def test_past_the_recompile_limit_it_solves_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
