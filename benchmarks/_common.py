@@ -229,15 +229,6 @@ COMPILED = "ours (compiled solve)"
 WHOLE = "ours (whole call compiled)"
 
 
-def whole_call_options(device: torch.device | str) -> dict[str, bool] | None:
-    """Inductor options for :data:`WHOLE` on ``device``: on the CPU the C++ wrapper (the passes
-    of a ``while_loop`` do not return to Python) with its kernels built apart from it (in one
-    unit with the wrapper, GCC inlined less in the loop's kernel: 1.2 ms instead of 0.85 ms a
-    ridge hypergradient at d = 200); elsewhere inductor's defaults."""
-    return {"cpp_wrapper": True, "cpp_wrapper_build_separate": True} if (
-        torch.device(device).type == "cpu") else None
-
-
 def first_calls(
     methods: dict[str, Callable[[], Any]], names: tuple[str, ...] = (COMPILED,)
 ) -> dict[str, float]:

@@ -30,7 +30,6 @@ from ._common import (
     peer_or_note,
     rel_err,
     time_alternating,
-    whole_call_options,
 )
 
 TOL = 1e-10
@@ -90,7 +89,7 @@ def ridge_methods(data: dict[str, np.ndarray], cfg: Config, section: Section) ->
             return outer(inner(w0, theta))
 
         if whole:  # forward and backward each one graph, as jax.jit compiles jaxopt's
-            loss = torch.compile(loss, fullgraph=True, options=whole_call_options(X.device))
+            loss = torch.compile(loss, fullgraph=True)
 
         def run() -> torch.Tensor:
             theta = theta0.clone().requires_grad_(True)

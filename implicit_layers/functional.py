@@ -21,7 +21,7 @@ from ._least_squares import LeastSquaresProblem
 from ._problem import FixedPointProblem, Kind, MinimiseProblem, Problem, RootProblem, is_flat
 from ._problem import flatten as flatten_tree
 from ._problem import leaves as tree_leaves
-from ._traced_root import traced_custom_root
+from ._traced_root import register_layer, traced_custom_root
 from .backward import BackwardMode, CompiledImplicit, Implicit, resolve_backward
 from .linear._base import LinearSolver
 from .solvers import ForwardSolver
@@ -510,16 +510,15 @@ def _custom(
         if not (kind == "root" and symmetric and isinstance(mode, CompiledImplicit)):
             return wrapped
         cg = mode.cg
-        what = f"backward (adjoint) solve of custom_root ({name})"
-        advice = cg._advice()
+        key = register_layer(fn, batched, cg, rtol, f"backward (adjoint) solve of custom_root ({name})",
+                             cg._advice())
 
         @functools.wraps(solver_fn)
         def traced_or_eager(z0: Any, *args: Any, **kwargs: Any) -> Any:
             # Under torch.compile the whole layer traces into the caller's graph (no break);
             # what the traced form does not cover runs eagerly, as one break.
             if torch.compiler.is_compiling() and isinstance(z0, Tensor) and not kwargs:
-                out = traced_custom_root(fn, solver_fn, z0, args, cg, rtol, batched, has_aux,
-                                         what, advice)
+                out = traced_custom_root(key, fn, solver_fn, z0, args, has_aux)
                 if out is not None:
                     return out
             return wrapped(z0, *args, **kwargs)

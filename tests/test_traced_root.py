@@ -194,3 +194,27 @@ def test_other_backwards_still_break_the_graph_once() -> None:
         lambda w0, th: th.clone())
     explained = torch._dynamo.explain(lambda th: inner(torch.zeros(3, dtype=DT), th).sum())(theta)
     assert explained.graph_break_count == 1
+
+
+def test_a_function_torch_cannot_compile_in_a_loop_solves_eagerly_inside_the_graph() -> None:
+    """``.T`` of a closed-over tensor: torch 2.13's tracer fails on the adjoint loop, not on
+    the caller's graph; the compiled backward warns once and solves with the eager CG."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(20, 5, generator=g, dtype=DT)
+    y = torch.randn(20, generator=g, dtype=DT)
+
+    def optimality(w: torch.Tensor, th: torch.Tensor) -> torch.Tensor:
+        return X.T @ (X @ w - y) / 20 + th.exp() * w
+
+    def closed_form(th: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(X.T @ X / 20 + torch.diag(th.exp()), X.T @ y / 20)
+
+    inner = _layer(optimality, closed_form)
+    theta = torch.zeros(5, dtype=DT, requires_grad=True)
+    compiled = torch.compile(lambda th: inner(torch.zeros(5, dtype=DT), th).square().sum(),
+                             fullgraph=True, backend="aot_eager")
+    with pytest.warns(RuntimeWarning, match="eager CG"):
+        (got,) = _grads(compiled(theta), theta)
+    (want,) = _grads(closed_form(theta).square().sum(), theta)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
