@@ -83,10 +83,12 @@ class CompiledImplicit(Implicit):
     (``grad``, ``vmap``, ``jacrev``, ``jvp``) and forward-mode AD.
 
     Inside a function compiled by ``torch.compile``, a ``custom_root`` layer with this mode
-    (a tensor ``z0``, no keyword arguments) traces into the caller's graph instead of running
-    as a graph break: its solver, one call of the optimality function and this CG loop
-    compile with the rest, forward and backward (``fullgraph=True`` holds); a
-    ``ConvergenceWarning`` of the adjoint solve is still raised, from the compiled backward.
+    (a tensor ``z0``, tensor arguments, no keyword arguments) traces into the caller's graph
+    instead of running as a graph break: its solver and one call of the optimality function
+    compile with the rest, and the backward graph calls this CG loop as one opaque operator
+    (``fullgraph=True`` holds), with the same verdicts. Where torch's compiler fails on the
+    loop itself (in torch 2.13, ``.T`` of a tensor the function closes over), the adjoint
+    solves run the eager CG, after a ``RuntimeWarning``.
 
     Args:
         linear_solver: the CG settings (``rtol``, ``atol``, ``max_steps``, ``on_failure``;

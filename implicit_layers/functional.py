@@ -631,9 +631,10 @@ def custom_root(
     receives the same ``*args`` and ``**kwargs``. ``z0`` may be a tuple/list/dict of tensors.
 
     Under ``torch.compile`` the layer runs eagerly, as one graph break, except with
-    ``backward=il.backward.CompiledImplicit(...)`` and ``symmetric=True`` (a tensor ``z0``, no
-    keyword arguments): the solver, one call of ``optimality_fn`` and the adjoint CG loop then
-    trace into the caller's graph, which may be compiled with ``fullgraph=True``.
+    ``backward=il.backward.CompiledImplicit(...)`` and ``symmetric=True`` (a tensor ``z0``,
+    tensor arguments, no keyword arguments): the solver and one call of ``optimality_fn`` then
+    trace into the caller's graph, whose backward calls the compiled adjoint CG as one
+    operator; such a graph may be compiled with ``fullgraph=True``.
 
     Returns:
         The decorator. The decorated solver returns ``z*`` (and ``aux``), differentiable to
