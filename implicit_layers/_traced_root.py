@@ -185,11 +185,15 @@ def traced_custom_root(
         has_aux: the solver returns ``(z*, aux)``.
 
     Returns:
-        ``z*`` (and ``aux``), or ``None`` where an argument is not a tensor, or the solver's
-        output or the optimality function's is not a tensor shaped like ``z0`` (the caller then
-        runs the eager layer, which says what is wrong).
+        ``z*`` (and ``aux``), or ``None`` where an argument is not a tensor, ``z0`` is not one
+        the eager layer takes, or the solver's output or the optimality function's is not a
+        tensor shaped like ``z0`` (the caller then runs the eager layer, which says what is
+        wrong).
     """
-    if not all(isinstance(a, Tensor) for a in args):
+    layer = _LAYERS[key]
+    # What the eager layer refuses with an error, it is left to say.
+    if (not all(isinstance(a, Tensor) for a in args) or not z0.is_floating_point()
+            or z0.numel() == 0 or (layer.batched and z0.dim() == 0)):
         return None
     detached = tuple(a.detach() for a in args)
     result = solver_fn(z0.detach(), *detached)

@@ -187,6 +187,15 @@ def test_a_solver_of_the_wrong_shape_is_the_eager_layers_error() -> None:
         torch.compile(lambda th: inner(torch.zeros(3, dtype=DT), th))(theta)
 
 
+def test_a_bad_z0_is_the_eager_layers_error() -> None:
+    torch._dynamo.reset()
+    theta = torch.ones(3, dtype=DT, requires_grad=True)
+    inner = il.custom_root(lambda w, th: w - th, symmetric=True,
+                           backward=il.backward.CompiledImplicit())(lambda w0, th: th.clone())
+    with pytest.raises(TypeError, match="z0"):
+        torch.compile(lambda th: inner(torch.zeros(3, dtype=torch.int64), th))(theta)
+
+
 def test_other_backwards_still_break_the_graph_once() -> None:
     torch._dynamo.reset()
     theta = torch.ones(3, dtype=DT, requires_grad=True)
