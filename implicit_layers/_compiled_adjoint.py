@@ -266,19 +266,30 @@ class _CompiledCore(ImplicitCore):
             # The function reads other tensors than when the layer was called (or no graph
             # ran to say): the eager solve, whose products go through the saved tensors.
             return super().linear_solve(bound.record_products(), rhs, transpose)
-        finite, all_converged = flags.tolist()
-        if not finite:
-            raise NonFiniteError(
-                "CG: the residual of the compiled adjoint solve became NaN or Inf. Check the "
-                "objective for NaN at the solution; the Hessian there must be finite."
-            )
-        info = SolveInfo(converged=converged, steps=steps, residual=res, solver="CG (compiled)",
-                         tolerance=tol)
-        info._known_converged = all_converged  # read already: report_failure needs no look
+        info = loop_verdict(res, steps, converged, tol, flags, cg.on_failure,
+                            f"backward (adjoint) solve of {problem.kind}", cg._advice())
         if self.info is not None:
             self.info.backward = info if problem.batched else info.squeeze_batch()
-        report_failure(info, cg.on_failure, f"backward (adjoint) solve of {problem.kind}", cg._advice())
         return u
+
+
+def loop_verdict(res: Tensor, steps: Tensor, converged: Tensor, tol: Tensor, flags: Tensor,
+                 on_failure: str, what: str, advice: str) -> SolveInfo:
+    """The statistics of a compiled CG loop ((B,) each; ``flags`` as :func:`_cg_loop`
+    returns them), with the eager CG's verdicts: an error for NaN or Inf, a warning or an
+    error (per ``on_failure``) for samples that did not converge."""
+    finite, all_converged = flags.tolist()
+    if not finite:
+        raise NonFiniteError(
+            "CG: the residual of the compiled adjoint solve became NaN or Inf. Check the "
+            "function for NaN at the solution; its Jacobian (an objective's Hessian) there "
+            "must be finite."
+        )
+    info = SolveInfo(converged=converged, steps=steps, residual=res, solver="CG (compiled)",
+                     tolerance=tol)
+    info._known_converged = all_converged  # read already: report_failure needs no look
+    report_failure(info, on_failure, what, advice)  # type: ignore[arg-type]
+    return info
 
 
 _WARNED: set[int] = set()

@@ -37,7 +37,6 @@ import torch
 from torch import Tensor
 
 from ._config import default_rtol
-from ._info import NonFiniteError, SolveInfo, report_failure
 from .linear._operator import FunctionOperator
 from .linear.cg import CG
 
@@ -94,7 +93,12 @@ def adjoint_solve(key: int, z: Tensor, g: Tensor, tensors: list[Tensor]) -> Tens
         NonFiniteError: the adjoint residual became NaN or Inf.
         ConvergenceError: a sample did not converge and the CG settings say ``"raise"``.
     """
-    from ._compiled_adjoint import _compiled_cg, _failed_to_compile, _warn_compile_failed
+    from ._compiled_adjoint import (
+        _compiled_cg,
+        _failed_to_compile,
+        _warn_compile_failed,
+        loop_verdict,
+    )
 
     layer = _LAYERS.get(key)
     fn = None if layer is None else layer.fn()
@@ -126,16 +130,7 @@ def adjoint_solve(key: int, z: Tensor, g: Tensor, tensors: list[Tensor]) -> Tens
                               symmetric=True, positive_definite=True)
         u, _ = cg.replace(rtol=rtol).solve(op, gf, what=layer.what)
         return u.view(shape)
-    finite, all_converged = flags.tolist()
-    if not finite:
-        raise NonFiniteError(
-            "CG: the residual of the compiled adjoint solve became NaN or Inf. Check the "
-            "optimality function for NaN at the solution; its Jacobian there must be finite."
-        )
-    info = SolveInfo(converged=converged, steps=steps, residual=res, solver="CG (compiled)",
-                     tolerance=tol)
-    info._known_converged = all_converged
-    report_failure(info, cg.on_failure, layer.what, layer.advice)
+    loop_verdict(res, steps, converged, tol, flags, cg.on_failure, layer.what, layer.advice)
     return u.view(shape)
 
 
