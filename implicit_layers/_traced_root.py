@@ -52,6 +52,7 @@ class _Layer:
     batched: bool
     cg: CG
     rtol: float | None
+    name: str
     what: str
     advice: str
 
@@ -62,7 +63,7 @@ _KEYS = itertools.count()
 
 
 def register_layer(fn: Callable[..., Tensor], batched: bool, cg: CG, rtol: float | None,
-                   what: str, advice: str) -> int:
+                   name: str) -> int:
     """The key of a ``custom_root`` layer with ``CompiledImplicit`` (made when it is decorated,
     outside any tracing: a registry written while dynamo traces would be a side effect replayed,
     and guarded, at every call of the compiled function)."""
@@ -72,7 +73,9 @@ def register_layer(fn: Callable[..., Tensor], batched: bool, cg: CG, rtol: float
         weakref.finalize(fn, _LAYERS.pop, key, None)  # the entry goes with the function
     except TypeError:  # not weakly referenceable: held
         ref = lambda: fn  # noqa: E731
-    _LAYERS[key] = _Layer(fn=ref, batched=batched, cg=cg, rtol=rtol, what=what, advice=advice)
+    _LAYERS[key] = _Layer(fn=ref, batched=batched, cg=cg, rtol=rtol, name=name,
+                          what=f"backward (adjoint) solve of custom_root ({name})",
+                          advice=cg._advice())
     return key
 
 
@@ -123,7 +126,7 @@ def adjoint_solve(key: int, z: Tensor, g: Tensor, tensors: list[Tensor]) -> Tens
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             pass  # more shapes than dynamo compiles: this one eagerly
         except Exception as exc:  # noqa: BLE001  (untraceable, or torch's tracer failed)
-            _warn_compile_failed(fn, layer.what, exc)
+            _warn_compile_failed(fn, layer.name, exc)
     if u is None:  # the eager CG: the same steps
         pull = torch.func.vjp(residual, flat_z)[1]
         op = FunctionOperator(lambda v: pull(v)[0], B, flat_z.shape[1], g.dtype, g.device,
@@ -166,6 +169,7 @@ def traced_custom_root(
     solver_fn: Callable[..., Any],
     z0: Tensor,
     args: tuple[Any, ...],
+    batched: bool,
     has_aux: bool,
 ) -> Any:
     """The ``custom_root`` layer as torch operations and one opaque adjoint solve (called while
@@ -177,6 +181,7 @@ def traced_custom_root(
         solver_fn: the decorated solver, called as ``solver_fn(z0, *args)`` on detached inputs.
         z0: the initial guess, a tensor (``(B, ...)`` when batched).
         args: the extra arguments.
+        batched: whether the leading dimension indexes independent problems.
         has_aux: the solver returns ``(z*, aux)``.
 
     Returns:
@@ -185,10 +190,9 @@ def traced_custom_root(
         tensor shaped like ``z0`` (the caller then runs the eager layer, which says what is
         wrong).
     """
-    layer = _LAYERS[key]
     # What the eager layer refuses with an error, it is left to say.
     if (not all(isinstance(a, Tensor) for a in args) or not z0.is_floating_point()
-            or z0.numel() == 0 or (layer.batched and z0.dim() == 0)):
+            or z0.numel() == 0 or (batched and z0.dim() == 0)):
         return None
     detached = tuple(a.detach() for a in args)
     result = solver_fn(z0.detach(), *detached)

@@ -510,15 +510,14 @@ def _custom(
         if not (kind == "root" and symmetric and isinstance(mode, CompiledImplicit)):
             return wrapped
         cg = mode.cg
-        key = register_layer(fn, batched, cg, rtol, f"backward (adjoint) solve of custom_root ({name})",
-                             cg._advice())
+        key = register_layer(fn, batched, cg, rtol, name)
 
         @functools.wraps(solver_fn)
         def traced_or_eager(z0: Any, *args: Any, **kwargs: Any) -> Any:
             # Under torch.compile the whole layer traces into the caller's graph (no break);
             # what the traced form does not cover runs eagerly, as one break.
             if torch.compiler.is_compiling() and isinstance(z0, Tensor) and not kwargs:
-                out = traced_custom_root(key, fn, solver_fn, z0, args, has_aux)
+                out = traced_custom_root(key, fn, solver_fn, z0, args, batched, has_aux)
                 if out is not None:
                     return out
             return wrapped(z0, *args, **kwargs)

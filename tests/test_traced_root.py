@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import implicit_layers as il
 
@@ -62,6 +63,20 @@ def test_gradients_equal_closed_form_without_a_graph_break(backend: str) -> None
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert torch._dynamo.explain(loss)(theta).graph_break_count == 0
+
+
+def test_a_layer_decorated_later_does_not_recompile_the_graph() -> None:
+    torch._dynamo.reset()
+    _, _, s, theta, optimality, closed_form = _ridge(d=6, n=15, seed=7)
+    inner = _layer(optimality, closed_form)
+    w0 = torch.zeros_like(theta)
+    counters.clear()
+    compiled = torch.compile(lambda th: inner(w0, th).sum(), fullgraph=True, backend="aot_eager")
+    compiled(theta).backward()
+    graphs = counters["stats"]["unique_graphs"]
+    _layer(optimality, closed_form)  # another layer registered
+    compiled(theta).backward()
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_inductor_matches_eager_layer_and_compiles_once() -> None:
