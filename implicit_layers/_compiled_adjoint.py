@@ -36,6 +36,7 @@ from torch import Tensor
 from torch._higher_order_ops import while_loop
 
 from ._capture import capture, modes_active, transforms_active
+from ._compile_failures import failed_to_compile, note_compile_failure
 from ._compiled_reads import inductor_reporting_reads, with_reads
 from ._guarded_call import GuardedCall
 from ._implicit import ImplicitCore, _Repeated, implicit_solution
@@ -212,7 +213,7 @@ class _CompiledCore(ImplicitCore):
         compiled = (
             transpose and lin is self._checked and not torch.is_grad_enabled()
             and not transforms_active() and not modes_active() and rhs.shape[0] == self.problem.batch
-            and not _failed_to_compile(self.problem.fn)
+            and not failed_to_compile(self.problem.fn)
         )
         if not compiled:  # higher orders, transforms, tangents, folded batches: eagerly
             checked = lin.lin if isinstance(lin, _Repeated) else lin
@@ -258,7 +259,8 @@ class _CompiledCore(ImplicitCore):
             # Not the function's fault (an internal error of torch.compile, e.g. on `.T` of a
             # tensor the function closes over): the eager CG, whose products run the function
             # as it is, gives the same solution; a function that is itself wrong fails there.
-            _warn_compile_failed(problem.fn, problem.name, exc)
+            note_compile_failure(problem.fn, f"CompiledImplicit (the adjoint loop through "
+                                 f"{problem.name})", "its adjoint solves run the eager CG", exc)
             return super().linear_solve(lin, rhs, transpose)
         bound = self.bound_recording
         if lin is bound and bound is not None and (
@@ -293,37 +295,6 @@ def loop_verdict(res: Tensor, steps: Tensor, converged: Tensor, tol: Tensor, fla
 
 
 _WARNED: set[int] = set()
-#: Functions on which torch.compile failed with an internal error: their adjoints run eagerly.
-_FAILED: weakref.WeakSet[Any] = weakref.WeakSet()
-_FAILED_IDS: set[int] = set()  # the same, for functions that cannot be weakly referenced
-
-
-def _failed_to_compile(fn: Any) -> bool:
-    key = getattr(fn, "__func__", fn)
-    try:
-        return key in _FAILED
-    except TypeError:
-        return id(key) in _FAILED_IDS
-
-
-def _warn_compile_failed(fn: Any, name: str, exc: Exception) -> None:
-    """Say once per function that torch.compile failed on its adjoint loop, and remember it."""
-    key = getattr(fn, "__func__", fn)
-    try:
-        _FAILED.add(key)
-    except TypeError:
-        _FAILED_IDS.add(id(key))
-    first = (str(exc).splitlines() or [""])[0]
-    warnings.warn(
-        f"CompiledImplicit: torch.compile failed on the adjoint loop through {name} "
-        f"({type(exc).__name__}: {first}); its adjoint solves run the eager CG instead (the "
-        "same steps and results, eager speed). In torch 2.13 `.T` or `.mT` of a tensor the "
-        "function closes over triggers this inside the loop; `.t()` or `.transpose(-1, -2)` "
-        "compiles.",
-        RuntimeWarning, stacklevel=user_stacklevel(),
-    )
-
-
 def _warn_recompile_limit(fn: Any) -> None:
     """Say once per function that its adjoint solves now run eagerly."""
     key = id(getattr(fn, "__func__", fn))

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._compile_failures import failed_to_compile, note_compile_failure
 from ._config import default_rtol
 from .linear._operator import FunctionOperator
 from .linear.cg import CG
@@ -98,8 +99,6 @@ def adjoint_solve(key: int, z: Tensor, g: Tensor, tensors: list[Tensor]) -> Tens
     """
     from ._compiled_adjoint import (
         _compiled_cg,
-        _failed_to_compile,
-        _warn_compile_failed,
         loop_verdict,
     )
 
@@ -119,14 +118,15 @@ def adjoint_solve(key: int, z: Tensor, g: Tensor, tensors: list[Tensor]) -> Tens
     rtol = inherited if cg.rtol is None else cg.resolved_rtol(g.dtype)
     tol = torch.clamp(rtol * torch.linalg.vector_norm(gf, dim=-1), min=cg.atol)
     u = None
-    if not _failed_to_compile(fn):
+    if not failed_to_compile(fn):
         limit = torch.tensor(cg.max_steps, device=g.device)
         try:
             u, res, steps, converged, flags = _compiled_cg(fn)(residual, flat_z, gf, tol, limit)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             pass  # more shapes than dynamo compiles: this one eagerly
         except Exception as exc:  # noqa: BLE001  (untraceable, or torch's tracer failed)
-            _warn_compile_failed(fn, layer.name, exc)
+            note_compile_failure(fn, f"CompiledImplicit (the adjoint loop through {layer.name})",
+                                 "its adjoint solves run the eager CG", exc)
     if u is None:  # the eager CG: the same steps
         pull = torch.func.vjp(residual, flat_z)[1]
         op = FunctionOperator(lambda v: pull(v)[0], B, flat_z.shape[1], g.dtype, g.device,

@@ -198,3 +198,31 @@ def test_compiled_solve_past_the_recompile_limit() -> None:
             Wc, info = _fit(Y, True, max_steps=max_steps)
             assert bool(info.converged.all())
             torch.testing.assert_close(Wc, W, rtol=1e-10, atol=1e-12)
+
+
+def test_an_internal_compile_failure_solves_with_the_eager_steps() -> None:
+    """``.T`` of a closed-over tensor makes torch 2.13's tracer fail on the loop with an
+    internal AssertionError (not the function's fault): the solve warns once and takes the
+    eager steps, the same solution as ``compile=False``."""
+    g = torch.Generator().manual_seed(9)
+    X = torch.randn(3, 20, generator=g, dtype=torch.float64)
+    Y = torch.randn(2, 20, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def residual(w: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(w @ X.T.T) - Y
+
+    def fit(compile: bool) -> torch.Tensor:
+        return il.least_squares(residual, torch.zeros(2, 3, dtype=torch.float64), Y, batched=True,
+                                solver=il.solvers.LevenbergMarquardt(compile=compile))
+
+    with pytest.warns(RuntimeWarning, match=r"torch.compile failed internally.*eager steps.*\.T"):
+        got = fit(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        again = fit(True)  # said once; no second attempt to compile
+    want = fit(False)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(again, want, rtol=0, atol=1e-12)
+    (gy,) = torch.autograd.grad(got.sum(), Y)
+    (wy,) = torch.autograd.grad(want.sum(), Y)
+    torch.testing.assert_close(gy, wy, rtol=1e-8, atol=1e-12)

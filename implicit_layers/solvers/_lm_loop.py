@@ -159,6 +159,17 @@ def run_compiled(
             f"could not ({reason}). Keep {name} to torch operations on tensors (no .item(), "
             "NumPy or Python branches on tensor values), or use compile=False."
         ) from error
+    except Exception as error:  # noqa: BLE001  (torch's tracer failed on a traceable function)
+        raise CompileFailed(error) from error
+
+
+class CompileFailed(RuntimeError):
+    """torch's compiler failed internally on the loop (not the residual function's fault: see
+    :mod:`~implicit_layers._compile_failures`); ``error`` is what it raised."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @functools.cache

@@ -13,6 +13,7 @@ from torch import Tensor
 from typing_extensions import Unpack
 
 from .._capture import modes_active, transforms_active
+from .._compile_failures import failed_to_compile, note_compile_failure
 from .._compiled_reads import with_reads
 from .._config import SolverKeywords, check_positive_int
 from .._info import SolveInfo
@@ -388,7 +389,10 @@ class LevenbergMarquardt(_NormalEquations):
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:
         if self._compiles(problem, z0):
-            return self._compiled_solve(problem, z0)
+            try:
+                return self._compiled_solve(problem, z0)
+            except _compiled_loop_module().CompileFailed as failure:
+                self._note_failure(problem, failure.error)  # then the eager steps below
         residuals, lin, g = self._start(problem, z0)
         mon = Monitor(self, problem, z0, g)
         if lin.dense:
@@ -425,7 +429,12 @@ class LevenbergMarquardt(_NormalEquations):
         it with unwrapped values substituted, a mode the compiled loop cannot trace)."""
         return (self.compile and isinstance(problem, LeastSquaresProblem) and self._dense(z0)
                 and not (torch.is_inference_mode_enabled() or transforms_active() or modes_active()
-                         or problem.substitutes))
+                         or problem.substitutes or failed_to_compile(problem.fn)))
+
+    @staticmethod
+    def _note_failure(problem: Problem, error: Exception) -> None:
+        note_compile_failure(problem.fn, f"LevenbergMarquardt(compile=True) on {problem.name}",
+                             "its solves run the eager steps", error)
 
     def _compiled_solve(self, problem: Problem, z0: Tensor) -> tuple[Tensor, SolveInfo]:
         """The whole solve as one compiled loop (:mod:`._lm_loop`), with the verdicts of the
@@ -446,6 +455,9 @@ class LevenbergMarquardt(_NormalEquations):
         try:
             (z, info, finite, out), reads = with_reads(lambda: self._run_compiled(problem, z0))
         except ValueError:
+            return None
+        except _compiled_loop_module().CompileFailed as failure:
+            self._note_failure(problem, failure.error)
             return None
         if reads is None or reads:  # no graph ran (an eager stance), or it read some
             return None
