@@ -202,6 +202,28 @@ def test_a_solver_of_the_wrong_shape_is_the_eager_layers_error() -> None:
         torch.compile(lambda th: inner(torch.zeros(3, dtype=DT), th))(theta)
 
 
+def test_has_aux_passes_the_aux_through() -> None:
+    torch._dynamo.reset()
+    _, _, s, theta, optimality, closed_form = _ridge(d=5, n=12, seed=8)
+
+    @il.custom_root(optimality, symmetric=True, has_aux=True,
+                    backward=il.backward.CompiledImplicit(il.linear.CG(rtol=1e-12)))
+    def inner(w0: torch.Tensor, th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = closed_form(th)
+        return w, w.norm()
+
+    def loss(th: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, aux = inner(torch.zeros_like(th), th)
+        return w.square().sum(), aux
+
+    value, aux = torch.compile(loss, fullgraph=True, backend="aot_eager")(theta)
+    torch.testing.assert_close(aux, closed_form(theta).detach().norm())
+    got = _grads(value, theta, s)
+    want = _grads(closed_form(theta).square().sum(), theta, s)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 def test_a_bad_z0_is_the_eager_layers_error() -> None:
     torch._dynamo.reset()
     theta = torch.ones(3, dtype=DT, requires_grad=True)
