@@ -29,7 +29,8 @@ from __future__ import annotations
 import types
 import warnings
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -47,6 +48,8 @@ from .backward import Implicit
 from .linear.cg import CG
 
 __all__ = ["CompiledImplicit"]
+
+T = TypeVar("T")
 
 
 class CompiledImplicit(Implicit):
@@ -213,7 +216,6 @@ class _CompiledCore(ImplicitCore):
         compiled = (
             transpose and lin is self._checked and not torch.is_grad_enabled()
             and not transforms_active() and not modes_active() and rhs.shape[0] == self.problem.batch
-            and not failed_to_compile(self.problem.fn)
         )
         if not compiled:  # higher orders, transforms, tangents, folded batches: eagerly
             checked = lin.lin if isinstance(lin, _Repeated) else lin
@@ -235,33 +237,12 @@ class _CompiledCore(ImplicitCore):
         # Contiguous inputs: the graph is specialised to strides (the cotangent of a sum is
         # an expanded tensor of stride 0, which would compile a second graph).
         point = lin.z if isinstance(lin, _CheckedLinearization) else lin.zr.detach()
-        try:
-            (u, res, steps, converged, flags), reads = with_reads(
-                lambda: loop(problem.pure_residual, point.contiguous(), rhs.contiguous(), tol, limit))
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
-            # More shapes or dtypes of this function than dynamo compiles: solve eagerly.
-            _warn_recompile_limit(problem.fn)
+        ran = guarded_loop(lambda: with_reads(
+            lambda: loop(problem.pure_residual, point.contiguous(), rhs.contiguous(), tol, limit)),
+            problem.fn, problem.name)
+        if ran is None:  # the loop cannot serve this function (warned): solve eagerly
             return super().linear_solve(lin, rhs, transpose)
-        except torch._dynamo.exc.BackendCompilerFailed as exc:  # traced; the compiler failed
-            raise RuntimeError(
-                f"CompiledImplicit traced the adjoint loop through {problem.name}, but "
-                f"torch.compile's compiler failed on it ({str(exc).splitlines()[0]}). Use "
-                "backward=il.linear.CG(...) (the same steps, eagerly)."
-            ) from exc
-        except torch._dynamo.exc.TorchDynamoException as exc:  # tracing
-            raise ValueError(
-                f"CompiledImplicit could not compile the adjoint loop through {problem.name} "
-                f"(torch.compile: {str(exc).splitlines()[0]}). The function must be traceable by "
-                "torch.compile(fullgraph=True): torch operations only, no .item(), .tolist() or "
-                "Python branches on tensor values. Use backward=il.linear.CG(...) (eager) for it."
-            ) from exc
-        except Exception as exc:  # noqa: BLE001  (torch's tracer failed on a traceable function)
-            # Not the function's fault (an internal error of torch.compile, e.g. on `.T` of a
-            # tensor the function closes over): the eager CG, whose products run the function
-            # as it is, gives the same solution; a function that is itself wrong fails there.
-            note_compile_failure(problem.fn, f"CompiledImplicit (the adjoint loop through "
-                                 f"{problem.name})", "its adjoint solves run the eager CG", exc)
-            return super().linear_solve(lin, rhs, transpose)
+        (u, res, steps, converged, flags), reads = ran
         bound = self.bound_recording
         if lin is bound and bound is not None and (
                 reads is None or {id(t) for t in reads} != bound.read_ids):
@@ -273,6 +254,48 @@ class _CompiledCore(ImplicitCore):
         if self.info is not None:
             self.info.backward = info if problem.batched else info.squeeze_batch()
         return u
+
+
+def guarded_loop(call: Callable[[], T], fn: Any, name: str) -> T | None:
+    """``call()``, a call of the compiled CG loop through the user function ``fn`` (``name``
+    in messages), or ``None`` where the loop cannot serve it and the adjoint is to be solved by
+    the eager CG: past dynamo's recompile limit, and where torch's tracer fails internally on
+    a function that is fine (each warned; the latter remembered, see
+    :mod:`._compile_failures`).
+
+    Raises:
+        ValueError: for a function that cannot be traced (``.item()``, a Python branch on a
+            value: the user's to change).
+        RuntimeError: where the traced loop's compiler failed.
+    """
+    if failed_to_compile(fn):
+        return None
+    try:
+        return call()
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        # More shapes or dtypes of this function than dynamo compiles.
+        _warn_recompile_limit(fn)
+        return None
+    except torch._dynamo.exc.BackendCompilerFailed as exc:  # traced; the compiler failed
+        raise RuntimeError(
+            f"CompiledImplicit traced the adjoint loop through {name}, but torch.compile's "
+            f"compiler failed on it ({str(exc).splitlines()[0]}). Use backward=il.linear.CG(...) "
+            "(the same steps, eagerly)."
+        ) from exc
+    except torch._dynamo.exc.TorchDynamoException as exc:  # tracing
+        raise ValueError(
+            f"CompiledImplicit could not compile the adjoint loop through {name} "
+            f"(torch.compile: {str(exc).splitlines()[0]}). The function must be traceable by "
+            "torch.compile(fullgraph=True): torch operations only, no .item(), .tolist() or "
+            "Python branches on tensor values. Use backward=il.linear.CG(...) (eager) for it."
+        ) from exc
+    except Exception as exc:  # noqa: BLE001  (torch's tracer failed on a traceable function)
+        # Not the function's fault (an internal error of torch.compile, e.g. on `.T` of a
+        # tensor the function closes over): the eager CG, whose products run the function as
+        # it is, gives the same solution; a function that is itself wrong fails there.
+        note_compile_failure(fn, f"CompiledImplicit (the adjoint loop through {name})",
+                             "its adjoint solves run the eager CG", exc)
+        return None
 
 
 def loop_verdict(res: Tensor, steps: Tensor, converged: Tensor, tol: Tensor, flags: Tensor,

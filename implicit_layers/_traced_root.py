@@ -36,7 +36,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._compile_failures import failed_to_compile, note_compile_failure
 from ._config import default_rtol
 from .linear._operator import FunctionOperator
 from .linear.cg import CG
@@ -85,7 +84,7 @@ def adjoint_solve(key: int, z: Tensor, g: Tensor, tensors: list[Tensor]) -> Tens
     """``u`` with ``(∂F/∂z)ᵀ u = g`` at ``z``, by CG, for the traced layer ``key``.
 
     Args:
-        key: the layer (see ``_register``).
+        key: the layer (see :func:`register_layer`).
         z: the solution, shaped like the layer's ``z0``.
         g: the cotangent of ``z``, the same shape.
         tensors: the layer's arguments (detached), in order.
@@ -96,11 +95,9 @@ def adjoint_solve(key: int, z: Tensor, g: Tensor, tensors: list[Tensor]) -> Tens
     Raises:
         NonFiniteError: the adjoint residual became NaN or Inf.
         ConvergenceError: a sample did not converge and the CG settings say ``"raise"``.
+        ValueError: the function cannot be traced (see ``guarded_loop``).
     """
-    from ._compiled_adjoint import (
-        _compiled_cg,
-        loop_verdict,
-    )
+    from ._compiled_adjoint import _compiled_cg, guarded_loop, loop_verdict
 
     layer = _LAYERS.get(key)
     fn = None if layer is None else layer.fn()
@@ -117,22 +114,15 @@ def adjoint_solve(key: int, z: Tensor, g: Tensor, tensors: list[Tensor]) -> Tens
     inherited = default_rtol(g.dtype) if layer.rtol is None else layer.rtol
     rtol = inherited if cg.rtol is None else cg.resolved_rtol(g.dtype)
     tol = torch.clamp(rtol * torch.linalg.vector_norm(gf, dim=-1), min=cg.atol)
-    u = None
-    if not failed_to_compile(fn):
-        limit = torch.tensor(cg.max_steps, device=g.device)
-        try:
-            u, res, steps, converged, flags = _compiled_cg(fn)(residual, flat_z, gf, tol, limit)
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
-            pass  # more shapes than dynamo compiles: this one eagerly
-        except Exception as exc:  # noqa: BLE001  (untraceable, or torch's tracer failed)
-            note_compile_failure(fn, f"CompiledImplicit (the adjoint loop through {layer.name})",
-                                 "its adjoint solves run the eager CG", exc)
-    if u is None:  # the eager CG: the same steps
+    limit = torch.tensor(cg.max_steps, device=g.device)
+    ran = guarded_loop(lambda: _compiled_cg(fn)(residual, flat_z, gf, tol, limit), fn, layer.name)
+    if ran is None:  # the eager CG: the same steps
         pull = torch.func.vjp(residual, flat_z)[1]
         op = FunctionOperator(lambda v: pull(v)[0], B, flat_z.shape[1], g.dtype, g.device,
                               symmetric=True, positive_definite=True)
         u, _ = cg.replace(rtol=rtol).solve(op, gf, what=layer.what)
         return u.view(shape)
+    u, res, steps, converged, flags = ran
     loop_verdict(res, steps, converged, tol, flags, cg.on_failure, layer.what, layer.advice)
     return u.view(shape)
 
