@@ -385,8 +385,7 @@ def test_a_failed_polish_guesses_again_from_its_point():
     eye = torch.eye(4, dtype=DT)[None]
     no_rows = (torch.zeros(1, 0, 4, dtype=DT), torch.zeros(1, 0, dtype=DT))
     data = (eye, -c, eye, torch.zeros(1, 4, dtype=DT), *no_rows)
-    start = (torch.zeros(1, 4, dtype=DT), torch.ones(1, 4, dtype=DT), torch.zeros(1, 0, dtype=DT),
-             torch.ones(1, 4, dtype=DT))
+    start = (torch.zeros(1, 4, dtype=DT), torch.ones(1, 4, dtype=DT), torch.zeros(1, 0, dtype=DT))
     scales = (torch.tensor([3.0], dtype=DT), torch.tensor([1.0], dtype=DT), torch.tensor([1e-9], dtype=DT))
     first = torch.tensor([[True, True, False, False]])
     *_, res, _, next_guess = _polish(*data, *start, first, *scales)

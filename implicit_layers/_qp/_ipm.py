@@ -377,7 +377,7 @@ def interior_point(
 
                 out = _polish(
                     take(Q), take(q), take(G), take(h), take(A), take(b), take(z), take(lam),
-                    take(nu), take(s), take(guess), take(q_scale), take(h_scale), take(delta),
+                    take(nu), take(guess), take(q_scale), take(h_scale), take(delta),
                 )
                 factor = out[5]
                 if whole:
@@ -615,15 +615,14 @@ def polish(
         The polished ``(z, λ, ν, s)`` and the next guess of the active set.
     """
     q_scale, h_scale, delta = solve_scales(Q, q, G, h, A, b)
-    s = (h - bmv(G, z)).clamp(min=0.0)
-    pz, pl, pnu, ps, _, _, nxt = _polish(Q, q, G, h, A, b, z, lam, nu, s, guess, q_scale,
-                                         h_scale, delta)
+    pz, pl, pnu, ps, _, _, nxt = _polish(Q, q, G, h, A, b, z, lam, nu, guess, q_scale, h_scale,
+                                         delta)
     return pz, pl, pnu, ps, nxt
 
 
 def _polish(
     Q: Tensor, q: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor,
-    z: Tensor, lam: Tensor, nu: Tensor, s: Tensor, guess: Tensor,
+    z: Tensor, lam: Tensor, nu: Tensor, guess: Tensor,
     q_scale: Tensor, h_scale: Tensor, delta: Tensor, refine: int = 3,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Refine samples by one equality-constrained solve on the guessed active set.

@@ -88,6 +88,10 @@ class Scaling:
         return ((sigma / t).unsqueeze(-1) * D.unsqueeze(-1) * Q * Dr, D * q / t,
                 E.unsqueeze(-1) * G * Dr, E * h / sigma, F.unsqueeze(-1) * A * Dr, F * b / sigma)
 
+    def take(self, at: Tensor) -> Scaling:
+        """The scaling of the samples ``at`` ``(k,)``."""
+        return Scaling(*(x[at] for x in (self.D, self.E, self.F, self.sigma, self.t, self.scaled)))
+
     def to_scaled(self, z: Tensor, lam: Tensor, nu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """A point ``(z, λ, ν)`` in the scaled units (a warm start)."""
         return z / (self.sigma * self.D), lam / (self.t * self.E), nu / (self.t * self.F)
@@ -295,8 +299,7 @@ def interior_point_scaled(
     # Those samples once more, on equilibrated data: the unscaled solve's answer is kept for
     # the others (the same iterates as without the check).
     at = retry.nonzero().squeeze(1)
-    part = Scaling(*(x[at] for x in (scaling.D, scaling.E, scaling.F, scaling.sigma, scaling.t,
-                                     scaling.scaled)))
+    part = scaling.take(at)
     if warm is not None:
         warm = part.to_scaled(warm[0][at], warm[1][at], warm[2][at])
     Qa, qa, Ga, ha, Aa, ba = (x[at] for x in (Q, q, G, h, A, b))
@@ -364,8 +367,7 @@ def _polish_retried(
     at, err = at[open_], err[open_]
     if at.numel() == 0:
         return at
-    part = Scaling(*(x[at] for x in (scaling.D, scaling.E, scaling.F, scaling.sigma, scaling.t,
-                                     scaling.scaled)))
+    part = scaling.take(at)
     Qa, qa, Ga, ha, Aa, ba = (x[at] for x in (Q, q, G, h, A, b))
     z, lam, nu = out.z[at], out.lam[at], out.nu[at]
     # The guess compares each multiplier with its slack in the scaled units (λ' = λ/(tE),
