@@ -318,6 +318,8 @@ def loop_verdict(res: Tensor, steps: Tensor, converged: Tensor, tol: Tensor, fla
 
 
 _WARNED: set[int] = set()
+
+
 def _warn_recompile_limit(fn: Any) -> None:
     """Say once per function that its adjoint solves now run eagerly."""
     key = id(getattr(fn, "__func__", fn))

@@ -139,6 +139,10 @@ class Problem:
     #: Whether the default adjoint solver of a non-symmetric problem is chosen by size (Dense
     #: when small) rather than always GMRES.
     adjoint_by_size: ClassVar[bool] = False
+    #: Whether the residual ``F(z)`` is the function's output itself (a tensor ``z`` in, a
+    #: tensor ``F`` of its shape out): a ``custom_root`` layer with ``CompiledImplicit`` can then
+    #: trace into a ``torch.compile`` graph (see ``_traced_root.py``).
+    residual_is_output: ClassVar[bool] = False
     #: The built-in forward solvers to suggest for this kind in messages.
     solvers_hint: ClassVar[str] = ""
     #: Whether every tensor that :meth:`probe` uses reaches the output it returns (one user
@@ -470,6 +474,7 @@ class RootProblem(Problem):
     kind = "root"
     solvers_hint = "Broyden, Anderson or Picard"
     adjoint_by_size = True
+    residual_is_output = True
 
     def residual(self, z: Tensor, create_graph: bool = False) -> Tensor:
         return self.residual_from_output(z, self._call(z))

@@ -46,15 +46,18 @@ __all__ = ["adjoint_solve", "register_layer", "traced_custom_root"]
 @dataclass(frozen=True)
 class _Layer:
     """What the adjoint solve of one ``custom_root`` layer needs besides tensors: the
-    optimality function (weakly held where it can be), the settings and the warning's texts."""
+    optimality function (weakly held where it can be), its name and the settings."""
 
     fn: Callable[[], Callable[..., Tensor] | None]
     batched: bool
     cg: CG
     rtol: float | None
     name: str
-    what: str
-    advice: str
+
+    @property
+    def what(self) -> str:
+        """The adjoint solve's subject in warnings."""
+        return f"backward (adjoint) solve of custom_root ({self.name})"
 
 
 #: The layers that may trace, by the key their backward graphs hold.
@@ -73,9 +76,7 @@ def register_layer(fn: Callable[..., Tensor], batched: bool, cg: CG, rtol: float
         weakref.finalize(fn, _LAYERS.pop, key, None)  # the entry goes with the function
     except TypeError:  # not weakly referenceable: held
         ref = lambda: fn  # noqa: E731
-    _LAYERS[key] = _Layer(fn=ref, batched=batched, cg=cg, rtol=rtol, name=name,
-                          what=f"backward (adjoint) solve of custom_root ({name})",
-                          advice=cg._advice())
+    _LAYERS[key] = _Layer(fn=ref, batched=batched, cg=cg, rtol=rtol, name=name)
     return key
 
 
@@ -123,7 +124,7 @@ def adjoint_solve(key: int, z: Tensor, g: Tensor, tensors: list[Tensor]) -> Tens
         u, _ = cg.replace(rtol=rtol).solve(op, gf, what=layer.what)
         return u.view(shape)
     u, res, steps, converged, flags = ran
-    loop_verdict(res, steps, converged, tol, flags, cg.on_failure, layer.what, layer.advice)
+    loop_verdict(res, steps, converged, tol, flags, cg.on_failure, layer.what, cg._advice())
     return u.view(shape)
 
 

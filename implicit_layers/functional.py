@@ -18,7 +18,7 @@ from ._config import check_float_tensor, default_rtol
 from ._eager import run_eagerly
 from ._info import SolveInfo
 from ._least_squares import LeastSquaresProblem
-from ._problem import FixedPointProblem, Kind, MinimiseProblem, Problem, RootProblem, is_flat
+from ._problem import KINDS, FixedPointProblem, Kind, MinimiseProblem, Problem, RootProblem, is_flat
 from ._problem import flatten as flatten_tree
 from ._problem import leaves as tree_leaves
 from ._traced_root import register_layer, traced_custom_root
@@ -507,7 +507,7 @@ def _custom(
             out = problem.unflatten(z)
             return (out, aux) if has_aux else out
 
-        if not (kind == "root" and symmetric and isinstance(mode, CompiledImplicit)):
+        if not (KINDS[kind].residual_is_output and symmetric and isinstance(mode, CompiledImplicit)):
             return wrapped
         cg = mode.cg
         key = register_layer(fn, batched, cg, rtol, name)
