@@ -40,7 +40,7 @@ from ._config import default_rtol
 from .linear._operator import FunctionOperator
 from .linear.cg import CG
 
-__all__ = ["adjoint_solve", "register_layer", "traced_custom_root"]
+__all__ = ["adjoint_solve", "implicit_zero", "register_layer", "traced_custom_root"]
 
 
 @dataclass(frozen=True)
@@ -133,25 +133,42 @@ def _(key: int, z: Tensor, g: Tensor, tensors: list[Tensor]) -> Tensor:
     return torch.empty_like(g)
 
 
-class _AdjointSolve(torch.autograd.Function):
-    """``S(r) = 0`` with ``∂S`` such that ``S(F(z*, θ))`` has the implicit derivative of
-    ``z*``: the backward maps ``g`` to ``-A⁻ᵀ g``, ``A = ∂F/∂z`` at ``z*`` (symmetric: CG)."""
 
-    @staticmethod
-    def forward(r: Tensor, z: Tensor, key: int, *tensors: Tensor) -> Tensor:  # type: ignore[override]
-        return torch.zeros_like(r)
+@torch.library.custom_op("implicit_layers::implicit_zero", mutates_args=())
+def implicit_zero(r: Tensor, z: Tensor, key: int, tensors: list[Tensor]) -> Tensor:
+    """``S(r) = 0``, whose derivative makes ``S(F(z*, θ))`` carry the implicit derivative of
+    ``z*``: its backward maps ``g`` to ``-A⁻ᵀ g``, ``A = ∂F/∂z`` at ``z*`` (symmetric: CG, by
+    :func:`adjoint_solve`). An operator with a derivative of its own rather than an
+    ``autograd.Function``: the backward then runs under autograd's own grad mode, so that a
+    backward with ``create_graph=True`` is refused (dynamo runs a traced Function's backward
+    without grad, where the second derivative would come out wrong, without an error)."""
+    return torch.zeros_like(r)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]  # noqa: ANN001
-        _, z, key, *tensors = inputs
-        ctx.key = key
-        ctx.save_for_backward(z, *tensors)
 
-    @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]  # noqa: ANN001
-        z, *tensors = ctx.saved_tensors
-        u = adjoint_solve(ctx.key, z, g, list(tensors))
-        return (-u, None, None) + (None,) * len(tensors)
+@implicit_zero.register_fake
+def _(r: Tensor, z: Tensor, key: int, tensors: list[Tensor]) -> Tensor:
+    return torch.empty_like(r)
+
+
+def _setup_implicit_zero(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    _, z, key, tensors = inputs
+    ctx.key = key
+    ctx.save_for_backward(z, *tensors)
+
+
+def _implicit_zero_backward(ctx: Any, g: Tensor) -> tuple[Any, ...]:
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise ValueError(
+            "custom_root with CompiledImplicit inside torch.compile does not support "
+            "create_graph=True (double backward): its adjoint solve is one operator without a "
+            "derivative of its own. Call the layer outside torch.compile for higher-order "
+            "derivatives (CompiledImplicit's eager path is exact to every order)."
+        )
+    z, *tensors = ctx.saved_tensors
+    return -adjoint_solve(ctx.key, z, g, tensors), None, None, [None] * len(tensors)
+
+
+implicit_zero.register_autograd(_implicit_zero_backward, setup_context=_setup_implicit_zero)
 
 
 def traced_custom_root(
@@ -200,5 +217,5 @@ def traced_custom_root(
     if not isinstance(r, Tensor) or r.shape != z.shape:
         return None
     if r.requires_grad:
-        z = z + _AdjointSolve.apply(r, z, key, *detached)
+        z = z + implicit_zero(r, z, key, list(detached))
     return (z, aux) if has_aux else z

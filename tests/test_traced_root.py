@@ -224,6 +224,23 @@ def test_has_aux_passes_the_aux_through() -> None:
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_double_backward_is_an_error_not_a_wrong_number() -> None:
+    """``create_graph=True`` through the compiled layer: its adjoint operator has no derivative
+    of its own. With the "eager" backend the backward runs as Python, where the second
+    derivative came out wrong (the dependence of ``A⁻ᵀ`` on ``θ`` missing); it is refused. (AOT
+    autograd's backends refuse double backward themselves.)"""
+    torch._dynamo.reset()
+    _, _, _, theta, optimality, closed_form = _ridge(d=6, n=15, seed=9)
+    inner = _layer(optimality, closed_form)
+    compiled = torch.compile(lambda th: inner(torch.zeros_like(th), th).square().sum(),
+                             backend="eager")
+    (g,) = torch.autograd.grad(compiled(theta), theta)  # first order: fine
+    (want,) = _grads(closed_form(theta).square().sum(), theta)
+    torch.testing.assert_close(g, want, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="create_graph=True"):
+        torch.autograd.grad(compiled(theta), theta, create_graph=True)
+
+
 def test_a_bad_z0_is_the_eager_layers_error() -> None:
     torch._dynamo.reset()
     theta = torch.ones(3, dtype=DT, requires_grad=True)
