@@ -39,6 +39,7 @@ from torch._higher_order_ops import while_loop
 from ._capture import capture, modes_active, transforms_active
 from ._compile_failures import failed_to_compile, note_compile_failure
 from ._compiled_reads import inductor_reporting_reads, with_reads
+from ._guard_filter import loop_options
 from ._guarded_call import GuardedCall
 from ._implicit import ImplicitCore, _Repeated, implicit_solution
 from ._info import NonFiniteError, SolveInfo, report_failure, user_stacklevel
@@ -546,5 +547,7 @@ def _compile_copy() -> Any:
     # automatic dynamic shapes one function's sizes would make another's first graph dynamic
     # (and while_loop does not take the size objects that lifts).
     backend = inductor_reporting_reads({"size_asserts": False}, {"cpp_wrapper": True})
-    # Called through its guards, without dynamo's frame around each call.
-    return GuardedCall(copy, torch.compile(copy, fullgraph=True, dynamic=False, backend=backend))
+    # Called through its guards, without dynamo's frame around each call, and without the
+    # guards on torch's and this library's own objects (see ._guard_filter).
+    return GuardedCall(copy, torch.compile(copy, fullgraph=True, dynamic=False, backend=backend,
+                                           options=loop_options()))

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .._compiled_reads import inductor_reporting_reads
 from .._compiled_solve import run_while
+from .._guard_filter import loop_options
 from .._guarded_call import GuardedCall
 from ._base import _norm
 from .least_squares import _lm_step, _value_and_jt
@@ -183,5 +184,7 @@ def compiled_loop() -> Callable[..., tuple[Tensor, ...]]:
     # derivatives the loop read.
     backend = inductor_reporting_reads({}, {"cpp_wrapper": True})
     # Called through its guards: dynamo's frame around a compiled variant costs about half as
-    # much as the loop of a small fit.
-    return GuardedCall(lm_loop, torch.compile(lm_loop, fullgraph=True, dynamic=False, backend=backend))
+    # much as the loop of a small fit. Without the guards on torch's and this library's own
+    # objects (see ._guard_filter).
+    return GuardedCall(lm_loop, torch.compile(lm_loop, fullgraph=True, dynamic=False, backend=backend,
+                                              options=loop_options()))
