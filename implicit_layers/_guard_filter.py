@@ -11,9 +11,9 @@ library is patched at run time, so the loops leave those guards out
 
 Every other guard stays: those on what the caller owns (the user's function, its closure, the
 globals of its module, the arguments), on tensors (shape, dtype, strides, ``requires_grad``,
-aliasing, wherever the tensor lives), on values (``EQUALS_MATCH``, which also covers state such
-as functorch's nesting level and forward-mode AD's level) and on the global state (grad mode,
-autocast, the default device, the function-mode stack).
+aliasing, wherever the tensor lives), on values (``EQUALS_MATCH``, ``CONSTANT_MATCH``: these
+also cover state such as functorch's nesting level and forward-mode AD's level) and on the
+global state (grad mode, autocast, the default device, the function-mode stack).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _ROOT = re.compile(r"G\['([^']*)'\]|__import__\('([^']*)'\)")
 #: Modules whose objects are fixed: torch's and this library's.
 _FIXED_MODULE = re.compile(r"(torch|implicit_layers)(\.|_dot_|$)")
 #: Kept wherever they are: checks of tensors and of values.
-_ALWAYS_KEPT = frozenset({"TENSOR_MATCH", "NO_TENSOR_ALIASING", "EQUALS_MATCH"})
+_ALWAYS_KEPT = frozenset({"TENSOR_MATCH", "NO_TENSOR_ALIASING", "EQUALS_MATCH", "CONSTANT_MATCH"})
 
 
 def keep_guard(name: str, guard_type: str) -> bool:

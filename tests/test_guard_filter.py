@@ -49,6 +49,7 @@ def test_guards_on_torch_and_library_objects_are_left_out(name: str, guard_type:
         ("G['__import_torch_dot__functorch_dot_eager_transforms'].JVP_NESTING", "EQUALS_MATCH"),
         ("G['__import_torch_dot_autograd_dot_forward_ad']._current_level", "EQUALS_MATCH"),
         ("G['_CHUNK']", "EQUALS_MATCH"),
+        ("G['__import_torch_dot_autograd_dot_forward_ad']._current_level", "CONSTANT_MATCH"),
     ],
 )
 def test_guards_on_what_the_caller_owns_tensors_and_values_are_kept(name: str, guard_type: str) -> None:
