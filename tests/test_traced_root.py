@@ -281,3 +281,26 @@ def test_a_function_torch_cannot_compile_in_a_loop_solves_eagerly_inside_the_gra
         (got,) = _grads(compiled(theta), theta)
     (want,) = _grads(closed_form(theta).square().sum(), theta)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_torch_func_around_a_compiled_function_with_the_layer() -> None:
+    """torch.func.grad and vmap over the compiled function (AOT autograd backends: dynamo
+    runs the function eagerly under the transform) equal the closed form's."""
+    torch._dynamo.reset()
+    X, y, _, theta, optimality, closed_form = _ridge(d=5, n=12, seed=3)
+    inner = _layer(optimality, closed_form)
+    w0 = torch.zeros(5, dtype=DT)
+
+    def loss(th: torch.Tensor) -> torch.Tensor:
+        return inner(w0, th).square().sum()
+
+    def reference(th: torch.Tensor) -> torch.Tensor:
+        return closed_form(th).square().sum()
+
+    th = theta.detach()
+    compiled = torch.compile(loss, backend="aot_eager")
+    torch.testing.assert_close(torch.func.grad(compiled)(th), torch.func.grad(reference)(th),
+                               rtol=1e-9, atol=1e-12)
+    batch = th + 0.1 * torch.randn(3, 5, dtype=DT, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(torch.func.vmap(compiled)(batch), torch.func.vmap(reference)(batch),
+                               rtol=1e-10, atol=1e-12)
