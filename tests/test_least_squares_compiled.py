@@ -77,6 +77,31 @@ def test_loop_run_eagerly_takes_the_eager_solvers_steps() -> None:
         np.testing.assert_allclose(z[i].numpy(), _scipy_fit(Y[i].numpy()), rtol=1e-8)
 
 
+def test_traced_calls_equal_the_problems_methods() -> None:
+    # What the compiled loop traces for a plain problem: closures that give the residuals and
+    # the probe of the bound methods, bit for bit (float32 state too, computed in float32).
+    for dtype in (D, torch.float32):
+        Y = _data(2, 3).to(dtype)
+        problem = Problem("least_squares", _residual_any, (Y,), torch.ones(3, 3, dtype=dtype),
+                          batched=True, name="residual")
+        residuals, probe = problem.traced_calls()
+        z = torch.randn(3, 3, dtype=dtype, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(residuals(z), problem.residuals(z))
+        assert torch.equal(probe(z), problem.probe(z))
+    # Keyword arguments or a structured state: the bound methods themselves.
+    kw = Problem("least_squares", lambda w, Y=None: _residual(w, Y), (), torch.ones(3, 3, dtype=D),
+                 batched=True, name="residual", kwargs={"Y": _data(2, 3)})
+    assert kw.traced_calls() == (kw.residuals, kw.probe)
+    tree = Problem("least_squares", lambda w: torch.cat([w["a"], w["b"]], -1), (),
+                   {"a": torch.ones(2, 1, dtype=D), "b": torch.ones(2, 2, dtype=D)},
+                   batched=True, name="residual")
+    assert tree.traced_calls() == (tree.residuals, tree.probe)
+
+
+def _residual_any(w: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    return _model(w, T.to(w.dtype)) - Y
+
+
 @pytest.mark.slow
 def test_compiled_solve_matches_eager_and_scipy_with_exact_gradients() -> None:
     Y = _data(1, 4).requires_grad_(True)

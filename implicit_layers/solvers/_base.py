@@ -260,10 +260,9 @@ class ForwardSolver(SolverSettings):
     def _conclude(self, problem: Problem, z: Tensor, info: SolveInfo) -> None:
         """The verdict of a solve: the warning or error of ``on_failure`` for samples that did
         not converge, with the problem's diagnosis."""
-        advice = self._advice(problem)
-        if (self.on_failure != "ignore" and not info._known_converged
-                and not bool(info.converged.all())):
-            advice += problem.diagnose(z, ~info.converged.reshape(-1))
+        if self.on_failure == "ignore" or info._known_converged or bool(info.converged.all()):
+            return  # nothing to report: no advice to compose (this runs on every solve)
+        advice = self._advice(problem) + problem.diagnose(z, ~info.converged.reshape(-1))
         report_failure(info, self.on_failure, f"forward solve of {problem.kind}", advice)
 
     def _solve(self, problem: Problem, z0: Tensor, differentiable: bool) -> tuple[Tensor, SolveInfo]:

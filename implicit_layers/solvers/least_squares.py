@@ -474,9 +474,9 @@ class LevenbergMarquardt(_NormalEquations):
         loop = _compiled_loop_module()
         settings = loop.LoopSettings.of(self.resolved_rtol(z0.dtype), float(self.atol), self.max_steps,
                                         self.damping)
-        residuals = cast(LeastSquaresProblem, problem).residuals
+        residuals, probe = cast(LeastSquaresProblem, problem).traced_calls()
         z, best, tol, steps, converged, finite, flags, out = loop.run_compiled(
-            residuals, z0, settings, problem.name, problem.probe)
+            residuals, z0, settings, problem.name, probe)
         all_finite, all_converged = flags.tolist()
         info = SolveInfo(converged=converged, steps=steps, residual=best, solver=self.name,
                          tolerance=tol)
