@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
-from ._problem import KINDS, MinimiseProblem
+from ._problem import KINDS, MinimiseProblem, single_state
 
 if TYPE_CHECKING:
     from .solvers._base import ForwardSolver
@@ -78,15 +78,11 @@ class LeastSquaresProblem(MinimiseProblem):
         fn, args, batch, dtype = self.fn, self.args, self.batch, self.dtype
         shape, leaf_dtype = self.leaf_shapes[0], self.leaf_dtypes[0]
 
-        def state(z: Tensor) -> Tensor:  # unflatten's one-tensor case
-            out = z if z.shape == shape else z.reshape(shape)
-            return out.to(leaf_dtype) if out.dtype != leaf_dtype else out
-
         def probe(z: Tensor) -> Any:
-            return fn(state(z), *args)
+            return fn(single_state(z, shape, leaf_dtype), *args)
 
         def residuals(z: Tensor) -> Tensor:
-            return fn(state(z), *args).reshape(batch, -1).to(dtype)
+            return probe(z).reshape(batch, -1).to(dtype)
 
         return residuals, probe
 

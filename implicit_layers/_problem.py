@@ -91,6 +91,14 @@ def leaves(tree: Any) -> list[Any]:
     return tree_flatten(tree)[0]
 
 
+def single_state(z: Tensor, shape: torch.Size, dtype: torch.dtype | None) -> Tensor:
+    """The flat ``(B, n)`` state ``z`` as a one-tensor state of ``shape`` (and ``dtype``, unless
+    ``None``): ``z`` itself rather than a view of it where no reshape is needed (FSDP2 and
+    in-place ops treat views of a custom function's output specially)."""
+    out = z if z.shape == shape else z.reshape(shape)
+    return out.to(dtype) if dtype is not None and out.dtype != dtype else out
+
+
 def flatten(tree: Any) -> tuple[list[Any], TreeSpec]:
     """``tree_flatten(tree)``, without the pytree walk for a single tensor (the common state
     and output of a layer)."""
@@ -253,10 +261,7 @@ class Problem:
     def unflatten(self, z: Tensor, dtype: bool = True) -> Any:
         """The ``(B, n)`` state in the structure, shapes (and, if ``dtype``, dtypes) of ``z0``."""
         if self.single:
-            # The layer's own output rather than a view of it when no reshape is needed (FSDP2
-            # and in-place ops treat views of a custom function's output specially).
-            out = z if z.shape == self.leaf_shapes[0] else z.reshape(self.leaf_shapes[0])
-            return out.to(self.leaf_dtypes[0]) if dtype and out.dtype != self.leaf_dtypes[0] else out
+            return single_state(z, self.leaf_shapes[0], self.leaf_dtypes[0] if dtype else None)
         parts = torch.split(z, list(self.leaf_sizes), dim=-1)
         shaped = [
             p.reshape(s).to(d) if dtype else p.reshape(s)
