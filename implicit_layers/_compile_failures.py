@@ -17,19 +17,21 @@ from typing import Any
 
 from ._info import user_stacklevel
 
-__all__ = ["failed_to_compile", "note_compile_failure"]
+__all__ = ["failed_to_compile", "function_key", "note_compile_failure"]
 
 _FAILED: weakref.WeakSet[Any] = weakref.WeakSet()
 _FAILED_IDS: set[int] = set()  # functions that cannot be weakly referenced
 
 
-def _key(fn: Any) -> Any:
-    return getattr(fn, "__func__", fn)  # a bound method: its function (the method object is new)
+def function_key(fn: Any) -> Any:
+    """What identifies a user function across calls: a bound method's function (the method
+    object is new at every attribute access), else the function itself."""
+    return getattr(fn, "__func__", fn)
 
 
 def failed_to_compile(fn: Any) -> bool:
     """Whether torch's compiler failed internally on a loop through ``fn``."""
-    key = _key(fn)
+    key = function_key(fn)
     try:
         return key in _FAILED
     except TypeError:
@@ -38,7 +40,7 @@ def failed_to_compile(fn: Any) -> bool:
 
 def note_compile_failure(fn: Any, what: str, fallback: str, error: Exception) -> None:
     """Remember ``fn`` and warn (``RuntimeWarning``) that ``what`` runs ``fallback`` instead."""
-    key = _key(fn)
+    key = function_key(fn)
     try:
         _FAILED.add(key)
     except TypeError:

@@ -37,7 +37,7 @@ from torch import Tensor
 from torch._higher_order_ops import while_loop
 
 from ._capture import capture, modes_active, transforms_active
-from ._compile_failures import failed_to_compile, note_compile_failure
+from ._compile_failures import failed_to_compile, function_key, note_compile_failure
 from ._compiled_reads import inductor_reporting_reads, with_reads
 from ._guard_filter import loop_options
 from ._guarded_call import GuardedCall
@@ -323,7 +323,7 @@ _WARNED: set[int] = set()
 
 def _warn_recompile_limit(fn: Any) -> None:
     """Say once per function that its adjoint solves now run eagerly."""
-    key = id(getattr(fn, "__func__", fn))
+    key = id(function_key(fn))
     if key in _WARNED:
         return
     _WARNED.add(key)
@@ -523,7 +523,7 @@ def _compiled_cg(fn: Any) -> Any:
     test session) each keep their compiled loop; a function that cannot be weakly referenced
     shares one copy.
     """
-    key = getattr(fn, "__func__", fn)  # a bound method: its function (the method object is new)
+    key = function_key(fn)
     try:
         return _COMPILED[key]
     except KeyError:
