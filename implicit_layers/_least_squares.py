@@ -72,8 +72,9 @@ class LeastSquaresProblem(MinimiseProblem):
         arguments, no substitution), two closures over the function, its arguments and the
         state's shape, dtype and batch: dynamo then guards those values rather than every
         attribute of the problem and every method lookup through its classes (about a third
-        of the guards of a small fit, checked on every call). Otherwise the bound methods."""
-        if type(self) is not LeastSquaresProblem or not self.single or self.kwargs or self._substitute:
+        of the guards of a small fit, checked on every call). Otherwise (or for a subclass that
+        redefines how the function is called) the bound methods."""
+        if not self.single or self.kwargs or self._substitute or _calls_redefined(type(self)):
             return self.residuals, self.probe
         fn, args, batch, dtype = self.fn, self.args, self.batch, self.dtype
         shape, leaf_dtype = self.leaf_shapes[0], self.leaf_dtypes[0]
@@ -89,6 +90,23 @@ class LeastSquaresProblem(MinimiseProblem):
     def objective(self, z: Tensor) -> Tensor:
         """``½‖r(z)‖²`` per problem, shape ``(B,)``."""
         return 0.5 * self.residuals(z).square().sum(-1)
+
+
+#: What :meth:`LeastSquaresProblem.traced_calls` writes out as closures.
+_TRACED = ("residuals", "probe", "_call", "call_user", "unflatten")
+
+
+_REDEFINED: dict[type, bool] = {}
+
+
+def _calls_redefined(cls: type) -> bool:
+    """Whether ``cls`` redefines one of the methods that ``traced_calls`` writes out (answered
+    once per class)."""
+    known = _REDEFINED.get(cls)
+    if known is None:
+        known = _REDEFINED[cls] = any(
+            getattr(cls, name) is not getattr(LeastSquaresProblem, name) for name in _TRACED)
+    return known
 
 
 KINDS["least_squares"] = LeastSquaresProblem

@@ -88,7 +88,8 @@ def test_traced_calls_equal_the_problems_methods() -> None:
         z = torch.randn(3, 3, dtype=dtype, generator=torch.Generator().manual_seed(0))
         assert torch.equal(residuals(z), problem.residuals(z))
         assert torch.equal(probe(z), problem.probe(z))
-    # Keyword arguments or a structured state: the bound methods themselves.
+    # Keyword arguments, a structured state, or a subclass that redefines the residuals: the
+    # bound methods themselves.
     kw = Problem("least_squares", lambda w, Y=None: _residual(w, Y), (), torch.ones(3, 3, dtype=D),
                  batched=True, name="residual", kwargs={"Y": _data(2, 3)})
     assert kw.traced_calls() == (kw.residuals, kw.probe)
@@ -96,6 +97,15 @@ def test_traced_calls_equal_the_problems_methods() -> None:
                    {"a": torch.ones(2, 1, dtype=D), "b": torch.ones(2, 2, dtype=D)},
                    batched=True, name="residual")
     assert tree.traced_calls() == (tree.residuals, tree.probe)
+
+    class Scaled(LeastSquaresProblem):
+        def residuals(self, z: torch.Tensor) -> torch.Tensor:
+            return 2 * super().residuals(z)
+
+    scaled = Scaled("least_squares", _residual, (_data(2, 3),), torch.ones(3, 3, dtype=D),
+                    batched=True, name="residual")
+    assert type(scaled) is Scaled
+    assert scaled.traced_calls() == (scaled.residuals, scaled.probe)
 
 
 def _residual_any(w: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
