@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._compiled_reads import inductor_reporting_reads
 from .._compiled_solve import run_while
-from .._guard_filter import loop_options
 from .._guarded_call import GuardedCall
 from ._base import _norm
+from ._compiled_loop import compile_loop, run_loop
 from .least_squares import _lm_step, _value_and_jt
 
 __all__ = ["LoopSettings", "compiled_loop", "lm_loop", "run_compiled"]
@@ -129,62 +128,17 @@ def run_compiled(
     residuals: Callable[[Tensor], Tensor], z0: Tensor, s: LoopSettings, name: str,
     probe: Callable[[Tensor], Tensor],
 ) -> tuple[Tensor, ...]:
-    """:func:`lm_loop` (with its ``probe``) through :func:`compiled_loop`, with a clear error
-    for a residual function that ``torch.compile`` cannot trace in one graph (``name`` is its
-    name in messages). Its backend reports the tensors carrying derivatives that the loop read
-    (see :func:`~implicit_layers._compiled_reads.with_reads`).
-
-    Every residual function, batch size, dtype and setting is one more compiled variant of the
-    one loop; past ``torch._dynamo.config.recompile_limit`` of them (8 by default), where
-    ``fullgraph=True`` would refuse, the limit is raised for that call.
-    """
-    loop = compiled_loop()
-    try:
-        try:
-            return loop(residuals, z0, s, probe)
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
-            limit = max(2 * torch._dynamo.config.recompile_limit, 64)
-            with torch._dynamo.config.patch(recompile_limit=limit):
-                return loop(residuals, z0, s, probe)
-    except torch._dynamo.exc.BackendCompilerFailed as error:
-        # Traced: the failure is the compiler's, not the residual function's.
-        reason = str(error).strip().splitlines()[0]
-        raise RuntimeError(
-            f"LevenbergMarquardt(compile=True) traced {name}, but torch.compile's compiler "
-            f"failed on the loop ({reason}). Use compile=False (the same steps, eagerly)."
-        ) from error
-    except torch._dynamo.exc.TorchDynamoException as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ValueError(
-            f"LevenbergMarquardt(compile=True) traces {name} into one graph, and torch.compile "
-            f"could not ({reason}). Keep {name} to torch operations on tensors (no .item(), "
-            "NumPy or Python branches on tensor values), or use compile=False."
-        ) from error
-    except Exception as error:  # noqa: BLE001  (torch's tracer failed on a traceable function)
-        raise CompileFailed(error) from error
-
-
-class CompileFailed(RuntimeError):
-    """torch's compiler failed internally on the loop (not the residual function's fault: see
-    :mod:`~implicit_layers._compile_failures`); ``error`` is what it raised."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
+    """:func:`lm_loop` (with its ``probe``) through :func:`compiled_loop`, with the errors of
+    :func:`~implicit_layers.solvers._compiled_loop.run_loop` (``name``: the residual
+    function's name in messages). Its backend reports the tensors carrying derivatives that
+    the loop read (see :func:`~implicit_layers._compiled_reads.with_reads`)."""
+    return run_loop(compiled_loop(), (residuals, z0, s, probe), "LevenbergMarquardt(compile=True)",
+                    name)
 
 
 @functools.cache
-def compiled_loop() -> Callable[..., tuple[Tensor, ...]]:
+def compiled_loop() -> GuardedCall:
     """:func:`lm_loop` compiled with ``fullgraph=True``, once per process (its graphs are cached
     per residual function, shapes, dtype and settings). Static shapes: a batch size is a
     constant of the loop."""
-    # On the CPU, the C++ wrapper runs the loop without returning to Python between steps:
-    # half the time of the Python wrapper on a few-step solve of a small batch (measured at
-    # B = 1); elsewhere the Python wrapper. The backend notes which tensors carrying
-    # derivatives the loop read.
-    backend = inductor_reporting_reads({}, {"cpp_wrapper": True})
-    # Called through its guards: dynamo's frame around a compiled variant costs about half as
-    # much as the loop of a small fit. Without the guards on torch's and this library's own
-    # objects (see ._guard_filter).
-    return GuardedCall(lm_loop, torch.compile(lm_loop, fullgraph=True, dynamic=False, backend=backend,
-                                              options=loop_options()))
+    return compile_loop(lm_loop)

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from typing_extensions import Unpack
 
-from .._capture import modes_active, transforms_active
-from .._compile_failures import failed_to_compile, note_compile_failure
+from .._capture import transforms_active
+from .._compile_failures import note_compile_failure
 from .._compiled_reads import with_reads
 from .._config import SolverKeywords, check_positive_int
 from .._info import SolveInfo
@@ -22,6 +22,7 @@ from .._problem import Problem
 from ..linear._operator import FunctionOperator
 from ..linear.cg import CG
 from ._base import ForwardSolver, Monitor, non_finite_error
+from ._compiled_loop import CompileFailed, loop_serves
 
 __all__ = ["GaussNewton", "LevenbergMarquardt"]
 
@@ -391,7 +392,7 @@ class LevenbergMarquardt(_NormalEquations):
         if self._compiles(problem, z0):
             try:
                 return self._compiled_solve(problem, z0)
-            except _compiled_loop_module().CompileFailed as failure:
+            except CompileFailed as failure:
                 self._note_failure(problem, failure.error)  # then the eager steps below
         residuals, lin, g = self._start(problem, z0)
         mon = Monitor(self, problem, z0, g)
@@ -421,15 +422,11 @@ class LevenbergMarquardt(_NormalEquations):
         return mon.finish()
 
     def _compiles(self, problem: Problem, z0: Tensor) -> bool:
-        """Whether the compiled loop runs here: ``compile=True``, dense normal equations, outside
-        ``inference_mode``, torch-function and dispatch modes, forward-mode AD (see
-        :func:`~implicit_layers._capture.modes_active`) and ``torch.func`` transforms (a
-        problem folded from ``vmap`` calls the residual function under the transform), and
-        with the function called as it is (under ``torch.func.grad`` the layer's forward calls
-        it with unwrapped values substituted, a mode the compiled loop cannot trace)."""
+        """Whether the compiled loop runs here: ``compile=True``, dense normal equations, and
+        where a compiled loop can trace the problem
+        (:func:`~implicit_layers.solvers._compiled_loop.loop_serves`)."""
         return (self.compile and isinstance(problem, LeastSquaresProblem) and self._dense(z0)
-                and not (torch.is_inference_mode_enabled() or transforms_active() or modes_active()
-                         or problem.substitutes or failed_to_compile(problem.fn)))
+                and loop_serves(problem))
 
     @staticmethod
     def _note_failure(problem: Problem, error: Exception) -> None:
@@ -456,7 +453,7 @@ class LevenbergMarquardt(_NormalEquations):
             (z, info, finite, out), reads = with_reads(lambda: self._run_compiled(problem, z0))
         except ValueError:
             return None
-        except _compiled_loop_module().CompileFailed as failure:
+        except CompileFailed as failure:
             self._note_failure(problem, failure.error)
             return None
         if reads is None or reads:  # no graph ran (an eager stance), or it read some
