@@ -35,13 +35,19 @@ def require_tensor(x: object, name: str) -> Tensor:
 
 
 def require(cond: Tensor | bool, message: str, got: Tensor | None = None) -> None:
-    """Raise ``ValueError(message)`` unless ``cond`` holds everywhere (skipped under vmap).
+    """Raise ``ValueError(message)`` unless ``cond`` holds everywhere (skipped under vmap;
+    under ``torch.compile`` a check in the graph that raises a ``RuntimeError``).
 
     With ``got`` (the parameter checked, broadcastable with ``cond``), the message ends with
     the first value that fails, and says NaN where that is what failed.
     """
     if isinstance(cond, Tensor):
         if cond.device.type == "meta":
+            return
+        if torch.compiler.is_compiling():
+            # Traced: a Python bool of the data would break the graph. The compiled graph
+            # checks the condition when it runs, and raises a RuntimeError with the message.
+            torch._assert_async(cond.all(), message)
             return
         try:
             holds = bool(cond.all())

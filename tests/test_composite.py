@@ -295,6 +295,18 @@ def test_fista_momentum_grows_as_it_should_on_an_ill_conditioned_problem() -> No
     torch.testing.assert_close(layer(x), x.clamp(-0.5, 0.5), rtol=0, atol=2e-3)
 
 
+def test_a_nan_hessian_at_the_start_is_a_non_finite_error_naming_the_sample() -> None:
+    # NaN in one sample's data makes its estimated step NaN; that step once reached the prox,
+    # whose check then complained about the step ("step must be > 0. Got NaN.").
+    gen = torch.Generator().manual_seed(5)
+    A = torch.randn(3, 10, 4, dtype=D, generator=gen)
+    A[2, 0, 1] = float("nan")
+    b = torch.randn(3, 10, dtype=D, generator=gen)
+    with pytest.raises(il.NonFiniteError, match=r"batch sample\(s\) 2 of 3"):
+        il.argmin(lambda w: 0.5 * (torch.einsum("bmn,bn->bm", A, w) - b).square().sum(-1),
+                  torch.zeros(3, 4, dtype=D), prox=il.prox.bind(il.prox.l1, 0.1), batched=True)
+
+
 def test_step_backward_modes_on_a_composite_problem_need_a_step_size() -> None:
     # The residual is a proximal-gradient step of unit length: unit steps diverge where the
     # Hessian's largest eigenvalue exceeds 2 (here 2.07), so the step modes take the forward
