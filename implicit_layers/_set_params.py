@@ -106,6 +106,8 @@ def per_vector(value: float | Tensor, x: Tensor, name: str) -> Tensor:
 def as_vector(value: float | Tensor, x: Tensor, name: str) -> Tensor:
     """A per-coordinate parameter (a bound, a strength) as a tensor broadcastable to ``x``."""
     t = _as_tensor(value, x, name)
+    if t.dim() == 0 or t.shape == x.shape:
+        return t  # broadcastable as it is (torch.broadcast_shapes costs ~8 us a call)
     try:
         torch.broadcast_shapes(t.shape, x.shape)
     except RuntimeError:
