@@ -64,8 +64,8 @@ class ProximalGradient(ForwardSolver):
             ``while_loop`` calls with ``fun`` and the prox traced into them (default ``False``):
             the same algorithm (iterates equal to rounding, the same steps and verdicts),
             without the eager loop's dispatch and per-iteration host synchronisations (a
-            lasso of 10 unknowns: 0.5 ms per iteration eagerly, tens of microseconds
-            compiled). Every new ``fun`` or prox, batch size, dtype or setting compiles
+            lasso of 10 unknowns on a 2-core CPU: about 0.55 ms per iteration eagerly,
+            0.12 ms compiled). Every new ``fun`` or prox, batch size, dtype or setting compiles
             (seconds, a C++ compiler needed as for any ``torch.compile`` on the CPU); both
             must be traceable by ``torch.compile`` without a graph break (else a
             ``ValueError`` says so; a ``RuntimeError`` where the compiler itself fails on a
