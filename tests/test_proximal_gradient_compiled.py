@@ -237,3 +237,32 @@ def test_compile_setting_is_checked() -> None:
     with pytest.raises(TypeError, match="compile must be True or False, got int"):
         il.solvers.ProximalGradient(compile=1)  # type: ignore[arg-type]
     assert il.solvers.ProximalGradient(compile=True).replace(rtol=1e-6).compile is True
+
+
+def test_an_internal_compile_failure_solves_with_the_eager_steps() -> None:
+    """``.T`` of a closed-over tensor makes torch 2.13's tracer fail on the loop with an
+    internal error (not the function's fault): the solve warns once and takes the eager
+    steps, the same solution as ``compile=False``."""
+    A, b, _, _ = _lasso_data()
+    At = A.t().contiguous()
+    bg = b.clone().requires_grad_(True)
+
+    def fun(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (w @ At.T.T - b).square().sum()  # noqa: PLR0124 (.T twice on purpose)
+
+    def solve(compile: bool) -> torch.Tensor:
+        return il.argmin(fun, torch.zeros(12, dtype=D), bg, prox=_l1(0.3),
+                         solver=il.solvers.ProximalGradient(compile=compile, rtol=1e-12))
+
+    with pytest.warns(RuntimeWarning, match=r"ProximalGradient\(compile=True\) on fun: torch.compile "
+                                            r"failed internally.*eager steps"):
+        got = solve(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        again = solve(True)  # said once; no second attempt to compile
+    want = solve(False)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(again, want, rtol=0, atol=1e-12)
+    (gb,) = torch.autograd.grad(got.sum(), bg)
+    (wb,) = torch.autograd.grad(want.sum(), bg)
+    torch.testing.assert_close(gb, wb, rtol=1e-8, atol=1e-12)
