@@ -248,7 +248,7 @@ def test_an_internal_compile_failure_solves_with_the_eager_steps() -> None:
     bg = b.clone().requires_grad_(True)
 
     def fun(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (w @ At.T.T - b).square().sum()  # noqa: PLR0124 (.T twice on purpose)
+        return 0.5 * (w @ At.T.T - b).square().sum()  # `.T` of a closed-over tensor, twice
 
     def solve(compile: bool) -> torch.Tensor:
         return il.argmin(fun, torch.zeros(12, dtype=D), bg, prox=_l1(0.3),
