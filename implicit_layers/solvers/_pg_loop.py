@@ -29,6 +29,7 @@ from .._compiled_solve import run_while
 from .._guarded_call import GuardedCall
 from ._base import _norm
 from ._compiled_loop import compile_loop, run_loop
+from .proximal_gradient import _extrapolated
 
 __all__ = ["LoopSettings", "compiled_loop", "pg_loop", "run_compiled"]
 
@@ -222,20 +223,7 @@ def pg_loop(objective: Objective, gradient_step: GradientStep, z0: Tensor, start
         have_vectors = torch.where(again, keep, have_vectors)
         cap = torch.where(again & blocked, fresh, cap)
         step = torch.where(grow, torch.minimum(wanted, cap), step)
-        if s.accelerated:
-            following = (1 + torch.sqrt(1 + 4 * momentum.square())) / 2
-            beta = (momentum - 1) / following
-            if s.restart:
-                # Restart where the momentum points against the step just taken.
-                against = ((y - x_new) * (x_new - x)).sum(-1, keepdim=True) > 0
-                following = torch.where(against, torch.ones_like(following), following)
-                beta = torch.where(against, torch.zeros_like(beta), beta)
-            y_next = x_new + beta * (x_new - x)
-            momentum = torch.where(active, following, momentum)
-        else:
-            y_next = x_new
-        x = torch.where(active, x_new, x)
-        y = torch.where(active, y_next, y)
+        x, y, momentum = _extrapolated(x, y, x_new, momentum, active, s.accelerated, s.restart)
         fy, gy = _value_and_grad(objective, y)
         x_new, step, grow = _prox_step(objective, gradient_step, y, fy, gy, step,
                                        it % _GROWTH_EVERY == 0, s)

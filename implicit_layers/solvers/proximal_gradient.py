@@ -29,6 +29,28 @@ _REESTIMATE_STEPS = 3
 _GROWTH_EVERY = 8
 
 
+def _extrapolated(x: Tensor, y: Tensor, x_new: Tensor, momentum: Tensor, active: Tensor,
+                 accelerated: bool, restart: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """FISTA's move to the new point ``x_new`` (from ``y``, after ``x``): ``(x, y, momentum)``
+    for the next iteration, ``y`` extrapolated along ``x_new - x`` by Nesterov's momentum
+    (``x_new`` itself without ``accelerated``), the momentum reset where it points against
+    the step just taken (with ``restart``). Samples not ``active`` (bool ``(B, 1)``) keep
+    their ``x``, ``y`` and momentum ``(B, 1)``."""
+    if accelerated:
+        following = (1 + torch.sqrt(1 + 4 * momentum.square())) / 2
+        beta = (momentum - 1) / following
+        if restart:
+            # O'Donoghue and Candès' gradient scheme.
+            against = ((y - x_new) * (x_new - x)).sum(-1, keepdim=True) > 0
+            following = torch.where(against, torch.ones_like(following), following)
+            beta = torch.where(against, torch.zeros_like(beta), beta)
+        y_next = x_new + beta * (x_new - x)
+        momentum = torch.where(active, following, momentum)
+    else:
+        y_next = x_new
+    return torch.where(active, x_new, x), torch.where(active, y_next, y), momentum
+
+
 class ProximalGradient(ForwardSolver):
     """FISTA on ``min_w L(w) + g(w)``: ``x ← prox_{s g}(y - s ∇L(y))``, ``y`` extrapolated.
 
@@ -224,20 +246,8 @@ class ProximalGradient(ForwardSolver):
             active = mon.active.unsqueeze(-1)
             if grow is not None and bool(grow.any()):
                 step, cap, vectors = self._grown(problem, x_new, step, grow & active, cap, vectors)
-            if self.accelerated:
-                following = (1 + torch.sqrt(1 + 4 * momentum.square())) / 2
-                beta = (momentum - 1) / following
-                if self.restart:
-                    # Restart where the momentum points against the step just taken.
-                    against = ((y - x_new) * (x_new - x)).sum(-1, keepdim=True) > 0
-                    following = torch.where(against, torch.ones_like(following), following)
-                    beta = torch.where(against, torch.zeros_like(beta), beta)
-                y_next = x_new + beta * (x_new - x)
-                momentum = torch.where(active, following, momentum)
-            else:
-                y_next = x_new
-            x = torch.where(active, x_new, x)
-            y = torch.where(active, y_next, y)
+            x, y, momentum = _extrapolated(x, y, x_new, momentum, active, self.accelerated,
+                                          self.restart)
             fy, gy = problem.value_and_grad(y, create_graph=differentiable)
             # Whether the step may grow is measured every few iterations: a few small
             # operations and a host read, which would add a tenth to a small problem's steps.
