@@ -238,3 +238,19 @@ def test_inference_mode_and_autocast():
             out = prox(x, 0.5)
         assert out.dtype == D
         torch.testing.assert_close(out, ref)
+
+
+def test_prox_and_projection_trace_into_one_graph_and_check_there() -> None:
+    # Traced by torch.compile(fullgraph=True), the argument checks cannot read the data on the
+    # host; they become checks in the graph, which raise the same message when it runs.
+    prox = torch.compile(lambda x, s: il.prox.l1(x, s, 0.5), fullgraph=True, backend="aot_eager")
+    simplex = torch.compile(lambda x, t: il.projection.simplex(x, t), fullgraph=True,
+                            backend="aot_eager")
+    x = torch.randn(3, 5, dtype=D, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(prox(x, torch.tensor(0.3, dtype=D)), il.prox.l1(x, 0.3, 0.5))
+    torch.testing.assert_close(simplex(x, torch.full((3,), 2.0, dtype=D)),
+                               il.projection.simplex(x, 2.0))
+    with pytest.raises(RuntimeError, match="strength must be >= 0"):
+        prox(x, torch.tensor(-1.0, dtype=D))
+    with pytest.raises(RuntimeError, match="total must be > 0"):
+        simplex(x, torch.tensor([1.0, 0.0, 1.0], dtype=D))
