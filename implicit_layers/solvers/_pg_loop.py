@@ -12,8 +12,9 @@ bookkeeping is the eager :class:`~implicit_layers.solvers.base.Monitor`'s. Trace
 host synchronisation at its end.
 
 Gradients come from ``torch.func.grad`` and Hessian-vector products from ``torch.func.jvp``
-of it, so the iterates agree with the eager solver's to rounding (whose products come from
-recorded graphs), not bit for bit.
+of it. Run eagerly (``run_while`` is then a Python loop) the function takes the eager
+solver's iterates bit for bit; compiled, inductor's fused kernels round differently, and the
+iterates agree to rounding.
 """
 
 from __future__ import annotations
