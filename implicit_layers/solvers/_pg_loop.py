@@ -102,7 +102,9 @@ def _lipschitz(objective: Objective, z: Tensor, v: Tensor, steps: Tensor) -> tup
     def body(i: Tensor, lam: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(tiny)
         hv = hvp(v)
-        return i + 1, torch.linalg.vecdot(v, hv).abs(), hv
+        # In the state's dtype: under autocast the product is in the narrow dtype, and a
+        # loop's state keeps its dtypes.
+        return i + 1, torch.linalg.vecdot(v, hv).abs().to(lam.dtype), hv
 
     start = (torch.zeros((), dtype=torch.int64, device=z.device),
              torch.ones(z.shape[0], dtype=z.dtype, device=z.device), v)
