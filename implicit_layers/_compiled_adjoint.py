@@ -38,9 +38,8 @@ from torch._higher_order_ops import while_loop
 
 from ._capture import capture, modes_active, transforms_active
 from ._compile_failures import failed_to_compile, function_key, note_compile_failure
-from ._compiled_reads import inductor_reporting_reads, with_reads
-from ._guard_filter import loop_options
-from ._guarded_call import GuardedCall
+from ._compiled_reads import with_reads
+from ._guarded_call import compile_loop
 from ._implicit import ImplicitCore, _Repeated, implicit_solution
 from ._info import NonFiniteError, SolveInfo, report_failure, user_stacklevel
 from ._linearize import RecordedLinearization
@@ -546,8 +545,4 @@ def _compile_copy() -> Any:
     # its record of shapes seen per source location, shared by the copies, so that with
     # automatic dynamic shapes one function's sizes would make another's first graph dynamic
     # (and while_loop does not take the size objects that lifts).
-    backend = inductor_reporting_reads({"size_asserts": False}, {"cpp_wrapper": True})
-    # Called through its guards, without dynamo's frame around each call, and without the
-    # guards on torch's and this library's own objects (see ._guard_filter).
-    return GuardedCall(copy, torch.compile(copy, fullgraph=True, dynamic=False, backend=backend,
-                                           options=loop_options()))
+    return compile_loop(copy, {"size_asserts": False}, {"cpp_wrapper": True})

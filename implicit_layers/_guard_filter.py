@@ -1,9 +1,11 @@
 """The guards that the library's own compiled loops keep.
 
-A compiled loop of this library (Levenberg-Marquardt's whole solve, ``CompiledImplicit``'s CG)
-is traced through torch's own modules (``torch.func``, pytree, the ``while_loop`` operator) and
-through this library's, and dynamo guards each global object it met there: every module,
-function, code object, closure and builtin, and the contents of their dictionaries. On a small
+A compiled loop of this library (the whole solves of ``LevenbergMarquardt`` and
+``ProximalGradient``, ``CompiledImplicit``'s CG; see
+:func:`~implicit_layers._guarded_call.compile_loop`) is traced through torch's own modules
+(``torch.func``, pytree, the ``while_loop`` operator) and through this library's, and dynamo
+guards each global object it met there: every module, function, code object, closure and
+builtin, and the contents of their dictionaries. On a small
 least-squares fit that is about 300 of its 380 guards, checked on every call (about a tenth of
 the call). Those objects stay what they are for the life of the process, unless torch or this
 library is patched at run time, so the loops leave those guards out

@@ -25,7 +25,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["GuardedCall"]
+from ._compiled_reads import inductor_reporting_reads
+from ._guard_filter import loop_options
+
+__all__ = ["GuardedCall", "compile_loop"]
 
 
 def _entry_lister() -> Callable[[types.CodeType], Any] | None:
@@ -113,3 +116,20 @@ class GuardedCall:
                                            self._fn.__defaults__))
         self._runs[id(manager)] = run
         return run
+
+
+def compile_loop(
+    fn: Callable[..., Any], config_patches: dict[str, Any] | None = None,
+    cpu_config_patches: dict[str, Any] | None = None,
+) -> GuardedCall:
+    """One of the library's compiled loops: ``fn`` (a module-level function of positional
+    arguments) compiled with ``fullgraph=True`` and static shapes by inductor with
+    ``config_patches`` (and ``cpu_config_patches`` for a graph whose tensors are all on the
+    CPU), its graphs noting the tensors carrying derivatives they read
+    (:func:`~implicit_layers._compiled_reads.inductor_reporting_reads`), without the guards on
+    torch's and this library's own objects (:mod:`~implicit_layers._guard_filter`), and
+    called through its guards (:class:`GuardedCall`: dynamo's frame around a compiled variant
+    costs about half as much as the loop of a small fit)."""
+    backend = inductor_reporting_reads(config_patches or {}, cpu_config_patches)
+    return GuardedCall(fn, torch.compile(fn, fullgraph=True, dynamic=False, backend=backend,
+                                         options=loop_options()))

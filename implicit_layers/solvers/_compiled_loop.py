@@ -2,9 +2,10 @@
 
 ``LevenbergMarquardt(compile=True)`` and ``ProximalGradient(compile=True)`` each write their
 solve as one function over fixed-shape tensors whose loop is a ``while_loop``, traced by
-``torch.compile(fullgraph=True)``. This module compiles such a function (:func:`compile_loop`),
-says where a compiled loop can serve a problem (:func:`loop_serves`) and calls it with the
-errors of a failed trace mapped to the solver's own (:func:`run_loop`).
+``torch.compile(fullgraph=True)`` (compiled by
+:func:`~implicit_layers._guarded_call.compile_loop`). This module says where a compiled loop can
+serve a problem (:func:`loop_serves`) and calls it with the errors of a failed trace mapped to
+the solver's own (:func:`run_loop`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ from torch import Tensor
 
 from .._capture import modes_active, transforms_active
 from .._compile_failures import failed_to_compile
-from .._compiled_reads import inductor_reporting_reads
-from .._guard_filter import loop_options
-from .._guarded_call import GuardedCall
 from .._problem import Problem
 
-__all__ = ["CompileFailed", "compile_loop", "loop_serves", "run_loop"]
+__all__ = ["CompileFailed", "loop_serves", "run_loop"]
 
 
 class CompileFailed(RuntimeError):
@@ -32,22 +30,6 @@ class CompileFailed(RuntimeError):
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-def compile_loop(fn: Callable[..., Any], cpp_wrapper: bool = True) -> GuardedCall:
-    """``fn`` (a module-level function of positional arguments) compiled with
-    ``fullgraph=True`` and static shapes, called through its guards
-    (:class:`~implicit_layers._guarded_call.GuardedCall`). With ``cpp_wrapper``, on the CPU,
-    inductor's C++ wrapper runs the loop."""
-    # The C++ wrapper runs the loop without returning to Python between steps: half the time
-    # of the Python wrapper on a few-step solve of a small batch (measured at B = 1). The
-    # backend notes which tensors carrying derivatives the loop read. Called through its
-    # guards: dynamo's frame around a compiled variant costs about half as much as the loop of
-    # a small fit. Without the guards on torch's and this library's own objects (see
-    # .._guard_filter).
-    backend = inductor_reporting_reads({}, {"cpp_wrapper": True} if cpp_wrapper else None)
-    return GuardedCall(fn, torch.compile(fn, fullgraph=True, dynamic=False, backend=backend,
-                                         options=loop_options()))
 
 
 def loop_serves(problem: Problem) -> bool:
@@ -71,7 +53,7 @@ def run_loop(loop: Callable[..., tuple[Tensor, ...]], args: tuple[Any, ...], sol
     ``fullgraph=True`` would refuse, the limit is raised for that call.
 
     Args:
-        loop: the compiled loop (:func:`compile_loop`).
+        loop: the compiled loop (:func:`~implicit_layers._guarded_call.compile_loop`).
         args: its arguments.
         solver: the solver as the messages name it (``"LevenbergMarquardt(compile=True)"``).
         traced: what the loop traces of the user's, as the messages name it

@@ -27,9 +27,9 @@ import torch
 from torch import Tensor
 
 from .._compiled_solve import run_while
-from .._guarded_call import GuardedCall
+from .._guarded_call import GuardedCall, compile_loop
 from ._base import _norm
-from ._compiled_loop import compile_loop, run_loop
+from ._compiled_loop import run_loop
 from .proximal_gradient import _extrapolated
 
 __all__ = ["LoopSettings", "compiled_loop", "pg_loop", "run_compiled"]
@@ -273,4 +273,4 @@ def compiled_loop() -> GuardedCall:
     # wrapper and the "eager" and "aot_eager" backends agree with the eager loop. The Python
     # wrapper costs little here: 5.2 ms per solve of that lasso, against 4.5 ms with the C++
     # wrapper made to run every backtracking loop once at least.
-    return compile_loop(pg_loop, cpp_wrapper=False)
+    return compile_loop(pg_loop)
