@@ -129,15 +129,16 @@ def test_compiled_solve_matches_eager_with_exact_hypergradients() -> None:
     # closed form, and the eager solve's.
     A, b, Av, bv = _lasso_data()
 
-    def hypergradient(compile: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def hypergradient(compile: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         theta = torch.tensor(0.5, dtype=D, requires_grad=True)
         w = il.argmin(_lasso(A, b), torch.zeros(12, dtype=D), prox=_l1(torch.exp(theta)),
                       solver=il.solvers.ProximalGradient(compile=compile, rtol=1e-12))
-        (g,) = torch.autograd.grad(0.5 * (Av @ w - bv).square().sum(), theta)
-        return w.detach(), g
+        (g,) = torch.autograd.grad(0.5 * (Av @ w - bv).square().sum(), theta, create_graph=True)
+        (g2,) = torch.autograd.grad(g, theta)  # the backward is the implicit one: differentiable
+        return w.detach(), g.detach(), g2
 
-    w, g = hypergradient(True)
-    we, ge = hypergradient(False)
+    w, g, g2 = hypergradient(True)
+    we, ge, ge2 = hypergradient(False)
     torch.testing.assert_close(w, we, rtol=1e-10, atol=1e-12)
     free = w.abs() > 0
     lam = float(np.exp(0.5))
@@ -147,6 +148,10 @@ def test_compiled_solve_matches_eager_with_exact_hypergradients() -> None:
     exact = (Av @ w - bv) @ Av @ dw
     torch.testing.assert_close(g, exact, rtol=1e-8, atol=0.0)
     torch.testing.assert_close(g, ge, rtol=1e-9, atol=0.0)
+    # dw/dθ = λ c on a fixed support, so d²w/dθ² = dw/dθ and the second derivative is
+    # ‖Av dw‖² + the first.
+    torch.testing.assert_close(g2, (Av @ dw).square().sum() + exact, rtol=1e-8, atol=0.0)
+    torch.testing.assert_close(g2, ge2, rtol=1e-9, atol=0.0)
 
     # Unbatched = batched sample by sample; inference_mode, torch.func transforms and an
     # unrolled backward run the eager loop (nothing to compile there).
