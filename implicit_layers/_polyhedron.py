@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from ._capture import refuse_vmap
-from ._info import ConvergenceError, ConvergenceWarning
+from ._eager import run_eagerly
+from ._info import ConvergenceError, ConvergenceWarning, user_stacklevel
 from ._qp._functional import qp
 from ._qp._ipm import SOLVED, STATUS_NAMES, inaccurate_hint
 from ._qp._settings import InteriorPoint
@@ -18,6 +19,7 @@ from ._set_params import require_tensor
 __all__ = ["polyhedron"]
 
 
+@run_eagerly  # one graph break under torch.compile (its checks and report read the host)
 def polyhedron(
     x: Tensor,
     A: Tensor | None = None,
@@ -164,4 +166,4 @@ def _report(status: Tensor, batch: torch.Size, solver: InteriorPoint) -> None:
     )
     if solver.on_failure == "raise":
         raise ConvergenceError(message)
-    warnings.warn(message, ConvergenceWarning, stacklevel=3)
+    warnings.warn(message, ConvergenceWarning, stacklevel=user_stacklevel())

@@ -117,6 +117,121 @@ def test_argmin_layer_compiles_with_one_break_and_equal_gradients(bounded):
     _compare(ArgminModel(bounded), torch.randn(4, N, dtype=torch.float64))
 
 
+class QPModel(torch.nn.Module):
+    """An OptNet layer (inequalities and one equality) between a linear layer and a loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(N, N, dtype=torch.float64)
+        self.qp = il.nn.QPLayer(N, n_ineq=4, n_eq=1, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.qp(self.inp(x)).sin().sum()
+
+
+class CompositeModel(torch.nn.Module):
+    """An argmin layer with a learnable l1 penalty (``prox=``) or a simplex constraint."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(N, N, dtype=torch.float64)
+        self.lam = torch.nn.Parameter(torch.tensor(0.3, dtype=torch.float64))
+        if kind == "prox":
+            extra = {"prox": lambda w, step: il.prox.l1(w, self.lam, step)}
+        else:
+            extra = {"constraint": il.projection.simplex}
+        self.layer = il.nn.ArgminLayer(self._objective, w_shape=(N,), **extra)
+
+    def _objective(self, w, x):
+        return (0.5 * w.square() - x * w).sum(-1) + 0.1 * self.lam * w.square().sum(-1)
+
+    def forward(self, x):
+        return self.layer(self.inp(x)).sin().sum()
+
+
+def test_qp_layer_compiles_with_one_break_and_equal_gradients():
+    """The OptNet layer: its checks, interior point and reports run eagerly as one break (traced,
+    they were over forty breaks and new graphs for every batch size)."""
+    torch.manual_seed(6)
+    _compare(QPModel(), torch.randn(5, N, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["prox", "constraint"])
+def test_composite_argmin_layer_compiles_with_one_break_and_equal_gradients(kind):
+    torch.manual_seed(7)
+    model = CompositeModel(kind)
+    _compare(model, torch.randn(4, N, dtype=torch.float64))
+    if kind == "prox":  # the closed-over strength receives its gradient through the break
+        assert model.lam.grad is not None and model.lam.grad.abs() > 0
+
+
+def test_qp_polyhedron_and_least_squares_calls_each_break_once():
+    """``il.qp``, a projection onto a polyhedron (a QP) and ``il.least_squares`` called in a
+    compiled function: one break each (at most: dynamo runs a resumed frame that would start
+    with a break eagerly), values and gradients as eager."""
+    torch.manual_seed(8)
+    t = torch.linspace(0, 2, 25, dtype=torch.float64)
+    Q = torch.eye(N, dtype=torch.float64) * 2
+    G = torch.randn(3, N, dtype=torch.float64)
+    h = torch.ones(3, dtype=torch.float64)
+    q = torch.randn(2, N, dtype=torch.float64, requires_grad=True)
+    y = (2 * torch.exp(-t) + 0.01 * torch.randn(2, 25, dtype=torch.float64)).requires_grad_()
+
+    def residual(w, y):
+        return w[:, :1] * torch.exp(-w[:, 1:2] * t) - y
+
+    def model(q, y):
+        z = il.qp(Q, q, G, h)
+        p = il.projection.polyhedron(q, G=G, h=h)
+        w = il.least_squares(residual, torch.ones(2, 2, dtype=torch.float64), y, batched=True)
+        return z.sin().sum() + p.square().sum() + w.square().sum()
+
+    eager_loss = model(q, y)
+    eager = torch.autograd.grad(eager_loss, (q, y))
+    assert 1 <= _breaks(model, q, y) <= 3
+    loss = torch.compile(model, backend="eager")(q, y)
+    grads = torch.autograd.grad(loss, (q, y))
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, eager, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+
+
+def test_qp_layer_no_new_graphs_after_the_second_batch_size_and_fullgraph_names_what_to_do():
+    torch.manual_seed(9)
+    model = QPModel()
+    compiled = torch.compile(model, backend="eager")
+    for B in (3, 4):
+        compiled(torch.randn(B, N, dtype=torch.float64)).backward()
+    after_two = counters["stats"]["unique_graphs"]
+    for B in (5, 9, 17):
+        compiled(torch.randn(B, N, dtype=torch.float64)).backward()
+    assert counters["stats"]["unique_graphs"] == after_two
+    torch._dynamo.reset()
+    strict = torch.compile(model.qp, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="implicit_layers runs each solve eagerly"):
+        strict(torch.randn(2, N, dtype=torch.float64))
+
+
+def test_qp_and_polyhedron_warnings_point_at_the_callers_line():
+    """An empty feasible set warns at the line that called ``il.qp`` / the projection, eagerly
+    and inside a compiled function (the eager run sits behind dynamo's wrapper there)."""
+    G = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)
+    h = torch.tensor([-1.0, -1.0], dtype=torch.float64)  # z1 <= -1 and z1 >= 1
+    x = torch.zeros(2, dtype=torch.float64)
+
+    def solve(x):
+        return il.qp(torch.eye(2, dtype=torch.float64), x, G, h)
+
+    def project(x):
+        return il.projection.polyhedron(x, G=G, h=h)
+
+    for fn in (solve, project, torch.compile(solve, backend="eager"),
+               torch.compile(project, backend="eager")):
+        with pytest.warns(il.ConvergenceWarning, match="primal infeasible") as record:
+            fn(x)
+        assert [w.filename for w in record] == [__file__], [w.filename for w in record]
+
+
 def test_functional_calls_each_break_once():
     """fixed_point, root, argmin and a custom_root solver in one compiled function: four calls,
     at most four breaks (dynamo runs a resumed frame that would start with a break eagerly, so

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._info import ConvergenceError, ConvergenceWarning
+from .._eager import run_eagerly
+from .._info import ConvergenceError, ConvergenceWarning, user_stacklevel
 from ..functional import custom_root
 from ._closest import closest_feasible_shift
 from ._inputs import QPData, check_inputs, expand
@@ -99,6 +100,18 @@ def qp(
         >>> il.qp(Q, q, G, h)                     # the projection of (1, 1) onto z1 + z2 <= 1
         tensor([0.5000, 0.5000], dtype=torch.float64)
     """
+    return _checked_qp(Q, q, G, h, A, b, solver, backward, warm_start, return_duals, return_info)
+
+
+@run_eagerly
+def _checked_qp(
+    Q: Tensor, q: Tensor, G: Tensor | None, h: Tensor | None, A: Tensor | None, b: Tensor | None,
+    solver: InteriorPoint | None, backward: Any, warm_start: tuple[Tensor, Tensor, Tensor] | None,
+    return_duals: bool, return_info: bool,
+) -> Any:
+    # Under torch.compile the whole call (checks, interior point, reports) runs eagerly, as
+    # one graph break: traced, each host read of the checks and of the interior point's
+    # bookkeeping would be a break of its own, and each batch size new graphs.
     data, batch = check_inputs(Q, q, G, h, A, b)
     # The KKT residual is evaluated in the inputs' dtype, not autocast's lower precision.
     with torch.autocast(data[1].device.type, enabled=False):
@@ -254,4 +267,4 @@ def _report(status: Tensor, batch: int | None, solver: InteriorPoint) -> None:
     )
     if solver.on_failure == "raise":
         raise ConvergenceError(message)
-    warnings.warn(message, ConvergenceWarning, stacklevel=3)
+    warnings.warn(message, ConvergenceWarning, stacklevel=user_stacklevel())

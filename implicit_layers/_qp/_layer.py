@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._eager import run_eagerly
 from ._functional import qp
 from ._settings import InteriorPoint
 
@@ -67,6 +68,7 @@ class QPLayer(nn.Module):
         """``Q = L Lᵀ + εI``, shape ``(n, n)``."""
         return self.L @ self.L.mT + self.eps * torch.eye(self.n, dtype=self.L.dtype, device=self.L.device)
 
+    @run_eagerly  # one graph break under torch.compile: the layer call, not one per frame
     def forward(self, q: Tensor) -> Tensor:
         h = self.G @ self.z0 + nn.functional.softplus(self.s0)
         b = self.A @ self.z0
