@@ -143,7 +143,7 @@ def test_compile_rows(tiny_results):
     compiled = [r for r in sec["rows"] if r["method"] == "compiled (eager)"]
     kinds = {r["case"].split(" n=")[0]: r for r in compiled}
     assert set(kinds) == {"DEQ", "ArgminLayer (box)", "ArgminLayer (unbounded)",
-                          "DEQ (compiled_solve=True)"}
+                          "ArgminLayer (prox=l1)", "QPLayer", "DEQ (compiled_solve=True)"}
     for kind, r in kinds.items():
         assert r["breaks"] == (0 if "compiled_solve" in kind else 1), r
         assert r["graphs_after_6_sizes"] == r["graphs_after_2_sizes"], r
