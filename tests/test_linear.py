@@ -326,8 +326,9 @@ def test_cg_rejects_operator_tagged_non_symmetric():
 
 def test_cg_probe_warns_on_a_clearly_non_symmetric_operator():
     a, b = make_problem("nonsym", 1, 8, 0, F64)
-    with pytest.warns(il.StructureWarning, match=r"CG assumes a symmetric operator.*GMRES"):
+    with pytest.warns(il.StructureWarning, match=r"CG assumes a symmetric operator.*GMRES") as rec:
         il.linear.solve(lambda v: a[0] @ v, b[0], CG(on_failure="ignore"))
+    assert [w.filename for w in rec] == [__file__]  # the caller's line, not the library's
     # The probe draws from its own generator: the global random state is left alone.
     state = torch.random.get_rng_state()
     with warnings.catch_warnings():

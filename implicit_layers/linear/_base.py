@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .._config import SolverSettings
-from .._info import SolveInfo, StructureWarning, report_failure
+from .._info import SolveInfo, StructureWarning, report_failure, user_stacklevel
 from ._operator import LinearOperator
 
 __all__ = ["LinearSolver", "initial_residual", "batched_dot", "symmetry_gap"]
@@ -149,7 +149,7 @@ class LinearSolver(SolverSettings):
                         "say so to skip this check (symmetric=True on the operator, or "
                         "custom_root(..., symmetric=True)).",
                         StructureWarning,
-                        stacklevel=3,
+                        stacklevel=user_stacklevel(),
                     )
         if self.needs_positive_definite and op.positive_definite is False:
             raise ValueError(

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from .._capture import refuse_vmap
 from .._config import check_float_tensor
+from .._eager import run_eagerly
 from .._info import SolveInfo
 from ._base import LinearSolver
 from ._operator import FunctionOperator, LinearOperator, MatrixOperator
@@ -15,6 +16,7 @@ from ._operator import FunctionOperator, LinearOperator, MatrixOperator
 __all__ = ["solve"]
 
 
+@run_eagerly  # one graph break under torch.compile: its checks and verdicts read the host
 def solve(
     A: Tensor | LinearOperator | Callable[[Tensor], Tensor],
     b: Tensor,
