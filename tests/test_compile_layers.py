@@ -45,6 +45,34 @@ def _breaks(fn, *args) -> int:
     return report.graph_break_count
 
 
+def _compare_function(fn, args: tuple, breaks: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """A compiled function's loss and gradients equal the eager function's, with between
+    ``breaks[0]`` and ``breaks[1]`` graph breaks, each an implicit-layer call run eagerly
+    (dynamo runs a resumed frame that would start with a break eagerly, so back-to-back calls
+    can cost fewer than one each). Returns the compiled gradients."""
+    eager_loss = fn(*args)
+    eager = torch.autograd.grad(eager_loss, args)
+    assert breaks[0] <= _breaks(fn, *args) <= breaks[1]
+    loss = torch.compile(fn, backend="eager")(*args)
+    grads = torch.autograd.grad(loss, args)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-12, atol=1e-12)
+    for g, e in zip(grads, eager, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+    return grads
+
+
+def _no_new_graphs_after_two_batch_sizes(model: torch.nn.Module, sizes=(3, 4, 5, 6, 9, 17)) -> None:
+    """Training steps of the compiled ``model`` at each batch size: dynamo compiles no new
+    graph after the first two sizes (its ``unique_graphs`` counter)."""
+    compiled = torch.compile(model, backend="eager")
+    after_two = None
+    for i, B in enumerate(sizes):
+        compiled(torch.randn(B, N, dtype=torch.float64)).backward()
+        if i == 1:
+            after_two = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == after_two
+
+
 class Cell(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -167,8 +195,7 @@ def test_composite_argmin_layer_compiles_with_one_break_and_equal_gradients(kind
 
 def test_qp_polyhedron_and_least_squares_calls_each_break_once():
     """``il.qp``, a projection onto a polyhedron (a QP) and ``il.least_squares`` called in a
-    compiled function: one break each (at most: dynamo runs a resumed frame that would start
-    with a break eagerly), values and gradients as eager."""
+    compiled function: at most one break each, values and gradients as eager."""
     torch.manual_seed(8)
     t = torch.linspace(0, 2, 25, dtype=torch.float64)
     Q = torch.eye(N, dtype=torch.float64) * 2
@@ -186,14 +213,7 @@ def test_qp_polyhedron_and_least_squares_calls_each_break_once():
         w = il.least_squares(residual, torch.ones(2, 2, dtype=torch.float64), y, batched=True)
         return z.sin().sum() + p.square().sum() + w.square().sum()
 
-    eager_loss = model(q, y)
-    eager = torch.autograd.grad(eager_loss, (q, y))
-    assert 1 <= _breaks(model, q, y) <= 3
-    loss = torch.compile(model, backend="eager")(q, y)
-    grads = torch.autograd.grad(loss, (q, y))
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-12, atol=1e-12)
-    for g, e in zip(grads, eager, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+    _compare_function(model, (q, y), breaks=(1, 3))
 
 
 def test_linear_solve_breaks_once_and_equals_eager():
@@ -208,13 +228,7 @@ def test_linear_solve_breaks_once_and_equals_eager():
         u, _ = il.linear.solve(lambda v: S @ v, 2 * b, il.linear.CG(rtol=1e-12))
         return u.square().sum()
 
-    eager_loss = model(b)
-    (eager,) = torch.autograd.grad(eager_loss, b)
-    assert _breaks(model, b) == 1
-    loss = torch.compile(model, backend="eager")(b)
-    (grad,) = torch.autograd.grad(loss, b)
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad, eager, rtol=1e-9, atol=1e-12)
+    (grad,) = _compare_function(model, (b,), breaks=(1, 1))
     # And the gradient is the closed form's: d/db |S⁻¹ 2b|² = 8 S⁻² b.
     torch.testing.assert_close(grad, 8 * torch.linalg.solve(S @ S, b.detach()), rtol=1e-8, atol=1e-10)
 
@@ -222,13 +236,7 @@ def test_linear_solve_breaks_once_and_equals_eager():
 def test_qp_layer_no_new_graphs_after_the_second_batch_size_and_fullgraph_names_what_to_do():
     torch.manual_seed(9)
     model = QPModel()
-    compiled = torch.compile(model, backend="eager")
-    for B in (3, 4):
-        compiled(torch.randn(B, N, dtype=torch.float64)).backward()
-    after_two = counters["stats"]["unique_graphs"]
-    for B in (5, 9, 17):
-        compiled(torch.randn(B, N, dtype=torch.float64)).backward()
-    assert counters["stats"]["unique_graphs"] == after_two
+    _no_new_graphs_after_two_batch_sizes(model)
     torch._dynamo.reset()
     strict = torch.compile(model.qp, backend="eager", fullgraph=True)
     with pytest.raises(Exception, match="implicit_layers runs each solve eagerly"):
@@ -278,14 +286,7 @@ def test_functional_calls_each_break_once():
         z4 = custom(z0, b)
         return z1.sum() + z2.square().sum() + z3.sin().sum() + z4.sum()
 
-    eager_loss = model(W, b)
-    eager = torch.autograd.grad(eager_loss, (W, b))
-    assert 1 <= _breaks(model, W, b) <= 4
-    loss = torch.compile(model, backend="eager")(W, b)
-    grads = torch.autograd.grad(loss, (W, b))
-    torch.testing.assert_close(loss, eager_loss, rtol=1e-12, atol=1e-12)
-    for g, e in zip(grads, eager, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+    _compare_function(model, (W, b), breaks=(1, 4))
 
 
 def test_info_is_the_eager_info():
@@ -301,14 +302,7 @@ def test_info_is_the_eager_info():
 
 def test_no_new_graphs_after_the_second_batch_size():
     torch.manual_seed(4)
-    model = DEQModel()
-    compiled = torch.compile(model, backend="eager")
-    for B in (3, 4):
-        compiled(torch.randn(B, N, dtype=torch.float64)).backward()
-    after_two = counters["stats"]["unique_graphs"]
-    for B in (5, 6, 9, 17):
-        compiled(torch.randn(B, N, dtype=torch.float64)).backward()
-    assert counters["stats"]["unique_graphs"] == after_two
+    _no_new_graphs_after_two_batch_sizes(DEQModel())
 
 
 def test_fullgraph_names_what_to_do():
