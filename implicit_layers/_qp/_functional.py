@@ -21,6 +21,9 @@ from ._settings import InteriorPoint, QPInfo
 __all__ = ["qp"]
 
 
+# Under torch.compile the whole call (checks, interior point, reports) runs eagerly, as one
+# graph break: traced, each host read would be a break of its own, and each batch size new graphs.
+@run_eagerly
 def qp(
     Q: Tensor,
     q: Tensor,
@@ -100,18 +103,6 @@ def qp(
         >>> il.qp(Q, q, G, h)                     # the projection of (1, 1) onto z1 + z2 <= 1
         tensor([0.5000, 0.5000], dtype=torch.float64)
     """
-    return _checked_qp(Q, q, G, h, A, b, solver, backward, warm_start, return_duals, return_info)
-
-
-@run_eagerly
-def _checked_qp(
-    Q: Tensor, q: Tensor, G: Tensor | None, h: Tensor | None, A: Tensor | None, b: Tensor | None,
-    solver: InteriorPoint | None, backward: Any, warm_start: tuple[Tensor, Tensor, Tensor] | None,
-    return_duals: bool, return_info: bool,
-) -> Any:
-    # Under torch.compile the whole call (checks, interior point, reports) runs eagerly, as
-    # one graph break: traced, each host read of the checks and of the interior point's
-    # bookkeeping would be a break of its own, and each batch size new graphs.
     data, batch = check_inputs(Q, q, G, h, A, b)
     # The KKT residual is evaluated in the inputs' dtype, not autocast's lower precision.
     with torch.autocast(data[1].device.type, enabled=False):
