@@ -1,13 +1,16 @@
-"""Small helpers shared by the test modules: seeded float64 data, relative errors, leaves."""
+"""Small helpers shared by the test modules: seeded float64 data, relative errors, leaves, the
+compiled solvers' fallback check."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 DT = torch.float64
@@ -51,3 +54,21 @@ def load_example(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses and pickling look their module up by name
     spec.loader.exec_module(module)
     return module
+
+
+def assert_falls_back_to_eager_once(solve: Callable[[bool], torch.Tensor], match: str,
+                                    wrt: torch.Tensor) -> None:
+    """A solver's ``compile=True`` whose loop torch fails to compile internally: ``solve(True)``
+    warns (``match``) once, a second call neither warns nor tries again, and both equal
+    ``solve(False)``, as do their gradients with respect to ``wrt``."""
+    with pytest.warns(RuntimeWarning, match=match):
+        got = solve(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        again = solve(True)  # said once; no second attempt to compile
+    want = solve(False)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(again, want, rtol=0, atol=1e-12)
+    (got_grad,) = torch.autograd.grad(got.sum(), wrt)
+    (want_grad,) = torch.autograd.grad(want.sum(), wrt)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-8, atol=1e-12)
