@@ -41,7 +41,7 @@ from ._compile_failures import failed_to_compile, function_key, note_compile_fai
 from ._compiled_reads import with_reads
 from ._guarded_call import compile_loop
 from ._implicit import ImplicitCore, _Repeated, implicit_solution
-from ._info import NonFiniteError, SolveInfo, report_failure, user_stacklevel
+from ._info import NonFiniteError, SolveInfo, compiled_loop_info, report_failure, user_stacklevel
 from ._linearize import RecordedLinearization
 from ._problem import Problem
 from .backward import Implicit
@@ -303,16 +303,14 @@ def loop_verdict(res: Tensor, steps: Tensor, converged: Tensor, tol: Tensor, fla
     """The statistics of a compiled CG loop ((B,) each; ``flags`` as :func:`_cg_loop`
     returns them), with the eager CG's verdicts: an error for NaN or Inf, a warning or an
     error (per ``on_failure``) for samples that did not converge."""
-    finite, all_converged = flags.tolist()
+    info, finite = compiled_loop_info(flags, converged=converged, steps=steps, residual=res,
+                                      tolerance=tol, solver="CG (compiled)")
     if not finite:
         raise NonFiniteError(
             "CG: the residual of the compiled adjoint solve became NaN or Inf. Check the "
             "function for NaN at the solution; its Jacobian (an objective's Hessian) there "
             "must be finite."
         )
-    info = SolveInfo(converged=converged, steps=steps, residual=res, solver="CG (compiled)",
-                     tolerance=tol)
-    info._known_converged = all_converged  # read already: report_failure needs no look
     report_failure(info, on_failure, what, advice)  # type: ignore[arg-type]
     return info
 

@@ -209,6 +209,19 @@ def check_on_failure(value: object) -> OnFailure:
     return cast(OnFailure, value)
 
 
+def compiled_loop_info(flags: Tensor, *, converged: Tensor, steps: Tensor, residual: Tensor,
+                       tolerance: Tensor, solver: str) -> tuple[SolveInfo, bool]:
+    """The :class:`SolveInfo` of a compiled loop's per-sample statistics, and whether every
+    norm stayed finite. ``flags`` is the loop's bool ``(2,)`` ``[every norm finite, every
+    sample converged]``, read here in the one host synchronisation of the call; the second
+    is kept in the info, so that its verdict reads nothing more from the device."""
+    all_finite, all_converged = flags.tolist()
+    info = SolveInfo(converged=converged, steps=steps, residual=residual, solver=solver,
+                     tolerance=tolerance)
+    info._known_converged = all_converged
+    return info, all_finite
+
+
 def report_failure(info: SolveInfo, on_failure: OnFailure, what: str, advice: str) -> None:
     """Warn or raise when some batch element of ``info`` did not converge.
 

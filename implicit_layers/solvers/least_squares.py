@@ -16,7 +16,7 @@ from .._capture import transforms_active
 from .._compile_failures import note_compile_failure
 from .._compiled_reads import with_reads
 from .._config import SolverKeywords, check_positive_int
-from .._info import SolveInfo
+from .._info import SolveInfo, compiled_loop_info
 from .._least_squares import LeastSquaresProblem
 from .._problem import Problem
 from ..linear._operator import FunctionOperator
@@ -474,11 +474,8 @@ class LevenbergMarquardt(_NormalEquations):
         residuals, probe = cast(LeastSquaresProblem, problem).traced_calls()
         z, best, tol, steps, converged, finite, flags, out = loop.run_compiled(
             residuals, z0, settings, problem.name, probe)
-        all_finite, all_converged = flags.tolist()
-        info = SolveInfo(converged=converged, steps=steps, residual=best, solver=self.name,
-                         tolerance=tol)
-        # Read already: the verdict of solve() and of the backward needs no second look.
-        info._known_converged = all_converged
+        info, all_finite = compiled_loop_info(flags, converged=converged, steps=steps,
+                                              residual=best, tolerance=tol, solver=self.name)
         return z, info, None if all_finite else finite, out
 
 

@@ -14,7 +14,7 @@ from typing_extensions import Unpack
 from .._compile_failures import note_compile_failure
 from .._composite import CompositeProblem
 from .._config import SolverKeywords, check_bool, check_positive_int
-from .._info import SolveInfo
+from .._info import SolveInfo, compiled_loop_info
 from .._problem import Problem
 from ..linear._power import seeded_start
 from ._base import ForwardSolver, Monitor, non_finite_error
@@ -269,13 +269,10 @@ class ProximalGradient(ForwardSolver):
         z, best, tol, steps, converged, finite, flags = loop.run_compiled(
             problem.objective, problem.gradient_step, z0, start, settings,
             f"{problem.name} and {problem.prox_name}")
-        all_finite, all_converged = flags.tolist()
+        info, all_finite = compiled_loop_info(flags, converged=converged, steps=steps,
+                                              residual=best, tolerance=tol, solver=self.name)
         if not all_finite:
             raise non_finite_error(self, problem, ~finite)
-        info = SolveInfo(converged=converged, steps=steps, residual=best, solver=self.name,
-                         tolerance=tol)
-        # Read already: the verdict of solve() and of the backward needs no second look.
-        info._known_converged = all_converged
         return z, info
 
 
