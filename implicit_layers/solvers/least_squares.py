@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable
 from types import ModuleType
 from typing import cast
@@ -221,8 +222,13 @@ def _unrolled_damped_solve(normal: Tensor, g: Tensor, mu: Tensor) -> Tensor:
     x: list[Tensor] = [torch.zeros_like(g[:, 0])] * n
     for i in reversed(range(n)):
         x[i] = (y[i] - sum((L[k][i] * x[k] for k in range(i + 1, n)), torch.zeros_like(g[:, 0]))) / L[i][i]
-    delta = torch.stack(x, -1)
-    ok = (torch.stack(pivots, -1) > 0).all(-1, keepdim=True)
+    # Assembled by selection rather than torch.stack, whose compiled form is a view per entry
+    # (a tensor object each, made on every step of the compiled loop).
+    column = torch.arange(n, device=g.device)
+    delta = x[0].unsqueeze(-1).expand_as(g)
+    for i in range(1, n):
+        delta = torch.where(column == i, x[i].unsqueeze(-1), delta)
+    ok = functools.reduce(operator.and_, (p > 0 for p in pivots)).unsqueeze(-1)
     return torch.where(ok, delta, torch.zeros_like(delta))
 
 
