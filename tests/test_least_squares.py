@@ -252,6 +252,12 @@ def test_unrolled_damped_solve_matches_cholesky(n: int) -> None:
     torch.testing.assert_close(_unrolled_damped_solve(J.mT @ J, g, mu), dense, rtol=1e-10, atol=1e-12)
     indefinite = -torch.eye(n, dtype=D).expand(5, n, n)
     assert bool((_unrolled_damped_solve(indefinite, g, mu.clamp_max(0.5)) == 0).all())
+    # Per sample: the indefinite samples of a mixed batch take the nil step, the others theirs.
+    mixed = torch.where(torch.tensor([True, False, True, False, False]).view(5, 1, 1), indefinite, J.mT @ J)
+    step = _unrolled_damped_solve(mixed, g, mu.clamp_max(0.5))
+    assert bool((step[[0, 2]] == 0).all())
+    expected = torch.linalg.solve(J.mT @ J + mu.clamp_max(0.5).unsqueeze(-1) * torch.eye(n, dtype=D), -g)
+    torch.testing.assert_close(step[[1, 3, 4]], expected[[1, 3, 4]], rtol=1e-10, atol=1e-12)
 
 
 def test_closed_over_tensors_are_found_with_and_without_grad() -> None:
