@@ -20,6 +20,7 @@ n=16, B=8 and n=256, B=64. For each:
 from __future__ import annotations
 
 from copy import deepcopy
+from typing import Any
 
 import torch
 from torch._dynamo.utils import counters
@@ -45,80 +46,74 @@ class _Cell(torch.nn.Module):
         return torch.tanh(self.lin(z) + x)
 
 
-class _DEQModel(torch.nn.Module):
-    #: The attribute holding the implicit layer.
-    implicit = "deq"
+class _Model(torch.nn.Module):
+    """A linear layer, an implicit layer (``self.layer``, made by :meth:`_make_layer`) and a
+    linear head; the loss is the mean square of the head's output."""
 
-    def __init__(self, n: int, compiled_solve: bool = False) -> None:
-        super().__init__()
-        self.inp = torch.nn.Linear(n, n)
-        if compiled_solve:
-            # The settings the compiled solve supports: Picard forward, Neumann adjoint.
-            self.deq = il.nn.DEQ(
-                _Cell(n), state_shape=(n,), solver=il.solvers.Picard(max_steps=50),
-                backward=il.linear.Neumann(), compiled_solve=True,
-            )
-        else:
-            self.deq = il.nn.DEQ(_Cell(n), state_shape=(n,))
-        self.out = torch.nn.Linear(n, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.deq(self.inp(x))).square().mean()
-
-
-class _CompiledSolveDEQModel(_DEQModel):
     def __init__(self, n: int) -> None:
-        super().__init__(n, compiled_solve=True)
-
-
-class _BoxArgminModel(torch.nn.Module):
-    implicit = "layer"
-
-    def __init__(self, n: int, bounded: bool = True) -> None:
         super().__init__()
         self.inp = torch.nn.Linear(n, n)
-        self.scale = torch.nn.Parameter(torch.linspace(1.0, 2.0, n))
-        box = {"lower": -0.3, "upper": 0.3} if bounded else {}
-        self.layer = il.nn.ArgminLayer(self._objective, w_shape=(n,), **box)
+        self.layer = self._make_layer(n)
         self.out = torch.nn.Linear(n, 3)
 
-    def _objective(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return (0.5 * self.scale * w.square() - x * w).sum(-1) + 0.1 * w.pow(4).sum(-1)
+    def _make_layer(self, n: int) -> torch.nn.Module:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.layer(self.inp(x))).square().mean()
+
+
+class _DEQModel(_Model):
+    compiled_solve = False
+
+    def _make_layer(self, n: int) -> torch.nn.Module:
+        if self.compiled_solve:
+            # The settings the compiled solve supports: Picard forward, Neumann adjoint.
+            return il.nn.DEQ(
+                _Cell(n), state_shape=(n,), solver=il.solvers.Picard(max_steps=50),
+                backward=il.linear.Neumann(), compiled_solve=True,
+            )
+        return il.nn.DEQ(_Cell(n), state_shape=(n,))
+
+
+class _CompiledSolveDEQModel(_DEQModel):
+    compiled_solve = True
+
+
+class _BoxArgminModel(_Model):
+    def _make_layer(self, n: int) -> torch.nn.Module:
+        self.scale = torch.nn.Parameter(torch.linspace(1.0, 2.0, n))
+        return il.nn.ArgminLayer(self._objective, w_shape=(n,), **self._options())
+
+    def _options(self) -> dict[str, Any]:
+        """The layer's keyword arguments beyond the objective and the shape."""
+        return {"lower": -0.3, "upper": 0.3}
+
+    def _objective(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return (0.5 * self.scale * w.square() - x * w).sum(-1) + 0.1 * w.pow(4).sum(-1)
 
 
 class _ArgminModel(_BoxArgminModel):
     """The same objective without the box (an unconstrained ``ArgminLayer``)."""
 
-    def __init__(self, n: int) -> None:
-        super().__init__(n, bounded=False)
+    def _options(self) -> dict[str, Any]:
+        return {}
 
 
-class _QPModel(torch.nn.Module):
+class _QPModel(_Model):
     """An OptNet layer (``il.nn.QPLayer``: n/4 inequalities, one equality) between two linear
     layers."""
 
-    implicit = "layer"
-
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.inp = torch.nn.Linear(n, n)
-        self.layer = il.nn.QPLayer(n, n_ineq=max(1, n // 4), n_eq=1)
-        self.out = torch.nn.Linear(n, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(self.layer(self.inp(x))).square().mean()
+    def _make_layer(self, n: int) -> torch.nn.Module:
+        return il.nn.QPLayer(n, n_ineq=max(1, n // 4), n_eq=1)
 
 
 class _ProxArgminModel(_BoxArgminModel):
     """The quadratic-quartic objective with a learnable l1 penalty (``prox=``)."""
 
-    def __init__(self, n: int) -> None:
-        super().__init__(n, bounded=False)
+    def _options(self) -> dict[str, Any]:
         self.strength = torch.nn.Parameter(torch.tensor(0.05))
-        self.layer = il.nn.ArgminLayer(self._objective, w_shape=(n,), prox=self._prox)
+        return {"prox": self._prox}
 
     def _prox(self, w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         return il.prox.l1(w, self.strength, step)
@@ -213,7 +208,7 @@ def _run_case(
     # The same model with the implicit layer replaced by the identity: what torch.compile
     # itself adds to a step of the surrounding layers (guards, wrappers, graph launch).
     bare = deepcopy(model)
-    setattr(bare, model.implicit, torch.nn.Identity())  # type: ignore[arg-type]
+    bare.layer = torch.nn.Identity()
     methods[BARE + "eager"] = lambda m=bare, x=x: _step(m, m, x)
     for backend in backends:
         torch._dynamo.reset()
