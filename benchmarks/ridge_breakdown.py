@@ -11,25 +11,36 @@ Times, each alone (CPU ms, minimum over rounds), the parts of one forward + back
 * the compiled CG loop alone (called directly, 42 steps) and its call with no step to take;
 * the whole forward + backward, and the same with the eager Dense and CG backwards.
 
+With ``--floor``, what bounds the ratio to jaxopt (``jax.jit`` of its ``custom_root`` with CG),
+each figure the median process CPU time of calls alternated one by one: our two compiled
+forms (the layer called eagerly with ``CompiledImplicit``; ``torch.compile(fullgraph=True)``
+of the whole loss) and the floor of each, the sum of parts that either form runs whatever the
+layer does: the closed form, the compiled CG loop alone, and the fixed cost of autograd around
+them (eager: a do-nothing ``autograd.Function`` and the outer loss, forward and backward;
+whole: ``torch.compile`` of a one-line loss, forward and backward).
+
 Usage::
 
-    python -m benchmarks.ridge_breakdown [--d 200] [--rounds 7]
+    python -m benchmarks.ridge_breakdown [--d 200] [--rounds 7] [--floor [--calls 400]]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
+from typing import Any
 
+import numpy as np
 import torch
 
 import implicit_layers as il
 from implicit_layers._compiled_adjoint import _compiled_cg
 from implicit_layers._problem import Problem
 
-from ._common import restore_threads, set_threads
-from .ridge import TOL, make_ridge
+from ._common import import_peer, restore_threads, set_threads
+from .ridge import TOL, _jax_ridge, make_ridge
 
 
 def _time(fn, calls: int, rounds: int) -> float:  # noqa: ANN001
@@ -49,11 +60,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d", type=int, default=200)
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--calls", type=int, default=30)
+    p.add_argument("--calls", type=int, default=30,
+                   help="calls per round (with --floor: alternated calls of each)")
+    p.add_argument("--floor", action="store_true", help="what bounds the ratio to jaxopt (needs jax)")
     a = p.parse_args(argv)
     prev = set_threads(1)
     try:
-        return _measure(a.d, a.rounds, a.calls)
+        return _floors(a.d, a.calls) if a.floor else _measure(a.d, a.rounds, a.calls)
     finally:
         restore_threads(prev)
 
@@ -127,6 +140,102 @@ def _measure(d: int, rounds: int, calls: int) -> dict[str, float]:
     print("Python-level calls of one forward + backward, CompiledImplicit(CG): "
           + ", ".join(f"{where} {n}" for where, n in counts.items()))
     return out
+
+
+class _PassThrough(torch.autograd.Function):
+    """The least an implicit layer's ``autograd.Function`` can do: ``z`` out, the cotangent
+    back to ``theta`` (for the floor's fixed cost of eager autograd)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return None, g
+
+
+def _floors(d: int, calls: int) -> dict[str, float]:
+    """Median process CPU us per call, alternated one by one (see the module's docstring)."""
+    try:
+        jax, jaxopt = import_peer("jax"), import_peer("jaxopt")
+    except ImportError as exc:
+        print(f"--floor needs jax and jaxopt: {exc}")
+        return {}
+    raw = make_ridge(d)
+    data = {k: torch.as_tensor(v) for k, v in raw.items()}
+    X, y, Xv, yv, theta0 = data["X"], data["y"], data["Xv"], data["yv"], data["theta"]
+    G, Xty = X.T @ X / X.shape[0], X.T @ y / X.shape[0]
+
+    def optimality(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return G @ w - Xty + theta.exp() * w
+
+    def closed_form(theta: torch.Tensor) -> torch.Tensor:
+        H = G + torch.diag(theta.exp())
+        return torch.cholesky_solve(Xty.unsqueeze(-1), torch.linalg.cholesky(H)).squeeze(-1)
+
+    def outer(w: torch.Tensor) -> torch.Tensor:
+        r = Xv @ w - yv
+        return 0.5 * (r @ r) / Xv.shape[0]
+
+    inner = il.custom_root(optimality, backward=il.backward.CompiledImplicit(il.linear.CG(rtol=TOL)),
+                           symmetric=True, rtol=TOL)(lambda w0, theta: closed_form(theta))
+    w0 = torch.zeros(d, dtype=torch.float64)
+    whole = torch.compile(lambda theta: outer(inner(w0, theta)), fullgraph=True)
+    c = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    one_line = torch.compile(lambda theta: (theta.exp() * c).sum(), fullgraph=True)
+    w = closed_form(theta0).unsqueeze(0)
+    g = torch.randn(1, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    problem = Problem("root", optimality, (theta0,), w[0], batched=False, name="optimality_fn",
+                      symmetric=True)
+    loop, limit = _compiled_cg(optimality), torch.tensor(1000)
+    tol = TOL * torch.linalg.vector_norm(g, dim=-1)
+
+    def grad_of(loss) -> torch.Tensor:  # noqa: ANN001
+        theta = theta0.clone().requires_grad_(True)
+        return torch.autograd.grad(loss(theta), theta)[0]
+
+    jax_grad = _jax_ridge(raw, jax, jaxopt)["jaxopt CG (jit)"]
+    parts = {
+        "jaxopt CG (jit), forward + backward": lambda: jax_grad().block_until_ready(),
+        "ours, layer called eagerly (CompiledImplicit)": lambda: grad_of(lambda t: outer(inner(w0, t))),
+        "ours, whole loss under torch.compile": lambda: grad_of(whole),
+        "closed form": lambda: closed_form(theta0),
+        "compiled CG loop alone": lambda: loop(problem.pure_residual, w, g, tol, limit),
+        "eager autograd: pass-through Function + loss": lambda: grad_of(
+            lambda t: outer(_PassThrough.apply(w0, t))),
+        "torch.compile of a one-line loss, fwd + bwd": lambda: grad_of(one_line),
+    }
+    # The three hypergradients against autograd through the closed form (float64): the
+    # forms compared compute the same thing.
+    theta = theta0.clone().requires_grad_(True)
+    ref = torch.autograd.grad(outer(closed_form(theta)), theta)[0]
+    errors = {
+        "jaxopt CG (jit)": torch.tensor(np.array(jax_grad())),
+        "ours, layer called eagerly": grad_of(lambda t: outer(inner(w0, t))),
+        "ours, whole loss compiled": grad_of(whole),
+    }
+    errors = {f"{name}: relative error": float((gr - ref).norm() / ref.norm()) for name, gr in errors.items()}
+    for fn in parts.values():
+        for _ in range(20):  # compiles, then warms up
+            fn()
+    times: dict[str, list[int]] = {name: [] for name in parts}
+    for _ in range(calls):
+        for name, fn in parts.items():
+            t0 = time.process_time_ns()
+            fn()
+            times[name].append(time.process_time_ns() - t0)
+    out = {name: statistics.median(ts) / 1e3 for name, ts in times.items()}
+    fixed = out["closed form"] + out["compiled CG loop alone"]
+    out["floor, layer called eagerly"] = fixed + out["eager autograd: pass-through Function + loss"]
+    out["floor, whole loss compiled"] = fixed + out["torch.compile of a one-line loss, fwd + bwd"]
+    jax_us = out["jaxopt CG (jit), forward + backward"]
+    print(f"ridge d={d}, median process CPU us of {calls} alternated calls (x: / jaxopt):")
+    for name, us in out.items():
+        print(f"  {name:50s} {us:8.1f}  {us / jax_us:5.2f}x")
+    print("hypergradients against autograd through the closed form: " + ", ".join(
+        f"{name} {err:.1e}" for name, err in errors.items()))
+    return {**out, **errors}
 
 
 def python_calls(fn) -> dict[str, int]:  # noqa: ANN001

@@ -521,6 +521,36 @@ def test_ridge_breakdown_benchmark_reports_every_part() -> None:
     assert len(parts) == 10 and all(math.isfinite(ms) and ms > 0 for ms in parts.values())
 
 
+@pytest.mark.slow
+def test_ridge_breakdown_floor_compares_equal_hypergradients() -> None:
+    """``--floor`` times jaxopt and our two compiled forms only after checking that they give
+    the same hypergradient (against autograd through the closed form), and each floor is the
+    sum of its parts."""
+    pytest.importorskip("jaxopt")
+    from benchmarks import ridge_breakdown
+
+    out = ridge_breakdown.main(["--d", "12", "--calls", "3", "--floor"])
+    errors = {k: v for k, v in out.items() if k.endswith("relative error")}
+    assert len(errors) == 3 and all(err < 1e-9 for err in errors.values())
+    fixed = out["closed form"] + out["compiled CG loop alone"]
+    assert out["floor, whole loss compiled"] == pytest.approx(
+        fixed + out["torch.compile of a one-line loss, fwd + bwd"])
+    assert out["floor, layer called eagerly"] == pytest.approx(
+        fixed + out["eager autograd: pass-through Function + loss"])
+
+
+def test_ridge_breakdown_floor_without_jax_says_what_it_needs(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import ridge_breakdown
+
+    def missing(name: str) -> None:
+        raise ImportError(f"{name} unavailable; pip install {name}")
+
+    monkeypatch.setattr(ridge_breakdown, "import_peer", missing)
+    assert ridge_breakdown.main(["--d", "12", "--floor"]) == {}
+    assert "--floor needs jax and jaxopt" in capsys.readouterr().out
+
+
 def test_loop_is_one_graph_without_breaks() -> None:
     """torch's own explain of the loop. Last in the file: explain resets dynamo's caches, so
     the tests after it would compile the loop again."""
