@@ -524,8 +524,8 @@ def test_ridge_breakdown_benchmark_reports_every_part() -> None:
 @pytest.mark.slow
 def test_ridge_breakdown_floor_compares_equal_hypergradients() -> None:
     """``--floor`` times jaxopt and our two compiled forms only after checking that they give
-    the same hypergradient (against autograd through the closed form), and each floor is the
-    sum of its parts."""
+    the same hypergradient (against autograd through the closed form); each floor of the
+    all-alternated rounds is the sum of its parts, and each form has its paired ratio."""
     pytest.importorskip("jaxopt")
     from benchmarks import ridge_breakdown
 
@@ -537,6 +537,8 @@ def test_ridge_breakdown_floor_compares_equal_hypergradients() -> None:
         fixed + out["torch.compile of a one-line loss, fwd + bwd"])
     assert out["floor, layer called eagerly"] == pytest.approx(
         fixed + out["eager autograd: pass-through Function + loss"])
+    paired = [k for k in out if k.endswith("/ jaxopt, paired")]
+    assert len(paired) == 4 and all(math.isfinite(out[k]) and out[k] > 0 for k in paired)
 
 
 def test_ridge_breakdown_floor_without_jax_says_what_it_needs(
