@@ -12,12 +12,14 @@ Times, each alone (CPU ms, minimum over rounds), the parts of one forward + back
 * the whole forward + backward, and the same with the eager Dense and CG backwards.
 
 With ``--floor``, what bounds the ratio to jaxopt (``jax.jit`` of its ``custom_root`` with CG),
-each figure the median process CPU time of calls alternated one by one: our two compiled
-forms (the layer called eagerly with ``CompiledImplicit``; ``torch.compile(fullgraph=True)``
-of the whole loss) and the floor of each, the sum of parts that either form runs whatever the
-layer does: the closed form, the compiled CG loop alone, and the fixed cost of autograd around
-them (eager: a do-nothing ``autograd.Function`` and the outer loss, forward and backward;
-whole: ``torch.compile`` of a one-line loss, forward and backward).
+after checking that the hypergradients agree: our two compiled forms (the layer called eagerly
+with ``CompiledImplicit``; ``torch.compile(fullgraph=True)`` of the whole loss) and the floor
+of each, the parts that form runs whatever the layer does: the closed form, the compiled CG
+loop alone, and the fixed cost of autograd around them (eager: a pass-through
+``autograd.Function`` and the outer loss, forward and backward; whole: ``torch.compile`` of a
+one-line loss, forward and backward). Median process CPU time, first of every part alternated
+call by call (each floor the sum of its parts), then of each form and each floor (one call of
+its parts) paired with jaxopt alone, once in each order, as the suite's target is timed.
 
 Usage::
 
