@@ -23,7 +23,9 @@ F = TypeVar("F", bound=Callable)
 REASON = (
     "implicit_layers runs each solve eagerly under torch.compile (one graph break per layer "
     "call; the surrounding model is still compiled). fullgraph=True cannot hold across an "
-    "implicit-layer call: compile the model without fullgraph=True."
+    "implicit-layer call: compile the model without fullgraph=True, or use a layer that traces "
+    "into the graph: il.nn.DEQ(..., compiled_solve=True), or custom_root(..., symmetric=True, "
+    "backward=il.backward.CompiledImplicit(...))."
 )
 
 

@@ -308,8 +308,11 @@ def test_no_new_graphs_after_the_second_batch_size():
 def test_fullgraph_names_what_to_do():
     deq = il.nn.DEQ(Cell(), state_shape=(N,))
     compiled = torch.compile(deq, backend="eager", fullgraph=True)
-    with pytest.raises(Exception, match="implicit_layers runs each solve eagerly"):
+    with pytest.raises(Exception, match="implicit_layers runs each solve eagerly") as caught:
         compiled(torch.randn(2, N, dtype=torch.float64))
+    # ... and names the layers that do trace with fullgraph=True.
+    assert "compiled_solve=True" in str(caught.value)
+    assert "CompiledImplicit" in str(caught.value)
 
 
 @pytest.mark.slow
