@@ -73,23 +73,48 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         restore_threads(prev)
 
 
-def _measure(d: int, rounds: int, calls: int) -> dict[str, float]:
-    data = {k: torch.as_tensor(v) for k, v in make_ridge(d).items()}
-    X, y, theta0 = data["X"], data["y"], data["theta"]
-    G, Xty = X.T @ X / X.shape[0], X.T @ y / X.shape[0]
+class _Ridge:
+    """The ridge problem of d features (float64): its optimality function and closed form
+    (plain closures, as a user writes them), its layers, and the inputs of the compiled adjoint
+    loop at the solution (a random cotangent)."""
 
-    def optimality(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        return G @ w - Xty + theta.exp() * w
+    def __init__(self, d: int) -> None:
+        self.raw = make_ridge(d)
+        data = {k: torch.as_tensor(v) for k, v in self.raw.items()}
+        X, y, self.Xv, self.yv, self.theta0 = data["X"], data["y"], data["Xv"], data["yv"], data["theta"]
+        G, Xty = X.T @ X / X.shape[0], X.T @ y / X.shape[0]
 
-    def closed_form(theta: torch.Tensor) -> torch.Tensor:
-        H = G + torch.diag(theta.exp())
-        return torch.cholesky_solve(Xty.unsqueeze(-1), torch.linalg.cholesky(H)).squeeze(-1)
+        def optimality(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+            return G @ w - Xty + theta.exp() * w
 
-    def layer(backward: object):  # noqa: ANN202
-        return il.custom_root(optimality, backward=backward, symmetric=True, rtol=TOL)(
+        def closed_form(theta: torch.Tensor) -> torch.Tensor:
+            H = G + torch.diag(theta.exp())
+            return torch.cholesky_solve(Xty.unsqueeze(-1), torch.linalg.cholesky(H)).squeeze(-1)
+
+        self.optimality, self.closed_form = optimality, closed_form
+        self.w0 = torch.zeros(d, dtype=torch.float64)
+        self.w = closed_form(self.theta0).unsqueeze(0)
+        self.g = torch.randn(1, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        self.problem = Problem("root", optimality, (self.theta0,), self.w[0], batched=False,
+                               name="optimality_fn", symmetric=True)
+        self.loop, self.limit = _compiled_cg(optimality), torch.tensor(1000)
+        self.tol = TOL * torch.linalg.vector_norm(self.g, dim=-1)
+
+    def layer(self, backward: Any):  # noqa: ANN201
+        closed_form = self.closed_form
+        return il.custom_root(self.optimality, backward=backward, symmetric=True, rtol=TOL)(
             lambda w0, theta: closed_form(theta))
 
-    w0 = torch.zeros(d, dtype=torch.float64)
+    def run_loop(self, tol: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The compiled CG loop alone, at the solution, for the cotangent ``g``."""
+        return self.loop(self.problem.pure_residual, self.w, self.g,
+                         self.tol if tol is None else tol, self.limit)
+
+
+def _measure(d: int, rounds: int, calls: int) -> dict[str, float]:
+    r = _Ridge(d)
+    theta0, w0, w, g = r.theta0, r.w0, r.w, r.g
+    optimality, closed_form, layer = r.optimality, r.closed_form, r.layer
 
     def step(inner) -> torch.Tensor:  # noqa: ANN001
         theta = theta0.clone().requires_grad_(True)
@@ -101,10 +126,6 @@ def _measure(d: int, rounds: int, calls: int) -> dict[str, float]:
     def call_only() -> torch.Tensor:
         return compiled(w0, theta0.clone().requires_grad_(True))
 
-    w = closed_form(theta0).unsqueeze(0)
-    g = torch.randn(1, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    problem = Problem("root", optimality, (theta0,), w[0], batched=False, name="optimality_fn",
-                      symmetric=True)
     theta_p = theta0.clone().requires_grad_(True)
     unbound = Problem("root", optimality, (theta_p,), w[0], batched=False, name="optimality_fn",
                       symmetric=True)
@@ -116,20 +137,16 @@ def _measure(d: int, rounds: int, calls: int) -> dict[str, float]:
     bound = find_and_record()
     assert bound is not None
     recorded = bound[1]
-    loop = _compiled_cg(optimality)
-    limit = torch.tensor(1000)
-    tol = TOL * torch.linalg.vector_norm(g, dim=-1)
-    huge = torch.full_like(tol, 1e150)
-    steps = int(loop(problem.pure_residual, w, g, tol, limit)[2])
+    huge = torch.full_like(r.tol, 1e150)
+    steps = int(r.run_loop()[2])
     parts = {
         "closed-form forward alone": lambda: closed_form(theta0),
         "layer call (forward + attach, no backward)": call_only,
         "optimality function alone": lambda: optimality(w[0], theta0),
         "finding its tensors and recording it (forward, one call)": find_and_record,
         "parameter VJP through that recording": lambda: recorded.param_vjp(g),  # type: ignore[attr-defined]
-        f"compiled CG loop alone ({steps} steps)": lambda: loop(problem.pure_residual, w, g, tol, limit),
-        "compiled CG loop, no step to take (call cost)": lambda: loop(
-            problem.pure_residual, w, g, huge, limit),
+        f"compiled CG loop alone ({steps} steps)": r.run_loop,
+        "compiled CG loop, no step to take (call cost)": lambda: r.run_loop(huge),
         "whole forward + backward, CompiledImplicit(CG)": lambda: step(compiled),
         "whole forward + backward, Dense (eager)": lambda: step(dense),
         "whole forward + backward, CG (eager)": lambda: step(eager_cg),
@@ -164,46 +181,29 @@ def _floors(d: int, calls: int) -> dict[str, float]:
     except ImportError as exc:
         print(f"--floor needs jax and jaxopt: {exc}")
         return {}
-    raw = make_ridge(d)
-    data = {k: torch.as_tensor(v) for k, v in raw.items()}
-    X, y, Xv, yv, theta0 = data["X"], data["y"], data["Xv"], data["yv"], data["theta"]
-    G, Xty = X.T @ X / X.shape[0], X.T @ y / X.shape[0]
-
-    def optimality(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        return G @ w - Xty + theta.exp() * w
-
-    def closed_form(theta: torch.Tensor) -> torch.Tensor:
-        H = G + torch.diag(theta.exp())
-        return torch.cholesky_solve(Xty.unsqueeze(-1), torch.linalg.cholesky(H)).squeeze(-1)
+    r = _Ridge(d)
+    theta0, w0, closed_form = r.theta0, r.w0, r.closed_form
 
     def outer(w: torch.Tensor) -> torch.Tensor:
-        r = Xv @ w - yv
-        return 0.5 * (r @ r) / Xv.shape[0]
+        res = r.Xv @ w - r.yv
+        return 0.5 * (res @ res) / r.Xv.shape[0]
 
-    inner = il.custom_root(optimality, backward=il.backward.CompiledImplicit(il.linear.CG(rtol=TOL)),
-                           symmetric=True, rtol=TOL)(lambda w0, theta: closed_form(theta))
-    w0 = torch.zeros(d, dtype=torch.float64)
+    inner = r.layer(il.backward.CompiledImplicit(il.linear.CG(rtol=TOL)))
     whole = torch.compile(lambda theta: outer(inner(w0, theta)), fullgraph=True)
     c = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     one_line = torch.compile(lambda theta: (theta.exp() * c).sum(), fullgraph=True)
-    w = closed_form(theta0).unsqueeze(0)
-    g = torch.randn(1, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    problem = Problem("root", optimality, (theta0,), w[0], batched=False, name="optimality_fn",
-                      symmetric=True)
-    loop, limit = _compiled_cg(optimality), torch.tensor(1000)
-    tol = TOL * torch.linalg.vector_norm(g, dim=-1)
 
     def grad_of(loss) -> torch.Tensor:  # noqa: ANN001
         theta = theta0.clone().requires_grad_(True)
         return torch.autograd.grad(loss(theta), theta)[0]
 
-    jax_grad = _jax_ridge(raw, jax, jaxopt)["jaxopt CG (jit)"]
+    jax_grad = _jax_ridge(r.raw, jax, jaxopt)["jaxopt CG (jit)"]
     parts = {
         "jaxopt CG (jit), forward + backward": lambda: jax_grad().block_until_ready(),
         "ours, layer called eagerly (CompiledImplicit)": lambda: grad_of(lambda t: outer(inner(w0, t))),
         "ours, whole loss under torch.compile": lambda: grad_of(whole),
         "closed form": lambda: closed_form(theta0),
-        "compiled CG loop alone": lambda: loop(problem.pure_residual, w, g, tol, limit),
+        "compiled CG loop alone": r.run_loop,
         "eager autograd: pass-through Function + loss": lambda: grad_of(
             lambda t: outer(_PassThrough.apply(w0, t))),
         "torch.compile of a one-line loss, fwd + bwd": lambda: grad_of(one_line),
@@ -212,12 +212,12 @@ def _floors(d: int, calls: int) -> dict[str, float]:
     # forms compared compute the same thing.
     theta = theta0.clone().requires_grad_(True)
     ref = torch.autograd.grad(outer(closed_form(theta)), theta)[0]
-    errors = {
+    grads = {
         "jaxopt CG (jit)": torch.tensor(np.array(jax_grad())),
         "ours, layer called eagerly": grad_of(lambda t: outer(inner(w0, t))),
         "ours, whole loss compiled": grad_of(whole),
     }
-    errors = {f"{name}: relative error": float((gr - ref).norm() / ref.norm()) for name, gr in errors.items()}
+    errors = {f"{name}: relative error": float((gr - ref).norm() / ref.norm()) for name, gr in grads.items()}
     for fn in parts.values():
         for _ in range(20):  # compiles, then warms up
             fn()
