@@ -218,6 +218,8 @@ def _floors(d: int, calls: int) -> dict[str, float]:
         "ours, whole loss compiled": grad_of(whole),
     }
     errors = {f"{name}: relative error": float((gr - ref).norm() / ref.norm()) for name, gr in grads.items()}
+    if max(errors.values()) > 1e-8:  # the CG tolerance is 1e-10
+        raise RuntimeError(f"the hypergradients compared disagree: {errors}")
     for fn in parts.values():
         for _ in range(20):  # compiles, then warms up
             fn()
