@@ -198,8 +198,9 @@ def _floors(d: int, calls: int) -> dict[str, float]:
         return torch.autograd.grad(loss(theta), theta)[0]
 
     jax_grad = _jax_ridge(r.raw, jax, jaxopt)["jaxopt CG (jit)"]
+    jax_name = "jaxopt CG (jit), forward + backward"
     parts = {
-        "jaxopt CG (jit), forward + backward": lambda: jax_grad().block_until_ready(),
+        jax_name: lambda: jax_grad().block_until_ready(),
         "ours, layer called eagerly (CompiledImplicit)": lambda: grad_of(lambda t: outer(inner(w0, t))),
         "ours, whole loss under torch.compile": lambda: grad_of(whole),
         "closed form": lambda: closed_form(theta0),
@@ -227,13 +228,12 @@ def _floors(d: int, calls: int) -> dict[str, float]:
     fixed = out["closed form"] + out["compiled CG loop alone"]
     out["floor, layer called eagerly"] = fixed + out["eager autograd: pass-through Function + loss"]
     out["floor, whole loss compiled"] = fixed + out["torch.compile of a one-line loss, fwd + bwd"]
-    jax_us = out["jaxopt CG (jit), forward + backward"]
+    jax_us = out[jax_name]
     print(f"ridge d={d}, median process CPU us of {calls} calls of each, all alternated (x: / jaxopt):")
     for name, us in out.items():
         print(f"  {name:50s} {us:8.1f}  {us / jax_us:5.2f}x")
     # The suite's target takes a pair re-timed alone (once in each order), where the peer's
     # caches stay warm; the floors as single calls, timed the same way.
-    jax_name = "jaxopt CG (jit), forward + backward"
     paired = {
         "ours, layer called eagerly": parts["ours, layer called eagerly (CompiledImplicit)"],
         "ours, whole loss compiled": parts["ours, whole loss under torch.compile"],
